@@ -1,0 +1,127 @@
+"""Qwen3 model configuration, read from and written to HF `config.json`.
+
+Only what defines the dense Qwen3 decoder is kept. Anything that would make the checkpoint a different
+model than the one qforge builds (another model_type, rope scaling, sliding windows, attention bias)
+is rejected with an error naming the field, never silently ignored.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A config.json that qforge cannot turn into exactly the model it describes."""
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Qwen3Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 40960
+    torch_dtype: str = "bfloat16"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.torch_dtype not in _DTYPES:
+            raise ConfigError(f"torch_dtype {self.torch_dtype!r} is not one of {sorted(_DTYPES)}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.torch_dtype]
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "Qwen3Config":
+        """Validates an HF Qwen3 config dict (transformers 4.x or 5.x layout) and keeps what qforge uses."""
+        def fail(field: str, problem: str):
+            raise ConfigError(f"{source}: field '{field}' {problem}")
+
+        if hf.get("model_type") != "qwen3":
+            fail("model_type", f"is {hf.get('model_type')!r}; qforge supports only 'qwen3' (dense Qwen3)")
+        if hf.get("hidden_act", "silu") != "silu":
+            fail("hidden_act", f"is {hf['hidden_act']!r}; Qwen3 uses 'silu'")
+        if hf.get("attention_bias", False):
+            fail("attention_bias", "is true; Qwen3 projections have no bias")
+        if hf.get("use_sliding_window", False):
+            fail("use_sliding_window", "is true; sliding-window attention is not implemented")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            key = "rope_parameters" if "rope_parameters" in hf else "rope_scaling"
+            fail(key, f"has rope_type {rope_type!r}; only the default RoPE is implemented")
+        rope_theta = hf.get("rope_theta", rope.get("rope_theta", cls.rope_theta))
+
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        for name in required:
+            if name not in hf:
+                fail(name, "is missing")
+        values = {f.name: hf[f.name] for f in fields(cls) if f.name in hf}
+        values["rope_theta"] = float(rope_theta)
+        values.setdefault("num_key_value_heads", hf["num_attention_heads"])
+        if hf.get("head_dim") is None:
+            values["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]
+        dtype = hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"
+        values["torch_dtype"] = str(dtype).replace("torch.", "")
+        try:
+            return cls(**values)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Qwen3Config":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no config.json; is this a Hugging Face model directory?")
+        return cls.from_hf(read_json(path), source=str(path))
+
+    def to_hf(self) -> dict:
+        """The config.json transformers expects for `Qwen3ForCausalLM` (the layout of the hub's Qwen3 files)."""
+        hf = asdict(self)
+        hf.update(
+            architectures=["Qwen3ForCausalLM"],
+            model_type="qwen3",
+            hidden_act="silu",
+            attention_bias=False,
+            attention_dropout=0.0,
+            rope_scaling=None,
+            use_sliding_window=False,
+            sliding_window=None,
+            use_cache=True,
+        )
+        return hf
+
+
+def read_json(path: str | Path) -> dict:
+    """Reads a JSON file; a syntax error names the file, line and column."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg})") from None

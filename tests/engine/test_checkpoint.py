@@ -1,0 +1,136 @@
+"""HF-format load/save: round trips with transformers, sharding, atomic writes, clear errors on bad input."""
+import json
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import save_hf_qwen3
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from qforge.engine import CheckpointError, ConfigError, load_model, save_model
+from qforge.engine import checkpoint as checkpoint_module
+
+
+def _ids():
+    return torch.randint(0, 512, (2, 13), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_qforge_save_loads_in_transformers_with_same_logits(tmp_path, tied):
+    src = save_hf_qwen3(tmp_path / "src", tie_word_embeddings=tied)
+    ours = load_model(src, dtype=torch.float32)
+    out = save_model(ours, tmp_path / "out", max_shard_size="60KB")
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert ("lm_head.weight" in index["weight_map"]) == (not tied)
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(_ids()).logits, ours(_ids()), atol=1e-5, rtol=1e-5)
+    reloaded = load_model(out, dtype=torch.float32)
+    for (name, a), (_, b) in zip(ours.named_parameters(), reloaded.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_hf_sharded_checkpoint_loads(tmp_path):
+    src = save_hf_qwen3(tmp_path / "sharded", max_shard_size="50KB", tie_word_embeddings=False)
+    assert (src / "model.safetensors.index.json").is_file()
+    ours = load_model(src, dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(_ids()), theirs(_ids()).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_dtype_and_generation_config_round_trip(tmp_path):
+    src = save_hf_qwen3(tmp_path / "src")
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9], "temperature": 0.6}))
+    model = load_model(src)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    out = save_model(model, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [7, 9]
+
+
+def test_missing_wrong_shape_and_unexpected_tensors_are_listed_together(tmp_path):
+    src = save_hf_qwen3(tmp_path / "bad", tie_word_embeddings=False)
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    tensors["model.layers.1.self_attn.q_proj.weight"] = torch.zeros(3, 3)
+    tensors["model.layers.9.extra.weight"] = torch.zeros(1)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as err:
+        load_model(src)
+    message = str(err.value)
+    assert "model.layers.0.mlp.up_proj.weight" in message
+    assert "model.layers.1.self_attn.q_proj.weight: checkpoint [3, 3]" in message
+    assert "model.layers.9.extra.weight" in message
+
+
+def test_untied_checkpoint_without_lm_head_is_an_error(tmp_path):
+    src = save_hf_qwen3(tmp_path / "untied", tie_word_embeddings=False)
+    tensors = load_file(src / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="tie_word_embeddings=false, so lm_head.weight is required"):
+        load_model(src)
+
+
+def test_bad_json_names_file_and_line(tmp_path):
+    src = save_hf_qwen3(tmp_path / "badjson")
+    (src / "config.json").write_text('{\n  "model_type": "qwen3",\n  "hidden_size": 64,,\n}')
+    with pytest.raises(ConfigError, match=r"config.json:3:\d+: invalid JSON"):
+        load_model(src)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model_type", "llama", "field 'model_type' is 'llama'"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}, "field 'rope_parameters' has rope_type 'yarn'"),
+    ("use_sliding_window", True, "field 'use_sliding_window'"),
+    ("num_key_value_heads", 3, "multiple of num_key_value_heads"),
+])
+def test_unsupported_config_fields_are_named(tmp_path, field, value, message):
+    src = save_hf_qwen3(tmp_path / "cfg")
+    config = json.loads((src / "config.json").read_text())
+    config[field] = value
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_model(src)
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    src = save_hf_qwen3(tmp_path / "src")
+    model = load_model(src, dtype=torch.float32)
+    out = save_model(model, tmp_path / "out")
+    before = load_file(out / "model.safetensors")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", crash)
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(model, tmp_path / "out")
+    after = load_file(out / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+@pytest.mark.slow
+def test_load_peak_memory_is_about_one_copy_of_the_weights(tmp_path):
+    """A ~200 MB fp32 checkpoint loads with well under two copies of extra RSS (meta init + mmap reads)."""
+    src = save_hf_qwen3(tmp_path / "big", vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                        num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=4, head_dim=64,
+                        tie_word_embeddings=False)
+    weight_bytes = (src / "model.safetensors").stat().st_size
+    script = (
+        "import resource, torch, sys\n"
+        "from qforge.engine import load_model\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        f"model = load_model({str(src)!r}, dtype=torch.float32)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)\n"
+    )
+    extra = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    assert extra < 1.35 * weight_bytes, (extra, weight_bytes)
