@@ -14,7 +14,7 @@ def packed_cos_sin(position_ids, dim, dtype, theta=10000.0):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 0.0625)]  # one bf16 ulp at |x| < 8)
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 0.0625)])  # bf16: 1 ulp at |x| < 8
 @pytest.mark.parametrize("dim", [32, 12])
 def test_apply_rope_matches_hf_on_packed_positions(backend, dtype, tolerance, dim, triton_interpreter):
     torch.manual_seed(dim)
