@@ -1,0 +1,159 @@
+"""Reading SFT files: JSONL, JSON arrays and Parquet rows in OpenAI `messages` or ShareGPT `conversations` form.
+
+Every row is validated and normalised to a list of `{"role", "content", ["reasoning_content"]}` dicts. A bad
+row never disappears silently: the reader yields a `RowError` naming the field, and the caller either raises
+it as a `DataError` (file:line: field: reason) or counts it as skipped.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+FORMATS = ("auto", "messages", "sharegpt")
+
+
+class DataError(ValueError):
+    """A bad input file or row; the message names the file, the line (or record) and the field."""
+
+
+class RowError(Exception):
+    """What is wrong with one row, and in which field; the reader adds the file and line."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    path: str
+    line: int
+    field: str
+    reason: str
+
+    def __str__(self):
+        return f"{self.path}:{self.line}: {self.field}: {self.reason}"
+
+
+def validate_messages(messages, field: str = "messages") -> list[dict]:
+    """Checks an OpenAI-style conversation and returns it normalised; raises RowError naming the bad field."""
+    if not isinstance(messages, list):
+        raise RowError(field, f"expected a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise RowError(field, "empty conversation")
+    normalised = []
+    for i, message in enumerate(messages):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise RowError(where, f"expected an object, got {type(message).__name__}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise RowError(f"{where}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        if message.get("tool_calls"):
+            raise RowError(f"{where}.tool_calls", "assistant tool calls are not supported yet; drop the row or "
+                                                  "render the call into `content`")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise RowError(f"{where}.content", f"expected a string, got {type(content).__name__}")
+        out = {"role": role, "content": content}
+        reasoning = message.get("reasoning_content")
+        if reasoning is not None:
+            if role != "assistant":
+                raise RowError(f"{where}.reasoning_content", f"only assistant turns carry reasoning, not {role!r}")
+            if not isinstance(reasoning, str):
+                raise RowError(f"{where}.reasoning_content", f"expected a string, got {type(reasoning).__name__}")
+            out["reasoning_content"] = reasoning
+        normalised.append(out)
+    if not any(m["role"] == "assistant" for m in normalised):
+        raise RowError(field, "no assistant turn to train on")
+    return normalised
+
+
+def sharegpt_to_messages(conversations, field: str = "conversations") -> list[dict]:
+    """Maps ShareGPT turns (`from`: system/human/gpt, `value`) to OpenAI messages, then validates them."""
+    if not isinstance(conversations, list):
+        raise RowError(field, f"expected a list of turns, got {type(conversations).__name__}")
+    messages = []
+    for i, turn in enumerate(conversations):
+        where = f"{field}[{i}]"
+        if not isinstance(turn, dict):
+            raise RowError(where, f"expected an object, got {type(turn).__name__}")
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            raise RowError(f"{where}.from", f"unknown speaker {speaker!r}; expected one of system, human, gpt")
+        value = turn.get("value")
+        if not isinstance(value, str):
+            raise RowError(f"{where}.value", f"expected a string, got {type(value).__name__}")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    return validate_messages(messages, field)
+
+
+def row_to_messages(row, fmt: str, detected: bool = False) -> list[dict]:
+    """One parsed row → validated messages; `fmt` is "messages", "sharegpt" or "auto" (decided by the row's keys).
+    `detected` says the format was auto-detected from an earlier row of the file (for the error message)."""
+    if not isinstance(row, dict):
+        raise RowError("row", f"expected a JSON object, got {type(row).__name__}")
+    if fmt == "auto":
+        fmt = "messages" if "messages" in row else "sharegpt" if "conversations" in row else None
+        if fmt is None:
+            raise RowError("row", f"neither 'messages' nor 'conversations' found (keys: {sorted(row)[:8]})")
+    key = "messages" if fmt == "messages" else "conversations"
+    if key not in row:
+        why = "this file's format was detected from its first row" if detected else f"format is {fmt!r}"
+        raise RowError(key, f"missing ({why}; one file holds one format)")
+    return validate_messages(row[key]) if fmt == "messages" else sharegpt_to_messages(row[key])
+
+
+def _raw_rows(path: Path) -> Iterator[tuple[int, object]]:
+    """(line or record number, parsed row or RowError) for JSONL, JSON arrays and Parquet files."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield number, row
+    elif suffix == ".json":
+        try:
+            with open(path, encoding="utf-8") as f:
+                rows = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: invalid JSON: {e}") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: a .json data file must hold a list of rows, got {type(rows).__name__}")
+        yield from enumerate(rows, start=1)
+    elif suffix in (".jsonl", ".ndjson"):
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    yield number, json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    yield number, RowError("json", f"invalid JSON: {e}")
+    else:
+        raise DataError(f"{path}: unknown data file type {suffix!r}; use .jsonl, .json or .parquet")
+
+
+def read_conversations(path, fmt: str = "auto") -> Iterator[tuple[int, list[dict] | RowError]]:
+    """Yields (line, messages) per row, or (line, RowError) for a bad row. Line numbers are 1-based
+    (record numbers for JSON arrays and Parquet). `fmt="auto"` fixes the format from the first good row."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    detected = False
+    for number, row in _raw_rows(path):
+        if isinstance(row, RowError):
+            yield number, row
+            continue
+        try:
+            if fmt == "auto" and isinstance(row, dict) and ("messages" in row) != ("conversations" in row):
+                fmt, detected = ("messages" if "messages" in row else "sharegpt"), True
+            yield number, row_to_messages(row, fmt, detected)
+        except RowError as error:
+            yield number, error

@@ -1,0 +1,69 @@
+"""load_examples: tokenise once, reuse from the memory-mapped cache, re-tokenise when anything changes."""
+import json
+
+import numpy as np
+import pytest
+
+from qforge.engine.data import IGNORE_INDEX, load_examples
+
+ROWS = [
+    {"messages": [{"role": "user", "content": f"question {i}"},
+                  {"role": "assistant", "content": f"answer {i}", "reasoning_content": f"thinking {i}"}]}
+    for i in range(20)
+] + [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>r1</think>b"},
+                   {"role": "user", "content": "c"}, {"role": "assistant", "content": "<think>r2</think>d"}]}]
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    return path
+
+
+def same_examples(a, b) -> bool:
+    return len(a) == len(b) and all(
+        np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.labels, y.labels)
+        and np.array_equal(x.loss_weight, y.loss_weight) for x, y in zip(a, b))
+
+
+def test_second_load_comes_from_the_cache_without_tokenising(data_file, tmp_path, qwen_template, monkeypatch):
+    cache = tmp_path / "cache"
+    fresh, summary = load_examples(data_file, qwen_template, cache_dir=cache, progress=False)
+    assert not summary.from_cache and summary.num_examples == len(ROWS)
+    assert same_examples(fresh, load_examples(data_file, qwen_template, progress=False)[0])
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("tokenised again although the cache is valid")
+
+    monkeypatch.setattr(qwen_template, "encode_batch", no_tokenising)
+    cached, again = load_examples(data_file, qwen_template, cache_dir=cache, progress=False)
+    assert again.from_cache and again.cache_path == summary.cache_path
+    assert same_examples(fresh, cached)
+    assert isinstance(cached[0].input_ids.base, np.memmap) or isinstance(cached[0].input_ids, np.memmap)
+    assert [p.name for p in cache.iterdir()] == [again.cache_path.rsplit("/", 1)[1]]  # no temporary leftovers
+
+
+def test_cache_key_changes_with_data_and_options(data_file, tmp_path, qwen_template):
+    cache = tmp_path / "cache"
+    _, first = load_examples(data_file, qwen_template, cache_dir=cache, progress=False)
+    _, weighted = load_examples(data_file, qwen_template, cache_dir=cache, loss_weighting="sqrt", progress=False)
+    with open(data_file, "a") as f:
+        f.write(json.dumps(ROWS[0]) + "\n")
+    _, changed = load_examples(data_file, qwen_template, cache_dir=cache, progress=False)
+    assert not weighted.from_cache and not changed.from_cache
+    assert len({first.cache_path, weighted.cache_path, changed.cache_path}) == 3
+    assert changed.num_examples == len(ROWS) + 1
+
+
+def test_multi_turn_split_trains_each_turn_with_its_own_reasoning(data_file, qwen_template):
+    examples, summary = load_examples(data_file, qwen_template, multi_turn="split", progress=False)
+    assert summary.num_rows == len(ROWS) and summary.num_examples == len(ROWS) + 1
+    decode = lambda e: qwen_template.tokenizer.decode(  # noqa: E731
+        e.input_ids[e.labels != IGNORE_INDEX].tolist(), skip_special_tokens=False)
+    assert [decode(e) for e in examples[-2:]] == ["<think>\nr1\n</think>\n\nb<|im_end|>",
+                                                  "<think>\nr2\n</think>\n\nd<|im_end|>"]
+    last, _ = load_examples(data_file, qwen_template, multi_turn="last", progress=False)
+    assert decode(last[-1]) == decode(examples[-1]) and len(last) == len(ROWS)
+    with pytest.raises(ValueError, match="unknown multi_turn 'every'"):
+        load_examples(data_file, qwen_template, multi_turn="every")

@@ -1,0 +1,81 @@
+"""Reading files: formats, auto-detection, and bad rows named by file, line and field."""
+import json
+
+import pytest
+
+from qforge.engine.data import DataError, load_examples, read_conversations
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+SHAREGPT = {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "hi"},
+                              {"from": "gpt", "value": "hello"}]}
+
+BAD_ROWS = [  # (raw line, field named in the error, words of the reason)
+    ('{"messages": [', "json", "invalid JSON"),
+    (json.dumps({"messages": [{"role": "robot", "content": "x"}]}), "messages[0].role", "unknown role 'robot'"),
+    (json.dumps({"messages": []}), "messages", "empty conversation"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "messages", "no assistant turn"),
+    (json.dumps({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}),
+     "messages[0].content", "expected a string, got int"),
+    (json.dumps({"messages": "hi"}), "messages", "expected a list"),
+    (json.dumps({"text": "hi"}), "messages", "missing (this file's format was detected from its first row"),
+    (json.dumps([1, 2]), "row", "expected a JSON object"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"},
+                              {"role": "assistant", "content": "y", "reasoning_content": 5}]}),
+     "messages[1].reasoning_content", "expected a string"),
+    (json.dumps({"conversations": [{"from": "bot", "value": "x"}]}), "conversations[0].from", "unknown speaker"),
+]
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_messages_sharegpt_and_json_arrays(tmp_path):
+    jsonl = write_jsonl(tmp_path / "a.jsonl", [json.dumps(GOOD), "", json.dumps(GOOD)])
+    assert [line for line, _ in read_conversations(jsonl)] == [1, 3]
+    sharegpt = write_jsonl(tmp_path / "b.jsonl", [json.dumps(SHAREGPT)])
+    [(_, messages)] = read_conversations(sharegpt)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    array = tmp_path / "c.json"
+    array.write_text(json.dumps([SHAREGPT, SHAREGPT]))
+    assert [len(m) for _, m in read_conversations(array)] == [3, 3]
+    # One file holds one format: detected from its first row, or set explicitly.
+    array.write_text(json.dumps([GOOD, SHAREGPT]))
+    (_, first), (_, error) = read_conversations(array)
+    assert len(first) == 2 and error.field == "messages" and "detected from its first row" in error.reason
+    [(_, error)] = read_conversations(sharegpt, "messages")
+    assert error.field == "messages" and error.reason.startswith("missing (format is 'messages'")
+
+
+@pytest.mark.parametrize("raw, field, reason", BAD_ROWS)
+def test_bad_row_raises_naming_file_line_and_field(tmp_path, qwen_template, raw, field, reason):
+    first = SHAREGPT if field.startswith("conversations") else GOOD
+    path = write_jsonl(tmp_path / "data.jsonl", [json.dumps(first), raw])
+    with pytest.raises(DataError) as error:
+        load_examples(path, qwen_template, progress=False)
+    assert f"{path}:2: {field}: " in str(error.value) and reason in str(error.value)
+
+
+def test_bad_rows_are_skipped_and_counted_when_asked(tmp_path, qwen_template):
+    bad = [(raw, field) for raw, field, _ in BAD_ROWS if field.startswith(("json", "messages", "row"))]
+    path = write_jsonl(tmp_path / "data.jsonl", [json.dumps(GOOD)] + [raw for raw, _ in bad] + [json.dumps(GOOD)])
+    examples, summary = load_examples(path, qwen_template, on_error="skip", progress=False)
+    assert len(examples) == summary.num_rows == 2
+    assert [row.line for row in summary.skipped] == list(range(2, 2 + len(bad)))
+    assert [row.field for row in summary.skipped] == [field for _, field in bad]
+    assert f"{len(bad)} rows skipped" in str(summary) and f"{path}:2: json: invalid JSON" in str(summary)
+
+
+def test_bad_files_name_the_file(tmp_path, qwen_template):
+    unknown = write_jsonl(tmp_path / "unknown.jsonl", [json.dumps({"text": "hi"})])
+    with pytest.raises(DataError, match=r"unknown.jsonl:1: row: neither 'messages' nor 'conversations' found"):
+        load_examples(unknown, qwen_template, progress=False)
+    with pytest.raises(DataError, match="no such data file"):
+        load_examples(tmp_path / "missing.jsonl", qwen_template)
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"data.csv: unknown data file type '.csv'"):
+        load_examples(tmp_path / "data.csv", qwen_template)
+    (tmp_path / "obj.json").write_text('{"messages": []}')
+    with pytest.raises(DataError, match=r"obj.json: a .json data file must hold a list of rows"):
+        load_examples(tmp_path / "obj.json", qwen_template)
