@@ -1,0 +1,67 @@
+"""Text-level generation and the local server over a tiny checkpoint that uses the real Qwen3 tokenizer."""
+import shutil
+
+import pytest
+import torch
+from conftest import save_hf_qwen3
+
+from qforge.engine import load_model
+from qforge.engine.chat import ChatModel
+from qforge.engine.client import ChatClient
+from qforge.engine.data import ChatTemplate
+from qforge.engine.generate import generate
+from qforge.engine.serve import ChatServer, ModelBackend
+
+QUESTIONS = ["Xin chào!", "Một cộng một bằng mấy?", "Hãy kể một câu chuyện ngắn về Hà Nội vào mùa thu.", "2+2"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, qwen_tokenizer_dir):
+    path = save_hf_qwen3(tmp_path_factory.mktemp("chat") / "tiny-chat", seed=5, vocab_size=151936,
+                         hidden_size=32, intermediate_size=64, head_dim=16)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qwen_tokenizer_dir / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_model(checkpoint):
+    return ChatModel.load(checkpoint, batch_size=3)
+
+
+def conversation(text):
+    return [{"role": "user", "content": text}]
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_chat_equals_generate_on_the_template_tokens(checkpoint, chat_model, thinking):
+    template = ChatTemplate.from_pretrained(checkpoint)
+    model = load_model(checkpoint, dtype=torch.float32)
+    prompts = [template.encode_prompt(conversation(q), enable_thinking=thinking) for q in QUESTIONS]
+    expected = generate(model, prompts, max_new_tokens=6, stop_ids=[template.im_end_id])
+    completions = chat_model.chat([conversation(q) for q in QUESTIONS], enable_thinking=thinking, max_new_tokens=6)
+    for completion, prompt, ids in zip(completions, prompts, expected):
+        assert completion.prompt_tokens == len(prompt)
+        assert completion.text == template.tokenizer.decode(ids, skip_special_tokens=True)
+        assert completion.finish_reason == ("length" if len(ids) == 6 else "stop")
+
+
+def test_suppressed_ids_and_stop_strings(chat_model):
+    free = chat_model.complete(["Hà Nội"], max_new_tokens=5)[0]
+    first = chat_model.encode(free.text)[0]
+    suppressed = ChatModel(chat_model.model, chat_model.template, suppress_ids=[first])
+    assert chat_model.encode(suppressed.complete(["Hà Nội"], max_new_tokens=5)[0].text)[:1] != [first]
+    cut = chat_model.complete(["Hà Nội"], max_new_tokens=5, stop=[free.text[2:4]])[0]
+    assert cut.text == free.text[:free.text.index(free.text[2:4])] and cut.finish_reason == "stop"
+
+
+def test_server_batches_concurrent_requests_without_changing_greedy_output(chat_model):
+    direct = chat_model.chat([conversation(q) for q in QUESTIONS], enable_thinking=False, max_new_tokens=8)
+    with ChatServer(ModelBackend(chat_model, max_batch=4, batch_wait=0.2), port=0) as server:
+        client = ChatClient(server.url, chat_model.name, concurrency=4, max_retries=0)
+        replies = client.chat_many([conversation(q) for q in QUESTIONS], progress=False, temperature=0,
+                                   max_tokens=8, chat_template_kwargs={"enable_thinking": False})
+    for reply, completion in zip(replies, direct):
+        assert reply.content == completion.text.strip()
+        assert reply.usage["prompt_tokens"] == completion.prompt_tokens
+        assert reply.finish_reason == completion.finish_reason
