@@ -116,11 +116,19 @@ class ChatTemplate:
         encodings = self.tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
         examples = []
         for r, encoding in zip(rendered, encodings):
-            spans = r.assistant_spans if supervise == "all" else r.assistant_spans[-1:]
-            token_starts = np.fromiter((start for start, _ in encoding.offsets), np.int64, len(encoding.offsets))
-            supervised = np.zeros(len(token_starts), dtype=bool)
-            for span in spans:  # a token belongs to the span its first character is in
-                begin = span.start if train_think else span.think_end
-                supervised |= (token_starts >= begin) & (token_starts < span.end)
-            examples.append(make_example(encoding.ids, supervised, loss_weighting))
+            ids = np.array(encoding.ids, dtype=np.int32)
+            supervised = np.zeros(len(ids), dtype=bool)
+            for span in r.assistant_spans if supervise == "all" else r.assistant_spans[-1:]:
+                first, stop = _token_range(encoding, span.start if train_think else span.think_end, span.end)
+                supervised[first:stop] = True
+            examples.append(make_example(ids, supervised, loss_weighting))
         return examples
+
+
+def _token_range(encoding, begin: int, end: int) -> tuple[int, int]:
+    """Tokens whose first character lies in text[begin:end]. A token straddling `begin` (a newline run that
+    starts in the role header) stays in the prompt. Looks up two boundaries instead of every token's offsets."""
+    first = encoding.char_to_token(begin)
+    if encoding.token_to_chars(first)[0] < begin:
+        first += 1
+    return first, encoding.char_to_token(end - 1) + 1

@@ -1,5 +1,6 @@
 """Assistant-only labels and loss weights on hand-checked conversations."""
 import random
+import re
 
 import numpy as np
 import pytest
@@ -78,9 +79,13 @@ def test_token_ids_match_transformers_and_labels_are_assistant_only(qwen_templat
     for messages, example in zip(conversations, qwen_template.encode_batch(conversations)):
         text = hf_tokenizer.apply_chat_template(messages, tokenize=False)
         assert example.input_ids.tolist() == hf_tokenizer(text, add_special_tokens=False)["input_ids"]
-        supervised = "".join(supervised_runs(qwen_template, example))
-        assert supervised.count("<|im_end|>") == sum(m["role"] == "assistant" for m in messages)
-        assert "<|im_start|>" not in supervised
+        # Oracle for the label rule: a token is supervised iff its first character lies inside an assistant
+        # body (after "<|im_start|>assistant\n", through "<|im_end|>"), using transformers' own offsets.
+        bodies = [(m.start(1), m.end(1)) for m in re.finditer(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", text, re.S)]
+        offsets = hf_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        expected = [any(a <= start < b for a, b in bodies) for start, _ in offsets]
+        assert (example.labels != IGNORE_INDEX).tolist() == expected
+        assert len(bodies) == sum(m["role"] == "assistant" for m in messages)
 
 
 def test_loss_weightings(qwen_template):

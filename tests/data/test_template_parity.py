@@ -74,7 +74,8 @@ def test_render_covers_the_documented_cases(qwen_template, hf_tokenizer):
                                                             add_generation_prompt=add_generation_prompt)
                 assert qwen_template.render(messages, enable_thinking, add_generation_prompt) == expected
     # The template drops the reasoning of the earlier turn and keeps the last one's.
-    assert "r1" not in qwen_template.render(multi) and "<think>\nr2\n</think>\n\nd<|im_end|>" in qwen_template.render(multi)
+    rendered = qwen_template.render(multi)
+    assert "r1" not in rendered and "<think>\nr2\n</think>\n\nd<|im_end|>" in rendered
 
 
 def test_encode_prompt_tokens_match_transformers(qwen_template, hf_tokenizer):
