@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from data_fixtures import qwen_template  # noqa: F401 (pytest fixtures)
 from qforge.engine.data import IGNORE_INDEX, load_examples
 
 ROWS = [

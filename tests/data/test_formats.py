@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from data_fixtures import qwen_template  # noqa: F401 (pytest fixtures)
 from qforge.engine.data import DataError, load_examples, read_conversations
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}

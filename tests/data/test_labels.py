@@ -5,6 +5,7 @@ import re
 import numpy as np
 import pytest
 
+from data_fixtures import hf_tokenizer, qwen_template  # noqa: F401 (pytest fixtures)
 from qforge.engine.data import IGNORE_INDEX, loss_weights
 from test_template_parity import conversation
 

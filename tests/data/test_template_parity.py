@@ -3,6 +3,8 @@ import random
 
 import pytest
 
+from data_fixtures import hf_tokenizer, qwen_template  # noqa: F401 (pytest fixtures)
+
 WORDS = ["hello", "world", "Qwen", "数学", "ünïcode", "  spaced  ", "\n", "\n\n", "x = 1;", "<b>", "😀", "end."]
 
 
