@@ -82,6 +82,30 @@ def last_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cach
     return F.linear(hidden, model.output_weight)
 
 
+def prefill(model, prompts: Sequence[Sequence[int]], extra_slots: int = 0):
+    """Runs left-padded prompts through the model: (next-token logits [B, V], cache, prompt lengths [B]).
+
+    The cache has room for `extra_slots` more tokens per row; position ids restart at 0 after the padding.
+    """
+    device = model.output_weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(lengths.max())
+    pad = width - lengths
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, int(pad[row]):] = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
+    position_ids = (torch.arange(width, device=device).unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)
+    cache = KVCache(pad, max_len=width + extra_slots)
+    return last_logits(model, input_ids, position_ids, cache), cache, lengths
+
+
+@torch.inference_mode()
+def next_token_logits(model, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Float32 logits [B, V] of the token after each prompt (for log-likelihood scoring)."""
+    _check_arguments(prompts, 0, 0.0, 1.0, 0, model.config.vocab_size, (), ())
+    return prefill(model, prompts)[0].float()
+
+
 def _check_arguments(prompts, max_new_tokens, temperature, top_p, top_k, vocab_size, stop_ids, suppress_ids):
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
@@ -126,46 +150,32 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     if max_new_tokens == 0:
         return [[] for _ in prompts]
 
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    width = int(lengths.max())
-    pad = width - lengths
-    input_ids = torch.zeros(batch, width, dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, int(pad[row]):] = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
-    position_ids = (torch.arange(width, device=device).unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)
-
-    cache = KVCache(pad, max_len=width + max_new_tokens)
+    logits, cache, lengths = prefill(model, prompts, extra_slots=max_new_tokens)
     generator = None
     if seed is not None and temperature > 0:
         generator = torch.Generator(device=device).manual_seed(seed)
     suppress = torch.as_tensor(sorted({int(t) for t in suppress_ids}), dtype=torch.long, device=device)
     stops = torch.as_tensor(sorted({int(t) for t in stop_ids}), dtype=torch.long, device=device)
     generated: list[list[int]] = [[] for _ in prompts]
-    seen = None  # [B, V] bool of already generated tokens, only when a presence penalty is used
+    seen = None  # [B, V] 1.0 where the row already generated the token (only with a presence penalty)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    was_training = model.training
-    model.eval()
-    try:
-        logits = last_logits(model, input_ids, position_ids, cache)
-        for step in range(max_new_tokens):
-            logits = logits.float()
-            if suppress.numel():
-                logits[:, suppress] = float("-inf")
-            if presence_penalty and seen is not None:
-                logits = logits - presence_penalty * seen
-            token = sample_next_token(logits, temperature, top_p, top_k, generator)
-            stopped = torch.isin(token, stops) if stops.numel() else torch.zeros_like(done)
-            for row in (~done & ~stopped).nonzero().flatten().tolist():
-                generated[row].append(int(token[row]))
-            done |= stopped
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            if presence_penalty:
-                seen = torch.zeros_like(logits) if seen is None else seen
-                seen[torch.arange(batch, device=device), token] = 1.0
-            position = (lengths + step).unsqueeze(1)
-            logits = last_logits(model, token.unsqueeze(1), position, cache)
-    finally:
-        model.train(was_training)
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        if suppress.numel():
+            logits[:, suppress] = float("-inf")
+        if presence_penalty and seen is not None:
+            logits = logits - presence_penalty * seen
+        token = sample_next_token(logits, temperature, top_p, top_k, generator)
+        stopped = torch.isin(token, stops) if stops.numel() else torch.zeros_like(done)
+        for row in (~done & ~stopped).nonzero().flatten().tolist():
+            generated[row].append(int(token[row]))
+        done |= stopped
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        if presence_penalty:
+            seen = torch.zeros_like(logits) if seen is None else seen
+            seen[torch.arange(batch, device=device), token] = 1.0
+        position = (lengths + step).unsqueeze(1)
+        logits = last_logits(model, token.unsqueeze(1), position, cache)
     return generated

@@ -4,7 +4,7 @@ import torch
 from conftest import save_hf_qwen3
 
 from qforge.engine import load_model
-from qforge.engine.generate import KVCache, generate, last_logits, sample_next_token
+from qforge.engine.generate import generate, last_logits, next_token_logits, prefill, sample_next_token
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -42,24 +42,23 @@ def test_cached_logits_equal_full_forward_at_every_step(model):
     """Left padding and the cache must not change any logit: compare with an uncached forward per row."""
     new = generate(model, PROMPTS, max_new_tokens=4)
     full = [p + n for p, n in zip(PROMPTS, new)]
-    width = max(len(p) for p in PROMPTS)
-    pad = torch.tensor([width - len(p) for p in PROMPTS])
-    ids = torch.zeros(len(PROMPTS), width, dtype=torch.long)
-    for row, p in enumerate(PROMPTS):
-        ids[row, int(pad[row]):] = torch.tensor(p)
-    positions = (torch.arange(width) - pad[:, None]).clamp(min=0)
-    cache = KVCache(pad, max_len=width + 4)
     with torch.no_grad():
-        steps = [last_logits(model, ids, positions, cache)]
+        logits, cache, lengths = prefill(model, PROMPTS, extra_slots=4)
+        steps = [logits]
         for step in range(3):
             token = torch.tensor([row[len(p) + step] for row, p in zip(full, PROMPTS)])
-            position = torch.tensor([len(p) + step for p in PROMPTS])[:, None]
-            steps.append(last_logits(model, token[:, None], position, cache))
+            steps.append(last_logits(model, token[:, None], (lengths + step)[:, None], cache))
         for row, sequence in enumerate(full):
             reference = model(torch.tensor([sequence]))[0]
             for step, logits in enumerate(steps):
                 torch.testing.assert_close(logits[row], reference[len(PROMPTS[row]) - 1 + step],
                                            rtol=1e-5, atol=1e-5)
+
+
+def test_next_token_logits_of_ragged_prompts(model):
+    logits = next_token_logits(model, PROMPTS)
+    for row, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(logits[row], model(torch.tensor([prompt]))[0, -1], rtol=1e-5, atol=1e-5)
 
 
 def test_stop_id_ends_only_its_row_and_is_not_returned(model):
