@@ -37,34 +37,32 @@ class SkippedRow:
         return f"{self.path}:{self.line}: {self.field}: {self.reason}"
 
 
+def _require(value, kind: type, field: str, what: str):
+    if not isinstance(value, kind):
+        raise RowError(field, f"expected {what}, got {type(value).__name__}")
+    return value
+
+
 def validate_messages(messages, field: str = "messages") -> list[dict]:
     """Checks an OpenAI-style conversation and returns it normalised; raises RowError naming the bad field."""
-    if not isinstance(messages, list):
-        raise RowError(field, f"expected a list of messages, got {type(messages).__name__}")
-    if not messages:
+    if not _require(messages, list, field, "a list of messages"):
         raise RowError(field, "empty conversation")
     normalised = []
     for i, message in enumerate(messages):
         where = f"{field}[{i}]"
-        if not isinstance(message, dict):
-            raise RowError(where, f"expected an object, got {type(message).__name__}")
+        _require(message, dict, where, "an object")
         role = message.get("role")
         if role not in ROLES:
             raise RowError(f"{where}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
         if message.get("tool_calls"):
             raise RowError(f"{where}.tool_calls", "assistant tool calls are not supported yet; drop the row or "
                                                   "render the call into `content`")
-        content = message.get("content")
-        if not isinstance(content, str):
-            raise RowError(f"{where}.content", f"expected a string, got {type(content).__name__}")
-        out = {"role": role, "content": content}
+        out = {"role": role, "content": _require(message.get("content"), str, f"{where}.content", "a string")}
         reasoning = message.get("reasoning_content")
         if reasoning is not None:
             if role != "assistant":
                 raise RowError(f"{where}.reasoning_content", f"only assistant turns carry reasoning, not {role!r}")
-            if not isinstance(reasoning, str):
-                raise RowError(f"{where}.reasoning_content", f"expected a string, got {type(reasoning).__name__}")
-            out["reasoning_content"] = reasoning
+            out["reasoning_content"] = _require(reasoning, str, f"{where}.reasoning_content", "a string")
         normalised.append(out)
     if not any(m["role"] == "assistant" for m in normalised):
         raise RowError(field, "no assistant turn to train on")
@@ -73,19 +71,14 @@ def validate_messages(messages, field: str = "messages") -> list[dict]:
 
 def sharegpt_to_messages(conversations, field: str = "conversations") -> list[dict]:
     """Maps ShareGPT turns (`from`: system/human/gpt, `value`) to OpenAI messages, then validates them."""
-    if not isinstance(conversations, list):
-        raise RowError(field, f"expected a list of turns, got {type(conversations).__name__}")
     messages = []
-    for i, turn in enumerate(conversations):
+    for i, turn in enumerate(_require(conversations, list, field, "a list of turns")):
         where = f"{field}[{i}]"
-        if not isinstance(turn, dict):
-            raise RowError(where, f"expected an object, got {type(turn).__name__}")
+        _require(turn, dict, where, "an object")
         speaker = turn.get("from")
         if speaker not in SHAREGPT_ROLES:
             raise RowError(f"{where}.from", f"unknown speaker {speaker!r}; expected one of system, human, gpt")
-        value = turn.get("value")
-        if not isinstance(value, str):
-            raise RowError(f"{where}.value", f"expected a string, got {type(value).__name__}")
+        value = _require(turn.get("value"), str, f"{where}.value", "a string")
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
     return validate_messages(messages, field)
 
@@ -93,8 +86,7 @@ def sharegpt_to_messages(conversations, field: str = "conversations") -> list[di
 def row_to_messages(row, fmt: str, detected: bool = False) -> list[dict]:
     """One parsed row → validated messages; `fmt` is "messages", "sharegpt" or "auto" (decided by the row's keys).
     `detected` says the format was auto-detected from an earlier row of the file (for the error message)."""
-    if not isinstance(row, dict):
-        raise RowError("row", f"expected a JSON object, got {type(row).__name__}")
+    _require(row, dict, "row", "a JSON object")
     if fmt == "auto":
         fmt = "messages" if "messages" in row else "sharegpt" if "conversations" in row else None
         if fmt is None:

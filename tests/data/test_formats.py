@@ -1,4 +1,5 @@
 """Reading files: formats, auto-detection, and bad rows named by file, line and field."""
+import importlib.util
 import json
 
 import pytest
@@ -80,3 +81,16 @@ def test_bad_files_name_the_file(tmp_path, qwen_template):
     (tmp_path / "obj.json").write_text('{"messages": []}')
     with pytest.raises(DataError, match=r"obj.json: a .json data file must hold a list of rows"):
         load_examples(tmp_path / "obj.json", qwen_template)
+
+
+def test_parquet_rows_or_a_clear_message_without_pyarrow(tmp_path, qwen_template):
+    path = tmp_path / "data.parquet"
+    if importlib.util.find_spec("pyarrow") is None:
+        path.write_bytes(b"PAR1")
+        with pytest.raises(DataError, match=r"data.parquet: reading Parquet needs pyarrow \(pip install pyarrow\)"):
+            load_examples(path, qwen_template, progress=False)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist([GOOD, GOOD]), path)
+    assert [len(messages) for _, messages in read_conversations(path)] == [2, 2]
