@@ -114,7 +114,6 @@ def _read_cache(directory: Path, summary: LoadSummary) -> list[Example]:
     meta = json.loads((directory / "summary.json").read_text())
     summary.num_rows = meta["num_rows"]
     summary.skipped = [SkippedRow(**row) for row in meta["skipped"]]
-    summary.from_cache = True
     return _examples_from_arrays(*arrays, offsets)
 
 
@@ -142,14 +141,14 @@ def load_examples(paths, template: ChatTemplate, *, cache_dir=None, format: str 
                    train_on_reasoning=train_on_reasoning, loss_weighting=loss_weighting)
     summary = LoadSummary()
     directory = Path(cache_dir) / cache_key(paths, template, options) if cache_dir is not None else None
-    if directory is not None and (directory / "summary.json").is_file():
+    summary.from_cache = directory is not None and (directory / "summary.json").is_file()
+    if summary.from_cache:
         examples = _read_cache(directory, summary)
     else:
         examples = _tokenise(paths, template, options, on_error, progress, summary)
-        if directory is not None:
+        if directory is not None:  # serve the memory-mapped copy, so the OS can page it
             _write_cache(directory, examples, summary)
             examples = _read_cache(directory, summary)
-            summary.from_cache = False
     summary.cache_path = str(directory) if directory is not None else None
     summary.num_examples = len(examples)
     summary.num_tokens = sum(len(e) for e in examples)

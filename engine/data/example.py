@@ -7,7 +7,7 @@ IGNORE_INDEX = -100
 LOSS_WEIGHTINGS = ("token", "sample", "sqrt")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays do not compare to one bool
 class Example:
     """One sequence. `labels` follow the HF convention: unshifted, `labels[i] = input_ids[i]` when token i is
     supervised, else -100. `loss_weight[i]` is the weight of predicting token i (0 where unsupervised).

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 OVERLONG = ("truncate", "drop")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors do not compare to one bool
 class PackedBatch:
     """Sequences laid end to end. `labels[t]` is the target of position t (token t+1 of the same sequence), -100
     where unsupervised and at every sequence's last position; `loss_weight[t]` is that target's weight."""
