@@ -84,24 +84,28 @@ def _rows_torch(logits, targets, scale, z_loss, with_grad):
     return losses
 
 
-def _chunked_loss_and_grads(hidden, weight, targets, scale, z_loss, rows_per_chunk, rows_fn, with_grad):
-    """Per-token losses [T] and, with_grad, (grad_hidden, grad_weight) of sum(scale · loss)."""
+def _chunked_loss_and_grads(hidden, weight, targets, scale, z_loss, rows_per_chunk, rows_fn, grad_hidden_needed,
+                            grad_weight_needed):
+    """Per-token losses [T] and the requested grads (else None) of sum(scale · loss) w.r.t. hidden, weight."""
     T = hidden.shape[0]
+    with_grad = grad_hidden_needed or grad_weight_needed
     losses = torch.empty(T, dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if with_grad else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
+    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if grad_hidden_needed else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight_needed else None
     for start in range(0, T, rows_per_chunk):
         end = min(start + rows_per_chunk, T)
         chunk = hidden[start:end]
         logits = (chunk @ weight.T).float()
         losses[start:end] = rows_fn(logits, targets[start:end], scale[start:end], z_loss, with_grad)
-        if with_grad:
-            grad_logits = logits.to(hidden.dtype)
+        if not with_grad:
+            continue
+        grad_logits = logits.to(hidden.dtype)
+        if grad_hidden_needed:
             torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-            if grad_logits.dtype == torch.float32:
-                grad_weight.addmm_(grad_logits.T, chunk)
-            else:
-                grad_weight += (grad_logits.T @ chunk).float()
+        if grad_weight_needed and grad_logits.dtype == torch.float32:
+            grad_weight.addmm_(grad_logits.T, chunk)
+        elif grad_weight_needed:
+            grad_weight += (grad_logits.T @ chunk).float()
     return losses, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
 
 
@@ -110,16 +114,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, scale, z_loss, rows_per_chunk, rows_fn, per_token):
-        with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.per_token = per_token
         if per_token:
             ctx.save_for_backward(hidden, weight, targets, scale)
             ctx.settings = (z_loss, rows_per_chunk, rows_fn)
             losses, _, _ = _chunked_loss_and_grads(hidden, weight, targets, scale, z_loss, rows_per_chunk, rows_fn,
-                                                   with_grad=False)
+                                                   False, False)
             return losses * scale
         losses, grad_hidden, grad_weight = _chunked_loss_and_grads(hidden, weight, targets, scale, z_loss,
-                                                                   rows_per_chunk, rows_fn, with_grad)
+                                                                   rows_per_chunk, rows_fn, *ctx.needs_input_grad[:2])
         ctx.save_for_backward(grad_hidden, grad_weight)
         return (losses * scale).sum()
 
@@ -129,11 +132,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             hidden, weight, targets, scale = ctx.saved_tensors
             z_loss, rows_per_chunk, rows_fn = ctx.settings
             _, grad_hidden, grad_weight = _chunked_loss_and_grads(hidden, weight, targets, scale * grad_out, z_loss,
-                                                                  rows_per_chunk, rows_fn, with_grad=True)
+                                                                  rows_per_chunk, rows_fn, *ctx.needs_input_grad[:2])
         else:
             grad_hidden, grad_weight = ctx.saved_tensors
             if not torch.equal(grad_out, torch.ones_like(grad_out)):
-                grad_hidden, grad_weight = grad_hidden * grad_out, grad_weight * grad_out
+                grad_hidden = None if grad_hidden is None else grad_hidden * grad_out
+                grad_weight = None if grad_weight is None else grad_weight * grad_out
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 

@@ -169,6 +169,17 @@ def test_bf16_error_is_no_worse_than_naive_bf16(backend, triton_interpreter):
         assert max_abs_diff(got, true) <= max_abs_diff(baseline, true) + 2e-3 * true.abs().max().item()
 
 
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("frozen", ["hidden", "weight"])
+def test_gradient_only_for_inputs_that_require_it(reduction, frozen):
+    hidden, weight, labels = make_inputs()
+    trainable = weight if frozen == "hidden" else hidden
+    (hidden if frozen == "hidden" else weight).requires_grad_(False)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, reduction=reduction).sum()
+    expected = naive_loss(hidden, weight, labels)
+    assert max_abs_diff(grads(loss, (trainable,))[0], grads(expected, (trainable,))[0]) < 1e-5
+
+
 def test_forward_without_grad_returns_the_loss():
     hidden, weight, labels = make_inputs()
     with torch.no_grad():
