@@ -2,9 +2,9 @@
 
 Run: python -m pytest benchmarks/test_bench_data.py --benchmark-only
 """
+import importlib.util
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -12,8 +12,15 @@ import pytest
 
 from qforge.engine.data import ChatTemplate, load_examples, pack
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import qwen3_tokenizer_dir  # noqa: E402
+
+def load_tests_conftest():
+    """tests/conftest.py loaded under its own name (`conftest` here is benchmarks/conftest.py)."""
+    spec = importlib.util.spec_from_file_location("qforge_tests_conftest",
+                                                  Path(__file__).resolve().parents[1] / "tests" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 NUM_CONVERSATIONS = 10_000
 WORDS = "the model learns to reason about numbers code proofs 数学 and answers briefly".split()
@@ -42,7 +49,7 @@ def data_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def template() -> ChatTemplate:
-    return ChatTemplate.from_pretrained(qwen3_tokenizer_dir())
+    return ChatTemplate.from_pretrained(load_tests_conftest().qwen3_tokenizer_dir())
 
 
 def timed(function):

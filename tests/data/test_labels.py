@@ -82,7 +82,8 @@ def test_token_ids_match_transformers_and_labels_are_assistant_only(qwen_templat
         assert example.input_ids.tolist() == hf_tokenizer(text, add_special_tokens=False)["input_ids"]
         # Oracle for the label rule: a token is supervised iff its first character lies inside an assistant
         # body (after "<|im_start|>assistant\n", through "<|im_end|>"), using transformers' own offsets.
-        bodies = [(m.start(1), m.end(1)) for m in re.finditer(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", text, re.S)]
+        assistant_body = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.S)
+        bodies = [(m.start(1), m.end(1)) for m in assistant_body.finditer(text)]
         offsets = hf_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         expected = [any(a <= start < b for a, b in bodies) for start, _ in offsets]
         assert (example.labels != IGNORE_INDEX).tolist() == expected
