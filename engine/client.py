@@ -92,12 +92,14 @@ class ChatClient:
     """Chat completions against `base_url` (e.g. `http://127.0.0.1:8000/v1`).
 
     `params` are default body fields (temperature, max_tokens, seed, ...) that each call may override.
-    The API key comes from `api_key` or the environment variable named by `api_key_env`.
+    The API key comes from `api_key` or the environment variable named by `api_key_env`. Cached replies
+    are keyed by `cache_namespace` (default: the base URL) and the request body.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, api_key_env: str | None = None,
                  timeout: float = 120.0, max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0,
-                 concurrency: int = 4, cache_dir: str | os.PathLike | None = None, params: dict | None = None):
+                 concurrency: int = 4, cache_dir: str | os.PathLike | None = None, params: dict | None = None,
+                 cache_namespace: str | None = None):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if api_key is None and api_key_env:
@@ -113,6 +115,7 @@ class ChatClient:
         self.concurrency = concurrency
         self.params = dict(params or {})
         self.cache = ResponseCache(cache_dir) if cache_dir else None
+        self.cache_namespace = cache_namespace or self.base_url
         self._api_key = api_key
         self._slots = threading.BoundedSemaphore(concurrency)
         self._lock = threading.Lock()
@@ -123,7 +126,7 @@ class ChatClient:
         body = {"model": self.model, "messages": list(messages), **self.params, **params}
         key = None
         if self.cache is not None:
-            identity = {"url": self.base_url, "body": body, "tag": cache_tag}
+            identity = {"namespace": self.cache_namespace, "body": body, "tag": cache_tag}
             key = hashlib.sha256(json.dumps(identity, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
             hit = self.cache.get(key)
             if hit is not None:

@@ -16,12 +16,14 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 from qforge.engine.chat import ChatModel, Completion, read_token_ids, split_reasoning
+from qforge.engine.client import ChatClient
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -323,6 +325,40 @@ class ChatServer(ThreadingHTTPServer):
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@dataclass
+class EndpointSettings:
+    """Where a recipe's model lives: a checkpoint served on loopback for the run, or an existing endpoint."""
+
+    path: str | None = None  # local checkpoint directory
+    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1, a vLLM server or a hosted API
+    model: str | None = None  # the model id at base_url
+    api_key_env: str | None = None  # name of the environment variable holding the API key
+    dtype: str = "float32"
+    device: str = "cpu"
+    suppress_ids: str | None = None  # local checkpoint: file of token ids never generated
+
+    def __post_init__(self):
+        if (self.path is None) == (self.base_url is None):
+            raise ValueError("set exactly one of path (a checkpoint) or base_url (an endpoint)")
+        if self.base_url and not self.model:
+            raise ValueError(f"model (the model id served at {self.base_url}) is required with base_url")
+
+
+@contextmanager
+def open_endpoint(settings: EndpointSettings, **client_options) -> Iterator[ChatClient]:
+    """A `ChatClient` for the settings; a local checkpoint is served on 127.0.0.1 until the block ends."""
+    if settings.base_url:
+        yield ChatClient(settings.base_url, settings.model, api_key_env=settings.api_key_env, **client_options)
+        return
+    suppress = read_token_ids(settings.suppress_ids) if settings.suppress_ids else ()
+    chat_model = ChatModel.load(settings.path, dtype=settings.dtype, device=settings.device, suppress_ids=suppress)
+    # The port changes every run, so cached replies are keyed by the checkpoint (and its weights' age) instead.
+    weights = sorted(Path(settings.path).glob("*.safetensors"))
+    namespace = f"checkpoint:{Path(settings.path).resolve()}:{max(w.stat().st_mtime_ns for w in weights)}"
+    with ChatServer(ModelBackend(chat_model), port=0) as server:
+        yield ChatClient(server.url, chat_model.name, cache_namespace=namespace, **client_options)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

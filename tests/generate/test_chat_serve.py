@@ -65,3 +65,19 @@ def test_server_batches_concurrent_requests_without_changing_greedy_output(chat_
         assert reply.content == completion.text.strip()
         assert reply.usage["prompt_tokens"] == completion.prompt_tokens
         assert reply.finish_reason == completion.finish_reason
+
+
+def test_open_endpoint_serves_a_checkpoint_and_caches_across_runs(checkpoint, chat_model, tmp_path):
+    from qforge.engine.serve import EndpointSettings, open_endpoint
+
+    direct = chat_model.chat([conversation(QUESTIONS[1])], enable_thinking=False, max_new_tokens=5)[0]
+    urls = []
+    for run in range(2):  # a new port each run; the cache still recognises the checkpoint
+        with open_endpoint(EndpointSettings(path=str(checkpoint)), cache_dir=tmp_path / "cache") as client:
+            urls.append(client.base_url)
+            reply = client.chat(conversation(QUESTIONS[1]), temperature=0, max_tokens=5,
+                                chat_template_kwargs={"enable_thinking": False})
+        assert reply.cached == (run == 1) and reply.content == direct.text.strip()
+    assert urls[0] != urls[1] and urls[0].startswith("http://127.0.0.1:")
+    with pytest.raises(ValueError, match="exactly one of path"):
+        EndpointSettings(path=str(checkpoint), base_url="http://127.0.0.1:1/v1", model="x")

@@ -1,0 +1,288 @@
+"""LLM-as-judge: pairwise win rates (both orders, bootstrap intervals) or 1–10 ratings, per task.
+
+    python recipes/judge.py --config recipes/configs/judge.yaml output.dir=runs/judge [key=value ...]
+
+Candidates answer every benchmark prompt (or bring an answers file); the judge, any OpenAI-compatible
+endpoint or a local checkpoint, then compares each candidate with the baseline (pairwise) or rates each
+answer (single, optionally against the reference answer). Judge prompts live in the config. Writes
+answers/<candidate>.jsonl, judgments.jsonl, report.json, report.md and report.png to `output.dir`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+from qforge.engine.client import ChatClient, ChatClientError
+from qforge.engine.config_io import ConfigKeyError, load_config
+from qforge.engine.serve import EndpointSettings, open_endpoint
+from qforge.recipes.judging import (Item, pair_outcome, parse_pairwise, parse_rating, read_items,
+                                    summarize_pairwise, summarize_ratings)
+from qforge.recipes.report import bar_chart, markdown_table, write_json, write_jsonl, write_text
+
+PLACEHOLDER = re.compile(r"\{(question|answer|answer_a|answer_b|reference)\}")
+REQUIRED_FIELDS = {"pairwise_user": {"question", "answer_a", "answer_b"}, "single_user": {"question", "answer"},
+                   "single_user_reference": {"question", "answer", "reference"}}
+
+
+@dataclass
+class Candidate:
+    name: str
+    endpoint: EndpointSettings | None = None
+    answers: str | None = None  # JSONL of {"id", "answer"} instead of asking the endpoint
+    request_params: dict = field(default_factory=dict)  # extra body fields, e.g. chat_template_kwargs
+
+    def __post_init__(self):
+        if (self.endpoint is None) == (self.answers is None):
+            raise ValueError(f"candidate {self.name!r}: set exactly one of endpoint or answers")
+
+
+@dataclass
+class JudgePrompts:
+    pairwise_system: str = ""
+    pairwise_user: str = ""
+    single_system: str = ""
+    single_user: str = ""
+    single_user_reference: str = ""
+    retry: str = ""  # sent after a malformed verdict, before counting it invalid
+
+    def __post_init__(self):
+        for name, needed in REQUIRED_FIELDS.items():
+            missing = needed - set(PLACEHOLDER.findall(getattr(self, name)))
+            if missing:
+                raise ValueError(f"judge.prompts.{name} must contain {sorted('{' + m + '}' for m in missing)}")
+
+
+@dataclass
+class JudgeSettings:
+    endpoint: EndpointSettings | None = None
+    mode: Literal["pairwise", "single"] = "pairwise"
+    baseline: str | None = None  # pairwise: the candidate the others are compared with (default: the first)
+    use_reference: bool = True  # single: show the reference answer when the item has one
+    retries: int = 2  # re-asks after a malformed verdict
+    max_tokens: int = 1024
+    temperature: float = 0.0
+    request_params: dict = field(default_factory=dict)
+    prompts: JudgePrompts = field(default_factory=JudgePrompts)
+
+
+@dataclass
+class GenerationSettings:
+    max_tokens: int = 1024
+    temperature: float = 0.0
+
+
+@dataclass
+class BootstrapSettings:
+    samples: int = 1000
+    seed: int = 0
+    confidence: float = 0.95
+
+
+@dataclass
+class ClientSettings:
+    timeout: float = 300.0
+    max_retries: int = 4
+    concurrency: int = 4
+    cache_dir: str | None = None
+
+
+@dataclass
+class DataSettings:
+    path: str | None = None
+    limit: int | None = None
+
+
+@dataclass
+class OutputSettings:
+    dir: str | None = None
+
+
+@dataclass
+class JudgeConfig:
+    data: DataSettings = field(default_factory=DataSettings)
+    candidates: list[Candidate] = field(default_factory=list)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    judge: JudgeSettings = field(default_factory=JudgeSettings)
+    bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
+    client: ClientSettings = field(default_factory=ClientSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+
+    def __post_init__(self):
+        for key, value in (("data.path", self.data.path), ("output.dir", self.output.dir),
+                           ("judge.endpoint", self.judge.endpoint)):
+            if not value:
+                raise ValueError(f"{key} is required")
+        names = [c.name for c in self.candidates]
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"candidates need distinct names, got {names}")
+        if self.judge.mode == "pairwise":
+            if len(names) < 2:
+                raise ValueError("pairwise judging needs at least two candidates")
+            if self.judge.baseline is not None and self.judge.baseline not in names:
+                raise ValueError(f"judge.baseline {self.judge.baseline!r} is not a candidate name {names}")
+
+
+def fill(template: str, **fields: str) -> str:
+    """Substitutes {question}, {answer}, … in one pass, so braces inside answers are left alone."""
+    return PLACEHOLDER.sub(lambda match: fields[match.group(1)], template)
+
+
+def read_answers(path: str, items: list[Item]) -> dict[str, str]:
+    answers = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if not isinstance(row.get("answer"), str):
+                raise ValueError(f"{path}:{number}: each row needs 'id' and a string 'answer'")
+            answers[str(row.get("id"))] = row["answer"]
+    missing = [item.id for item in items if item.id not in answers]
+    if missing:
+        raise ValueError(f"{path}: no answer for ids {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    return answers
+
+
+def collect_answers(config: JudgeConfig, candidate: Candidate, items: list[Item]) -> dict[str, str]:
+    if candidate.answers:
+        return read_answers(candidate.answers, items)
+    with open_endpoint(candidate.endpoint, **asdict(config.client)) as client:
+        replies = client.chat_many([item.messages for item in items], desc=f"answers: {candidate.name}",
+                                   max_tokens=config.generation.max_tokens,
+                                   temperature=config.generation.temperature, **candidate.request_params)
+    return {item.id: reply.content for item, reply in zip(items, replies)}
+
+
+def ask_judge(client: ChatClient, settings: JudgeSettings, conversations: list[list[dict]],
+              parse: Callable[[str], object]) -> tuple[list, list[list[str]]]:
+    """Verdicts for every conversation; a malformed one is re-asked (with the retry reminder after the bad
+    reply) up to `retries` times, then stays None. Returns the verdicts and every reply received."""
+    params = dict(max_tokens=settings.max_tokens, temperature=settings.temperature, **settings.request_params)
+    replies: list[list[str]] = [[] for _ in conversations]
+    answered = [False] * len(conversations)  # False while the last request failed outright
+    verdicts: list = [None] * len(conversations)
+    pending = list(range(len(conversations)))
+    for attempt in range(settings.retries + 1):
+        asked = []
+        for i in pending:
+            remind = answered[i] and settings.prompts.retry
+            asked.append(conversations[i] + [{"role": "assistant", "content": replies[i][-1]},
+                                             {"role": "user", "content": settings.prompts.retry}]
+                         if remind else conversations[i])
+        results = client.chat_many(asked, errors="return", desc=f"judge (try {attempt + 1})",
+                                   cache_tags=[f"attempt-{attempt}" if attempt else None] * len(asked), **params)
+        for index, result in zip(pending, results):
+            answered[index] = not isinstance(result, ChatClientError)
+            replies[index].append(result.content if answered[index] else f"<request failed: {result}>")
+            verdicts[index] = parse(result.content) if answered[index] else None
+        pending = [i for i in pending if verdicts[i] is None]
+        if not pending:
+            break
+    return verdicts, replies
+
+
+def judge_pairwise(config: JudgeConfig, client: ChatClient, items: list[Item], answers: dict) -> tuple[dict, list]:
+    prompts = config.judge.prompts
+    baseline = config.judge.baseline or config.candidates[0].name
+    comparisons, records = {}, []
+    for candidate in (c.name for c in config.candidates if c.name != baseline):
+        conversations = []
+        for item in items:
+            mine, theirs = answers[candidate][item.id], answers[baseline][item.id]
+            for first, second in ((mine, theirs), (theirs, mine)):
+                conversations.append(_conversation(prompts.pairwise_system, fill(
+                    prompts.pairwise_user, question=item.question, answer_a=first, answer_b=second,
+                    reference=item.reference or "")))
+        verdicts, replies = ask_judge(client, config.judge, conversations, parse_pairwise)
+        outcomes = [pair_outcome(verdicts[2 * i], verdicts[2 * i + 1]) for i in range(len(items))]
+        comparisons[f"{candidate} vs {baseline}"] = summarize_pairwise(
+            [item.task for item in items], outcomes, **asdict(config.bootstrap))
+        records += [{"comparison": f"{candidate} vs {baseline}", "id": item.id, "task": item.task,
+                     "verdict_candidate_first": verdicts[2 * i], "verdict_candidate_second": verdicts[2 * i + 1],
+                     "outcome": outcomes[i], "judge_replies": [replies[2 * i], replies[2 * i + 1]]}
+                    for i, item in enumerate(items)]
+    return comparisons, records
+
+
+def judge_single(config: JudgeConfig, client: ChatClient, items: list[Item], answers: dict) -> tuple[dict, list]:
+    prompts = config.judge.prompts
+    ratings, records = {}, []
+    for candidate in (c.name for c in config.candidates):
+        conversations = []
+        for item in items:
+            with_reference = config.judge.use_reference and item.reference is not None
+            template = prompts.single_user_reference if with_reference else prompts.single_user
+            conversations.append(_conversation(prompts.single_system, fill(
+                template, question=item.question, answer=answers[candidate][item.id], reference=item.reference or "")))
+        verdicts, replies = ask_judge(client, config.judge, conversations, parse_rating)
+        ratings[candidate] = summarize_ratings([item.task for item in items], verdicts, **asdict(config.bootstrap))
+        records += [{"candidate": candidate, "id": item.id, "task": item.task, "rating": verdicts[i],
+                     "judge_replies": replies[i]} for i, item in enumerate(items)]
+    return ratings, records
+
+
+def _conversation(system: str, user: str) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+
+def write_report(out: Path, mode: str, results: dict) -> None:
+    tasks = sorted({task for result in results.values() for task in result["tasks"]})
+    if mode == "pairwise":
+        rows = [[name, task, r["win"], r["tie"], r["loss"], r["invalid"], 100 * r["win_rate"],
+                 f"{100 * r['ci'][0]:.1f}–{100 * r['ci'][1]:.1f}"]
+                for name, result in results.items() for task, r in [*result["tasks"].items(),
+                                                                    ("ALL", result["overall"])]]
+        table = markdown_table(["Comparison", "Task", "Win", "Tie", "Loss", "Invalid", "Win rate %", "95% CI"], rows)
+        value, scale, label, limits = "win_rate", 100, "win rate (%) vs baseline", (0, 100)
+    else:
+        rows = [[name, task, r["rated"], r["invalid"], r["mean"], f"{r['ci'][0]:.2f}–{r['ci'][1]:.2f}"]
+                for name, result in results.items() for task, r in [*result["tasks"].items(),
+                                                                    ("ALL", result["overall"])]]
+        table = markdown_table(["Candidate", "Task", "Rated", "Invalid", "Mean rating", "95% CI"], rows)
+        value, scale, label, limits = "mean", 1, "mean rating (1–10)", (0, 10)
+    write_text(out / "report.md", f"# LLM-as-judge ({mode})\n\n{table}")
+    labels = tasks + ["ALL"]
+    per_label = {name: [*(result["tasks"].get(t) for t in tasks), result["overall"]] for name, result in results.items()}
+    bar_chart(out / "report.png", labels,
+              {name: [scale * s[value] if s else 0.0 for s in stats] for name, stats in per_label.items()},
+              intervals={name: [(scale * s["ci"][0], scale * s["ci"][1]) if s else (0.0, 0.0) for s in stats]
+                         for name, stats in per_label.items()},
+              title=f"LLM-as-judge ({mode}) per task", ylabel=label, ylim=limits)
+
+
+def run(config: JudgeConfig) -> dict:
+    items = read_items(config.data.path)[:config.data.limit]
+    out = Path(config.output.dir)
+    answers = {}
+    for candidate in config.candidates:
+        answers[candidate.name] = collect_answers(config, candidate, items)
+        write_jsonl(out / "answers" / f"{candidate.name}.jsonl",
+                    [{"id": item.id, "task": item.task, "answer": answers[candidate.name][item.id]} for item in items])
+    with open_endpoint(config.judge.endpoint, **asdict(config.client)) as client:
+        judge = judge_pairwise if config.judge.mode == "pairwise" else judge_single
+        results, records = judge(config, client, items, answers)
+    report = {"mode": config.judge.mode, "data": config.data.path, "results": results, "config": asdict(config)}
+    write_jsonl(out / "judgments.jsonl", records)
+    write_json(out / "report.json", report)
+    write_report(out, config.judge.mode, results)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config (see recipes/configs/judge*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. judge.mode=single")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(JudgeConfig, args.config, args.overrides)
+        report = run(config)
+    except (ConfigKeyError, ValueError, FileNotFoundError, ChatClientError) as error:
+        sys.exit(f"error: {error}")
+    print(Path(config.output.dir, "report.md").read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    main()
