@@ -92,10 +92,16 @@ def _chunked_loss_and_grads(hidden, weight, targets, scale, z_loss, rows_per_chu
     losses = torch.empty(T, dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if grad_hidden_needed else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight_needed else None
+    # one buffer reused by every chunk: a fresh `logits = ...` per chunk would hold two chunks at the rebinding
+    logits_buffer = torch.empty(min(rows_per_chunk, T), weight.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, T, rows_per_chunk):
         end = min(start + rows_per_chunk, T)
         chunk = hidden[start:end]
-        logits = (chunk @ weight.T).float()
+        logits = logits_buffer[:end - start]
+        if hidden.dtype == torch.float32:
+            torch.mm(chunk, weight.T, out=logits)
+        else:
+            logits.copy_(chunk @ weight.T)
         losses[start:end] = rows_fn(logits, targets[start:end], scale[start:end], z_loss, with_grad)
         if not with_grad:
             continue
