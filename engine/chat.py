@@ -35,8 +35,15 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
 
 
 def read_token_ids(path: str | Path) -> list[int]:
-    """Token ids from a JSON list or a text file with one id per line (e.g. a suppression list)."""
+    """Token ids never to generate: a JSON list, one id per line, or a `VocabMap` file (every token the
+    vocabulary restriction removed, plus its suppress_ids) for a model trained with a restricted head."""
     text = Path(path).read_text(encoding="utf-8")
+    if text.lstrip().startswith("{"):
+        from qforge.engine.vocab import VocabMap
+
+        vocab = VocabMap.load(path)
+        removed = (vocab.old_to_new < 0).nonzero().flatten()
+        return sorted({*removed.tolist(), *vocab.suppress_ids.tolist()})
     try:
         ids = json.loads(text) if text.lstrip().startswith("[") else [int(line) for line in text.split()]
     except ValueError as error:
@@ -60,15 +67,21 @@ class ChatModel:
         self.stop_ids = tuple(i for i in map(self.tokenizer.token_to_id, END_OF_TURN_TOKENS) if i is not None)
 
     @classmethod
-    def load(cls, path: str | Path, *, dtype: str = "float32", device: str = "cpu", **kwargs) -> "ChatModel":
+    def load(cls, path: str | Path, *, dtype: str = "float32", device: str = "cpu", suppress_ids: Sequence[int] = (),
+             **kwargs) -> "ChatModel":
+        """Loads a checkpoint directory; its generation_config.json `suppress_tokens` (written by the
+        vocabulary pruning recipe) are always suppressed, in addition to `suppress_ids`."""
         from qforge.engine import load_model
         from qforge.engine.data import ChatTemplate
 
         kwargs.setdefault("name", Path(path).name)
+        generation = Path(path) / "generation_config.json"
+        if generation.is_file():
+            suppress_ids = sorted({*suppress_ids, *(json.loads(generation.read_text()).get("suppress_tokens") or [])})
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
         model = load_model(path, dtype=getattr(torch, dtype), device=device)
-        return cls(model, ChatTemplate.from_pretrained(path), **kwargs)
+        return cls(model, ChatTemplate.from_pretrained(path), suppress_ids=suppress_ids, **kwargs)
 
     def render(self, messages: Sequence[dict], enable_thinking: bool = True) -> str:
         return self.template.render(list(messages), enable_thinking=enable_thinking, add_generation_prompt=True)

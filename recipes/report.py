@@ -77,8 +77,7 @@ def bar_chart(path: str | Path, labels: Sequence[str], series: dict[str, Sequenc
     axes.set_ylabel(ylabel)
     if ylim:
         axes.set_ylim(*ylim)
-    if len(series) > 1:
-        axes.legend()
+    axes.legend()
     figure.tight_layout()
     _atomic_write(path, lambda temp: figure.savefig(temp, dpi=110, format="png"))
     plt.close(figure)

@@ -81,3 +81,26 @@ def test_open_endpoint_serves_a_checkpoint_and_caches_across_runs(checkpoint, ch
     assert urls[0] != urls[1] and urls[0].startswith("http://127.0.0.1:")
     with pytest.raises(ValueError, match="exactly one of path"):
         EndpointSettings(path=str(checkpoint), base_url="http://127.0.0.1:1/v1", model="x")
+
+
+def test_checkpoint_suppress_tokens_and_vocab_map_files_are_honoured(checkpoint, chat_model, tmp_path):
+    import json
+
+    from qforge.engine.chat import read_token_ids
+    from qforge.engine.vocab import VocabMap
+
+    first = chat_model.encode(chat_model.complete(["Hà Nội"], max_new_tokens=3)[0].text)[0]
+    pruned = tmp_path / "pruned"
+    shutil.copytree(checkpoint, pruned)
+    (pruned / "generation_config.json").write_text(json.dumps({"suppress_tokens": [first]}))
+    reloaded = ChatModel.load(pruned, suppress_ids=[7])
+    assert set(reloaded.suppress_ids) == {first, 7}
+    assert chat_model.encode(reloaded.complete(["Hà Nội"], max_new_tokens=3)[0].text)[:1] != [first]
+
+    VocabMap(torch.arange(10), torch.tensor([3]), original_size=16).save(tmp_path / "vocab.json")
+    assert read_token_ids(tmp_path / "vocab.json") == [3, 10, 11, 12, 13, 14, 15]
+    (tmp_path / "ids.txt").write_text("5\n9\n")
+    assert read_token_ids(tmp_path / "ids.txt") == [5, 9]
+    (tmp_path / "bad.txt").write_text("5 x")
+    with pytest.raises(ValueError, match="bad.txt"):
+        read_token_ids(tmp_path / "bad.txt")
