@@ -65,6 +65,7 @@ class _RoPEFunction(torch.autograd.Function):
         q_rot = _rotate(q.reshape(-1, *q.shape[-2:]).contiguous(), cos, sin, False)
         k_rot = _rotate(k.reshape(-1, *k.shape[-2:]).contiguous(), cos, sin, False)
         ctx.save_for_backward(cos, sin)
+        ctx.set_materialize_grads(False)  # an unused q_rot or k_rot costs no rotation in the backward
         ctx.shapes = (q.shape, k.shape)
         return q_rot.view(q.shape), k_rot.view(k.shape)
 
@@ -72,9 +73,9 @@ class _RoPEFunction(torch.autograd.Function):
     def backward(ctx, grad_q, grad_k):
         cos, sin = ctx.saved_tensors
         q_shape, k_shape = ctx.shapes
-        grad_q = _rotate(grad_q.reshape(-1, *q_shape[-2:]).contiguous(), cos, sin, True)
-        grad_k = _rotate(grad_k.reshape(-1, *k_shape[-2:]).contiguous(), cos, sin, True)
-        return grad_q.view(q_shape), grad_k.view(k_shape), None, None
+        grads = [None if grad is None else _rotate(grad.reshape(-1, *shape[-2:]).contiguous(), cos, sin, True).view(shape)
+                 for grad, shape in ((grad_q, q_shape), (grad_k, k_shape))]
+        return grads[0], grads[1], None, None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -96,8 +97,9 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
                          f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
     if q.shape[:-2] != k.shape[:-2]:
         raise ValueError(f"apply_rope: q {tuple(q.shape)} and k {tuple(k.shape)} differ before the head dim")
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # HF's rotary embedding hands them over in q's dtype
     if use_triton(backend, q, k, cos, sin):
-        return _RoPEFunction.apply(q, k, cos.to(q.dtype), sin.to(q.dtype))
+        return _RoPEFunction.apply(q, k, cos, sin)
     return apply_rope_reference(q, k, cos, sin)
 
 

@@ -45,3 +45,13 @@ def test_apply_rope_broadcasts_cos_over_leading_dims(triton_interpreter):
 def test_apply_rope_rejects_odd_head_dim():
     with pytest.raises(ValueError, match="even"):
         apply_rope(torch.randn(2, 1, 5), torch.randn(2, 1, 5), torch.randn(2, 5), torch.randn(2, 5))
+
+
+def test_apply_rope_gradient_of_q_alone(triton_interpreter):
+    cos, sin = packed_cos_sin(torch.arange(4), 8, torch.float32)
+    q = torch.randn(4, 2, 8, requires_grad=True)
+    k = torch.randn(4, 1, 8)
+    q_rot, _ = apply_rope(q, k, cos, sin, backend="triton")
+    (grad,) = torch.autograd.grad(q_rot.sum(), q)
+    (expected,) = torch.autograd.grad(apply_rope(q, k, cos, sin, backend="torch")[0].sum(), q)
+    assert max_abs_diff(grad, expected) < 1e-6
