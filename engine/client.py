@@ -88,6 +88,16 @@ class ResponseCache:
             raise
 
 
+@dataclass
+class ClientSettings:
+    """The `client:` section of recipe configs: keyword arguments of `ChatClient`."""
+
+    timeout: float = 120.0
+    max_retries: int = 4
+    concurrency: int = 4
+    cache_dir: str | None = None  # replies cached here make an interrupted run resume
+
+
 class ChatClient:
     """Chat completions against `base_url` (e.g. `http://127.0.0.1:8000/v1`).
 

@@ -339,16 +339,18 @@ class EndpointSettings:
     device: str = "cpu"
     suppress_ids: str | None = None  # local checkpoint: file of token ids never generated
 
-    def __post_init__(self):
+    def check(self, key: str = "endpoint") -> None:
+        """Raises a ValueError naming `key` (the settings' place in the recipe config) if incomplete."""
         if (self.path is None) == (self.base_url is None):
-            raise ValueError("set exactly one of path (a checkpoint) or base_url (an endpoint)")
+            raise ValueError(f"set exactly one of {key}.path (a checkpoint) or {key}.base_url (an endpoint)")
         if self.base_url and not self.model:
-            raise ValueError(f"model (the model id served at {self.base_url}) is required with base_url")
+            raise ValueError(f"{key}.model (the model id served at {self.base_url}) is required with {key}.base_url")
 
 
 @contextmanager
 def open_endpoint(settings: EndpointSettings, **client_options) -> Iterator[ChatClient]:
     """A `ChatClient` for the settings; a local checkpoint is served on 127.0.0.1 until the block ends."""
+    settings.check()
     if settings.base_url:
         yield ChatClient(settings.base_url, settings.model, api_key_env=settings.api_key_env, **client_options)
         return

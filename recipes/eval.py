@@ -9,12 +9,11 @@ Modes:
   Each letter is scored as the token the tokenizer really produces after the prompt (" A" after "là:").
 - think: the prompt as a chat turn with thinking on; the letter is read after `</think>` (none → wrong).
 `eval.chat_template=true` wraps the official/loglik prompt in the chat template (thinking off) for instruct
-models. With `model.base_url` instead of `model.path`, official and think modes query an OpenAI-compatible
-endpoint. Writes report.json, report.md, report.png and predictions.jsonl to `output.dir`.
+models. With `model.base_url` + `model.model` instead of `model.path`, official and think modes query an
+OpenAI-compatible endpoint. Writes report.json, report.md, report.png and predictions.jsonl to `output.dir`.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,23 +22,21 @@ from typing import Literal
 from tqdm.auto import tqdm
 
 from qforge.engine.chat import ChatModel, read_token_ids
-from qforge.engine.client import ChatClient
-from qforge.engine.config_io import ConfigKeyError, load_config
+from qforge.engine.client import ClientSettings
 from qforge.engine.generate import next_token_logits
-from qforge.recipes.mcq import (DEFAULT_SUBJECTS, Question, answer_after_thinking, extract_letter,
-                                official_prompt, read_questions, read_subjects, score)
-from qforge.recipes.report import write_eval_report, write_jsonl
+from qforge.engine.serve import EndpointSettings, open_endpoint
+from qforge.recipes.cli import config_from_argv
+from qforge.recipes.files import write_jsonl
+from qforge.recipes.mcq import (DEFAULT_SUBJECTS, Question, answer_after_thinking, official_prompt, read_questions,
+                                read_subjects, score)
+from qforge.recipes.report import write_eval_report
 
 
 @dataclass
-class ModelSettings:
-    path: str | None = None  # local HF-format checkpoint with tokenizer files
-    name: str | None = None  # label in reports; with base_url, the model id sent to the endpoint
-    base_url: str | None = None  # OpenAI-compatible endpoint instead of a checkpoint (official, think)
-    api_key_env: str | None = None
-    dtype: str = "float32"
-    device: str = "cpu"
-    suppress_ids: str | None = None  # file of token ids never generated (e.g. the pruned CJK set)
+class ModelSettings(EndpointSettings):
+    """A local checkpoint (`path`, every mode) or an endpoint (`base_url` + `model`: official, think)."""
+
+    name: str | None = None  # label in reports (default: the checkpoint directory name or the model id)
 
 
 @dataclass
@@ -60,14 +57,6 @@ class EvalSettings:
 
 
 @dataclass
-class ClientSettings:
-    timeout: float = 120.0
-    max_retries: int = 4
-    concurrency: int = 4
-    cache_dir: str | None = None
-
-
-@dataclass
 class OutputSettings:
     dir: str | None = None
 
@@ -81,10 +70,7 @@ class EvalConfig:
     output: OutputSettings = field(default_factory=OutputSettings)
 
     def __post_init__(self):
-        if (self.model.path is None) == (self.model.base_url is None):
-            raise ValueError("set exactly one of model.path (a checkpoint) or model.base_url (an endpoint)")
-        if self.model.base_url and not self.model.name:
-            raise ValueError("model.name (the endpoint's model id) is required with model.base_url")
+        self.model.check("model")
         if self.model.base_url and self.eval.mode == "loglik":
             raise ValueError("eval.mode=loglik needs next-token logits: use model.path, not model.base_url")
         for key, value in (("data.path", self.data.path), ("output.dir", self.output.dir)):
@@ -145,13 +131,11 @@ def predict_local(config: EvalConfig, questions: list[Question]):
 
 
 def predict_endpoint(config: EvalConfig, questions: list[Question]):
-    settings, options = config.eval, config.client
-    client = ChatClient(config.model.base_url, config.model.name, api_key_env=config.model.api_key_env,
-                        timeout=options.timeout, max_retries=options.max_retries, concurrency=options.concurrency,
-                        cache_dir=options.cache_dir, params=settings.request_params)
+    settings = config.eval
     conversations = [[{"role": "user", "content": official_prompt(q).rstrip()}] for q in questions]
     new_tokens = 1 if settings.mode == "official" else settings.max_new_tokens
-    replies = client.chat_many(conversations, temperature=0.0, max_tokens=new_tokens, desc=settings.mode)
+    with open_endpoint(config.model, params=settings.request_params, **asdict(config.client)) as client:
+        replies = client.chat_many(conversations, temperature=0.0, max_tokens=new_tokens, desc=settings.mode)
     # An endpoint may return reasoning separately (then content is the answer) or inline in content.
     texts = [r.content if "</think>" in r.content else f"<think>{r.reasoning_content or ''}</think>{r.content}"
              for r in replies] if settings.mode == "think" else [r.content for r in replies]
@@ -177,7 +161,7 @@ def run(config: EvalConfig) -> dict:
     predict = predict_local if config.model.path else predict_endpoint
     predictions, details = predict(config, questions)
     report = {
-        "model": config.model.name or Path(config.model.path).name,
+        "model": config.model.name or config.model.model or Path(config.model.path).name,
         "benchmark": config.data.name or Path(config.data.path).stem,
         "mode": config.eval.mode,
         "data": str(config.data.path),
@@ -193,14 +177,10 @@ def run(config: EvalConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config (see recipes/configs/eval*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. eval.mode=loglik")
-    args = parser.parse_args(argv)
+    config = config_from_argv(EvalConfig, argv, __doc__.split("\n\n")[0], "eval.mode=loglik")
     try:
-        config = load_config(EvalConfig, args.config, args.overrides)
         report = run(config)
-    except (ConfigKeyError, ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     overall = report["overall"]
     print(f"{report['benchmark']} [{report['mode']}] {report['model']}: accuracy {100 * overall['accuracy']:.2f}% "

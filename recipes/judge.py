@@ -9,20 +9,19 @@ answers/<candidate>.jsonl, judgments.jsonl, report.json, report.md and report.pn
 """
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from qforge.engine.client import ChatClient, ChatClientError
-from qforge.engine.config_io import ConfigKeyError, load_config
+from qforge.engine.client import ChatClient, ChatClientError, ClientSettings
 from qforge.engine.serve import EndpointSettings, open_endpoint
+from qforge.recipes.cli import config_from_argv
+from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
 from qforge.recipes.judging import (Item, pair_outcome, parse_pairwise, parse_rating, read_items,
                                     summarize_pairwise, summarize_ratings)
-from qforge.recipes.report import bar_chart, markdown_table, write_json, write_jsonl, write_text
+from qforge.recipes.report import bar_chart, markdown_table
 
 PLACEHOLDER = re.compile(r"\{(question|answer|answer_a|answer_b|reference)\}")
 REQUIRED_FIELDS = {"pairwise_user": {"question", "answer_a", "answer_b"}, "single_user": {"question", "answer"},
@@ -39,6 +38,8 @@ class Candidate:
     def __post_init__(self):
         if (self.endpoint is None) == (self.answers is None):
             raise ValueError(f"candidate {self.name!r}: set exactly one of endpoint or answers")
+        if self.endpoint is not None:
+            self.endpoint.check(f"candidate {self.name!r}: endpoint")
 
 
 @dataclass
@@ -84,14 +85,6 @@ class BootstrapSettings:
 
 
 @dataclass
-class ClientSettings:
-    timeout: float = 300.0
-    max_retries: int = 4
-    concurrency: int = 4
-    cache_dir: str | None = None
-
-
-@dataclass
 class DataSettings:
     path: str | None = None
     limit: int | None = None
@@ -117,6 +110,7 @@ class JudgeConfig:
                            ("judge.endpoint", self.judge.endpoint)):
             if not value:
                 raise ValueError(f"{key} is required")
+        self.judge.endpoint.check("judge.endpoint")
         names = [c.name for c in self.candidates]
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"candidates need distinct names, got {names}")
@@ -134,12 +128,10 @@ def fill(template: str, **fields: str) -> str:
 
 def read_answers(path: str, items: list[Item]) -> dict[str, str]:
     answers = {}
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            row = json.loads(line)
-            if not isinstance(row.get("answer"), str):
-                raise ValueError(f"{path}:{number}: each row needs 'id' and a string 'answer'")
-            answers[str(row.get("id"))] = row["answer"]
+    for where, row in read_jsonl(path):
+        if not isinstance(row.get("answer"), str):
+            raise ValueError(f"{where}: each row needs 'id' and a string 'answer'")
+        answers[str(row.get("id"))] = row["answer"]
     missing = [item.id for item in items if item.id not in answers]
     if missing:
         raise ValueError(f"{path}: no answer for ids {missing[:5]}{' …' if len(missing) > 5 else ''}")
@@ -272,14 +264,10 @@ def run(config: JudgeConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config (see recipes/configs/judge*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. judge.mode=single")
-    args = parser.parse_args(argv)
+    config = config_from_argv(JudgeConfig, argv, __doc__.split("\n\n")[0], "judge.mode=single")
     try:
-        config = load_config(JudgeConfig, args.config, args.overrides)
-        report = run(config)
-    except (ConfigKeyError, ValueError, FileNotFoundError, ChatClientError) as error:
+        run(config)
+    except (ValueError, FileNotFoundError, ChatClientError) as error:
         sys.exit(f"error: {error}")
     print(Path(config.output.dir, "report.md").read_text(encoding="utf-8"))
 

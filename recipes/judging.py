@@ -6,7 +6,6 @@ that cannot be parsed is never guessed: it is retried by the caller and, if stil
 """
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from qforge.recipes.files import read_jsonl, unique_id
 
 _PAIRWISE = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 _RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
@@ -35,19 +36,8 @@ class Item:
 def read_items(path: str | Path) -> list[Item]:
     """Benchmark rows: `id`, `task`, `prompt` (text) or `messages`, optional `reference`."""
     items, seen = [], set()
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except ValueError as error:
-            raise ValueError(f"{where}: invalid JSON ({error})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object")
-        item_id, task = row.get("id"), row.get("task")
-        if not isinstance(item_id, (str, int)) or str(item_id) in seen:
-            raise ValueError(f"{where}: 'id' must be a unique string (got {item_id!r})")
+    for where, row in read_jsonl(path):
+        item_id, task = unique_id(row, seen, where), row.get("task")
         if not isinstance(task, str) or not task:
             raise ValueError(f"{where}: 'task' must be a non-empty string")
         messages = row.get("messages")
@@ -58,8 +48,7 @@ def read_items(path: str | Path) -> list[Item]:
         reference = row.get("reference")
         if reference is not None and not isinstance(reference, str):
             raise ValueError(f"{where}: 'reference' must be a string")
-        seen.add(str(item_id))
-        items.append(Item(str(item_id), task, messages, reference))
+        items.append(Item(item_id, task, messages, reference))
     if not items:
         raise ValueError(f"{path}: no items")
     return items

@@ -8,12 +8,13 @@ accepted too: choices without letter prefixes, `answer` as a 0-based index, and 
 from __future__ import annotations
 
 import csv
-import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+from qforge.recipes.files import read_jsonl, unique_id
 
 LETTERS = "ABCDE"
 DEFAULT_SUBJECTS = Path(__file__).resolve().parent / "data" / "vmlu_subjects.csv"
@@ -67,32 +68,19 @@ def read_questions(path: str | Path, subjects: dict[str, tuple[str, str]]) -> li
     """Parses a JSONL file; any bad row is an error naming file, line and field."""
     questions, seen = [], set()
     category_of_subject = dict(subjects.values())
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except ValueError as error:
-                raise ValueError(f"{where}: invalid JSON ({error})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            qid, text = row.get("id"), row.get("question")
-            if not isinstance(qid, (str, int)) or str(qid) in seen:
-                raise ValueError(f"{where}: 'id' must be a unique string (got {qid!r})")
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{where}: 'question' must be a non-empty string")
-            choices = _choices(row.get("choices"), where)
-            if "subject" in row:  # MMLU style: the subject is named, its category looked up by name
-                subject = str(row["subject"])
-                category = row.get("category") or category_of_subject.get(subject, UNKNOWN_CATEGORY)
-            else:  # VMLU style: the id prefix is the subject
-                prefix = str(qid).split("-")[0]
-                subject, category = subjects.get(prefix, (prefix, UNKNOWN_CATEGORY))
-            seen.add(str(qid))
-            questions.append(Question(str(qid), str(subject), str(category), text.strip(), choices,
-                                      _answer(row.get("answer"), len(choices), where)))
+    for where, row in read_jsonl(path):
+        qid, text = unique_id(row, seen, where), row.get("question")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: 'question' must be a non-empty string")
+        choices = _choices(row.get("choices"), where)
+        if "subject" in row:  # MMLU style: the subject is named, its category looked up by name
+            subject = str(row["subject"])
+            category = row.get("category") or category_of_subject.get(subject, UNKNOWN_CATEGORY)
+        else:  # VMLU style: the id prefix is the subject
+            prefix = qid.split("-")[0]
+            subject, category = subjects.get(prefix, (prefix, UNKNOWN_CATEGORY))
+        questions.append(Question(qid, str(subject), str(category), text.strip(), choices,
+                                  _answer(row.get("answer"), len(choices), where)))
     if not questions:
         raise ValueError(f"{path}: no questions")
     return questions

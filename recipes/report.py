@@ -11,37 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-
-def _atomic_write(path: str | Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
-    os.close(handle)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    return _atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
-
-
-def write_json(path: str | Path, data) -> Path:
-    return write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
-
-
-def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
-    return write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+from qforge.recipes.files import atomic_write, write_json, write_text
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -79,7 +53,7 @@ def bar_chart(path: str | Path, labels: Sequence[str], series: dict[str, Sequenc
         axes.set_ylim(*ylim)
     axes.legend()
     figure.tight_layout()
-    _atomic_write(path, lambda temp: figure.savefig(temp, dpi=110, format="png"))
+    atomic_write(path, lambda temp: figure.savefig(temp, dpi=110, format="png"))
     plt.close(figure)
     return Path(path)
 

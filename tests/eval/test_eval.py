@@ -111,7 +111,7 @@ def test_endpoint_modes_read_scripted_replies(tmp_path, questions):
     expected = {q.id: (q.answer if int(q.id[-1]) % 2 == 0 else "A") for q in questions}
     with ChatServer(ScriptedBackend(reply, name="scripted"), port=0) as server:
         for mode in ("official", "think"):
-            overrides = [f"model.base_url={server.url}", "model.name=scripted", f"data.path={DATA}",
+            overrides = [f"model.base_url={server.url}", "model.model=scripted", f"data.path={DATA}",
                          f"data.limit={LIMIT}", f"output.dir={tmp_path / mode}", f"eval.mode={mode}"]
             report = run(load_config(EvalConfig, "recipes/configs/eval_endpoint.yaml", overrides))
             predictions = {json.loads(line)["id"]: json.loads(line)

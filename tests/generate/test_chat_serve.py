@@ -79,8 +79,10 @@ def test_open_endpoint_serves_a_checkpoint_and_caches_across_runs(checkpoint, ch
                                 chat_template_kwargs={"enable_thinking": False})
         assert reply.cached == (run == 1) and reply.content == direct.text.strip()
     assert urls[0] != urls[1] and urls[0].startswith("http://127.0.0.1:")
-    with pytest.raises(ValueError, match="exactly one of path"):
-        EndpointSettings(path=str(checkpoint), base_url="http://127.0.0.1:1/v1", model="x")
+    with pytest.raises(ValueError, match=r"exactly one of judge.endpoint.path .* or judge.endpoint.base_url"):
+        EndpointSettings(path=str(checkpoint), base_url="http://127.0.0.1:1/v1", model="x").check("judge.endpoint")
+    with pytest.raises(ValueError, match=r"candidate.model \(the model id"):
+        EndpointSettings(base_url="http://127.0.0.1:1/v1").check("candidate")
 
 
 def test_checkpoint_suppress_tokens_and_vocab_map_files_are_honoured(checkpoint, chat_model, tmp_path):
