@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_QWEN3, save_hf_qwen3
+from qwen3_fixtures import TINY_QWEN3, save_hf_qwen3
 
 from qforge.engine import load_model
 from qforge.engine.data import IGNORE_INDEX, pack

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import save_hf_qwen3
+from qwen3_fixtures import save_hf_qwen3
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 

@@ -1,7 +1,7 @@
 """qforge's Qwen3 against HF transformers' Qwen3ForCausalLM on the same weights (the oracle)."""
 import pytest
 import torch
-from conftest import save_hf_qwen3
+from qwen3_fixtures import save_hf_qwen3
 from transformers import AutoModelForCausalLM
 
 from qforge.engine import load_model

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import save_hf_qwen3
+from qwen3_fixtures import save_hf_qwen3
 from tokenizers import Tokenizer
 
 from qforge.engine.serve import ChatServer, ScriptedBackend

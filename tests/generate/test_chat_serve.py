@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import save_hf_qwen3
+from qwen3_fixtures import save_hf_qwen3
 
 from qforge.engine import load_model
 from qforge.engine.chat import ChatModel

