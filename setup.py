@@ -12,7 +12,7 @@ setup(
     version="0.1.0",
     description="Kernel-optimised full fine-tuning of Qwen3 models",
     python_requires=">=3.10",
-    packages=[f"qforge.{folder}" for folder in FOLDERS] + ["qforge.engine.data"],
+    packages=[f"qforge.{folder}" for folder in FOLDERS] + ["qforge.engine.data", "qforge.engine.train"],
     package_dir={f"qforge.{folder}": folder for folder in FOLDERS},
     package_data={"qforge.recipes": ["configs/*.yaml", "data/*"]},
     install_requires=[

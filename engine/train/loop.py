@@ -1,0 +1,251 @@
+"""The full fine-tuning loop: data → packed micro-batches → Σ w·CE / Σ w → AdamW → checkpoints → HF export.
+
+The loss of an optimizer step is normalised by the weight sum of the *whole* step (every micro-batch on every
+rank), so the update does not depend on how the step is split into micro-batches or ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from ..checkpoint import save_model
+from ..config_io import to_dict
+from ..data import ChatTemplate, pack
+from ..data.cache import load_examples
+from .config import FFTConfig
+from .loader import StepLoader
+from .metrics import MetricsLogger, measure_matmul_peak, plot_loss_curve, training_flops
+from .build import build_model, kept_vocabulary, resolve_tokenizer_dir
+from .optim import build_optimizer, build_scheduler
+from .parallel import Dist, full_state_dict, init_distributed, shard_model
+from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+
+log = logging.getLogger("qforge.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path | None
+    steps_done: int
+    interrupted: bool = False
+    skipped_steps: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def step_weight(micro_batches) -> float:
+    """Σ w of the supervised positions of this rank's micro-batches."""
+    return float(sum(mb.loss_weight[mb.labels != -100].double().sum() for mb in micro_batches))
+
+
+def train_step(model, micro_batches, dist_: Dist, loss_options: dict | None = None, autocast=contextlib.nullcontext):
+    """Forward/backward over this rank's micro-batches; returns (Σ w·CE, Σ w) of the whole global step.
+
+    Each micro-batch's gradient is scaled by world / global Σ w: FSDP averages gradients over ranks, so the
+    accumulated result is exactly ∇(Σ w·CE / Σ w) of the global step."""
+    global_weight = float(dist_.all_reduce_sum(step_weight(micro_batches)))
+    scale = dist_.world / max(global_weight, 1e-12)
+    loss_sum = 0.0
+    for i, batch in enumerate(micro_batches):
+        if dist_.enabled and hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        with autocast():
+            loss = model.loss(batch.to(dist_.device), **(loss_options or {}))
+        (loss * scale).backward()
+        loss_sum += float(loss.detach())
+    return float(dist_.all_reduce_sum(loss_sum)), global_weight
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, dist_: Dist, loss_options: dict | None = None,
+                  autocast=contextlib.nullcontext) -> float:
+    """Σ w·CE / Σ w over held-out batches; ranks take turns and run equally many forwards (FSDP needs that)."""
+    model.eval()
+    rounds = math.ceil(len(batches) / dist_.world)
+    loss_sum, weight_sum = 0.0, 0.0
+    for r in range(rounds):
+        index = r * dist_.world + dist_.rank
+        batch = batches[min(index, len(batches) - 1)].to(dist_.device)
+        with autocast():
+            loss = float(model.loss(batch, **(loss_options or {})))
+        if index < len(batches):
+            loss_sum += loss
+            weight_sum += step_weight([batch])
+    model.train()
+    return float(dist_.all_reduce_sum(loss_sum) / dist_.all_reduce_sum(weight_sum).clamp_min(1e-12))
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (then it checkpoints and stops)."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _precision(config: FFTConfig, dist_: Dist):
+    """(parameter dtype, FSDP compute dtype, autocast context) for train.precision."""
+    if config.train.precision == "fp32":
+        return torch.float32, None, contextlib.nullcontext
+    if config.train.precision == "bf16":
+        return torch.bfloat16, None, contextlib.nullcontext
+    if dist_.enabled:  # bf16-mixed under FSDP2: fp32 master weights, bf16 unsharded compute copies
+        return torch.float32, torch.bfloat16, contextlib.nullcontext
+    return torch.float32, None, lambda: torch.autocast(dist_.device.type, dtype=torch.bfloat16)
+
+
+def _load_data(config: FFTConfig, template: ChatTemplate, dist_: Dist):
+    """Tokenises once (rank 0 fills the cache, the others read it) and reports skipped rows."""
+    data = config.data
+    cache_dir = data.cache_dir or str(Path(config.output.dir) / "cache")
+    options = dict(format=data.format, on_error=data.on_error, enable_thinking=data.enable_thinking,
+                   multi_turn=data.multi_turn, train_on_reasoning=data.train_on_reasoning,
+                   loss_weighting=data.loss_weighting)
+
+    def load(paths):
+        loaded = []
+        for path in paths:
+            if dist_.is_main:
+                load_examples([path], template, cache_dir=cache_dir, progress=config.output.progress, **options)
+            dist_.barrier()
+            examples, summary = load_examples([path], template, cache_dir=cache_dir, progress=False, **options)
+            if dist_.is_main:
+                log.info("%s: %s", path, summary)
+            loaded.append(examples)
+        return loaded
+
+    return load(data.train), [e for examples in load(data.eval) for e in examples]
+
+
+def train(config: FFTConfig) -> TrainResult:
+    dist_ = init_distributed(config.train.device)
+    out = Path(config.output.dir)
+    if dist_.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
+    torch.manual_seed(config.train.seed)
+    np.random.seed(config.train.seed)
+
+    tokenizer_dir = resolve_tokenizer_dir(config.model)
+    template = ChatTemplate.from_pretrained(tokenizer_dir)
+    datasets, eval_examples = _load_data(config, template, dist_)
+    param_dtype, compute_dtype, autocast = _precision(config, dist_)
+    model = build_model(config.model, param_dtype, dist_.device)
+    vocab_index = kept_vocabulary(config.vocab, datasets + [eval_examples], template, model.config.vocab_size,
+                                  dist_.device)
+    loss_options = {"vocab_index": vocab_index, "ignore_unkept_labels": config.vocab.drop_unkept_labels}
+    model.activation_checkpointing = config.train.activation_checkpointing
+    if dist_.enabled:
+        shard_model(model, compute_dtype)
+    model.train()
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.train.max_steps, config.optim)
+    loader = StepLoader(datasets, config.data.weights, config.data.max_tokens, seed=config.train.seed,
+                        grad_accum=config.train.grad_accum, rank=dist_.rank, world=dist_.world,
+                        overlong=config.data.overlong)
+    eval_batches = pack(eval_examples, config.data.max_tokens, seed=0) if eval_examples else None
+
+    step, counters = 0, {"skipped_steps": 0, "nonfinite_in_a_row": 0}
+    resume = latest_checkpoint(out) if config.train.resume == "auto" else config.train.resume
+    if resume:
+        meta = load_checkpoint(resume, model, optimizer, scheduler, dist_)
+        step, counters = meta["step"], meta["counters"]
+        loader.load_state_dict(meta["loader"])
+        log.info("resumed from %s at step %d", resume, step)
+
+    output_rows = model.config.vocab_size if vocab_index is None else len(vocab_index)
+    peak = measure_matmul_peak(dist_.device, param_dtype if compute_dtype is None else compute_dtype)
+    logger = MetricsLogger(out, config.train.max_steps, step, enabled=dist_.is_main,
+                           progress=config.output.progress, tensorboard=config.output.tensorboard)
+    result = TrainResult(out, None, step)
+
+    def checkpoint(at_step):
+        save_checkpoint(out, at_step, model, optimizer, scheduler, loader.state_dict(), counters, dist_,
+                        config.train.keep_last)
+
+    with StopSignal() as stop:
+        while step < config.train.max_steps:
+            started = time.perf_counter()
+            micro_batches = loader.next_step()
+            loss_sum, weight = train_step(model, micro_batches, dist_, loss_options, autocast)
+            clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            loss = loss_sum / max(weight, 1e-12)
+            lr = scheduler.get_last_lr()[0]
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                optimizer.step()
+                counters["nonfinite_in_a_row"] = 0
+            else:
+                counters["skipped_steps"] += 1
+                counters["nonfinite_in_a_row"] += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            if counters["nonfinite_in_a_row"] >= config.train.max_nonfinite_steps:
+                logger.close()
+                raise NonFiniteLossError(
+                    f"step {step}: loss or gradient norm was non-finite for {counters['nonfinite_in_a_row']} steps "
+                    f"in a row (loss={loss}, grad_norm={grad_norm}); lower optim.lr, check the data, or raise "
+                    f"train.max_nonfinite_steps")
+
+            if dist_.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - started
+            tokens = float(dist_.all_reduce_sum(sum(mb.num_tokens for mb in micro_batches)))
+            lengths = [int(n) for mb in micro_batches for n in (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1])]
+            flops = float(dist_.all_reduce_sum(training_flops(model.config, sum(mb.num_tokens for mb in micro_batches),
+                                                              lengths, output_rows)))
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
+                      "tokens_per_s": tokens / elapsed, "mfu": flops / (elapsed * peak * dist_.world),
+                      "epoch": loader.epoch, "skipped_steps": counters["skipped_steps"]}
+            logger.log(record)
+            result.losses.append(loss)
+            if eval_batches and config.train.eval_every and step % config.train.eval_every == 0:
+                logger.log({"step": step, "eval_loss": evaluate_loss(model, eval_batches, dist_, loss_options,
+                                                                     autocast)})
+            stop_now = float(dist_.all_reduce_sum(1.0 if stop.received else 0.0)) > 0
+            if stop_now or (config.train.save_every and step % config.train.save_every == 0):
+                checkpoint(step)
+            if stop_now:
+                result.interrupted = True
+                break
+
+    result.steps_done, result.skipped_steps = step, counters["skipped_steps"]
+    if not result.interrupted:
+        if latest_checkpoint(out) is None or latest_checkpoint(out).name != f"step-{step}":
+            checkpoint(step)
+        if eval_batches:
+            logger.log({"step": step, "eval_loss": evaluate_loss(model, eval_batches, dist_, loss_options, autocast)})
+        state = full_state_dict(model) if dist_.enabled else None
+        if dist_.is_main:
+            result.final_dir = save_model(model, out / "final", tokenizer_dir=tokenizer_dir, state_dict=state)
+            plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
+        dist_.barrier()
+    logger.close()
+    return result

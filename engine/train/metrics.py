@@ -1,0 +1,103 @@
+"""What a run reports: a progress bar, metrics.jsonl, TensorBoard (when installed), a loss-curve PNG, MFU."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None, seconds: float = 0.5) -> float:
+    """The device's achievable matmul FLOP/s, measured (the denominator of MFU; no vendor datasheet figure)."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.matmul(a, b)  # warm-up
+    _sync(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or count < 3:
+        torch.matmul(a, b)
+        count += 1
+    _sync(device)
+    return 2 * size ** 3 * count / (time.perf_counter() - start)
+
+
+def training_flops(config, num_tokens: int, seq_lengths, output_rows: int) -> float:
+    """Forward+backward FLOPs of a packed batch: 6 × (matmul params) per token, plus causal attention
+    (QKᵀ and PV, 4·Hq·D per query-key pair, halved by the mask, ×3 for backward) per sequence."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    q_dim, kv_dim = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    per_layer = h * (2 * q_dim + 2 * kv_dim) + 3 * h * config.intermediate_size
+    matmul_params = layers * per_layer + output_rows * h
+    attention = sum(int(n) ** 2 for n in seq_lengths) * layers * 6 * q_dim  # 3 × (4·q_dim·n²/2)
+    return 6 * matmul_params * num_tokens + attention
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str | Path, max_steps: int, start_step: int, *, enabled: bool, progress: bool,
+                 tensorboard: bool):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.bar = tqdm(total=max_steps, initial=start_step, disable=not (enabled and progress), unit="step",
+                        dynamic_ncols=True)
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            except ImportError:
+                pass
+
+    def log(self, record: dict):
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+        if "loss" in record:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 gnorm=f"{record['grad_norm']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                 mfu=f"{100 * record['mfu']:.1f}%")
+        else:
+            self.bar.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def close(self):
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+    """Train (and eval) loss against step, from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (Σ w·CE / Σ w)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return Path(out_path)
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

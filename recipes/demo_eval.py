@@ -1,0 +1,76 @@
+"""Before/after evaluation of a fine-tuning run: held-out loss and greedy exact-match accuracy.
+
+Rows of `evaluate.data` are chat conversations whose last message is the reference assistant answer and whose
+top-level `answer` is the checkable final result (e.g. the demo's Vietnamese arithmetic problems). The model
+answers each prompt greedily with the engine's KV-cache generation; the number after the last "Đáp án:" must
+equal `answer`. When training restricts the output vocabulary, the loss is over the kept rows and generation
+suppresses every other token, so both numbers measure the model that training shapes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from qforge.engine import generate, load_model
+from qforge.engine.data import ChatTemplate, pack
+from qforge.engine.data.cache import load_examples
+from qforge.engine.train import FFTConfig, evaluate_loss
+from qforge.engine.train.build import build_model, kept_vocabulary, resolve_tokenizer_dir
+from qforge.engine.train.parallel import Dist
+from qforge.recipes.make_demo_data import extract_answer
+
+
+def _read_rows(path: str) -> list[dict]:
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            row = json.loads(line)
+            if "answer" not in row or "messages" not in row:
+                raise ValueError(f"{path}:{number}: evaluate.data rows need 'messages' and a checkable 'answer'")
+            rows.append(row)
+    return rows
+
+
+def evaluate_checkpoint(config: FFTConfig, trained: bool, batch_size: int = 32) -> dict:
+    """Scores the run's starting model (trained=False) or its reloaded `output.dir/final` (trained=True)."""
+    tokenizer_dir = resolve_tokenizer_dir(config.model)
+    template = ChatTemplate.from_pretrained(tokenizer_dir)
+    cache_dir = config.data.cache_dir or str(Path(config.output.dir) / "cache")
+    options = dict(enable_thinking=config.evaluate.enable_thinking, progress=False, cache_dir=cache_dir)
+    train_sets = [load_examples([p], template, **options)[0] for p in config.data.train]
+    held_out, _ = load_examples([config.evaluate.data], template, **options)
+    device = torch.device("cpu")
+    if trained:
+        model = load_model(Path(config.output.dir) / "final", dtype=torch.float32)
+    else:
+        model = build_model(config.model, torch.float32, device)
+    kept = kept_vocabulary(config.vocab, train_sets + [held_out], template, model.config.vocab_size, device)
+    loss = evaluate_loss(model, pack(held_out, config.data.max_tokens, seed=0), Dist(), {"vocab_index": kept})
+
+    rows = _read_rows(config.evaluate.data)
+    prompts = [template.encode_prompt(row["messages"][:-1], enable_thinking=config.evaluate.enable_thinking)
+               for row in rows]
+    suppress = [] if kept is None else sorted(set(range(model.config.vocab_size)) - set(kept.tolist()))
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        outputs += generate(model, prompts[start:start + batch_size], max_new_tokens=config.evaluate.max_new_tokens,
+                            stop_ids=[template.eos_id], suppress_ids=suppress)
+    texts = [template.tokenizer.decode(ids, skip_special_tokens=False) for ids in outputs]
+    correct = [extract_answer(text.split("</think>")[-1]) == str(row["answer"]) for text, row in zip(texts, rows)]
+    return {"model": "trained" if trained else "initial", "held_out_loss": loss,
+            "exact_match": sum(correct) / len(rows), "num_questions": len(rows),
+            "samples": [{"question": row["messages"][-2]["content"], "output": text, "gold": row["answer"]}
+                        for row, text in list(zip(rows, texts))[:3]]}
+
+
+def print_before_after(before: dict, after: dict, out_path: str | Path) -> None:
+    print("\n=== evaluation on held-out problems ===")
+    print(f"{'':24s}{'before':>12s}{'after':>12s}")
+    print(f"{'held-out loss':24s}{before['held_out_loss']:12.4f}{after['held_out_loss']:12.4f}")
+    print(f"{'exact-match accuracy':24s}{before['exact_match']:12.1%}{after['exact_match']:12.1%}")
+    print(f"({after['num_questions']} questions, greedy decoding)")
+    for sample in after["samples"][:2]:
+        print(f"\nQ: {sample['question']}\nmodel: {sample['output'].strip()}\ngold: {sample['gold']}")
+    Path(out_path).write_text(json.dumps({"before": before, "after": after}, indent=2, ensure_ascii=False))

@@ -1,0 +1,161 @@
+"""The FFT loop: split invariance, exact resume, signals, atomic checkpoints, non-finite steps, HF export."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_run import REPO, tiny_overrides, tiny_run_files  # noqa: F401 (fixture)
+from transformers import AutoModelForCausalLM
+
+from qforge.engine import load_model
+from qforge.engine.config_io import ConfigKeyError, load_config
+from qforge.engine.data import pack
+from qforge.engine.data.cache import load_examples
+from qforge.engine.data import ChatTemplate
+from qforge.engine.train import FFTConfig, NonFiniteLossError, train, train_step
+from qforge.engine.train import state as train_state
+from qforge.engine.train.build import build_model, resolve_tokenizer_dir
+from qforge.engine.train.optim import build_optimizer
+from qforge.engine.train.parallel import Dist
+
+
+def _config(files, out, **extra) -> FFTConfig:
+    return load_config(FFTConfig, None, tiny_overrides(files, out, **extra))
+
+
+def _losses(out: Path) -> list[float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+
+
+def _step_once(files, batch_token_budget: int, examples, model_seed=0):
+    """One optimizer step over the same 8 examples packed under a given micro-batch budget."""
+    config = _config(files, "unused")
+    torch.manual_seed(model_seed)
+    model = build_model(config.model, torch.float32, torch.device("cpu"))
+    optimizer = build_optimizer(model, config.optim)
+    batches = list(pack(examples, batch_token_budget, seed=0))
+    train_step(model, batches, Dist())
+    optimizer.step()
+    return model, len(batches)
+
+
+def test_update_does_not_depend_on_micro_batch_split(tiny_run_files):
+    config = _config(tiny_run_files, "unused", **{"data.loss_weighting": "sqrt"})
+    template = ChatTemplate.from_pretrained(resolve_tokenizer_dir(config.model))
+    examples, _ = load_examples([tiny_run_files["train"]], template, cache_dir=tiny_run_files["cache"],
+                                loss_weighting="sqrt", progress=False)
+    examples = examples[:8]
+    longest = max(len(e) for e in examples)
+    one, n_one = _step_once(tiny_run_files, 8 * longest, examples)
+    eight, n_eight = _step_once(tiny_run_files, longest, examples)
+    assert (n_one, n_eight) == (1, 8)
+    for (name, a), (_, b) in zip(one.named_parameters(), eight.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+def test_resume_reproduces_uninterrupted_losses_bitwise(tiny_run_files, tmp_path):
+    full = train(_config(tiny_run_files, tmp_path / "full", **{"train.max_steps": 8, "train.save_every": 3,
+                                                                "train.keep_last": 5}))
+    assert sorted(p.name for p in (tmp_path / "full/checkpoints").iterdir()) == ["step-3", "step-6", "step-8"]
+    resumed_out = tmp_path / "resumed"
+    resumed = train(_config(tiny_run_files, resumed_out, **{"train.max_steps": 8,
+                                                             "train.resume": str(tmp_path / "full/checkpoints/step-3")}))
+    assert resumed.losses == full.losses[3:]  # exact float equality: fp32 on CPU is deterministic
+    final_a = load_model(tmp_path / "full/final", dtype=torch.float32)
+    final_b = load_model(resumed_out / "final", dtype=torch.float32)
+    for (name, a), (_, b) in zip(final_a.named_parameters(), final_b.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_final_export_loads_in_transformers(tiny_run_files, tmp_path):
+    result = train(_config(tiny_run_files, tmp_path, **{"train.max_steps": 2}))
+    ours = load_model(result.final_dir, dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(result.final_dir, dtype=torch.float32)
+    ids = torch.randint(0, 1000, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=1e-5)
+    assert (result.final_dir / "tokenizer.json").is_file()
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(records[0])
+    assert any("eval_loss" in r for r in records) is False  # no data.eval configured
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tiny_run_files, tmp_path, monkeypatch):
+    train(_config(tiny_run_files, tmp_path, **{"train.max_steps": 2, "train.save_every": 2}))
+    real_save = train_state.dcp.save
+
+    def crash_midway(state, checkpoint_id):
+        real_save(state, checkpoint_id=checkpoint_id)  # shard files written, then the process "dies"
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(train_state.dcp, "save", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tiny_run_files, tmp_path, **{"train.max_steps": 4, "train.save_every": 2,
+                                                   "train.resume": "auto"}))
+    monkeypatch.undo()
+    assert train_state.latest_checkpoint(tmp_path).name == "step-2"
+    resumed = train(_config(tiny_run_files, tmp_path, **{"train.max_steps": 4, "train.resume": "auto"}))
+    assert resumed.steps_done == 4 and len(resumed.losses) == 2
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tiny_run_files, tmp_path, monkeypatch):
+    from qforge.engine.model import Qwen3
+    real_loss = Qwen3.loss
+    calls = {"n": 0}
+
+    def sometimes_nan(self, batch, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(self, batch, **kwargs)
+        return loss * float("nan") if calls["n"] in (2, 4, 5, 6) else loss
+
+    monkeypatch.setattr(Qwen3, "loss", sometimes_nan)
+    with pytest.raises(NonFiniteLossError, match="non-finite for 3 steps in a row"):
+        train(_config(tiny_run_files, tmp_path, **{"train.max_steps": 10}))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1, 2, 3]
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_run_files, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, str(REPO / "recipes/fft.py"), "--config", str(REPO / "recipes/configs/demo.yaml"),
+            *tiny_overrides(tiny_run_files, out, **{"train.max_steps": 10000, "evaluate.data": "null",
+                                                     "data.eval": "[]"})]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file()
+                                           and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "Resume with train.resume=auto" in stderr
+    checkpoint = train_state.latest_checkpoint(out)
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    assert meta["step"] == len(_losses(out)) >= 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_step=3", "unknown key 'train.max_step'; did you mean 'train.max_steps'?"),
+    ("optim.lr=fast", "'optim.lr' must be float, got 'fast'"),
+    ("train.precision=fp8", "'train.precision' must be one of"),
+    ("data.weights=[1.0, 2.0]", "data.weights has 2 entries for 1 data.train files"),
+])
+def test_config_errors_name_the_key(tiny_run_files, tmp_path, override, message):
+    with pytest.raises(ConfigKeyError, match=message.replace("[", r"\[").replace("?", r"\?")):
+        load_config(FFTConfig, None, tiny_overrides(tiny_run_files, tmp_path) + [override])
+
+
+def test_recipe_reports_config_errors_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  config: x.json\n  tokenizer: qwen3\ndata:\n  train: [a.jsonl]\ntrian:\n  max_steps: 3\n")
+    proc = subprocess.run([sys.executable, str(REPO / "recipes/fft.py"), "--config", str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown key 'trian'; did you mean 'train'?" in proc.stderr and "Traceback" not in proc.stderr
