@@ -96,6 +96,7 @@ class ClientSettings:
     max_retries: int = 4
     concurrency: int = 4
     cache_dir: str | None = None  # replies cached here make an interrupted run resume
+    requests_per_minute: float | None = None  # spaces requests out to stay under an API's rate limit
 
 
 class ChatClient:
@@ -109,7 +110,7 @@ class ChatClient:
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, api_key_env: str | None = None,
                  timeout: float = 120.0, max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0,
                  concurrency: int = 4, cache_dir: str | os.PathLike | None = None, params: dict | None = None,
-                 cache_namespace: str | None = None):
+                 cache_namespace: str | None = None, requests_per_minute: float | None = None):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if api_key is None and api_key_env:
@@ -129,6 +130,8 @@ class ChatClient:
         self._api_key = api_key
         self._slots = threading.BoundedSemaphore(concurrency)
         self._lock = threading.Lock()
+        self._interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
+        self._next_send = 0.0
         self.stats = {"requests": 0, "cache_hits": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
     def chat(self, messages: Sequence[dict], *, cache_tag: str | None = None, **params: Any) -> ChatReply:
@@ -187,10 +190,21 @@ class ChatClient:
             for name, amount in amounts.items():
                 self.stats[name] += amount
 
+    def _wait_for_rate_limit(self) -> None:
+        """Sends (retries included) start at least 60/requests_per_minute seconds apart; cache hits are free."""
+        if not self._interval:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next_send)
+            self._next_send = start + self._interval
+        time.sleep(start - now)
+
     def _post_with_retries(self, path: str, body: dict) -> dict:
         for attempt in range(self.max_retries + 1):
             try:
                 with self._slots:
+                    self._wait_for_rate_limit()
                     response = self._request("POST", path, body)
                 ChatReply.from_response(response)  # a malformed 200 is retried like a transient failure
                 return response
