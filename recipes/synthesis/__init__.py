@@ -1,0 +1,1 @@
+"""Building blocks of the synthesis and curation recipes (recipes/synth.py, recipes/curate.py)."""

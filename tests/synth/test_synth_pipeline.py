@@ -1,0 +1,193 @@
+"""recipes/synth.py end to end against the local server on 127.0.0.1 with a scripted model.
+
+The scripted model is steered by markers in the task instructions, so every filter fires on a known row;
+the tests check the kept rows, every drop reason per task, the report's arithmetic, and resume.
+"""
+import json
+import threading
+from collections import Counter
+
+import pytest
+import yaml
+
+from qforge.engine.data.formats import read_conversations
+from qforge.engine.serve import ChatServer, RequestError, ScriptedBackend
+from qforge.recipes.synth import main
+
+SYLLABUS = {"Tiểu học": {"Lớp 3": {"Toán": ["Phép cộng", "Phép nhân"], "Tiếng Việt": ["Kể chuyện"]}}}
+TASKS = {"tasks": [
+    {"name": "math", "instructions": "#math bài toán có đáp số", "count": 3, "subjects": ["Toán"],
+     "answer_check": "numeric", "samples": 3, "keep": 1},
+    {"name": "explain", "instructions": "#explain giải thích", "count": 2, "subjects": ["Tiếng Việt"]},
+    {"name": "flaky", "instructions": "#flaky viết đoạn văn", "count": 1, "subjects": ["Tiếng Việt"]},
+    {"name": "broken", "instructions": "#broken", "count": 2, "subjects": ["Tiếng Việt"]},
+    {"name": "refused", "instructions": "#refused", "count": 1, "subjects": ["Tiếng Việt"]},
+]}
+APPLES = "An có 3 quả táo, mẹ cho An thêm 4 quả táo nữa. Hỏi An có tất cả bao nhiêu quả táo?"
+QUESTIONS = {  # (task marker, topic) -> question list reply
+    ("#math", "Phép cộng"): [{"question": APPLES, "answer": "7"},
+                             {"question": "How many apples does An have in total?", "answer": 7},
+                             {"question": APPLES.replace("Hỏi", "Vậy hỏi"), "answer": "7 quả"}],
+    ("#math", "Phép nhân"): [{"question": "Tính 12 × 3 bằng bao nhiêu? 这是", "answer": "36"},
+                             {"question": "Mỗi hộp có 12 cái bút. Hỏi 3 hộp có bao nhiêu cái bút?", "answer": "36"}],
+    ("#explain", "Kể chuyện"): [{"question": "Vì sao khi kể chuyện cần có mở đầu, diễn biến và kết thúc?"},
+                               {"question": "Hãy giải thích thế nào là kể chuyện theo tranh."}],
+    ("#flaky", "Kể chuyện"): [{"question": "Em hãy viết một đoạn văn ngắn kể về người bạn thân của em."}],
+}
+RESPONSES = {  # question -> replies in turn (samples of one question arrive in any order: same multiset)
+    APPLES: ["An có 3 + 4 = 8 quả. Đáp án: 8", "Ta có 3 + 4 = 7. Đáp án: 7", "3 + 4 = 7 nên Đáp án: 7"],
+    "Mỗi hộp có 12 cái bút. Hỏi 3 hộp có bao nhiêu cái bút?":
+        ["Ba hộp có rất nhiều bút.", "Số bút là 12 × 3 = 36 cái. Đáp án: 36", "Đáp án: 36"],
+    "Vì sao khi kể chuyện cần có mở đầu, diễn biến và kết thúc?":
+        ["Vì câu chuyện có bố cục rõ ràng thì người nghe dễ theo dõi và hiểu được nội dung."],
+    "Hãy giải thích thế nào là kể chuyện theo tranh.": ["Kể chuyện theo tranh là nhìn tranh rồi kể lại. " * 20],
+    "Em hãy viết một đoạn văn ngắn kể về người bạn thân của em.":
+        ["Bạn thân của em tên là Lan. Lan học rất giỏi và luôn giúp đỡ mọi người."],
+}
+REASONING = {  # a word of the response -> the reconstructed thinking
+    "Đáp án: 7": "Okay, An has 3 apples and gets 4 more, so 3 + 4 = 7. The answer is 7.",
+    "Đáp án: 36": "Okay, 12 pens per box, 3 boxes: 12 × 3 = 35. So 35 pens.",  # contradicts the answer
+    "bố cục": "Được rồi, câu hỏi về bố cục của một câu chuyện, cần nêu lợi ích cho người nghe.",
+    "Lan": "Okay, I need a short paragraph about a friend; 好的 let me write about Lan.",  # CJK in reasoning
+}
+RETRY_MARK = "Câu trả lời trước không dùng được"
+
+
+class ScriptedWriter:
+    """The scripted model behind every stage; counts the requests it answered."""
+
+    def __init__(self):
+        self.calls = Counter()
+        self.turns = Counter()
+        self.lock = threading.Lock()
+
+    def __call__(self, request):
+        messages = request.messages
+        prompt = messages[-1]["content"]
+        if RETRY_MARK in prompt:
+            original = messages[-3]["content"]
+            return self.reply("retry", "Vẫn chưa phải JSON." if "#broken" in original else self.questions(original))
+        if prompt.startswith("Soạn"):
+            if "#refused" in prompt:
+                raise RequestError("refused by policy", 400)
+            if "#broken" in prompt or "#flaky" in prompt:
+                return self.reply("questions", "Đây là các câu hỏi: 1. ... 2. ...")  # not JSON
+            return self.reply("questions", self.questions(prompt))
+        if prompt.startswith("[Question]"):
+            return self.reply("reasoning", next(v for k, v in REASONING.items() if k in prompt))
+        with self.lock:
+            turn = self.turns[prompt]
+            self.turns[prompt] += 1
+        return self.reply("responses", RESPONSES[prompt][turn % len(RESPONSES[prompt])])
+
+    def questions(self, prompt):
+        key = next(k for k in QUESTIONS if k[0] in prompt and f'"{k[1]}"' in prompt)
+        return json.dumps(QUESTIONS[key], ensure_ascii=False)
+
+    def reply(self, stage, text):
+        with self.lock:
+            self.calls[stage] += 1
+        return text
+
+
+@pytest.fixture
+def scripted():
+    writer = ScriptedWriter()
+    with ChatServer(ScriptedBackend(writer, name="scripted-writer"), port=0) as server:
+        yield writer, server.url
+
+
+def run_synth(tmp_path, url, *overrides):
+    syllabus, tasks = tmp_path / "syllabus.yaml", tmp_path / "tasks.yaml"
+    syllabus.write_text(yaml.safe_dump(SYLLABUS, allow_unicode=True), encoding="utf-8")
+    tasks.write_text(yaml.safe_dump(TASKS, allow_unicode=True), encoding="utf-8")
+    backend = f"{{name: local, endpoint: {{base_url: '{url}', model: scripted-writer}}, cache_namespace: test, " \
+              f"price_per_million: {{prompt: 1.0, completion: 2.0}}}}"
+    main(["--config", "recipes/configs/synth.yaml", f"syllabus={syllabus}", f"tasks={tasks}",
+          f"output.dir={tmp_path / 'out'}", f"backends=[{backend}]", "filters.response.max_chars=300",
+          "client.max_retries=0", *overrides])
+    out = tmp_path / "out"
+    rows = [json.loads(line) for line in (out / "data.jsonl").read_text(encoding="utf-8").splitlines()]
+    return rows, json.loads((out / "report.json").read_text(encoding="utf-8")), out
+
+
+EXPECTED = {
+    "math": {"kept": 1, "dropped": 17, "reasons": {
+        "question_not_vietnamese": 3, "question_near_duplicate": 3, "question_cjk": 3, "question_list_short": 3,
+        "wrong_answer": 1, "no_final_answer": 1, "surplus_sample": 2, "reasoning_answer_mismatch": 1}},
+    "explain": {"kept": 1, "dropped": 1, "reasons": {"response_too_long": 1}},
+    "flaky": {"kept": 0, "dropped": 1, "reasons": {"reasoning_cjk": 1}},
+    "broken": {"kept": 0, "dropped": 2, "reasons": {"question_list_malformed": 2}},
+    "refused": {"kept": 0, "dropped": 1, "reasons": {"question_list_request_failed": 1}},
+}
+
+
+def test_pipeline_keeps_and_drops_every_row_for_its_reason(tmp_path, scripted):
+    writer, url = scripted
+    rows, report, out = run_synth(tmp_path, url)
+
+    counts = report["counts"]
+    assert {task: counts[task] for task in EXPECTED} == EXPECTED
+    for task, requested in report["requested_samples"].items():  # the bookkeeping adds up
+        assert counts[task]["kept"] + counts[task]["dropped"] == requested
+    assert counts["ALL"]["kept"] == 2 and counts["ALL"]["dropped"] == 22
+
+    by_task = {row["task"]: row for row in rows}
+    math = by_task["math"]
+    assert math["messages"][0] == {"role": "user", "content": APPLES}
+    assert math["messages"][1]["content"].endswith("Đáp án: 7")
+    assert math["messages"][1]["reasoning_content"] == REASONING["Đáp án: 7"]
+    assert math["reference_answer"] == "7"
+    assert math["topic"] == {"level": "Tiểu học", "grade": "Lớp 3", "subject": "Toán", "topic": "Phép cộng"}
+    assert math["provenance"] == {
+        stage: {"backend": "local", "model": "scripted-writer", "prompt_version": version}
+        for stage, version in (("questions", "q-v1"), ("responses", "r-v1"), ("reasoning", "t-v1"))}
+    assert by_task["explain"]["messages"][0]["content"].startswith("Vì sao")
+    # the output is training data as the FFT recipe reads it
+    parsed = list(read_conversations(out / "data.jsonl"))
+    assert len(parsed) == 2 and all(isinstance(messages, list) for _, messages in parsed)
+
+    # the malformed flaky list was re-asked once with the error, the broken one retries+1 times in all
+    assert writer.calls["retry"] == 1 + 2
+    drops = [json.loads(line) for line in (out / "drops.jsonl").read_text(encoding="utf-8").splitlines()]
+    broken = next(d for d in drops if d["task"] == "broken")
+    assert broken["reason"] == "question_list_malformed" and "not JSON" in broken["detail"]
+    near = next(d for d in drops if d["reason"] == "question_near_duplicate")
+    assert near["detail"].startswith("of math-") and near["id"].endswith("-q2")
+
+    usage = report["usage"]
+    assert usage["responses"]["replies"] == 3 + 3 + 2 + 1  # two math questions × 3 samples, 2 explain, 1 flaky
+    assert usage["reasoning"]["replies"] == 4
+    tokens = sum(u["prompt_tokens"] * 1.0 + u["completion_tokens"] * 2.0 for u in usage.values())
+    assert report["total_cost"] == pytest.approx(tokens / 1e6) and tokens > 0
+    assert "| math | 1 | 17 |" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_rerun_resumes_from_stage_files_and_the_reply_cache(tmp_path, scripted):
+    writer, url = scripted
+    first, _, out = run_synth(tmp_path, url)
+    sent = sum(writer.calls.values())
+
+    again, report, _ = run_synth(tmp_path, url)  # finished stages are reused: nothing is sent
+    assert again == first and sum(writer.calls.values()) == sent
+    assert all(u["reused_stored_output"] for u in report["usage"].values())
+
+    (out / "stages" / "reasoning.meta.json").unlink()  # as if the run died before saving the stage
+    again, report, _ = run_synth(tmp_path, url)
+    assert again == first and sum(writer.calls.values()) == sent  # every reply came from the cache
+    assert report["usage"]["reasoning"]["cache_hits"] == 4 and report["usage"]["reasoning"]["requests_sent"] == 0
+
+    changed, report, _ = run_synth(tmp_path, url, "stages.reasoning.prompt_version=t-v2",
+                                   "stages.reasoning.user='[Question]\n{question}\n\n[Answer]\n{response}'")
+    assert sum(writer.calls.values()) == sent + 4 and writer.calls["reasoning"] == 8  # only reasoning reran
+    assert report["usage"]["questions"]["reused_stored_output"] and report["usage"]["responses"]["reused_stored_output"]
+    assert {row["provenance"]["reasoning"]["prompt_version"] for row in changed} == {"t-v2"}
+    assert [row["messages"][0] for row in changed] == [row["messages"][0] for row in first]
+
+
+def test_config_errors_name_the_key(tmp_path, scripted):
+    _, url = scripted
+    with pytest.raises(SystemExit, match="stages.responses.user uses unknown placeholders"):
+        run_synth(tmp_path, url, "stages.responses.user='{question} {answer}'")
+    with pytest.raises(SystemExit, match="stages.reasoning.backend 'api' is not one of backends"):
+        run_synth(tmp_path, url, "stages.reasoning.backend=api")
