@@ -214,7 +214,8 @@ class Pipeline:
                     drops.append(_drop("responses", sample_id, task, verdict.reason or f"response_{duplicate[0]}",
                                        f"of {duplicate[1]}" if duplicate else ""))
                     continue
-                provenance = {"questions": question["provenance"], "responses": self.provenance("responses", answer.model)}
+                provenance = {"questions": question["provenance"],
+                              "responses": self.provenance("responses", answer.model)}
                 rows.append({**question, "id": sample_id, "question_id": question["id"], "response": answer.value,
                              "provenance": provenance})
         return StageResult(rows, drops, usage)

@@ -23,7 +23,8 @@ def _readings(literal: str) -> set[float]:
         decimal = "." if literal.rfind(".") > literal.rfind(",") else ","
         thousands = "," if decimal == "." else "."
         return {float(literal.replace(thousands, "").replace(decimal, "."))}
-    values = {float(literal.replace(".", "").replace(",", ""))} if re.fullmatch(r"\d{1,3}([.,]\d{3})+", literal) else set()
+    grouped = re.fullmatch(r"\d{1,3}([.,]\d{3})+", literal)  # 1.000 / 1,000: thousands (vi / en)
+    values = {float(literal.replace(".", "").replace(",", ""))} if grouped else set()
     if literal.count(".") + literal.count(",") == 1:
         values.add(float(literal.replace(",", ".")))
     if not values and re.fullmatch(r"\d+", literal):

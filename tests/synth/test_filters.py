@@ -97,12 +97,12 @@ def test_exact_and_near_duplicates():
     assert dedup.check("a", APPLES) is None
     assert dedup.check("b", "  an CÓ 3 quả táo; mẹ cho An thêm 4 quả táo nữa... Hỏi An có tất cả bao nhiêu quả táo") \
         == ("exact_duplicate", "a")  # case, spacing and punctuation do not make a text new
-    assert dedup.check("c", APPLES.replace("Hỏi", "Vậy hỏi")) == ("near_duplicate", "a")
-    assert dedup.check("d", "Bình có 5 cái kẹo, chị cho Bình thêm 2 cái kẹo nữa. Hỏi Bình có tất cả bao nhiêu cái kẹo?") \
-        is None  # same template, other entities: kept
+    assert dedup.check("c", APPLES.replace("táo?", "táo vậy?")) == ("near_duplicate", "a")
+    other_entities = "Bình có 5 cái kẹo, chị cho Bình thêm 2 cái kẹo nữa. Hỏi Bình có tất cả bao nhiêu cái kẹo?"
+    assert dedup.check("d", other_entities) is None  # same template, other entities: kept
     assert dedup.check("e", "Trái Đất quay quanh Mặt Trời mất khoảng 365 ngày.") is None
     exact_only = Deduplicator(near_threshold=None)
-    assert exact_only.check("a", APPLES) is None and exact_only.check("c", APPLES.replace("Hỏi", "Vậy hỏi")) is None
+    assert exact_only.check("a", APPLES) is None and exact_only.check("c", APPLES.replace("táo?", "táo vậy?")) is None
 
 
 def test_minhash_estimates_jaccard():

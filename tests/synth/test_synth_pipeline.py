@@ -27,7 +27,7 @@ APPLES = "An có 3 quả táo, mẹ cho An thêm 4 quả táo nữa. Hỏi An c�
 QUESTIONS = {  # (task marker, topic) -> question list reply
     ("#math", "Phép cộng"): [{"question": APPLES, "answer": "7"},
                              {"question": "How many apples does An have in total?", "answer": 7},
-                             {"question": APPLES.replace("Hỏi", "Vậy hỏi"), "answer": "7 quả"}],
+                             {"question": APPLES.replace("táo?", "táo vậy?"), "answer": "7 quả"}],
     ("#math", "Phép nhân"): [{"question": "Tính 12 × 3 bằng bao nhiêu? 这是", "answer": "36"},
                              {"question": "Mỗi hộp có 12 cái bút. Hỏi 3 hộp có bao nhiêu cái bút?", "answer": "36"}],
     ("#explain", "Kể chuyện"): [{"question": "Vì sao khi kể chuyện cần có mở đầu, diễn biến và kết thúc?"},
