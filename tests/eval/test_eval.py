@@ -61,31 +61,51 @@ def check_against(report, predictions, questions, expected):
         assert report["subjects"][subject]["correct"] == sum(expected[q.id] == q.answer for q in members)
 
 
+@pytest.fixture(scope="module")
+def hf_tokenizer(checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoint)
+
+
+def oracle_prompt(hf_tokenizer, question, chat_template):
+    """The prompt text as transformers renders it (the chat template from tokenizer_config.json)."""
+    if not chat_template:
+        return official_prompt(question)
+    return hf_tokenizer.apply_chat_template([{"role": "user", "content": official_prompt(question).rstrip()}],
+                                         add_generation_prompt=True, enable_thinking=False, tokenize=False)
+
+
+@pytest.mark.parametrize("chat_template", [False, True])
 @torch.no_grad()
-def test_official_mode_matches_hf_one_greedy_token(checkpoint, tmp_path, oracle, questions):
+def test_official_mode_matches_hf_one_greedy_token(checkpoint, tmp_path, oracle, hf_tokenizer, questions,
+                                                   chat_template):
     model, tokenizer = oracle
     expected = {}
     for question in questions:
-        ids = torch.tensor([tokenizer.encode(official_prompt(question), add_special_tokens=False).ids])
+        prompt = oracle_prompt(hf_tokenizer, question, chat_template)
+        ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids])
         token = int(model(ids, logits_to_keep=1).logits[0, -1].argmax())
         expected[question.id] = tokenizer.decode([token], skip_special_tokens=True).strip() or None
-    report, predictions = evaluate(checkpoint, tmp_path, "official")
+    report, predictions = evaluate(checkpoint, tmp_path, "official", **{"eval.chat_template": chat_template})
     check_against(report, predictions, questions, expected)
 
 
+@pytest.mark.parametrize("chat_template", [False, True])
 @torch.no_grad()
-def test_loglik_mode_matches_hf_option_likelihoods(checkpoint, tmp_path, oracle, questions):
+def test_loglik_mode_matches_hf_option_likelihoods(checkpoint, tmp_path, oracle, hf_tokenizer, questions,
+                                                   chat_template):
     """Oracle: log p(last token of `prompt + letter`) from a full forward of that very sequence."""
     model, tokenizer = oracle
     expected = {}
     for question in questions:
-        scores = {}
+        scores, prompt = {}, oracle_prompt(hf_tokenizer, question, chat_template)
         for letter in question.letters:
-            ids = tokenizer.encode(official_prompt(question) + letter, add_special_tokens=False).ids
+            ids = tokenizer.encode(prompt + letter, add_special_tokens=False).ids
             logprobs = model(torch.tensor([ids]), logits_to_keep=2).logits[0, 0].log_softmax(-1)
             scores[letter] = float(logprobs[ids[-1]])
         expected[question.id] = max(scores, key=scores.get)
-    report, predictions = evaluate(checkpoint, tmp_path, "loglik")
+    report, predictions = evaluate(checkpoint, tmp_path, "loglik", **{"eval.chat_template": chat_template})
     check_against(report, predictions, questions, expected)
     assert all(set(p["scores"]) == set(q.letters) for q, p in zip(questions, predictions.values()))
     assert report["overall"]["no_answer"] == 0
