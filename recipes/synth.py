@@ -264,15 +264,16 @@ class Pipeline:
         filters = self.config.filters
         topics = [asdict(t) for t in self.topics]
         tasks = {name: asdict(task) for name, task in self.tasks.items()}
-        keys = {"questions": self.stage_key("questions", topics, tasks, asdict(filters.question),
-                                            filters.near_duplicate_threshold)}
-        keys["responses"] = self.stage_key("responses", keys["questions"], asdict(filters.response))
-        keys["reasoning"] = self.stage_key("reasoning", keys["responses"])
-        results = {"questions": self.store.run("questions", keys["questions"], self.questions)}
-        results["responses"] = self.store.run("responses", keys["responses"],
-                                              lambda: self.responses(results["questions"].rows))
-        results["reasoning"] = self.store.run("reasoning", keys["reasoning"],
-                                              lambda: self.reasoning(results["responses"].rows))
+        # a stage's key covers its settings and its input rows, so new upstream rows (a rerun that recovered
+        # failed requests) are never matched with a stale downstream stage
+        key = self.stage_key("questions", topics, tasks, asdict(filters.question), filters.near_duplicate_threshold)
+        results = {"questions": self.store.run("questions", key, self.questions)}
+        questions = results["questions"].rows
+        key = self.stage_key("responses", questions, tasks, asdict(filters.response))
+        results["responses"] = self.store.run("responses", key, lambda: self.responses(questions))
+        responses = results["responses"].rows
+        key = self.stage_key("reasoning", responses)
+        results["reasoning"] = self.store.run("reasoning", key, lambda: self.reasoning(responses))
         results["validate"] = self.validate(results["reasoning"].rows)
         return self.write(results)
 
@@ -316,6 +317,10 @@ def _markdown(report: dict) -> str:
                      f"{u.get('requests_sent', 0)} | {u.get('cache_hits', 0)} | {u.get('failed_requests', 0)} | "
                      f"{u.get('prompt_tokens', 0)} | {u.get('completion_tokens', 0)} | {u.get('cost', 0.0):.4f} |")
     lines += ["", f"Total cost: {report['total_cost']:.4f} USD", ""]
+    lost = sum(u.get("transient_failures", 0) for u in report["usage"].values())
+    if lost:
+        lines += [f"**{lost} rows were lost to transient request failures (timeouts, 5xx, 429): run the same "
+                  "command again to retry them; every reply already received comes from the cache.**", ""]
     return "\n".join(lines)
 
 

@@ -2,8 +2,9 @@
 
 A stage's output is three files under `stages/`: kept rows, drop records, and a meta file written last
 holding the stage's fingerprint (its settings and inputs). A stage whose meta matches is skipped; a stage
-that was interrupted or whose settings changed runs again, and the client's response cache answers every
-request it already sent.
+that was interrupted, whose settings changed, or that lost requests to transient failures (timeouts, 5xx,
+429 after the client's retries) runs again, and the client's response cache answers every request it
+already sent.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from qforge.engine.client import ChatClient, ChatClientError, ChatReply
+from qforge.engine.client import RETRYABLE_STATUS, ChatClient, ChatClientError, ChatReply
 from qforge.recipes.files import read_jsonl, write_json, write_jsonl
 from qforge.recipes.synthesis.filters import Malformed
 
@@ -41,7 +42,8 @@ class Usage:
     completion_tokens: int = 0
     requests_sent: int = 0
     cache_hits: int = 0
-    failed_requests: int = 0
+    failed_requests: int = 0  # attempts that failed for good (after the client's own retries)
+    transient_failures: int = 0  # rows lost to timeouts/5xx/429: the stage is not marked finished
 
     def add_reply(self, reply: ChatReply) -> None:
         self.replies += 1
@@ -62,6 +64,7 @@ class Answer:
     detail: str = ""
     attempts: int = 0
     model: str = ""
+    transient: bool = False  # the last failure may succeed later (no HTTP status, or a retryable one)
 
 
 def ask_all(client: ChatClient, conversations: Sequence[list[dict]], tags: Sequence[str],
@@ -91,6 +94,7 @@ def ask_all(client: ChatClient, conversations: Sequence[list[dict]], tags: Seque
             if isinstance(result, ChatClientError):
                 usage.failed_requests += 1
                 answer.reason, answer.detail, last[i] = "request_failed", str(result)[:300], None
+                answer.transient = result.status is None or result.status in RETRYABLE_STATUS
                 continue
             usage.add_reply(result)
             answer.model = result.model or client.model
@@ -101,6 +105,7 @@ def ask_all(client: ChatClient, conversations: Sequence[list[dict]], tags: Seque
         pending = [i for i in pending if answers[i].reason is not None]
         if not pending:
             break
+    usage.transient_failures = sum(a.reason == "request_failed" and a.transient for a in answers)
     return answers
 
 
@@ -136,10 +141,15 @@ class StageStore:
         return StageResult(rows, drops, meta.get("usage", {}), skipped=True)
 
     def save(self, name: str, key: str, result: StageResult) -> None:
+        """Rows and drops, then the meta that marks the stage finished, unless requests were lost to
+        transient failures: then the next run asks them again (the files stay for inspection)."""
+        meta = self.root / f"{name}.meta.json"
+        meta.unlink(missing_ok=True)
         write_jsonl(self.root / f"{name}.jsonl", result.rows)
         write_jsonl(self.root / f"{name}.drops.jsonl", result.drops)
-        write_json(self.root / f"{name}.meta.json", {"fingerprint": key, "rows": len(result.rows),
-                                                     "drops": len(result.drops), "usage": result.usage})
+        if not result.usage.get("transient_failures"):
+            write_json(meta, {"fingerprint": key, "rows": len(result.rows), "drops": len(result.drops),
+                              "usage": result.usage})
 
     def run(self, name: str, key: str, compute: Callable[[], StageResult]) -> StageResult:
         stored = self.load(name, key)

@@ -4,6 +4,7 @@ The scripted model is steered by markers in the task instructions, so every filt
 the tests check the kept rows, every drop reason per task, the report's arithmetic, and resume.
 """
 import json
+import shutil
 import threading
 from collections import Counter
 
@@ -13,6 +14,7 @@ import yaml
 from qforge.engine.data.formats import read_conversations
 from qforge.engine.serve import ChatServer, RequestError, ScriptedBackend
 from qforge.recipes.synth import main
+from qwen3_fixtures import save_hf_qwen3
 
 SYLLABUS = {"Tiểu học": {"Lớp 3": {"Toán": ["Phép cộng", "Phép nhân"], "Tiếng Việt": ["Kể chuyện"]}}}
 TASKS = {"tasks": [
@@ -57,6 +59,7 @@ class ScriptedWriter:
     """The scripted model behind every stage; counts the requests it answered."""
 
     def __init__(self):
+        self.outage = False  # True: the explain question's responses fail with HTTP 503
         self.calls = Counter()
         self.turns = Counter()
         self.lock = threading.Lock()
@@ -75,6 +78,8 @@ class ScriptedWriter:
             return self.reply("questions", self.questions(prompt))
         if prompt.startswith("[Question]"):
             return self.reply("reasoning", next(v for k, v in REASONING.items() if k in prompt))
+        if self.outage and prompt.startswith("Vì sao khi kể chuyện"):
+            raise RequestError("temporarily overloaded", 503)
         with self.lock:
             turn = self.turns[prompt]
             self.turns[prompt] += 1
@@ -97,14 +102,14 @@ def scripted():
         yield writer, server.url
 
 
-def run_synth(tmp_path, url, *overrides):
+def run_synth(tmp_path, url, *overrides, extra_backends=""):
     syllabus, tasks = tmp_path / "syllabus.yaml", tmp_path / "tasks.yaml"
     syllabus.write_text(yaml.safe_dump(SYLLABUS, allow_unicode=True), encoding="utf-8")
     tasks.write_text(yaml.safe_dump(TASKS, allow_unicode=True), encoding="utf-8")
     backend = f"{{name: local, endpoint: {{base_url: '{url}', model: scripted-writer}}, cache_namespace: test, " \
               f"price_per_million: {{prompt: 1.0, completion: 2.0}}}}"
     main(["--config", "recipes/configs/synth.yaml", f"syllabus={syllabus}", f"tasks={tasks}",
-          f"output.dir={tmp_path / 'out'}", f"backends=[{backend}]", "filters.response.max_chars=300",
+          f"output.dir={tmp_path / 'out'}", f"backends=[{backend}{extra_backends}]", "filters.response.max_chars=300",
           "client.max_retries=0", *overrides])
     out = tmp_path / "out"
     rows = [json.loads(line) for line in (out / "data.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -185,9 +190,52 @@ def test_rerun_resumes_from_stage_files_and_the_reply_cache(tmp_path, scripted):
     assert [row["messages"][0] for row in changed] == [row["messages"][0] for row in first]
 
 
+def test_rows_lost_to_an_outage_are_asked_again_on_the_next_run(tmp_path, scripted):
+    writer, url = scripted
+    writer.outage = True
+    rows, report, out = run_synth(tmp_path, url)
+    assert report["counts"]["explain"]["reasons"] == {"response_request_failed": 1, "response_too_long": 1}
+    assert report["usage"]["responses"]["transient_failures"] == 1
+    assert "run the same command again" in (out / "report.md").read_text(encoding="utf-8")
+    assert not (out / "stages" / "responses.meta.json").exists() and len(rows) == 1
+    sent = Counter(writer.calls)
+
+    writer.outage = False
+    rows, report, _ = run_synth(tmp_path, url)
+    assert {task: report["counts"][task] for task in EXPECTED} == EXPECTED
+    assert writer.calls - sent == Counter({"responses": 1, "reasoning": 1})  # only what the outage lost
+    assert sorted(row["task"] for row in rows) == ["explain", "math"]
+
+
 def test_config_errors_name_the_key(tmp_path, scripted):
     _, url = scripted
     with pytest.raises(SystemExit, match="stages.responses.user uses unknown placeholders"):
         run_synth(tmp_path, url, "stages.responses.user='{question} {answer}'")
     with pytest.raises(SystemExit, match="stages.reasoning.backend 'api' is not one of backends"):
         run_synth(tmp_path, url, "stages.reasoning.backend=api")
+
+
+def test_reasoning_stage_on_a_local_checkpoint_served_on_loopback(tmp_path, scripted, qwen_tokenizer_dir):
+    """Backends per stage: scripted questions and responses, reasoning from a tiny random Qwen3 checkpoint
+    that the recipe serves on 127.0.0.1 itself (the offline default). Its text is noise, cut at the stop
+    string "e" so that it ends; the bookkeeping is what is checked."""
+    writer, url = scripted
+    checkpoint = save_hf_qwen3(tmp_path / "tiny-thinker", seed=3, vocab_size=151936, hidden_size=32,
+                               intermediate_size=64, head_dim=16)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qwen_tokenizer_dir / name, checkpoint / name)
+    local = f", {{name: tiny, endpoint: {{path: '{checkpoint}'}}, params: {{temperature: 1.0, seed: 0, stop: [e]}}}}"
+    overrides = ["stages.reasoning.backend=tiny", "stages.reasoning.max_tokens=32", "stages.reasoning.retries=0",
+                 "filters.reasoning={min_chars: 1, language: any, allow_cjk: true}",
+                 "filters.check_reasoning_answer=false"]
+    rows, report, out = run_synth(tmp_path, url, *overrides, extra_backends=local)
+    usage = report["usage"]["reasoning"]
+    assert usage["backend"] == "tiny" and usage["model"] == "tiny-thinker" and usage["replies"] == 4
+    assert usage["requests_sent"] == 4 and usage["completion_tokens"] > 0 and writer.calls["reasoning"] == 0
+    reasoning_drops = report["counts"]["ALL"]["reasons"].get("reasoning_malformed", 0)
+    assert len(rows) + reasoning_drops == 4 and rows  # every row kept or dropped as malformed (truncated)
+    for row in rows:
+        assert row["provenance"]["reasoning"] == {"backend": "tiny", "model": "tiny-thinker", "prompt_version": "t-v1"}
+        assert row["messages"][1]["reasoning_content"] and "e" not in row["messages"][1]["reasoning_content"]
+    again, report, _ = run_synth(tmp_path, url, *overrides, extra_backends=local)
+    assert again == rows and report["usage"]["reasoning"]["reused_stored_output"]
