@@ -13,15 +13,17 @@ TOKENS, HIDDEN, VOCAB = 2048, 64, 16384  # 128 MiB of fp32 logits
 def measure(impl, *extra):
     command = [sys.executable, str(LOSS_CASE), "--impl", impl, "--tokens", str(TOKENS), "--hidden", str(HIDDEN),
                "--vocab", str(VOCAB), "--repeats", "1", *extra]
-    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 @pytest.mark.slow
 def test_measured_peaks_separate_naive_from_chunked_loss():
     naive = measure("naive")
-    qforge = measure("qforge", "--chunk-bytes", str(4 * 2**20))
+    qforge = measure("qforge", "--chunk-bytes", str(16 * 2**20))  # 8 chunks
     logits = TOKENS * VOCAB * 4
     assert naive["logits_bytes"] == qforge["logits_bytes"] == logits
     assert naive["peak_extra_bytes"] >= logits  # it holds the logits and their gradient
-    assert qforge["peak_extra_bytes"] <= logits / 4
+    assert qforge["peak_extra_bytes"] <= logits / 2  # one 16 MiB chunk plus allocator and thread-pool slack
     assert qforge["seconds_median"] > 0 and naive["seconds_median"] > 0
