@@ -8,10 +8,16 @@ forward returns and the backward only scales them by the incoming scalar — Lig
 than Cut Cross-Entropy's recomputation, because it costs three matmuls in total (the same as the naive
 path, which must also run them) where recomputation costs four, and on the CPU training path matmul time
 dominates. Chunks of tokens × full vocabulary keep every matmul large and let the softmax normalise in one
-go; the peak extra memory is one chunk of logits, never O(T × V).
+go; the peak extra memory is one reused chunk buffer of logits, never O(T × V). The default budget
+(256 MiB, ~440 tokens at V = 151,936) is large because every CPU op pays a thread-pool round trip: tiny
+chunks were measured up to 10× slower on a loaded 2-core machine.
 
 `reduction="none"` is the exception: the per-token upstream gradient is unknown in the forward, so its
 backward recomputes the chunks with the upstream gradient folded into the token weights (four matmuls).
+
+`vocab_index` gathers the kept rows once per call (`weight.index_select`, whose backward scatters the
+gradient into the kept rows only, so a tied embedding's other rows get nothing from the loss); that copy
+and its gradient are the pruned path's only extra O(V' × H) memory.
 
 Precision: logits, softmax, the true-class term and grad_weight accumulation are fp32 whatever the input
 dtype (a bf16 input's matmuls run in bf16, each chunk's grad_weight share is added to an fp32 buffer,
