@@ -84,7 +84,7 @@ class OutputSettings:
 class SynthConfig:
     syllabus: str = "recipes/data/syllabus_vi.yaml"
     tasks: str = "recipes/data/tasks_vi.yaml"
-    limit_topics: int | None = None  # only the first N syllabus topics (smoke runs)
+    topics_per_task: int | None = None  # only each task's first N topics (smoke runs)
     backends: list[Backend] = field(default_factory=list)
     stages: Stages = field(default_factory=Stages)
     filters: Filters = field(default_factory=Filters)
@@ -107,14 +107,14 @@ class SynthConfig:
 
 
 class Pipeline:
-    """One run: the inputs, a client per backend, the stage store, and the drop records so far."""
+    """One run: the syllabus and tasks, a client per backend, and the stage store."""
 
     def __init__(self, config: SynthConfig, clients: dict[str, ChatClient]):
         self.config = config
         self.clients = clients
         self.tasks = {task.name: task for task in read_tasks(config.tasks)}
-        self.topics = read_syllabus(config.syllabus)[:config.limit_topics]
-        self.topic_by_key = {topic.key: topic for topic in self.topics}
+        self.pairs = jobs(list(self.tasks.values()), read_syllabus(config.syllabus), config.topics_per_task)
+        self.topic_by_key = {topic.key: topic for _, topic in self.pairs}
         self.store = StageStore(config.output.dir)
 
     def backend(self, stage: str) -> Backend:
@@ -145,7 +145,7 @@ class Pipeline:
 
     # -- stage 1: questions per (task, topic) ------------------------------------------------------------
     def questions(self) -> StageResult:
-        pairs = jobs(list(self.tasks.values()), self.topics)
+        pairs = self.pairs
         fields = [{**_topic_fields(task, topic), "count": task.count} for task, topic in pairs]
 
         def parse(i, reply):
@@ -154,7 +154,7 @@ class Pipeline:
                                         task.answer_check == "numeric")
             if task.answer_check == "numeric" and not all(numbers_in(item["answer"]) for item in items):
                 raise Malformed("every 'answer' must contain the final number")
-            return items[:task.count]
+            return items[:task.count]  # extra questions were not asked for
 
         answers, usage = self.ask("questions", fields, [f"questions:{t.name}:{p.key}" for t, p in pairs], parse)
         rules, dedup = self.config.filters.question, Deduplicator(self.config.filters.near_duplicate_threshold)
@@ -262,7 +262,7 @@ class Pipeline:
 
     def run(self) -> dict:
         filters = self.config.filters
-        topics = [asdict(t) for t in self.topics]
+        topics = [(task.name, topic.key) for task, topic in self.pairs]
         tasks = {name: asdict(task) for name, task in self.tasks.items()}
         # a stage's key covers its settings and its input rows, so new upstream rows (a rerun that recovered
         # failed requests) are never matched with a stale downstream stage
@@ -281,9 +281,8 @@ class Pipeline:
         out = Path(self.config.output.dir)
         kept = results["validate"].rows
         drops = [drop for result in results.values() for drop in result.drops]
-        pairs = jobs(list(self.tasks.values()), self.topics)
         requested = {name: 0 for name in self.tasks}
-        for task, _ in pairs:
+        for task, _ in self.pairs:
             requested[task.name] += task.count * task.samples
         counts = count_by_task(kept, drops)
         usage = {stage: {**result.usage, "reused_stored_output": result.skipped}
@@ -337,7 +336,7 @@ def run(config: SynthConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = config_from_argv(SynthConfig, argv, __doc__.split("\n\n")[0], "limit_topics=3")
+    config = config_from_argv(SynthConfig, argv, __doc__.split("\n\n")[0], "topics_per_task=2")
     try:
         run(config)
     except (ValueError, FileNotFoundError, ChatClientError) as error:

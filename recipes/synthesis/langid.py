@@ -4,11 +4,13 @@ Vietnamese is written in single syllables: an onset from a closed set (b, ch, gh
 three vowels, and at most one coda from {c, ch, m, n, ng, nh, p, t}, with at most one tone mark, and marks
 only on vowels. Most English, French, Indonesian, Spanish or German words break that shape (final s/r/l/k,
 consonant clusters, f/j/w/z, ç/ñ/ü), and unaccented Vietnamese, which SFT data should not teach, lacks the
-marks. A text is Vietnamese when nearly all its words are possible syllables and enough carry a mark.
+marks. A text is Vietnamese when most of its words (code spans aside) are possible syllables and enough
+carry a mark. Limits: all-capital text and one-word replies without a mark ("Ok") do not count as
+Vietnamese; a Vietnamese text with many English terms can fall below the syllable share.
 
-Accuracy on the hand-labelled set tests/synth/data/langid_labelled.jsonl (45 Vietnamese texts incl. math,
-code-mixed and short ones; 67 others: English, French, Spanish, Portuguese, Indonesian, German, Italian,
-Tagalog, Chinese, unaccented Vietnamese): see `python -m qforge.recipes.synthesis.langid FILE`; measured
+Accuracy on the hand-labelled set tests/synth/data/langid_labelled.jsonl (48 Vietnamese texts incl. math,
+code-mixed and short ones; 69 others: English, French, Spanish, Portuguese, Indonesian, German, Italian,
+Tagalog, Chinese, Japanese, Korean, code, unaccented Vietnamese): see `python -m qforge.recipes.synthesis.langid FILE`; measured
 100% on that set (tests assert >= 97%), which says more about how the set was written than about the web.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ TONE_MARKS = {"\u0300", "\u0301", "\u0303", "\u0309", "\u0323"}  # huyền, sắ
 VOWEL_MARKS = {"\u0302", "\u0306", "\u031b"}  # circumflex (â ê ô), breve (ă), horn (ơ ư)
 VOWELS = set("aeiouy")
 WORD = re.compile(r"[^\W\d_]+")
+CODE = re.compile(r"```.*?```|`[^`\n]*`", re.DOTALL)  # code blocks and inline code are not prose
 SYLLABLE = re.compile(r"(ngh|ng|nh|ch|gh|gi|kh|ph|qu|th|tr|[bcdghklmnpqrstvx])?[aeiouy]{1,3}(ch|ng|nh|[cmnpt])?")
 
 
@@ -66,10 +69,11 @@ def score(text: str) -> LanguageScore:
     return LanguageScore(len(words), sum(s for s, _ in flags) / len(words), sum(m for _, m in flags) / len(words))
 
 
-def is_vietnamese(text: str, min_syllables: float = 0.8, min_marked: float = 0.3) -> bool:
-    """True for Vietnamese text (code, numbers and a few foreign terms allowed); False for other languages,
-    unaccented Vietnamese, and text without words."""
-    result = score(text)
+def is_vietnamese(text: str, min_syllables: float = 0.65, min_marked: float = 0.3) -> bool:
+    """True for Vietnamese text (code, numbers and some foreign terms allowed); False for other languages,
+    unaccented Vietnamese, and text without words. On the labelled set Vietnamese scores >= 0.72 syllables
+    and >= 0.58 marked, every other language <= 0.55 syllables: the defaults sit in those gaps."""
+    result = score(CODE.sub(" ", text))
     return result.words > 0 and result.syllable_fraction >= min_syllables and result.marked_fraction >= min_marked
 
 

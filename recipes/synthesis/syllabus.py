@@ -75,11 +75,12 @@ def read_tasks(path: str) -> list[Task]:
     return tasks
 
 
-def jobs(tasks: list[Task], topics: list[Topic]) -> list[tuple[Task, Topic]]:
-    """Every (task, topic) pair the task applies to; a task whose subjects match no topic is an error."""
+def jobs(tasks: list[Task], topics: list[Topic], topics_per_task: int | None = None) -> list[tuple[Task, Topic]]:
+    """Every (task, topic) pair the task applies to (its first `topics_per_task` topics, if given); a task
+    whose subjects match no topic is an error."""
     pairs = []
     for task in tasks:
-        mine = [t for t in topics if task.subjects is None or t.subject in task.subjects]
+        mine = [t for t in topics if task.subjects is None or t.subject in task.subjects][:topics_per_task]
         if not mine:
             raise ConfigKeyError(f"task {task.name!r}: no syllabus topic has a subject in {task.subjects}")
         pairs += [(task, topic) for topic in mine]
