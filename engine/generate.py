@@ -25,6 +25,13 @@ class KVCache:
         self.values: dict[int, torch.Tensor] = {}
         self.lengths: dict[int, int] = {}
 
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Drops the rows where `keep` [B] is False (finished sequences stop costing compute)."""
+        self.pad = self.pad[keep]
+        for layer_idx in self.keys:
+            self.keys[layer_idx] = self.keys[layer_idx][keep]
+            self.values[layer_idx] = self.values[layer_idx][keep]
+
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Appends k/v [B, S, Hkv, D] and returns causal attention of q [B, S, Hq, D] over the cache."""
         batch, new, _, _ = q.shape
@@ -157,8 +164,8 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     suppress = torch.as_tensor(sorted({int(t) for t in suppress_ids}), dtype=torch.long, device=device)
     stops = torch.as_tensor(sorted({int(t) for t in stop_ids}), dtype=torch.long, device=device)
     generated: list[list[int]] = [[] for _ in prompts]
-    seen = None  # [B, V] 1.0 where the row already generated the token (only with a presence penalty)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    rows = list(range(batch))  # the prompt index of each row still decoding; finished rows leave the batch
+    seen = None  # [rows, V] 1.0 where the row already generated the token (only with a presence penalty)
 
     for step in range(max_new_tokens):
         logits = logits.float()
@@ -167,15 +174,19 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
         if presence_penalty and seen is not None:
             logits = logits - presence_penalty * seen
         token = sample_next_token(logits, temperature, top_p, top_k, generator)
-        stopped = torch.isin(token, stops) if stops.numel() else torch.zeros_like(done)
-        for row in (~done & ~stopped).nonzero().flatten().tolist():
-            generated[row].append(int(token[row]))
-        done |= stopped
-        if bool(done.all()) or step == max_new_tokens - 1:
+        going = ~torch.isin(token, stops)
+        for row, value, keep in zip(rows, token.tolist(), going.tolist()):
+            if keep:
+                generated[row].append(value)
+        if step == max_new_tokens - 1 or not bool(going.any()):
             break
         if presence_penalty:
             seen = torch.zeros_like(logits) if seen is None else seen
-            seen[torch.arange(batch, device=device), token] = 1.0
-        position = (lengths + step).unsqueeze(1)
-        logits = last_logits(model, token.unsqueeze(1), position, cache)
+            seen[torch.arange(len(rows), device=device), token] = 1.0
+        if not bool(going.all()):
+            rows = [row for row, keep in zip(rows, going.tolist()) if keep]
+            token, lengths = token[going], lengths[going]
+            seen = seen[going] if seen is not None else None
+            cache.keep_rows(going)
+        logits = last_logits(model, token.unsqueeze(1), (lengths + step).unsqueeze(1), cache)
     return generated

@@ -89,6 +89,11 @@ def test_presence_penalty_forbids_repeats_when_large(model):
     assert len(set(repetitive)) < len(repetitive)  # this tiny model loops without a penalty
     penalised = generate(model, [[7] * 5], max_new_tokens=30, presence_penalty=1e4)[0]
     assert len(set(penalised)) == len(penalised)
+    # rows leaving the batch early must not disturb the others' penalties
+    free = generate(model, PROMPTS, max_new_tokens=12, presence_penalty=1e4)
+    stop = free[2][1]
+    stopped = generate(model, PROMPTS, max_new_tokens=12, presence_penalty=1e4, stop_ids=[stop])
+    assert stopped == [row[:row.index(stop)] if stop in row else row for row in free]
 
 
 def test_sampling_is_reproducible_with_a_seed_and_degenerates_to_greedy(model):
