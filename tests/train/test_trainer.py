@@ -159,3 +159,29 @@ def test_recipe_reports_config_errors_without_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "unknown key 'trian'; did you mean 'train'?" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16"])
+def test_bf16_precisions_train(tiny_run_files, tmp_path, precision):
+    result = train(_config(tiny_run_files, tmp_path, **{"train.precision": precision, "train.max_steps": 6}))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.losses[-1] < result.losses[0]
+    exported = load_model(result.final_dir, dtype=torch.float32)
+    expected = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert json.loads((result.final_dir / "config.json").read_text())["torch_dtype"] == str(expected)[6:]
+    assert exported.config.vocab_size == 151936
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_run_files):
+    config = _config(tiny_run_files, "unused")
+    template = ChatTemplate.from_pretrained(resolve_tokenizer_dir(config.model))
+    examples, _ = load_examples([tiny_run_files["train"]], template, cache_dir=tiny_run_files["cache"], progress=False)
+    batch = pack(examples[:6], 1024, seed=0)[0]
+    grads = []
+    for checkpointing in (False, True):
+        model = build_model(config.model, torch.float32, torch.device("cpu"))
+        model.activation_checkpointing = checkpointing
+        model.loss(batch).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
