@@ -356,11 +356,13 @@ def open_endpoint(settings: EndpointSettings, **client_options) -> Iterator[Chat
         return
     suppress = read_token_ids(settings.suppress_ids) if settings.suppress_ids else ()
     chat_model = ChatModel.load(settings.path, dtype=settings.dtype, device=settings.device, suppress_ids=suppress)
-    # The port changes every run, so cached replies are keyed by the checkpoint (and its weights' age) instead.
+    # The port changes every run, so cached replies are keyed by the checkpoint (and its weights' age) unless
+    # the caller names a namespace.
     weights = sorted(Path(settings.path).glob("*.safetensors"))
     namespace = f"checkpoint:{Path(settings.path).resolve()}:{max(w.stat().st_mtime_ns for w in weights)}"
+    client_options.setdefault("cache_namespace", namespace)
     with ChatServer(ModelBackend(chat_model), port=0) as server:
-        yield ChatClient(server.url, chat_model.name, cache_namespace=namespace, **client_options)
+        yield ChatClient(server.url, chat_model.name, **client_options)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
+from qforge.engine.client import ChatClientError
 from qforge.engine.config_io import ConfigKeyError, load_config
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def config_from_argv(config_class: type[T], argv: Sequence[str] | None, description: str, example: str) -> T:
@@ -19,4 +21,14 @@ def config_from_argv(config_class: type[T], argv: Sequence[str] | None, descript
     try:
         return load_config(config_class, args.config, args.overrides)
     except ConfigKeyError as error:
+        sys.exit(f"error: {error}")
+
+
+def run_from_argv(config_class: type[T], run: Callable[[T], R], argv: Sequence[str] | None, description: str,
+                  example: str) -> tuple[T, R]:
+    """`config_from_argv`, then `run(config)`; bad input or a failed endpoint exits with the error message."""
+    config = config_from_argv(config_class, argv, description, example)
+    try:
+        return config, run(config)
+    except (ValueError, FileNotFoundError, ChatClientError) as error:
         sys.exit(f"error: {error}")

@@ -14,7 +14,6 @@ OpenAI-compatible endpoint. Writes report.json, report.md, report.png and predic
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,7 +24,7 @@ from qforge.engine.chat import ChatModel, read_token_ids
 from qforge.engine.client import ClientSettings
 from qforge.engine.generate import next_token_logits
 from qforge.engine.serve import EndpointSettings, open_endpoint
-from qforge.recipes.cli import config_from_argv
+from qforge.recipes.cli import run_from_argv
 from qforge.recipes.files import write_jsonl
 from qforge.recipes.mcq import (DEFAULT_SUBJECTS, Question, answer_after_thinking, official_prompt, read_questions,
                                 read_subjects, score)
@@ -177,11 +176,7 @@ def run(config: EvalConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = config_from_argv(EvalConfig, argv, __doc__.split("\n\n")[0], "eval.mode=loglik")
-    try:
-        report = run(config)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    config, report = run_from_argv(EvalConfig, run, argv, __doc__.split("\n\n")[0], "eval.mode=loglik")
     overall = report["overall"]
     print(f"{report['benchmark']} [{report['mode']}] {report['model']}: accuracy {100 * overall['accuracy']:.2f}% "
           f"({overall['correct']}/{overall['total']}) → {Path(config.output.dir) / 'report.json'}")

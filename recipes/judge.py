@@ -10,14 +10,13 @@ answers/<candidate>.jsonl, judgments.jsonl, report.json, report.md and report.pn
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
 from qforge.engine.client import ChatClient, ChatClientError, ClientSettings
 from qforge.engine.serve import EndpointSettings, open_endpoint
-from qforge.recipes.cli import config_from_argv
+from qforge.recipes.cli import run_from_argv
 from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
 from qforge.recipes.judging import (Item, pair_outcome, parse_pairwise, parse_rating, read_items,
                                     summarize_pairwise, summarize_ratings)
@@ -264,11 +263,7 @@ def run(config: JudgeConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = config_from_argv(JudgeConfig, argv, __doc__.split("\n\n")[0], "judge.mode=single")
-    try:
-        run(config)
-    except (ValueError, FileNotFoundError, ChatClientError) as error:
-        sys.exit(f"error: {error}")
+    config, _ = run_from_argv(JudgeConfig, run, argv, __doc__.split("\n\n")[0], "judge.mode=single")
     print(Path(config.output.dir, "report.md").read_text(encoding="utf-8"))
 
 

@@ -79,6 +79,10 @@ def test_open_endpoint_serves_a_checkpoint_and_caches_across_runs(checkpoint, ch
                                 chat_template_kwargs={"enable_thinking": False})
         assert reply.cached == (run == 1) and reply.content == direct.text.strip()
     assert urls[0] != urls[1] and urls[0].startswith("http://127.0.0.1:")
+    options = dict(cache_dir=tmp_path / "cache", cache_namespace="another run")  # a caller's own namespace wins
+    with open_endpoint(EndpointSettings(path=str(checkpoint)), **options) as client:
+        assert not client.chat(conversation(QUESTIONS[1]), temperature=0, max_tokens=5,
+                               chat_template_kwargs={"enable_thinking": False}).cached
     with pytest.raises(ValueError, match=r"exactly one of judge.endpoint.path .* or judge.endpoint.base_url"):
         EndpointSettings(path=str(checkpoint), base_url="http://127.0.0.1:1/v1", model="x").check("judge.endpoint")
     with pytest.raises(ValueError, match=r"candidate.model \(the model id"):
