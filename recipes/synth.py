@@ -19,8 +19,7 @@ from qforge.engine.client import ChatClient, ChatClientError, ClientSettings
 from qforge.engine.serve import EndpointSettings, open_endpoint
 from qforge.recipes.cli import config_from_argv
 from qforge.recipes.files import write_json, write_jsonl, write_text
-from qforge.recipes.synthesis.answers import (SampleVerdict, numbers_in, reasoning_consistent,
-                                              rejection_sample)
+from qforge.recipes.synthesis.answers import numbers_in, reasoning_consistent, rejection_sample
 from qforge.recipes.synthesis.dedup import Deduplicator
 from qforge.recipes.synthesis.filters import Malformed, TextRules, parse_question_list, parse_text_reply
 from qforge.recipes.synthesis.report import count_by_task, counts_markdown
@@ -202,17 +201,21 @@ class Pipeline:
                     drops.append(_drop("responses", sample_id, task, reason, answer.detail))
                 else:
                     valid.append((question, sample_id, answer))
-            if task.answer_check == "numeric":
-                verdicts = rejection_sample([a.value for _, _, a in valid], valid[0][0]["reference_answer"],
-                                            task.keep) if valid else []
-            else:
-                verdicts = [SampleVerdict(True, None) if n < task.keep else SampleVerdict(False, "surplus_sample")
-                            for n in range(len(valid))]
-            for (question, sample_id, answer), verdict in zip(valid, verdicts):
-                duplicate = dedup.check(sample_id, answer.value) if verdict.keep else None
-                if not verdict.keep or duplicate:
-                    drops.append(_drop("responses", sample_id, task, verdict.reason or f"response_{duplicate[0]}",
-                                       f"of {duplicate[1]}" if duplicate else ""))
+            originals = {}  # sample -> the kept response it duplicates
+
+            def refuse(index: int) -> str | None:
+                duplicate = dedup.check(valid[index][1], valid[index][2].value)
+                if duplicate:
+                    originals[index] = duplicate[1]
+                    return f"response_{duplicate[0]}"
+                return None
+
+            reference = group[0][0]["reference_answer"] if task.answer_check == "numeric" else None
+            verdicts = rejection_sample([a.value for _, _, a in valid], reference, task.keep, refuse)
+            for index, ((question, sample_id, answer), verdict) in enumerate(zip(valid, verdicts)):
+                if not verdict.keep:
+                    detail = f"of {originals[index]}" if index in originals else ""
+                    drops.append(_drop("responses", sample_id, task, verdict.reason, detail))
                     continue
                 provenance = {"questions": question["provenance"],
                               "responses": self.provenance("responses", answer.model)}
@@ -310,11 +313,12 @@ def _markdown(report: dict) -> str:
     lines = ["# Synthetic data report", "", "Candidate samples per task (questions × samples) kept or dropped, "
              "by reason:", "", counts_markdown(report["counts"]), "## Usage per stage", "",
              "| stage | backend | model | replies | sent | cache hits | failed | prompt tokens | completion tokens "
-             "| cost |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| cost | stored output reused |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for stage, u in report["usage"].items():
         lines.append(f"| {stage} | {u.get('backend', '')} | {u.get('model', '')} | {u.get('replies', 0)} | "
                      f"{u.get('requests_sent', 0)} | {u.get('cache_hits', 0)} | {u.get('failed_requests', 0)} | "
-                     f"{u.get('prompt_tokens', 0)} | {u.get('completion_tokens', 0)} | {u.get('cost', 0.0):.4f} |")
+                     f"{u.get('prompt_tokens', 0)} | {u.get('completion_tokens', 0)} | {u.get('cost', 0.0):.4f} | "
+                     f"{'yes (figures of the run that made it)' if u['reused_stored_output'] else 'no'} |")
     lines += ["", f"Total cost: {report['total_cost']:.4f} USD", ""]
     lost = sum(u.get("transient_failures", 0) for u in report["usage"].values())
     if lost:

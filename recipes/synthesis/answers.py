@@ -11,6 +11,7 @@ import math
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Callable
 
 ANSWER_MARK = re.compile(r"(đáp án|đáp số|kết quả|trả lời|answer)\s*(?:(?:là|is)\s*[:=]?|[:=])", re.IGNORECASE)
 NUMBER = re.compile(r"(?<![\w.,])([-−]?)(\d+(?:[.,]\d+)*)(?:\s*/\s*(\d+(?:[.,]\d+)?))?")
@@ -91,20 +92,25 @@ def answer_matches(response: str, reference: str) -> bool | None:
 @dataclass(frozen=True)
 class SampleVerdict:
     keep: bool
-    reason: str | None  # why a sample is dropped: no_final_answer | wrong_answer | surplus_sample
+    reason: str | None  # why a sample is dropped: no_final_answer | wrong_answer | surplus_sample | refuse's
 
 
-def rejection_sample(responses: list[str], reference: str, keep: int) -> list[SampleVerdict]:
-    """Keeps the first `keep` responses whose final answer matches the reference (Sky-T1's numeric check)."""
+def rejection_sample(responses: list[str], reference: str | None, keep: int,
+                     refuse: Callable[[int], str | None] = lambda index: None) -> list[SampleVerdict]:
+    """Keeps the first `keep` responses whose final answer matches the reference (Sky-T1's numeric check;
+    without a reference every response matches) and that `refuse(index)` does not object to (e.g. with
+    "near_duplicate"); `refuse` is asked only about responses that would be kept."""
     verdicts, kept = [], 0
-    for response in responses:
-        match = answer_matches(response, reference)
+    for index, response in enumerate(responses):
+        match = True if reference is None else answer_matches(response, reference)
         if match is None:
             verdicts.append(SampleVerdict(False, "no_final_answer"))
         elif not match:
             verdicts.append(SampleVerdict(False, "wrong_answer"))
         elif kept >= keep:
             verdicts.append(SampleVerdict(False, "surplus_sample"))
+        elif (objection := refuse(index)) is not None:
+            verdicts.append(SampleVerdict(False, objection))
         else:
             kept += 1
             verdicts.append(SampleVerdict(True, None))

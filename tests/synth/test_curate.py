@@ -159,6 +159,26 @@ def test_quotas_then_the_rest_of_the_target():
     assert sample(rows, Sampling()) == (rows, [])
 
 
+def test_parquet_input(tmp_path):
+    path = tmp_path / "corpus.parquet"
+    out = tmp_path / "out"
+    args = ["--config", "recipes/configs/curate.yaml", f"output.dir={out}", f"inputs=[{{path: '{path}'}}]",
+            "sampling.target=null", "sampling.quotas={}"]
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        path.write_bytes(b"PAR1")
+        with pytest.raises(SystemExit, match="reading Parquet needs pyarrow"):
+            main(args)
+        return
+    rows = [SHAREGPT_ROWS[0][0], SHAREGPT_ROWS[1][0]]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    main(args)
+    kept = [json.loads(line) for line in (out / "curated.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [row["messages"][0]["content"] for row in kept] == [r["conversations"][0]["value"] for r in rows]
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(SystemExit, match="sampling.quotas.math must be"):
         run_curate(tmp_path, "sampling.quotas={math: 1.5}")

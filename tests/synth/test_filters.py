@@ -146,6 +146,13 @@ def test_answer_matching_and_rejection_sampling():
     assert [(v.keep, v.reason) for v in verdicts] == [(True, None), (False, "wrong_answer"), (False, "no_final_answer"),
                                                      (True, None), (False, "surplus_sample")]
     assert numbers_in("−3 và 2,5") == [{-3.0}, {2.5}]
+    # a refused candidate (say, a duplicate of a kept response) makes room for the next good one
+    verdicts = rejection_sample(["Đáp án: 5", "Vậy Đáp án: 5", "Đáp án: 5.", "Đáp án: 5"], "5", keep=2,
+                                refuse=lambda i: "near_duplicate" if i == 1 else None)
+    assert [(v.keep, v.reason) for v in verdicts] == [(True, None), (False, "near_duplicate"), (True, None),
+                                                     (False, "surplus_sample")]
+    without_reference = rejection_sample(["một", "hai", "ba"], None, keep=1)
+    assert [(v.keep, v.reason) for v in without_reference] == [(True, None)] + [(False, "surplus_sample")] * 2
 
 
 def test_reasoning_must_conclude_with_the_answer_when_checkable():

@@ -24,6 +24,7 @@ TASKS = {"tasks": [
     {"name": "flaky", "instructions": "#flaky viết đoạn văn", "count": 1, "subjects": ["Tiếng Việt"]},
     {"name": "broken", "instructions": "#broken", "count": 2, "subjects": ["Tiếng Việt"]},
     {"name": "refused", "instructions": "#refused", "count": 1, "subjects": ["Tiếng Việt"]},
+    {"name": "repeat", "instructions": "#repeat", "count": 1, "subjects": ["Tiếng Việt"], "samples": 3, "keep": 2},
 ]}
 APPLES = "An có 3 quả táo, mẹ cho An thêm 4 quả táo nữa. Hỏi An có tất cả bao nhiêu quả táo?"
 QUESTIONS = {  # (task marker, topic) -> question list reply
@@ -35,6 +36,7 @@ QUESTIONS = {  # (task marker, topic) -> question list reply
     ("#explain", "Kể chuyện"): [{"question": "Vì sao khi kể chuyện cần có mở đầu, diễn biến và kết thúc?"},
                                {"question": "Hãy giải thích thế nào là kể chuyện theo tranh."}],
     ("#flaky", "Kể chuyện"): [{"question": "Em hãy viết một đoạn văn ngắn kể về người bạn thân của em."}],
+    ("#repeat", "Kể chuyện"): [{"question": "Kể tên ba nhân vật trong truyện Tấm Cám."}],
 }
 RESPONSES = {  # question -> replies in turn (samples of one question arrive in any order: same multiset)
     APPLES: ["An có 3 + 4 = 8 quả. Đáp án: 8", "Ta có 3 + 4 = 7. Đáp án: 7", "3 + 4 = 7 nên Đáp án: 7"],
@@ -45,12 +47,14 @@ RESPONSES = {  # question -> replies in turn (samples of one question arrive in 
     "Hãy giải thích thế nào là kể chuyện theo tranh.": ["Kể chuyện theo tranh là nhìn tranh rồi kể lại. " * 20],
     "Em hãy viết một đoạn văn ngắn kể về người bạn thân của em.":
         ["Bạn thân của em tên là Lan. Lan học rất giỏi và luôn giúp đỡ mọi người."],
+    "Kể tên ba nhân vật trong truyện Tấm Cám.": ["Ba nhân vật là Tấm, Cám và bà dì ghẻ."],  # the same every time
 }
 REASONING = {  # a word of the response -> the reconstructed thinking
     "Đáp án: 7": "Okay, An has 3 apples and gets 4 more, so 3 + 4 = 7. The answer is 7.",
     "Đáp án: 36": "Okay, 12 pens per box, 3 boxes: 12 × 3 = 35. So 35 pens.",  # contradicts the answer
     "bố cục": "Được rồi, câu hỏi về bố cục của một câu chuyện, cần nêu lợi ích cho người nghe.",
     "Lan": "Okay, I need a short paragraph about a friend; 好的 let me write about Lan.",  # CJK in reasoning
+    "Tấm": "Okay, the story of Tấm and Cám: the main characters are Tấm, Cám and the stepmother.",
 }
 RETRY_MARK = "Câu trả lời trước không dùng được"
 
@@ -124,6 +128,7 @@ EXPECTED = {
     "flaky": {"kept": 0, "dropped": 1, "reasons": {"reasoning_cjk": 1}},
     "broken": {"kept": 0, "dropped": 2, "reasons": {"question_list_malformed": 2}},
     "refused": {"kept": 0, "dropped": 1, "reasons": {"question_list_request_failed": 1}},
+    "repeat": {"kept": 1, "dropped": 2, "reasons": {"response_exact_duplicate": 2}},  # keep 2 of 3: no second
 }
 
 
@@ -135,7 +140,7 @@ def test_pipeline_keeps_and_drops_every_row_for_its_reason(tmp_path, scripted):
     assert {task: counts[task] for task in EXPECTED} == EXPECTED
     for task, requested in report["requested_samples"].items():  # the bookkeeping adds up
         assert counts[task]["kept"] + counts[task]["dropped"] == requested
-    assert counts["ALL"]["kept"] == 2 and counts["ALL"]["dropped"] == 22
+    assert counts["ALL"]["kept"] == 3 and counts["ALL"]["dropped"] == 24
 
     by_task = {row["task"]: row for row in rows}
     math = by_task["math"]
@@ -150,7 +155,7 @@ def test_pipeline_keeps_and_drops_every_row_for_its_reason(tmp_path, scripted):
     assert by_task["explain"]["messages"][0]["content"].startswith("Vì sao")
     # the output is training data as the FFT recipe reads it
     parsed = list(read_conversations(out / "data.jsonl"))
-    assert len(parsed) == 2 and all(isinstance(messages, list) for _, messages in parsed)
+    assert len(parsed) == 3 and all(isinstance(messages, list) for _, messages in parsed)
 
     # the malformed flaky list was re-asked once with the error, the broken one retries+1 times in all
     assert writer.calls["retry"] == 1 + 2
@@ -159,10 +164,12 @@ def test_pipeline_keeps_and_drops_every_row_for_its_reason(tmp_path, scripted):
     assert broken["reason"] == "question_list_malformed" and "not JSON" in broken["detail"]
     near = next(d for d in drops if d["reason"] == "question_near_duplicate")
     assert near["detail"].startswith("of math-") and near["id"].endswith("-q2")
+    repeats = [d for d in drops if d["task"] == "repeat"]
+    assert [(d["id"][-3:], d["detail"][-3:]) for d in repeats] == [("-s1", "-s0"), ("-s2", "-s0")]
 
     usage = report["usage"]
-    assert usage["responses"]["replies"] == 3 + 3 + 2 + 1  # two math questions × 3 samples, 2 explain, 1 flaky
-    assert usage["reasoning"]["replies"] == 4
+    assert usage["responses"]["replies"] == 3 + 3 + 2 + 1 + 3  # math: 2 questions × 3 samples; repeat: 3 samples
+    assert usage["reasoning"]["replies"] == 5
     tokens = sum(u["prompt_tokens"] * 1.0 + u["completion_tokens"] * 2.0 for u in usage.values())
     assert report["total_cost"] == pytest.approx(tokens / 1e6) and tokens > 0
     assert "| math | 1 | 17 |" in (out / "report.md").read_text(encoding="utf-8")
@@ -180,11 +187,11 @@ def test_rerun_resumes_from_stage_files_and_the_reply_cache(tmp_path, scripted):
     (out / "stages" / "reasoning.meta.json").unlink()  # as if the run died before saving the stage
     again, report, _ = run_synth(tmp_path, url)
     assert again == first and sum(writer.calls.values()) == sent  # every reply came from the cache
-    assert report["usage"]["reasoning"]["cache_hits"] == 4 and report["usage"]["reasoning"]["requests_sent"] == 0
+    assert report["usage"]["reasoning"]["cache_hits"] == 5 and report["usage"]["reasoning"]["requests_sent"] == 0
 
     changed, report, _ = run_synth(tmp_path, url, "stages.reasoning.prompt_version=t-v2",
                                    "stages.reasoning.user='[Question]\n{question}\n\n[Answer]\n{response}'")
-    assert sum(writer.calls.values()) == sent + 4 and writer.calls["reasoning"] == 8  # only reasoning reran
+    assert sum(writer.calls.values()) == sent + 5 and writer.calls["reasoning"] == 10  # only reasoning reran
     assert report["usage"]["questions"]["reused_stored_output"] and report["usage"]["responses"]["reused_stored_output"]
     assert {row["provenance"]["reasoning"]["prompt_version"] for row in changed} == {"t-v2"}
     assert [row["messages"][0] for row in changed] == [row["messages"][0] for row in first]
@@ -197,14 +204,14 @@ def test_rows_lost_to_an_outage_are_asked_again_on_the_next_run(tmp_path, script
     assert report["counts"]["explain"]["reasons"] == {"response_request_failed": 1, "response_too_long": 1}
     assert report["usage"]["responses"]["transient_failures"] == 1
     assert "run the same command again" in (out / "report.md").read_text(encoding="utf-8")
-    assert not (out / "stages" / "responses.meta.json").exists() and len(rows) == 1
+    assert not (out / "stages" / "responses.meta.json").exists() and len(rows) == 2
     sent = Counter(writer.calls)
 
     writer.outage = False
     rows, report, _ = run_synth(tmp_path, url)
     assert {task: report["counts"][task] for task in EXPECTED} == EXPECTED
     assert writer.calls - sent == Counter({"responses": 1, "reasoning": 1})  # only what the outage lost
-    assert sorted(row["task"] for row in rows) == ["explain", "math"]
+    assert sorted(row["task"] for row in rows) == ["explain", "math", "repeat"]
 
 
 def test_config_errors_name_the_key(tmp_path, scripted):
@@ -230,10 +237,10 @@ def test_reasoning_stage_on_a_local_checkpoint_served_on_loopback(tmp_path, scri
                  "filters.check_reasoning_answer=false"]
     rows, report, out = run_synth(tmp_path, url, *overrides, extra_backends=local)
     usage = report["usage"]["reasoning"]
-    assert usage["backend"] == "tiny" and usage["model"] == "tiny-thinker" and usage["replies"] == 4
-    assert usage["requests_sent"] == 4 and usage["completion_tokens"] > 0 and writer.calls["reasoning"] == 0
+    assert usage["backend"] == "tiny" and usage["model"] == "tiny-thinker" and usage["replies"] == 5
+    assert usage["requests_sent"] == 5 and usage["completion_tokens"] > 0 and writer.calls["reasoning"] == 0
     reasoning_drops = report["counts"]["ALL"]["reasons"].get("reasoning_malformed", 0)
-    assert len(rows) + reasoning_drops == 4 and rows  # every row kept or dropped as malformed (truncated)
+    assert len(rows) + reasoning_drops == 5 and rows  # every row kept or dropped as malformed (truncated)
     for row in rows:
         assert row["provenance"]["reasoning"] == {"backend": "tiny", "model": "tiny-thinker", "prompt_version": "t-v1"}
         assert row["messages"][1]["reasoning_content"] and "e" not in row["messages"][1]["reasoning_content"]
