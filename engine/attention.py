@@ -62,7 +62,13 @@ def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 def _sdpa(q, k, v, scale):
-    """Causal SDPA on [..., S, H, D] tensors (heads moved next to the sequence axis and back)."""
+    """Causal SDPA on [..., S, H, D] tensors (heads moved next to the sequence axis and back).
+
+    A packed segment [S, H, D] gets a batch axis of one: the CPU flash kernel takes only 4-D inputs, and 3-D
+    ones fall back to the math path, which is ~4x slower and keeps the H×S×S probabilities for backward."""
+    unbatched = q.dim() == 3
+    if unbatched:
+        q, k, v = q[None], k[None], v[None]
     out = F.scaled_dot_product_attention(q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2),
-                                         is_causal=True, scale=scale, enable_gqa=True)
-    return out.transpose(-3, -2)
+                                         is_causal=True, scale=scale, enable_gqa=True).transpose(-3, -2)
+    return out[0] if unbatched else out
