@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,10 +21,10 @@ from typing import Literal
 import yaml
 from tqdm.auto import tqdm
 
-from qforge.engine.client import ChatClientError, ClientSettings
-from qforge.engine.data.formats import DataError, RowError, read_conversations
+from qforge.engine.client import ClientSettings
+from qforge.engine.data.formats import RowError, read_conversations
 from qforge.engine.serve import EndpointSettings, open_endpoint
-from qforge.recipes.cli import config_from_argv
+from qforge.recipes.cli import run_from_argv
 from qforge.recipes.files import write_json, write_jsonl, write_text
 from qforge.recipes.synthesis.dedup import Deduplicator
 from qforge.recipes.synthesis.filters import Malformed, TextRules
@@ -305,11 +304,7 @@ def _drop(row_id: str, task: str, reason: str, detail: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = config_from_argv(CurateConfig, argv, __doc__.split("\n\n")[0], "sampling.target=5000")
-    try:
-        run(config)
-    except (ValueError, FileNotFoundError, DataError, ChatClientError) as error:
-        sys.exit(f"error: {error}")
+    config, _ = run_from_argv(CurateConfig, run, argv, __doc__.split("\n\n")[0], "sampling.target=5000")
     print(Path(config.output.dir, "report.md").read_text(encoding="utf-8"))
 
 

@@ -10,14 +10,13 @@ its reason), report.json and report.md (kept/dropped per task and reason; tokens
 """
 from __future__ import annotations
 
-import sys
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qforge.engine.client import ChatClient, ChatClientError, ClientSettings
+from qforge.engine.client import ChatClient, ClientSettings
 from qforge.engine.serve import EndpointSettings, open_endpoint
-from qforge.recipes.cli import config_from_argv
+from qforge.recipes.cli import run_from_argv
 from qforge.recipes.files import write_json, write_jsonl, write_text
 from qforge.recipes.synthesis.answers import numbers_in, reasoning_consistent, rejection_sample
 from qforge.recipes.synthesis.dedup import Deduplicator
@@ -38,12 +37,10 @@ class Backend:
     endpoint: EndpointSettings = field(default_factory=EndpointSettings)
     params: dict = field(default_factory=dict)  # default body fields: temperature, chat_template_kwargs, ...
     price_per_million: dict = field(default_factory=dict)  # {"prompt": USD, "completion": USD} per 1M tokens
-    cache_namespace: str | None = None  # endpoints only: cache key instead of the URL (e.g. a moving port)
+    cache_namespace: str | None = None  # cache key instead of the URL or checkpoint (e.g. for a moving port)
 
     def __post_init__(self):
         self.endpoint.check(f"backends[{self.name}].endpoint")
-        if self.cache_namespace and self.endpoint.path:
-            raise ValueError(f"backends[{self.name}].cache_namespace is for endpoints; checkpoints are keyed by path")
 
 
 @dataclass
@@ -340,11 +337,7 @@ def run(config: SynthConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = config_from_argv(SynthConfig, argv, __doc__.split("\n\n")[0], "topics_per_task=2")
-    try:
-        run(config)
-    except (ValueError, FileNotFoundError, ChatClientError) as error:
-        sys.exit(f"error: {error}")
+    config, _ = run_from_argv(SynthConfig, run, argv, __doc__.split("\n\n")[0], "topics_per_task=2")
     print(Path(config.output.dir, "report.md").read_text(encoding="utf-8"))
 
 
