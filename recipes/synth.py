@@ -41,6 +41,10 @@ class Backend:
 
     def __post_init__(self):
         self.endpoint.check(f"backends[{self.name}].endpoint")
+        unknown = set(self.price_per_million) - {"prompt", "completion"}
+        if unknown:
+            raise ValueError(f"backends[{self.name}].price_per_million: unknown keys {sorted(unknown)}; "
+                             "use prompt and completion (USD per million tokens)")
 
 
 @dataclass
@@ -124,9 +128,8 @@ class Pipeline:
 
     def ask(self, stage: str, prompt_fields: list[dict], tags: list[str], parse) -> tuple[list, dict]:
         settings, backend = getattr(self.config.stages, stage), self.backend(stage)
-        system = [{"role": "system", "content": fill(settings.system, f)} for f in prompt_fields]
-        conversations = [([s] if settings.system else []) + [{"role": "user", "content": fill(settings.user, f)}]
-                         for s, f in zip(system, prompt_fields)]
+        conversations = [([{"role": "system", "content": fill(settings.system, f)}] if settings.system else [])
+                         + [{"role": "user", "content": fill(settings.user, f)}] for f in prompt_fields]
         usage = Usage()
         answers = ask_all(self.clients[backend.name], conversations, tags, parse, retries=settings.retries,
                           retry_prompt=settings.retry, usage=usage, desc=stage,

@@ -220,6 +220,9 @@ def test_config_errors_name_the_key(tmp_path, scripted):
         run_synth(tmp_path, url, "stages.responses.user='{question} {answer}'")
     with pytest.raises(SystemExit, match="stages.reasoning.backend 'api' is not one of backends"):
         run_synth(tmp_path, url, "stages.reasoning.backend=api")
+    with pytest.raises(SystemExit, match="price_per_million: unknown keys \\['output'\\]"):
+        run_synth(tmp_path, url, extra_backends=", {name: b, endpoint: {base_url: x, model: m}, "
+                                                 "price_per_million: {output: 1}}")
 
 
 def test_reasoning_stage_on_a_local_checkpoint_served_on_loopback(tmp_path, scripted, qwen_tokenizer_dir):
