@@ -139,8 +139,9 @@ def _prune_rows(weight: torch.Tensor, vocab: VocabMap, rows: int, where: str) ->
     if weight.shape[0] != vocab.original_size:
         raise ValueError(f"{where}: {weight.shape[0]} rows but the vocabulary map expects "
                          f"{vocab.original_size}; the tokenizer does not belong to this model")
-    kept = weight.index_select(0, vocab.kept_ids)
-    return torch.cat([kept, kept.new_zeros(rows - kept.shape[0], *kept.shape[1:])])
+    pruned = weight.new_zeros(rows, *weight.shape[1:])  # filled in place: one extra copy at most
+    torch.index_select(weight, 0, vocab.kept_ids, out=pruned[:vocab.new_size])
+    return pruned
 
 
 def prune_checkpoint(src_dir: str | Path, dst_dir: str | Path, vocab: VocabMap,

@@ -1,6 +1,6 @@
 """Shared fixtures for tests/vocab: the real tokenizer's VocabMap and tiny Qwen3 models with its 151,936 rows.
 
-(A module, not a conftest.py: a second conftest.py would shadow tests/conftest for `from conftest import`.)
+(A module rather than a conftest.py: pytest loads every conftest.py under the same module name.)
 """
 import re
 
