@@ -210,6 +210,19 @@ def classify(config: CurateConfig, rows: list[dict], labels: list[str], cache_di
     return {**asdict(usage), "model": model}
 
 
+def quota_rows(quota: int | float, target: int | None) -> int:
+    return quota if isinstance(quota, int) else round(quota * target)
+
+
+def sampling_summary(kept: list[dict], settings: Sampling) -> dict:
+    """The target and quotas against what was kept: a corpus too small for them shows here."""
+    counts = Counter(row["task"] for row in kept)
+    quotas = {task: {"wanted": quota_rows(quota, settings.target), "kept": counts[task]}
+              for task, quota in settings.quotas.items()}
+    return {"target": settings.target, "kept": len(kept), "quotas": quotas,
+            "short": sorted(task for task, q in quotas.items() if q["kept"] < q["wanted"])}
+
+
 def sample(rows: list[dict], settings: Sampling) -> tuple[list[dict], list[dict]]:
     """Per-task quotas first (rows, or shares of the target), then the rest of the target from the other
     tasks' rows, uniformly; everything not drawn is dropped as over_quota/not_sampled."""
@@ -222,7 +235,7 @@ def sample(rows: list[dict], settings: Sampling) -> tuple[list[dict], list[dict]
     chosen, drops = [], []
     for task, quota in settings.quotas.items():
         pool = by_task.pop(task, [])
-        want = quota if isinstance(quota, int) else round(quota * settings.target)
+        want = quota_rows(quota, settings.target)
         rng.shuffle(pool)
         chosen += pool[:want]
         drops += [_drop(r["id"], task, "over_quota", f"quota {want}") for r in pool[want:]]
@@ -289,11 +302,13 @@ def write_outputs(config: CurateConfig, out: Path, kept: list[dict], drops: list
     counts = count_by_task(kept, drops)
     overrides = " ".join(f"'data.{key}={json.dumps(value, ensure_ascii=False)}'"
                          for key, value in mixture["data"].items())
-    report = {"counts": counts, "kept_by_task": dict(Counter(r["task"] for r in kept)),
-              "classifier_usage": usage, "mixture": mixture, "fft_overrides": overrides, "config": asdict(config)}
+    sampling = sampling_summary(kept, config.sampling)
+    report = {"counts": counts, "sampling": sampling, "classifier_usage": usage, "mixture": mixture, "fft_overrides": overrides, "config": asdict(config)}
     write_json(out / "report.json", report)
     write_text(out / "report.md", "# Curation report\n\nRows per task kept or dropped, by reason (rows dropped "
                                   f"before labelling count under '{UNLABELLED}'):\n\n" + counts_markdown(counts)
+               + f"\nKept {sampling['kept']} rows (target: {sampling['target']}); quotas not filled: "
+                 f"{', '.join(sampling['short']) or 'none'}.\n"
                + f"\nMixture ({out / 'mixture.yaml'}); train on it with\n\n"
                  f"    python recipes/fft.py --config FFT_CONFIG.yaml {overrides}\n")
     return report

@@ -11,7 +11,7 @@ from qforge.engine.config_io import apply_overrides, build, read_yaml
 from qforge.engine.data.formats import read_conversations
 from qforge.engine.serve import ChatServer, ScriptedBackend
 from qforge.engine.train import FFTConfig
-from qforge.recipes.curate import main, sample, Sampling
+from qforge.recipes.curate import Sampling, main, sample, sampling_summary
 from qforge.recipes.fft import stage_configs
 
 ANSWER = "Ta thực hiện phép tính cẩn thận từng bước, vậy kết quả cuối cùng là mười hai."
@@ -157,6 +157,9 @@ def test_quotas_then_the_rest_of_the_target():
     short, _ = sample(rows, Sampling(target=100, quotas={"code": 10}))  # a quota above what exists takes all
     assert len(short) == len(rows)
     assert sample(rows, Sampling()) == (rows, [])
+    summary = sampling_summary(short, Sampling(target=100, quotas={"code": 10, "other": 0.05}))
+    assert summary == {"target": 100, "kept": 70, "short": ["code"],
+                       "quotas": {"code": {"wanted": 10, "kept": 4}, "other": {"wanted": 5, "kept": 6}}}
 
 
 def test_parquet_input(tmp_path):
