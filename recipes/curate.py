@@ -29,7 +29,7 @@ from qforge.recipes.files import write_json, write_jsonl, write_text
 from qforge.recipes.synthesis.dedup import Deduplicator
 from qforge.recipes.synthesis.filters import Malformed, TextRules
 from qforge.recipes.synthesis.report import count_by_task, counts_markdown
-from qforge.recipes.synthesis.stages import Usage, ask_all, check_placeholders, fill
+from qforge.recipes.synthesis.stages import Usage, ask_all, check_placeholders, conversation
 
 UNLABELLED = "unlabelled"  # rows no keyword rule matched, before the classifier (if any) has seen them
 
@@ -188,11 +188,11 @@ def classify(config: CurateConfig, rows: list[dict], labels: list[str], cache_di
     """Labels `rows` in place with the LLM classifier; rows whose label stays unusable get tasks.default."""
     settings = config.tasks.classifier
     fields = [{"prompt": first_user(r["messages"])[:settings.prompt_chars], "labels": ", ".join(labels)} for r in rows]
-    conversations = [([{"role": "system", "content": fill(settings.system, f)}] if settings.system else [])
-                     + [{"role": "user", "content": fill(settings.user, f)}] for f in fields]
+    conversations = [conversation(settings.system, settings.user, f) for f in fields]
 
     def parse(_, reply):
-        found = {label for label in labels if re.search(rf"(?<!\w){re.escape(label)}(?!\w)", reply.content)}
+        found = {label for label in labels
+                 if re.search(rf"(?<!\w){re.escape(label)}(?!\w)", reply.content, re.IGNORECASE)}
         if len(found) != 1:
             raise Malformed(f"expected exactly one of {labels}, got {reply.content.strip()[:80]!r}")
         return found.pop()

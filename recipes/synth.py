@@ -22,8 +22,8 @@ from qforge.recipes.synthesis.answers import numbers_in, reasoning_consistent, r
 from qforge.recipes.synthesis.dedup import Deduplicator
 from qforge.recipes.synthesis.filters import Malformed, TextRules, parse_question_list, parse_text_reply
 from qforge.recipes.synthesis.report import count_by_task, counts_markdown
-from qforge.recipes.synthesis.stages import (StageResult, StageStore, Usage, ask_all, check_placeholders, fill,
-                                             fingerprint)
+from qforge.recipes.synthesis.stages import (StageResult, StageStore, Usage, ask_all, check_placeholders,
+                                             conversation, fingerprint)
 from qforge.recipes.synthesis.syllabus import Task, Topic, jobs, read_syllabus, read_tasks
 
 TOPIC_FIELDS = {"level", "grade", "subject", "topic", "task", "instructions"}
@@ -128,8 +128,7 @@ class Pipeline:
 
     def ask(self, stage: str, prompt_fields: list[dict], tags: list[str], parse) -> tuple[list, dict]:
         settings, backend = getattr(self.config.stages, stage), self.backend(stage)
-        conversations = [([{"role": "system", "content": fill(settings.system, f)}] if settings.system else [])
-                         + [{"role": "user", "content": fill(settings.user, f)}] for f in prompt_fields]
+        conversations = [conversation(settings.system, settings.user, f) for f in prompt_fields]
         usage = Usage()
         answers = ask_all(self.clients[backend.name], conversations, tags, parse, retries=settings.retries,
                           retry_prompt=settings.retry, usage=usage, desc=stage,

@@ -27,6 +27,12 @@ def fill(template: str, fields: dict) -> str:
     return PLACEHOLDER.sub(lambda m: str(fields[m.group(1)]) if m.group(1) in fields else m.group(0), template)
 
 
+def conversation(system: str, user: str, fields: dict) -> list[dict]:
+    """The system (if any) and user messages of one request, from templates."""
+    return ([{"role": "system", "content": fill(system, fields)}] if system else []) + [
+        {"role": "user", "content": fill(user, fields)}]
+
+
 def check_placeholders(template: str, allowed: set[str], key: str) -> None:
     unknown = set(PLACEHOLDER.findall(template)) - allowed
     if unknown:

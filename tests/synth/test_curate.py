@@ -121,7 +121,7 @@ class Classifier:
         if prompt.startswith("Invalid"):
             return "other"
         if "câu chuyện" in prompt:
-            return "writing"
+            return "Nhãn: Writing"  # any case, around other words
         return "Có lẽ là computation hoặc writing"  # two labels: unusable, re-asked
 
 
