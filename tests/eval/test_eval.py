@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from qforge.engine.serve import ChatServer, ScriptedBackend
 from qforge.engine.config_io import load_config
-from qforge.recipes.eval import EvalConfig, run
+from qforge.recipes.eval import EvalConfig, main, run
 from qforge.recipes.mcq import official_prompt, read_questions, read_subjects
 
 DATA = "recipes/data/mcq_demo.jsonl"
@@ -146,8 +146,8 @@ def test_cli_writes_outputs_and_rejects_unknown_keys(checkpoint, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "accuracy" in done.stdout and (tmp_path / "report.json").exists()
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 4
-    typo = subprocess.run(command + ["eval.mdoe=loglik"], capture_output=True, text=True, timeout=120)
-    assert typo.returncode != 0 and "eval.mdoe" in typo.stderr and "eval.mode" in typo.stderr
+    with pytest.raises(SystemExit, match=r"unknown key 'eval.mdoe'.*did you mean 'eval.mode'"):
+        main(command[2:] + ["eval.mdoe=loglik"])
 
 
 def test_exact_match_helper_compares_extracted_answers(checkpoint):
