@@ -73,6 +73,22 @@ class Filters:
     reasoning: TextRules = field(default_factory=lambda: TextRules(min_chars=20, max_chars=24000, language="any"))
     near_duplicate_threshold: float | None = 0.7  # estimated Jaccard of word 3-gram sets; null: exact only
     check_reasoning_answer: bool = True  # the reasoning's conclusion must mention the response's final number
+    # reconstructed thinking must not give away that it was written knowing the answer (case-insensitive)
+    reasoning_banned_phrases: list[str] = field(default_factory=lambda: [
+        "given answer", "provided answer", "answer provided", "answer was given", "đáp án đã cho",
+        "đáp án được cung cấp", "đáp án được cho"])
+
+    def reasoning_problem(self, reasoning: str, response: str) -> str | None:
+        """Why a reconstructed reasoning is dropped, or None."""
+        problem = self.reasoning.check(reasoning, "reasoning")
+        if problem:
+            return problem
+        lowered = reasoning.lower()
+        if any(phrase.lower() in lowered for phrase in self.reasoning_banned_phrases):
+            return "reasoning_leaks_answer"
+        if self.check_reasoning_answer and not reasoning_consistent(reasoning, response):
+            return "reasoning_answer_mismatch"
+        return None
 
 
 @dataclass
@@ -241,10 +257,7 @@ class Pipeline:
     def validate(self, rows: list[dict]) -> StageResult:
         kept, drops = [], []
         for row in rows:
-            reason = self.config.filters.reasoning.check(row["reasoning"], "reasoning")
-            if not reason and self.config.filters.check_reasoning_answer \
-                    and not reasoning_consistent(row["reasoning"], row["response"]):
-                reason = "reasoning_answer_mismatch"
+            reason = self.config.filters.reasoning_problem(row["reasoning"], row["response"])
             if reason:
                 drops.append(_drop("validate", row["id"], self.tasks[row["task"]], reason, ""))
             else:

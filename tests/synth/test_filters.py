@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qforge.recipes.synth import Filters
 from qforge.recipes.synthesis.answers import (answer_matches, final_number, numbers_in, reasoning_consistent,
                                               rejection_sample)
 from qforge.recipes.synthesis.dedup import Deduplicator, MinHasher, NearDuplicateIndex, jaccard, shingles
@@ -162,3 +163,15 @@ def test_reasoning_must_conclude_with_the_answer_when_checkable():
     assert reasoning_consistent("Okay, 3 + 4 = 8?", "Câu chuyện có ba phần.")  # no final answer: unchecked
     early = "The answer is 7. " + "Now let me double-check everything carefully. " * 20 + "Done, 8 in the end."
     assert not reasoning_consistent(early, "Đáp án: 7")  # only the conclusion counts
+
+
+def test_reconstructed_reasoning_checks():
+    filters = Filters()
+    answer = "Vậy An có 7 quả táo. Đáp án: 7"
+    assert filters.reasoning_problem("Okay, An has 3 apples and gets 4 more: 3 + 4 = 7. So 7.", answer) is None
+    assert filters.reasoning_problem("Okay, 3 + 4 = 7, which matches the Given Answer of 7.", answer) \
+        == "reasoning_leaks_answer"
+    assert filters.reasoning_problem("Được rồi, theo đáp án đã cho là 7 nên 3 + 4 = 7.", answer) == "reasoning_leaks_answer"
+    assert filters.reasoning_problem("Okay, 3 + 4 = 8. So there are 8 apples.", answer) == "reasoning_answer_mismatch"
+    assert filters.reasoning_problem("Okay, 好的, 3 + 4 = 7.", answer) == "reasoning_cjk"
+    assert filters.reasoning_problem("7.", answer) == "reasoning_too_short"
