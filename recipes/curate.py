@@ -303,7 +303,8 @@ def write_outputs(config: CurateConfig, out: Path, kept: list[dict], drops: list
     overrides = " ".join(f"'data.{key}={json.dumps(value, ensure_ascii=False)}'"
                          for key, value in mixture["data"].items())
     sampling = sampling_summary(kept, config.sampling)
-    report = {"counts": counts, "sampling": sampling, "classifier_usage": usage, "mixture": mixture, "fft_overrides": overrides, "config": asdict(config)}
+    report = {"counts": counts, "sampling": sampling, "classifier_usage": usage, "mixture": mixture,
+              "fft_overrides": overrides, "config": asdict(config)}
     write_json(out / "report.json", report)
     write_text(out / "report.md", "# Curation report\n\nRows per task kept or dropped, by reason (rows dropped "
                                   f"before labelling count under '{UNLABELLED}'):\n\n" + counts_markdown(counts)

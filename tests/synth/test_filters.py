@@ -171,7 +171,8 @@ def test_reconstructed_reasoning_checks():
     assert filters.reasoning_problem("Okay, An has 3 apples and gets 4 more: 3 + 4 = 7. So 7.", answer) is None
     assert filters.reasoning_problem("Okay, 3 + 4 = 7, which matches the Given Answer of 7.", answer) \
         == "reasoning_leaks_answer"
-    assert filters.reasoning_problem("Được rồi, theo đáp án đã cho là 7 nên 3 + 4 = 7.", answer) == "reasoning_leaks_answer"
+    leaked = "Được rồi, theo đáp án đã cho là 7 nên 3 + 4 = 7."
+    assert filters.reasoning_problem(leaked, answer) == "reasoning_leaks_answer"
     assert filters.reasoning_problem("Okay, 3 + 4 = 8. So there are 8 apples.", answer) == "reasoning_answer_mismatch"
     assert filters.reasoning_problem("Okay, 好的, 3 + 4 = 7.", answer) == "reasoning_cjk"
     assert filters.reasoning_problem("7.", answer) == "reasoning_too_short"
