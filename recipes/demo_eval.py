@@ -8,28 +8,28 @@ suppresses every other token, so both numbers measure the model that training sh
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from qforge.engine import generate, load_model
+from qforge.engine import load_model
+from qforge.engine.chat import ChatModel
 from qforge.engine.data import ChatTemplate, pack
 from qforge.engine.data.cache import load_examples
+from qforge.engine.evaluate import exact_match
 from qforge.engine.train import FFTConfig, evaluate_loss
 from qforge.engine.train.build import build_model, kept_vocabulary, resolve_tokenizer_dir
 from qforge.engine.train.parallel import Dist
+from qforge.recipes.files import read_jsonl, write_json
 from qforge.recipes.make_demo_data import extract_answer
 
 
 def _read_rows(path: str) -> list[dict]:
     rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            row = json.loads(line)
-            if "answer" not in row or "messages" not in row:
-                raise ValueError(f"{path}:{number}: evaluate.data rows need 'messages' and a checkable 'answer'")
-            rows.append(row)
+    for where, row in read_jsonl(path):
+        if "answer" not in row or "messages" not in row:
+            raise ValueError(f"{where}: evaluate.data rows need 'messages' and a checkable 'answer'")
+        rows.append(row)
     return rows
 
 
@@ -49,20 +49,17 @@ def evaluate_checkpoint(config: FFTConfig, trained: bool, batch_size: int = 32) 
     kept = kept_vocabulary(config.vocab, train_sets + [held_out], template, model.config.vocab_size, device)
     loss = evaluate_loss(model, pack(held_out, config.data.max_tokens, seed=0), Dist(), {"vocab_index": kept})
 
-    rows = _read_rows(config.evaluate.data)
-    prompts = [template.encode_prompt(row["messages"][:-1], enable_thinking=config.evaluate.enable_thinking)
-               for row in rows]
     suppress = [] if kept is None else sorted(set(range(model.config.vocab_size)) - set(kept.tolist()))
-    outputs = []
-    for start in range(0, len(prompts), batch_size):
-        outputs += generate(model, prompts[start:start + batch_size], max_new_tokens=config.evaluate.max_new_tokens,
-                            stop_ids=[template.eos_id], suppress_ids=suppress)
-    texts = [template.tokenizer.decode(ids, skip_special_tokens=False) for ids in outputs]
-    correct = [extract_answer(text.split("</think>")[-1]) == str(row["answer"]) for text, row in zip(texts, rows)]
-    return {"model": "trained" if trained else "initial", "held_out_loss": loss,
-            "exact_match": sum(correct) / len(rows), "num_questions": len(rows),
-            "samples": [{"question": row["messages"][-2]["content"], "output": text, "gold": row["answer"]}
-                        for row, text in list(zip(rows, texts))[:3]]}
+    chat_model = ChatModel(model, template, suppress_ids=suppress, batch_size=batch_size)
+    scored = exact_match(chat_model, _read_rows(config.evaluate.data), extract=_final_answer,
+                         max_new_tokens=config.evaluate.max_new_tokens, enable_thinking=config.evaluate.enable_thinking)
+    return {"model": "trained" if trained else "initial", "held_out_loss": loss, "exact_match": scored.accuracy,
+            "num_questions": scored.total, "samples": scored.predictions[:3]}
+
+
+def _final_answer(text: str) -> str | None:
+    """The number after the last 'Đáp án:' of the answer (reasoning excluded)."""
+    return extract_answer(text.split("</think>")[-1])
 
 
 def print_before_after(before: dict, after: dict, out_path: str | Path) -> None:
@@ -72,5 +69,5 @@ def print_before_after(before: dict, after: dict, out_path: str | Path) -> None:
     print(f"{'exact-match accuracy':24s}{before['exact_match']:12.1%}{after['exact_match']:12.1%}")
     print(f"({after['num_questions']} questions, greedy decoding)")
     for sample in after["samples"][:2]:
-        print(f"\nQ: {sample['question']}\nmodel: {sample['output'].strip()}\ngold: {sample['gold']}")
-    Path(out_path).write_text(json.dumps({"before": before, "after": after}, indent=2, ensure_ascii=False))
+        print(f"\nmodel: {sample['text'].strip()}\ngold: {sample['gold']}")
+    write_json(out_path, {"before": before, "after": after})
