@@ -60,9 +60,12 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--chunk-bytes", type=int, help="qforge's logits budget (default: the library's)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up run (0: time that run)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     fn = loss_fn(args.impl, args.chunk_bytes)
     torch.manual_seed(0)
