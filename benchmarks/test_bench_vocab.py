@@ -1,10 +1,10 @@
 """CJK-free vocabulary: the fused loss over the full vs the kept vocabulary at Qwen3-8B's H = 4096 (time of
 forward+backward, measured peak RSS), and the pruned checkpoint's size vs the original.
 
-    python -m pytest benchmarks/test_bench_vocab.py --benchmark-enable -s
+    python -m pytest benchmarks/test_bench_vocab.py --benchmark-enable -s -m 'not large'   # T=256 only
 
 Each measurement runs in a fresh process (this file is also the script) so peaks do not mix:
-    python benchmarks/test_bench_vocab.py loss --tokens 512 --hidden 4096 [--kept]
+    python benchmarks/test_bench_vocab.py loss --tokens 256 --hidden 4096 --mode full|vocab_index|pruned
     python benchmarks/test_bench_vocab.py prune SRC_DIR DST_DIR
 """
 import argparse
@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "tests")]
@@ -25,16 +26,19 @@ QWEN3_ROWS = 151_936
 QWEN3_8B = dict(hidden=4096, layers=36, intermediate=12288, heads=32, kv_heads=8, head_dim=128, tied=False)
 
 
-def measure_loss(tokens: int, hidden: int, kept: bool, dtype: torch.dtype, repeats: int) -> dict:
+def measure_loss(tokens: int, hidden: int, mode: str, dtype: torch.dtype, repeats: int) -> dict:
+    """mode: "full" (all rows), "vocab_index" (full head, kept rows scored), "pruned" (a pruned head)."""
     from qforge.engine.vocab import VocabMap
     from qforge.kernels import fused_linear_cross_entropy
 
     vocab = VocabMap.from_tokenizer(qwen3_tokenizer_dir(), QWEN3_ROWS)
+    rows = vocab.new_size if mode == "pruned" else QWEN3_ROWS
     torch.manual_seed(0)
     x = torch.empty(tokens, hidden, dtype=dtype).normal_().requires_grad_()
-    weight = torch.empty(QWEN3_ROWS, hidden, dtype=dtype).normal_(0, 0.02).requires_grad_()
-    labels = vocab.kept_ids[torch.randint(0, vocab.new_size, (tokens,))]  # the same targets in both cases
-    index = vocab.kept_ids if kept else None
+    weight = torch.empty(rows, hidden, dtype=dtype).normal_(0, 0.02).requires_grad_()
+    new_labels = torch.randint(0, vocab.new_size, (tokens,))  # the same targets in every mode
+    labels = new_labels if mode == "pruned" else vocab.kept_ids[new_labels]
+    index = vocab.kept_ids if mode == "vocab_index" else None
     baseline = peak_bytes("cpu")
     seconds, cpu_seconds = [], []
     for _ in range(repeats + 1):  # the first run warms up
@@ -43,8 +47,8 @@ def measure_loss(tokens: int, hidden: int, kept: bool, dtype: torch.dtype, repea
         fused_linear_cross_entropy(x, weight, labels, vocab_index=index).backward()
         seconds.append(time.perf_counter() - start)
         cpu_seconds.append(time.process_time() - cpu_start)  # steadier than wall time on a shared machine
-    return {"kept": kept, "rows_scored": vocab.new_size if kept else QWEN3_ROWS, "tokens": tokens, "hidden": hidden,
-            "dtype": str(dtype), "seconds_median": statistics.median(seconds[1:]),
+    return {"mode": mode, "rows_scored": rows if index is None else vocab.new_size, "tokens": tokens,
+            "hidden": hidden, "dtype": str(dtype), "seconds_median": statistics.median(seconds[1:]),
             "cpu_seconds_median": statistics.median(cpu_seconds[1:]), "peak_bytes": peak_bytes("cpu") - baseline}
 
 
@@ -72,16 +76,18 @@ def non_vocab_params(hidden, layers, intermediate, heads, kv_heads, head_dim, **
     return layers * (attention + 3 * hidden * intermediate + 2 * hidden) + hidden
 
 
-def test_loss_full_vs_kept_vocabulary(benchmark):
-    shape = ("--tokens", "256", "--hidden", "4096")
-    full = run("loss", *shape)
-    kept = benchmark.pedantic(run, args=("loss", *shape, "--kept"), rounds=1, iterations=1)
-    ratios = {"time_kept_over_full": kept["seconds_median"] / full["seconds_median"],
-              "cpu_time_kept_over_full": kept["cpu_seconds_median"] / full["cpu_seconds_median"],
-              "peak_kept_over_full": kept["peak_bytes"] / full["peak_bytes"]}
-    benchmark.extra_info.update(full=full, kept=kept, **ratios)
-    print(json.dumps({"full": full, "kept": kept, **ratios}, indent=2))
-    assert kept["rows_scored"] < 0.8 * full["rows_scored"]
+@pytest.mark.parametrize("tokens", [256, pytest.param(2048, marks=pytest.mark.large)])
+def test_loss_full_vs_kept_vocabulary(benchmark, tokens):
+    shape = ("--tokens", str(tokens), "--hidden", "4096")
+    full = run("loss", *shape, "--mode", "full")
+    restricted = run("loss", *shape, "--mode", "vocab_index")
+    pruned = benchmark.pedantic(run, args=("loss", *shape, "--mode", "pruned"), rounds=1, iterations=1)
+    ratios = {f"{case['mode']}_over_full": {key: case[key] / full[key]
+                                             for key in ("seconds_median", "cpu_seconds_median", "peak_bytes")}
+              for case in (restricted, pruned)}
+    benchmark.extra_info.update(full=full, vocab_index=restricted, pruned=pruned, **ratios)
+    print(json.dumps({"full": full, "vocab_index": restricted, "pruned": pruned, **ratios}, indent=2))
+    assert restricted["rows_scored"] == pruned["rows_scored"] < 0.8 * full["rows_scored"]
 
 
 def test_pruned_checkpoint_size(benchmark, tmp_path):
@@ -114,7 +120,8 @@ def main() -> None:
     loss = commands.add_parser("loss")
     loss.add_argument("--tokens", type=int, required=True)
     loss.add_argument("--hidden", type=int, required=True)
-    loss.add_argument("--kept", action="store_true", help="score only the kept (CJK-free) rows")
+    loss.add_argument("--mode", choices=("full", "vocab_index", "pruned"), default="full",
+                      help="all rows, the kept (CJK-free) rows of the full head, or a pruned head")
     loss.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     loss.add_argument("--repeats", type=int, default=2)
     prune = commands.add_parser("prune")
@@ -122,7 +129,7 @@ def main() -> None:
     prune.add_argument("dst", type=Path)
     args = parser.parse_args()
     if args.command == "loss":
-        result = measure_loss(args.tokens, args.hidden, args.kept, getattr(torch, args.dtype), args.repeats)
+        result = measure_loss(args.tokens, args.hidden, args.mode, getattr(torch, args.dtype), args.repeats)
     else:
         result = measure_prune(args.src, args.dst)
     print(json.dumps(result))

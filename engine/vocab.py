@@ -14,7 +14,7 @@ import itertools
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import torch
@@ -195,6 +195,7 @@ class VocabScan:
 
 
 def scan_tokenizer(tokenizer_dir: str | Path) -> VocabScan:
+    """Classifies every token of the byte-level BPE tokenizer in `tokenizer_dir` (see `analyse_bytes`)."""
     regular, added = load_vocab(tokenizer_dir)
     classes = {name: [] for name in CLASSES}
     suppress, single_byte_cjk = [], []
@@ -233,6 +234,9 @@ class VocabMap:
     original_size: int          # rows of the original output head (Qwen pads 151,669 tokens to 151,936)
 
     def __post_init__(self):
+        ids = self.kept_ids
+        if ids.numel() and not bool((ids[1:] > ids[:-1]).all() and ids[0] >= 0):
+            raise ValueError("kept_ids must be non-negative and strictly increasing (new ids keep the original order)")
         if self.kept_ids.numel() and int(self.kept_ids[-1]) >= self.original_size:
             raise ValueError(f"kept id {int(self.kept_ids[-1])} does not fit a vocabulary of "
                              f"{self.original_size} rows: the tokenizer and model do not match")
@@ -254,7 +258,7 @@ class VocabMap:
     def new_to_old(self) -> torch.Tensor:
         return self.kept_ids
 
-    @property
+    @cached_property
     def old_to_new(self) -> torch.Tensor:
         """[original_size] int64: the kept id of each original id, -1 where the token was removed."""
         table = torch.full((self.original_size,), -1, dtype=torch.long)

@@ -38,31 +38,32 @@ def _write_json(path: Path, payload) -> None:
     path.write_text(json.dumps(payload, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
-def _remap_ids(value, old_to_new: torch.Tensor, where: str):
+def _remap_ids(value, old_to_new: list[int], where: str):
     """An id or list of ids (or None) in kept ids; a removed id is an error, never a silent drop."""
     if value is None:
         return None
     ids = [value] if isinstance(value, int) else list(value)
-    new = [int(old_to_new[i]) if 0 <= i < len(old_to_new) else -1 for i in ids]
+    new = [old_to_new[i] if 0 <= i < len(old_to_new) else -1 for i in ids]
     if -1 in new:
         raise ValueError(f"{where}: token id {ids[new.index(-1)]} is not in the kept vocabulary")
     return new[0] if isinstance(value, int) else new
 
 
 def prune_tokenizer(src_dir: str | Path, dst_dir: str | Path, vocab: VocabMap) -> None:
-    """Writes the tokenizer files of `src_dir` into `dst_dir` with only the kept tokens, densely renumbered.
+    """Writes the tokenizer files of `src_dir` into the existing `dst_dir` (prune_checkpoint passes its
+    temporary directory) with only the kept tokens, densely renumbered.
 
     Merges that use or produce a removed token are dropped; a kept token that loses the merge producing
     it would become unreachable, which is reported as an error rather than written.
     """
     src, dst = Path(src_dir), Path(dst_dir)
-    old_to_new = vocab.old_to_new
+    old_to_new = vocab.old_to_new.tolist()
     spec = _read_json(src / "tokenizer.json")
     if (spec.get("post_processor") or {}).get("type") not in (None, "ByteLevel"):
         raise ValueError(f"{src / 'tokenizer.json'}: post_processor type "
                          f"{spec['post_processor']['type']!r} may hold token ids; only ByteLevel is supported")
     model = spec["model"]
-    vocab_items = {token: int(old_to_new[i]) for token, i in model["vocab"].items() if old_to_new[i] >= 0}
+    vocab_items = {token: old_to_new[i] for token, i in model["vocab"].items() if old_to_new[i] >= 0}
     pairs = [merge.split(" ", 1) if isinstance(merge, str) else merge for merge in model["merges"]]
     kept = [left in vocab_items and right in vocab_items and left + right in vocab_items for left, right in pairs]
     kept_merges = [merge for merge, keep in zip(model["merges"], kept) if keep]
@@ -101,7 +102,7 @@ def prune_tokenizer(src_dir: str | Path, dst_dir: str | Path, vocab: VocabMap) -
 
 def _prune_configs(src: Path, dst: Path, vocab: VocabMap, rows: int) -> None:
     """config.json gets the new row count; special ids are remapped; padding rows are suppressed too."""
-    old_to_new = vocab.old_to_new
+    old_to_new = vocab.old_to_new.tolist()
     config = _read_json(src / "config.json")
     if config.get("vocab_size") != vocab.original_size:
         raise ValueError(f"{src / 'config.json'}: vocab_size={config.get('vocab_size')} but the vocabulary map "
@@ -118,7 +119,7 @@ def _prune_configs(src: Path, dst: Path, vocab: VocabMap, rows: int) -> None:
     for field in SPECIAL_ID_FIELDS:
         if generation.get(field) is not None:
             generation[field] = _remap_ids(generation[field], old_to_new, f"{generation_path}: {field}")
-    previous = [int(old_to_new[i]) for i in generation.get("suppress_tokens") or [] if old_to_new[i] >= 0]
+    previous = [old_to_new[i] for i in generation.get("suppress_tokens") or [] if old_to_new[i] >= 0]
     padding = range(vocab.new_size, rows)
     generation["suppress_tokens"] = sorted({*previous, *vocab.to_new(vocab.suppress_ids).tolist(), *padding})
     generation["_from_model_config"] = False  # else transformers may rebuild it from config.json, losing the list

@@ -39,7 +39,8 @@ def oracle_analysis(data: bytes, flags: dict) -> tuple[bool, bool, bool]:
     head = data[first_lead + len(text.encode()):]
     fragment_flags = [flags.get((data[:first_lead], "tail"), 0)] if first_lead else []
     fragment_flags += [flags.get((head, "head"), 0)] if head else []
-    return (any(is_cjk(ord(c)) for c in text), 2 in fragment_flags, bool(head) and bool(flags.get((head, "head"), 0) & 2))
+    starts_cjk = bool(head) and bool(flags.get((head, "head"), 0) & 2)
+    return any(is_cjk(ord(c)) for c in text), 2 in fragment_flags, starts_cjk
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,8 @@ def boosted(tmp_path_factory, vocab_map, qwen_tokenizer_dir):
     root = tmp_path_factory.mktemp("boosted")
     source = save_hf_qwen3(root / "source", seed=3, tie_word_embeddings=False, **TINY_REAL_VOCAB)
     regular, _ = load_vocab(qwen_tokenizer_dir)
-    byte_ids = [i for i, data in regular.items() if len(data) == 1 and (0x80 <= data[0] < 0xC0 or 0xE1 <= data[0] <= 0xF0)]
+    byte_ids = [i for i, data in regular.items()
+                if len(data) == 1 and (0x80 <= data[0] < 0xC0 or 0xE1 <= data[0] <= 0xF0)]
     boost(source, (vocab_map.old_to_new == -1).nonzero().squeeze(1), byte_ids)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (source / name).write_bytes((qwen_tokenizer_dir / name).read_bytes())

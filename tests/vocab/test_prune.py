@@ -44,7 +44,8 @@ def test_chat_template_and_special_tokens_survive(tokenizers, vocab_map):
     for token, old_id in original.get_added_vocab().items():
         assert pruned.convert_tokens_to_ids(token) == vocab_map.old_to_new[old_id]
     assert pruned.eos_token == original.eos_token == "<|im_end|>" and pruned.pad_token == original.pad_token
-    messages = [{"role": "system", "content": "Trả lời bằng tiếng Việt."}, {"role": "user", "content": NON_CJK_TEXTS[0]},
+    messages = [{"role": "system", "content": "Trả lời bằng tiếng Việt."},
+                {"role": "user", "content": NON_CJK_TEXTS[0]},
                 {"role": "assistant", "content": NON_CJK_TEXTS[5]}]
     text = original.apply_chat_template(messages, tokenize=False)
     assert pruned.apply_chat_template(messages, tokenize=False) == text
@@ -93,7 +94,8 @@ def test_recipe_prunes_a_tied_checkpoint_that_stays_tied(tmp_path, qwen_tokenize
     config.write_text(f"model:\n  path: {source}\ntokenizer:\n  path: {qwen_tokenizer_dir}\n")
     assert prune_main(["--config", str(config), f"output.dir={out}", "vocab.pad_to_multiple=null"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["rows_after"] == vocab_map.new_size and summary["weight_bytes_after"] < summary["weight_bytes_before"]
+    assert summary["rows_after"] == vocab_map.new_size
+    assert summary["weight_bytes_after"] < summary["weight_bytes_before"]
     with safe_open(out / "model.safetensors", framework="pt") as tensors:
         assert "lm_head.weight" not in tensors.keys()
     original = AutoModelForCausalLM.from_pretrained(source)
@@ -114,3 +116,13 @@ def test_bad_output_or_mismatched_vocabulary_is_refused_without_leftovers(tiny_r
     with pytest.raises(ValueError, match="config.json: vocab_size=151936"):
         prune_checkpoint(tiny_real_vocab_model, tmp_path / "pruned", tokenizer_rows, qwen_tokenizer_dir)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_vietnamese_letters_are_written_without_suppressed_tokens(tokenizers, vocab_map):
+    """So suppression at sampling time never takes a Vietnamese letter away from the model."""
+    _, pruned = tokenizers
+    suppressed = set(vocab_map.to_new(vocab_map.suppress_ids).tolist())
+    letters = [chr(cp) for cp in [*range(0xC0, 0x1B1), *range(0x1EA0, 0x1EFA)] if chr(cp).isalpha()]
+    for letter in letters:
+        for text in (letter, " " + letter, letter.lower() + "n"):
+            assert not suppressed & set(pruned(text)["input_ids"]), text

@@ -80,5 +80,7 @@ def test_save_and_load_round_trip(vocab_map, tmp_path):
 def test_invalid_maps_are_rejected():
     with pytest.raises(ValueError, match="does not fit a vocabulary of 10 rows"):
         VocabMap(torch.tensor([1, 12]), torch.tensor([], dtype=torch.long), 10)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        VocabMap(torch.tensor([2, 1]), torch.tensor([], dtype=torch.long), 10)
     with pytest.raises(ValueError, match="subset"):
         VocabMap(torch.tensor([1, 2]), torch.tensor([3]), 10)
