@@ -58,3 +58,20 @@ def kept_vocabulary(settings: VocabSettings, example_sets, template, vocab_size:
         raise ValueError(f"vocab.restrict: {len(bad)} kept ids are outside the model's vocabulary "
                          f"[0, {vocab_size}): {bad[:10]}")
     return torch.tensor(sorted(ids), dtype=torch.long, device=device)
+
+
+def check_labels_in_vocabulary(example_sets, kept: torch.Tensor | None, drop: bool) -> int:
+    """Counts label tokens outside the kept vocabulary before training starts: an error naming how many and
+    which ids (e.g. CJK tokens left in the data), or, with `vocab.drop_unkept_labels`, the number ignored."""
+    if kept is None:
+        return 0
+    kept_ids = kept.cpu().numpy()
+    outside = [labels[(labels != -100) & ~np.isin(labels, kept_ids)]
+               for examples in example_sets for labels in (e.labels for e in examples)]
+    outside = np.concatenate(outside) if outside else np.zeros(0, dtype=np.int64)
+    if outside.size and not drop:
+        ids = np.unique(outside)
+        raise ValueError(f"{outside.size} label tokens ({ids.size} distinct ids, e.g. {ids[:10].tolist()}) are outside "
+                         f"the kept vocabulary (vocab.restrict); remove those rows from the data or set "
+                         f"vocab.drop_unkept_labels=true to ignore them")
+    return int(outside.size)

@@ -1,5 +1,6 @@
 """The FFT loop: split invariance, exact resume, signals, atomic checkpoints, non-finite steps, HF export."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -203,3 +204,16 @@ def test_demo_recipe_trains_saves_reloads_and_evaluates(tiny_run_files, tmp_path
     assert report["before"]["num_questions"] == report["after"]["num_questions"] == 8
     assert report["after"]["held_out_loss"] < report["before"]["held_out_loss"] - 0.5
     assert 0.0 <= report["after"]["exact_match"] <= 1.0
+
+
+def test_labels_outside_kept_vocabulary_error_or_are_dropped(tiny_run_files, tmp_path):
+    template = ChatTemplate.from_pretrained(resolve_tokenizer_dir(_config(tiny_run_files, tmp_path).model))
+    examples, _ = load_examples([tiny_run_files["train"]], template, cache_dir=tiny_run_files["cache"], progress=False)
+    used = sorted({int(t) for e in examples for t in e.labels if t != -100})
+    kept_file = tmp_path / "kept.json"
+    kept_file.write_text(json.dumps({"kept_ids": used[:-3]}))  # three label ids left out
+    with pytest.raises(ValueError, match=r"label tokens \(3 distinct ids.*vocab.drop_unkept_labels=true"):
+        train(_config(tiny_run_files, tmp_path / "strict", **{"vocab.restrict": str(kept_file)}))
+    result = train(_config(tiny_run_files, tmp_path / "drop", **{"vocab.restrict": str(kept_file), "train.max_steps": 2,
+                                                                  "vocab.drop_unkept_labels": "true"}))
+    assert all(math.isfinite(loss) for loss in result.losses)
