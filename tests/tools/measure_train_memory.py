@@ -1,0 +1,60 @@
+"""Trains a random qforge Qwen3 for one step on random packed micro-batches; prints the peak memory it took.
+
+    python tests/tools/measure_train_memory.py '{"model": {...}, "tokens": 1024, ...}'
+
+Run in a fresh process so the RSS high-water mark (getrusage ru_maxrss) is this training's own; the figure
+printed is that mark minus the mark before the model is built (Python, torch and the imports).
+"""
+import json
+import resource
+import sys
+
+import torch
+
+from qforge.engine.config import Qwen3Config
+from qforge.engine.data import PackedBatch
+from qforge.engine.model import Qwen3
+from qforge.engine.train.config import OptimSettings
+from qforge.engine.train.loop import train_step
+from qforge.engine.train.optim import build_optimizer
+from qforge.engine.train.parallel import Dist
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def random_batch(tokens: int, sequences: int, vocab: int, generator) -> PackedBatch:
+    length = tokens // sequences
+    cu_seqlens = torch.arange(0, tokens + 1, length, dtype=torch.int32)
+    position_ids = torch.arange(tokens) % length
+    input_ids = torch.randint(0, vocab, (tokens,), generator=generator)
+    labels = torch.roll(input_ids, -1)
+    labels[cu_seqlens[1:].long() - 1] = -100
+    return PackedBatch(input_ids, position_ids, cu_seqlens, length, labels, (labels != -100).float())
+
+
+def main(spec: dict) -> None:
+    generator = torch.Generator().manual_seed(0)
+    micro_batches = [random_batch(spec["tokens"], spec["sequences"], spec["model"]["vocab_size"], generator)
+                     for _ in range(spec["grad_accum"])]
+    kept = spec.get("kept_vocab")
+    loss_options = {"vocab_index": torch.arange(kept), "ignore_unkept_labels": True} if kept else None
+    before = peak_rss()
+    model = Qwen3(Qwen3Config(**spec["model"], torch_dtype="float32"))
+    model.init_weights(seed=0)
+    model.activation_checkpointing = spec.get("activation_checkpointing", False)
+    model.train()
+    optimizer = build_optimizer(model, OptimSettings(lr=1e-4))
+    for param in model.parameters():  # AdamW's moments exist from the first step on: make them now
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    train_step(model, micro_batches, Dist(), loss_options)  # the 2nd micro-batch runs with gradients held
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    print(json.dumps({"training_bytes": peak_rss() - before}))
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
