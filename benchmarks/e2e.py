@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -141,9 +141,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, help="runs per system (default: 1 with --quick, else 3)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--systems", nargs="+", help="subset of systems (qforge is always run)")
+    parser.add_argument("--padded-rows", type=int, help=f"rows per padded micro-batch (default {FULL.padded_rows}; "
+                        "HF's peak memory grows with rows × the longest row × the vocabulary)")
     args = parser.parse_args()
 
-    workload = QUICK if args.quick else FULL
+    workload = replace(QUICK if args.quick else FULL, **({"padded_rows": args.padded_rows} if args.padded_rows else {}))
     runs_per_system = args.runs or (1 if args.quick else 3)
     systems = ["qforge", "hf_padded", "hf_padding_free"] + (["hf_liger"] if args.device == "cuda" else [])
     if args.systems:

@@ -6,9 +6,9 @@
 --model is a built-in name (qwen3-0.6b … qwen3-32b) or an HF config.json (or a checkpoint directory holding
 one). --tokens is the packed micro-batch budget per device. Memory is counted the way the qforge trainer
 allocates it: weights, gradients and AdamW's two moments in the parameter dtype (sharded over the devices
-with FSDP2), plus the largest of three transient phases — the end of the forward (saved activations and the
-fused loss's logits chunk and finished weight gradient), the embedding's dense gradient in the backward, and
-the optimizer step's temporaries. Activations are counted tensor by tensor from what the model's autograd
+with FSDP2), plus the larger of two transient phases — the end of the forward (saved activations and the
+fused loss's logits chunk and finished weight gradient) and the embedding's dense gradient in the backward
+(the fused AdamW step needs no temporaries). Activations are counted tensor by tensor from what the model's autograd
 graph saves (the CPU reference ops keep more than the fused CUDA kernels). Step time is FLOPs divided by
 an assumed fraction (`--mfu`) of the device's peak; measure the real fraction with benchmarks/e2e.py.
 """
@@ -25,19 +25,13 @@ from qforge.engine.train.metrics import training_flops
 
 GIB = 2**30
 _SHARED = dict(vocab_size=151_936, head_dim=128, num_key_value_heads=8, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
-MODELS = {  # the dense Qwen3 releases (their config.json files on the HF hub)
-    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                       tie_word_embeddings=True),
-    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                       tie_word_embeddings=True),
-    "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                     tie_word_embeddings=True),
-    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                     tie_word_embeddings=False),
-    "qwen3-14b": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
-                      tie_word_embeddings=False),
-    "qwen3-32b": dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
-                      tie_word_embeddings=False),
+MODELS = {  # the dense Qwen3 releases (config.json on the HF hub): hidden, MLP, layers, query heads, tied embeddings
+    "qwen3-0.6b": (1024, 3072, 28, 16, True),
+    "qwen3-1.7b": (2048, 6144, 28, 16, True),
+    "qwen3-4b": (2560, 9728, 36, 32, True),
+    "qwen3-8b": (4096, 12288, 36, 32, False),
+    "qwen3-14b": (5120, 17408, 40, 40, False),
+    "qwen3-32b": (5120, 25600, 64, 64, False),
 }
 GPUS = {  # dense bf16 tensor-core peak (datasheets) and memory per device
     "a100-40gb": (312e12, 40), "a100": (312e12, 80), "h100": (989e12, 80), "h200": (989e12, 141),
@@ -80,7 +74,9 @@ class Plan:
 def resolve_config(model: str) -> Qwen3Config:
     """A built-in name, an HF config.json, or a checkpoint directory holding one."""
     if model.lower() in MODELS:
-        return Qwen3Config(**_SHARED, **MODELS[model.lower()])
+        hidden, mlp, layers, heads, tied = MODELS[model.lower()]
+        return Qwen3Config(**_SHARED, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                           num_attention_heads=heads, tie_word_embeddings=tied)
     path = Path(model)
     path = path / "config.json" if path.is_dir() else path
     if not path.is_file():
@@ -148,9 +144,7 @@ def estimate_memory(config: Qwen3Config, plan: Plan) -> dict[str, float]:
     forward_end = activations + loss + unsharded
     root = (counts["embedding"] + counts["head"]) * compute if plan.fsdp else 0.0
     embedding_grad = config.vocab_size * h * (compute if plan.fsdp else state) + root
-    largest_group = max(counts["embedding"] + counts["head"], layers * counts["block"]) / shards
-    optimizer_step = largest_group * state if plan.device == "cpu" else 0.0  # foreach temporaries (CPU)
-    phases = {"forward_end": forward_end, "embedding_backward": embedding_grad, "optimizer_step": optimizer_step}
+    phases = {"forward_end": forward_end, "embedding_backward": embedding_grad}  # fused AdamW: no temporaries
     out |= {"activations": activations, "loss_buffers": loss, "unsharded_copies": unsharded}
     out["transient_phase"] = max(phases, key=phases.get)
     out["training"] = out["weights"] + out["gradients"] + out["adamw_moments"] + max(phases.values())
