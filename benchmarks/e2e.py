@@ -3,10 +3,11 @@
     python benchmarks/e2e.py [--quick] [--out DIR]
 
 Systems (each run in its own process, see e2e_case.py): `qforge` (packed varlen batches, fused linear
-cross-entropy, the trainer's `train_step`), `hf_padded` (HF Qwen3ForCausalLM, plain loop over right-padded
-rows), `hf_padding_free` (HF with packed rows and restarting position_ids, as TRL's padding-free collator),
-and on CUDA `hf_liger` (the padding-free baseline with Liger-Kernel) when liger-kernel is installed. Runs
-are interleaved across systems so that load changes hit every system alike; figures are medians over runs.
+cross-entropy, the trainer's `train_step`), `hf_padded` (HF Qwen3ForCausalLM, plain loop over 4 right-padded
+rows per micro-batch: ~12 GB peak here, `--padded-rows 2` needs ~7 GB), `hf_padding_free` (HF with packed
+rows and restarting position_ids, as TRL's padding-free collator), and on CUDA `hf_liger` (the padding-free
+baseline with Liger-Kernel) when liger-kernel is installed. Runs are interleaved across systems so that load
+changes hit every system alike; figures are medians over runs.
 Writes DIR/e2e.json (per system: tokens_per_s, peak_mem_bytes, mfu, ..., plus qforge's ratios and the
 loss-curve agreement) and DIR/e2e.png, and prints a Markdown table.
 """

@@ -39,7 +39,7 @@ class Workload:
     warmup_steps: int = 1
     step_tokens: int = 4096  # tokens per optimizer step (a step ends at the example that reaches it)
     packed_tokens: int = 2048  # micro-batch token budget of the packing systems (≥ max_length)
-    padded_rows: int = 2  # rows per micro-batch of the padded baseline, padded to the longest row
+    padded_rows: int = 4  # rows per padded micro-batch, padded to the longest (HF Trainer's default is 8)
     min_length: int = 50
     max_length: int = 2000
     answer_share: tuple[float, float] = (0.3, 0.8)
