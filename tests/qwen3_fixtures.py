@@ -45,3 +45,15 @@ def save_hf_qwen3(path: Path, seed: int = 0, dtype=torch.float32, max_shard_size
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     return Path(path)
+
+
+def save_chat_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny HF Qwen3 with the real vocabulary size and the real tokenizer files next to its weights, so
+    chat-level code (templates, servers, evaluation) can load it like a hub checkpoint."""
+    import shutil
+
+    path = save_hf_qwen3(path, seed=seed, **{**dict(vocab_size=151936, hidden_size=32, intermediate_size=64,
+                                                     head_dim=16), **overrides})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qwen3_tokenizer_dir() / name, path / name)
+    return path

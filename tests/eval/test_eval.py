@@ -2,13 +2,12 @@
 transformers computing the same scores independently; endpoint modes against scripted replies."""
 import json
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from qwen3_fixtures import save_hf_qwen3
+from qwen3_fixtures import save_chat_checkpoint
 from tokenizers import Tokenizer
 
 from qforge.engine.serve import ChatServer, ScriptedBackend
@@ -21,12 +20,8 @@ LIMIT = 12  # includes the 3- and 5-option questions
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, qwen_tokenizer_dir):
-    path = save_hf_qwen3(tmp_path_factory.mktemp("eval") / "tiny-mcq", seed=11, vocab_size=151936,
-                         hidden_size=32, intermediate_size=64, head_dim=16)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(qwen_tokenizer_dir / name, path / name)
-    return path
+def checkpoint(tmp_path_factory):
+    return save_chat_checkpoint(tmp_path_factory.mktemp("eval") / "tiny-mcq", seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 import torch
-from qwen3_fixtures import save_hf_qwen3
+from qwen3_fixtures import save_chat_checkpoint
 
 from qforge.engine import load_model
 from qforge.engine.chat import ChatModel
@@ -16,12 +16,8 @@ QUESTIONS = ["Xin chào!", "Một cộng một bằng mấy?", "Hãy kể một 
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, qwen_tokenizer_dir):
-    path = save_hf_qwen3(tmp_path_factory.mktemp("chat") / "tiny-chat", seed=5, vocab_size=151936,
-                         hidden_size=32, intermediate_size=64, head_dim=16)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(qwen_tokenizer_dir / name, path / name)
-    return path
+def checkpoint(tmp_path_factory):
+    return save_chat_checkpoint(tmp_path_factory.mktemp("chat") / "tiny-chat", seed=5)
 
 
 @pytest.fixture(scope="module")
