@@ -130,6 +130,8 @@ def train(system: str, directory: Path, device: torch.device) -> dict:
     optimizer = build_optimizer(model, settings)
     scheduler = build_scheduler(optimizer, workload.steps, settings)
     peak_before = measure_matmul_peak(device, dtype, seconds=2.0)
+    if device.type == "cuda":  # the peak measurement's matrices are not the training's memory
+        torch.cuda.reset_peak_memory_stats(device)
     records = []
     for index, (step, micro_batches) in enumerate(zip(plan, steps)):
         lengths = [len(examples[i]) for i in step]
