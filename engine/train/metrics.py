@@ -90,6 +90,7 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | No
         ax.plot(*zip(*evals), "o-", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (Σ w·CE / Σ w)")
+    ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
