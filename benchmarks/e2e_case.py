@@ -3,7 +3,7 @@
     python benchmarks/e2e_case.py --system qforge --workload DIR     # DIR written by e2e.py
 
 A fresh process per system makes the peak memory its own: on CPU the process's RSS high-water mark
-(getrusage ru_maxrss, which includes the Python runtime, torch, the weights, optimizer state and everything
+(VmHWM, which includes the Python runtime, torch, the weights, optimizer state and everything
 the training step allocates), on CUDA torch.cuda.max_memory_allocated. The qforge system never imports
 transformers. The matmul peak (the MFU denominator) is measured in this process before and after training.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -23,16 +22,10 @@ from e2e_workload import load, packed_micro_batches, padded_micro_batches, paddi
 
 from qforge.engine.config import Qwen3Config  # noqa: E402
 from qforge.engine.train.config import OptimSettings  # noqa: E402
-from qforge.engine.train.metrics import measure_matmul_peak, training_flops  # noqa: E402
+from qforge.engine.train.metrics import measure_matmul_peak, peak_memory_bytes, training_flops  # noqa: E402
 from qforge.engine.train.optim import build_optimizer, build_scheduler  # noqa: E402
 
 SYSTEMS = ("qforge", "hf_padded", "hf_padding_free", "hf_liger")
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def useful_flops(config: Qwen3Config, lengths: list[int], loss_tokens: int) -> float:

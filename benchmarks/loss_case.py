@@ -2,20 +2,21 @@
 
     python benchmarks/loss_case.py --impl qforge --tokens 8192 --hidden 1024 --vocab 151936
 
-Prints one JSON line. Peak memory on CPU is the RSS high-water mark (getrusage ru_maxrss) after the runs
+Prints one JSON line. Peak memory on CPU is the RSS high-water mark (VmHWM) after the runs
 minus the mark once the inputs exist (on CUDA: torch.cuda.max_memory_allocated, same subtraction), so it is measured, not estimated; `peak_extra_bytes` further subtracts the
 gradients the loss must return (grad_hidden + grad_weight). A fresh process per case keeps one case's
 allocator caches and peaks out of the next.
 """
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+from qforge.engine.train.metrics import peak_memory_bytes
 
 IMPLS = ("qforge", "naive", "compiled", "torch_lce", "liger")
 
@@ -45,10 +46,8 @@ def loss_fn(impl: str, chunk_bytes: int | None):
 
 
 def peak_bytes(device: str) -> int:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """Kept under this name: benchmarks/test_bench_vocab.py imports it."""
+    return peak_memory_bytes(device)
 
 
 def main() -> None:

@@ -2,11 +2,34 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+
+def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
+    """This process's peak memory: `max_memory_allocated` on CUDA, the RSS high-water mark (VmHWM) on CPU.
+
+    VmHWM belongs to the process's own address space. getrusage's ru_maxrss does not: Linux carries it over
+    from the parent through fork/exec, so a child started by a large process (a test runner) reports the
+    parent's peak, not its own."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None, seconds: float = 0.5) -> float:

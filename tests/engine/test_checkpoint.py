@@ -1,6 +1,5 @@
 """HF-format load/save: round trips with transformers, sharding, atomic writes, clear errors on bad input."""
 import json
-import resource
 import subprocess
 import sys
 
@@ -126,11 +125,12 @@ def test_load_peak_memory_is_about_one_copy_of_the_weights(tmp_path):
                         tie_word_embeddings=False)
     weight_bytes = (src / "model.safetensors").stat().st_size
     script = (
-        "import resource, torch, sys\n"
+        "import torch\n"
         "from qforge.engine import load_model\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "from qforge.engine.train.metrics import peak_memory_bytes\n"
+        "base = peak_memory_bytes()\n"
         f"model = load_model({str(src)!r}, dtype=torch.float32)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)\n"
+        "print(peak_memory_bytes() - base)\n"
     )
     extra = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
     assert extra < 1.35 * weight_bytes, (extra, weight_bytes)

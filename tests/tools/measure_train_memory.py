@@ -2,11 +2,10 @@
 
     python tests/tools/measure_train_memory.py '{"model": {...}, "tokens": 1024, ...}'
 
-Run in a fresh process so the RSS high-water mark (getrusage ru_maxrss) is this training's own; the figure
+Run in a fresh process so the RSS high-water mark (VmHWM) is this training's own; the figure
 printed is that mark minus the mark before the model is built (Python, torch and the imports).
 """
 import json
-import resource
 import sys
 
 import torch
@@ -16,12 +15,9 @@ from qforge.engine.data import PackedBatch
 from qforge.engine.model import Qwen3
 from qforge.engine.train.config import OptimSettings
 from qforge.engine.train.loop import train_step
+from qforge.engine.train.metrics import peak_memory_bytes
 from qforge.engine.train.optim import build_optimizer
 from qforge.engine.train.parallel import Dist
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def random_batch(tokens: int, sequences: int, vocab: int, generator) -> PackedBatch:
@@ -40,7 +36,7 @@ def main(spec: dict) -> None:
                      for _ in range(spec["grad_accum"])]
     kept = spec.get("kept_vocab")
     loss_options = {"vocab_index": torch.arange(kept), "ignore_unkept_labels": True} if kept else None
-    before = peak_rss()
+    before = peak_memory_bytes()
     model = Qwen3(Qwen3Config(**spec["model"], torch_dtype="float32"))
     model.init_weights(seed=0)
     model.activation_checkpointing = spec.get("activation_checkpointing", False)
@@ -53,7 +49,7 @@ def main(spec: dict) -> None:
     train_step(model, micro_batches, Dist(), loss_options)  # the 2nd micro-batch runs with gradients held
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
-    print(json.dumps({"training_bytes": peak_rss() - before}))
+    print(json.dumps({"training_bytes": peak_memory_bytes() - before}))
 
 
 if __name__ == "__main__":
