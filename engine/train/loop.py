@@ -23,7 +23,7 @@ from ..data import ChatTemplate, pack
 from ..data.cache import load_examples
 from .config import FFTConfig
 from .loader import StepLoader
-from .metrics import MetricsLogger, measure_matmul_peak, plot_loss_curve, training_flops
+from .metrics import MetricsLogger, measure_matmul_peak, peak_memory_bytes, plot_loss_curve, training_flops
 from .build import build_model, check_labels_in_vocabulary, kept_vocabulary, resolve_tokenizer_dir
 from .optim import build_optimizer, build_scheduler
 from .parallel import Dist, full_state_dict, init_distributed, shard_model
@@ -226,7 +226,8 @@ def train(config: FFTConfig) -> TrainResult:
                                                               lengths, output_rows)))
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
                       "tokens_per_s": tokens / elapsed, "mfu": flops / (elapsed * peak * dist_.world),
-                      "epoch": loader.epoch, "skipped_steps": counters["skipped_steps"]}
+                      "peak_mem_bytes": peak_memory_bytes(dist_.device), "epoch": loader.epoch,
+                      "skipped_steps": counters["skipped_steps"]}
             logger.log(record)
             result.losses.append(loss)
             if eval_batches and config.train.eval_every and step % config.train.eval_every == 0:

@@ -84,7 +84,7 @@ def test_final_export_loads_in_transformers(tiny_run_files, tmp_path):
     assert (result.final_dir / "tokenizer.json").is_file()
     assert (tmp_path / "loss_curve.png").stat().st_size > 1000
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(records[0])
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_bytes"} <= set(records[0])
     assert any("eval_loss" in r for r in records) is False  # no data.eval configured
 
 
