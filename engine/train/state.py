@@ -8,10 +8,12 @@ directories are ever resumed from.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,8 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, loader_s
         tmp.mkdir(parents=True)
     dist_.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "state"))
+    with _single_process_is_intended():
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "state"))
     torch.save(_rng_state(), tmp / f"rng-rank{dist_.rank}.pt")
     dist_.barrier()
     if dist_.is_main:
@@ -68,13 +71,22 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, dist_: Dist) 
     meta = json.loads((path / "meta.json").read_text())
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(path / "state"))
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=str(path / "state"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     scheduler.load_state_dict(meta["scheduler"])
     rng_file = path / f"rng-rank{dist_.rank}.pt"
     if meta.get("world") == dist_.world and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return meta
+
+
+@contextlib.contextmanager
+def _single_process_is_intended():
+    """DCP warns on every save/load without a process group; a single-process run is one on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _prune(root: Path, keep_last: int):
