@@ -45,12 +45,21 @@ def run_case(system: str, directory: Path, device: str) -> dict:
     return json.loads(lines[-1])
 
 
-def summarise(runs: dict[str, list[dict]], device: str) -> dict:
-    """Medians per system, qforge's ratios to each baseline, and how closely the loss curves agree."""
+def summarise(runs: dict[str, list[dict]], device: str, warmup_steps: int) -> dict:
+    """Medians per system; qforge's ratios to each baseline as the median over rounds of the ratio within a
+    round (the runs of a round are minutes apart, so slow load changes cancel); MFU against the device's
+    peak, the highest matmul rate measured by any process of this benchmark (each measures before and after
+    training: a peak measured while the machine was busy would inflate that process's MFU)."""
+    device_peak = max(r["matmul_peak_flops"] for results in runs.values() for r in results)
+    for results in runs.values():
+        for r in results:
+            timed = r["steps"][warmup_steps:]
+            r["useful_flops_per_s"] = sum(s["flops"] for s in timed) / sum(s["seconds"] for s in timed)
+            r["mfu"] = r["useful_flops_per_s"] / device_peak
     systems = {}
     for name, results in runs.items():
         systems[name] = {key: statistics.median(r[key] for r in results)
-                         for key in ("tokens_per_s", "peak_mem_bytes", "mfu", "matmul_peak_flops")}
+                         for key in ("tokens_per_s", "peak_mem_bytes", "mfu")}
         systems[name] |= {key: results[0][key] for key in ("packing_efficiency", "padding_fraction")}
         systems[name]["runs"] = results
     ours = systems["qforge"]
@@ -59,8 +68,9 @@ def summarise(runs: dict[str, list[dict]], device: str) -> dict:
     for name, figures in systems.items():
         if name == "qforge":
             continue
-        ratios[f"speedup_vs_{name}"] = ours["tokens_per_s"] / figures["tokens_per_s"]
-        ratios[f"memory_ratio_vs_{name}"] = ours["peak_mem_bytes"] / figures["peak_mem_bytes"]
+        rounds = list(zip(ours["runs"], figures["runs"]))
+        for ratio, key in (("speedup", "tokens_per_s"), ("memory_ratio", "peak_mem_bytes")):
+            ratios[f"{ratio}_vs_{name}"] = statistics.median(a[key] / b[key] for a, b in rounds)
         losses = [s["loss"] for s in figures["runs"][0]["steps"]]
         gap = max(abs(a - b) for a, b in zip(reference, losses))
         agreement[name] = {"max_abs_loss_diff": gap, "tolerance": LOSS_TOLERANCE[device],
@@ -72,7 +82,8 @@ def summarise(runs: dict[str, list[dict]], device: str) -> dict:
                 value = ratios[key]
                 targets[key] = {"target": f"{sense} {bound}", "value": value,
                                 "met": value >= bound if sense == ">=" else value <= bound}
-    return {"systems": systems, "ratios": ratios, "loss_agreement": agreement, "targets": targets}
+    return {"device_peak_flops": device_peak, "systems": systems, "ratios": ratios, "loss_agreement": agreement,
+            "targets": targets}
 
 
 def table(summary: dict) -> str:
@@ -169,11 +180,13 @@ def main() -> None:
             runs[name].append(result)
             print(f"run {run + 1}/{runs_per_system} {name}: {result['tokens_per_s']:.1f} tokens/s, peak "
                   f"{result['peak_mem_bytes'] / 2**30:.2f} GiB, MFU {100 * result['mfu']:.1f}%, losses "
-                  f"{[round(s['loss'], 4) for s in result['steps']]} ({time.perf_counter() - started:.0f} s)",
+                  f"{[round(s['loss'], 4) for s in result['steps']]}, load average "
+                  f"{result['load_average'][0]:.1f}→{result['load_average'][1]:.1f} "
+                  f"({time.perf_counter() - started:.0f} s)",
                   flush=True)
         systems = [name for name in systems if name in runs]
     summary = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "workload": info,
-               **summarise(runs, args.device)}
+               **summarise(runs, args.device, workload.warmup_steps)}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "e2e.json", json.dumps(summary, indent=1))
     chart(summary, args.out / "e2e.png")

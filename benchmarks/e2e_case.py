@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,7 @@ def train(system: str, directory: Path, device: torch.device) -> dict:
             return hf_step(model, micro_batches, loss_tokens, device)
 
     model.train()
+    load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
     optimizer = build_optimizer(model, settings)
     scheduler = build_scheduler(optimizer, workload.steps, settings)
     peak_before = measure_matmul_peak(device, dtype, seconds=2.0)
@@ -152,7 +154,8 @@ def train(system: str, directory: Path, device: torch.device) -> dict:
             "mfu": sum(r["flops"] for r in timed) / seconds / peak, "matmul_peak_flops": peak,
             "packing_efficiency": sum(r["tokens"] for r in records) / budget,
             "padding_fraction": 1 - sum(r["tokens"] for r in records) / sum(r["computed_tokens"] for r in records),
-            "steps": records, "torch_threads": torch.get_num_threads(), **extra}
+            "steps": records, "torch_threads": torch.get_num_threads(),
+            "load_average": [load_before, os.getloadavg()[0]], **extra}
 
 
 def main() -> None:
