@@ -33,8 +33,7 @@ def useful_flops(config: Qwen3Config, lengths: list[int], loss_tokens: int) -> f
     """Forward+backward FLOPs the step needs: the body on every real token (with causal attention per
     sequence) and the output layer only where a loss is taken — the same count for every system, so padding
     and logits nobody trains on show up as lost utilisation."""
-    body = training_flops(config, sum(lengths), lengths, output_rows=0)
-    return body + 6 * config.vocab_size * config.hidden_size * loss_tokens
+    return training_flops(config, lengths, loss_tokens, config.vocab_size)
 
 
 def hf_model(model_dir: Path, dtype: torch.dtype, device: torch.device, liger: bool):

@@ -158,10 +158,9 @@ def estimate_step(config: Qwen3Config, plan: Plan, peak_flops: float, mfu: float
     vocab = plan.kept_vocab or config.vocab_size
     sequences = [plan.seq_len] * (plan.tokens // plan.seq_len) + ([plan.tokens % plan.seq_len] if
                                                                   plan.tokens % plan.seq_len else [])
-    body = training_flops(config, plan.tokens, sequences, output_rows=0)
-    flops = body + 6 * vocab * config.hidden_size * plan.tokens * plan.loss_fraction
+    flops = training_flops(config, sequences, plan.tokens * plan.loss_fraction, vocab)
     if plan.activation_checkpointing:
-        flops += body / 3  # the blocks' forward runs twice
+        flops += training_flops(config, sequences, 0, 0) / 3  # the blocks' forward runs twice
     seconds = plan.grad_accum * flops / (peak_flops * mfu)
     tokens = plan.tokens * plan.grad_accum * plan.gpus
     return {"flops_per_micro_batch": flops, "step_seconds": seconds, "tokens_per_step": tokens,

@@ -222,8 +222,8 @@ def train(config: FFTConfig) -> TrainResult:
             elapsed = time.perf_counter() - started
             tokens = float(dist_.all_reduce_sum(sum(mb.num_tokens for mb in micro_batches)))
             lengths = [int(n) for mb in micro_batches for n in (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1])]
-            flops = float(dist_.all_reduce_sum(training_flops(model.config, sum(mb.num_tokens for mb in micro_batches),
-                                                              lengths, output_rows)))
+            loss_tokens = sum(mb.num_loss_tokens for mb in micro_batches)
+            flops = float(dist_.all_reduce_sum(training_flops(model.config, lengths, loss_tokens, output_rows)))
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
                       "tokens_per_s": tokens / elapsed, "mfu": flops / (elapsed * peak * dist_.world),
                       "peak_mem_bytes": peak_memory_bytes(dist_.device), "epoch": loader.epoch,

@@ -47,15 +47,16 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int | No
     return 2 * size ** 3 * count / (time.perf_counter() - start)
 
 
-def training_flops(config, num_tokens: int, seq_lengths, output_rows: int) -> float:
-    """Forward+backward FLOPs of a packed batch: 6 × (matmul params) per token, plus causal attention
-    (QKᵀ and PV, 4·Hq·D per query-key pair, halved by the mask, ×3 for backward) per sequence."""
+def training_flops(config, seq_lengths, loss_tokens: float, output_rows: int) -> float:
+    """Forward+backward FLOPs a packed batch needs: 6 × (block matmul params) per token plus causal attention
+    (QKᵀ and PV, 4·Hq·D per query-key pair, halved by the mask, ×3 for backward) per sequence, and the output
+    layer (`output_rows` kept rows) only on the tokens that carry a loss, which is all the fused loss computes."""
     h, layers = config.hidden_size, config.num_hidden_layers
     q_dim, kv_dim = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     per_layer = h * (2 * q_dim + 2 * kv_dim) + 3 * h * config.intermediate_size
-    matmul_params = layers * per_layer + output_rows * h
     attention = sum(int(n) ** 2 for n in seq_lengths) * layers * 6 * q_dim  # 3 × (4·q_dim·n²/2)
-    return 6 * matmul_params * num_tokens + attention
+    body = 6 * layers * per_layer * sum(int(n) for n in seq_lengths) + attention
+    return body + 6 * output_rows * h * loss_tokens
 
 
 class MetricsLogger:
