@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
 from qforge.engine.client import ChatClientError
@@ -10,6 +11,12 @@ from qforge.engine.config_io import ConfigKeyError, load_config
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+@dataclass
+class OutputSettings:
+    """The `output:` section every recipe has: where it writes (`output.dir`)."""
+    dir: str | None = None
 
 
 def config_from_argv(config_class: type[T], argv: Sequence[str] | None, description: str, example: str) -> T:

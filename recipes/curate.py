@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from qforge.engine.client import ClientSettings
 from qforge.engine.data.formats import RowError, read_conversations
 from qforge.engine.serve import EndpointSettings, open_endpoint
-from qforge.recipes.cli import run_from_argv
+from qforge.recipes.cli import OutputSettings, run_from_argv
 from qforge.recipes.files import write_json, write_jsonl, write_text
 from qforge.recipes.synthesis.dedup import Deduplicator
 from qforge.recipes.synthesis.filters import Malformed, TextRules
@@ -110,11 +110,6 @@ class MixtureEntry:
 class Mixture:
     weight: float = 1.0  # epoch multiplier of the curated file
     extra: list[MixtureEntry] = field(default_factory=list)  # other datasets in the mix
-
-
-@dataclass
-class OutputSettings:
-    dir: str | None = None
 
 
 @dataclass

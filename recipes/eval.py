@@ -24,7 +24,7 @@ from qforge.engine.chat import ChatModel, read_token_ids
 from qforge.engine.client import ClientSettings
 from qforge.engine.generate import next_token_logits
 from qforge.engine.serve import EndpointSettings, open_endpoint
-from qforge.recipes.cli import run_from_argv
+from qforge.recipes.cli import OutputSettings, run_from_argv
 from qforge.recipes.files import write_jsonl
 from qforge.recipes.mcq import (DEFAULT_SUBJECTS, Question, answer_after_thinking, official_prompt, read_questions,
                                 read_subjects, score)
@@ -53,11 +53,6 @@ class EvalSettings:
     batch_size: int = 8
     max_new_tokens: int = 2048  # think mode
     request_params: dict = field(default_factory=dict)  # extra body fields for an endpoint
-
-
-@dataclass
-class OutputSettings:
-    dir: str | None = None
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Callable, Literal
 
 from qforge.engine.client import ChatClient, ChatClientError, ClientSettings
 from qforge.engine.serve import EndpointSettings, open_endpoint
-from qforge.recipes.cli import run_from_argv
+from qforge.recipes.cli import OutputSettings, run_from_argv
 from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
 from qforge.recipes.judging import (Item, pair_outcome, parse_pairwise, parse_rating, read_items,
                                     summarize_pairwise, summarize_ratings)
@@ -87,11 +87,6 @@ class BootstrapSettings:
 class DataSettings:
     path: str | None = None
     limit: int | None = None
-
-
-@dataclass
-class OutputSettings:
-    dir: str | None = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 from qforge.engine.config_io import ConfigKeyError, load_config
 from qforge.engine.vocab import VocabMap
 from qforge.engine.vocab_prune import padded_size, prune_checkpoint
+from qforge.recipes.cli import OutputSettings
 
 
 @dataclass
@@ -28,11 +29,6 @@ class TokenizerSettings:
 @dataclass
 class VocabSettings:
     pad_to_multiple: int | None = 128
-
-
-@dataclass
-class OutputSettings:
-    dir: str | None = None
 
 
 @dataclass

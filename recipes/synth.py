@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qforge.engine.client import ChatClient, ClientSettings
 from qforge.engine.serve import EndpointSettings, open_endpoint
-from qforge.recipes.cli import run_from_argv
+from qforge.recipes.cli import OutputSettings, run_from_argv
 from qforge.recipes.files import write_json, write_jsonl, write_text
 from qforge.recipes.synthesis.answers import numbers_in, reasoning_consistent, rejection_sample
 from qforge.recipes.synthesis.dedup import Deduplicator
@@ -89,11 +89,6 @@ class Filters:
         if self.check_reasoning_answer and not reasoning_consistent(reasoning, response):
             return "reasoning_answer_mismatch"
         return None
-
-
-@dataclass
-class OutputSettings:
-    dir: str | None = None
 
 
 @dataclass
