@@ -1,8 +1,9 @@
 """Fused training ops for Qwen3: each file holds the Triton kernel(s), the PyTorch reference, the autograd
 Function and the functional API. Triton runs for CUDA tensors, the reference elsewhere."""
 from .fused_linear_cross_entropy import fused_linear_cross_entropy
+from .fused_linear_kl import fused_linear_kl
 from .rms_norm import rms_norm
 from .rope import apply_rope
 from .swiglu import swiglu
 
-__all__ = ["fused_linear_cross_entropy", "rms_norm", "swiglu", "apply_rope"]
+__all__ = ["fused_linear_cross_entropy", "fused_linear_kl", "rms_norm", "swiglu", "apply_rope"]
