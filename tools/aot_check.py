@@ -25,7 +25,7 @@ from qforge.kernels.dispatch import interpreter_active
 
 SHARED_LIMIT_BYTES = {80: 166912, 90: 232448}  # max dynamic shared memory per block: 163 KB, 227 KB
 # module names, not `from qforge.kernels import ...`: the package re-exports functions under the same names
-KERNEL_MODULES = ("rms_norm", "swiglu", "rope", "fused_linear_cross_entropy")
+KERNEL_MODULES = ("rms_norm", "swiglu", "rope", "fused_linear_cross_entropy", "fused_linear_kl")
 
 
 @dataclass
