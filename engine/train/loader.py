@@ -30,8 +30,8 @@ def mixture_epoch(datasets: Sequence[Sequence[Example]], weights: Sequence[float
 
 class StepLoader:
     def __init__(self, datasets, weights, max_tokens: int, *, seed: int, grad_accum: int, rank: int = 0,
-                 world: int = 1, overlong: str = "truncate"):
-        self.datasets, self.weights = datasets, weights
+                 world: int = 1, overlong: str = "truncate", pack_fn=pack):
+        self.datasets, self.weights, self.pack_fn = datasets, weights, pack_fn  # pack_fn: an objective's packer
         self.max_tokens, self.seed, self.overlong = max_tokens, seed, overlong
         self.grad_accum, self.rank, self.world = grad_accum, rank, world
         self.epoch, self.index = 0, 0
@@ -48,7 +48,7 @@ class StepLoader:
     def _epoch_batches(self):
         if self._batches_epoch != self.epoch:
             examples = mixture_epoch(self.datasets, self.weights, self.seed + self.epoch)
-            self._batches = pack(examples, self.max_tokens, seed=self.seed + self.epoch, overlong=self.overlong)
+            self._batches = self.pack_fn(examples, self.max_tokens, seed=self.seed + self.epoch, overlong=self.overlong)
             self._batches_epoch = self.epoch
         return self._batches
 

@@ -23,6 +23,7 @@ from ..data import ChatTemplate, pack
 from ..data.cache import load_examples
 from .config import FFTConfig
 from .loader import StepLoader
+from .objective import Objective
 from .metrics import MetricsLogger, measure_matmul_peak, peak_memory_bytes, plot_loss_curve, training_flops
 from .build import build_model, check_labels_in_vocabulary, kept_vocabulary, resolve_tokenizer_dir
 from .optim import build_optimizer, build_scheduler
@@ -142,7 +143,14 @@ def _load_data(config: FFTConfig, template: ChatTemplate, dist_: Dist):
     return load(data.train), [e for examples in load(data.eval) for e in examples]
 
 
-def train(config: FFTConfig) -> TrainResult:
+def _evaluate(objective, model, batches, dist_, loss_options, autocast) -> dict:
+    if objective is not None:
+        return objective.evaluate(model, batches, dist_, loss_options, autocast)
+    return {"eval_loss": evaluate_loss(model, batches, dist_, loss_options, autocast)}
+
+
+def train(config: FFTConfig, objective: Objective | None = None) -> TrainResult:
+    """Runs the FFT loop; `objective` (DPO, distillation) replaces its data, packing, step loss and eval."""
     dist_ = init_distributed(config.train.device)
     out = Path(config.output.dir)
     if dist_.is_main:
@@ -153,7 +161,7 @@ def train(config: FFTConfig) -> TrainResult:
 
     tokenizer_dir = resolve_tokenizer_dir(config.model)
     template = ChatTemplate.from_pretrained(tokenizer_dir)
-    datasets, eval_examples = _load_data(config, template, dist_)
+    datasets, eval_examples = (objective.load_data if objective else _load_data)(config, template, dist_)
     param_dtype, compute_dtype, autocast = _precision(config, dist_)
     model = build_model(config.model, param_dtype, dist_.device)
     vocab_index = kept_vocabulary(config.vocab, datasets + [eval_examples], template, model.config.vocab_size,
@@ -165,13 +173,16 @@ def train(config: FFTConfig) -> TrainResult:
     model.activation_checkpointing = config.train.activation_checkpointing
     if dist_.enabled:
         shard_model(model, compute_dtype)
+    if objective is not None:  # before resuming: a reference model or log-probs come from the starting weights
+        objective.prepare(model, config, loss_options, dist_, autocast)
     model.train()
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.train.max_steps, config.optim)
     loader = StepLoader(datasets, config.data.weights, config.data.max_tokens, seed=config.train.seed,
                         grad_accum=config.train.grad_accum, rank=dist_.rank, world=dist_.world,
-                        overlong=config.data.overlong)
-    eval_batches = pack(eval_examples, config.data.max_tokens, seed=0) if eval_examples else None
+                        overlong=config.data.overlong, pack_fn=objective.pack if objective else pack)
+    eval_batches = ((objective.pack if objective else pack)(eval_examples, config.data.max_tokens, seed=0)
+                    if eval_examples else None)
 
     step, counters = 0, {"skipped_steps": 0, "nonfinite_in_a_row": 0}
     resume = latest_checkpoint(out) if config.train.resume == "auto" else config.train.resume
@@ -195,7 +206,11 @@ def train(config: FFTConfig) -> TrainResult:
         while step < config.train.max_steps:
             started = time.perf_counter()
             micro_batches = loader.next_step()
-            loss_sum, weight = train_step(model, micro_batches, dist_, loss_options, autocast)
+            extra = {}
+            if objective is None:
+                loss_sum, weight = train_step(model, micro_batches, dist_, loss_options, autocast)
+            else:
+                loss_sum, weight, extra = objective.train_step(model, micro_batches, dist_, loss_options, autocast)
             clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -227,12 +242,11 @@ def train(config: FFTConfig) -> TrainResult:
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
                       "tokens_per_s": tokens / elapsed, "mfu": flops / (elapsed * peak * dist_.world),
                       "peak_mem_bytes": peak_memory_bytes(dist_.device), "epoch": loader.epoch,
-                      "skipped_steps": counters["skipped_steps"]}
+                      "skipped_steps": counters["skipped_steps"], **extra}
             logger.log(record)
             result.losses.append(loss)
             if eval_batches and config.train.eval_every and step % config.train.eval_every == 0:
-                logger.log({"step": step, "eval_loss": evaluate_loss(model, eval_batches, dist_, loss_options,
-                                                                     autocast)})
+                logger.log({"step": step, **_evaluate(objective, model, eval_batches, dist_, loss_options, autocast)})
             stop_now = float(dist_.all_reduce_sum(1.0 if stop.received else 0.0)) > 0
             if stop_now or (config.train.save_every and step % config.train.save_every == 0):
                 checkpoint(step)
@@ -245,7 +259,7 @@ def train(config: FFTConfig) -> TrainResult:
         if latest_checkpoint(out) is None or latest_checkpoint(out).name != f"step-{step}":
             checkpoint(step)
         if eval_batches:
-            logger.log({"step": step, "eval_loss": evaluate_loss(model, eval_batches, dist_, loss_options, autocast)})
+            logger.log({"step": step, **_evaluate(objective, model, eval_batches, dist_, loss_options, autocast)})
         state = full_state_dict(model) if dist_.enabled else None
         if dist_.is_main:
             result.final_dir = save_model(model, out / "final", tokenizer_dir=tokenizer_dir, state_dict=state)

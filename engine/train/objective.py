@@ -1,0 +1,40 @@
+"""The seam between the trainer and a training objective other than SFT cross-entropy (DPO, distillation).
+
+`train(config, objective)` keeps everything that makes a run trustworthy — model build, FSDP2, optimizer and
+schedule, data cursor, checkpoints and exact resume, non-finite guards, metrics, HF export — and asks the
+objective only for what differs: how rows become training items, how items are packed into micro-batches,
+what one optimizer step's loss is, and what evaluation reports.
+"""
+from __future__ import annotations
+
+import types
+from typing import Protocol
+
+
+class Objective(Protocol):
+    def load_data(self, config, template, dist_) -> tuple[list[list], list]:
+        """(one list of items per data.train file, held-out items); items must have __len__ (tokens) and
+        `labels` (for the kept-vocabulary checks)."""
+
+    def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate"):
+        """A sequence of micro-batches (each with .to(device), num_tokens, num_loss_tokens, cu_seqlens)."""
+
+    def prepare(self, model, config, loss_options: dict, dist_, autocast) -> None:
+        """Called once after the model is built (and sharded) with the *starting* weights, before resuming."""
+
+    def train_step(self, model, micro_batches, dist_, loss_options: dict, autocast) -> tuple[float, float, dict]:
+        """Forward/backward of this rank's micro-batches of one step: (loss sum, weight, metrics), where the
+        logged loss is loss sum / weight, both already summed over ranks, and the accumulated gradient is
+        that of the step's loss (FSDP averages gradients over ranks: scale each backward by the world size)."""
+
+    def evaluate(self, model, batches, dist_, loss_options: dict, autocast) -> dict:
+        """Held-out metrics, e.g. {"eval_loss": ...}; every rank runs equally many forwards."""
+
+
+def bind_forward_method(model, name: str, fn) -> None:
+    """Attaches `fn(model, ...)` as `model.<name>`; under FSDP2 it runs with the parameters gathered, as the
+    model's `loss` does (an objective's forward must not touch sharded weights outside a forward method)."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    setattr(model, name, types.MethodType(fn, model))
+    register_fsdp_forward_method(model, name)
