@@ -1,0 +1,191 @@
+"""Preference pairs for DPO: a prompt conversation with a chosen and a rejected assistant reply.
+
+Row layouts (JSONL/JSON/Parquet, detected per row):
+- `{"messages": [...prompt...], "chosen": R, "rejected": R}`                       (qforge / chat-style)
+- `{"prompt": [...] | "text", "chosen": R, "rejected": R}`                          (TRL, explicit prompt)
+- `{"chosen": [...full conversation...], "rejected": [...]}`                        (TRL, implicit prompt:
+  the shared leading messages are the prompt)
+- `{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}`
+                                                                                     (OpenAI preference fine-tuning)
+where a reply R is a string, one assistant message, or a list of messages ending with an assistant turn.
+
+Each side is rendered as prompt + reply with the chat template and SFT's label rules restricted to the last
+assistant turn (its answer and `<|im_end|>`, plus its think block unless train_on_reasoning is off), so a
+pair's two sequences share the prompt tokens and differ only in what DPO compares.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .example import Example
+from .formats import DataError, RowError, SkippedRow, _raw_rows, validate_messages
+from .packing import PackedBatch, PackReport, best_fit_decreasing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class PreferencePair:
+    chosen: Example
+    rejected: Example
+    index: int  # position among the run's pairs: the key of its cached reference log-probs
+
+    def __len__(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.concatenate([self.chosen.labels, self.rejected.labels])
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return min(self.chosen.num_loss_tokens, self.rejected.num_loss_tokens)
+
+
+def _reply(value, field: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list) and value:
+        return value
+    raise RowError(field, "expected a string, an assistant message or a non-empty list of messages")
+
+
+def _prompt(value, field: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list):
+        return value
+    raise RowError(field, "expected a string or a list of messages")
+
+
+def row_to_pair(row) -> tuple[list[dict], list[dict]]:
+    """One row of any supported layout → (chosen conversation, rejected conversation), validated."""
+    if not isinstance(row, dict):
+        raise RowError("row", f"expected a JSON object, got {type(row).__name__}")
+    if "preferred_output" in row or "non_preferred_output" in row:
+        source = row.get("input")
+        if not isinstance(source, dict):
+            raise RowError("input", "expected an object with 'messages' (OpenAI preference layout)")
+        prompt, keys = _prompt(source.get("messages"), "input.messages"), ("preferred_output", "non_preferred_output")
+        prompt_field = "input.messages"
+    elif "chosen" in row and "rejected" in row:
+        keys = ("chosen", "rejected")
+        if "messages" in row or "prompt" in row:
+            prompt_field = "messages" if "messages" in row else "prompt"
+            prompt = _prompt(row[prompt_field], prompt_field)
+        else:  # TRL implicit prompt: the longest common prefix of messages
+            chosen, rejected = (_prompt(row[k], k) for k in keys)
+            shared = 0
+            while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+                shared += 1
+            prompt, prompt_field = chosen[:shared], "chosen"
+            row = {"chosen": chosen[shared:], "rejected": rejected[shared:]}
+    else:
+        raise RowError("row", f"not a preference row: need 'chosen' and 'rejected' (with 'messages' or 'prompt'), "
+                              f"or OpenAI's 'input'/'preferred_output'/'non_preferred_output'; keys: {sorted(row)[:8]}")
+    sides = []
+    for key in keys:
+        reply = _reply(row.get(key), key)
+        if not isinstance(reply[-1], dict) or reply[-1].get("role") != "assistant":
+            raise RowError(key, "the reply must end with an assistant message")
+        conversation = validate_messages(prompt + reply, f"{prompt_field}+{key}")
+        if not any(m["role"] == "user" for m in conversation[:len(prompt)]):
+            raise RowError(prompt_field, "the prompt has no user message")
+        sides.append(conversation)
+    if sides[0] == sides[1]:
+        raise RowError(keys[1], "chosen and rejected replies are identical")
+    return sides[0], sides[1]
+
+
+@dataclass
+class PairSummary:
+    num_pairs: int = 0
+    skipped: list[SkippedRow] | None = None
+
+    def __str__(self):
+        return f"{self.num_pairs} preference pairs; {len(self.skipped or [])} rows skipped"
+
+
+def load_pairs(paths, template, *, enable_thinking: bool = True, train_on_reasoning: bool = True,
+               on_error: str = "raise", first_index: int = 0) -> tuple[list[PreferencePair], PairSummary]:
+    """Reads and tokenises preference rows; bad rows raise DataError (file:line: field: reason) or are skipped."""
+    conversations, summary = [], PairSummary(skipped=[])
+    for path in [paths] if isinstance(paths, str) else paths:
+        if not Path(path).is_file():
+            raise DataError(f"{path}: no such data file")
+        for line, row in _raw_rows(Path(path)):
+            try:
+                if isinstance(row, RowError):
+                    raise row
+                conversations.extend(row_to_pair(row))
+            except RowError as error:
+                if on_error == "raise":
+                    raise DataError(f"{path}:{line}: {error} (data.on_error=skip skips and counts bad rows)") from None
+                summary.skipped.append(SkippedRow(str(path), line, error.field, error.reason))
+    examples = template.encode_batch(conversations, enable_thinking, supervise="last",
+                                     train_on_reasoning=train_on_reasoning, loss_weighting="token")
+    pairs = [PreferencePair(examples[i], examples[i + 1], first_index + i // 2) for i in range(0, len(examples), 2)]
+    summary.num_pairs = len(pairs)
+    return pairs, summary
+
+
+@dataclass(frozen=True, eq=False)
+class PreferenceBatch:
+    """Pairs packed into one varlen micro-batch: sequence 2i is pair i's chosen side, 2i+1 its rejected side."""
+    packed: PackedBatch
+    pair_index: torch.Tensor  # int64 [pairs]
+
+    def to(self, device, non_blocking: bool = False) -> "PreferenceBatch":
+        return PreferenceBatch(self.packed.to(device, non_blocking=non_blocking),
+                               self.pair_index.to(device, non_blocking=non_blocking))
+
+    @property
+    def num_pairs(self) -> int:
+        return self.pair_index.numel()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.packed.num_tokens
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return self.packed.num_loss_tokens
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        return self.packed.cu_seqlens
+
+    @classmethod
+    def from_pairs(cls, pairs: list[PreferencePair]) -> "PreferenceBatch":
+        packed = PackedBatch.from_examples([e for p in pairs for e in (p.chosen, p.rejected)])
+        return cls(packed, torch.tensor([p.index for p in pairs], dtype=torch.long))
+
+
+class PreferenceBatches(list):
+    report: PackReport
+
+
+def pack_pairs(pairs: list[PreferencePair], max_tokens: int, seed: int = 0, *,
+               overlong: str = "truncate") -> list[PreferenceBatch]:
+    """Packs whole pairs (both sides in the same micro-batch) by best-fit decreasing, like `pack`. A pair
+    longer than max_tokens is dropped and counted (cutting a reply would change its log-probability)."""
+    kept = [p for p in pairs if len(p) <= max_tokens and p.num_loss_tokens > 0]
+    dropped = len(pairs) - len(kept)
+    if dropped:
+        log.warning("dropped %d preference pairs longer than data.max_tokens=%d (both sides together) or with an "
+                    "empty reply; raise data.max_tokens to keep them", dropped, max_tokens)
+    rng = np.random.default_rng(seed)
+    lengths = np.array([len(p) for p in kept], dtype=np.int64)
+    bins = best_fit_decreasing(lengths, max_tokens, rng.permutation(len(kept)))
+    batches = PreferenceBatches(PreferenceBatch.from_pairs([kept[i] for i in bins[j]])
+                                for j in rng.permutation(len(bins)))
+    batches.report = PackReport(len(kept), len(bins), int(lengths.sum()), max_tokens, 0, dropped)
+    return batches
+

@@ -1,0 +1,217 @@
+"""Direct preference optimisation as a trainer objective (see objective.py).
+
+Loss of an optimizer step over its N pairs (all micro-batches, all ranks), with log-ratios
+ρ = log π(y|x) − log π_ref(y|x) summed over each reply's supervised tokens:
+
+    L = (1/N) Σ_pairs −log σ(β · (ρ_chosen − ρ_rejected))  +  α · (Σ chosen-token NLL) / (chosen tokens)
+
+the second term being the optional SFT term on the chosen replies (RPO; TRL's loss_type=["sigmoid", "sft"]
+with loss_weights=[1, α]). Both normalisers are the step's totals, so the update does not depend on how the
+step is split into micro-batches or ranks. Per-sequence log-probs come from the fused linear + cross-entropy
+(reduction="none") over packed chosen and rejected sequences: no [T, V] logits.
+
+Reference log-probs: "cached" computes them once with the starting weights (before any resume) and stores
+them under reference_dir, keyed by the tokenised pairs, the starting checkpoint, the kept vocabulary and the
+precision; "live" keeps a frozen copy of the starting model and scores every micro-batch with it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qforge.kernels import fused_linear_cross_entropy
+
+from ..data.preference import PreferenceBatch, load_pairs, pack_pairs
+from ..model import Qwen3
+from .build import build_model
+from .objective import bind_forward_method
+from .parallel import shard_model
+
+log = logging.getLogger("qforge.train.dpo")
+REFERENCES = ("cached", "live")
+STATS = ("loss", "dpo_loss", "sft_loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+         "rewards/accuracies", "logps/chosen", "logps/rejected")
+
+
+def sequence_logps(model, packed, vocab_index=None, ignore_unkept_labels=False) -> torch.Tensor:
+    """Σ log p(token) over each packed sequence's supervised tokens: fp32 [sequences]. Bound to the model as a
+    forward method (FSDP2 gathers the weights around it), so it calls the class's `hidden`, not the patched one."""
+    hidden = Qwen3.hidden(model, packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
+    nll = fused_linear_cross_entropy(hidden, model.output_weight, packed.labels, reduction="none",
+                                     vocab_index=vocab_index, ignore_unkept_labels=ignore_unkept_labels)
+    lengths = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).long()
+    sequence = torch.repeat_interleave(torch.arange(len(lengths), device=nll.device), lengths)
+    return -torch.zeros(len(lengths), dtype=torch.float32, device=nll.device).index_add(0, sequence, nll)
+
+
+def chosen_token_count(batch: PreferenceBatch) -> int:
+    packed = batch.packed
+    lengths = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).long()
+    sequence = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    return int(((packed.labels != -100) & (sequence % 2 == 0)).sum())
+
+
+def starting_weights_identity(settings) -> dict:
+    """What identifies the starting weights without hashing them: the checkpoint files' names, sizes and
+    modification times, or the random-init config and seed."""
+    if settings.path is not None:
+        files = sorted(p for p in Path(settings.path).iterdir() if p.suffix in (".safetensors", ".json"))
+        return {"path": str(Path(settings.path).resolve()),
+                "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+    return {"config": Path(settings.config).read_text(), "init_seed": settings.init_seed}
+
+
+class DPO:
+    def __init__(self, beta: float = 0.1, sft_weight: float = 0.0, reference: str = "cached",
+                 reference_dir: str | None = None):
+        if beta <= 0 or sft_weight < 0:
+            raise ValueError(f"dpo.beta must be > 0 and dpo.sft_weight ≥ 0, got beta={beta}, sft_weight={sft_weight}")
+        if reference not in REFERENCES:
+            raise ValueError(f"dpo.reference={reference!r}: expected one of {REFERENCES}")
+        self.beta, self.sft_weight, self.reference, self.reference_dir = beta, sft_weight, reference, reference_dir
+        self.reference_model = None
+        self.reference_logps = None  # [pairs, 2] fp32, by PreferencePair.index
+        self._pairs = []
+
+    # --- data -------------------------------------------------------------------------------------------------
+    def load_data(self, config, template, dist_):
+        data, datasets, eval_pairs = config.data, [], []
+        options = dict(enable_thinking=data.enable_thinking, train_on_reasoning=data.train_on_reasoning,
+                       on_error=data.on_error)
+        for paths, into in [([p], datasets) for p in data.train] + [(data.eval, None)]:
+            if not paths:
+                continue
+            pairs, summary = load_pairs(paths, template, first_index=len(self._pairs), **options)
+            if dist_.is_main:
+                log.info("%s: %s", ", ".join(paths), summary)
+            self._pairs += pairs
+            if into is None:
+                eval_pairs = pairs
+            else:
+                into.append(pairs)
+        return datasets, eval_pairs
+
+    def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate"):
+        return pack_pairs(items, max_tokens, seed, overlong=overlong)
+
+    # --- reference ----------------------------------------------------------------------------------------------
+    def prepare(self, model, config, loss_options, dist_, autocast):
+        bind_forward_method(model, "sequence_logps", sequence_logps)
+        if self.reference == "live":
+            from .loop import _precision  # the run's dtypes, the same as the policy's
+
+            param_dtype, compute_dtype, _ = _precision(config, dist_)
+            reference = build_model(config.model, param_dtype, dist_.device).requires_grad_(False).eval()
+            if dist_.enabled:
+                shard_model(reference, compute_dtype)
+            bind_forward_method(reference, "sequence_logps", sequence_logps)
+            self.reference_model = reference
+            return
+        directory = Path(self.reference_dir or Path(config.output.dir) / "reference")
+        path = directory / f"{self._cache_key(config, loss_options)}.pt"
+        if path.is_file():
+            self.reference_logps = torch.load(path, weights_only=True)
+            if dist_.is_main:
+                log.info("reference log-probs of %d pairs read from %s", len(self._pairs), path)
+            return
+        self.reference_logps = self._score_all(model, config.data.max_tokens, dist_, loss_options, autocast)
+        if dist_.is_main:
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(self.reference_logps, tmp)
+            os.replace(tmp, path)
+            log.info("reference log-probs of %d pairs computed with the starting weights, cached in %s",
+                     len(self._pairs), path)
+        dist_.barrier()
+
+    def _cache_key(self, config, loss_options) -> str:
+        digest = hashlib.sha256(json.dumps({"weights": starting_weights_identity(config.model),
+                                            "precision": config.train.precision,
+                                            "ignore_unkept": loss_options.get("ignore_unkept_labels")}).encode())
+        vocab_index = loss_options.get("vocab_index")
+        digest.update(b"all" if vocab_index is None else vocab_index.cpu().numpy().tobytes())
+        for pair in self._pairs:
+            for example in (pair.chosen, pair.rejected):
+                digest.update(example.input_ids.tobytes())
+                digest.update(example.labels.tobytes())
+            digest.update(b"\0")
+        return digest.hexdigest()[:32]
+
+    @torch.no_grad()
+    def _score_all(self, model, max_tokens, dist_, loss_options, autocast) -> torch.Tensor:
+        """Every pair's log-probs with the current (starting) weights; ranks take turns over the batches and
+        run equally many forwards, then sum their disjoint results."""
+        batches = pack_pairs(self._pairs, max_tokens, seed=0)
+        scores = torch.zeros(len(self._pairs), 2, dtype=torch.float64)
+        was_training = model.training
+        model.eval()
+        for r in range(math.ceil(len(batches) / dist_.world)):
+            index = r * dist_.world + dist_.rank
+            batch = batches[min(index, len(batches) - 1)].to(dist_.device)
+            with autocast():
+                logps = model.sequence_logps(batch.packed, **loss_options).float().view(-1, 2)
+            if index < len(batches):
+                scores[batch.pair_index.cpu()] = logps.double().cpu()
+        model.train(was_training)
+        return dist_.all_reduce_sum(scores.to(dist_.device)).float().cpu()
+
+    def _reference_of(self, batch, loss_options, autocast) -> torch.Tensor:
+        if self.reference_model is None:
+            return self.reference_logps[batch.pair_index.cpu()].to(batch.pair_index.device)
+        with torch.no_grad(), autocast():
+            return self.reference_model.sequence_logps(batch.packed, **loss_options).float().view(-1, 2)
+
+    # --- loss -----------------------------------------------------------------------------------------------------
+    def _pair_loss(self, model, batch, loss_options, autocast, pairs_total, chosen_total):
+        """(this micro-batch's share of the step loss, its statistics summed over its pairs)."""
+        reference = self._reference_of(batch, loss_options, autocast)
+        with autocast():
+            policy = model.sequence_logps(batch.packed, **loss_options).float().view(-1, 2)
+        rewards = self.beta * (policy - reference)
+        margins = rewards[:, 0] - rewards[:, 1]
+        dpo = -F.logsigmoid(margins)
+        sft = -policy[:, 0].sum() / max(chosen_total, 1.0)
+        loss = dpo.sum() / pairs_total + self.sft_weight * sft
+        rewards, margins = rewards.detach(), margins.detach()
+        stats = torch.stack([loss.detach() * pairs_total, dpo.detach().sum(), sft.detach() * pairs_total,
+                             rewards[:, 0].sum(), rewards[:, 1].sum(), margins.sum(), (margins > 0).float().sum(),
+                             policy[:, 0].detach().sum(), policy[:, 1].detach().sum()]).double()
+        return loss, stats
+
+    def train_step(self, model, micro_batches, dist_, loss_options, autocast):
+        pairs_total = float(dist_.all_reduce_sum(float(sum(b.num_pairs for b in micro_batches))))
+        chosen_total = float(dist_.all_reduce_sum(float(sum(chosen_token_count(b) for b in micro_batches))))
+        stats = torch.zeros(len(STATS), dtype=torch.float64, device=dist_.device)
+        for i, batch in enumerate(micro_batches):
+            if dist_.enabled and hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            loss, batch_stats = self._pair_loss(model, batch.to(dist_.device), loss_options, autocast, pairs_total,
+                                                chosen_total)
+            (loss * dist_.world).backward()  # FSDP averages gradients over ranks
+            stats += batch_stats.to(stats.device)
+        totals = dist_.all_reduce_sum(stats) / max(pairs_total, 1.0)
+        metrics = dict(zip(STATS, totals.tolist()))
+        return metrics.pop("loss"), 1.0, metrics
+
+    @torch.no_grad()
+    def evaluate(self, model, batches, dist_, loss_options, autocast) -> dict:
+        model.eval()
+        pairs = sum(b.num_pairs for b in batches)
+        chosen = sum(chosen_token_count(b) for b in batches)
+        stats = torch.zeros(len(STATS), dtype=torch.float64, device=dist_.device)
+        for r in range(math.ceil(len(batches) / dist_.world)):
+            index = r * dist_.world + dist_.rank
+            _, batch_stats = self._pair_loss(model, batches[min(index, len(batches) - 1)].to(dist_.device),
+                                             loss_options, autocast, float(pairs), float(chosen))
+            if index < len(batches):
+                stats += batch_stats.to(stats.device)
+        model.train()
+        totals = dist_.all_reduce_sum(stats) / max(pairs, 1)
+        return {f"eval_{name}": value for name, value in zip(STATS, totals.tolist())}

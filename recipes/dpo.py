@@ -1,0 +1,55 @@
+"""Direct preference optimisation of a Qwen3 checkpoint (one CPU, one GPU, or `torchrun` with FSDP2).
+
+    python recipes/dpo.py --config recipes/configs/dpo.yaml model.path=outputs/sft/final data.train=[pairs.jsonl]
+    torchrun --nproc_per_node=8 recipes/dpo.py --config recipes/configs/dpo.yaml ...
+
+Rows: a prompt (`messages` or `prompt`) with `chosen` / `rejected` replies, TRL's implicit-prompt pairs, or
+OpenAI's `input` / `preferred_output` / `non_preferred_output` (see qforge.engine.data.preference). Same
+trainer as recipes/fft.py (checkpoints, exact resume, FSDP2, HF export, eval) with the DPO objective.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+from qforge.engine.train import FFTConfig, train
+from qforge.engine.train.dpo import DPO
+from qforge.recipes.cli import config_from_argv
+
+
+@dataclass
+class DPOSettings:
+    beta: float = 0.1                  # strength of the implicit KL to the reference
+    sft_weight: float = 0.0            # α of the SFT term on the chosen replies (RPO); 0 = plain sigmoid DPO
+    reference: Literal["cached", "live"] = "cached"  # log-probs computed once and cached, or a frozen model
+    reference_dir: str | None = None   # cache directory; default output.dir/reference
+
+
+@dataclass
+class DPOConfig(FFTConfig):
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+
+
+def run(config: DPOConfig):
+    objective = DPO(config.dpo.beta, config.dpo.sft_weight, config.dpo.reference, config.dpo.reference_dir)
+    return train(config, objective)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    config = config_from_argv(DPOConfig, argv, __doc__, "dpo.beta=0.1 train.max_steps=100")
+    try:
+        result = run(config)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+    if result.interrupted:
+        print(f"stopped by signal at step {result.steps_done}; checkpoint saved in {config.output.dir}/checkpoints. "
+              f"Resume with train.resume=auto.", file=sys.stderr)
+        return 143
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
