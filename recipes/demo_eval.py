@@ -17,6 +17,7 @@ from qforge.engine.chat import ChatModel
 from qforge.engine.data import ChatTemplate, pack
 from qforge.engine.data.cache import load_examples
 from qforge.engine.evaluate import exact_match
+from qforge.engine.thinking import split_think
 from qforge.engine.train import FFTConfig, evaluate_loss
 from qforge.engine.train.build import build_model, kept_vocabulary, resolve_tokenizer_dir
 from qforge.engine.train.parallel import Dist
@@ -59,7 +60,7 @@ def evaluate_checkpoint(config: FFTConfig, trained: bool, batch_size: int = 32) 
 
 def _final_answer(text: str) -> str | None:
     """The number after the last 'Đáp án:' of the answer (reasoning excluded)."""
-    return extract_answer(text.split("</think>")[-1])
+    return extract_answer(split_think(text)[1])
 
 
 def print_before_after(before: dict, after: dict, out_path: str | Path) -> None:
