@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from qforge.engine.thinking import THINK_OPEN, split_think
 from qforge.engine.vocab import is_cjk
-from qforge.recipes.synthesis.langid import is_vietnamese
+from qforge.recipes.sft_data.langid import is_vietnamese
 
 
 class Malformed(ValueError):
