@@ -31,7 +31,7 @@ from qforge.kernels import fused_linear_cross_entropy
 from ..data.preference import PreferenceBatch, load_pairs, pack_pairs
 from ..model import Qwen3
 from .build import build_model
-from .objective import bind_forward_method
+from .objective import bind_forward_method, weights_identity
 from .parallel import shard_model
 
 log = logging.getLogger("qforge.train.dpo")
@@ -56,16 +56,6 @@ def chosen_token_count(batch: PreferenceBatch) -> int:
     lengths = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).long()
     sequence = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
     return int(((packed.labels != -100) & (sequence % 2 == 0)).sum())
-
-
-def starting_weights_identity(settings) -> dict:
-    """What identifies the starting weights without hashing them: the checkpoint files' names, sizes and
-    modification times, or the random-init config and seed."""
-    if settings.path is not None:
-        files = sorted(p for p in Path(settings.path).iterdir() if p.suffix in (".safetensors", ".json"))
-        return {"path": str(Path(settings.path).resolve()),
-                "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
-    return {"config": Path(settings.config).read_text(), "init_seed": settings.init_seed}
 
 
 class DPO:
@@ -132,7 +122,7 @@ class DPO:
         dist_.barrier()
 
     def _cache_key(self, config, loss_options) -> str:
-        digest = hashlib.sha256(json.dumps({"weights": starting_weights_identity(config.model),
+        digest = hashlib.sha256(json.dumps({"weights": weights_identity(config.model),
                                             "precision": config.train.precision,
                                             "ignore_unkept": loss_options.get("ignore_unkept_labels")}).encode())
         vocab_index = loss_options.get("vocab_index")

@@ -8,6 +8,7 @@ what one optimizer step's loss is, and what evaluation reports.
 from __future__ import annotations
 
 import types
+from pathlib import Path
 from typing import Protocol
 
 
@@ -38,3 +39,15 @@ def bind_forward_method(model, name: str, fn) -> None:
 
     setattr(model, name, types.MethodType(fn, model))
     register_fsdp_forward_method(model, name)
+
+
+def weights_identity(model) -> dict:
+    """What identifies a model's starting weights for an objective's on-disk cache, without hashing them: a
+    checkpoint directory's file names, sizes and modification times, or a random init's config and seed.
+    `model` is a checkpoint path or the run's ModelSettings."""
+    path = model if isinstance(model, (str, Path)) else model.path
+    if path is not None:
+        files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".json"))
+        return {"path": str(Path(path).resolve()),
+                "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+    return {"config": Path(model.config).read_text(), "init_seed": model.init_seed}

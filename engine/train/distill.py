@@ -1,0 +1,339 @@
+"""Strong-to-weak distillation as trainer objectives (see objective.py), both on `fused_linear_kl`, which never
+materialises the student's [T, V] logits and works over the kept vocabulary.
+
+- Off-policy: a teacher run scores the SFT data once (teacher forcing on the data's own replies) and keeps
+  its top-k log-probs at every supervised position; they are stored next to the data under `teacher_dir`,
+  keyed by the tokenised data, the teacher's weights and k, so later and resumed runs read them. The student
+  minimises forward KL to the renormalised top-k, or (1 − ce_weight)·KL + ce_weight·CE.
+- On-policy: for each micro-batch of prompts the student samples completions with qforge's generation, the
+  teacher scores them (its final hidden states go into the fused kernel) and the student minimises reverse
+  KL(p_student ‖ p_teacher) on its own samples. Sampling seeds come from the torch RNG that checkpoints
+  restore, so a resumed run draws the same samples.
+
+Both normalise by the step's Σ w over supervised tokens like SFT: the student's `loss` forward method is the
+KL loss, and the trainer's own `train_step` / `evaluate_loss` run unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qforge.kernels import fused_linear_kl
+
+from ..checkpoint import load_model
+from ..data import PackedBatch
+from ..data.example import Example, make_example
+from ..data.formats import read_conversations
+from ..data.packing import best_fit_decreasing
+from ..generate import generate
+from ..model import Qwen3
+from ..vocab import VocabMap
+from .loop import _load_data, evaluate_loss, train_step
+from .objective import bind_forward_method, weights_identity
+
+log = logging.getLogger("qforge.train.distill")
+
+
+# --- off-policy ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class TeacherTargets:
+    """An SFT example with the teacher's top-k (original token ids, log-probs) at each supervised target, in
+    the order of the packed batch's supervised positions."""
+    example: Example
+    ids: np.ndarray  # int32 [targets, K]
+    logprobs: np.ndarray  # float32 [targets, K]
+
+    def __len__(self) -> int:
+        return len(self.example)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.example.labels
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return self.example.num_loss_tokens
+
+
+@dataclass(frozen=True, eq=False)
+class DistillBatch:
+    """A PackedBatch plus the teacher's top-k at every position ([T, K], −1 where unsupervised)."""
+    packed: PackedBatch
+    target_ids: torch.Tensor
+    target_logprobs: torch.Tensor
+
+    def __getattr__(self, name):  # input_ids, labels, loss_weight, cu_seqlens, num_tokens, ... of the packed batch
+        if name == "packed":
+            raise AttributeError(name)
+        return getattr(self.packed, name)
+
+    def to(self, device, non_blocking: bool = False) -> "DistillBatch":
+        return DistillBatch(self.packed.to(device, non_blocking=non_blocking),
+                            self.target_ids.to(device, non_blocking=non_blocking),
+                            self.target_logprobs.to(device, non_blocking=non_blocking))
+
+    @classmethod
+    def from_items(cls, items: list[TeacherTargets]) -> "DistillBatch":
+        packed = PackedBatch.from_examples([item.example for item in items])
+        k = items[0].ids.shape[1]
+        ids = torch.full((packed.num_tokens, k), -1, dtype=torch.long)
+        logprobs = torch.zeros(packed.num_tokens, k, dtype=torch.float32)
+        rows = (packed.labels != -100).nonzero().squeeze(1)
+        ids[rows] = torch.from_numpy(np.concatenate([item.ids for item in items])).long()
+        logprobs[rows] = torch.from_numpy(np.concatenate([item.logprobs for item in items]))
+        return cls(packed, ids, logprobs)
+
+
+def _bins(items, max_tokens: int, seed: int) -> tuple[list, list[list[int]]]:
+    """Items that fit (whole: cutting a sequence would misalign its targets) and their best-fit bins."""
+    kept = [item for item in items if len(item) <= max_tokens and item.num_loss_tokens > 0]
+    if len(kept) < len(items):
+        log.warning("dropped %d sequences longer than data.max_tokens=%d", len(items) - len(kept), max_tokens)
+    rng = np.random.default_rng(seed)
+    bins = best_fit_decreasing(np.array([len(i) for i in kept], dtype=np.int64), max_tokens, rng.permutation(len(kept)))
+    return kept, [bins[i] for i in rng.permutation(len(bins))]
+
+
+def student_kl_loss(model, batch, vocab_index=None, ignore_unkept_labels=False, *, ce_weight=0.0, teacher=None,
+                    direction="forward"):
+    """Σ w·(KL or KL+CE) of a batch: top-k targets (DistillBatch) or, with `teacher`, its full distribution."""
+    packed = batch.packed if isinstance(batch, DistillBatch) else batch
+    hidden = Qwen3.hidden(model, packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
+    options = dict(loss_weight=packed.loss_weight, vocab_index=vocab_index, reduction="sum")
+    if teacher is None:
+        return fused_linear_kl(hidden, model.output_weight, packed.labels, target_ids=batch.target_ids,
+                               target_logprobs=batch.target_logprobs, ce_weight=ce_weight, **options)
+    with torch.no_grad():
+        teacher_hidden = Qwen3.hidden(teacher, packed.input_ids, packed.position_ids, packed.cu_seqlens,
+                                      packed.max_seqlen)
+    return fused_linear_kl(hidden, model.output_weight, packed.labels, teacher_hidden=teacher_hidden,
+                           teacher_weight=teacher.output_weight, direction=direction, **options)
+
+
+def teacher_output_ids(path) -> torch.Tensor | None:
+    """The token ids a teacher can produce: its exported kept vocabulary minus suppressed ids (a teacher trained
+    with vocab.restrict), or None for the whole vocabulary."""
+    kept_file = Path(path) / "kept_ids.json"
+    if not kept_file.is_file():
+        return None
+    vocab = VocabMap.load(kept_file)
+    return vocab.kept_ids[~torch.isin(vocab.kept_ids, vocab.suppress_ids)]
+
+
+@torch.no_grad()
+def teacher_top_k(teacher, examples: list[Example], k: int, max_tokens: int, device, output_ids=None,
+                  chunk_bytes: int = 2**28):
+    """(ids int32 [targets, k], log-probs float32 [targets, k]) per example: the teacher's next-token top-k at
+    each supervised target over `output_ids` (default: its whole vocabulary), in chunks of rows (no [T, V])."""
+    teacher.eval()
+    results, group, size = [], [], 0
+    weight = teacher.output_weight if output_ids is None else teacher.output_weight[output_ids.to(device)]
+    rows_per_chunk = max(1, chunk_bytes // (weight.shape[0] * 4))
+
+    def flush():
+        packed = PackedBatch.from_examples(group).to(device)
+        hidden = teacher.hidden(packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
+        hidden = hidden[packed.labels != -100]
+        ids, logprobs = [], []
+        for start in range(0, len(hidden), rows_per_chunk):
+            top = (hidden[start:start + rows_per_chunk] @ weight.T).float().log_softmax(-1).topk(min(k, len(weight)))
+            ids.append((top.indices if output_ids is None else output_ids.to(device)[top.indices]).int().cpu())
+            logprobs.append(top.values.cpu())
+        ids, logprobs = torch.cat(ids).numpy(), torch.cat(logprobs).numpy()
+        counts = np.cumsum([0] + [int(np.count_nonzero(e.labels[1:] != -100)) for e in group])
+        results.extend((ids[a:b], logprobs[a:b]) for a, b in zip(counts[:-1], counts[1:]))
+        group.clear()
+
+    for example in examples:
+        if group and size + len(example) > max_tokens:
+            flush()
+            size = 0
+        group.append(example)
+        size += len(example)
+    if group:
+        flush()
+    return results
+
+
+class OffPolicyDistill:
+    def __init__(self, teacher_path: str, top_k: int = 20, ce_weight: float = 0.0, teacher_dir: str | None = None):
+        if not 1 <= top_k <= 128:
+            raise ValueError(f"distill.top_k must be in [1, 128], got {top_k}")
+        if not 0.0 <= ce_weight <= 1.0:
+            raise ValueError(f"distill.ce_weight must be in [0, 1], got {ce_weight}")
+        self.teacher_path, self.top_k, self.ce_weight, self.teacher_dir = teacher_path, top_k, ce_weight, teacher_dir
+
+    def load_data(self, config, template, dist_):
+        datasets, eval_examples = _load_data(config, template, dist_)
+        directory = Path(self.teacher_dir or Path(config.output.dir) / "teacher")
+        sets = datasets + [eval_examples]
+        targets = [self._targets(examples, directory, config, dist_) for examples in sets]
+        items = [[TeacherTargets(e, ids, lp) for e, (ids, lp) in zip(examples, t)] for examples, t in zip(sets, targets)]
+        return items[:-1], items[-1]
+
+    def _targets(self, examples, directory: Path, config, dist_):
+        """The stored teacher top-k of these examples, computed once (by rank 0) when missing."""
+        if not examples:
+            return []
+        digest = hashlib.sha256(json.dumps({"teacher": weights_identity(self.teacher_path), "k": self.top_k}).encode())
+        for example in examples:
+            digest.update(example.input_ids.tobytes())
+            digest.update(example.labels.tobytes())
+        path = directory / digest.hexdigest()[:32]
+        if dist_.is_main and not (path / "ids.npy").is_file():
+            teacher = load_model(self.teacher_path, dtype=torch.float32, device=dist_.device)
+            scored = teacher_top_k(teacher, examples, self.top_k, config.data.max_tokens, dist_.device,
+                                   teacher_output_ids(self.teacher_path))
+            del teacher
+            tmp = directory / f".{path.name}.tmp{os.getpid()}"
+            tmp.mkdir(parents=True, exist_ok=True)
+            offsets = np.cumsum([0] + [len(ids) for ids, _ in scored])
+            empty = np.zeros((0, self.top_k))
+            np.save(tmp / "ids.npy", np.concatenate([ids for ids, _ in scored] or [empty]).astype(np.int32))
+            np.save(tmp / "logprobs.npy", np.concatenate([lp for _, lp in scored] or [empty]).astype(np.float32))
+            np.save(tmp / "offsets.npy", offsets)
+            os.replace(tmp, path)
+            log.info("teacher top-%d of %d examples stored in %s", self.top_k, len(examples), path)
+        dist_.barrier()
+        ids, logprobs = np.load(path / "ids.npy", mmap_mode="r"), np.load(path / "logprobs.npy", mmap_mode="r")
+        offsets = np.load(path / "offsets.npy")
+        return [(ids[a:b], logprobs[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+
+    def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate"):
+        kept, bins = _bins(items, max_tokens, seed)
+        return _LazyBatches(lambda b: DistillBatch.from_items([kept[i] for i in b]), bins)
+
+    def prepare(self, model, config, loss_options, dist_, autocast):
+        bind_forward_method(model, "loss", lambda m, batch, **o: student_kl_loss(m, batch, ce_weight=self.ce_weight,
+                                                                                  **o))
+
+    def train_step(self, model, micro_batches, dist_, loss_options, autocast):
+        return (*train_step(model, micro_batches, dist_, loss_options, autocast), {})
+
+    def evaluate(self, model, batches, dist_, loss_options, autocast) -> dict:
+        return {"eval_loss": evaluate_loss(model, batches, dist_, loss_options, autocast)}
+
+
+class _LazyBatches(list):
+    """Micro-batches built on access (like PackedBatches), from bins of item indices."""
+
+    def __init__(self, build, bins):
+        super().__init__(bins)
+        self._build = build
+
+    def __getitem__(self, index):
+        return self._build(super().__getitem__(index))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+# --- on-policy -----------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Prompt:
+    """A prompt to sample from; `labels` are its SFT example's (for vocab.restrict=data and label checks)."""
+    prompt_ids: np.ndarray
+    labels: np.ndarray
+    budget: int  # prompt + max_new_tokens: what packing reserves
+
+    def __len__(self) -> int:
+        return self.budget
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return 1
+
+
+class PromptBatch:
+    """Prompts of one micro-batch; after sampling, `packed` holds prompt + completion sequences (labels on
+    the completions) and the trainer's token counts describe those."""
+
+    def __init__(self, prompts: list[Prompt], packed: PackedBatch | None = None):
+        self.prompts, self.packed = prompts, packed
+
+    def to(self, device, non_blocking: bool = False) -> "PromptBatch":
+        return self if self.packed is None else PromptBatch(self.prompts, self.packed.to(device))
+
+    def __getattr__(self, name):
+        if name in ("prompts", "packed") or self.packed is None:
+            raise AttributeError(name)
+        return getattr(self.packed, name)
+
+
+class OnPolicyDistill:
+    def __init__(self, teacher_path: str, max_new_tokens: int = 128, temperature: float = 1.0,
+                 enable_thinking: bool = True):
+        self.teacher_path, self.max_new_tokens = teacher_path, max_new_tokens
+        self.temperature, self.enable_thinking = temperature, enable_thinking
+        self.teacher, self.template, self.suppress = None, None, []
+
+    def load_data(self, config, template, dist_):
+        self.template = template
+        datasets = [self._prompts(path, config, template) for path in config.data.train]
+        return datasets, [p for path in config.data.eval for p in self._prompts(path, config, template)]
+
+    def _prompts(self, path, config, template) -> list[Prompt]:
+        conversations = []
+        for line, messages in read_conversations(path, config.data.format):
+            if isinstance(messages, Exception):
+                raise ValueError(f"{path}:{line}: {messages}")
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            conversations.append(messages[:last + 1])
+        examples = template.encode_batch(conversations, self.enable_thinking, supervise="last")
+        return [Prompt(np.array(template.encode_prompt(c[:-1], self.enable_thinking), dtype=np.int32), e.labels,
+                       len(template.encode_prompt(c[:-1], self.enable_thinking)) + self.max_new_tokens + 1)
+                for c, e in zip(conversations, examples)]
+
+    def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate"):
+        kept, bins = _bins(items, max_tokens, seed)
+        return _LazyBatches(lambda b: PromptBatch([kept[i] for i in b]), bins)
+
+    def prepare(self, model, config, loss_options, dist_, autocast):
+        self.teacher = load_model(self.teacher_path, dtype=next(model.parameters()).dtype, device=dist_.device)
+        self.teacher.requires_grad_(False).eval()
+        if self.teacher.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"distill.teacher {self.teacher_path}: vocabulary size {self.teacher.config.vocab_size} "
+                             f"differs from the student's {model.config.vocab_size}; both must share the tokenizer")
+        kept = loss_options.get("vocab_index")
+        if kept is not None:
+            mask = torch.ones(model.config.vocab_size, dtype=torch.bool)
+            mask[kept.cpu()] = False
+            self.suppress = mask.nonzero().squeeze(1).tolist()
+        bind_forward_method(model, "loss", lambda m, batch, **o: student_kl_loss(
+            m, batch, teacher=self.teacher, direction="reverse", **o))
+
+    @torch.no_grad()
+    def _sample(self, model, batch: PromptBatch, device, greedy: bool) -> PromptBatch:
+        """The student's completions (through <|im_end|>, or cut at max_new_tokens) as a packed batch."""
+        was_training = model.training
+        model.eval()
+        seed = int(torch.randint(0, 2**31 - 1, ()))  # from the RNG that checkpoints restore
+        prompts = [p.prompt_ids.tolist() for p in batch.prompts]
+        completions = generate(model, prompts, max_new_tokens=self.max_new_tokens,
+                               temperature=0.0 if greedy else self.temperature, stop_ids=[self.template.eos_id],
+                               suppress_ids=self.suppress, seed=seed)
+        model.train(was_training)
+        examples = []
+        for prompt, completion in zip(prompts, completions):
+            if len(completion) < self.max_new_tokens:
+                completion = completion + [self.template.eos_id]
+            supervised = np.r_[np.zeros(len(prompt), bool), np.ones(len(completion), bool)]
+            examples.append(make_example(prompt + completion, supervised))
+        return PromptBatch(batch.prompts, PackedBatch.from_examples(examples).to(device))
+
+    def train_step(self, model, micro_batches, dist_, loss_options, autocast):
+        sampled = [self._sample(model, b, dist_.device, greedy=False) for b in micro_batches]
+        for batch, done in zip(micro_batches, sampled):
+            batch.packed = done.packed  # the trainer's token counts and MFU describe what was trained on
+        return (*train_step(model, [b.packed for b in sampled], dist_, loss_options, autocast), {})
+
+    def evaluate(self, model, batches, dist_, loss_options, autocast) -> dict:
+        sampled = [self._sample(model, b, dist_.device, greedy=True).packed for b in batches]
+        return {"eval_reverse_kl": evaluate_loss(model, sampled, dist_, loss_options, autocast)}

@@ -1,0 +1,78 @@
+"""Strong-to-weak distillation of a Qwen3 student from a teacher with the same tokenizer.
+
+    python recipes/distill.py --config recipes/configs/distill.yaml                 # off-policy (CPU demo)
+    python recipes/distill.py --config recipes/configs/distill-on-policy.yaml       # then on-policy
+    torchrun --nproc_per_node=8 recipes/distill.py --config ... model.path=STUDENT distill.teacher=TEACHER
+
+distill.mode=off_policy: the teacher scores the SFT data once (its top-k log-probs per supervised position,
+stored under distill.teacher_dir) and the student minimises forward KL to them, mixed with CE by
+distill.ce_weight. distill.mode=on_policy: the student samples completions of the data's prompts, the
+teacher scores them, the student minimises reverse KL on its own samples. Same trainer as recipes/fft.py
+(checkpoints, exact resume, FSDP2, HF export); with `evaluate.data`, greedy exact match before and after.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from qforge.engine.train import train
+from qforge.engine.train.distill import OffPolicyDistill, OnPolicyDistill
+from qforge.recipes.cli import config_from_argv
+from qforge.recipes.demo_eval import FFTRecipeConfig, evaluate_checkpoint, print_before_after
+
+
+@dataclass
+class DistillSettings:
+    teacher: str | None = None         # teacher checkpoint directory (HF format, same tokenizer as the student)
+    mode: Literal["off_policy", "on_policy"] = "off_policy"
+    top_k: int = 20                    # off-policy: teacher log-probs kept per supervised position
+    ce_weight: float = 0.0             # off-policy: loss = (1 − ce_weight)·KL + ce_weight·CE on the data's labels
+    teacher_dir: str | None = None     # off-policy: where the teacher's top-k are stored; default output.dir/teacher
+    max_new_tokens: int = 128          # on-policy: sampled completion length
+    temperature: float = 1.0           # on-policy: sampling temperature
+
+    def __post_init__(self):
+        if self.teacher is None:
+            raise ValueError("distill.teacher must name the teacher's checkpoint directory")
+
+
+@dataclass
+class DistillConfig(FFTRecipeConfig):
+    distill: DistillSettings = field(default_factory=DistillSettings)
+
+
+def objective_for(config: DistillConfig):
+    settings = config.distill
+    if not (Path(settings.teacher) / "config.json").is_file():
+        raise FileNotFoundError(f"distill.teacher={settings.teacher}: no config.json (an HF-format checkpoint "
+                                f"directory, e.g. outputs/demo/final from `make demo`)")
+    if settings.mode == "off_policy":
+        return OffPolicyDistill(settings.teacher, settings.top_k, settings.ce_weight, settings.teacher_dir)
+    return OnPolicyDistill(settings.teacher, settings.max_new_tokens, settings.temperature,
+                           config.data.enable_thinking)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    config = config_from_argv(DistillConfig, argv, __doc__, "distill.teacher=outputs/demo/final train.max_steps=50")
+    try:
+        objective = objective_for(config)
+        before = evaluate_checkpoint(config, trained=False) if config.evaluate.data else None
+        result = train(config, objective)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+    if result.interrupted:
+        print(f"stopped by signal at step {result.steps_done}; checkpoint saved in {config.output.dir}/checkpoints. "
+              f"Resume with train.resume=auto.", file=sys.stderr)
+        return 143
+    if before is not None and result.final_dir is not None:
+        after = evaluate_checkpoint(config, trained=True)
+        print_before_after(before, after, Path(config.output.dir) / "eval_before_after.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Distillation: the stored teacher top-k and the student's KL losses against transformers + fp64 closed forms,
+and both recipes end to end with exact resume."""
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from qwen3_fixtures import save_chat_checkpoint
+from tiny_run import tiny_overrides, tiny_run_files  # noqa: F401 (fixture)
+from transformers import AutoModelForCausalLM
+
+from qforge.engine import load_model
+from qforge.engine.config_io import load_config
+from qforge.engine.data import ChatTemplate
+from qforge.engine.train.build import kept_vocabulary
+from qforge.engine.train.distill import OffPolicyDistill, OnPolicyDistill
+from qforge.engine.train.parallel import Dist
+from qforge.recipes.distill import DistillConfig, main as distill_main
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return save_chat_checkpoint(tmp_path_factory.mktemp("distill") / "teacher", seed=5)
+
+
+@pytest.fixture(scope="module")
+def few_rows(tiny_run_files, tmp_path_factory):
+    """Six training rows: the teacher scores every supervised position over 151,936 logits, so keep it small."""
+    path = tmp_path_factory.mktemp("few") / "train.jsonl"
+    path.write_text("".join(Path(tiny_run_files["train"]).read_text(encoding="utf-8").splitlines(True)[:6]),
+                    encoding="utf-8")
+    return {**tiny_run_files, "train": str(path)}
+
+
+def _config(files, out, teacher, **extra):
+    settings = {"distill.teacher": str(teacher), "distill.top_k": 8, "data.max_tokens": 768,
+                "train.max_steps": 4, "optim.warmup_steps": 0, **extra}
+    return load_config(DistillConfig, None, tiny_overrides(files, out, **settings))
+
+
+def _hf_logprobs(checkpoint, packed):
+    """log-softmax of an HF model's logits on each packed sequence, fp64 (the oracle never sees qforge code)."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64)
+    bounds = packed.cu_seqlens.tolist()
+    with torch.no_grad():
+        return torch.cat([model(packed.input_ids[a:b][None]).logits[0].log_softmax(-1)
+                          for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def test_off_policy_targets_and_loss_match_transformers(few_rows, teacher, tmp_path):
+    config = _config(few_rows, tmp_path / "out", teacher, **{"distill.ce_weight": 0.25})
+    template = ChatTemplate.from_pretrained(teacher)
+    objective = OffPolicyDistill(str(teacher), top_k=8, ce_weight=0.25)
+    datasets, _ = objective.load_data(config, template, Dist())
+    batch = objective.pack(datasets[0][:3], 768, seed=0)[0]
+    rows = (batch.labels != -100).nonzero().squeeze(1)
+
+    teacher_logp = _hf_logprobs(teacher, batch.packed)[rows]
+    top = teacher_logp.topk(8)
+    assert torch.equal(batch.target_ids[rows], top.indices)
+    torch.testing.assert_close(batch.target_logprobs[rows].double(), top.values, atol=2e-5, rtol=0)
+    assert (batch.target_ids[batch.labels == -100] == -1).all()
+
+    student_dir = tmp_path / "student"
+    student = load_model(save_chat_checkpoint(student_dir, seed=6), dtype=torch.float32)
+    vocab_index = kept_vocabulary(config.vocab, datasets, template, student.config.vocab_size, torch.device("cpu"))
+    objective.prepare(student, config, {}, Dist(), contextlib.nullcontext)
+    loss = student.loss(batch, vocab_index=vocab_index)
+
+    # fp64 closed form over the kept vocabulary: forward KL to the renormalised kept top-k, mixed with CE
+    logp = _hf_logprobs(student_dir, batch.packed)[rows][:, vocab_index].log_softmax(-1)
+    position = {int(v): i for i, v in enumerate(vocab_index)}
+    expected = 0.0
+    for r, t in enumerate(rows.tolist()):
+        kept = [(position[int(i)], float(lp)) for i, lp in zip(batch.target_ids[t], batch.target_logprobs[t])
+                if int(i) in position]
+        logq = torch.tensor([lp for _, lp in kept], dtype=torch.float64)
+        logq = logq - logq.logsumexp(0)
+        kl = sum(q * (lq - logp[r, j]) for (j, _), q, lq in zip(kept, logq.exp(), logq))
+        expected += 0.75 * kl - 0.25 * logp[r, position[int(batch.labels[t])]]
+    assert abs(loss.item() - float(expected)) < 1e-4 * max(1.0, abs(float(expected)))
+
+
+def test_on_policy_samples_and_reverse_kl_match_transformers(few_rows, teacher, tmp_path):
+    config = _config(few_rows, tmp_path / "out", teacher, **{"distill.mode": "on_policy"})
+    template = ChatTemplate.from_pretrained(teacher)
+    objective = OnPolicyDistill(str(teacher), max_new_tokens=12, temperature=1.0)
+    datasets, _ = objective.load_data(config, template, Dist())
+    student_dir = save_chat_checkpoint(tmp_path / "student", seed=7)
+    student = load_model(student_dir, dtype=torch.float32)
+    vocab_index = kept_vocabulary(config.vocab, datasets, template, student.config.vocab_size, torch.device("cpu"))
+    options = {"vocab_index": vocab_index, "ignore_unkept_labels": False}
+    objective.prepare(student, config, options, Dist(), contextlib.nullcontext)
+    prompts = objective.pack(datasets[0][:4], 4096, seed=0)[0]
+    torch.manual_seed(0)
+    sampled = objective._sample(student, prompts, torch.device("cpu"), greedy=False).packed
+    rows = (sampled.labels != -100).nonzero().squeeze(1)
+    completion = sampled.labels[rows]
+    assert torch.isin(completion, vocab_index).all()  # the student samples only kept tokens
+    starts = sampled.cu_seqlens[:-1].long()
+    for prompt, start in zip(prompts.prompts, starts.tolist()):  # every sequence is its prompt + a sample
+        assert sampled.input_ids[start:start + len(prompt.prompt_ids)].tolist() == prompt.prompt_ids.tolist()
+
+    loss = student.loss(sampled, **options)
+    log_ps = _hf_logprobs(student_dir, sampled)[rows][:, vocab_index].log_softmax(-1)
+    log_pt = _hf_logprobs(teacher, sampled)[rows][:, vocab_index].log_softmax(-1)
+    expected = (log_ps.exp() * (log_ps - log_pt)).sum()
+    assert abs(loss.item() - expected.item()) < 1e-4 * max(1.0, expected.item())
+
+
+def _losses(out: Path):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["off_policy", "on_policy"])
+def test_recipe_runs_and_resumes_exactly(few_rows, teacher, tmp_path, mode):
+    def run(out, **extra):
+        settings = {"distill.teacher": str(teacher), "distill.mode": mode, "distill.top_k": 8,
+                    "distill.max_new_tokens": 16, "data.max_tokens": 400, "train.max_steps": 4,
+                    "train.save_every": 2, "distill.teacher_dir": str(tmp_path / "teacher"), **extra}
+        (tmp_path / "empty.yaml").write_text("{}")
+        return distill_main(["--config", str(tmp_path / "empty.yaml")] + tiny_overrides(few_rows, out,
+                                                                                         **settings))
+
+    assert run(tmp_path / "full") == 0
+    full = _losses(tmp_path / "full")
+    assert len(full) == 4 and all(loss > 0 for loss in full)
+    assert (tmp_path / "full/final/model.safetensors").is_file()
+    assert run(tmp_path / "resumed", **{"train.resume": str(tmp_path / "full/checkpoints/step-2")}) == 0
+    assert _losses(tmp_path / "resumed") == full[2:]
