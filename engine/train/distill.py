@@ -7,8 +7,8 @@ materialises the student's [T, V] logits and works over the kept vocabulary.
   minimises forward KL to the renormalised top-k, or (1 − ce_weight)·KL + ce_weight·CE.
 - On-policy: for each micro-batch of prompts the student samples completions with qforge's generation, the
   teacher scores them (its final hidden states go into the fused kernel) and the student minimises reverse
-  KL(p_student ‖ p_teacher) on its own samples. Sampling seeds come from the torch RNG that checkpoints
-  restore, so a resumed run draws the same samples.
+  KL(p_student ‖ p_teacher) on its own samples. A micro-batch's sampling seed is derived from its place in
+  the epoch's packing (which the data cursor restores), so a resumed run draws the same samples.
 
 Both normalise by the step's Σ w over supervised tokens like SFT: the student's `loss` forward method is the
 KL loss, and the trainer's own `train_step` / `evaluate_loss` run unchanged.
@@ -208,7 +208,7 @@ class OffPolicyDistill:
 
     def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate"):
         kept, bins = _bins(items, max_tokens, seed)
-        return _LazyBatches(lambda b: DistillBatch.from_items([kept[i] for i in b]), bins)
+        return _LazyBatches(lambda b, _: DistillBatch.from_items([kept[i] for i in b]), bins)
 
     def prepare(self, model, config, loss_options, dist_, autocast):
         bind_forward_method(model, "loss", lambda m, batch, **o: student_kl_loss(m, batch, ce_weight=self.ce_weight,
@@ -222,14 +222,14 @@ class OffPolicyDistill:
 
 
 class _LazyBatches(list):
-    """Micro-batches built on access (like PackedBatches), from bins of item indices."""
+    """Micro-batches built on access (like PackedBatches): build(bin of item indices, its position)."""
 
     def __init__(self, build, bins):
         super().__init__(bins)
         self._build = build
 
     def __getitem__(self, index):
-        return self._build(super().__getitem__(index))
+        return self._build(super().__getitem__(index), range(len(self))[index])
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -255,14 +255,14 @@ class PromptBatch:
     """Prompts of one micro-batch; after sampling, `packed` holds prompt + completion sequences (labels on
     the completions) and the trainer's token counts describe those."""
 
-    def __init__(self, prompts: list[Prompt], packed: PackedBatch | None = None):
-        self.prompts, self.packed = prompts, packed
+    def __init__(self, prompts: list[Prompt], seed: int, packed: PackedBatch | None = None):
+        self.prompts, self.seed, self.packed = prompts, seed, packed
 
     def to(self, device, non_blocking: bool = False) -> "PromptBatch":
-        return self if self.packed is None else PromptBatch(self.prompts, self.packed.to(device))
+        return self if self.packed is None else PromptBatch(self.prompts, self.seed, self.packed.to(device))
 
     def __getattr__(self, name):
-        if name in ("prompts", "packed") or self.packed is None:
+        if name in ("prompts", "seed", "packed") or self.packed is None:
             raise AttributeError(name)
         return getattr(self.packed, name)
 
@@ -293,7 +293,8 @@ class OnPolicyDistill:
 
     def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate"):
         kept, bins = _bins(items, max_tokens, seed)
-        return _LazyBatches(lambda b: PromptBatch([kept[i] for i in b]), bins)
+        return _LazyBatches(lambda b, position: PromptBatch([kept[i] for i in b], (seed * 1_000_003 + position) % 2**31),
+                            bins)
 
     def prepare(self, model, config, loss_options, dist_, autocast):
         self.teacher = load_model(self.teacher_path, dtype=next(model.parameters()).dtype, device=dist_.device)
@@ -314,11 +315,10 @@ class OnPolicyDistill:
         """The student's completions (through <|im_end|>, or cut at max_new_tokens) as a packed batch."""
         was_training = model.training
         model.eval()
-        seed = int(torch.randint(0, 2**31 - 1, ()))  # from the RNG that checkpoints restore
         prompts = [p.prompt_ids.tolist() for p in batch.prompts]
         completions = generate(model, prompts, max_new_tokens=self.max_new_tokens,
                                temperature=0.0 if greedy else self.temperature, stop_ids=[self.template.eos_id],
-                               suppress_ids=self.suppress, seed=seed)
+                               suppress_ids=self.suppress, seed=batch.seed)
         model.train(was_training)
         examples = []
         for prompt, completion in zip(prompts, completions):
@@ -326,7 +326,7 @@ class OnPolicyDistill:
                 completion = completion + [self.template.eos_id]
             supervised = np.r_[np.zeros(len(prompt), bool), np.ones(len(completion), bool)]
             examples.append(make_example(prompt + completion, supervised))
-        return PromptBatch(batch.prompts, PackedBatch.from_examples(examples).to(device))
+        return PromptBatch(batch.prompts, batch.seed, PackedBatch.from_examples(examples).to(device))
 
     def train_step(self, model, micro_batches, dist_, loss_options, autocast):
         sampled = [self._sample(model, b, dist_.device, greedy=False) for b in micro_batches]
