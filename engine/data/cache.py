@@ -152,7 +152,7 @@ def load_examples(paths, template: ChatTemplate, *, cache_dir=None, format: str 
     if summary.from_cache:
         try:
             examples = _read_cache(directory, summary)
-        except (OSError, ValueError, KeyError, TypeError) as error:  # e.g. a copy cut short by a full disk
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as error:  # e.g. a copy cut short
             log.warning("%s: damaged tokenised-data cache (%s); rebuilding it", directory, error)
             shutil.rmtree(directory, ignore_errors=True)
             summary = LoadSummary()
