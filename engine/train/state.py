@@ -83,11 +83,15 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, loader_s
             final.rename(old)
         tmp.rename(final)
         _fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)
         problem = _check_files(final, manifest, hashed=())
         if problem:
+            shutil.rmtree(final.with_name(final.name + ".damaged"), ignore_errors=True)
+            final.rename(final.with_name(final.name + ".damaged"))
+            if old.exists():
+                old.rename(final)
             raise CheckpointError(f"{final} did not verify after writing ({problem}); the older checkpoints are "
                                   f"kept; check the disk (space, errors) and resume with train.resume=auto")
+        shutil.rmtree(old, ignore_errors=True)
         _prune(root, keep_last)
     dist_.barrier()
     return final
