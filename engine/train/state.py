@@ -123,6 +123,9 @@ def resume_checkpoint(output_dir: str | Path, resume: str | None, dist_: Dist) -
     if resume is None:
         return None
     if resume != "auto":
+        if not Path(resume).is_dir():
+            raise CheckpointError(f"train.resume={resume}: no such directory; use train.resume=auto or an "
+                                  f"output.dir/checkpoints/step-<N> directory")
         problem = verify_checkpoint(resume, dist_)
         if problem:
             raise CheckpointError(f"train.resume={resume}: damaged checkpoint ({problem}); use train.resume=auto "
