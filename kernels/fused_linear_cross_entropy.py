@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import use_triton
+from .dispatch import Launch, ModelShape, use_triton
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20  # CPU: fp32 logits held at once
 GPU_LOGIT_ROWS = 512    # ≥ ~300 rows make the logits matmul compute-bound on H100 (W read once per chunk)
@@ -340,13 +340,14 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     return torch.zeros(labels.shape, dtype=torch.float32, device=loss.device).index_copy(0, rows, loss)
 
 
-def aot_configs():
-    """(kernel, signature, constexprs, num_warps) as launched: fp32 logits, gradient rows in fp32 (CPU/fp32
-    layout, in place) or bf16 (CUDA bf16 layout), with and without the unkept-column mask."""
-    for grad_dtype in ("fp32", "bf16"):
-        for with_grad, mask in ((False, False), (True, False), (True, True)):
-            yield (_cross_entropy_rows_kernel,
-                   {"LOGITS": "*fp32", "logits_stride": "i32", "GRAD": f"*{grad_dtype}", "grad_stride": "i32",
-                    "TARGETS": "*i64", "SCALE": "*fp32", "LOSS": "*fp32", "TARGET_INDEX": "*i64", "V": "i32",
-                    "z_loss": "fp32", "WITH_GRAD": "constexpr", "MASK_UNKEPT": "constexpr", "BLOCK_V": "constexpr"},
-                   {"WITH_GRAD": with_grad, "MASK_UNKEPT": mask, "BLOCK_V": BLOCK_V}, ROW_KERNEL_WARPS)
+def aot_launches(shape: ModelShape, dtype: str = "bf16"):
+    """The row kernel on the CUDA layout: fp32 logits chunks, gradient rows in the input dtype; without
+    gradients (eval), with them, and with the unkept-column mask of a restricted vocabulary."""
+    rows = min(GPU_LOGIT_ROWS, shape.tokens)
+    for with_grad, mask, what in ((False, False, "eval"), (True, False, "train"), (True, True, "train, masked vocab")):
+        yield Launch(_cross_entropy_rows_kernel,
+                     {"LOGITS": "*fp32", "logits_stride": shape.vocab, "GRAD": f"*{dtype}",
+                      "grad_stride": shape.vocab, "TARGETS": "*i64", "SCALE": "*fp32", "LOSS": "*fp32",
+                      "TARGET_INDEX": "*i64", "V": shape.vocab, "z_loss": 0.0},
+                     {"WITH_GRAD": with_grad, "MASK_UNKEPT": mask, "BLOCK_V": BLOCK_V}, ROW_KERNEL_WARPS,
+                     f"{what}, {rows} rows/chunk")
