@@ -20,7 +20,7 @@ from qforge.engine.data.cache import load_examples
 from qforge.recipes.exact_match import exact_match
 from qforge.engine.thinking import split_think
 from qforge.engine.train import FFTConfig, evaluate_loss
-from qforge.engine.train.build import build_model, kept_vocabulary, resolve_tokenizer_dir
+from qforge.engine.train.build import build_model, kept_vocabulary, loss_options, resolve_tokenizer_dir
 from qforge.engine.train.parallel import Dist
 from qforge.recipes.files import read_jsonl, write_json
 from qforge.recipes.make_demo_data import extract_answer
@@ -63,7 +63,8 @@ def evaluate_checkpoint(config: FFTRecipeConfig, trained: bool, batch_size: int 
     else:
         model = build_model(config.model, torch.float32, device)
     kept = kept_vocabulary(config.vocab, train_sets + [held_out], template, model.config.vocab_size, device)
-    loss = evaluate_loss(model, pack(held_out, config.data.max_tokens, seed=0), Dist(), {"vocab_index": kept})
+    loss = evaluate_loss(model, pack(held_out, config.data.max_tokens, seed=0), Dist(),
+                         loss_options(kept, model.config.vocab_size))
 
     suppress = [] if kept is None else sorted(set(range(model.config.vocab_size)) - set(kept.tolist()))
     chat_model = ChatModel(model, template, suppress_ids=suppress, batch_size=batch_size)
