@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError
-from .render import THINK_CLOSE, THINK_OPEN
+from ..thinking import THINK_CLOSE, THINK_OPEN, split_think
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -88,8 +88,7 @@ def _check_assistant(message: dict, where: str):
     if closes > 1 or opens > 1:
         raise RowError(f"{where}.content", f"{opens} {THINK_OPEN} and {closes} {THINK_CLOSE} tags; one turn holds at "
                                            f"most one reasoning block")
-    answer = content.split(THINK_CLOSE)[-1]
-    if not answer.strip():
+    if not split_think(content)[1].strip():
         raise RowError(f"{where}.content", "empty answer (nothing but whitespace" + (
             f" after {THINK_CLOSE}" if closes else "") + "); fix the row or drop it")
 

@@ -154,7 +154,7 @@ def resume_checkpoint(output_dir: str | Path, resume: str | None, dist_: Dist) -
 def clean_stale_temporaries(output_dir: str | Path):
     """Removes what a killed run left half-written (checkpoint and export temp dirs). Call with the lock held."""
     out = Path(output_dir)
-    for pattern in ("checkpoints/.step-*.tmp", "checkpoints/.step-*.old", ".final.tmp-*", ".final.old-*"):
+    for pattern in ("checkpoints/.step-*.tmp", "checkpoints/.step-*.old*", ".final.tmp-*", ".final.old-*"):
         for path in out.glob(pattern):
             shutil.rmtree(path, ignore_errors=True)
 
