@@ -12,6 +12,8 @@ import numpy as np
 
 from ..data import pack
 from ..data.example import Example
+from ..vocab import VocabMap
+from .config import DataSettings
 
 
 def mixture_epoch(datasets: Sequence[Sequence[Example]], weights: Sequence[float] | None, seed: int) -> list[Example]:
@@ -29,17 +31,20 @@ def mixture_epoch(datasets: Sequence[Sequence[Example]], weights: Sequence[float
 
 
 class StepLoader:
-    def __init__(self, datasets, weights, max_tokens: int, *, seed: int, grad_accum: int, rank: int = 0,
-                 world: int = 1, overlong: str = "truncate"):
-        self.datasets, self.weights = datasets, weights
-        self.max_tokens, self.seed, self.overlong = max_tokens, seed, overlong
+    """`data` is the run's data settings (weights, max_tokens, overlong, loss_weighting); `vocab` the kept
+    vocabulary (labels outside it are masked when packing)."""
+
+    def __init__(self, datasets, data: DataSettings, vocab: VocabMap | None = None, *, seed: int, grad_accum: int,
+                 rank: int = 0, world: int = 1):
+        self.datasets, self.data, self.vocab = datasets, data, vocab
+        self.max_tokens, self.seed = data.max_tokens, seed
         self.grad_accum, self.rank, self.world = grad_accum, rank, world
         self.epoch, self.index = 0, 0
         self._batches, self._batches_epoch = None, None
         if self.per_step > len(self._epoch_batches()):
             raise ValueError(f"one optimizer step needs {self.per_step} micro-batches (train.grad_accum × ranks) "
                              f"but an epoch packs into only {len(self._epoch_batches())} at data.max_tokens="
-                             f"{max_tokens}; lower train.grad_accum or data.max_tokens")
+                             f"{self.max_tokens}; lower train.grad_accum or data.max_tokens")
 
     @property
     def per_step(self) -> int:
@@ -47,8 +52,9 @@ class StepLoader:
 
     def _epoch_batches(self):
         if self._batches_epoch != self.epoch:
-            examples = mixture_epoch(self.datasets, self.weights, self.seed + self.epoch)
-            self._batches = pack(examples, self.max_tokens, seed=self.seed + self.epoch, overlong=self.overlong)
+            examples = mixture_epoch(self.datasets, self.data.weights, self.seed + self.epoch)
+            self._batches = pack(examples, self.max_tokens, seed=self.seed + self.epoch, overlong=self.data.overlong,
+                                 loss_weighting=self.data.loss_weighting, vocab=self.vocab)
             self._batches_epoch = self.epoch
         return self._batches
 
