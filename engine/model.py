@@ -161,9 +161,8 @@ class Qwen3(nn.Module):
         (e.g. the CJK-free set) and `target_index` maps each original id to its kept row (-1: unkept), both from
         `VocabMap.loss_tables`; packing has already masked labels outside the kept set."""
         hidden = self.hidden(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
-        restrict = {} if vocab_index is None else {"vocab_index": vocab_index, "target_index": target_index}
         return fused_linear_cross_entropy(hidden, self.output_weight, batch.labels, loss_weight=batch.loss_weight,
-                                          reduction="sum", **restrict)
+                                          reduction="sum", vocab_index=vocab_index, target_index=target_index)
 
 
 def hf_key(name: str) -> str:

