@@ -5,7 +5,7 @@ import json
 import pytest
 
 from data_fixtures import qwen_template  # noqa: F401 (pytest fixtures)
-from qforge.engine.data import DataError, load_examples, read_conversations
+from qforge.engine.data import DataError, TokenizeSettings, load_examples, read_conversations
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 SHAREGPT = {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "hi"},
@@ -113,7 +113,7 @@ def test_bad_rows_are_skipped_and_counted_when_asked(tmp_path, qwen_template):
     bad = [(raw, field) for raw, field, _ in BAD_ROWS if field.startswith(("json", "messages", "row"))]
     assert len(bad) > 15  # the rows that are almost certainly mistakes are skipped and listed too
     path = write_jsonl(tmp_path / "data.jsonl", [json.dumps(GOOD)] + [raw for raw, _ in bad] + [json.dumps(GOOD)])
-    examples, summary = load_examples(path, qwen_template, on_error="skip", progress=False)
+    examples, summary = load_examples(path, qwen_template, TokenizeSettings(on_error="skip"), progress=False)
     assert len(examples) == summary.num_rows == 2
     assert [row.line for row in summary.skipped] == list(range(2, 2 + len(bad)))
     assert [row.field for row in summary.skipped] == [field for _, field in bad]

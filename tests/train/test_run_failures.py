@@ -18,7 +18,7 @@ from qforge.engine.train import loop
 from qforge.engine.train import state as train_state
 from qforge.engine.train.loader import mixture_epoch
 from qforge.engine.train.parallel import init_distributed
-from qforge.engine.vocab import read_kept_ids
+from qforge.engine.vocab import read_id_file
 
 
 def _config(files, out, **extra) -> FFTConfig:
@@ -139,18 +139,19 @@ def test_a_device_this_machine_lacks_is_a_config_error(device, message):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("[1, 2", "not valid JSON"),
-    ('{"keep": [1, 2]}', r"needs a list under \"kept_ids\" \(found keys \['keep'\]\)"),
-    ('{"kept_ids": ["a", "b"]}', r"kept_ids must be integer token ids, found \['a', 'b'\]"),
-    ('{"kept_ids": [1, true]}', r"kept_ids must be integer token ids, found \[True\]"),
+    ("[1, 2", "invalid JSON"),
+    ('{"keep": [1, 2]}', r'expected a JSON object with "kept_ids" or "suppress_ids"'),
+    ('{"kept_ids": ["a", "b"]}', r'"kept_ids" must be a list of non-negative integer token ids'),
+    ('{"kept_ids": [1, true]}', r'"kept_ids" must be a list of non-negative integer token ids'),
+    ("[1, 2]", r'a bare JSON list does not say what it holds'),
 ])
 def test_a_bad_kept_id_file_is_a_one_line_config_error(tmp_path, text, message):
     path = tmp_path / "kept.json"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message) as error:
-        read_kept_ids(path)
+        read_id_file(path)
     assert "\n" not in str(error.value) and str(path) in str(error.value)
-    assert read_kept_ids(_write(tmp_path / "ok.json", '{"kept_ids": [3, 1]}')) == [3, 1]
+    assert read_id_file(_write(tmp_path / "ok.json", '{"kept_ids": [3, 1]}'))["kept_ids"] == [3, 1]
 
 
 def _write(path, text):
