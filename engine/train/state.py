@@ -119,8 +119,14 @@ def verify_checkpoint(path: str | Path, dist_: Dist | None = None) -> str | None
 def resume_checkpoint(output_dir: str | Path, resume: str | None, dist_: Dist) -> Path | None:
     """The checkpoint to resume from: `train.resume` itself (which must verify), or for "auto" the newest
     one under output.dir that verifies; a newer damaged one is set aside (renamed `step-<N>.damaged`) and
-    the fallback is logged. None when "auto" finds no checkpoint at all."""
+    the fallback is logged. None when "auto" finds no checkpoint at all; without train.resume, output.dir
+    must not hold checkpoints already."""
     if resume is None:
+        existing = latest_checkpoint(output_dir)
+        if existing is not None:  # its higher step numbers would outlive (and prune) this run's checkpoints
+            raise CheckpointError(f"output.dir {output_dir} already holds checkpoints of an earlier run "
+                                  f"({existing.name}); set train.resume=auto to continue it, or choose another "
+                                  f"output.dir")
         return None
     if resume != "auto":
         if not Path(resume).is_dir():

@@ -85,8 +85,15 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(three_checkpoi
     assert state.load_checkpoint(chosen, model, optimizer, scheduler, Dist())["step"] == 2
     # an explicit train.resume that does not verify is an error naming the damage, not a silent fallback
     DAMAGES[damage](out / "checkpoints/step-2")
-    with pytest.raises(CheckpointError, match=r"train.resume=.*step-2: damaged checkpoint \(.+\); use train.resume=auto"):
+    with pytest.raises(CheckpointError, match=r"train.resume=.*step-2: damaged checkpoint \(.+\); use "
+                                              r"train.resume=auto"):
         state.resume_checkpoint(out, str(out / "checkpoints/step-2"), Dist())
+
+
+def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(three_checkpoints):
+    with pytest.raises(CheckpointError, match=r"already holds checkpoints of an earlier run \(step-3\); set "
+                                              r"train.resume=auto to continue it, or choose another output.dir"):
+        state.resume_checkpoint(three_checkpoints, None, Dist())
 
 
 def test_no_checkpoint_verifies_is_an_error(three_checkpoints, tmp_path):
