@@ -121,11 +121,19 @@ def test_older_checkpoints_are_pruned_only_after_the_new_one_verifies(tmp_path, 
 
 
 def test_stale_temporaries_are_removed(tmp_path):
-    for stale in ("checkpoints/.step-7.tmp/state", ".final.tmp-12345", ".final.old-12345"):
+    for stale in ("checkpoints/.step-7.tmp/state", ".final.tmp-12345", ".final.old-12345", "checkpoints/.step-6.old",
+                  "checkpoints/.step-5.old/meta"):  # step-5 was moved aside for a re-save that never landed
         (tmp_path / stale).mkdir(parents=True)
     (tmp_path / "checkpoints/step-6").mkdir()
     state.clean_stale_temporaries(tmp_path)
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["checkpoints", "checkpoints/step-6"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "checkpoints", "checkpoints/step-5", "checkpoints/step-5/meta", "checkpoints/step-6"]
+
+
+def test_an_explicit_resume_behind_later_checkpoints_of_the_same_dir_is_refused(three_checkpoints):
+    with pytest.raises(CheckpointError, match=r"holds a later checkpoint \(step-3\) that would outlive"):
+        state.resume_checkpoint(three_checkpoints, str(three_checkpoints / "checkpoints/step-1"), Dist())
+    assert state.resume_checkpoint(three_checkpoints, str(three_checkpoints / "checkpoints/step-3"), Dist())
 
 
 def test_a_second_writer_on_output_dir_is_refused(tmp_path):
