@@ -166,8 +166,9 @@ def clean_stale_temporaries(output_dir: str | Path):
     """Removes what a killed run left half-written (checkpoint and export temp dirs); a complete copy moved aside
     for a re-save that never landed goes back in place. Call with the lock held."""
     out = Path(output_dir)
-    for old in out.glob("checkpoints/.step-*.old"):
-        target = old.with_name(old.name[1:-len(".old")])
+    moved_aside = [(old, old.with_name(old.name[1:-len(".old")])) for old in out.glob("checkpoints/.step-*.old")]
+    moved_aside += [(old, out / "final") for old in out.glob(".final.old-*")]
+    for old, target in moved_aside:
         if not target.exists():
             old.rename(target)
     for pattern in ("checkpoints/.step-*.tmp", "checkpoints/.step-*.old", ".final.tmp-*", ".final.old-*"):

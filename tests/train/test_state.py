@@ -121,13 +121,16 @@ def test_older_checkpoints_are_pruned_only_after_the_new_one_verifies(tmp_path, 
 
 
 def test_stale_temporaries_are_removed(tmp_path):
-    for stale in ("checkpoints/.step-7.tmp/state", ".final.tmp-12345", ".final.old-12345", "checkpoints/.step-6.old",
-                  "checkpoints/.step-5.old/meta"):  # step-5 was moved aside for a re-save that never landed
+    for stale in ("checkpoints/.step-7.tmp/state", ".final.tmp-12345", ".final.old-12345/a", "checkpoints/.step-6.old",
+                  "checkpoints/.step-5.old/meta"):  # step-5 and final were moved aside for a write that never landed
         (tmp_path / stale).mkdir(parents=True)
     (tmp_path / "checkpoints/step-6").mkdir()
     state.clean_stale_temporaries(tmp_path)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
-        "checkpoints", "checkpoints/step-5", "checkpoints/step-5/meta", "checkpoints/step-6"]
+        "checkpoints", "checkpoints/step-5", "checkpoints/step-5/meta", "checkpoints/step-6", "final", "final/a"]
+    (tmp_path / ".final.old-12345").mkdir()  # final/ is in place: the old copy is just left over
+    state.clean_stale_temporaries(tmp_path)
+    assert not (tmp_path / ".final.old-12345").exists() and (tmp_path / "final/a").is_dir()
 
 
 def test_an_explicit_resume_behind_later_checkpoints_of_the_same_dir_is_refused(three_checkpoints):
