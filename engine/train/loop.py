@@ -325,7 +325,7 @@ def _train(config: FFTConfig, dist_: Dist) -> TrainResult:
                 except Interrupted:
                     result.interrupted = True
                 plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
-            dist_.barrier()
+            result.interrupted = float(dist_.all_reduce_sum(1.0 if result.interrupted else 0.0)) > 0
     logger.close()
     trailing = counters["nonfinite_in_a_row"]
     if trailing and not result.interrupted:
