@@ -9,7 +9,7 @@ Label policy (see `encode`):
   the empty think block, and that block is part of the prompt (at inference the generation prompt contains it).
 - Multi-turn: `supervise="all"` trains every assistant turn as rendered (the template drops the reasoning of
   turns before the last user query, so those turns train on their answers only); `supervise="last"` trains
-  only the final assistant turn. `load_examples(multi_turn="split")` trains every turn with its own reasoning
+  only the final assistant turn. `TokenizeSettings(multi_turn="split")` trains every turn with its own reasoning
   by making one example per assistant turn.
 """
 import hashlib
@@ -94,21 +94,16 @@ class ChatTemplate:
         """The exact text transformers' `apply_chat_template(..., tokenize=False)` produces."""
         return render_qwen3(messages, enable_thinking, add_generation_prompt).text
 
-    def encode_prompt(self, messages: list[dict], enable_thinking: bool = True) -> list[int]:
-        """Token ids of a conversation followed by the assistant generation prompt, for generation."""
-        text = self.render(messages, enable_thinking, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
     def encode(self, messages: list[dict], enable_thinking: bool = True, **options) -> Example:
         """One conversation → Example with assistant-only labels; options as in `encode_batch`."""
         return self.encode_batch([messages], enable_thinking, **options)[0]
 
     def encode_batch(self, conversations: list[list[dict]], enable_thinking: bool = True, *, supervise: str = "all",
-                     train_on_reasoning: bool = True, loss_weighting: str = "token") -> list[Example]:
+                     train_on_reasoning: bool = True) -> list[Example]:
         """Renders and tokenises many conversations at once (the tokenizer batches in Rust).
 
         supervise: "all" assistant turns or only the "last"; train_on_reasoning: also supervise the think blocks
-        (thinking on only); loss_weighting: "token" | "sample" | "sqrt" (see `loss_weights`).
+        (thinking on only).
         """
         if supervise not in SUPERVISE:
             raise ValueError(f"unknown supervise {supervise!r}; expected one of {', '.join(SUPERVISE)}")
@@ -122,7 +117,7 @@ class ChatTemplate:
             for span in r.assistant_spans if supervise == "all" else r.assistant_spans[-1:]:
                 first, stop = _token_range(encoding, span.start if train_think else span.think_end, span.end)
                 supervised[first:stop] = True
-            examples.append(make_example(ids, supervised, loss_weighting))
+            examples.append(make_example(ids, supervised))
         return examples
 
 

@@ -12,12 +12,17 @@ import numpy as np
 
 from ..data import pack
 from ..data.example import Example
+from ..vocab import VocabMap
+from .config import DataSettings
+from ..errors import ConfigError, DataError
 
 
 def mixture_epoch(datasets: Sequence[Sequence[Example]], weights: Sequence[float] | None, seed: int) -> list[Example]:
     """One epoch of a mixture: dataset i contributes round(w_i × len_i) examples (sampled without replacement
     while w ≤ 1; whole copies plus a sample when w > 1)."""
     weights = weights or [1.0] * len(datasets)
+    if not all(np.isfinite(w) and w >= 0 for w in weights):
+        raise ConfigError(f"data.weights={list(weights)}: every weight must be a finite number ≥ 0")
     rng = np.random.default_rng(seed)
     epoch = []
     for examples, weight in zip(datasets, weights):
@@ -29,17 +34,40 @@ def mixture_epoch(datasets: Sequence[Sequence[Example]], weights: Sequence[float
 
 
 class StepLoader:
-    def __init__(self, datasets, weights, max_tokens: int, *, seed: int, grad_accum: int, rank: int = 0,
-                 world: int = 1, overlong: str = "truncate", pack_fn=pack):
-        self.datasets, self.weights, self.pack_fn = datasets, weights, pack_fn  # pack_fn: an objective's packer
-        self.max_tokens, self.seed, self.overlong = max_tokens, seed, overlong
+    """`data` is the run's data settings (weights, max_tokens, overlong, loss_weighting); `vocab` the kept
+    vocabulary (labels outside it are masked when packing)."""
+
+    def __init__(self, datasets, data: DataSettings, vocab: VocabMap | None = None, *, seed: int, grad_accum: int,
+                 rank: int = 0, world: int = 1, pack_fn=pack):
+        self.datasets, self.data, self.vocab = datasets, data, vocab
+        self.pack_fn = pack_fn  # `pack`, or an objective's packer (preference pairs, distillation targets)
+        self.max_tokens, self.seed = data.max_tokens, seed
         self.grad_accum, self.rank, self.world = grad_accum, rank, world
         self.epoch, self.index = 0, 0
         self._batches, self._batches_epoch = None, None
-        if self.per_step > len(self._epoch_batches()):
-            raise ValueError(f"one optimizer step needs {self.per_step} micro-batches (train.grad_accum × ranks) "
-                             f"but an epoch packs into only {len(self._epoch_batches())} at data.max_tokens="
-                             f"{max_tokens}; lower train.grad_accum or data.max_tokens")
+        batches = self._epoch_batches()
+        if not len(batches):
+            raise DataError(self._why_empty(batches.report))
+        if self.per_step > len(batches):
+            raise DataError(f"one optimizer step needs {self.per_step} micro-batches (train.grad_accum × ranks) "
+                            f"but an epoch packs into only {len(batches)} at data.max_tokens="
+                            f"{self.max_tokens}; lower train.grad_accum or data.max_tokens")
+
+    def _why_empty(self, report) -> str:
+        """Why an epoch packs into no micro-batch at all: no examples, or every one cut or dropped by max_tokens."""
+        lengths = [len(e) for examples in self.datasets for e in examples]
+        if not lengths or not report.dropped:
+            return ("data.train yields no example to train on (data.weights all 0, or no supervised token in any "
+                    "row); check the data files and data.weights")
+        longest = max(lengths)
+        if self.data.overlong == "drop":
+            why = f"longer than data.max_tokens={self.max_tokens} and data.overlong=drop removes them"
+        else:
+            why = (f"left without a supervised token: either the rows have none, or truncating to "
+                   f"data.max_tokens={self.max_tokens} cut every answer off")
+        return (f"all {report.dropped} training examples were dropped, {why} (longest example: {longest} tokens); "
+                f"raise data.max_tokens to at least {longest}" + (" or set data.overlong=truncate"
+                                                                   if self.data.overlong == "drop" else ""))
 
     @property
     def per_step(self) -> int:
@@ -47,8 +75,9 @@ class StepLoader:
 
     def _epoch_batches(self):
         if self._batches_epoch != self.epoch:
-            examples = mixture_epoch(self.datasets, self.weights, self.seed + self.epoch)
-            self._batches = self.pack_fn(examples, self.max_tokens, seed=self.seed + self.epoch, overlong=self.overlong)
+            examples = mixture_epoch(self.datasets, self.data.weights, self.seed + self.epoch)
+            self._batches = self.pack_fn(examples, self.max_tokens, seed=self.seed + self.epoch,
+                                         overlong=self.data.overlong, loss_weighting=self.data.loss_weighting, vocab=self.vocab)
             self._batches_epoch = self.epoch
         return self._batches
 
