@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .example import Example
-from .formats import DataError, RowError, SkippedRow, _raw_rows, validate_messages
+from ..errors import DataError
+from .formats import RowError, SkippedRow, _raw_rows, validate_messages
 from .packing import PackedBatch, PackReport, best_fit_decreasing
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def load_pairs(paths, template, *, enable_thinking: bool = True, train_on_reason
                     raise DataError(f"{path}:{line}: {error} (data.on_error=skip skips and counts bad rows)") from None
                 summary.skipped.append(SkippedRow(str(path), line, error.field, error.reason))
     examples = template.encode_batch(conversations, enable_thinking, supervise="last",
-                                     train_on_reasoning=train_on_reasoning, loss_weighting="token")
+                                     train_on_reasoning=train_on_reasoning)
     pairs = [PreferencePair(examples[i], examples[i + 1], first_index + i // 2) for i in range(0, len(examples), 2)]
     summary.num_pairs = len(pairs)
     return pairs, summary
@@ -163,8 +164,12 @@ class PreferenceBatch:
         return self.packed.cu_seqlens
 
     @classmethod
-    def from_pairs(cls, pairs: list[PreferencePair]) -> "PreferenceBatch":
-        packed = PackedBatch.from_examples([e for p in pairs for e in (p.chosen, p.rejected)])
+    def from_pairs(cls, pairs: list[PreferencePair], vocab=None) -> "PreferenceBatch":
+        """`vocab`: labels outside the kept vocabulary are masked (vocab.drop_unkept_labels), as `pack` does."""
+        examples = [e for p in pairs for e in (p.chosen, p.rejected)]
+        if vocab is not None:
+            examples = [Example(e.input_ids, vocab.mask_labels(e.labels)) for e in examples]
+        packed = PackedBatch.from_examples(examples)
         return cls(packed, torch.tensor([p.index for p in pairs], dtype=torch.long))
 
 
@@ -172,10 +177,11 @@ class PreferenceBatches(list):
     report: PackReport
 
 
-def pack_pairs(pairs: list[PreferencePair], max_tokens: int, seed: int = 0, *,
-               overlong: str = "truncate") -> list[PreferenceBatch]:
+def pack_pairs(pairs: list[PreferencePair], max_tokens: int, seed: int = 0, *, overlong: str = "truncate",
+               loss_weighting: str = "token", vocab=None) -> list[PreferenceBatch]:
     """Packs whole pairs (both sides in the same micro-batch) by best-fit decreasing, like `pack`. A pair
-    longer than max_tokens is dropped and counted (cutting a reply would change its log-probability)."""
+    longer than max_tokens is dropped and counted (cutting a reply would change its log-probability);
+    `overlong` and `loss_weighting` do not apply (DPO sums log-probs over every supervised token)."""
     kept = [p for p in pairs if len(p) <= max_tokens and p.num_loss_tokens > 0]
     dropped = len(pairs) - len(kept)
     if dropped:
@@ -184,7 +190,7 @@ def pack_pairs(pairs: list[PreferencePair], max_tokens: int, seed: int = 0, *,
     rng = np.random.default_rng(seed)
     lengths = np.array([len(p) for p in kept], dtype=np.int64)
     bins = best_fit_decreasing(lengths, max_tokens, rng.permutation(len(kept)))
-    batches = PreferenceBatches(PreferenceBatch.from_pairs([kept[i] for i in bins[j]])
+    batches = PreferenceBatches(PreferenceBatch.from_pairs([kept[i] for i in bins[j]], vocab)
                                 for j in rng.permutation(len(bins)))
     batches.report = PackReport(len(kept), len(bins), int(lengths.sum()), max_tokens, 0, dropped)
     return batches

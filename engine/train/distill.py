@@ -80,8 +80,8 @@ class DistillBatch:
                             self.target_logprobs.to(device, non_blocking=non_blocking))
 
     @classmethod
-    def from_items(cls, items: list[TeacherTargets]) -> "DistillBatch":
-        packed = PackedBatch.from_examples([item.example for item in items])
+    def from_items(cls, items: list[TeacherTargets], loss_weighting: str = "token") -> "DistillBatch":
+        packed = PackedBatch.from_examples([item.example for item in items], loss_weighting)
         k = items[0].ids.shape[1]
         ids = torch.full((packed.num_tokens, k), -1, dtype=torch.long)
         logprobs = torch.zeros(packed.num_tokens, k, dtype=torch.float32)
@@ -101,7 +101,7 @@ def _bins(items, max_tokens: int, seed: int) -> tuple[list, list[list[int]]]:
     return kept, [bins[i] for i in rng.permutation(len(bins))]
 
 
-def student_kl_loss(model, batch, vocab_index=None, ignore_unkept_labels=False, *, ce_weight=0.0, teacher=None,
+def student_kl_loss(model, batch, vocab_index=None, target_index=None, *, ce_weight=0.0, teacher=None,
                     direction="forward"):
     """Σ w·(KL or KL+CE) of a batch: top-k targets (DistillBatch) or, with `teacher`, its full distribution."""
     packed = batch.packed if isinstance(batch, DistillBatch) else batch
@@ -171,12 +171,13 @@ class OffPolicyDistill:
         self.teacher_path, self.top_k, self.ce_weight, self.teacher_dir = teacher_path, top_k, ce_weight, teacher_dir
 
     def load_data(self, config, template, dist_):
-        datasets, eval_examples = _load_data(config, template, dist_)
+        datasets, eval_examples, fingerprint = _load_data(config, template, dist_)
         directory = Path(self.teacher_dir or Path(config.output.dir) / "teacher")
         sets = datasets + [eval_examples]
         targets = [self._targets(examples, directory, config, dist_) for examples in sets]
         items = [[TeacherTargets(e, ids, lp) for e, (ids, lp) in zip(examples, t)] for examples, t in zip(sets, targets)]
-        return items[:-1], items[-1]
+        return items[:-1], items[-1], {**fingerprint, "teacher": weights_identity(self.teacher_path),
+                                       "top_k": self.top_k}
 
     def _targets(self, examples, directory: Path, config, dist_):
         """The stored teacher top-k of these examples, computed once (by rank 0) when missing."""
@@ -206,19 +207,22 @@ class OffPolicyDistill:
         offsets = np.load(path / "offsets.npy")
         return [(ids[a:b], logprobs[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
 
-    def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate"):
+    def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate", loss_weighting: str = "token",
+             vocab=None):
+        """Whole sequences only (their targets are per position); the data's labels are checked against the
+        kept vocabulary before training (and the KL itself is over the kept vocabulary)."""
         kept, bins = _bins(items, max_tokens, seed)
-        return _LazyBatches(lambda b, _: DistillBatch.from_items([kept[i] for i in b]), bins)
+        return _LazyBatches(lambda b, _: DistillBatch.from_items([kept[i] for i in b], loss_weighting), bins)
 
-    def prepare(self, model, config, loss_options, dist_, autocast):
+    def prepare(self, model, config, vocab, dist_, autocast):
         bind_forward_method(model, "loss", lambda m, batch, **o: student_kl_loss(m, batch, ce_weight=self.ce_weight,
                                                                                   **o))
 
-    def train_step(self, model, micro_batches, dist_, loss_options, autocast):
-        return (*train_step(model, micro_batches, dist_, loss_options, autocast), {})
+    def train_step(self, model, micro_batches, dist_, vocab, autocast):
+        return (*train_step(model, micro_batches, dist_, vocab, autocast), {})
 
-    def evaluate(self, model, batches, dist_, loss_options, autocast) -> dict:
-        return {"eval_loss": evaluate_loss(model, batches, dist_, loss_options, autocast)}
+    def evaluate(self, model, batches, dist_, vocab, autocast) -> dict:
+        return {"eval_loss": evaluate_loss(model, batches, dist_, vocab, autocast)}
 
 
 class _LazyBatches(list):
@@ -277,7 +281,11 @@ class OnPolicyDistill:
     def load_data(self, config, template, dist_):
         self.template = template
         datasets = [self._prompts(path, config, template) for path in config.data.train]
-        return datasets, [p for path in config.data.eval for p in self._prompts(path, config, template)]
+        fingerprint = {"prompts": hashlib.sha256(b"".join(p.prompt_ids.tobytes() + b"\0" for d in datasets
+                                                          for p in d)).hexdigest()[:32],
+                       "weights": config.data.weights, "max_tokens": config.data.max_tokens,
+                       "max_new_tokens": self.max_new_tokens, "seed": config.train.seed}
+        return datasets, [p for path in config.data.eval for p in self._prompts(path, config, template)], fingerprint
 
     def _prompts(self, path, config, template) -> list[Prompt]:
         conversations = []
@@ -291,21 +299,21 @@ class OnPolicyDistill:
                        len(template.encode_prompt(c[:-1], self.enable_thinking)) + self.max_new_tokens + 1)
                 for c, e in zip(conversations, examples)]
 
-    def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate"):
+    def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate", loss_weighting: str = "token",
+             vocab=None):
         kept, bins = _bins(items, max_tokens, seed)
         return _LazyBatches(lambda b, position: PromptBatch([kept[i] for i in b], (seed * 1_000_003 + position) % 2**31),
                             bins)
 
-    def prepare(self, model, config, loss_options, dist_, autocast):
+    def prepare(self, model, config, vocab, dist_, autocast):
         self.teacher = load_model(self.teacher_path, dtype=next(model.parameters()).dtype, device=dist_.device)
         self.teacher.requires_grad_(False).eval()
         if self.teacher.config.vocab_size != model.config.vocab_size:
             raise ValueError(f"distill.teacher {self.teacher_path}: vocabulary size {self.teacher.config.vocab_size} "
                              f"differs from the student's {model.config.vocab_size}; both must share the tokenizer")
-        kept = loss_options.get("vocab_index")
-        if kept is not None:
+        if vocab is not None:  # the student samples only what its output head is trained on
             mask = torch.ones(model.config.vocab_size, dtype=torch.bool)
-            mask[kept.cpu()] = False
+            mask[vocab.kept_ids[~torch.isin(vocab.kept_ids, vocab.suppress_ids)]] = False
             self.suppress = mask.nonzero().squeeze(1).tolist()
         bind_forward_method(model, "loss", lambda m, batch, **o: student_kl_loss(
             m, batch, teacher=self.teacher, direction="reverse", **o))
@@ -328,12 +336,12 @@ class OnPolicyDistill:
             examples.append(make_example(prompt + completion, supervised))
         return PromptBatch(batch.prompts, batch.seed, PackedBatch.from_examples(examples).to(device))
 
-    def train_step(self, model, micro_batches, dist_, loss_options, autocast):
+    def train_step(self, model, micro_batches, dist_, vocab, autocast):
         sampled = [self._sample(model, b, dist_.device, greedy=False) for b in micro_batches]
         for batch, done in zip(micro_batches, sampled):
             batch.packed = done.packed  # the trainer's token counts and MFU describe what was trained on
-        return (*train_step(model, [b.packed for b in sampled], dist_, loss_options, autocast), {})
+        return (*train_step(model, [b.packed for b in sampled], dist_, vocab, autocast), {})
 
-    def evaluate(self, model, batches, dist_, loss_options, autocast) -> dict:
+    def evaluate(self, model, batches, dist_, vocab, autocast) -> dict:
         sampled = [self._sample(model, b, dist_.device, greedy=True).packed for b in batches]
-        return {"eval_reverse_kl": evaluate_loss(model, sampled, dist_, loss_options, autocast)}
+        return {"eval_reverse_kl": evaluate_loss(model, sampled, dist_, vocab, autocast)}

@@ -31,6 +31,7 @@ from qforge.kernels import fused_linear_cross_entropy
 from ..data.preference import PreferenceBatch, load_pairs, pack_pairs
 from ..model import Qwen3
 from .build import build_model
+from .loop import _loss_tables
 from .objective import bind_forward_method, weights_identity
 from .parallel import shard_model
 
@@ -40,12 +41,12 @@ STATS = ("loss", "dpo_loss", "sft_loss", "rewards/chosen", "rewards/rejected", "
          "rewards/accuracies", "logps/chosen", "logps/rejected")
 
 
-def sequence_logps(model, packed, vocab_index=None, ignore_unkept_labels=False) -> torch.Tensor:
+def sequence_logps(model, packed, vocab_index=None, target_index=None) -> torch.Tensor:
     """Σ log p(token) over each packed sequence's supervised tokens: fp32 [sequences]. Bound to the model as a
     forward method (FSDP2 gathers the weights around it), so it calls the class's `hidden`, not the patched one."""
     hidden = Qwen3.hidden(model, packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
     nll = fused_linear_cross_entropy(hidden, model.output_weight, packed.labels, reduction="none",
-                                     vocab_index=vocab_index, ignore_unkept_labels=ignore_unkept_labels)
+                                     vocab_index=vocab_index, target_index=target_index)
     lengths = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).long()
     sequence = torch.repeat_interleave(torch.arange(len(lengths), device=nll.device), lengths)
     return -torch.zeros(len(lengths), dtype=torch.float32, device=nll.device).index_add(0, sequence, nll)
@@ -56,6 +57,19 @@ def chosen_token_count(batch: PreferenceBatch) -> int:
     lengths = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).long()
     sequence = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
     return int(((packed.labels != -100) & (sequence % 2 == 0)).sum())
+
+
+def _digest(pairs, *extra) -> str:
+    """Identifies tokenised pairs (plus `extra` strings or bytes): the reference cache key, the resume check."""
+    digest = hashlib.sha256()
+    for item in extra:
+        digest.update(item.encode() if isinstance(item, str) else item)
+    for pair in pairs:
+        for example in (pair.chosen, pair.rejected):
+            digest.update(example.input_ids.tobytes())
+            digest.update(example.labels.tobytes())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
 
 
 class DPO:
@@ -69,6 +83,7 @@ class DPO:
         self.reference_model = None
         self.reference_logps = None  # [pairs, 2] fp32, by PreferencePair.index
         self._pairs = []
+        self.tables = {}  # vocab_index / target_index of the kept vocabulary
 
     # --- data -------------------------------------------------------------------------------------------------
     def load_data(self, config, template, dist_):
@@ -86,13 +101,17 @@ class DPO:
                 eval_pairs = pairs
             else:
                 into.append(pairs)
-        return datasets, eval_pairs
+        fingerprint = {"pairs": _digest(p for pairs in datasets for p in pairs), "weights": data.weights,
+                       "max_tokens": data.max_tokens, "seed": config.train.seed}
+        return datasets, eval_pairs, fingerprint
 
-    def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate"):
-        return pack_pairs(items, max_tokens, seed, overlong=overlong)
+    def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate", loss_weighting: str = "token",
+             vocab=None):
+        return pack_pairs(items, max_tokens, seed, vocab=vocab)
 
     # --- reference ----------------------------------------------------------------------------------------------
-    def prepare(self, model, config, loss_options, dist_, autocast):
+    def prepare(self, model, config, vocab, dist_, autocast):
+        self.tables = _loss_tables(vocab, dist_.device)
         bind_forward_method(model, "sequence_logps", sequence_logps)
         if self.reference == "live":
             from .loop import _precision  # the run's dtypes, the same as the policy's
@@ -105,13 +124,13 @@ class DPO:
             self.reference_model = reference
             return
         directory = Path(self.reference_dir or Path(config.output.dir) / "reference")
-        path = directory / f"{self._cache_key(config, loss_options)}.pt"
+        path = directory / f"{self._cache_key(config)}.pt"
         if path.is_file():
             self.reference_logps = torch.load(path, weights_only=True)
             if dist_.is_main:
                 log.info("reference log-probs of %d pairs read from %s", len(self._pairs), path)
             return
-        self.reference_logps = self._score_all(model, config.data.max_tokens, dist_, loss_options, autocast)
+        self.reference_logps = self._score_all(model, config.data.max_tokens, dist_, vocab, autocast)
         if dist_.is_main:
             directory.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -121,24 +140,18 @@ class DPO:
                      len(self._pairs), path)
         dist_.barrier()
 
-    def _cache_key(self, config, loss_options) -> str:
-        digest = hashlib.sha256(json.dumps({"weights": weights_identity(config.model),
-                                            "precision": config.train.precision,
-                                            "ignore_unkept": loss_options.get("ignore_unkept_labels")}).encode())
-        vocab_index = loss_options.get("vocab_index")
-        digest.update(b"all" if vocab_index is None else vocab_index.cpu().numpy().tobytes())
-        for pair in self._pairs:
-            for example in (pair.chosen, pair.rejected):
-                digest.update(example.input_ids.tobytes())
-                digest.update(example.labels.tobytes())
-            digest.update(b"\0")
-        return digest.hexdigest()[:32]
+    def _cache_key(self, config) -> str:
+        vocab_index = self.tables.get("vocab_index")
+        return _digest(self._pairs, json.dumps({"weights": weights_identity(config.model),
+                                                "precision": config.train.precision,
+                                                "drop_unkept": config.vocab.drop_unkept_labels}),
+                       b"all" if vocab_index is None else vocab_index.cpu().numpy().tobytes())
 
     @torch.no_grad()
-    def _score_all(self, model, max_tokens, dist_, loss_options, autocast) -> torch.Tensor:
+    def _score_all(self, model, max_tokens, dist_, vocab, autocast) -> torch.Tensor:
         """Every pair's log-probs with the current (starting) weights; ranks take turns over the batches and
         run equally many forwards, then sum their disjoint results."""
-        batches = pack_pairs(self._pairs, max_tokens, seed=0)
+        batches = pack_pairs(self._pairs, max_tokens, seed=0, vocab=vocab)
         scores = torch.zeros(len(self._pairs), 2, dtype=torch.float64)
         was_training = model.training
         model.eval()
@@ -146,24 +159,24 @@ class DPO:
             index = r * dist_.world + dist_.rank
             batch = batches[min(index, len(batches) - 1)].to(dist_.device)
             with autocast():
-                logps = model.sequence_logps(batch.packed, **loss_options).float().view(-1, 2)
+                logps = model.sequence_logps(batch.packed, **self.tables).float().view(-1, 2)
             if index < len(batches):
                 scores[batch.pair_index.cpu()] = logps.double().cpu()
         model.train(was_training)
         return dist_.all_reduce_sum(scores.to(dist_.device)).float().cpu()
 
-    def _reference_of(self, batch, loss_options, autocast) -> torch.Tensor:
+    def _reference_of(self, batch, autocast) -> torch.Tensor:
         if self.reference_model is None:
             return self.reference_logps[batch.pair_index.cpu()].to(batch.pair_index.device)
         with torch.no_grad(), autocast():
-            return self.reference_model.sequence_logps(batch.packed, **loss_options).float().view(-1, 2)
+            return self.reference_model.sequence_logps(batch.packed, **self.tables).float().view(-1, 2)
 
     # --- loss -----------------------------------------------------------------------------------------------------
-    def _pair_loss(self, model, batch, loss_options, autocast, pairs_total, chosen_total):
+    def _pair_loss(self, model, batch, autocast, pairs_total, chosen_total):
         """(this micro-batch's share of the step loss, its statistics summed over its pairs)."""
-        reference = self._reference_of(batch, loss_options, autocast)
+        reference = self._reference_of(batch, autocast)
         with autocast():
-            policy = model.sequence_logps(batch.packed, **loss_options).float().view(-1, 2)
+            policy = model.sequence_logps(batch.packed, **self.tables).float().view(-1, 2)
         rewards = self.beta * (policy - reference)
         margins = rewards[:, 0] - rewards[:, 1]
         dpo = -F.logsigmoid(margins)
@@ -175,15 +188,14 @@ class DPO:
                              policy[:, 0].detach().sum(), policy[:, 1].detach().sum()]).double()
         return loss, stats
 
-    def train_step(self, model, micro_batches, dist_, loss_options, autocast):
+    def train_step(self, model, micro_batches, dist_, vocab, autocast):
         pairs_total = float(dist_.all_reduce_sum(float(sum(b.num_pairs for b in micro_batches))))
         chosen_total = float(dist_.all_reduce_sum(float(sum(chosen_token_count(b) for b in micro_batches))))
         stats = torch.zeros(len(STATS), dtype=torch.float64, device=dist_.device)
         for i, batch in enumerate(micro_batches):
             if dist_.enabled and hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            loss, batch_stats = self._pair_loss(model, batch.to(dist_.device), loss_options, autocast, pairs_total,
-                                                chosen_total)
+            loss, batch_stats = self._pair_loss(model, batch.to(dist_.device), autocast, pairs_total, chosen_total)
             (loss * dist_.world).backward()  # FSDP averages gradients over ranks
             stats += batch_stats.to(stats.device)
         totals = dist_.all_reduce_sum(stats) / max(pairs_total, 1.0)
@@ -191,7 +203,7 @@ class DPO:
         return metrics.pop("loss"), 1.0, metrics
 
     @torch.no_grad()
-    def evaluate(self, model, batches, dist_, loss_options, autocast) -> dict:
+    def evaluate(self, model, batches, dist_, vocab, autocast) -> dict:
         model.eval()
         pairs = sum(b.num_pairs for b in batches)
         chosen = sum(chosen_token_count(b) for b in batches)
@@ -199,7 +211,7 @@ class DPO:
         for r in range(math.ceil(len(batches) / dist_.world)):
             index = r * dist_.world + dist_.rank
             _, batch_stats = self._pair_loss(model, batches[min(index, len(batches) - 1)].to(dist_.device),
-                                             loss_options, autocast, float(pairs), float(chosen))
+                                             autocast, float(pairs), float(chosen))
             if index < len(batches):
                 stats += batch_stats.to(stats.device)
         model.train()

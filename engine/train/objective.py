@@ -13,22 +13,23 @@ from typing import Protocol
 
 
 class Objective(Protocol):
-    def load_data(self, config, template, dist_) -> tuple[list[list], list]:
-        """(one list of items per data.train file, held-out items); items must have __len__ (tokens) and
-        `labels` (for the kept-vocabulary checks)."""
+    def load_data(self, config, template, dist_) -> tuple[list[list], list, dict]:
+        """(one list of items per data.train file, held-out items, data fingerprint for resume); items have
+        __len__ (tokens) and `labels` (for the kept-vocabulary checks)."""
 
-    def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate"):
+    def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate", loss_weighting: str = "token",
+             vocab=None):
         """A sequence of micro-batches (each with .to(device), num_tokens, num_loss_tokens, cu_seqlens)."""
 
-    def prepare(self, model, config, loss_options: dict, dist_, autocast) -> None:
+    def prepare(self, model, config, vocab, dist_, autocast) -> None:
         """Called once after the model is built (and sharded) with the *starting* weights, before resuming."""
 
-    def train_step(self, model, micro_batches, dist_, loss_options: dict, autocast) -> tuple[float, float, dict]:
+    def train_step(self, model, micro_batches, dist_, vocab, autocast) -> tuple[float, float, dict]:
         """Forward/backward of this rank's micro-batches of one step: (loss sum, weight, metrics), where the
         logged loss is loss sum / weight, both already summed over ranks, and the accumulated gradient is
         that of the step's loss (FSDP averages gradients over ranks: scale each backward by the world size)."""
 
-    def evaluate(self, model, batches, dist_, loss_options: dict, autocast) -> dict:
+    def evaluate(self, model, batches, dist_, vocab, autocast) -> dict:
         """Held-out metrics, e.g. {"eval_loss": ...}; every rank runs equally many forwards."""
 
 

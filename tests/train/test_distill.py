@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from qforge.engine import load_model
 from qforge.engine.config_io import load_config
 from qforge.engine.data import ChatTemplate
-from qforge.engine.train.build import kept_vocabulary
+from qforge.engine.train.build import build_vocab
 from qforge.engine.train.distill import OffPolicyDistill, OnPolicyDistill
 from qforge.engine.train.parallel import Dist
 from qforge.recipes.distill import DistillConfig, main as distill_main
@@ -52,7 +52,7 @@ def test_off_policy_targets_and_loss_match_transformers(few_rows, teacher, tmp_p
     config = _config(few_rows, tmp_path / "out", teacher, **{"distill.ce_weight": 0.25})
     template = ChatTemplate.from_pretrained(teacher)
     objective = OffPolicyDistill(str(teacher), top_k=8, ce_weight=0.25)
-    datasets, _ = objective.load_data(config, template, Dist())
+    datasets, _, _ = objective.load_data(config, template, Dist())
     batch = objective.pack(datasets[0][:3], 768, seed=0)[0]
     rows = (batch.labels != -100).nonzero().squeeze(1)
 
@@ -64,9 +64,10 @@ def test_off_policy_targets_and_loss_match_transformers(few_rows, teacher, tmp_p
 
     student_dir = tmp_path / "student"
     student = load_model(save_chat_checkpoint(student_dir, seed=6), dtype=torch.float32)
-    vocab_index = kept_vocabulary(config.vocab, datasets, template, student.config.vocab_size, torch.device("cpu"))
-    objective.prepare(student, config, {}, Dist(), contextlib.nullcontext)
-    loss = student.loss(batch, vocab_index=vocab_index)
+    vocab = build_vocab(config.vocab, datasets, template, student.config.vocab_size)
+    objective.prepare(student, config, vocab, Dist(), contextlib.nullcontext)
+    vocab_index, target_index = vocab.loss_tables(torch.device("cpu"))
+    loss = student.loss(batch, vocab_index=vocab_index, target_index=target_index)
 
     # fp64 closed form over the kept vocabulary: forward KL to the renormalised kept top-k, mixed with CE
     logp = _hf_logprobs(student_dir, batch.packed)[rows][:, vocab_index].log_softmax(-1)
@@ -86,12 +87,12 @@ def test_on_policy_samples_and_reverse_kl_match_transformers(few_rows, teacher, 
     config = _config(few_rows, tmp_path / "out", teacher, **{"distill.mode": "on_policy"})
     template = ChatTemplate.from_pretrained(teacher)
     objective = OnPolicyDistill(str(teacher), max_new_tokens=12, temperature=1.0)
-    datasets, _ = objective.load_data(config, template, Dist())
+    datasets, _, _ = objective.load_data(config, template, Dist())
     student_dir = save_chat_checkpoint(tmp_path / "student", seed=7)
     student = load_model(student_dir, dtype=torch.float32)
-    vocab_index = kept_vocabulary(config.vocab, datasets, template, student.config.vocab_size, torch.device("cpu"))
-    options = {"vocab_index": vocab_index, "ignore_unkept_labels": False}
-    objective.prepare(student, config, options, Dist(), contextlib.nullcontext)
+    vocab = build_vocab(config.vocab, datasets, template, student.config.vocab_size)
+    objective.prepare(student, config, vocab, Dist(), contextlib.nullcontext)
+    vocab_index, target_index = vocab.loss_tables(torch.device("cpu"))
     prompts = objective.pack(datasets[0][:4], 4096, seed=0)[0]
     sampled = objective._sample(student, prompts, torch.device("cpu"), greedy=False).packed
     rows = (sampled.labels != -100).nonzero().squeeze(1)
@@ -101,7 +102,7 @@ def test_on_policy_samples_and_reverse_kl_match_transformers(few_rows, teacher, 
     for prompt, start in zip(prompts.prompts, starts.tolist()):  # every sequence is its prompt + a sample
         assert sampled.input_ids[start:start + len(prompt.prompt_ids)].tolist() == prompt.prompt_ids.tolist()
 
-    loss = student.loss(sampled, **options)
+    loss = student.loss(sampled, vocab_index=vocab_index, target_index=target_index)
     log_ps = _hf_logprobs(student_dir, sampled)[rows][:, vocab_index].log_softmax(-1)
     log_pt = _hf_logprobs(teacher, sampled)[rows][:, vocab_index].log_softmax(-1)
     expected = (log_ps.exp() * (log_ps - log_pt)).sum()

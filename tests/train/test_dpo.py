@@ -100,7 +100,7 @@ def test_loss_and_gradients_equal_trl(checkpoint, tmp_path, qwen_tokenizer_dir):
                                            f"dpo.sft_weight={alpha}"])
     template = ChatTemplate.from_pretrained(checkpoint)
     objective = DPO(beta, alpha, "cached")
-    datasets, _ = objective.load_data(config, template, Dist())
+    datasets, _, _ = objective.load_data(config, template, Dist())
     pairs = datasets[0]
     # the same tokens as TRL's own tokenisation: the prompt, then the reply through <|im_end|>
     for pair, feature in zip(pairs, trl_features):
@@ -110,12 +110,11 @@ def test_loss_and_gradients_equal_trl(checkpoint, tmp_path, qwen_tokenizer_dir):
             assert example.input_ids[supervised].tolist() == reply[:-1] and supervised[-1] == len(example) - 2
 
     model = load_model(checkpoint, dtype=torch.float32)
-    options = {"vocab_index": None, "ignore_unkept_labels": False}
-    objective.prepare(model, config, options, Dist(), contextlib.nullcontext)
+    objective.prepare(model, config, None, Dist(), contextlib.nullcontext)
     longest = max(len(p) for p in pairs)
     batches = pack_pairs(pairs, longest + 1, seed=0)  # several micro-batches: the step's normalisers must hold
     assert len(batches) > 1
-    loss, _, metrics = objective.train_step(model, batches, Dist(), options, contextlib.nullcontext)
+    loss, _, metrics = objective.train_step(model, batches, Dist(), None, contextlib.nullcontext)
     assert abs(loss - trl_loss) < 1e-5 * max(1.0, abs(trl_loss)), (loss, trl_loss)
     assert metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at the first step
     for name, param in model.named_parameters():
