@@ -12,66 +12,68 @@ teacher scores them, the student minimises reverse KL on its own samples. Same t
 """
 from __future__ import annotations
 
-import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
+from pydantic import Field
+
+from qforge.engine.config_io import settings
+from qforge.engine.errors import ConfigError
 from qforge.engine.train import train
 from qforge.engine.train.distill import OffPolicyDistill, OnPolicyDistill
-from qforge.recipes.cli import config_from_argv
+from qforge.recipes.cli import run_recipe
 from qforge.recipes.demo_eval import FFTRecipeConfig, evaluate_checkpoint, print_before_after
 
 
-@dataclass
+@settings
 class DistillSettings:
     teacher: str | None = None         # teacher checkpoint directory (HF format, same tokenizer as the student)
     mode: Literal["off_policy", "on_policy"] = "off_policy"
-    top_k: int = 20                    # off-policy: teacher log-probs kept per supervised position
-    ce_weight: float = 0.0             # off-policy: loss = (1 − ce_weight)·KL + ce_weight·CE on the data's labels
+    top_k: Annotated[int, Field(ge=1, le=128)] = 20  # off-policy: teacher log-probs kept per supervised position
+    ce_weight: Annotated[float, Field(ge=0, le=1)] = 0.0  # off-policy: (1 − ce_weight)·KL + ce_weight·CE on labels
     teacher_dir: str | None = None     # off-policy: where the teacher's top-k are stored; default output.dir/teacher
-    max_new_tokens: int = 128          # on-policy: sampled completion length
-    temperature: float = 1.0           # on-policy: sampling temperature
+    max_new_tokens: Annotated[int, Field(ge=1)] = 128  # on-policy: sampled completion length
+    temperature: Annotated[float, Field(gt=0)] = 1.0  # on-policy: sampling temperature
 
     def __post_init__(self):
         if self.teacher is None:
             raise ValueError("distill.teacher must name the teacher's checkpoint directory")
 
 
-@dataclass
+@settings
 class DistillConfig(FFTRecipeConfig):
     distill: DistillSettings = field(default_factory=DistillSettings)
 
 
 def objective_for(config: DistillConfig):
-    settings = config.distill
-    if not (Path(settings.teacher) / "config.json").is_file():
-        raise FileNotFoundError(f"distill.teacher={settings.teacher}: no config.json (an HF-format checkpoint "
-                                f"directory, e.g. outputs/demo/final from `make demo`)")
-    if settings.mode == "off_policy":
-        return OffPolicyDistill(settings.teacher, settings.top_k, settings.ce_weight, settings.teacher_dir)
-    return OnPolicyDistill(settings.teacher, settings.max_new_tokens, settings.temperature,
+    settings_ = config.distill
+    if not (Path(settings_.teacher) / "config.json").is_file():
+        raise ConfigError(f"distill.teacher={settings_.teacher}: no config.json (an HF-format checkpoint directory, "
+                          f"e.g. outputs/demo/final from `make demo`)")
+    if settings_.mode == "off_policy":
+        return OffPolicyDistill(settings_.teacher, settings_.top_k, settings_.ce_weight, settings_.teacher_dir)
+    return OnPolicyDistill(settings_.teacher, settings_.max_new_tokens, settings_.temperature,
                            config.data.enable_thinking)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = config_from_argv(DistillConfig, argv, __doc__, "distill.teacher=outputs/demo/final train.max_steps=50")
-    try:
-        objective = objective_for(config)
-        before = evaluate_checkpoint(config, trained=False) if config.evaluate.data else None
-        result = train(config, objective)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+def run(config: DistillConfig) -> int:
+    result = train(config, objective_for(config))
     if result.interrupted:
         print(f"stopped by signal at step {result.steps_done}; checkpoint saved in {config.output.dir}/checkpoints. "
               f"Resume with train.resume=auto.", file=sys.stderr)
         return 143
-    if before is not None and result.final_dir is not None:
+    if config.evaluate.data and result.final_dir is not None:
+        before = evaluate_checkpoint(config, trained=False)
         after = evaluate_checkpoint(config, trained=True)
         print_before_after(before, after, Path(config.output.dir) / "eval_before_after.json")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_recipe(DistillConfig, run, argv, __doc__, "distill.teacher=outputs/demo/final train.max_steps=50",
+                      report=lambda _, code: code)
 
 
 if __name__ == "__main__":

@@ -9,46 +9,43 @@ trainer as recipes/fft.py (checkpoints, exact resume, FSDP2, HF export, eval) wi
 """
 from __future__ import annotations
 
-import logging
 import sys
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import field
+from typing import Annotated, Literal
 
+from pydantic import Field
+
+from qforge.engine.config_io import settings
 from qforge.engine.train import FFTConfig, train
 from qforge.engine.train.dpo import DPO
-from qforge.recipes.cli import config_from_argv
+from qforge.recipes.cli import run_recipe
 
 
-@dataclass
+@settings
 class DPOSettings:
-    beta: float = 0.1                  # strength of the implicit KL to the reference
-    sft_weight: float = 0.0            # α of the SFT term on the chosen replies (RPO); 0 = plain sigmoid DPO
+    beta: Annotated[float, Field(gt=0)] = 0.1  # strength of the implicit KL to the reference
+    sft_weight: Annotated[float, Field(ge=0)] = 0.0  # α of the SFT term on the chosen replies (RPO); 0 = plain DPO
     reference: Literal["cached", "live"] = "cached"  # log-probs computed once and cached, or a frozen model
     reference_dir: str | None = None   # cache directory; default output.dir/reference
 
 
-@dataclass
+@settings
 class DPOConfig(FFTConfig):
     dpo: DPOSettings = field(default_factory=DPOSettings)
 
 
-def run(config: DPOConfig):
+def run(config: DPOConfig) -> int:
     objective = DPO(config.dpo.beta, config.dpo.sft_weight, config.dpo.reference, config.dpo.reference_dir)
-    return train(config, objective)
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = config_from_argv(DPOConfig, argv, __doc__, "dpo.beta=0.1 train.max_steps=100")
-    try:
-        result = run(config)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    result = train(config, objective)
     if result.interrupted:
         print(f"stopped by signal at step {result.steps_done}; checkpoint saved in {config.output.dir}/checkpoints. "
               f"Resume with train.resume=auto.", file=sys.stderr)
         return 143
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_recipe(DPOConfig, run, argv, __doc__, "dpo.beta=0.1 train.max_steps=100", report=lambda _, code: code)
 
 
 if __name__ == "__main__":
