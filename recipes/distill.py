@@ -21,10 +21,10 @@ from pydantic import Field
 
 from qforge.engine.config_io import settings
 from qforge.engine.errors import ConfigError
-from qforge.engine.train import train
 from qforge.engine.train.distill import OffPolicyDistill, OnPolicyDistill
 from qforge.recipes.cli import run_recipe
-from qforge.recipes.demo_eval import FFTRecipeConfig, evaluate_checkpoint, print_before_after
+from qforge.recipes.demo_eval import FFTRecipeConfig
+from qforge.recipes.fft import run as run_stages
 
 
 @settings
@@ -59,16 +59,7 @@ def objective_for(config: DistillConfig):
 
 
 def run(config: DistillConfig) -> int:
-    result = train(config, objective_for(config))
-    if result.interrupted:
-        print(f"stopped by signal at step {result.steps_done}; checkpoint saved in {config.output.dir}/checkpoints. "
-              f"Resume with train.resume=auto.", file=sys.stderr)
-        return 143
-    if config.evaluate.data and result.final_dir is not None:
-        before = evaluate_checkpoint(config, trained=False)
-        after = evaluate_checkpoint(config, trained=True)
-        print_before_after(before, after, Path(config.output.dir) / "eval_before_after.json")
-    return 0
+    return run_stages([config], objective_for)
 
 
 def main(argv: list[str] | None = None) -> int:

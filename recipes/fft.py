@@ -49,10 +49,11 @@ def _merge(base: dict, override: dict) -> dict:
     return base
 
 
-def run(configs: list[FFTRecipeConfig]) -> int:
-    """Trains every stage in turn; 143 when a signal stopped a stage (checkpoint saved, resumable)."""
+def run(configs: list[FFTRecipeConfig], make_objective=None) -> int:
+    """Trains every stage in turn; 143 when a signal stopped a stage (checkpoint saved, resumable).
+    `make_objective(config)`: another training objective on the same loop (recipes/distill.py)."""
     for config in configs:
-        result = train(config)
+        result = train(config, make_objective(config) if make_objective else None)
         if result.interrupted:
             print(f"stopped by signal at step {result.steps_done}; checkpoint saved in "
                   f"{config.output.dir}/checkpoints. Resume with train.resume=auto.", file=sys.stderr)
