@@ -295,9 +295,10 @@ class OnPolicyDistill:
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             conversations.append(messages[:last + 1])
         examples = template.encode_batch(conversations, self.enable_thinking, supervise="last")
-        return [Prompt(np.array(template.encode_prompt(c[:-1], self.enable_thinking), dtype=np.int32), e.labels,
-                       len(template.encode_prompt(c[:-1], self.enable_thinking)) + self.max_new_tokens + 1)
-                for c, e in zip(conversations, examples)]
+        texts = [template.render(c[:-1], self.enable_thinking, add_generation_prompt=True) for c in conversations]
+        prompts = [np.array(e.ids, dtype=np.int32)
+                   for e in template.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        return [Prompt(ids, e.labels, len(ids) + self.max_new_tokens + 1) for ids, e in zip(prompts, examples)]
 
     def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate", loss_weighting: str = "token",
              vocab=None):

@@ -50,5 +50,5 @@ def weights_identity(model) -> dict:
     if path is not None:
         files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".json"))
         return {"path": str(Path(path).resolve()),
-                "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+                "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}  # JSON-stable
     return {"config": Path(model.config).read_text(), "init_seed": model.init_seed}
