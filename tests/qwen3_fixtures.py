@@ -57,3 +57,16 @@ def save_chat_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(qwen3_tokenizer_dir() / name, path / name)
     return path
+
+
+def run_recipe_main(main, argv):
+    """Runs a recipe's `main(argv)` as its command line would: a non-zero exit code becomes a SystemExit whose
+    message holds the code and what the recipe printed to stderr (the one-line error)."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    if code:
+        raise SystemExit(f"exit {code}: {err.getvalue().strip()}")
