@@ -17,10 +17,10 @@ T, H, V = 16_384, 4_096, 151_936
 def test_loss_flops_match_the_flop_counter_on_the_real_schedule():
     """The CUDA bf16 schedule (fp32 logits chunks, bf16 gradient groups) on fake CPU tensors."""
     with FakeTensorMode():
-        hidden = torch.empty(T, H, dtype=torch.bfloat16)
-        weight = torch.empty(V, H, dtype=torch.bfloat16)
-        targets = torch.zeros(T, dtype=torch.long)
-        scale = torch.ones(T)
+        hidden = torch.empty(T, H, dtype=torch.bfloat16, device="cpu")
+        weight = torch.empty(V, H, dtype=torch.bfloat16, device="cpu")
+        targets = torch.zeros(T, dtype=torch.long, device="cpu")
+        scale = torch.ones(T, device="cpu")
         plan = FLCE.chunk_plan(T, V, torch.bfloat16, cuda_layout=True)
         assert (plan.logit_rows, plan.grad_rows) == (FLCE.GPU_LOGIT_ROWS, FLCE.GPU_GRAD_ROWS)
         with FlopCounterMode(display=False) as counter:
