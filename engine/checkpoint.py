@@ -17,9 +17,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import qwen3_vl
 from .config import ConfigError, Qwen3Config, read_json
 from .model import Qwen3, hf_key
-from . import qwen3_vl
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

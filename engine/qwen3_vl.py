@@ -58,7 +58,7 @@ def checkpoint_key(name: str) -> str:
 
 
 def is_language_key(key: str) -> bool:
-    return key.startswith(LANGUAGE_PREFIX) or key.startswith("lm_head.")
+    return key.startswith((LANGUAGE_PREFIX, "lm_head."))
 
 
 def save_vl(state: dict[str, torch.Tensor], source: str | Path, path: str | Path, tie_word_embeddings: bool,
