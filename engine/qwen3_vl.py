@@ -11,7 +11,6 @@ mergers) bitwise, plus every processor / preprocessor / chat-template file.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -65,9 +64,10 @@ def save_vl(state: dict[str, torch.Tensor], source: str | Path, path: str | Path
             tokenizer_dir: str | Path | None = None) -> Path:
     """Writes the Qwen3-VL checkpoint `source` into `path` with its language tensors replaced by `state`
     (qforge names → tensors). Every other tensor is copied bitwise, in the source's shard layout; language
-    tensors are written in the dtype the source stored them in. Written to a temporary sibling and renamed."""
-    from .checkpoint import CheckpointError, _tensor_files, _write_json, replace_dir
+    tensors are written in the dtype the source stored them in. Built in a staging directory, moved into place."""
+    from .checkpoint import TOKENIZER_FILES, CheckpointError, _tensor_files
     from .config import read_json
+    from .files import staged_dir, write_json
 
     source, path = Path(source), Path(path)
     key_files = _tensor_files(source)
@@ -83,15 +83,11 @@ def save_vl(state: dict[str, torch.Tensor], source: str | Path, path: str | Path
         raise CheckpointError(f"{source}: the trained model does not match the Qwen3-VL checkpoint it came from "
                               f"(not trained: {missing[:5]}, not in the checkpoint: {extra[:5]})")
 
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(path) as tmp:
         for item in source.iterdir():  # processor, preprocessor, chat template, generation config, ...
             if item.is_file() and item.name not in WEIGHT_FILES and item.suffix != ".safetensors":
                 shutil.copy2(item, tmp / item.name)
         if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != source.resolve():
-            from .checkpoint import TOKENIZER_FILES
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
@@ -115,8 +111,5 @@ def save_vl(state: dict[str, torch.Tensor], source: str | Path, path: str | Path
         if index.is_file():
             data = read_json(index)
             data.setdefault("metadata", {})["total_size"] = total
-            _write_json(tmp / index.name, data)
-        replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            write_json(tmp / index.name, data)
     return path

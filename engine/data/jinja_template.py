@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from ..errors import ConfigError, DataError
-from .render import IM_END, IM_START, THINK_CLOSE, THINK_OPEN, AssistantSpan, Rendered, split_reasoning
+from ..thinking import THINK_CLOSE, THINK_OPEN, message_think
+from .render import IM_END, IM_START, AssistantSpan, Rendered
 
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _BLOCK = re.compile(re.escape(IM_START) + r"([^\n]*)\n(.*?)" + re.escape(IM_END), re.DOTALL)
@@ -131,7 +132,7 @@ class JinjaTemplate:
         spans = []
         for block, (index, message) in zip(assistant_blocks, assistant_messages):
             body = block.group(2)
-            answer, reasoning = split_reasoning({**message, "content": message_text(message),
+            reasoning, answer = message_think({**message, "content": message_text(message),
                                                  "reasoning_content": alias_reasoning([message])[0].get(
                                                      "reasoning_content")})
             if answer.strip() and answer.strip() not in body:

@@ -28,8 +28,9 @@ from tokenizers import Tokenizer
 
 from ..errors import ConfigError, DataError
 from .example import Example, make_example
+from ..thinking import message_think
 from .jinja_template import JinjaTemplate, alias_reasoning
-from .render import IM_END, IM_START, render_qwen3, split_reasoning
+from .render import IM_END, IM_START, render_qwen3
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def without_reasoning(messages: list[dict]) -> list[dict]:
     out = []
     for message in messages:
         if message["role"] == "assistant":
-            content, _ = split_reasoning(message)
+            _, content = message_think(message)
             message = {**message, "content": content, "reasoning_content": ""}
         out.append(message)
     return out
