@@ -64,9 +64,11 @@ class OptimSettings:
 
 @dataclass
 class TrainSettings:
-    max_steps: int = 100
+    max_steps: int | None = None       # optimizer steps; wins over `epochs` when both are set
+    epochs: float | None = None        # passes over the data (steps derived from the data and the step size)
+    batch_size: int | None = None      # sequences per optimizer step (all ranks); default: grad_accum token budgets
     seed: int = 0
-    grad_accum: int = 1                # micro-batches per optimizer step on each rank
+    grad_accum: int = 1                # micro-batches per optimizer step on each rank (token-budget steps)
     save_every: int = 0                # steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)
     keep_last: int = 2
     resume: str | None = None          # "auto" = latest checkpoint in output.dir, or a checkpoint path
@@ -75,6 +77,18 @@ class TrainSettings:
     activation_checkpointing: bool = False
     max_nonfinite_steps: int = 3       # stop after this many non-finite steps in a row
     device: str = "auto"               # "auto": cuda when available, else cpu
+
+    def __post_init__(self):
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.max_steps (optimizer steps) or train.epochs (passes over the data)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"train.max_steps must be at least 1, got {self.max_steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"train.epochs must be positive, got {self.epochs}")
+        if self.batch_size is not None and (self.batch_size < 1 or self.grad_accum != 1):
+            raise ValueError(f"train.batch_size={self.batch_size} sequences per step needs a positive value and "
+                             f"train.grad_accum=1 (it replaces the token-budget step); got grad_accum="
+                             f"{self.grad_accum}")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from ..config_io import to_dict
 from ..data import ChatTemplate, pack
 from ..data.cache import load_examples
 from .config import FFTConfig
-from .loader import StepLoader
+from .loader import build_loader, planned_steps
 from .metrics import MetricsLogger, measure_matmul_peak, peak_memory_bytes, plot_loss_curve, training_flops
 from .build import build_model, check_labels_in_vocabulary, kept_vocabulary, loss_options as vocab_loss_options, resolve_tokenizer_dir
 from .optim import build_optimizer, build_scheduler
@@ -167,10 +167,12 @@ def train(config: FFTConfig) -> TrainResult:
         shard_model(model, compute_dtype)
     model.train()
     optimizer = build_optimizer(model, config.optim)
-    scheduler = build_scheduler(optimizer, config.train.max_steps, config.optim)
-    loader = StepLoader(datasets, config.data.weights, config.data.max_tokens, seed=config.train.seed,
-                        grad_accum=config.train.grad_accum, rank=dist_.rank, world=dist_.world,
-                        overlong=config.data.overlong)
+    loader = build_loader(datasets, config.data, config.train, dist_.rank, dist_.world)
+    max_steps = planned_steps(config.train, loader)
+    if dist_.is_main and config.train.max_steps is None:
+        log.info("train.epochs=%g: %d optimizer steps (%.2f per epoch)", config.train.epochs, max_steps,
+                 loader.steps_per_epoch)
+    scheduler = build_scheduler(optimizer, max_steps, config.optim)
     eval_batches = pack(eval_examples, config.data.max_tokens, seed=0) if eval_examples else None
 
     step, counters = 0, {"skipped_steps": 0, "nonfinite_in_a_row": 0}
@@ -183,7 +185,7 @@ def train(config: FFTConfig) -> TrainResult:
 
     output_rows = model.config.vocab_size if vocab_index is None else len(vocab_index)
     peak = measure_matmul_peak(dist_.device, param_dtype if compute_dtype is None else compute_dtype)
-    logger = MetricsLogger(out, config.train.max_steps, step, enabled=dist_.is_main,
+    logger = MetricsLogger(out, max_steps, step, enabled=dist_.is_main,
                            progress=config.output.progress, tensorboard=config.output.tensorboard)
     result = TrainResult(out, None, step)
 
@@ -192,7 +194,7 @@ def train(config: FFTConfig) -> TrainResult:
                         config.train.keep_last)
 
     with StopSignal() as stop:
-        while step < config.train.max_steps:
+        while step < max_steps:
             started = time.perf_counter()
             micro_batches = loader.next_step()
             loss_sum, weight = train_step(model, micro_batches, dist_, loss_options, autocast)
@@ -226,7 +228,7 @@ def train(config: FFTConfig) -> TrainResult:
             flops = float(dist_.all_reduce_sum(training_flops(model.config, lengths, loss_tokens, output_rows)))
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
                       "tokens_per_s": tokens / elapsed, "mfu": flops / (elapsed * peak * dist_.world),
-                      "peak_mem_bytes": peak_memory_bytes(dist_.device), "epoch": loader.epoch,
+                      "peak_mem_bytes": peak_memory_bytes(dist_.device), "epoch": loader.epoch_progress,
                       "skipped_steps": counters["skipped_steps"]}
             logger.log(record)
             result.losses.append(loss)
