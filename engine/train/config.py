@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..lora import LoRASettings
+
 
 @dataclass
 class ModelSettings:
@@ -69,6 +71,8 @@ class TrainSettings:
     batch_size: int | None = None      # sequences per optimizer step (all ranks); default: grad_accum token budgets
     seed: int = 0
     grad_accum: int = 1                # micro-batches per optimizer step on each rank (token-budget steps)
+    method: Literal["full", "lora"] = "full"   # full fine-tuning, or LoRA adapters on the block linears
+    lora: LoRASettings = field(default_factory=LoRASettings)  # rank, alpha, dropout, target_modules (method: lora)
     save_every: int = 0                # steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)
     keep_last: int = 2
     resume: str | None = None          # "auto" = latest checkpoint in output.dir, or a checkpoint path

@@ -21,6 +21,7 @@ from ..checkpoint import save_model
 from ..config_io import to_dict
 from ..data import ChatTemplate, pack
 from ..data.cache import load_examples
+from ..lora import apply_lora, export_lora
 from .config import FFTConfig
 from .loader import build_loader, planned_steps
 from .metrics import MetricsLogger, measure_matmul_peak, peak_memory_bytes, plot_loss_curve, training_flops
@@ -156,6 +157,8 @@ def train(config: FFTConfig) -> TrainResult:
     datasets, eval_examples = _load_data(config, template, dist_)
     param_dtype, compute_dtype, autocast = _precision(config, dist_)
     model = build_model(config.model, param_dtype, dist_.device)
+    if config.train.method == "lora":
+        apply_lora(model, config.train.lora, seed=config.train.seed)
     vocab_index = kept_vocabulary(config.vocab, datasets + [eval_examples], template, model.config.vocab_size,
                                   dist_.device)
     dropped = check_labels_in_vocabulary(datasets + [eval_examples], vocab_index, config.vocab.drop_unkept_labels)
@@ -176,6 +179,8 @@ def train(config: FFTConfig) -> TrainResult:
     eval_batches = pack(eval_examples, config.data.max_tokens, seed=0) if eval_examples else None
 
     step, counters = 0, {"skipped_steps": 0, "nonfinite_in_a_row": 0}
+    # measured before a resume restores the RNG: its random matrices must not shift dropout masks (LoRA)
+    peak = measure_matmul_peak(dist_.device, param_dtype if compute_dtype is None else compute_dtype)
     resume = latest_checkpoint(out) if config.train.resume == "auto" else config.train.resume
     if resume:
         meta = load_checkpoint(resume, model, optimizer, scheduler, dist_)
@@ -184,7 +189,6 @@ def train(config: FFTConfig) -> TrainResult:
         log.info("resumed from %s at step %d", resume, step)
 
     output_rows = model.config.vocab_size if vocab_index is None else len(vocab_index)
-    peak = measure_matmul_peak(dist_.device, param_dtype if compute_dtype is None else compute_dtype)
     logger = MetricsLogger(out, max_steps, step, enabled=dist_.is_main,
                            progress=config.output.progress, tensorboard=config.output.tensorboard)
     result = TrainResult(out, None, step)
@@ -250,6 +254,8 @@ def train(config: FFTConfig) -> TrainResult:
             logger.log({"step": step, "eval_loss": evaluate_loss(model, eval_batches, dist_, loss_options, autocast)})
         state = full_state_dict(model) if dist_.enabled else None
         if dist_.is_main:
+            if config.train.method == "lora":  # merged weights for the HF export (+ the adapter alone)
+                state = export_lora(model, out, config.model.path, state)
             result.final_dir = save_model(model, out / "final", tokenizer_dir=tokenizer_dir, state_dict=state)
             plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
         dist_.barrier()
