@@ -13,10 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
 from .rope_scaling import normalize_rope_scaling
-
-class ConfigError(ValueError):
-    """A config.json that qforge cannot turn into exactly the model it describes."""
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

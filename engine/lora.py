@@ -13,32 +13,31 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from pydantic import Field
 from torch import nn
 
+from .config_io import settings
 from .files import staged_dir
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass
+@settings
 class LoRASettings:
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
+    rank: Annotated[int, Field(ge=1)] = 16
+    alpha: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 32.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(BLOCK_LINEARS))  # default: every block linear
     save_adapter: bool = True          # also write output.dir/final-adapter in PEFT's format
 
     def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"train.lora.rank must be at least 1, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"train.lora.dropout must be in [0, 1), got {self.dropout}")
         unknown = sorted(set(self.target_modules) - set(BLOCK_LINEARS))
         if unknown or not self.target_modules:
             raise ValueError(f"train.lora.target_modules {unknown or '[]'} are not block linears of Qwen3; choose "

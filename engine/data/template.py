@@ -15,7 +15,7 @@ Label policy (see `encode`):
   the empty think block, and that block is part of the prompt (at inference the generation prompt contains it).
 - Multi-turn: `supervise="all"` trains every assistant turn as rendered (the template drops the reasoning of
   turns before the last user query, so those turns train on their answers only); `supervise="last"` trains
-  only the final assistant turn. `load_examples(multi_turn="split")` trains every turn with its own reasoning
+  only the final assistant turn. `TokenizeSettings(multi_turn="split")` trains every turn with its own reasoning
   by making one example per assistant turn.
 """
 import hashlib
@@ -142,24 +142,17 @@ class ChatTemplate:
             return render_qwen3(messages, enable_thinking, add_generation_prompt).text
         return self.jinja.render_text(messages, enable_thinking, add_generation_prompt, tools)
 
-    def encode_prompt(self, messages: list[dict], enable_thinking: bool = True,
-                      tools: list[dict] | None = None) -> list[int]:
-        """Token ids of a conversation followed by the assistant generation prompt, for generation."""
-        text = self.render(messages, enable_thinking, add_generation_prompt=True, tools=tools)
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
     def encode(self, messages: list[dict], enable_thinking: bool = True, **options) -> Example:
         """One conversation → Example with assistant-only labels; options as in `encode_batch`."""
         return self.encode_batch([messages], enable_thinking, **options)[0]
 
     def encode_batch(self, conversations: list[list[dict]], enable_thinking: bool = True, *, supervise: str = "all",
-                     train_on_reasoning: bool = True, loss_weighting: str = "token",
+                     train_on_reasoning: bool = True,
                      tools: list[list[dict] | None] | None = None) -> list[Example]:
         """Renders and tokenises many conversations at once (the tokenizer batches in Rust).
 
         supervise: "all" assistant turns or only the "last"; train_on_reasoning: also supervise the think blocks
-        (thinking on only); loss_weighting: "token" | "sample" | "sqrt" (see `loss_weights`); tools: each
-        conversation's tool schemas (rendered by the template's tools section), or None.
+        (thinking on only); tools: each conversation's tool schemas (rendered by the template's tools section).
         """
         if supervise not in SUPERVISE:
             raise ValueError(f"unknown supervise {supervise!r}; expected one of {', '.join(SUPERVISE)}")
@@ -180,7 +173,7 @@ class ChatTemplate:
             for span in r.assistant_spans if supervise == "all" else r.assistant_spans[-1:]:
                 first, stop = _token_range(encoding, span.start if train_think else span.think_end, span.end)
                 supervised[first:stop] = True
-            examples.append(make_example(ids, supervised, loss_weighting))
+            examples.append(make_example(ids, supervised))
         return examples
 
 

@@ -19,12 +19,17 @@ import numpy as np
 from ..data import pack
 from ..data.example import IGNORE_INDEX, Example
 from ..data.packing import PackedBatch
+from ..vocab import VocabMap
+from .config import DataSettings
+from ..errors import ConfigError, DataError
 
 
 def mixture_epoch(datasets: Sequence[Sequence[Example]], weights: Sequence[float] | None, seed: int) -> list[Example]:
     """One epoch of a mixture: dataset i contributes round(w_i × len_i) examples (sampled without replacement
     while w ≤ 1; whole copies plus a sample when w > 1)."""
     weights = weights or [1.0] * len(datasets)
+    if not all(np.isfinite(w) and w >= 0 for w in weights):
+        raise ConfigError(f"data.weights={list(weights)}: every weight must be a finite number ≥ 0")
     rng = np.random.default_rng(seed)
     epoch = []
     for examples, weight in zip(datasets, weights):
@@ -36,17 +41,39 @@ def mixture_epoch(datasets: Sequence[Sequence[Example]], weights: Sequence[float
 
 
 class StepLoader:
-    def __init__(self, datasets, weights, max_tokens: int, *, seed: int, grad_accum: int, rank: int = 0,
-                 world: int = 1, overlong: str = "truncate"):
-        self.datasets, self.weights = datasets, weights
-        self.max_tokens, self.seed, self.overlong = max_tokens, seed, overlong
+    """`data` is the run's data settings (weights, max_tokens, overlong, loss_weighting); `vocab` the kept
+    vocabulary (labels outside it are masked when packing)."""
+
+    def __init__(self, datasets, data: DataSettings, vocab: VocabMap | None = None, *, seed: int, grad_accum: int,
+                 rank: int = 0, world: int = 1):
+        self.datasets, self.data, self.vocab = datasets, data, vocab
+        self.max_tokens, self.seed = data.max_tokens, seed
         self.grad_accum, self.rank, self.world = grad_accum, rank, world
         self.epoch, self.index = 0, 0
         self._batches, self._batches_epoch, self._epoch0_batches = None, None, None
-        if self.per_step > len(self._epoch_batches()):
-            raise ValueError(f"one optimizer step needs {self.per_step} micro-batches (train.grad_accum × ranks) "
-                             f"but an epoch packs into only {len(self._epoch_batches())} at data.max_tokens="
-                             f"{max_tokens}; lower train.grad_accum or data.max_tokens")
+        batches = self._epoch_batches()
+        if not len(batches):
+            raise DataError(self._why_empty(batches.report))
+        if self.per_step > len(batches):
+            raise DataError(f"one optimizer step needs {self.per_step} micro-batches (train.grad_accum × ranks) "
+                            f"but an epoch packs into only {len(batches)} at data.max_tokens="
+                            f"{self.max_tokens}; lower train.grad_accum or data.max_tokens")
+
+    def _why_empty(self, report) -> str:
+        """Why an epoch packs into no micro-batch at all: no examples, or every one cut or dropped by max_tokens."""
+        lengths = [len(e) for examples in self.datasets for e in examples]
+        if not lengths or not report.dropped:
+            return ("data.train yields no example to train on (data.weights all 0, or no supervised token in any "
+                    "row); check the data files and data.weights")
+        longest = max(lengths)
+        if self.data.overlong == "drop":
+            why = f"longer than data.max_tokens={self.max_tokens} and data.overlong=drop removes them"
+        else:
+            why = (f"left without a supervised token: either the rows have none, or truncating to "
+                   f"data.max_tokens={self.max_tokens} cut every answer off")
+        return (f"all {report.dropped} training examples were dropped, {why} (longest example: {longest} tokens); "
+                f"raise data.max_tokens to at least {longest}" + (" or set data.overlong=truncate"
+                                                                   if self.data.overlong == "drop" else ""))
 
     @property
     def per_step(self) -> int:
@@ -54,8 +81,9 @@ class StepLoader:
 
     def _epoch_batches(self):
         if self._batches_epoch != self.epoch:
-            examples = mixture_epoch(self.datasets, self.weights, self.seed + self.epoch)
-            self._batches = pack(examples, self.max_tokens, seed=self.seed + self.epoch, overlong=self.overlong)
+            examples = mixture_epoch(self.datasets, self.data.weights, self.seed + self.epoch)
+            self._batches = pack(examples, self.max_tokens, seed=self.seed + self.epoch, overlong=self.data.overlong,
+                                 loss_weighting=self.data.loss_weighting, vocab=self.vocab)
             self._batches_epoch = self.epoch
         return self._batches
 
@@ -75,9 +103,8 @@ class StepLoader:
     def steps_per_epoch(self) -> float:
         """Optimizer steps one epoch makes (the first epoch's packing; later ones differ by a batch at most)."""
         if self._epoch0_batches is None:
-            self._epoch0_batches = len(self._epoch_batches()) if self.epoch == 0 else len(
-                pack(mixture_epoch(self.datasets, self.weights, self.seed), self.max_tokens, seed=self.seed,
-                     overlong=self.overlong))
+            epoch, self.epoch = self.epoch, 0
+            self._epoch0_batches, self.epoch = len(self._epoch_batches()), epoch
         return self._epoch0_batches / self.per_step
 
     @property
@@ -93,21 +120,21 @@ class StepLoader:
 
 
 class SequenceStepLoader:
-    def __init__(self, datasets, weights, max_tokens: int, *, seed: int, batch_size: int, rank: int = 0,
-                 world: int = 1, overlong: str = "truncate"):
-        self.datasets, self.weights = datasets, weights
-        self.max_tokens, self.seed, self.overlong = max_tokens, seed, overlong
+    def __init__(self, datasets, data: DataSettings, vocab: VocabMap | None = None, *, seed: int, batch_size: int,
+                 rank: int = 0, world: int = 1):
+        self.datasets, self.data, self.vocab = datasets, data, vocab
+        self.max_tokens, self.seed = data.max_tokens, seed
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.epoch, self.index = 0, 0
         self._examples, self._examples_epoch = None, None
         size = len(self._epoch_examples())
         if batch_size > size:
-            raise ValueError(f"train.batch_size={batch_size} sequences is more than one epoch holds ({size}); "
-                             f"lower train.batch_size")
+            raise ConfigError(f"train.batch_size={batch_size} sequences is more than one epoch holds ({size}); "
+                              f"lower train.batch_size")
 
     def _epoch_examples(self) -> list[Example]:
         if self._examples_epoch != self.epoch:
-            examples = mixture_epoch(self.datasets, self.weights, self.seed + self.epoch)
+            examples = mixture_epoch(self.datasets, self.data.weights, self.seed + self.epoch)
             order = np.random.default_rng(self.seed + self.epoch).permutation(len(examples))
             self._examples, self._examples_epoch = [examples[i] for i in order], self.epoch
         return self._examples
@@ -126,9 +153,10 @@ class SequenceStepLoader:
             self.epoch, self.index = self.epoch + 1, 0
         group = self._epoch_examples()[self.index * self.batch_size:(self.index + 1) * self.batch_size]
         self.index += 1
-        batches = list(pack(group, self.max_tokens, seed=self.seed + self.epoch, overlong=self.overlong))
-        filler = zero_weight(min(group, key=len), self.max_tokens)
-        batches += [PackedBatch.from_examples([filler])] * (-len(batches) % self.world)
+        batches = list(pack(group, self.max_tokens, seed=self.seed + self.epoch, overlong=self.data.overlong,
+                            loss_weighting=self.data.loss_weighting, vocab=self.vocab))
+        filler = PackedBatch.from_examples([zero_weight(min(group, key=len), self.max_tokens)])
+        batches += [filler] * (-len(batches) % self.world)
         return batches[self.rank::self.world]
 
     def state_dict(self) -> dict:
@@ -139,20 +167,19 @@ class SequenceStepLoader:
 
 
 def zero_weight(example: Example, max_tokens: int) -> Example:
-    """A copy of `example` (cut to max_tokens) that contributes nothing to the loss or its gradient."""
+    """A copy of `example` (cut to max_tokens) without supervised tokens: it adds nothing to the loss or gradient."""
     ids = example.input_ids[:max_tokens]
-    return Example(ids, np.full(len(ids), IGNORE_INDEX, dtype=example.labels.dtype),
-                   np.zeros(len(ids), dtype=example.loss_weight.dtype))
+    return Example(ids, np.full(len(ids), IGNORE_INDEX, dtype=example.labels.dtype))
 
 
-def build_loader(datasets, data_settings, train_settings, rank: int = 0, world: int = 1):
+def build_loader(datasets, data: DataSettings, train_settings, vocab: VocabMap | None = None, rank: int = 0,
+                 world: int = 1):
     """The loader `train.batch_size` (sequences per step) or `train.grad_accum` (token-budget steps) asks for."""
-    common = dict(seed=train_settings.seed, rank=rank, world=world, overlong=data_settings.overlong)
     if train_settings.batch_size is not None:
-        return SequenceStepLoader(datasets, data_settings.weights, data_settings.max_tokens,
-                                  batch_size=train_settings.batch_size, **common)
-    return StepLoader(datasets, data_settings.weights, data_settings.max_tokens, grad_accum=train_settings.grad_accum,
-                      **common)
+        return SequenceStepLoader(datasets, data, vocab, seed=train_settings.seed,
+                                  batch_size=train_settings.batch_size, rank=rank, world=world)
+    return StepLoader(datasets, data, vocab, seed=train_settings.seed, grad_accum=train_settings.grad_accum,
+                      rank=rank, world=world)
 
 
 def planned_steps(train_settings, loader) -> int:
