@@ -81,6 +81,6 @@ def test_lora_training_resumes_exactly_and_exports(tiny_run_files, tmp_path):
         assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight,
                                original.model.layers[0].self_attn.q_proj.weight)
     assert isinstance(load_model(full.final_dir).layers[0].self_attn.q_proj, torch.nn.Linear)
-    with pytest.raises(ConfigKeyError, match="train.lora.rank must be at least 1"):
+    with pytest.raises(ConfigKeyError, match="'train.lora.rank' must be int ≥ 1, got 0"):
         settings(tmp_path / "bad", **{"train.lora.rank": 0, "train.max_steps": 1})
     assert not isinstance(load_model(full.final_dir).layers[0].self_attn.q_proj, LoRALinear)
