@@ -40,16 +40,30 @@ def mixture_epoch(datasets: Sequence[Sequence[Example]], weights: Sequence[float
     return epoch
 
 
-class StepLoader:
+class Cursor:
+    """What both loaders share: the data, the rank, and the (epoch, index) position a resume restores."""
+
+    def __init__(self, datasets, data: DataSettings, vocab: VocabMap | None, seed: int, rank: int, world: int):
+        self.datasets, self.data, self.vocab = datasets, data, vocab
+        self.max_tokens, self.seed = data.max_tokens, seed
+        self.rank, self.world = rank, world
+        self.epoch, self.index = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+class StepLoader(Cursor):
     """`data` is the run's data settings (weights, max_tokens, overlong, loss_weighting); `vocab` the kept
     vocabulary (labels outside it are masked when packing)."""
 
     def __init__(self, datasets, data: DataSettings, vocab: VocabMap | None = None, *, seed: int, grad_accum: int,
                  rank: int = 0, world: int = 1):
-        self.datasets, self.data, self.vocab = datasets, data, vocab
-        self.max_tokens, self.seed = data.max_tokens, seed
-        self.grad_accum, self.rank, self.world = grad_accum, rank, world
-        self.epoch, self.index = 0, 0
+        super().__init__(datasets, data, vocab, seed, rank, world)
+        self.grad_accum = grad_accum
         self._batches, self._batches_epoch, self._epoch0_batches = None, None, None
         batches = self._epoch_batches()
         if not len(batches):
@@ -112,20 +126,12 @@ class StepLoader:
         """Epochs done so far, fractional (what the metrics log as `epoch`)."""
         return self.epoch + self.index / max(1, len(self._epoch_batches()))
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
 
-    def load_state_dict(self, state: dict):
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-
-class SequenceStepLoader:
+class SequenceStepLoader(Cursor):
     def __init__(self, datasets, data: DataSettings, vocab: VocabMap | None = None, *, seed: int, batch_size: int,
                  rank: int = 0, world: int = 1):
-        self.datasets, self.data, self.vocab = datasets, data, vocab
-        self.max_tokens, self.seed = data.max_tokens, seed
-        self.batch_size, self.rank, self.world = batch_size, rank, world
-        self.epoch, self.index = 0, 0
+        super().__init__(datasets, data, vocab, seed, rank, world)
+        self.batch_size = batch_size
         self._examples, self._examples_epoch = None, None
         size = len(self._epoch_examples())
         if batch_size > size:
@@ -158,12 +164,6 @@ class SequenceStepLoader:
         filler = PackedBatch.from_examples([zero_weight(min(group, key=len), self.max_tokens)])
         batches += [filler] * (-len(batches) % self.world)
         return batches[self.rank::self.world]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict):
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
 def zero_weight(example: Example, max_tokens: int) -> Example:
