@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import use_triton
+from .dispatch import Launch, ModelShape, use_triton
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 BLOCK_V = 4096
@@ -354,15 +354,18 @@ def fused_linear_kl(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     return loss
 
 
-def aot_configs():
+def aot_launches(shape: ModelShape, dtype: str = "bf16"):
+    """The row kernels on fp32 logits chunks of the model's vocabulary: top-k (the largest K, with the CE column)
+    and full-teacher forward / reverse KL, each without (eval) and with gradients."""
     for with_grad in (False, True):
-        yield (_sparse_kl_rows_kernel,
-               {"LOGITS": "*fp32", "stride": "i32", "IDS": "*i64", "PROBS": "*fp32", "K": "i32", "SCALE": "*fp32",
-                "LOSS": "*fp32", "V": "i32", "WITH_GRAD": "constexpr", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr"},
-               {"WITH_GRAD": with_grad, "BLOCK_V": BLOCK_V, "BLOCK_K": 2 * MAX_TOP_K}, ROW_KERNEL_WARPS)
+        yield Launch(_sparse_kl_rows_kernel,
+                     {"LOGITS": "*fp32", "stride": shape.vocab, "IDS": "*i64", "PROBS": "*fp32", "K": MAX_TOP_K + 1,
+                      "SCALE": "*fp32", "LOSS": "*fp32", "V": shape.vocab},
+                     {"WITH_GRAD": with_grad, "BLOCK_V": BLOCK_V, "BLOCK_K": triton.next_power_of_2(MAX_TOP_K + 1)},
+                     ROW_KERNEL_WARPS, f"top-{MAX_TOP_K} + CE, {'train' if with_grad else 'eval'}")
         for reverse in (False, True):
-            yield (_dense_kl_rows_kernel,
-                   {"STUDENT": "*fp32", "s_stride": "i32", "TEACHER": "*fp32", "t_stride": "i32", "SCALE": "*fp32",
-                    "LOSS": "*fp32", "V": "i32", "REVERSE": "constexpr", "WITH_GRAD": "constexpr",
-                    "BLOCK_V": "constexpr"},
-                   {"REVERSE": reverse, "WITH_GRAD": with_grad, "BLOCK_V": BLOCK_V}, ROW_KERNEL_WARPS)
+            yield Launch(_dense_kl_rows_kernel,
+                         {"STUDENT": "*fp32", "s_stride": shape.vocab, "TEACHER": "*fp32", "t_stride": shape.vocab,
+                          "SCALE": "*fp32", "LOSS": "*fp32", "V": shape.vocab},
+                         {"REVERSE": reverse, "WITH_GRAD": with_grad, "BLOCK_V": BLOCK_V}, ROW_KERNEL_WARPS,
+                         f"{'reverse' if reverse else 'forward'} KL, {'train' if with_grad else 'eval'}")

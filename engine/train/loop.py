@@ -23,10 +23,11 @@ from ..config_io import to_dict
 from ..data import ChatTemplate, pack
 from ..data.cache import load_examples
 from ..errors import DataError, TrainingError
+from ..lora import apply_lora, export_lora
 from ..vocab import VocabMap
 from .config import FFTConfig
-from .loader import StepLoader
 from .objective import Objective
+from .loader import build_loader, planned_steps
 from .metrics import MFU, MetricsLogger, peak_memory_bytes, plot_loss_curve, training_flops
 from .build import build_model, build_vocab, resolve_tokenizer_dir
 from .optim import build_optimizer, build_scheduler
@@ -206,8 +207,7 @@ def _evaluate(objective, model, batches, dist_, vocab, autocast) -> dict:
 
 
 def train(config: FFTConfig, objective: Objective | None = None) -> TrainResult:
-    """Runs (or resumes) a fine-tuning run; holds the lock on output.dir throughout. `objective` (DPO,
-    distillation) replaces the SFT data, packing, step loss and eval; everything else is this loop's."""
+    """Runs (or resumes) a fine-tuning run; holds the lock on output.dir throughout."""
     dist_ = init_distributed(config.train.device)
     with OutputLock(config.output.dir, dist_):
         if dist_.is_main:
@@ -216,6 +216,7 @@ def train(config: FFTConfig, objective: Objective | None = None) -> TrainResult:
 
 
 def _train(config: FFTConfig, dist_: Dist, objective: Objective | None) -> TrainResult:
+    """`objective` (DPO, distillation; see objective.py) replaces the SFT data, packing, step loss and eval."""
     out = Path(config.output.dir)
     if dist_.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +230,8 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None) -> Train
                                                                                                    dist_)
     param_dtype, compute_dtype, autocast = _precision(config, dist_)
     model = build_model(config.model, param_dtype, dist_.device)
+    if config.train.method == "lora":
+        apply_lora(model, config.train.lora, seed=config.train.seed)
     vocab = build_vocab(config.vocab, datasets + [eval_examples], template, model.config.vocab_size)
     model.activation_checkpointing = config.train.activation_checkpointing
     if dist_.enabled:
@@ -237,10 +240,13 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None) -> Train
         objective.prepare(model, config, vocab, dist_, autocast)
     model.train()
     optimizer = build_optimizer(model, config.optim)
-    scheduler = build_scheduler(optimizer, config.train.max_steps, config.optim)
     pack_fn = objective.pack if objective else pack
-    loader = StepLoader(datasets, config.data, vocab, seed=config.train.seed, grad_accum=config.train.grad_accum,
-                        rank=dist_.rank, world=dist_.world, pack_fn=pack_fn)
+    loader = build_loader(datasets, config.data, config.train, vocab, dist_.rank, dist_.world, pack_fn)
+    max_steps = planned_steps(config.train, loader)
+    if dist_.is_main and config.train.max_steps is None:
+        log.info("train.epochs=%g: %d optimizer steps (%.2f per epoch)", config.train.epochs, max_steps,
+                 loader.steps_per_epoch)
+    scheduler = build_scheduler(optimizer, max_steps, config.optim)
     eval_batches = pack_fn(eval_examples, config.data.max_tokens, seed=0, overlong=config.data.overlong,
                            loss_weighting=config.data.loss_weighting, vocab=vocab) if eval_examples else None
 
@@ -259,7 +265,7 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None) -> Train
 
     output_rows = model.config.vocab_size if vocab is None else vocab.new_size
     mfu = MFU(dist_.device, param_dtype if compute_dtype is None else compute_dtype, dist_.world)
-    logger = MetricsLogger(out, config.train.max_steps, step, enabled=dist_.is_main,
+    logger = MetricsLogger(out, max_steps, step, enabled=dist_.is_main,
                            progress=config.output.progress, tensorboard=config.output.tensorboard)
     result = TrainResult(out, None, step)
 
@@ -274,7 +280,7 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None) -> Train
                         config.train.keep_last, data_fingerprint)
 
     with StopSignal() as stop:
-        while step < config.train.max_steps:
+        while step < max_steps:
             started = time.perf_counter()
             micro_batches = loader.next_step()
             extra = {}
@@ -312,7 +318,7 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None) -> Train
             flops = float(dist_.all_reduce_sum(training_flops(model.config, lengths, loss_tokens, output_rows)))
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
                       "tokens_per_s": tokens / elapsed, "mfu": mfu(flops, elapsed),
-                      "peak_mem_bytes": peak_memory_bytes(dist_.device), "epoch": loader.epoch,
+                      "peak_mem_bytes": peak_memory_bytes(dist_.device), "epoch": loader.epoch_progress,
                       "skipped_steps": counters["skipped_steps"], **extra}
             logger.log(record)
             result.losses.append(loss)
@@ -335,6 +341,8 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None) -> Train
             if dist_.is_main:
                 try:
                     with stop.immediate():
+                        if config.train.method == "lora":  # merged weights for the HF export (+ the adapter alone)
+                            state = export_lora(model, out, config.model.path, state)
                         result.final_dir = save_model(model, out / "final", tokenizer_dir=tokenizer_dir,
                                                       state_dict=state, vocab=vocab)
                 except Interrupted:
