@@ -96,7 +96,7 @@ def test_loss_and_gradients_equal_trl(checkpoint, tmp_path, qwen_tokenizer_dir):
 
     path = write_rows(tmp_path / "pairs.jsonl", ROWS)
     config = load_config(DPOConfig, None, [f"model.path={checkpoint}", f"data.train=[{path}]", "train.precision=fp32",
-                                           f"output.dir={tmp_path / 'out'}", f"dpo.beta={beta}",
+                                           f"output.dir={tmp_path / 'out'}", f"dpo.beta={beta}", "train.max_steps=1",
                                            f"dpo.sft_weight={alpha}"])
     template = ChatTemplate.from_pretrained(checkpoint)
     objective = DPO(beta, alpha, "cached")
