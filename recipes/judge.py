@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from qforge.engine.client import ChatClient, ChatClientError, ClientSettings
-from qforge.engine.serve import EndpointSettings, open_endpoint
+from qforge.engine.client import ChatClient, ChatClientError
 from qforge.recipes.cli import OutputSettings, run_from_argv
+from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint
 from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
 from qforge.recipes.judging import (Item, pair_outcome, parse_pairwise, parse_rating, read_items,
                                     summarize_pairwise, summarize_ratings)

@@ -14,9 +14,9 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qforge.engine.client import ChatClient, ClientSettings
-from qforge.engine.serve import EndpointSettings, open_endpoint
+from qforge.engine.client import ChatClient
 from qforge.recipes.cli import OutputSettings, run_from_argv
+from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint
 from qforge.recipes.files import write_json, write_jsonl, write_text
 from qforge.recipes.synthesis.answers import numbers_in, reasoning_consistent, rejection_sample
 from qforge.recipes.synthesis.dedup import Deduplicator

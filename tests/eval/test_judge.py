@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from qforge.engine.serve import ChatServer, ScriptedBackend
+from scripted_server import ChatServer, ScriptedBackend
 from qforge.recipes.judge import fill, main
 from qforge.recipes.judging import bootstrap_interval, pair_outcome, parse_pairwise, parse_rating
 
