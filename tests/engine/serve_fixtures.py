@@ -1,0 +1,16 @@
+"""One tiny chat checkpoint served on 127.0.0.1 per test module (real Qwen3 tokenizer, 512-token context)."""
+import contextlib
+
+from qwen3_fixtures import save_chat_checkpoint
+
+from qforge.engine.chat import ChatModel
+from qforge.engine.serve import serve_model
+
+
+@contextlib.contextmanager
+def served_checkpoint(directory, seed: int = 5, **options):
+    """(checkpoint dir, ChatModel, running server); `options` go to `serve_model`."""
+    checkpoint = save_chat_checkpoint(directory / "tiny-chat", seed=seed)
+    chat_model = ChatModel.load(checkpoint)
+    with serve_model(chat_model, **options) as server:
+        yield checkpoint, chat_model, server
