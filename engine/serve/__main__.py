@@ -10,7 +10,7 @@ from typing import Sequence
 import uvicorn
 
 from qforge.engine.chat import ChatModel, read_token_ids
-from qforge.engine.serve.app import ServeSettings, bind, create_app, is_loopback
+from qforge.engine.serve.app import ServeSettings, bind, create_app, is_loopback, uvicorn_config
 from qforge.engine.serve.scheduler import Scheduler
 
 
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sock = bind(args.host, args.port, args.backlog)
     host, port = sock.getsockname()[:2]
     print(f"serving {chat_model.name!r} at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", backlog=args.backlog, lifespan="off"))
+    server = uvicorn.Server(uvicorn_config(app, args.backlog))
     try:
         server.run(sockets=[sock])
     finally:

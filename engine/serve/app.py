@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import anyio
+import h11
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from qforge.engine.chat import ChatModel, ReasoningStream, parse_tool_calls
 from qforge.engine.generate import Pick, SamplingParams
@@ -135,10 +137,10 @@ class Server:
             raise APIError(400, str(error)) from None
         return params
 
-    async def run(self, request: Request, jobs_spec: list[tuple[list[int], SamplingParams, int, tuple, int | None]]
-                  ) -> AsyncIterator[tuple[int, Event]]:
-        """Submits one job per (prompt, params, max_tokens, stop, prompt_logprobs) and yields (index, event)
-        until all finish; a client that goes away cancels them."""
+    def run(self, request: Request, jobs_spec: list[tuple[list[int], SamplingParams, int, tuple, int | None]]
+            ) -> AsyncIterator[tuple[int, Event]]:
+        """Submits one job per (prompt, params, max_tokens, stop, prompt_logprobs) now (a full queue is a 503
+        before any response starts) and returns the (index, event) stream; a client that goes away cancels."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         jobs = []
@@ -149,15 +151,26 @@ class Server:
             self.scheduler.submit(jobs)
         except QueueFull as error:
             raise APIError(503, f"server busy: {error}; retry later", retry_after=1) from None
+        return self._events(request, jobs, queue)
+
+    async def _events(self, request: Request, jobs: list[Job], queue: asyncio.Queue):
+        loop = asyncio.get_running_loop()
+        poll = self.settings.disconnect_poll
+        next_check = loop.time() + poll
         open_jobs = len(jobs)
         try:
             while open_jobs:
                 try:
-                    index, event = await asyncio.wait_for(queue.get(), self.settings.disconnect_poll)
+                    item = await asyncio.wait_for(queue.get(), max(0.0, next_check - loop.time()))
                 except asyncio.TimeoutError:
+                    item = None
+                if loop.time() >= next_check:  # checked on a clock: events may arrive faster than the poll
                     if await request.is_disconnected():
                         return
+                    next_check = loop.time() + poll
+                if item is None:
                     continue
+                index, event = item
                 if event.error is not None:
                     raise APIError(500, f"generation failed: {event.error}")
                 if event.finish_reason is not None:
@@ -192,6 +205,24 @@ class Server:
             tops.append(top)
         return {"tokens": texts, "token_logprobs": [p.logprob if p else None for p in picks],
                 "top_logprobs": tops, "text_offset": offsets}
+
+
+class RequireAPIKey:
+    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects from handlers):
+    every path but /health needs `Authorization: Bearer KEY`."""
+
+    def __init__(self, app, key: str):
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                error = APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)")
+                await openai_error(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _messages(request: ChatCompletionRequest | TokenizeRequest) -> list[dict]:
@@ -229,13 +260,8 @@ def create_app(chat_model: ChatModel, scheduler: Scheduler, settings: ServeSetti
     async def _server_error(request: Request, error: Exception):
         return openai_error(APIError(500, f"{type(error).__name__}: {error}"))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if settings.api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                return openai_error(APIError(401, "invalid or missing API key (Authorization: Bearer ...)"))
-        return await call_next(request)
+    if settings.api_key:
+        app.add_middleware(RequireAPIKey, key=settings.api_key)
 
     def model_card() -> dict:
         return {"id": settings.name, "object": "model", "created": 0, "owned_by": "qforge",
@@ -463,6 +489,25 @@ async def _completion_stream(server: Server, body: CompletionRequest, request_id
     yield _sse("[DONE]")
 
 
+class OpenAIErrorH11(H11Protocol):
+    """uvicorn's h11 protocol, answering malformed HTTP (bad Content-Length, garbage request lines) with an
+    OpenAI-shaped JSON 400 instead of plain text; the connection is closed as before."""
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps(APIError(400, f"malformed HTTP request: {msg}").body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+
+def uvicorn_config(app, backlog: int) -> uvicorn.Config:
+    return uvicorn.Config(app, http=OpenAIErrorH11, log_level="warning", backlog=backlog, timeout_keep_alive=30,
+                          timeout_graceful_shutdown=5, lifespan="off")
+
+
 def is_loopback(host: str) -> bool:
     try:
         return all(info[4][0].startswith("127.") or info[4][0] == "::1"
@@ -478,9 +523,7 @@ class BackgroundServer:
         self.socket = bind(host, port, backlog)
         self.host, self.port = self.socket.getsockname()[:2]
         self.on_stop = on_stop
-        config = uvicorn.Config(app, log_level="warning", backlog=backlog, timeout_keep_alive=30,
-                                lifespan="off")
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(app, backlog))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
                                        name="qforge-http", daemon=True)
 

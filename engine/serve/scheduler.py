@@ -57,6 +57,7 @@ class Scheduler:
         self.batch = DecodeBatch(chat_model.model, chat_model.suppress_ids)
         self._jobs: dict[Row, Job] = {}
         self._waiting: deque[Job] = deque()
+        self._joining: list[Job] = []  # taken from the queue, being prefilled
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="qforge-scheduler", daemon=True)
@@ -64,7 +65,7 @@ class Scheduler:
 
     @property
     def load(self) -> dict:
-        return {"running": len(self._jobs), "waiting": len(self._waiting)}
+        return {"running": len(self._jobs) + len(self._joining), "waiting": len(self._waiting)}
 
     def submit(self, jobs: list[Job]) -> None:
         """Queues all of `jobs` (the n choices of one request) or none of them."""
@@ -108,6 +109,7 @@ class Scheduler:
                         break
                     joining.append(self._waiting.popleft())
                     tokens += len(job.prompt)
+                self._joining = joining
             try:
                 self._step(joining)
             except Exception as error:  # a failed step fails its sequences, never the server
@@ -116,6 +118,8 @@ class Scheduler:
                     job.emit(Event(error=f"{type(error).__name__}: {error}"))
                 self._jobs.clear()
                 self.batch = DecodeBatch(self.chat_model.model, self.chat_model.suppress_ids)
+            finally:
+                self._joining = []
 
     def _step(self, joining: list[Job]) -> None:
         for scoring in (None, *sorted({j.prompt_logprobs for j in joining if j.prompt_logprobs is not None})):
@@ -123,6 +127,7 @@ class Scheduler:
             if group:
                 rows = self.batch.add([j.prompt for j in group], [j.params for j in group], prompt_logprobs=scoring)
                 self._jobs.update(zip(rows, group))
+        self._joining = []
         first = {id(job) for job in joining}
         finished = set()
         for row, job in self._jobs.items():
