@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Sequence
 
+import torch
 import uvicorn
 
 from qforge.engine.chat import ChatModel, read_token_ids
@@ -30,9 +31,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-model-len", type=int, help="context length (default: max_position_embeddings)")
     parser.add_argument("--max-tokens", type=int, default=1024, help="default max_tokens of a chat request")
     parser.add_argument("--suppress-ids", help="file of token ids never to generate, besides generation_config's")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; 1 avoids "
+                        "oversubscription on a busy CPU)")
     parser.add_argument("--backlog", type=int, default=2048, help="listen backlog (pending connections)")
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not is_loopback(args.host):
         logging.getLogger("qforge.serve").warning(

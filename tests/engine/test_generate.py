@@ -112,8 +112,8 @@ def draw(logits, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, n=20000, seed=0
     setting = lambda value, dtype: torch.full((n,), value, dtype=dtype)
     filtered = filter_logits(rows, setting(temperature, torch.float32), setting(top_p, torch.float32),
                              setting(top_k, torch.long), setting(min_p, torch.float32))
-    noise = torch.empty(rows.shape).exponential_(generator=torch.Generator().manual_seed(seed))
-    return torch.bincount(sample_tokens(filtered, noise), minlength=logits.shape[-1]) / n
+    generator = torch.Generator().manual_seed(seed)
+    return torch.bincount(sample_tokens(filtered, [generator] * n), minlength=logits.shape[-1]) / n
 
 
 def test_sampling_frequencies_match_the_filtered_softmax():
