@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import httpx2
 import openai
 from tqdm.auto import tqdm
 
@@ -149,8 +148,8 @@ class ChatClient:
         self._interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
         self._next_send = 0.0
         self.stats = {"requests": 0, "cache_hits": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
-        http = httpx2.Client(event_hooks={"request": [lambda request: self._wait_for_rate_limit()]},
-                             limits=httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))
+        # The SDK's own HTTP client class (its transport defaults), with a hook that spaces every send.
+        http = openai.DefaultHttpxClient(event_hooks={"request": [lambda request: self._wait_for_rate_limit()]})
         self._openai = _OpenAI(base_url=self.base_url, api_key=api_key or "EMPTY", timeout=timeout,
                                max_retries=max_retries, http_client=http, backoff=backoff, max_backoff=max_backoff,
                                on_retry=lambda: self._count(retries=1))

@@ -258,6 +258,7 @@ def test_a_full_queue_answers_503_with_retry_after(server):
     still_serving(url)
 
 
+@pytest.mark.slow
 def test_32_clients_x_5_requests_without_resets_and_flat_memory(server):
     process, url, port = server
 
