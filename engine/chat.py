@@ -6,26 +6,19 @@ end-of-turn stop ids, stop strings, and batching prompts of similar length toget
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
 import re
 from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Collection, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from qforge.engine.data.render import THINK_CLOSE, THINK_OPEN
-from qforge.engine.data.render import split_reasoning as split_template_reasoning
 from qforge.engine.generate import DecodeBatch, SamplingParams
+from qforge.engine.thinking import THINK_CLOSE, THINK_OPEN
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>")
-TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
-TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
-                "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
-                "\"arguments\": <args-json-object>}\n</tool_call>")
-TOOL_CALL = '<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
 TOOL_CALL_PATTERN = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
@@ -41,8 +34,8 @@ class ReasoningStream:
     """Splits Qwen3 output into reasoning (inside `<think>…</think>`) and answer as text arrives.
 
     Output that starts with `<think>` is reasoning until `</think>` (all of it if the block never closes,
-    e.g. cut by max_tokens); anything else is answer. Both parts are stripped of surrounding whitespace,
-    so the concatenated deltas equal `split_reasoning` of the whole text, streamed or not.
+    e.g. cut by max_tokens, as vLLM streams it); anything else is answer. Both parts are stripped of
+    surrounding whitespace, so the concatenated deltas of a streamed reply equal the whole reply's split.
     """
 
     def __init__(self):
@@ -82,40 +75,6 @@ def _without_partial(text: str, marker: str) -> str:
 def _hold(text: str, final: bool) -> str:
     """Trailing whitespace is sent only once more text follows it (so the result is stripped)."""
     return text.strip() if final else text.rstrip()
-
-
-def split_reasoning(text: str) -> tuple[str | None, str]:
-    """(reasoning or None, answer) of a whole Qwen3 output, with `ReasoningStream`'s rules."""
-    stream = ReasoningStream()
-    stream.feed(text, final=True)
-    reasoning, answer = stream.sent
-    return (reasoning if stream.text.lstrip().startswith(THINK_OPEN) else None), answer
-
-
-def render_tools(messages: list[dict], tools: Sequence[dict]) -> list[dict]:
-    """Messages with the tool signatures and earlier tool calls written as Qwen3's chat template writes
-    them (a `# Tools` system block, `<tool_call>` JSON after an assistant's answer), ready for the
-    plain-text renderer."""
-    out = [dict(m) for m in messages]
-    if tools:
-        block = (TOOLS_HEADER + "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools) + TOOLS_FOOTER)
-        if out and out[0]["role"] == "system":
-            out[0]["content"] = out[0]["content"] + "\n\n" + block
-        else:
-            out.insert(0, {"role": "system", "content": block})
-    for message in out:
-        calls = message.pop("tool_calls", None)
-        if not calls:
-            continue
-        answer, _ = split_template_reasoning(message)
-        text = message["content"]
-        for index, call in enumerate(calls):
-            function = call.get("function", call)
-            arguments = function.get("arguments", {})
-            arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-            text += ("\n" if index or answer else "") + TOOL_CALL.format(name=function["name"], arguments=arguments)
-        message["content"] = text
-    return out
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
@@ -181,25 +140,6 @@ class TextStream:
         return released
 
 
-def read_token_ids(path: str | Path) -> list[int]:
-    """Token ids never to generate: a JSON list, one id per line, or a `VocabMap` file (every token the
-    vocabulary restriction removed, plus its suppress_ids) for a model trained with a restricted head."""
-    text = Path(path).read_text(encoding="utf-8")
-    if text.lstrip().startswith("{"):
-        from qforge.engine.vocab import VocabMap
-
-        vocab = VocabMap.load(path)
-        removed = (vocab.old_to_new < 0).nonzero().flatten()
-        return sorted({*removed.tolist(), *vocab.suppress_ids.tolist()})
-    try:
-        ids = json.loads(text) if text.lstrip().startswith("[") else [int(line) for line in text.split()]
-    except ValueError as error:
-        raise ValueError(f"{path}: expected a JSON list of token ids or one id per line ({error})") from None
-    if not all(isinstance(i, int) for i in ids):
-        raise ValueError(f"{path}: every token id must be an integer")
-    return ids
-
-
 class ChatModel:
     """A loaded checkpoint with its tokenizer and chat template."""
 
@@ -231,9 +171,8 @@ class ChatModel:
         return cls(model, ChatTemplate.from_pretrained(path), suppress_ids=suppress_ids, **kwargs)
 
     def render(self, messages: Sequence[dict], enable_thinking: bool = True, tools: Sequence[dict] = ()) -> str:
-        messages = render_tools(list(messages), tools) if tools or any(m.get("tool_calls") for m in messages) \
-            else list(messages)
-        return self.template.render(messages, enable_thinking=enable_thinking, add_generation_prompt=True)
+        return self.template.render(list(messages), enable_thinking=enable_thinking, add_generation_prompt=True,
+                                    tools=list(tools) or None)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids

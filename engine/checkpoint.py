@@ -6,7 +6,7 @@ directory next to the target and renames it into place, so a crash never leaves 
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import re
 import shutil
@@ -14,10 +14,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import qwen3_vl
 from .config import ConfigError, Qwen3Config, read_json
+from .errors import CheckpointError
+from .files import staged_dir, write_json
 from .model import Qwen3, hf_key
 
 SINGLE_FILE = "model.safetensors"
@@ -26,38 +29,44 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory whose tensors do not match the model its config.json describes."""
-
-
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> Qwen3:
     """Loads an HF Qwen3 checkpoint directory (single-file or sharded safetensors) into a `Qwen3`."""
     path = Path(path)
     config = Qwen3Config.from_json(path / "config.json")
     key_files = _tensor_files(path)
+    is_vl = qwen3_vl.is_vl_config(read_json(path / "config.json"))
+    key_of = qwen3_vl.checkpoint_key if is_vl else hf_key
+    if is_vl:  # the language model only; the vision tower stays on disk until export copies it
+        key_files = {key: file for key, file in key_files.items() if qwen3_vl.is_language_key(key)}
     with torch.device("meta"):
         model = Qwen3(config)
-    expected = {hf_key(name): param for name, param in model.named_parameters()}
+    expected = {key_of(name): param for name, param in model.named_parameters()}
     _check_tensors(path, config, expected, key_files)
 
     by_file: dict[Path, list[str]] = {}
     for key in expected:
         by_file.setdefault(key_files[key], []).append(key)
-    names = {hf_key(name): name for name, _ in model.named_parameters()}
+    names = {key_of(name): name for name, _ in model.named_parameters()}
     for file, keys in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as tensors:
+        with _open_tensors(file, device="cpu") as tensors:
             for key in keys:
                 tensor = tensors.get_tensor(key).to(device=device, dtype=dtype)
                 _assign(model, names[key], tensor)
     model.reset_buffers()
+    model.source_checkpoint = path  # a Qwen3-VL export rewrites this checkpoint (see save_model)
+    model.checkpoint_format = qwen3_vl.MODEL_TYPE if is_vl else "qwen3"
     model.generation_config = read_json(path / "generation_config.json") if (
         path / "generation_config.json").is_file() else {}
     return model
 
 
 def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB",
-               tokenizer_dir: str | Path | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+               tokenizer_dir: str | Path | None = None, state_dict: dict[str, torch.Tensor] | None = None,
+               vocab=None) -> Path:
     """Writes config.json, generation_config.json and (sharded) safetensors that transformers loads.
+
+    `vocab` (a VocabMap: the kept vocabulary the head was trained on) is saved with the weights: kept_ids.json,
+    and the unkept ids as generation_config.json `suppress_tokens`.
 
     `state_dict` (qforge names → full tensors) overrides the model's own parameters, e.g. the gathered
     weights of an FSDP-sharded model. Tokenizer files are copied from `tokenizer_dir` when given.
@@ -65,17 +74,16 @@ def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB"
     path = Path(path)
     limit = parse_size(max_shard_size)
     state = state_dict if state_dict is not None else {n: p.detach() for n, p in model.named_parameters()}
+    if getattr(model, "checkpoint_format", "qwen3") == qwen3_vl.MODEL_TYPE:
+        return qwen3_vl.save_vl(state, model.source_checkpoint, path, model.config.tie_word_embeddings, tokenizer_dir)
     tensors = {hf_key(name): t.detach().to("cpu").contiguous() for name, t in state.items()}
     shards = _split_shards(tensors, limit)
 
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(path) as tmp:
         dtype = next(iter(tensors.values())).dtype
         config = model.config.to_hf() | {"torch_dtype": str(dtype).replace("torch.", "")}
-        _write_json(tmp / "config.json", config)
-        _write_json(tmp / "generation_config.json", _generation_config(model))
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "generation_config.json", _generation_config(model))
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
         else:
@@ -85,24 +93,15 @@ def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB"
                 save_file(shard, str(tmp / name), metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(shard, name))
             total = sum(t.numel() * t.element_size() for t in tensors.values())
-            _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+            write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        if vocab is not None:
+            vocab.save_with_model(tmp)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-        replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _normal_modes(tmp)
     return path
-
-
-def replace_dir(src: Path, dst: Path):
-    """Moves a finished directory into place; an existing `dst` is only removed once `src` is there."""
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def parse_size(size: int | str) -> int:
@@ -129,7 +128,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
             raise CheckpointError(f"{path / INDEX_FILE} names shard files that do not exist: {absent}")
         return files
     if (path / SINGLE_FILE).is_file():
-        with safe_open(str(path / SINGLE_FILE), framework="pt") as tensors:
+        with _open_tensors(path / SINGLE_FILE) as tensors:
             return dict.fromkeys(tensors.keys(), path / SINGLE_FILE)
     raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
@@ -143,7 +142,7 @@ def _check_tensors(path: Path, config: Qwen3Config, expected: dict[str, nn.Param
     unexpected = sorted(present - set(expected))
     shapes = {}
     for file in set(key_files.values()):
-        with safe_open(str(file), framework="pt") as tensors:
+        with _open_tensors(file) as tensors:
             shapes.update({key: list(tensors.get_slice(key).get_shape()) for key in tensors.keys()})
     wrong_shape = [f"{key}: checkpoint {shapes[key]}, config expects {list(expected[key].shape)}"
                    for key in sorted(present & set(expected)) if shapes.get(key) != list(expected[key].shape)]
@@ -157,7 +156,27 @@ def _check_tensors(path: Path, config: Qwen3Config, expected: dict[str, nn.Param
     if wrong_shape:
         problems.append("wrong shapes: " + "; ".join(wrong_shape))
     if problems:
-        raise CheckpointError(f"{path} does not match its config.json:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{path} does not match its config.json: " + "; ".join(problems))
+
+
+@contextlib.contextmanager
+def _open_tensors(file: Path, device: str = "cpu"):
+    """safe_open, with a damaged file (truncated copy, not safetensors at all) named in a CheckpointError."""
+    try:
+        with safe_open(str(file), framework="pt", device=device) as tensors:
+            yield tensors
+    except SafetensorError as error:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({error}); it is truncated or damaged: "
+                              f"copy or export it again") from None
+
+
+def _normal_modes(directory: Path):
+    """Gives written files the mode a plain `open` would (0666 less the umask): safetensors creates them 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in directory.iterdir():
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
@@ -185,10 +204,6 @@ def _generation_config(model: Qwen3) -> dict:
         if config.get(key) is None and getattr(model.config, key) is not None:
             config[key] = getattr(model.config, key)
     return config
-
-
-def _write_json(path: Path, data: dict):
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 __all__ = ["CheckpointError", "ConfigError", "load_model", "save_model"]

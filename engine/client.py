@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import threading
 import time
 import warnings
@@ -26,10 +25,13 @@ from typing import Any, Sequence
 import openai
 from tqdm.auto import tqdm
 
+from .errors import EndpointError
+from .files import write_json
+
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
-class ChatClientError(RuntimeError):
+class ChatClientError(EndpointError):
     """A request that failed for good: a non-retryable status, or retries exhausted."""
 
     def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
@@ -80,15 +82,7 @@ class ResponseCache:
 
     def put(self, key: str, request: dict, response: dict) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                json.dump({"request": request, "response": response}, file, ensure_ascii=False)
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        write_json(path, {"request": request, "response": response}, indent=None)
 
 
 class _OpenAI(openai.OpenAI):

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from qforge.engine.chat import ChatModel, read_token_ids
+from qforge.engine.chat import ChatModel
 from qforge.engine.client import ChatClient
 from qforge.engine.serve import serve_model
+from qforge.engine.vocab import read_suppress_ids
 
 
 @dataclass
@@ -60,7 +61,7 @@ def suppressed_ids(source: str | Path) -> list[int]:
         if not isinstance(ids, list):
             raise ValueError(f"{config}: 'suppress_tokens' must be a list of token ids")
         return ids
-    return read_token_ids(source)
+    return read_suppress_ids(source)
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from typing import Callable
 import anyio
 from fastapi import FastAPI, Request
 
-from qforge.engine.chat import split_reasoning
+from qforge.engine.thinking import split_think
 from qforge.engine.serve.app import BackgroundServer, openai_error, parse, read_json
 from qforge.engine.serve.protocol import APIError, ChatCompletionRequest, new_id, now, usage
 
@@ -63,7 +63,7 @@ def scripted_app(backend) -> FastAPI:
             raise APIError(500, f"{type(error).__name__}: {error}") from None
         cuts = [i for i in (text.find(s) for s in scripted.stop) if i >= 0]
         text = text[:min(cuts)] if cuts else text
-        reasoning, content = split_reasoning(text)
+        reasoning, content = split_think(text.strip())
         message = {"role": "assistant", "content": content}
         if reasoning is not None:
             message["reasoning_content"] = reasoning

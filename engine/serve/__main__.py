@@ -10,9 +10,10 @@ from typing import Sequence
 import torch
 import uvicorn
 
-from qforge.engine.chat import ChatModel, read_token_ids
+from qforge.engine.chat import ChatModel
 from qforge.engine.serve.app import ServeSettings, bind, create_app, is_loopback, uvicorn_config
 from qforge.engine.serve.scheduler import Scheduler
+from qforge.engine.vocab import read_suppress_ids
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -43,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging.getLogger("qforge.serve").warning(
             "binding %s exposes the model to the network%s", args.host,
             "" if args.api_key else " WITHOUT an API key (pass --api-key)")
-    suppress = read_token_ids(args.suppress_ids) if args.suppress_ids else ()
+    suppress = read_suppress_ids(args.suppress_ids) if args.suppress_ids else ()
     chat_model = ChatModel.load(args.model, dtype=args.dtype, device=args.device, suppress_ids=suppress,
                                 **({"name": args.name} if args.name else {}))
     scheduler = Scheduler(chat_model, max_batch=args.max_batch, max_waiting=args.max_waiting)

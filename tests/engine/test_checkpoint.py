@@ -1,5 +1,6 @@
 """HF-format load/save: round trips with transformers, sharding, atomic writes, clear errors on bad input."""
 import json
+import os
 import subprocess
 import sys
 
@@ -76,6 +77,28 @@ def test_untied_checkpoint_without_lm_head_is_an_error(tmp_path):
         load_model(src)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_damaged_safetensors_is_a_one_line_checkpoint_error(tmp_path, damage, sharded):
+    src = save_hf_qwen3(tmp_path / "src", max_shard_size="50KB" if sharded else "5GB")
+    file = sorted(src.glob("*.safetensors"))[-1]
+    data = file.read_bytes()
+    file.write_bytes({"truncated": data[: len(data) - 100], "garbage": b"not a tensor file" * 9, "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match=rf"{file.name}: not a readable safetensors file \(.+\); it is "
+                                              r"truncated or damaged: copy or export it again") as err:
+        load_model(src)
+    assert "\n" not in str(err.value)
+
+
+def test_exported_files_get_the_mode_a_plain_open_would(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        out = save_model(load_model(save_hf_qwen3(tmp_path / "src")), tmp_path / "out")
+    finally:
+        os.umask(umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {"0o644"}
+
+
 def test_bad_json_names_file_and_line(tmp_path):
     src = save_hf_qwen3(tmp_path / "badjson")
     (src / "config.json").write_text('{\n  "model_type": "qwen3",\n  "hidden_size": 64,,\n}')
@@ -85,7 +108,7 @@ def test_bad_json_names_file_and_line(tmp_path):
 
 @pytest.mark.parametrize("field, value, message", [
     ("model_type", "llama", "field 'model_type' is 'llama'"),
-    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}, "field 'rope_parameters' has rope_type 'yarn'"),
+    ("rope_parameters", {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}, "field 'rope_parameters' has rope_type 'linear'"),
     ("use_sliding_window", True, "field 'use_sliding_window'"),
     ("num_key_value_heads", 3, "multiple of num_key_value_heads"),
 ])
