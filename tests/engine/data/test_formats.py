@@ -30,11 +30,13 @@ BAD_ROWS = [  # (raw line, field named in the error, words of the reason)
      "messages[1].content", "empty answer"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " \n\t"}]}),
      "messages[1].content", "empty answer"),
-    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "<think>r</think>\n"}]}),
+    (json.dumps({"messages": [{"role": "user", "content": "x"},
+                              {"role": "assistant", "content": "<think>r</think>\n"}]}),
      "messages[1].content", "empty answer (nothing but whitespace after </think>)"),
-    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a",
-                                                                  "reasoning_content": "r"}, {"role": "user", "content": "y"},
-                              {"role": "assistant", "content": "  "}]}), "messages[3].content", "empty answer"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"},
+                              {"role": "assistant", "content": "a", "reasoning_content": "r"},
+                              {"role": "user", "content": "y"}, {"role": "assistant", "content": "  "}]}),
+     "messages[3].content", "empty answer"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a", "content": "b"}]}',
      "messages[1].content", "key given twice"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a"}], "messages": []}',
@@ -87,8 +89,9 @@ def test_bad_row_raises_naming_file_line_and_field(tmp_path, qwen_template, raw,
 
 
 def test_well_formed_reasoning_rows_are_accepted(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\na"}]},
-            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a", "reasoning_content": ""}]},
+    user = {"role": "user", "content": "x"}
+    rows = [{"messages": [user, {"role": "assistant", "content": "<think>\nr\n</think>\n\na"}]},
+            {"messages": [user, {"role": "assistant", "content": "a", "reasoning_content": ""}]},
             {"messages": [{"role": "user", "content": "<think> is a tag"}, {"role": "assistant", "content": "yes"}]}]
     path = write_jsonl(tmp_path / "data.jsonl", [json.dumps(row) for row in rows])
     assert [isinstance(m, list) for _, m in read_conversations(path)] == [True, True, True]

@@ -21,7 +21,7 @@ from fft import stage_configs  # noqa: E402
 @pytest.mark.parametrize("name", ["demo.yaml", "qwen3-0.6b-1gpu.yaml", "qwen3-8b-8gpu.yaml"])
 def test_shipped_fft_configs_parse(name):
     config = load_config(FFTRecipeConfig, REPO / "recipes/configs" / name)
-    assert config.train.max_steps > 0
+    assert (config.train.max_steps or 0) > 0 or config.train.epochs > 0
 
 
 def test_stages_chain_weights_and_mixtures(tmp_path):

@@ -120,7 +120,8 @@ def test_data_that_cannot_fill_a_step_gets_advice_that_fits(tiny_run_files, tmp_
         train(_config(tiny_run_files, tmp_path / "b", **{"data.max_tokens": 16}))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": []}\n{"messages": [{"role": "user", "content": "x"}]}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl: all 2 rows were skipped \(data.on_error=skip\), first: .*bad.jsonl:1"):
+    with pytest.raises(DataError, match=r"bad.jsonl: all 2 rows were skipped \(data.on_error=skip\), first: "
+                                        r".*bad.jsonl:1"):
         train(_config(tiny_run_files, tmp_path / "c", **{"data.train": f"[{bad}]", "data.on_error": "skip"}))
     for weights in ([float("nan")], [-1.0]):
         with pytest.raises(ConfigError, match="data.weights=.*every weight must be a finite number ≥ 0"):
