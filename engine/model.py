@@ -18,6 +18,8 @@ from qforge.kernels import apply_rope, fused_linear_cross_entropy, rms_norm, swi
 
 from .attention import padded_attention, varlen_attention
 from .config import Qwen3Config
+from .data.packing import positions_from_cu_seqlens
+from .rope_scaling import rope_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -117,16 +119,20 @@ class Qwen3(nn.Module):
         self.reset_buffers()
 
     def reset_buffers(self):
-        """Recomputes the RoPE frequencies (needed after building on the meta device)."""
+        """Recomputes the RoPE frequencies (needed after building on the meta device); YaRN also scales cos/sin."""
         config = self.config
-        exponent = torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim
-        self.inv_freq = (1.0 / config.rope_theta ** exponent).float().to(self.embed_tokens.weight.device)
+        inv_freq, self.rope_attention_factor = rope_frequencies(config.head_dim, config.rope_theta,
+                                                                config.rope_scaling)
+        self.inv_freq = inv_freq.to(self.embed_tokens.weight.device)
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """cos/sin tables [..., T, head_dim] for the given positions, computed in fp32 like HF."""
         freqs = position_ids[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.rope_attention_factor != 1.0:
+            cos, sin = cos * self.rope_attention_factor, sin * self.rope_attention_factor
+        return cos.to(dtype), sin.to(dtype)
 
     def hidden(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, kv_cache=None):
         """Final-norm hidden states [..., H] for a packed row [T] or a batch [B, S]."""
@@ -152,21 +158,16 @@ class Qwen3(nn.Module):
         """Logits [..., V]. Training should use `loss`, which never materialises them."""
         return F.linear(self.hidden(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache), self.output_weight)
 
-    def loss(self, batch, vocab_index: torch.Tensor | None = None, target_index: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, batch, vocab_index: torch.Tensor | None = None,
+             target_index: torch.Tensor | None = None) -> torch.Tensor:
         """Σ w·CE over a PackedBatch (labels already shifted), never materialising [T, V] logits.
 
-        The trainer divides by the whole step's Σ w. `vocab_index` restricts the output rows (e.g. the CJK-free
-        set); `target_index` maps original ids to kept rows (−1: not scored), see the kernel's docstring."""
+        The trainer divides by the whole step's Σ w. `vocab_index` (sorted kept ids) restricts the output rows
+        (e.g. the CJK-free set) and `target_index` maps each original id to its kept row (-1: unkept), both from
+        `VocabMap.loss_tables`; packing has already masked labels outside the kept set."""
         hidden = self.hidden(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
         return fused_linear_cross_entropy(hidden, self.output_weight, batch.labels, loss_weight=batch.loss_weight,
                                           reduction="sum", vocab_index=vocab_index, target_index=target_index)
-
-
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Position ids that restart at 0 at every sequence boundary of a packed row."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
-    return torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - starts
 
 
 def hf_key(name: str) -> str:

@@ -10,13 +10,14 @@ its reason), report.json and report.md (kept/dropped per task and reason; tokens
 """
 from __future__ import annotations
 
+import sys
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qforge.engine.client import ChatClient, ClientSettings
 from qforge.engine.serve import EndpointSettings, open_endpoint
-from qforge.recipes.cli import OutputSettings, run_from_argv
+from qforge.recipes.cli import OutputSettings, run_recipe, print_report_md
 from qforge.recipes.files import write_json, write_jsonl, write_text
 from qforge.recipes.sft_data.answers import numbers_in, reasoning_consistent, rejection_sample
 from qforge.recipes.sft_data.dedup import Deduplicator
@@ -32,7 +33,7 @@ STAGE_FIELDS = {"questions": TOPIC_FIELDS | {"count"}, "responses": TOPIC_FIELDS
 
 
 @dataclass
-class Backend:
+class BackendSettings:
     name: str
     endpoint: EndpointSettings = field(default_factory=EndpointSettings)
     params: dict = field(default_factory=dict)  # default body fields: temperature, chat_template_kwargs, ...
@@ -96,7 +97,7 @@ class SynthConfig:
     syllabus: str = "recipes/data/syllabus_vi.yaml"
     tasks: str = "recipes/data/tasks_vi.yaml"
     topics_per_task: int | None = None  # only each task's first N topics (smoke runs)
-    backends: list[Backend] = field(default_factory=list)
+    backends: list[BackendSettings] = field(default_factory=list)
     stages: Stages = field(default_factory=Stages)
     filters: Filters = field(default_factory=Filters)
     client: ClientSettings = field(default_factory=ClientSettings)  # cache_dir default: output.dir/cache
@@ -128,7 +129,7 @@ class Pipeline:
         self.topic_by_key = {topic.key: topic for _, topic in self.pairs}
         self.store = StageStore(config.output.dir)
 
-    def backend(self, stage: str) -> Backend:
+    def backend(self, stage: str) -> BackendSettings:
         name = getattr(self.config.stages, stage).backend
         return next(b for b in self.config.backends if b.name == name)
 
@@ -346,10 +347,9 @@ def run(config: SynthConfig) -> dict:
         return Pipeline(config, clients).run()
 
 
-def main(argv: list[str] | None = None) -> None:
-    config, _ = run_from_argv(SynthConfig, run, argv, __doc__.split("\n\n")[0], "topics_per_task=2")
-    print(Path(config.output.dir, "report.md").read_text(encoding="utf-8"))
+def main(argv: list[str] | None = None) -> int:
+    return run_recipe(SynthConfig, run, argv, __doc__.split("\n\n")[0], "topics_per_task=2", report=print_report_md)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from ..files import write_text
 
 
 def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
@@ -38,8 +39,9 @@ def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None, seconds: float = 0.5) -> float:
     """The device's achievable matmul FLOP/s, measured (the denominator of MFU; no vendor datasheet figure)."""
     size = size or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # values don't matter, and the global RNG must not move: a (re)measurement mid-run would shift dropout masks
+    a = torch.ones(size, size, device=device, dtype=dtype)
+    b = torch.ones(size, size, device=device, dtype=dtype)
     torch.matmul(a, b)  # warm-up
     _sync(device)
     count, start = 0, time.perf_counter()
@@ -153,9 +155,7 @@ def truncate_metrics(path: Path, last_step: int):
     dropped = len([line for line in text.splitlines() if line.strip()]) - len(kept)
     logging.getLogger("qforge.train").info("%s: dropped %d records after step %d or cut short", path, dropped,
                                            last_step)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(lines, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, lines)
 
 
 def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | None:

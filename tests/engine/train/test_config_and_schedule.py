@@ -13,7 +13,7 @@ from qforge.engine.train.config import OptimSettings
 from qforge.engine.train.loader import mixture_epoch
 from qforge.engine.train.optim import lr_factor
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "recipes"))
 from fft import stage_configs  # noqa: E402
 
@@ -21,7 +21,7 @@ from fft import stage_configs  # noqa: E402
 @pytest.mark.parametrize("name", ["demo.yaml", "qwen3-0.6b-1gpu.yaml", "qwen3-8b-8gpu.yaml"])
 def test_shipped_fft_configs_parse(name):
     config = load_config(FFTRecipeConfig, REPO / "recipes/configs" / name)
-    assert config.train.max_steps > 0
+    assert (config.train.max_steps or 0) > 0 or config.train.epochs > 0
 
 
 def test_stages_chain_weights_and_mixtures(tmp_path):
@@ -46,7 +46,7 @@ stages:
 
 def test_mixture_weights_are_epoch_multipliers():
     def examples(tag, n):
-        return [Example(np.array([tag, i]), np.array([tag, i]), np.ones(2, np.float32)) for i in range(n)]
+        return [Example(np.array([tag, i]), np.array([tag, i])) for i in range(n)]
     a, b = examples(1, 10), examples(2, 4)
     epoch = mixture_epoch([a, b], [0.5, 2.5], seed=3)
     tags = [int(e.input_ids[0]) for e in epoch]
