@@ -10,7 +10,7 @@ server is the same code that the HF-parity tests check. The model's attention la
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Collection, Sequence
 
 import torch
@@ -425,8 +425,8 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
 
     A row ends at its first stop id (not included in the result) or after `max_new_tokens` tokens, so a
     result shorter than `max_new_tokens` means a stop id was produced. `suppress_ids` can never be
-    produced. With `seed`, every row samples from its own stream seeded with it: a row's tokens do not
-    depend on the other prompts of the batch.
+    produced. With `seed`, row i samples from its own stream seeded with `seed + i` (as the server seeds
+    the i-th of n choices): its tokens do not depend on the other prompts of the batch.
     """
     vocab_size = model.config.vocab_size
     check_prompts(prompts, vocab_size)
@@ -436,13 +436,14 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                             repetition_penalty=repetition_penalty, seed=seed)
     params.check(vocab_size)
+    rows = [params if seed is None else replace(params, seed=(seed + i) % 2 ** 64) for i in range(len(prompts))]
     bad = [t for t in stop_ids if not 0 <= int(t) < vocab_size]
     if bad:
         raise ValueError(f"stop_ids has ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
     batch = DecodeBatch(model, suppress_ids)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
-    sequences = batch.add(prompts, [params] * len(prompts))
+    sequences = batch.add(prompts, rows)
     stops = {int(t) for t in stop_ids}
     while batch:
         picks = batch.sample()

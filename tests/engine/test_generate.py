@@ -165,6 +165,8 @@ def test_rows_joining_and_leaving_between_steps_decode_as_if_alone(model, hf_mod
 def test_a_seeded_row_samples_the_same_tokens_whatever_else_is_in_the_batch(model):
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7)
     alone = generate(model, [PROMPTS[1]], max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)[0]
+    # offline, row i of a batch uses seed + i: the same row alone with that seed gives the same tokens
+    assert generate(model, PROMPTS[:2], max_new_tokens=8, temperature=1.0, top_p=0.9, seed=6)[1] == alone
     batch = DecodeBatch(model)
     batch.add([PROMPTS[0], PROMPTS[3]], [SamplingParams(temperature=1.3), SamplingParams(temperature=0.7, seed=1)])
     batch.sample()
