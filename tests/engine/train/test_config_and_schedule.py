@@ -13,7 +13,7 @@ from qforge.engine.train.config import OptimSettings
 from qforge.engine.train.loader import mixture_epoch
 from qforge.engine.train.optim import lr_factor
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "recipes"))
 from fft import stage_configs  # noqa: E402
 
