@@ -74,7 +74,8 @@ def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB"
     limit = parse_size(max_shard_size)
     state = state_dict if state_dict is not None else {n: p.detach() for n, p in model.named_parameters()}
     if getattr(model, "checkpoint_format", "qwen3") == qwen3_vl.MODEL_TYPE:
-        return qwen3_vl.save_vl(state, model.source_checkpoint, path, model.config.tie_word_embeddings, tokenizer_dir)
+        return qwen3_vl.save_vl(state, model.source_checkpoint, path, model.config.tie_word_embeddings, tokenizer_dir,
+                                vocab)
     tensors = {hf_key(name): t.detach().to("cpu").contiguous() for name, t in state.items()}
     shards = _split_shards(tensors, limit)
 

@@ -181,7 +181,7 @@ def build_loader(datasets, data: DataSettings, train_settings, vocab: VocabMap |
 
 
 def planned_steps(train_settings, loader) -> int:
-    """`train.max_steps` when set, else `train.epochs` × the loader's steps per epoch (rounded up)."""
+    """`train.max_steps` when set, else `train.epochs` (default 1) × the loader's steps per epoch, rounded up."""
     if train_settings.max_steps is not None:
         return train_settings.max_steps
-    return max(1, math.ceil(train_settings.epochs * loader.steps_per_epoch - 1e-9))
+    return max(1, math.ceil((train_settings.epochs or 1.0) * loader.steps_per_epoch - 1e-9))
