@@ -7,7 +7,6 @@ directory next to the target and renames it into place, so a crash never leaves 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 from pathlib import Path
@@ -101,7 +100,6 @@ def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB"
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-        _normal_modes(tmp)
     return path
 
 
@@ -169,15 +167,6 @@ def _open_tensors(file: Path, device: str = "cpu"):
     except SafetensorError as error:
         raise CheckpointError(f"{file}: not a readable safetensors file ({error}); it is truncated or damaged: "
                               f"copy or export it again") from None
-
-
-def _normal_modes(directory: Path):
-    """Gives written files the mode a plain `open` would (0666 less the umask): safetensors creates them 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for file in directory.iterdir():
-        if file.is_file():
-            file.chmod(0o666 & ~umask)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor):

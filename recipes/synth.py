@@ -15,9 +15,9 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qforge.engine.client import ChatClient, ClientSettings
-from qforge.engine.serve import EndpointSettings, open_endpoint
-from qforge.recipes.cli import OutputSettings, run_recipe, print_report_md
+from qforge.engine.client import ChatClient
+from qforge.recipes.cli import OutputSettings, print_report_md, run_recipe
+from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint
 from qforge.recipes.files import write_json, write_jsonl, write_text
 from qforge.recipes.sft_data.answers import numbers_in, reasoning_consistent, rejection_sample
 from qforge.recipes.sft_data.dedup import Deduplicator

@@ -28,8 +28,6 @@ def mixture_epoch(datasets: Sequence[Sequence[Example]], weights: Sequence[float
     """One epoch of a mixture: dataset i contributes round(w_i × len_i) examples (sampled without replacement
     while w ≤ 1; whole copies plus a sample when w > 1)."""
     weights = weights or [1.0] * len(datasets)
-    if not all(np.isfinite(w) and w >= 0 for w in weights):
-        raise ConfigError(f"data.weights={list(weights)}: every weight must be a finite number ≥ 0")
     rng = np.random.default_rng(seed)
     epoch = []
     for examples, weight in zip(datasets, weights):

@@ -196,7 +196,7 @@ def test_recipe_reports_config_errors_without_traceback(tmp_path):
     debug = subprocess.run([sys.executable, str(REPO / "recipes/fft.py"), "--config", str(bad), "--debug"],
                            capture_output=True, text=True)
     assert debug.returncode == 2 and "Traceback" in debug.stderr
-    bad.write_text("model:\n  config: x.json\n  tokenizer: qwen3\ndata:\n  train: [missing.jsonl]\n")
+    bad.write_text("model:\n  config: x.json\n  tokenizer: qwen3\ndata:\n  train: [missing.jsonl]\ntrain:\n  max_steps: 3\n")
     data = subprocess.run([sys.executable, str(REPO / "recipes/fft.py"), "--config", str(bad),
                            f"output.dir={tmp_path / 'out'}", "output.progress=false"], capture_output=True, text=True)
     assert data.returncode == 3, data.stderr[-2000:]
