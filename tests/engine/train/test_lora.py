@@ -98,13 +98,14 @@ def test_two_rank_fsdp2_lora_with_sequence_steps_matches_single_process(tiny_run
     from tiny_run import REPO
 
     common = {"train.max_steps": 3, "data.max_tokens": 160, "train.batch_size": 8, "train.method": "lora",
-              "train.lora.rank": 4, "optim.lr": 1e-2}
+              "train.lora.rank": 4, "optim.lr": 1e-2, "evaluate.data": "null", "data.eval": "[]"}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {}
     for name, launcher in (("single", [sys.executable]),
                            ("fsdp", [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                      "--nproc_per_node=2"])):
-        proc = subprocess.run([*launcher, str(REPO / "recipes/fft.py"),
+        proc = subprocess.run([*launcher, str(REPO / "recipes/fft.py"), "--config",
+                               str(REPO / "recipes/configs/demo.yaml"),
                                *tiny_overrides(tiny_run_files, tmp_path / name, **common)],
                               capture_output=True, text=True, env=env, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
