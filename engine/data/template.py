@@ -123,8 +123,12 @@ class ChatTemplate:
         return cls(Tokenizer.from_file(str(tokenizer_file)), eos, digest.hexdigest(), jinja)
 
     def _use_fast_path(self, messages: list[dict], tools) -> bool:
-        return self.fast and not tools and all(
+        fast = self.fast and not tools and all(
             isinstance(m.get("content"), str) and not m.get("tool_calls") for m in messages)
+        if not fast and self.jinja is None:
+            raise ConfigError("this ChatTemplate has no template text (tools, tool calls or content lists need "
+                              "one); build it with ChatTemplate.from_pretrained")
+        return fast
 
     def render_spans(self, messages: list[dict], enable_thinking: bool = True, tools: list[dict] | None = None):
         """Training text and assistant spans (`render.Rendered`) of one conversation, by the fast path when
