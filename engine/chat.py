@@ -1,7 +1,9 @@
 """Text-level generation: a checkpoint plus its chat template, prompts or conversations in, text out.
 
-`generate` works on token ids; this layer owns tokenisation, the chat template (thinking on/off), the
-end-of-turn stop ids, stop strings, and batching prompts of similar length together.
+`generate` works on token ids; this layer owns tokenisation, the chat template (thinking on/off, tools), the
+end-of-turn stop ids, incremental detokenisation with stop strings that end decoding (`TextStream`), the
+reasoning/answer split of streamed output (`ReasoningStream`) and `<tool_call>` parsing. The server's
+scheduler and the offline `ChatModel.complete` share these, so served and offline text are the same.
 """
 from __future__ import annotations
 

@@ -303,7 +303,8 @@ def create_app(chat_model: ChatModel, scheduler: Scheduler, settings: ServeSetti
         messages = _messages(body)
         thinking = (body.chat_template_kwargs or {}).get("enable_thinking", True)
         try:
-            return chat_model.render(messages, bool(thinking), [t.model_dump(exclude_none=True) for t in body.tools or ()])
+            tools = [t.model_dump(exclude_none=True) for t in body.tools or ()]
+            return chat_model.render(messages, bool(thinking), tools)
         except (ValueError, KeyError) as error:
             raise APIError(400, f"messages: {error}", "messages") from None
 

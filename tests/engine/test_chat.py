@@ -96,3 +96,28 @@ def test_checkpoint_suppress_tokens_are_honoured(checkpoint, chat_model, tmp_pat
     assert set(reloaded.suppress_ids) == {first, 7}
     assert chat_model.encode(reloaded.complete(["Hà Nội"], max_new_tokens=3)[0].text)[:1] != [first]
 
+
+
+def test_an_endpoint_that_ignores_suppress_tokens_gets_them_as_logit_bias(checkpoint, chat_model, tmp_path):
+    """A pruned checkpoint served elsewhere (vLLM ignores generation_config's suppress_tokens): the client
+    reads them from the checkpoint and sends logit_bias -100, which any OpenAI-compatible server applies."""
+    import json
+
+    from qforge.engine.serve import serve_model
+    from qforge.recipes.endpoint import EndpointSettings, open_endpoint
+
+    request = dict(temperature=0, max_tokens=4, chat_template_kwargs={"enable_thinking": False})
+    pruned = tmp_path / "pruned"
+    pruned.mkdir()
+    offline = chat_model.chat([conversation(QUESTIONS[0])], enable_thinking=False, max_new_tokens=4)[0]
+    assert offline.text.strip() == ""  # this tiny model's greedy reply: blank lines; ban every blank token
+    banned = sorted(i for token, i in chat_model.tokenizer.get_vocab().items() if set(token) <= set("ĊĠĉč"))
+    (pruned / "generation_config.json").write_text(json.dumps({"suppress_tokens": banned}))
+    with serve_model(chat_model) as server:  # a server that knows nothing of the suppressed ids
+        with open_endpoint(EndpointSettings(base_url=server.url, model=chat_model.name)) as client:
+            free = client.chat(conversation(QUESTIONS[0]), **request).content
+        settings = EndpointSettings(base_url=server.url, model=chat_model.name, suppress_ids=str(pruned))
+        with open_endpoint(settings) as client:
+            constrained = client.chat(conversation(QUESTIONS[0]), **request).content
+    assert free == offline.text.strip()
+    assert constrained and not set(chat_model.encode(constrained)) & set(banned)

@@ -1,6 +1,5 @@
 """The server against the `openai` SDK (sync and async) and HF transformers as the numerical oracle."""
 import asyncio
-import json
 
 import openai
 import pytest

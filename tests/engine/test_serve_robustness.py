@@ -237,7 +237,8 @@ def test_a_client_that_goes_away_frees_its_slot(server):
     body = chat_body(max_tokens=480, temperature=1.0, logit_bias=NO_EOS)
     with socket.create_connection(("127.0.0.1", port)) as sock:  # non-streaming, then hang up
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (KEY.encode(), len(body), body))
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (KEY.encode(), len(body), body))
         time.sleep(0.5)
         assert running(port) == 1
     assert wait_idle(port, 5) < 5
@@ -247,7 +248,8 @@ def test_a_full_queue_answers_503_with_retry_after(server):
     _, url, port = server
     sdk = client(url)
     streams = [sdk.completions.create(model="tiny-chat", prompt="Hà Nội", max_tokens=400, n=16, temperature=1.0,
-                                      stream=True, logit_bias=NO_EOS) for _ in range(3)]  # 48 sequences: 8 running + 40 waiting
+                                      stream=True, logit_bias=NO_EOS)
+               for _ in range(3)]  # 48 sequences: 8 running + 40 waiting
     try:
         status, payload = post(port, "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 1}).encode())
         assert status == 503 and "busy" in payload["error"]["message"]
