@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 MODEL_TYPE = "qwen3_vl"
@@ -66,7 +65,7 @@ def save_vl(state: dict[str, torch.Tensor], source: str | Path, path: str | Path
     (qforge names → tensors). Every other tensor is copied bitwise, in the source's shard layout; language
     tensors are written in the dtype the source stored them in. Built in a staging directory, moved into place.
     `vocab` (the kept vocabulary the head was trained on) is saved as in `checkpoint.save_model`."""
-    from .checkpoint import TOKENIZER_FILES, CheckpointError, _normal_modes, _tensor_files
+    from .checkpoint import TOKENIZER_FILES, CheckpointError, _open_tensors, _tensor_files
     from .config import read_json
     from .files import staged_dir, write_json
 
@@ -94,7 +93,7 @@ def save_vl(state: dict[str, torch.Tensor], source: str | Path, path: str | Path
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
         total = 0
         for file in sorted(set(key_files.values())):
-            with safe_open(str(file), framework="pt") as reader:
+            with _open_tensors(file) as reader:  # a damaged source shard is a CheckpointError naming it
                 metadata = reader.metadata() or {"format": "pt"}
                 tensors = {}
                 for key in reader.keys():
@@ -115,5 +114,4 @@ def save_vl(state: dict[str, torch.Tensor], source: str | Path, path: str | Path
             write_json(tmp / index.name, data)
         if vocab is not None:
             vocab.save_with_model(tmp)
-        _normal_modes(tmp)
     return path
