@@ -13,8 +13,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .example import LOSS_WEIGHTINGS, Example
-from .formats import DataError, RowError, SkippedRow, read_conversations
-from .template import ChatTemplate
+from .formats import Conversation, DataError, RowError, SkippedRow, read_conversations
+from .template import EMPTY_THINK_POLICIES, ChatTemplate, has_reasoning
 
 CACHE_VERSION = 1  # bump when the cached arrays' meaning changes
 MULTI_TURN = ("all", "last", "split")
@@ -31,19 +31,47 @@ class LoadSummary:
     skipped: list[SkippedRow] = field(default_factory=list)
     cache_path: str | None = None
     from_cache: bool = False
+    kinds: dict[str, int] = field(default_factory=dict)  # good rows per kind (see `row_kinds`)
 
     def __str__(self):
         text = (f"{self.num_rows} rows → {self.num_examples} examples, {self.num_tokens} tokens "
                 f"({self.num_loss_tokens} supervised); {len(self.skipped)} rows skipped")
+        if self.kinds:
+            text += "; rows by kind: " + ", ".join(f"{kind} {n}" for kind, n in sorted(self.kinds.items()))
         if self.skipped:
             text += "".join(f"\n  {row}" for row in self.skipped[:10])
             text += f"\n  … and {len(self.skipped) - 10} more" if len(self.skipped) > 10 else ""
         return text
 
 
-def split_turns(messages: list[dict]) -> list[list[dict]]:
+def split_turns(row: Conversation) -> list[Conversation]:
     """One conversation per assistant turn, ending at that turn (to be trained with supervise="last")."""
-    return [messages[:i + 1] for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return [row.upto(i + 1) for i, m in enumerate(row.messages) if m["role"] == "assistant"]
+
+
+# --- per-row thinking -------------------------------------------------------------------------------------------
+
+def row_thinking(row: Conversation, enable_thinking: bool | str) -> Conversation:
+    """Fixes a row's thinking mode. The rule: the row's own `enable_thinking` field wins; otherwise
+    `enable_thinking` true/false applies to every row; with "auto", a row is rendered with thinking on iff one
+    of its assistant turns has non-blank reasoning (a `reasoning_content` field or an inline <think> block)."""
+    if row.enable_thinking is not None:
+        return row
+    on = has_reasoning(row.messages) if enable_thinking == "auto" else enable_thinking
+    return Conversation(row.messages, row.tools, on)
+
+
+def row_kinds(row: Conversation) -> list[str]:
+    """The kinds a row is counted under when loading: "reasoning" (thinking on, with reasoning), "plain"
+    (thinking on, no reasoning: its final turn renders an empty think block), "no-think" (thinking off), and
+    additionally "tools" (a tool schema or tool calls)."""
+    if not row.enable_thinking:
+        kinds = ["no-think"]
+    else:
+        kinds = ["reasoning" if has_reasoning(row.messages) else "plain"]
+    if row.tools or any(m.get("tool_calls") for m in row.messages):
+        kinds.append("tools")
+    return kinds
 
 
 def cache_key(paths: list[Path], template: ChatTemplate, options: dict) -> str:
@@ -62,7 +90,7 @@ def _examples_from_arrays(input_ids, labels, loss_weight, offsets) -> list[Examp
 
 
 def _tokenise(paths, template, options, on_error, progress, summary) -> list[Example]:
-    encode_options = {k: options[k] for k in ("train_on_reasoning", "loss_weighting")}
+    encode_options = {k: options[k] for k in ("train_on_reasoning", "loss_weighting", "empty_think")}
     supervise = "last" if options["multi_turn"] != "all" else "all"
     examples, pending = [], []
 
@@ -81,6 +109,9 @@ def _tokenise(paths, template, options, on_error, progress, summary) -> list[Exa
                     summary.skipped.append(SkippedRow(str(path), line, row.field, row.reason))
                     continue
                 summary.num_rows += 1
+                row = row_thinking(row, options["enable_thinking"])
+                for kind in row_kinds(row):
+                    summary.kinds[kind] = summary.kinds.get(kind, 0) + 1
                 pending.extend(split_turns(row) if options["multi_turn"] == "split" else [row])
                 if len(pending) >= ENCODE_CHUNK:
                     flush()
@@ -100,7 +131,8 @@ def _write_cache(directory: Path, examples: list[Example], summary: LoadSummary)
             np.save(tmp / f"{name}.npy", np.concatenate(parts) if parts else np.zeros(0, np.int32))
         np.save(tmp / "offsets.npy", offsets)
         skipped = [vars(row) for row in summary.skipped]
-        (tmp / "summary.json").write_text(json.dumps({"num_rows": summary.num_rows, "skipped": skipped}))
+        (tmp / "summary.json").write_text(json.dumps({"num_rows": summary.num_rows, "skipped": skipped,
+                                                      "kinds": summary.kinds}))
         os.rename(tmp, directory)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -114,23 +146,31 @@ def _read_cache(directory: Path, summary: LoadSummary) -> list[Example]:
     meta = json.loads((directory / "summary.json").read_text())
     summary.num_rows = meta["num_rows"]
     summary.skipped = [SkippedRow(**row) for row in meta["skipped"]]
+    summary.kinds = meta.get("kinds", {})
     return _examples_from_arrays(*arrays, offsets)
 
 
 def load_examples(paths, template: ChatTemplate, *, cache_dir=None, format: str = "auto", on_error: str = "raise",
-                  enable_thinking: bool = True, multi_turn: str = "all", train_on_reasoning: bool = True,
-                  loss_weighting: str = "token", progress: bool = True) -> tuple[list[Example], LoadSummary]:
+                  enable_thinking: bool | str = True, multi_turn: str = "all", train_on_reasoning: bool = True,
+                  loss_weighting: str = "token", empty_think: str = "mask",
+                  progress: bool = True) -> tuple[list[Example], LoadSummary]:
     """Reads, validates, renders and tokenises data files into examples (see `ChatTemplate.encode_batch`).
 
     multi_turn: "all" assistant turns of a conversation in one example, only the "last", or "split" into one
     example per assistant turn, each keeping its own reasoning (the faithful choice for multi-turn reasoning
-    data, at the cost of repeating the history). on_error: "raise" a DataError at the first bad row (file, line,
+    data, at the cost of repeating the history). enable_thinking: true, false or "auto" (per row, see
+    `row_thinking`; a row's own `enable_thinking` field always wins). empty_think: "mask" (default) keeps the
+    empty think block of reasoning-free turns out of the loss, "train" supervises it. on_error: "raise" a DataError at the first bad row (file, line,
     field), or "skip" bad rows and list them in the summary. With `cache_dir`, the result is cached there.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"unknown on_error {on_error!r}; expected one of {', '.join(ON_ERROR)}")
     if multi_turn not in MULTI_TURN:
         raise ValueError(f"unknown multi_turn {multi_turn!r}; expected one of {', '.join(MULTI_TURN)}")
+    if enable_thinking not in (True, False, "auto"):
+        raise ValueError(f"unknown enable_thinking {enable_thinking!r}; expected true, false or 'auto'")
+    if empty_think not in EMPTY_THINK_POLICIES:
+        raise ValueError(f"unknown empty_think {empty_think!r}; expected one of {', '.join(EMPTY_THINK_POLICIES)}")
     if loss_weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"unknown loss_weighting {loss_weighting!r}; expected one of {', '.join(LOSS_WEIGHTINGS)}")
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
@@ -138,7 +178,7 @@ def load_examples(paths, template: ChatTemplate, *, cache_dir=None, format: str 
         if not path.is_file():
             raise DataError(f"{path}: no such data file")
     options = dict(format=format, on_error=on_error, enable_thinking=enable_thinking, multi_turn=multi_turn,
-                   train_on_reasoning=train_on_reasoning, loss_weighting=loss_weighting)
+                   train_on_reasoning=train_on_reasoning, loss_weighting=loss_weighting, empty_think=empty_think)
     summary = LoadSummary()
     directory = Path(cache_dir) / cache_key(paths, template, options) if cache_dir is not None else None
     summary.from_cache = directory is not None and (directory / "summary.json").is_file()

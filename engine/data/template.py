@@ -7,6 +7,12 @@ Label policy (see `encode`):
   headers, the `\\n` after `<|im_end|>`) is -100.
 - Thinking off (`enable_thinking=False`): reasoning is removed from the conversation, so the final turn carries
   the empty think block, and that block is part of the prompt (at inference the generation prompt contains it).
+- Thinking on, turn without reasoning: the template still renders `<think>\n\n</think>\n\n` before the final
+  answer. `empty_think="train"` supervises that empty block (the model learns to skip thinking when thinking
+  is on); `"mask"` leaves it out of the loss, so plain rows in a thinking mix teach only their answers.
+- Per row: a `Conversation` (formats.py) carries its own tools and `enable_thinking`, which override the
+  batch-wide argument.
+- Tool calls are part of the assistant answer and supervised with it; tool results are prompt.
 - Multi-turn: `supervise="all"` trains every assistant turn as rendered (the template drops the reasoning of
   turns before the last user query, so those turns train on their answers only); `supervise="last"` trains
   only the final assistant turn. `load_examples(multi_turn="split")` trains every turn with its own reasoning
@@ -21,13 +27,15 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .example import Example, make_example
-from .render import IM_END, IM_START, render_qwen3, split_reasoning
+from .formats import Conversation
+from .render import EMPTY_THINK, IM_END, IM_START, render_qwen3, split_reasoning
 
 log = logging.getLogger(__name__)
 
 # sha256 of the hybrid-thinking Qwen3 chat template that `render_qwen3` reproduces.
 QWEN3_TEMPLATE_SHA256 = {"87a2728cb8dc9fe424d624542f6060ec05a1d285ebbec578bb078900e33396b5"}
 SUPERVISE = ("all", "last")
+EMPTY_THINK_POLICIES = ("train", "mask")
 
 
 def _check_template(chat_template: str | None, source) -> None:
@@ -41,6 +49,11 @@ def _check_template(chat_template: str | None, source) -> None:
         return
     raise ValueError(f"{source}: unsupported chat template (qforge renders the Qwen3 ChatML template with "
                      f"<think> blocks only)")
+
+
+def has_reasoning(messages: list[dict]) -> bool:
+    """Whether any assistant turn carries non-blank reasoning (field or inline <think>)."""
+    return any(m["role"] == "assistant" and split_reasoning(m)[1].strip() for m in messages)
 
 
 def without_reasoning(messages: list[dict]) -> list[dict]:
@@ -89,36 +102,47 @@ class ChatTemplate:
         digest.update(f"\0{chat_template}\0{eos}".encode())
         return cls(Tokenizer.from_file(str(tokenizer_file)), eos, digest.hexdigest())
 
-    def render(self, messages: list[dict], enable_thinking: bool = True, add_generation_prompt: bool = False) -> str:
-        """The exact text transformers' `apply_chat_template(..., tokenize=False)` produces."""
-        return render_qwen3(messages, enable_thinking, add_generation_prompt).text
+    def render(self, messages: list[dict], enable_thinking: bool = True, add_generation_prompt: bool = False,
+               tools: list[dict] | None = None) -> str:
+        """The exact text transformers' `apply_chat_template(..., tools=tools, tokenize=False)` produces."""
+        return render_qwen3(messages, enable_thinking, add_generation_prompt, tools).text
 
-    def encode_prompt(self, messages: list[dict], enable_thinking: bool = True) -> list[int]:
+    def encode_prompt(self, messages: list[dict], enable_thinking: bool = True,
+                      tools: list[dict] | None = None) -> list[int]:
         """Token ids of a conversation followed by the assistant generation prompt, for generation."""
-        text = self.render(messages, enable_thinking, add_generation_prompt=True)
+        text = self.render(messages, enable_thinking, add_generation_prompt=True, tools=tools)
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def encode(self, messages: list[dict], enable_thinking: bool = True, **options) -> Example:
+    def encode(self, messages: "list[dict] | Conversation", enable_thinking: bool = True, **options) -> Example:
         """One conversation → Example with assistant-only labels; options as in `encode_batch`."""
         return self.encode_batch([messages], enable_thinking, **options)[0]
 
-    def encode_batch(self, conversations: list[list[dict]], enable_thinking: bool = True, *, supervise: str = "all",
-                     train_on_reasoning: bool = True, loss_weighting: str = "token") -> list[Example]:
+    def encode_batch(self, conversations: "list[list[dict] | Conversation]", enable_thinking: bool = True, *,
+                     supervise: str = "all", train_on_reasoning: bool = True, loss_weighting: str = "token",
+                     empty_think: str = "train") -> list[Example]:
         """Renders and tokenises many conversations at once (the tokenizer batches in Rust).
 
-        supervise: "all" assistant turns or only the "last"; train_on_reasoning: also supervise the think blocks
-        (thinking on only); loss_weighting: "token" | "sample" | "sqrt" (see `loss_weights`).
+        A `Conversation` brings its own tools and, when set, its own `enable_thinking`. supervise: "all"
+        assistant turns or only the "last"; train_on_reasoning: also supervise the think blocks (thinking on
+        only); empty_think: "train" | "mask" an empty think block (see the module docstring); loss_weighting:
+        "token" | "sample" | "sqrt" (see `loss_weights`).
         """
         if supervise not in SUPERVISE:
             raise ValueError(f"unknown supervise {supervise!r}; expected one of {', '.join(SUPERVISE)}")
-        train_think = enable_thinking and train_on_reasoning
-        rendered = [render_qwen3(m if enable_thinking else without_reasoning(m)) for m in conversations]
+        if empty_think not in EMPTY_THINK_POLICIES:
+            raise ValueError(f"unknown empty_think {empty_think!r}; expected one of {', '.join(EMPTY_THINK_POLICIES)}")
+        rows = [c if isinstance(c, Conversation) else Conversation(c) for c in conversations]
+        thinking = [enable_thinking if row.enable_thinking is None else row.enable_thinking for row in rows]
+        rendered = [render_qwen3(row.messages if on else without_reasoning(row.messages), tools=row.tools)
+                    for row, on in zip(rows, thinking)]
         encodings = self.tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
         examples = []
-        for r, encoding in zip(rendered, encodings):
+        for r, encoding, on in zip(rendered, encodings, thinking):
             ids = np.array(encoding.ids, dtype=np.int32)
             supervised = np.zeros(len(ids), dtype=bool)
             for span in r.assistant_spans if supervise == "all" else r.assistant_spans[-1:]:
+                train_think = on and train_on_reasoning and not (
+                    empty_think == "mask" and r.text[span.start:span.think_end] == EMPTY_THINK)
                 first, stop = _token_range(encoding, span.start if train_think else span.think_end, span.end)
                 supervised[first:stop] = True
             examples.append(make_example(ids, supervised, loss_weighting))

@@ -26,7 +26,9 @@ class DataSettings:
     eval: list[str] = field(default_factory=list)   # held-out files for the eval loss
     format: Literal["auto", "messages", "sharegpt"] = "auto"
     max_tokens: int = 16384            # token budget of one packed micro-batch
-    enable_thinking: bool = True
+    # true | false | "auto" (per row: thinking on iff the row has reasoning); a row's own field always wins
+    enable_thinking: bool | Literal["auto"] = True
+    empty_think: Literal["train", "mask"] = "mask"  # supervise the empty <think></think> of reasoning-free turns?
     multi_turn: Literal["all", "last", "split"] = "all"
     train_on_reasoning: bool = True
     loss_weighting: Literal["token", "sample", "sqrt"] = "token"

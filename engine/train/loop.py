@@ -125,7 +125,7 @@ def _load_data(config: FFTConfig, template: ChatTemplate, dist_: Dist):
     cache_dir = data.cache_dir or str(Path(config.output.dir) / "cache")
     options = dict(format=data.format, on_error=data.on_error, enable_thinking=data.enable_thinking,
                    multi_turn=data.multi_turn, train_on_reasoning=data.train_on_reasoning,
-                   loss_weighting=data.loss_weighting)
+                   loss_weighting=data.loss_weighting, empty_think=data.empty_think)
 
     def load(paths):
         loaded = []
