@@ -65,6 +65,15 @@ def eval_markdown(report: dict) -> str:
              f"Overall accuracy: **{100 * overall['accuracy']:.2f}%** ({overall['correct']}/{overall['total']}; "
              f"no answer extracted: {overall['no_answer']}); mean of categories: "
              f"{100 * report['category_average']:.2f}%\n"]
+    sampled = report.get("sampled")
+    if sampled and sampled["samples"] > 1:
+        low, high = sampled["ci"]
+        lines.append(f"Mean accuracy over {sampled['samples']} samples per question: "
+                     f"**{100 * sampled['mean_accuracy']:.2f}%** (95% CI {100 * low:.2f}–{100 * high:.2f}); "
+                     f"the table scores each question's majority answer.\n")
+    if "unfinished" in report:
+        lines.append(f"Answers unfinished (cut by the token budget): {report['unfinished']}; unparseable: "
+                     f"{report['unparseable']}; of {report['answers']}. Sampling: {report.get('sampling')}\n")
     lines.append(markdown_table(["Category", "Accuracy %", "Correct", "Total"], [
         [name, 100 * c["accuracy"], c["correct"], c["total"]] for name, c in report["categories"].items()]))
     lines.append(markdown_table(["Subject", "Category", "Accuracy %", "Correct", "Total"], [
