@@ -6,8 +6,6 @@ directory next to the target and renames it into place, so a crash never leaves 
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -18,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, Qwen3Config, read_json
+from .files import staged_dir, write_json
 from .model import Qwen3, hf_key
 
 SINGLE_FILE = "model.safetensors"
@@ -68,14 +67,11 @@ def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB"
     tensors = {hf_key(name): t.detach().to("cpu").contiguous() for name, t in state.items()}
     shards = _split_shards(tensors, limit)
 
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(path) as tmp:
         dtype = next(iter(tensors.values())).dtype
         config = model.config.to_hf() | {"torch_dtype": str(dtype).replace("torch.", "")}
-        _write_json(tmp / "config.json", config)
-        _write_json(tmp / "generation_config.json", _generation_config(model))
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "generation_config.json", _generation_config(model))
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
         else:
@@ -85,24 +81,12 @@ def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB"
                 save_file(shard, str(tmp / name), metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(shard, name))
             total = sum(t.numel() * t.element_size() for t in tensors.values())
-            _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+            write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-        replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def replace_dir(src: Path, dst: Path):
-    """Moves a finished directory into place; an existing `dst` is only removed once `src` is there."""
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def parse_size(size: int | str) -> int:
@@ -185,10 +169,6 @@ def _generation_config(model: Qwen3) -> dict:
         if config.get(key) is None and getattr(model.config, key) is not None:
             config[key] = getattr(model.config, key)
     return config
-
-
-def _write_json(path: Path, data: dict):
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 __all__ = ["CheckpointError", "ConfigError", "load_model", "save_model"]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .files import write_json
+
 CLASSES = ("cjk", "cjk_bytes", "special", "other")
 
 # Inclusive code point ranges treated as CJK (sorted, disjoint). Gaps inside a run of CJK blocks are
@@ -296,7 +298,7 @@ class VocabMap:
     def save(self, path: str | Path, **extra) -> None:
         payload = {**extra, "original_size": self.original_size, "kept_ids": self.kept_ids.tolist(),
                    "suppress_ids": self.suppress_ids.tolist()}
-        _write_atomic(Path(path), json.dumps(payload))
+        write_json(path, payload, indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> "VocabMap":
@@ -308,8 +310,3 @@ class VocabMap:
         return cls(torch.tensor(payload["kept_ids"], dtype=torch.long),
                    torch.tensor(payload["suppress_ids"], dtype=torch.long), payload["original_size"])
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

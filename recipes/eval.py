@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from qforge.engine.chat import ChatModel, read_token_ids
 from qforge.engine.client import ClientSettings
 from qforge.engine.generate import next_token_logits
+from qforge.engine.thinking import join_think
 from qforge.engine.serve import EndpointSettings, open_endpoint
 from qforge.recipes.cli import OutputSettings, run_from_argv
 from qforge.recipes.files import write_json, write_jsonl
@@ -192,9 +193,8 @@ def predict_endpoint(config: EvalConfig, questions: list[Question]):
                                        desc=f"{settings.mode} {sample + 1}/{settings.samples}", **params, **seed)
             # An endpoint may return reasoning separately (then content is the answer) or inline in content.
             if settings.mode == "think":
-                replies.append([(r.content if "</think>" in r.content or r.reasoning_content is None
-                                 else f"<think>{r.reasoning_content}</think>{r.content}", r.finish_reason)
-                                for r in answers])
+                replies.append([(r.content if r.reasoning_content is None else join_think(r.reasoning_content, r.content),
+                                 r.finish_reason) for r in answers])
             else:
                 replies.append([(r.content, r.finish_reason) for r in answers])
     return _predictions_from_replies(settings.mode, questions, replies)

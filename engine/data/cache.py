@@ -4,14 +4,13 @@ or resumed run with the same inputs loads it instead of tokenising again."""
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from ..files import staged_dir
 from .example import LOSS_WEIGHTINGS, Example
 from .formats import Conversation, DataError, RowError, SkippedRow, read_conversations
 from .template import EMPTY_THINK_POLICIES, ChatTemplate, has_reasoning
@@ -120,10 +119,9 @@ def _tokenise(paths, template, options, on_error, progress, summary) -> list[Exa
 
 
 def _write_cache(directory: Path, examples: list[Example], summary: LoadSummary) -> None:
-    """Writes arrays + summary into a temporary directory, then renames it into place (atomic)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    """Writes arrays + summary into a temporary directory, then renames it into place (atomic; a concurrent
+    writer that finished first wins)."""
+    with staged_dir(directory, replace=False) as tmp:
         offsets = np.zeros(len(examples) + 1, dtype=np.int64)
         np.cumsum([len(e) for e in examples], out=offsets[1:])
         for name in ("input_ids", "labels", "loss_weight"):
@@ -133,11 +131,6 @@ def _write_cache(directory: Path, examples: list[Example], summary: LoadSummary)
         skipped = [vars(row) for row in summary.skipped]
         (tmp / "summary.json").write_text(json.dumps({"num_rows": summary.num_rows, "skipped": skipped,
                                                       "kinds": summary.kinds}))
-        os.rename(tmp, directory)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (directory / "summary.json").is_file():  # not a lost race with another writer
-            raise
 
 
 def _read_cache(directory: Path, summary: LoadSummary) -> list[Example]:

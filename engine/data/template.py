@@ -27,8 +27,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .example import Example, make_example
+from ..thinking import message_think
 from .formats import Conversation
-from .render import EMPTY_THINK, IM_END, IM_START, render_qwen3, split_reasoning
+from .render import EMPTY_THINK, IM_END, IM_START, render_qwen3
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def _check_template(chat_template: str | None, source) -> None:
 
 def has_reasoning(messages: list[dict]) -> bool:
     """Whether any assistant turn carries non-blank reasoning (field or inline <think>)."""
-    return any(m["role"] == "assistant" and split_reasoning(m)[1].strip() for m in messages)
+    return any(m["role"] == "assistant" and message_think(m)[0].strip() for m in messages)
 
 
 def without_reasoning(messages: list[dict]) -> list[dict]:
@@ -61,7 +62,7 @@ def without_reasoning(messages: list[dict]) -> list[dict]:
     out = []
     for message in messages:
         if message["role"] == "assistant":
-            content, _ = split_reasoning(message)
+            _, content = message_think(message)
             message = {**message, "content": content, "reasoning_content": ""}
         out.append(message)
     return out

@@ -11,6 +11,7 @@ import torch
 from ..checkpoint import load_model
 from ..config import Qwen3Config
 from ..model import Qwen3
+from ..vocab import VocabMap
 from .config import ModelSettings, VocabSettings
 
 
@@ -58,6 +59,14 @@ def kept_vocabulary(settings: VocabSettings, example_sets, template, vocab_size:
         raise ValueError(f"vocab.restrict: {len(bad)} kept ids are outside the model's vocabulary "
                          f"[0, {vocab_size}): {bad[:10]}")
     return torch.tensor(sorted(ids), dtype=torch.long, device=device)
+
+
+def loss_options(kept: torch.Tensor | None, vocab_size: int) -> dict:
+    """`model.loss` keywords for a kept vocabulary: the kept ids and VocabMap's old → kept id table."""
+    if kept is None:
+        return {}
+    table = VocabMap(kept.cpu(), torch.zeros(0, dtype=torch.long), vocab_size).old_to_new
+    return {"vocab_index": kept, "target_index": table.to(kept.device)}
 
 
 def check_labels_in_vocabulary(example_sets, kept: torch.Tensor | None, drop: bool) -> int:

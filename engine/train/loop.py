@@ -24,7 +24,7 @@ from ..data.cache import load_examples
 from .config import FFTConfig
 from .loader import StepLoader
 from .metrics import MetricsLogger, measure_matmul_peak, peak_memory_bytes, plot_loss_curve, training_flops
-from .build import build_model, check_labels_in_vocabulary, kept_vocabulary, resolve_tokenizer_dir
+from .build import build_model, check_labels_in_vocabulary, kept_vocabulary, loss_options as vocab_loss_options, resolve_tokenizer_dir
 from .optim import build_optimizer, build_scheduler
 from .parallel import Dist, full_state_dict, init_distributed, shard_model
 from .state import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -161,7 +161,7 @@ def train(config: FFTConfig) -> TrainResult:
     dropped = check_labels_in_vocabulary(datasets + [eval_examples], vocab_index, config.vocab.drop_unkept_labels)
     if dropped and dist_.is_main:
         log.warning("ignoring %d label tokens outside the kept vocabulary (vocab.drop_unkept_labels)", dropped)
-    loss_options = {"vocab_index": vocab_index, "ignore_unkept_labels": config.vocab.drop_unkept_labels}
+    loss_options = vocab_loss_options(vocab_index, model.config.vocab_size)  # unkept labels: not scored
     model.activation_checkpointing = config.train.activation_checkpointing
     if dist_.enabled:
         shard_model(model, compute_dtype)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ..files import replace_dir
 from .parallel import Dist
 
 STEP_DIR = re.compile(r"step-(\d+)")
@@ -55,8 +56,7 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, loader_s
         meta = {"step": step, "scheduler": scheduler.state_dict(), "loader": loader_state, "counters": counters,
                 "world": dist_.world}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        replace_dir(tmp, final)
         _prune(root, keep_last)
     dist_.barrier()
     return final
