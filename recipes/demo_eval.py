@@ -24,6 +24,7 @@ from qforge.engine.train.build import build_model, kept_vocabulary, loss_options
 from qforge.engine.train.parallel import Dist
 from qforge.recipes.files import read_jsonl, write_json
 from qforge.recipes.make_demo_data import extract_answer
+from qforge.recipes.periodic_eval import PeriodicEvalSettings
 
 
 @dataclass
@@ -36,8 +37,10 @@ class DemoEvalSettings:
 
 @dataclass
 class FFTRecipeConfig(FFTConfig):
-    """The FFT recipe's config: the engine's training settings plus the before/after evaluation."""
+    """The FFT recipe's config: the engine's training settings plus the before/after evaluation and the
+    evaluation during training (recipes/periodic_eval.py)."""
     evaluate: DemoEvalSettings = field(default_factory=DemoEvalSettings)
+    periodic_eval: PeriodicEvalSettings = field(default_factory=PeriodicEvalSettings)
 
 
 def _read_rows(path: str) -> list[dict]:

@@ -25,7 +25,6 @@ leaderboard takes for its answer-less test split) to `output.dir`.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -143,17 +142,14 @@ def predict_loglik(chat_model: ChatModel, questions: list[Question], prompts: li
     return predictions, details
 
 
-def context_length(path: str | Path) -> int:
-    """The model's context length (config.json `max_position_embeddings`)."""
-    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    return int(config.get("max_position_embeddings") or 32768)
-
-
-def predict_local(config: EvalConfig, questions: list[Question]):
-    settings = config.eval
+def load_chat_model(config: EvalConfig) -> ChatModel:
     suppress = read_token_ids(config.model.suppress_ids) if config.model.suppress_ids else ()
-    chat_model = ChatModel.load(config.model.path, dtype=config.model.dtype, device=config.model.device,
-                                suppress_ids=suppress, batch_size=settings.batch_size)
+    return ChatModel.load(config.model.path, dtype=config.model.dtype, device=config.model.device,
+                          suppress_ids=suppress, batch_size=config.eval.batch_size)
+
+
+def predict_local(config: EvalConfig, questions: list[Question], chat_model: ChatModel):
+    settings = config.eval
     prompts = [official_prompt(q) for q in questions]
     if settings.mode == "think":
         prompts = [chat_model.render([{"role": "user", "content": p.rstrip()}], enable_thinking=True) for p in prompts]
@@ -166,7 +162,8 @@ def predict_local(config: EvalConfig, questions: list[Question]):
     if settings.mode == "official":
         new_tokens = 1
     else:  # the budget: what is left of the context after the longest prompt, unless set lower
-        room = context_length(config.model.path) - max(len(chat_model.encode(p)) for p in prompts)
+        context = chat_model.model.config.max_position_embeddings  # the model's context length
+        room = context - max(len(chat_model.encode(p)) for p in prompts)
         new_tokens = max(1, min(settings.max_new_tokens or room, room))
     sampling = settings.sampling()
     replies = []
@@ -222,13 +219,16 @@ def _predictions_from_replies(mode: str, questions: list[Question], replies: lis
     return samples, details
 
 
-def run(config: EvalConfig) -> dict:
-    """Evaluates, writes the reports, predictions and submission CSV, and returns the report dict."""
+def run(config: EvalConfig, chat_model: ChatModel | None = None) -> dict:
+    """Evaluates, writes the reports, predictions and submission CSV, and returns the report dict. A given
+    `chat_model` (e.g. the weights being trained) is evaluated instead of loading `model.path`."""
     questions = read_questions(config.data.path, read_subjects(config.data.subjects))
     if config.data.limit is not None:
         questions = questions[:config.data.limit]
-    predict = predict_local if config.model.path else predict_endpoint
-    samples, details = predict(config, questions)
+    if chat_model is not None or config.model.path:
+        samples, details = predict_local(config, questions, chat_model or load_chat_model(config))
+    else:
+        samples, details = predict_endpoint(config, questions)
     predictions = {q.id: majority([sample[q.id] for sample in samples]) for q in questions}
     out = Path(config.output.dir)
     write_submission(out / "submission.csv", questions, predictions)

@@ -7,6 +7,8 @@ Multi-stage runs: a config may list `stages`, each a mapping of overrides (e.g. 
 stage k starts from stage k-1's `final` weights and writes to `output.dir/<stage name>`.
 When `evaluate.data` is set, the model is evaluated before and after training (held-out loss and greedy
 exact-match accuracy on rows with a checkable `answer`), from the saved and reloaded final checkpoint.
+With `periodic_eval.mcq` (and/or `periodic_eval.judge`), every `train.eval_every` steps and the end also score
+the current weights on multiple-choice questions (and with the LLM judge); see recipes/periodic_eval.py.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from qforge.engine.config_io import ConfigKeyError, apply_overrides, build, read_yaml
 from qforge.engine.train import train
 from qforge.recipes.demo_eval import FFTRecipeConfig, evaluate_checkpoint, print_before_after
+from qforge.recipes.periodic_eval import periodic_hook
 
 
 def stage_configs(path: str, overrides: list[str]) -> list[FFTRecipeConfig]:
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for config in configs:
         before = evaluate_checkpoint(config, trained=False) if config.evaluate.data else None
-        result = train(config)
+        result = train(config, evaluate=periodic_hook(config.periodic_eval))
         if result.interrupted:
             print(f"stopped by signal at step {result.steps_done}; checkpoint saved in "
                   f"{config.output.dir}/checkpoints. Resume with train.resume=auto.", file=sys.stderr)

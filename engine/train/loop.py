@@ -12,6 +12,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,6 +45,21 @@ class TrainResult:
     interrupted: bool = False
     skipped_steps: int = 0
     losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class EvalPoint:
+    """What an evaluation hook (`train(config, evaluate=...)`) gets at every `train.eval_every` steps and after
+    the last step, on every rank: the live model (in eval mode; sharded under FSDP) and `snapshot()`, which
+    writes the current weights once as an HF-format checkpoint (every rank must call it) and returns its path.
+    The hook returns metrics ({name: number}) that the loop logs at `step` (rank 0's)."""
+    step: int
+    model: torch.nn.Module
+    template: ChatTemplate
+    output_dir: Path
+    distributed: bool
+    is_main: bool
+    snapshot: Callable[[], Path]
 
 
 def step_weight(micro_batches) -> float:
@@ -142,7 +158,7 @@ def _load_data(config: FFTConfig, template: ChatTemplate, dist_: Dist):
     return load(data.train), [e for examples in load(data.eval) for e in examples]
 
 
-def train(config: FFTConfig) -> TrainResult:
+def train(config: FFTConfig, evaluate: Callable[[EvalPoint], dict] | None = None) -> TrainResult:
     dist_ = init_distributed(config.train.device)
     out = Path(config.output.dir)
     if dist_.is_main:
@@ -191,6 +207,30 @@ def train(config: FFTConfig) -> TrainResult:
         save_checkpoint(out, at_step, model, optimizer, scheduler, loader.state_dict(), counters, dist_,
                         config.train.keep_last)
 
+    def run_evaluation(at_step):
+        """The evaluation hook on the current weights; its metrics go to metrics.jsonl / TensorBoard."""
+        if evaluate is None:
+            return
+        snapshots = {}
+
+        def snapshot() -> Path:
+            if "path" not in snapshots:
+                state = full_state_dict(model) if dist_.enabled else None
+                path = out / "snapshots" / f"step-{at_step}"
+                if dist_.is_main:
+                    save_model(model, path, tokenizer_dir=tokenizer_dir, state_dict=state)
+                dist_.barrier()
+                snapshots["path"] = path
+            return snapshots["path"]
+
+        model.eval()
+        try:
+            metrics = evaluate(EvalPoint(at_step, model, template, out, dist_.enabled, dist_.is_main, snapshot))
+        finally:
+            model.train()
+        if metrics:
+            logger.log({"step": at_step, **metrics})
+
     with StopSignal() as stop:
         while step < config.train.max_steps:
             started = time.perf_counter()
@@ -230,9 +270,12 @@ def train(config: FFTConfig) -> TrainResult:
                       "skipped_steps": counters["skipped_steps"]}
             logger.log(record)
             result.losses.append(loss)
-            if eval_batches and config.train.eval_every and step % config.train.eval_every == 0:
-                logger.log({"step": step, "eval_loss": evaluate_loss(model, eval_batches, dist_, loss_options,
-                                                                     autocast)})
+            if config.train.eval_every and step % config.train.eval_every == 0:
+                if eval_batches:
+                    logger.log({"step": step, "eval_loss": evaluate_loss(model, eval_batches, dist_, loss_options,
+                                                                         autocast)})
+                if step < config.train.max_steps:  # the last step is evaluated after the final save
+                    run_evaluation(step)
             stop_now = float(dist_.all_reduce_sum(1.0 if stop.received else 0.0)) > 0
             if stop_now or (config.train.save_every and step % config.train.save_every == 0):
                 checkpoint(step)
@@ -246,6 +289,7 @@ def train(config: FFTConfig) -> TrainResult:
             checkpoint(step)
         if eval_batches:
             logger.log({"step": step, "eval_loss": evaluate_loss(model, eval_batches, dist_, loss_options, autocast)})
+        run_evaluation(step)
         state = full_state_dict(model) if dist_.enabled else None
         if dist_.is_main:
             result.final_dir = save_model(model, out / "final", tokenizer_dir=tokenizer_dir, state_dict=state)

@@ -98,7 +98,8 @@ class MetricsLogger:
 
 
 def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | None:
-    """Train (and eval) loss against step, from metrics.jsonl."""
+    """Train (and eval) loss against step, from metrics.jsonl; evaluation scores logged during training
+    (`eval_*` keys other than eval_loss, e.g. eval_mcq_accuracy, all in [0, 1]) on a second axis."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -116,7 +117,16 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | No
     ax.set_ylabel("loss (Σ w·CE / Σ w)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    scores = sorted({k for r in records for k in r if k.startswith("eval_") and k != "eval_loss"})
+    if scores:
+        right = ax.twinx()
+        for key in scores:
+            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            right.plot(*zip(*points), "s--", label=key.removeprefix("eval_"), linewidth=1.0)
+        right.set_ylabel("evaluation score")
+        right.set_ylim(0, 1)
+        right.legend(loc="upper right")
+    ax.legend(loc="upper left" if scores else "best")
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     plt.close(fig)

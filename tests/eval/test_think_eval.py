@@ -71,6 +71,7 @@ def test_endpoint_think_mode_sends_qwen_sampling_and_scores_k_samples(tmp_path, 
     assert {s[:3] for s in seen} == {(1.0, 0.95, 0)} and {s[4] for s in seen} == {300}
 
 
+@pytest.mark.slow
 def test_local_think_mode_counts_unfinished_and_budgets_to_the_context(tmp_path, questions):
     from qforge.engine.data import ChatTemplate
     from qforge.recipes.mcq import official_prompt
