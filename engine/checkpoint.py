@@ -6,16 +6,19 @@ directory next to the target and renames it into place, so a crash never leaves 
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, Qwen3Config, read_json
+from .errors import CheckpointError
 from .files import staged_dir, write_json
 from .model import Qwen3, hf_key
 
@@ -23,10 +26,6 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory whose tensors do not match the model its config.json describes."""
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> Qwen3:
@@ -44,7 +43,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
         by_file.setdefault(key_files[key], []).append(key)
     names = {hf_key(name): name for name, _ in model.named_parameters()}
     for file, keys in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as tensors:
+        with _open_tensors(file, device="cpu") as tensors:
             for key in keys:
                 tensor = tensors.get_tensor(key).to(device=device, dtype=dtype)
                 _assign(model, names[key], tensor)
@@ -86,6 +85,7 @@ def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB"
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        _normal_modes(tmp)
     return path
 
 
@@ -113,7 +113,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
             raise CheckpointError(f"{path / INDEX_FILE} names shard files that do not exist: {absent}")
         return files
     if (path / SINGLE_FILE).is_file():
-        with safe_open(str(path / SINGLE_FILE), framework="pt") as tensors:
+        with _open_tensors(path / SINGLE_FILE) as tensors:
             return dict.fromkeys(tensors.keys(), path / SINGLE_FILE)
     raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
@@ -127,7 +127,7 @@ def _check_tensors(path: Path, config: Qwen3Config, expected: dict[str, nn.Param
     unexpected = sorted(present - set(expected))
     shapes = {}
     for file in set(key_files.values()):
-        with safe_open(str(file), framework="pt") as tensors:
+        with _open_tensors(file) as tensors:
             shapes.update({key: list(tensors.get_slice(key).get_shape()) for key in tensors.keys()})
     wrong_shape = [f"{key}: checkpoint {shapes[key]}, config expects {list(expected[key].shape)}"
                    for key in sorted(present & set(expected)) if shapes.get(key) != list(expected[key].shape)]
@@ -141,7 +141,27 @@ def _check_tensors(path: Path, config: Qwen3Config, expected: dict[str, nn.Param
     if wrong_shape:
         problems.append("wrong shapes: " + "; ".join(wrong_shape))
     if problems:
-        raise CheckpointError(f"{path} does not match its config.json:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{path} does not match its config.json: " + "; ".join(problems))
+
+
+@contextlib.contextmanager
+def _open_tensors(file: Path, device: str = "cpu"):
+    """safe_open, with a damaged file (truncated copy, not safetensors at all) named in a CheckpointError."""
+    try:
+        with safe_open(str(file), framework="pt", device=device) as tensors:
+            yield tensors
+    except SafetensorError as error:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({error}); it is truncated or damaged: "
+                              f"copy or export it again") from None
+
+
+def _normal_modes(directory: Path):
+    """Gives written files the mode a plain `open` would (0666 less the umask): safetensors creates them 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in directory.iterdir():
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
