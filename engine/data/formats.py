@@ -17,7 +17,7 @@ Tool calling (rendered by `render.render_tools_system` / `render_tool_calls`, ex
   are the schema and the system prompt.
 """
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -38,17 +38,25 @@ class RowError(Exception):
         self.field, self.reason = field, reason
 
 
-@dataclass(frozen=True)
-class Conversation:
-    """One validated row: its messages, its tool schema (None: no tools) and its own `enable_thinking`
-    (None: decided by the loader's rule, see `cache.row_thinking`)."""
-    messages: list[dict]
-    tools: list[dict] | None = None
-    enable_thinking: bool | None = None
+class Conversation(list):
+    """One validated row: the list of its messages, plus the row's tool schema (`tools`, None: no tools) and
+    its own `enable_thinking` (None: decided by the loader's rule, see `cache.row_thinking`). A list, so code
+    that only needs the messages treats it as one."""
+
+    def __init__(self, messages=(), tools: list[dict] | None = None, enable_thinking: bool | None = None):
+        super().__init__(messages)
+        self.tools, self.enable_thinking = tools, enable_thinking
+
+    @property
+    def messages(self) -> list[dict]:
+        return self
 
     def upto(self, stop: int) -> "Conversation":
         """The same row ending before message `stop`."""
-        return replace(self, messages=self.messages[:stop])
+        return Conversation(self[:stop], self.tools, self.enable_thinking)
+
+    def __repr__(self):
+        return f"Conversation({list(self)!r}, tools={self.tools!r}, enable_thinking={self.enable_thinking!r})"
 
 
 @dataclass(frozen=True)
@@ -119,7 +127,7 @@ def _check_assistant(message: dict, where: str):
     if closes > 1 or opens > 1:
         raise RowError(f"{where}.content", f"{opens} {THINK_OPEN} and {closes} {THINK_CLOSE} tags; one turn holds at "
                                            f"most one reasoning block")
-    if not split_think(content)[1].strip():
+    if not split_think(content)[1].strip() and not message.get("tool_calls"):  # calls are an answer
         raise RowError(f"{where}.content", "empty answer (nothing but whitespace" + (
             f" after {THINK_CLOSE}" if closes else "") + "); fix the row or drop it")
 

@@ -65,14 +65,14 @@ def test_messages_sharegpt_and_json_arrays(tmp_path):
     assert [line for line, _ in read_conversations(jsonl)] == [1, 3]
     sharegpt = write_jsonl(tmp_path / "b.jsonl", [json.dumps(SHAREGPT)])
     [(_, messages)] = read_conversations(sharegpt)
-    assert [m["role"] for m in messages.messages] == ["system", "user", "assistant"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
     array = tmp_path / "c.json"
     array.write_text(json.dumps([SHAREGPT, SHAREGPT]))
-    assert [len(m.messages) for _, m in read_conversations(array)] == [3, 3]
+    assert [len(m) for _, m in read_conversations(array)] == [3, 3]
     # One file holds one format: detected from its first row, or set explicitly.
     array.write_text(json.dumps([GOOD, SHAREGPT]))
     (_, first), (_, error) = read_conversations(array)
-    assert len(first.messages) == 2 and error.field == "messages" and "detected from its first row" in error.reason
+    assert len(first) == 2 and error.field == "messages" and "detected from its first row" in error.reason
     [(_, error)] = read_conversations(sharegpt, "messages")
     assert error.field == "messages" and error.reason.startswith("missing (format is 'messages'")
 
@@ -144,4 +144,4 @@ def test_parquet_rows_or_a_clear_message_without_pyarrow(tmp_path, qwen_template
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.Table.from_pylist([GOOD, GOOD]), path)
-    assert [len(row.messages) for _, row in read_conversations(path)] == [2, 2]
+    assert [len(messages) for _, messages in read_conversations(path)] == [2, 2]
