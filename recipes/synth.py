@@ -263,7 +263,7 @@ class Pipeline:
             self.topic_by_key[topic.key] = topic
             rows.append({"id": f"seed-{qid}", "task": task.name, "topic_key": topic.key, "question": question,
                          "reference_answer": answer, "answer_check": check,
-                         "provenance": {"questions": {"seed": seeds.path, "id": qid}}})
+                         "provenance": {"seed": seeds.path, "id": qid}})
         return rows
 
     # -- stage 1: questions per (task, topic) ------------------------------------------------------------
