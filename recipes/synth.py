@@ -20,6 +20,7 @@ its reason), report.json and report.md (kept/dropped per task and reason; tokens
 from __future__ import annotations
 
 import json
+import re
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +29,8 @@ from qforge.engine.client import ChatClient, ClientSettings
 from qforge.engine.serve import EndpointSettings, open_endpoint
 from qforge.recipes.cli import OutputSettings, run_from_argv
 from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
-from qforge.recipes import instruction_following
+from qforge.engine.data.render import tools_system_prompt
+from qforge.recipes import function_calling, instruction_following
 from qforge.recipes.judging import parse_rating
 from qforge.recipes.mcq import DEFAULT_SUBJECTS, read_questions, read_subjects
 from qforge.recipes.sft_data.answers import (answer_matches, choice_matches, numbers_in, reasoning_consistent,
@@ -49,7 +51,9 @@ STAGE_FIELDS = {"questions": TOPIC_FIELDS | {"count"}, "responses": TOPIC_FIELDS
                 "syllabus": {"level", "grade", "subject", "count"}}
 MATCHERS = {"numeric": answer_matches, "choice": choice_matches,
             "constraints": lambda response, reference: all(instruction_following.check_reply(
-                response, json.loads(reference)))}
+                response, json.loads(reference))),
+            "tool_call": lambda response, reference: function_calling.check_reply(
+                response, **json.loads(reference))["correct"]}
 
 
 @dataclass
@@ -190,9 +194,17 @@ class Pipeline:
         return fingerprint(stage, asdict(getattr(self.config.stages, stage)), asdict(backend.endpoint),
                            backend.params, *inputs)
 
-    def ask(self, stage: str, prompt_fields: list[dict], tags: list[str], parse) -> tuple[list, dict]:
+    def ask(self, stage: str, prompt_fields: list[dict], tags: list[str], parse,
+            tools: list | None = None) -> tuple[list, dict]:
+        """`tools` (per conversation, or None) go into the system message as Qwen3's template writes them, so
+        any backend sees the prompt a tool-calling request renders to."""
         settings, backend = getattr(self.config.stages, stage), self.backend(stage)
         conversations = [conversation(settings.system, settings.user, f) for f in prompt_fields]
+        for messages, offered in zip(conversations, tools or []):
+            if offered:
+                system = messages[0]["content"] if messages[0]["role"] == "system" else None
+                messages[:1 if system is not None else 0] = [
+                    {"role": "system", "content": tools_system_prompt(offered, system)}]
         usage = Usage()
         answers = ask_all(self.clients[backend.name], conversations, tags, parse, retries=settings.retries,
                           retry_prompt=settings.retry, usage=usage, desc=stage,
@@ -277,12 +289,14 @@ class Pipeline:
                                         task.answer_check == "numeric")
             if task.answer_check == "numeric" and not all(numbers_in(item["answer"]) for item in items):
                 raise Malformed("every 'answer' must contain the final number")
-            if task.answer_check == "constraints":
-                for k, item in enumerate(items):
-                    try:
+            for k, item in enumerate(items):
+                try:
+                    if task.answer_check == "constraints":
                         instruction_following.validate_constraints(item.get("constraints"), f"item {k}")
-                    except ValueError as error:
-                        raise Malformed(str(error)) from None
+                    elif task.answer_check == "tool_call":
+                        function_calling.validate_tools(item.get("tools"), item.get("reference_calls"), f"item {k}")
+                except ValueError as error:
+                    raise Malformed(str(error)) from None
             return items[:task.count]  # extra questions were not asked for
 
         answers, usage = self.ask("questions", fields, [f"questions:{t.name}:{p.key}" for t, p in pairs], parse)
@@ -299,10 +313,15 @@ class Pipeline:
                                    f"{len(answer.value)} of {task.count} questions",
                                    (task.count - len(answer.value)) * task.samples))
             for k, item in enumerate(answer.value):
-                constraints = item.get("constraints")
+                reference = item["answer"]
+                if task.answer_check == "constraints":
+                    reference = json.dumps(item["constraints"], ensure_ascii=False)
+                elif task.answer_check == "tool_call":
+                    reference = json.dumps({"tools": item["tools"], "reference_calls": item["reference_calls"]},
+                                           ensure_ascii=False)
                 row = {"id": f"{job}-q{k}", "task": task.name, "topic_key": topic.key, "question": item["question"],
-                       "reference_answer": json.dumps(constraints, ensure_ascii=False) if constraints else item["answer"],
-                       "answer_check": task.answer_check, "provenance": self.provenance("questions", answer.model)}
+                       "reference_answer": reference, "answer_check": task.answer_check,
+                       "provenance": self.provenance("questions", answer.model)}
                 reason = rules.check(item["question"], "question")
                 duplicate = None if reason else dedup.check(row["id"], item["question"])
                 if reason or duplicate:
@@ -317,7 +336,8 @@ class Pipeline:
         samples = [(q, j) for q in questions for j in range(self.tasks[q["task"]].samples)]
         fields = [{**self._fields(q), "question": q["question"]} for q, _ in samples]
         answers, usage = self.ask("responses", fields, [f"responses:{q['id']}:s{j}" for q, j in samples],
-                                  lambda i, reply: parse_text_reply(reply.content, reply.finish_reason))
+                                  lambda i, reply: parse_text_reply(reply.content, reply.finish_reason),
+                                  [_offered_tools(q) for q, _ in samples])
         rules, dedup = self.config.filters.response, Deduplicator(self.config.filters.near_duplicate_threshold)
         by_question: dict[str, list] = {}
         for (question, j), answer in zip(samples, answers):
@@ -328,7 +348,11 @@ class Pipeline:
             valid = []
             for question, j, answer in group:
                 sample_id = f"{question['id']}-s{j}"
-                reason = f"response_{answer.reason}" if answer.value is None else rules.check(answer.value, "response")
+                if answer.value is None:
+                    reason = f"response_{answer.reason}"
+                else:  # a tool call is JSON, not prose: the text rules look at the words around it
+                    prose = _prose(answer.value) if task.answer_check == "tool_call" else answer.value
+                    reason = rules.check(prose, "response") if prose else None
                 if reason:
                     drops.append(_drop("responses", sample_id, task, reason, answer.detail))
                 else:
@@ -409,9 +433,14 @@ class Pipeline:
 
     def output_row(self, row: dict) -> dict:
         topic = self.topic_by_key[row["topic_key"]]
-        return {"id": row["id"], "messages": [
-                    {"role": "user", "content": row["question"]},
-                    {"role": "assistant", "content": row["response"], "reasoning_content": row["reasoning"]}],
+        assistant = {"role": "assistant", "content": row["response"], "reasoning_content": row["reasoning"]}
+        tools = _offered_tools(row)
+        if tools:  # the calls as structured tool_calls, which the Qwen3 template renders back to the same text
+            assistant["content"] = row["response"].split("<tool_call>")[0].strip()
+            assistant["tool_calls"] = [{"type": "function", "function": call}
+                                       for call in function_calling.parse_calls(row["response"])]
+        return {"id": row["id"], "messages": [{"role": "user", "content": row["question"]}, assistant],
+                **({"tools": tools} if tools else {}),
                 "task": row["task"], "topic": asdict(topic), "reference_answer": row["reference_answer"],
                 **({"quality": row["quality"]} if "quality" in row else {}),
                 **({"constraints": json.loads(row["reference_answer"])} if row.get("answer_check") == "constraints"
@@ -478,6 +507,14 @@ class Pipeline:
         write_json(out / "report.json", report)
         write_text(out / "report.md", _markdown(report))
         return report
+
+
+def _prose(response: str) -> str:
+    return re.sub(r"<tool_call>.*?</tool_call>", "", response, flags=re.S).strip()
+
+
+def _offered_tools(row: dict) -> list | None:
+    return json.loads(row["reference_answer"])["tools"] if row.get("answer_check") == "tool_call" else None
 
 
 def _syllabus_yaml(topics: list[Topic]) -> str:

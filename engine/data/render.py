@@ -68,11 +68,16 @@ def to_json(value) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def tools_system_prompt(tools: list[dict], system: str | None) -> str:
+    """The system message text the Qwen3 template builds from the tools and the first system message (a
+    request with this system message and no `tools` renders to the same prompt)."""
+    prefix = f"{system}\n\n" if system is not None else ""
+    return f"{prefix}{TOOLS_HEADER}" + "".join(f"\n{to_json(tool)}" for tool in tools) + TOOLS_FOOTER
+
+
 def render_tools_system(tools: list[dict], system: str | None) -> str:
     """The system turn the Qwen3 template writes when tools are given (`system`: the first system message)."""
-    prefix = f"{system}\n\n" if system is not None else ""
-    return (f"{IM_START}system\n{prefix}{TOOLS_HEADER}" + "".join(f"\n{to_json(tool)}" for tool in tools)
-            + f"{TOOLS_FOOTER}{IM_END}\n")
+    return f"{IM_START}system\n{tools_system_prompt(tools, system)}{IM_END}\n"
 
 
 def render_tool_calls(calls: list[dict], content: str) -> str:

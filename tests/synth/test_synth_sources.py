@@ -6,6 +6,8 @@ from collections import Counter
 
 import yaml
 
+from qforge.engine.data.formats import read_conversations
+from qforge.engine.data.render import tools_system_prompt
 from qforge.engine.serve import ChatServer, ScriptedBackend
 from qforge.recipes.synth import main
 
@@ -21,6 +23,11 @@ TASKS = {"tasks": [
      "answer_check": "constraints", "samples": 2, "keep": 1},
 ]}
 OUTLINE = {"Tiểu học": {"Lớp 4": ["Khoa học"]}}
+CONVERT = {"type": "function", "function": {"name": "doi_don_vi", "description": "Đổi đơn vị", "parameters": {
+    "type": "object", "properties": {"gia_tri": {"type": "number"}, "tu": {"type": "string"}, "sang": {"type": "string"}},
+    "required": ["gia_tri", "tu", "sang"]}}}
+CALL_TASK = {"tasks": [{"name": "calls", "instructions": "#calls", "count": 1, "answer_check": "tool_call",
+                        "samples": 2, "keep": 1}]}
 
 
 class Writer:
@@ -39,6 +46,9 @@ class Writer:
             self.turns[prompt] += 1
         if stage == "syllabus":
             return json.dumps(["Nước", "Không khí", "Âm thanh"], ensure_ascii=False)
+        if stage == "questions" and "#calls" in prompt:
+            return json.dumps([{"question": "Đổi giúp em 2,5 km sang mét.", "tools": [CONVERT], "reference_calls": [
+                {"name": "doi_don_vi", "arguments": {"gia_tri": 2.5, "tu": "km", "sang": "m"}}]}], ensure_ascii=False)
         if stage == "questions":
             topic = prompt.split('chủ đề "')[1].split('"')[0]
             return json.dumps([{"question": f"Viết đúng hai câu về chủ đề {topic}, không dùng dấu phẩy.",
@@ -48,6 +58,11 @@ class Writer:
             return "Được rồi, mình xét từng lựa chọn rồi chọn phương án đúng."
         if stage == "quality":
             return "Tốt. [[8]]" if "Hà Nội" in prompt else "Kém. [[3]]"
+        if "2,5 km" in prompt:  # the tools reach the model in Qwen3's own system-prompt form
+            assert request.messages[0]["content"].endswith(tools_system_prompt([CONVERT], None).split("# Tools")[1])
+            return ['<tool_call>\n{"name": "doi_don_vi", "arguments": {"gia_tri": 25, "tu": "km", "sang": "m"}}\n'
+                    '</tool_call>', 'Em đợi chút nhé.\n<tool_call>\n{"name": "doi_don_vi", "arguments": '
+                    '{"gia_tri": 2.5, "tu": "km", "sang": "m"}}\n</tool_call>'][turn % 2]
         if "Thủ đô" in prompt:  # wrong, then right, then right again (surplus)
             return ["Đáp án: A", "Thủ đô là Hà Nội. Đáp án: B", "Đáp án: B"][turn % 3]
         if "nguyên tố" in prompt:
@@ -109,3 +124,25 @@ def test_llm_syllabus_and_constraint_tasks(tmp_path):
     assert follow[0]["constraints"] == [{"type": "sentence_count", "min": 2, "max": 2}, {"type": "no_commas"}]
     assert report["counts"]["follow"]["reasons"] == {"wrong_answer": 2}
     assert writer.calls["syllabus"] == 1 and writer.calls["quality"] == 0
+
+
+def test_function_calling_task_keeps_the_reference_call_as_structured_tool_calls(tmp_path, qwen_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from qforge.engine.data import ChatTemplate
+
+    writer = Writer()
+    with ChatServer(ScriptedBackend(writer, name="writer"), port=0) as server:
+        rows, report, out = run(tmp_path, server.url, "topics_per_task=1", "filters.check_reasoning_answer=false",
+                                tasks_list=CALL_TASK)
+    assert report["counts"]["calls"]["reasons"] == {"wrong_answer": 1}  # 25 instead of 2.5
+    [row] = rows
+    assert row["tools"] == [CONVERT]
+    assistant = row["messages"][1]
+    assert assistant["content"] == "Em đợi chút nhé." and assistant["tool_calls"] == [{"type": "function", "function": {
+        "name": "doi_don_vi", "arguments": {"gia_tri": 2.5, "tu": "km", "sang": "m"}}}]
+    # The row trains as Qwen3's template renders it with tools (transformers as the oracle).
+    [(_, conversation)] = list(read_conversations(out / "data.jsonl"))
+    expected = AutoTokenizer.from_pretrained(qwen_tokenizer_dir).apply_chat_template(
+        row["messages"], tools=row["tools"], tokenize=False)
+    assert ChatTemplate.from_pretrained(qwen_tokenizer_dir).render(conversation, tools=conversation.tools) == expected
