@@ -31,6 +31,7 @@ setup(
         "tokenizers>=0.19",
         "numpy>=1.24",
         "pyyaml>=6.0",
+        "pydantic>=2.6",
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "jsonschema>=4.18",  # function-calling evaluation: arguments vs the tool schema

@@ -102,7 +102,7 @@ def prepare(directory: Path, workload: Workload) -> Path:
     """Writes model/, data.jsonl, examples.npz and workload.json (with the step plan) into `directory`."""
     from tokenizers import Tokenizer
 
-    from qforge.engine.data import ChatTemplate, load_examples
+    from qforge.engine.data import ChatTemplate, TokenizeSettings, load_examples
 
     directory.mkdir(parents=True, exist_ok=True)
     if not (directory / "model" / "config.json").is_file():
@@ -115,8 +115,8 @@ def prepare(directory: Path, workload: Workload) -> Path:
     with data_path.open("w", encoding="utf-8") as f:
         for messages in make_conversations(count, workload, tokenizer):
             f.write(json.dumps({"messages": messages}) + "\n")
-    examples, _ = load_examples([data_path], ChatTemplate.from_pretrained(tokenizer_dir), enable_thinking=False,
-                                progress=False)
+    examples, _ = load_examples([data_path], ChatTemplate.from_pretrained(tokenizer_dir),
+                                TokenizeSettings(enable_thinking=False), progress=False)
     lengths = [len(e) for e in examples]
     np.savez(directory / "examples.npz", input_ids=np.concatenate([e.input_ids for e in examples]),
              labels=np.concatenate([e.labels for e in examples]), lengths=np.array(lengths))
@@ -132,9 +132,7 @@ def load(directory: Path) -> tuple[Workload, list[Example], list[list[int]]]:
     bounds = np.concatenate([[0], np.cumsum(arrays["lengths"])])
     examples = []
     for start, end in zip(bounds[:-1], bounds[1:]):
-        labels = arrays["labels"][start:end]
-        examples.append(Example(arrays["input_ids"][start:end], labels,
-                                (labels != -100).astype(np.float32)))
+        examples.append(Example(arrays["input_ids"][start:end], arrays["labels"][start:end]))
     settings = spec["workload"] | {"answer_share": tuple(spec["workload"]["answer_share"])}
     return Workload(**settings), examples, spec["plan"]
 

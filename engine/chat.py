@@ -26,25 +26,6 @@ class Completion:
     completion_tokens: int
 
 
-def read_token_ids(path: str | Path) -> list[int]:
-    """Token ids never to generate: a JSON list, one id per line, or a `VocabMap` file (every token the
-    vocabulary restriction removed, plus its suppress_ids) for a model trained with a restricted head."""
-    text = Path(path).read_text(encoding="utf-8")
-    if text.lstrip().startswith("{"):
-        from qforge.engine.vocab import VocabMap
-
-        vocab = VocabMap.load(path)
-        removed = (vocab.old_to_new < 0).nonzero().flatten()
-        return sorted({*removed.tolist(), *vocab.suppress_ids.tolist()})
-    try:
-        ids = json.loads(text) if text.lstrip().startswith("[") else [int(line) for line in text.split()]
-    except ValueError as error:
-        raise ValueError(f"{path}: expected a JSON list of token ids or one id per line ({error})") from None
-    if not all(isinstance(i, int) for i in ids):
-        raise ValueError(f"{path}: every token id must be an integer")
-    return ids
-
-
 class ChatModel:
     """A loaded checkpoint with its tokenizer and chat template."""
 

@@ -54,8 +54,12 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
 
 
 def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB",
-               tokenizer_dir: str | Path | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+               tokenizer_dir: str | Path | None = None, state_dict: dict[str, torch.Tensor] | None = None,
+               vocab=None) -> Path:
     """Writes config.json, generation_config.json and (sharded) safetensors that transformers loads.
+
+    `vocab` (a VocabMap: the kept vocabulary the head was trained on) is saved with the weights: kept_ids.json,
+    and the unkept ids as generation_config.json `suppress_tokens`.
 
     `state_dict` (qforge names → full tensors) overrides the model's own parameters, e.g. the gathered
     weights of an FSDP-sharded model. Tokenizer files are copied from `tokenizer_dir` when given.
@@ -81,6 +85,8 @@ def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB"
                 weight_map.update(dict.fromkeys(shard, name))
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        if vocab is not None:
+            vocab.save_with_model(tmp)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():

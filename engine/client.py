@@ -22,12 +22,13 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
+from .errors import EndpointError
 from .files import write_json
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
-class ChatClientError(RuntimeError):
+class ChatClientError(EndpointError):
     """A request that failed for good: a non-retryable status, or retries exhausted."""
 
     def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):

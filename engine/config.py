@@ -12,9 +12,7 @@ from pathlib import Path
 
 import torch
 
-
-class ConfigError(ValueError):
-    """A config.json that qforge cannot turn into exactly the model it describes."""
+from .errors import ConfigError
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -18,6 +18,7 @@ from qforge.kernels import apply_rope, fused_linear_cross_entropy, rms_norm, swi
 
 from .attention import padded_attention, varlen_attention
 from .config import Qwen3Config
+from .data.packing import positions_from_cu_seqlens
 
 
 class RMSNorm(nn.Module):
@@ -152,21 +153,16 @@ class Qwen3(nn.Module):
         """Logits [..., V]. Training should use `loss`, which never materialises them."""
         return F.linear(self.hidden(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache), self.output_weight)
 
-    def loss(self, batch, vocab_index: torch.Tensor | None = None, target_index: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, batch, vocab_index: torch.Tensor | None = None,
+             target_index: torch.Tensor | None = None) -> torch.Tensor:
         """Σ w·CE over a PackedBatch (labels already shifted), never materialising [T, V] logits.
 
-        The trainer divides by the whole step's Σ w. `vocab_index` restricts the output rows (e.g. the CJK-free
-        set); `target_index` maps original ids to kept rows (−1: not scored), see the kernel's docstring."""
+        The trainer divides by the whole step's Σ w. `vocab_index` (sorted kept ids) restricts the output rows
+        (e.g. the CJK-free set) and `target_index` maps each original id to its kept row (-1: unkept), both from
+        `VocabMap.loss_tables`; packing has already masked labels outside the kept set."""
         hidden = self.hidden(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
         return fused_linear_cross_entropy(hidden, self.output_weight, batch.labels, loss_weight=batch.loss_weight,
                                           reduction="sum", vocab_index=vocab_index, target_index=target_index)
-
-
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Position ids that restart at 0 at every sequence boundary of a packed row."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
-    return torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - starts
 
 
 def hf_key(name: str) -> str:

@@ -22,8 +22,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
-from qforge.engine.chat import ChatModel, Completion, read_token_ids
+from qforge.engine.chat import ChatModel, Completion
 from qforge.engine.thinking import split_think
+from qforge.engine.vocab import read_suppress_ids
 from qforge.engine.client import ChatClient
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -355,7 +356,7 @@ def open_endpoint(settings: EndpointSettings, **client_options) -> Iterator[Chat
     if settings.base_url:
         yield ChatClient(settings.base_url, settings.model, api_key_env=settings.api_key_env, **client_options)
         return
-    suppress = read_token_ids(settings.suppress_ids) if settings.suppress_ids else ()
+    suppress = read_suppress_ids(settings.suppress_ids) if settings.suppress_ids else ()
     chat_model = ChatModel.load(settings.path, dtype=settings.dtype, device=settings.device, suppress_ids=suppress)
     # The port changes every run, so cached replies are keyed by the checkpoint (and its weights' age) unless
     # the caller names a namespace.
@@ -385,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.scripted:
         backend = ScriptedBackend.from_rules(args.scripted, name=args.name or "scripted")
     else:
-        suppress = read_token_ids(args.suppress_ids) if args.suppress_ids else ()
+        suppress = read_suppress_ids(args.suppress_ids) if args.suppress_ids else ()
         chat_model = ChatModel.load(args.model, dtype=args.dtype, device=args.device, suppress_ids=suppress,
                                     batch_size=args.max_batch, **({"name": args.name} if args.name else {}))
         backend = ModelBackend(chat_model, max_batch=args.max_batch)

@@ -13,13 +13,14 @@ import bisect
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .files import write_json
 
 CLASSES = ("cjk", "cjk_bytes", "special", "other")
@@ -224,70 +225,117 @@ def classify_tokens(tokenizer_dir: str | Path) -> dict[str, list[int]]:
     return scan_tokenizer(tokenizer_dir).classes
 
 
-def read_kept_ids(path: str | Path, key: str = "vocab.restrict") -> list[int]:
-    """The token ids of a kept-id file (`{"kept_ids": [...]}`, or a bare list); a ConfigError naming the file
-    and `key` when it is not one."""
+KEPT_IDS_FILE = "kept_ids.json"  # written next to the exported weights of a run with a restricted vocabulary
+
+
+def read_id_file(path: str | Path) -> dict:
+    """A token-id file: a JSON object with "kept_ids" (ids to keep; optional "suppress_ids" and "original_size")
+    or "suppress_ids" alone (ids never to generate). Each list holds non-negative integers."""
     path = Path(path)
-    fix = f"write it with `python -m qforge.tools.vocab_report TOKENIZER_DIR --out FILE` or fix {key}"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such token-id file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(f"{key}={str(path)!r}: cannot read the kept-id file ({error.strerror}); {fix}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: {key} file is not valid JSON ({error}); {fix}") from None
-    ids = data.get("kept_ids") if isinstance(data, dict) else data
-    if not isinstance(ids, list):
-        found = f"keys {sorted(data)[:5]}" if isinstance(data, dict) else type(data).__name__
-        raise ConfigError(f"{path}: {key} file needs a list under \"kept_ids\" (found {found}); {fix}")
-    bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool)]
-    if bad:
-        raise ConfigError(f"{path}: kept_ids must be integer token ids, found {bad[:3]!r}; {fix}")
-    return ids
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ConfigError(f"{path}: invalid JSON ({error})") from None
+    if isinstance(payload, list):
+        raise ConfigError(f'{path}: a bare JSON list does not say what it holds; write {{"kept_ids": [...]}} for '
+                          f'the ids to keep (vocab.restrict) or {{"suppress_ids": [...]}} for ids never to generate')
+    if not isinstance(payload, dict) or not ({"kept_ids", "suppress_ids"} & payload.keys()):
+        raise ConfigError(f'{path}: expected a JSON object with "kept_ids" or "suppress_ids", '
+                          f"got {str(payload)[:80]}")
+    for key in ("kept_ids", "suppress_ids"):
+        ids = payload.get(key, [])
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                for i in ids):
+            raise ConfigError(f'{path}: "{key}" must be a list of non-negative integer token ids')
+    return payload
 
 
 @dataclass(frozen=True)
 class VocabMap:
-    """Original token ids ↔ kept ids. Kept id i is original id `kept_ids[i]` (dense, order preserved).
+    """The kept vocabulary: original token ids ↔ kept ids. Kept id i is original id `kept_ids[i]` (dense, order
+    preserved). Built once per run (`from_restrict`); the single owner of which tokens training scores.
 
-    The fused loss takes `kept_ids` as its `vocab_index`, so training scores only the kept rows of the
-    output head; `suppress_ids` are kept tokens that could still start a CJK character byte by byte.
+    Training masks labels outside the kept set when packing (`mask_labels`), and the fused loss gets the
+    precomputed `vocab_index` / `target_index` tables; the set is saved with the exported model (`save_with_model`),
+    where generation, serving and the pruning recipe read it. `suppress_ids` are kept tokens that could still
+    start a CJK character byte by byte (suppressed when sampling).
     """
 
     kept_ids: torch.Tensor      # [K] int64, sorted original ids
     suppress_ids: torch.Tensor  # [S] int64, original ids, a subset of kept_ids
     original_size: int          # rows of the original output head (Qwen pads 151,669 tokens to 151,936)
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # device → loss tables
 
     def __post_init__(self):
         ids = self.kept_ids
-        if ids.numel() and not bool((ids[1:] > ids[:-1]).all() and ids[0] >= 0):
-            raise ValueError("kept_ids must be non-negative and strictly increasing (new ids keep the original order)")
-        if self.kept_ids.numel() and int(self.kept_ids[-1]) >= self.original_size:
-            raise ValueError(f"kept id {int(self.kept_ids[-1])} does not fit a vocabulary of "
-                             f"{self.original_size} rows: the tokenizer and model do not match")
+        if not ids.numel():
+            raise ConfigError("the kept vocabulary is empty")
+        if not bool((ids[1:] > ids[:-1]).all() and ids[0] >= 0):
+            raise ConfigError("kept_ids must be non-negative and strictly increasing (new ids keep the original order)")
+        if int(self.kept_ids[-1]) >= self.original_size:
+            raise ConfigError(f"kept id {int(self.kept_ids[-1])} does not fit a vocabulary of "
+                              f"{self.original_size} rows: the tokenizer and model do not match")
         if not bool(torch.isin(self.suppress_ids, self.kept_ids).all()):
-            raise ValueError("suppress_ids must be a subset of kept_ids")
+            raise ConfigError("suppress_ids must be a subset of kept_ids")
+
+    @classmethod
+    def from_ids(cls, kept, original_size: int, suppress=()) -> "VocabMap":
+        return cls(torch.tensor(sorted(set(kept)), dtype=torch.long), torch.tensor(sorted(set(suppress)),
+                   dtype=torch.long), original_size)
 
     @classmethod
     def from_tokenizer(cls, tokenizer_dir: str | Path, original_size: int | None = None) -> "VocabMap":
+        """The CJK-free set of a byte-level BPE tokenizer (see `scan_tokenizer`)."""
         scan = scan_tokenizer(tokenizer_dir)
-        kept = sorted(scan.classes["special"] + scan.classes["other"])
-        return cls(torch.tensor(kept, dtype=torch.long), torch.tensor(scan.suppress, dtype=torch.long),
-                   original_size or scan.size)
+        return cls.from_ids(scan.classes["special"] + scan.classes["other"], original_size or scan.size,
+                            scan.suppress)
+
+    @classmethod
+    def from_restrict(cls, restrict: str, original_size: int, label_arrays=(), special_ids=()) -> "VocabMap | None":
+        """`vocab.restrict`: None for "all"; for "data", the label tokens of `label_arrays` plus `special_ids`
+        (chat markers, eos, think tags); otherwise a kept-id file."""
+        if restrict == "all":
+            return None
+        if restrict == "data":
+            ids = set(special_ids)
+            for labels in label_arrays:
+                ids.update(np.unique(labels).tolist())
+            ids.discard(-100)
+            bad = sorted(i for i in ids if not 0 <= i < original_size)
+            if bad:
+                raise DataError(f"label ids {bad[:10]} are outside the model's vocabulary [0, {original_size})")
+            return cls.from_ids(ids, original_size)
+        try:
+            return cls.load(restrict, original_size)
+        except ConfigError as error:
+            raise ConfigError(f"vocab.restrict={restrict!r} is neither 'all', 'data' nor a usable kept-id file: "
+                              f"{error}") from None
 
     @property
     def new_size(self) -> int:
         return self.kept_ids.numel()
 
-    @property
-    def new_to_old(self) -> torch.Tensor:
-        return self.kept_ids
-
     @cached_property
     def old_to_new(self) -> torch.Tensor:
-        """[original_size] int64: the kept id of each original id, -1 where the token was removed."""
+        """[original_size] int64: the kept id of each original id, -1 where the token was removed (the loss's
+        `target_index`)."""
         table = torch.full((self.original_size,), -1, dtype=torch.long)
         table[self.kept_ids] = torch.arange(self.new_size)
         return table
+
+    @cached_property
+    def _kept_mask(self) -> np.ndarray:
+        return (self.old_to_new >= 0).numpy()
+
+    def loss_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(vocab_index, target_index) for the fused loss, on `device`: the sorted kept ids and the full-vocabulary
+        table original id → kept position (-1 for unkept). Moved to a device once."""
+        key = str(device)
+        if key not in self._tables:
+            self._tables[key] = (self.kept_ids.to(device), self.old_to_new.to(device))
+        return self._tables[key]
 
     def to_new(self, ids: torch.Tensor) -> torch.Tensor:
         new = self.old_to_new[ids]
@@ -295,40 +343,75 @@ class VocabMap:
             raise ValueError(f"token ids {ids[new < 0].unique()[:10].tolist()} were removed from the vocabulary")
         return new
 
-    def removed_mask(self, ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """True where `ids` (original ids; `ignore_index` entries are never removed) is not kept."""
-        valid = ids != ignore_index
-        if bool(((ids < 0) & valid).any() or (ids >= self.original_size).any()):
-            raise ValueError(f"label ids outside [0, {self.original_size}) other than {ignore_index}")
-        return valid & (self.old_to_new[ids.clamp(min=0)] < 0)
+    def unkept(self, labels: np.ndarray) -> np.ndarray:
+        """True where a label (original id, -100 = none) is a token outside the kept set."""
+        active = labels >= 0
+        outside = active & (labels >= self.original_size)
+        outside[active & ~outside] = ~self._kept_mask[labels[active & ~outside]]
+        return outside
 
-    def check_labels(self, labels: torch.Tensor, *, drop: bool = False,
-                     ignore_index: int = -100) -> tuple[torch.Tensor, int]:
-        """Labels (original ids) with removed-token targets either rejected or set to `ignore_index`.
+    def mask_labels(self, labels: np.ndarray) -> np.ndarray:
+        """`labels` with every unkept target set to -100, so it takes no part in the loss nor in the step's Σw
+        (the same array when there is none)."""
+        unkept = self.unkept(labels)
+        return np.where(unkept, -100, labels).astype(labels.dtype) if unkept.any() else labels
 
-        Returns (labels, number of removed-token targets). With `drop=False` any such target raises,
-        because the restricted loss cannot score a token it has no output row for.
-        """
-        removed = self.removed_mask(labels, ignore_index)
-        count = int(removed.sum())
-        if count and not drop:
-            examples = labels[removed].unique()[:10].tolist()
-            raise ValueError(f"{count} of {int((labels != ignore_index).sum())} label tokens are removed "
-                             f"(CJK) tokens, e.g. ids {examples}; clean the data or enable dropping them")
-        return labels.masked_fill(removed, ignore_index), count
+    def check_labels(self, label_arrays, drop: bool) -> int:
+        """Counts label tokens outside the kept set before training starts: a DataError naming how many and which
+        ids (e.g. CJK tokens left in the data) unless `drop` (vocab.drop_unkept_labels); returns the count."""
+        outside = [labels[self.unkept(labels)] for labels in label_arrays]
+        outside = np.concatenate(outside) if outside else np.zeros(0, dtype=np.int64)
+        if outside.size and not drop:
+            ids = np.unique(outside)
+            raise DataError(f"{outside.size} label tokens ({ids.size} distinct ids, e.g. {ids[:10].tolist()}) are "
+                            f"outside the kept vocabulary (vocab.restrict); remove those rows from the data or set "
+                            f"vocab.drop_unkept_labels=true to leave them out of the loss")
+        return int(outside.size)
+
+    @property
+    def suppress_tokens(self) -> list[int]:
+        """Original ids never to generate with a head trained on this set: every unkept id and `suppress_ids`."""
+        return sorted({*(self.old_to_new < 0).nonzero().flatten().tolist(), *self.suppress_ids.tolist()})
 
     def save(self, path: str | Path, **extra) -> None:
-        payload = {**extra, "original_size": self.original_size, "kept_ids": self.kept_ids.tolist(),
-                   "suppress_ids": self.suppress_ids.tolist()}
-        write_json(path, payload, indent=None)
+        write_json(path, {**extra, "original_size": self.original_size, "kept_ids": self.kept_ids.tolist(),
+                          "suppress_ids": self.suppress_ids.tolist()}, indent=None)
+
+    def save_with_model(self, model_dir: str | Path) -> None:
+        """Writes `kept_ids.json` into an exported model directory and adds `suppress_tokens` to its
+        generation_config.json, so generation from the directory never emits an untrained token."""
+        model_dir = Path(model_dir)
+        self.save(model_dir / KEPT_IDS_FILE)
+        generation_path = model_dir / "generation_config.json"
+        generation = json.loads(generation_path.read_text(encoding="utf-8")) if generation_path.is_file() else {}
+        generation["suppress_tokens"] = sorted({*(generation.get("suppress_tokens") or []), *self.suppress_tokens})
+        write_json(generation_path, generation)
 
     @classmethod
-    def load(cls, path: str | Path) -> "VocabMap":
-        payload = json.loads(Path(path).read_text(encoding="utf-8"))
-        missing = {"original_size", "kept_ids", "suppress_ids"} - payload.keys()
-        if missing:
-            raise ValueError(f"{path}: missing fields {sorted(missing)}; write it with "
-                             "`python -m qforge.tools.vocab_report TOKENIZER_DIR --out FILE`")
-        return cls(torch.tensor(payload["kept_ids"], dtype=torch.long),
-                   torch.tensor(payload["suppress_ids"], dtype=torch.long), payload["original_size"])
+    def load(cls, path: str | Path, original_size: int | None = None) -> "VocabMap":
+        """A kept-id file (`read_id_file`); `original_size` (the model's rows) must match the file's when both
+        are known."""
+        payload = read_id_file(path)
+        if "kept_ids" not in payload:
+            raise ConfigError(f'{path}: holds "suppress_ids" only; a kept vocabulary needs "kept_ids"')
+        size = payload.get("original_size", original_size)
+        if size is None:
+            raise ConfigError(f'{path}: no "original_size"; say how many rows the model\'s output head has')
+        if original_size is not None and size != original_size:
+            raise ConfigError(f"{path}: written for a vocabulary of {size} rows but the model has {original_size}")
+        return cls.from_ids(payload["kept_ids"], size, payload.get("suppress_ids", []))
 
+    @classmethod
+    def of_model(cls, model_dir: str | Path) -> "VocabMap | None":
+        """The kept set saved with an exported model, or None when it was trained on the full vocabulary."""
+        path = Path(model_dir) / KEPT_IDS_FILE
+        return cls.load(path) if path.is_file() else None
+
+
+def read_suppress_ids(path: str | Path) -> list[int]:
+    """Token ids never to generate, from a {"suppress_ids": [...]} file or a kept-id file (its unkept ids plus its
+    suppress_ids)."""
+    payload = read_id_file(path)
+    if "kept_ids" in payload:
+        return VocabMap.load(path).suppress_tokens
+    return sorted(set(payload["suppress_ids"]))

@@ -1,41 +1,58 @@
-"""The command line every config-driven recipe shares: `--config FILE [key=value ...]`."""
+"""The one command line of every config-driven recipe: `--config FILE [key=value ...] [--debug]`.
+
+An error the user can act on (`QforgeError`: bad config, data, checkpoint, a run that diverged, a failed
+endpoint) is printed as one line and ends the recipe with its exit code (see engine/errors.py and the README);
+anything else is an internal error: exit 1 with the traceback. `--debug` prints the traceback in both cases.
+"""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from dataclasses import dataclass
+import traceback
 from typing import Callable, Sequence, TypeVar
 
-from qforge.engine.client import ChatClientError
-from qforge.engine.config_io import ConfigKeyError, load_config
+from qforge.engine.config_io import load_config, settings
+from qforge.engine.errors import QforgeError
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-@dataclass
+@settings
 class OutputSettings:
     """The `output:` section every recipe has: where it writes (`output.dir`)."""
     dir: str | None = None
 
 
-def config_from_argv(config_class: type[T], argv: Sequence[str] | None, description: str, example: str) -> T:
-    """Parses the arguments into `config_class`; a bad file, key or value exits with the error message."""
-    parser = argparse.ArgumentParser(description=description)
+def print_report_md(config, result) -> None:
+    """Prints the `output.dir/report.md` a recipe wrote."""
+    print(open(f"{config.output.dir}/report.md", encoding="utf-8").read())
+
+
+def run_recipe(config_class: type[T], run: Callable[[T], R], argv: Sequence[str] | None, description: str,
+               example: str, *, report: Callable[[T, R], int | None] | None = None,
+               load: Callable[[type[T], str, Sequence[str]], T] | None = None) -> int:
+    """Parses the arguments, builds the config (`load`, default `load_config`), calls `run(config)`, then
+    `report(config, result)`; returns the process exit code (report's, or 0)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config file (see recipes/configs/)")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of every error")
     parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
     args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        return load_config(config_class, args.config, args.overrides)
-    except ConfigKeyError as error:
-        sys.exit(f"error: {error}")
-
-
-def run_from_argv(config_class: type[T], run: Callable[[T], R], argv: Sequence[str] | None, description: str,
-                  example: str) -> tuple[T, R]:
-    """`config_from_argv`, then `run(config)`; bad input or a failed endpoint exits with the error message."""
-    config = config_from_argv(config_class, argv, description, example)
-    try:
-        return config, run(config)
-    except (ValueError, FileNotFoundError, ChatClientError) as error:
-        sys.exit(f"error: {error}")
+        config = (load or load_config)(config_class, args.config, args.overrides)
+        result = run(config)
+        code = report(config, result) if report is not None else None
+        return 0 if code is None else code
+    except QforgeError as error:
+        if args.debug:
+            traceback.print_exc()
+        print("error: " + " ".join(line.strip() for line in str(error).splitlines()), file=sys.stderr)
+        return error.exit_code
+    except Exception:  # noqa: BLE001 - the last resort: a bug, shown with its traceback
+        traceback.print_exc()
+        print("internal error: the traceback above is a qforge bug (please report it)", file=sys.stderr)
+        return 1

@@ -10,6 +10,7 @@ report.json, report.md and mixture.yaml: a config fragment with the FFT recipe's
 """
 from __future__ import annotations
 
+import sys
 import json
 import random
 import re
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from qforge.engine.client import ClientSettings
 from qforge.engine.data.formats import RowError, read_conversations
 from qforge.engine.serve import EndpointSettings, open_endpoint
-from qforge.recipes.cli import OutputSettings, run_from_argv
+from qforge.recipes.cli import OutputSettings, run_recipe, print_report_md
 from qforge.recipes.files import write_json, write_jsonl, write_text
 from qforge.recipes.sft_data.dedup import Deduplicator
 from qforge.recipes.sft_data.filters import Malformed, TextRules
@@ -314,10 +315,9 @@ def _drop(row_id: str, task: str, reason: str, detail: str) -> dict:
     return {"id": row_id, "task": task, "reason": reason, "detail": detail}
 
 
-def main(argv: list[str] | None = None) -> None:
-    config, _ = run_from_argv(CurateConfig, run, argv, __doc__.split("\n\n")[0], "sampling.target=5000")
-    print(Path(config.output.dir, "report.md").read_text(encoding="utf-8"))
+def main(argv: list[str] | None = None) -> int:
+    return run_recipe(CurateConfig, run, argv, __doc__.split("\n\n")[0], "sampling.target=5000", report=print_report_md)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,26 +8,30 @@ suppresses every other token, so both numbers measure the model that training sh
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import field
 from pathlib import Path
 
 import torch
 
 from qforge.engine import load_model
 from qforge.engine.chat import ChatModel
+from qforge.engine.config_io import settings
 from qforge.engine.data import ChatTemplate, pack
 from qforge.engine.data.cache import load_examples
 from qforge.recipes.exact_match import exact_match
 from qforge.engine.thinking import split_think
 from qforge.engine.train import FFTConfig, evaluate_loss
-from qforge.engine.train.build import build_model, kept_vocabulary, loss_options, resolve_tokenizer_dir
+from qforge.engine.train.build import build_model, resolve_tokenizer_dir
+from qforge.engine.train.loop import cache_dir_of
+from qforge.engine.vocab import VocabMap
 from qforge.engine.train.parallel import Dist
 from qforge.recipes.files import read_jsonl, write_json
 from qforge.recipes.make_demo_data import extract_answer
 from qforge.recipes.periodic_eval import PeriodicEvalSettings
 
 
-@dataclass
+@settings
 class DemoEvalSettings:
     """The `evaluate:` section: greedy exact-match evaluation before and after training (rows with an `answer`)."""
     data: str | None = None
@@ -35,7 +39,7 @@ class DemoEvalSettings:
     enable_thinking: bool = True
 
 
-@dataclass
+@settings
 class FFTRecipeConfig(FFTConfig):
     """The FFT recipe's config: the engine's training settings plus the before/after evaluation and the
     evaluation during training (recipes/periodic_eval.py)."""
@@ -53,24 +57,23 @@ def _read_rows(path: str) -> list[dict]:
 
 
 def evaluate_checkpoint(config: FFTRecipeConfig, trained: bool, batch_size: int = 32) -> dict:
-    """Scores the run's starting model (trained=False) or its reloaded `output.dir/final` (trained=True)."""
+    """Scores the run's starting model (trained=False) or its reloaded `output.dir/final` (trained=True), both
+    with the kept vocabulary saved in `final/` (called after training) and the run's loss weighting."""
     tokenizer_dir = resolve_tokenizer_dir(config.model)
     template = ChatTemplate.from_pretrained(tokenizer_dir)
-    cache_dir = config.data.cache_dir or str(Path(config.output.dir) / "cache")
-    options = dict(enable_thinking=config.evaluate.enable_thinking, progress=False, cache_dir=cache_dir)
-    train_sets = [load_examples([p], template, **options)[0] for p in config.data.train]
-    held_out, _ = load_examples([config.evaluate.data], template, **options)
-    device = torch.device("cpu")
+    final = Path(config.output.dir) / "final"
+    data = dataclasses.replace(config.data, enable_thinking=config.evaluate.enable_thinking)
+    held_out, _ = load_examples([config.evaluate.data], template, data, cache_dir=cache_dir_of(config),
+                                progress=False)
     if trained:
-        model = load_model(Path(config.output.dir) / "final", dtype=torch.float32)
+        model = load_model(final, dtype=torch.float32)
     else:
-        model = build_model(config.model, torch.float32, device)
-    kept = kept_vocabulary(config.vocab, train_sets + [held_out], template, model.config.vocab_size, device)
-    loss = evaluate_loss(model, pack(held_out, config.data.max_tokens, seed=0), Dist(),
-                         loss_options(kept, model.config.vocab_size))
-
-    suppress = [] if kept is None else sorted(set(range(model.config.vocab_size)) - set(kept.tolist()))
-    chat_model = ChatModel(model, template, suppress_ids=suppress, batch_size=batch_size)
+        model = build_model(config.model, torch.float32, torch.device("cpu"))
+    vocab = VocabMap.of_model(final)
+    batches = pack(held_out, data.max_tokens, seed=0, overlong=data.overlong, loss_weighting=data.loss_weighting,
+                   vocab=vocab)
+    loss = evaluate_loss(model, batches, Dist(), vocab)
+    chat_model = ChatModel(model, template, suppress_ids=vocab.suppress_tokens if vocab else (), batch_size=batch_size)
     scored = exact_match(chat_model, _read_rows(config.evaluate.data), extract=_final_answer,
                          max_new_tokens=config.evaluate.max_new_tokens, enable_thinking=config.evaluate.enable_thinking)
     return {"model": "trained" if trained else "initial", "held_out_loss": loss, "exact_match": scored.accuracy,

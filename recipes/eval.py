@@ -25,18 +25,20 @@ leaderboard takes for its answer-less test split) to `output.dir`.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from tqdm.auto import tqdm
 
-from qforge.engine.chat import ChatModel, read_token_ids
+from qforge.engine.chat import ChatModel
 from qforge.engine.client import ClientSettings
 from qforge.engine.generate import next_token_logits
 from qforge.engine.thinking import join_think
+from qforge.engine.vocab import read_suppress_ids
 from qforge.engine.serve import EndpointSettings, open_endpoint
-from qforge.recipes.cli import OutputSettings, run_from_argv
+from qforge.recipes.cli import OutputSettings, run_recipe
 from qforge.recipes.files import write_json, write_jsonl
 from qforge.recipes.mcq import (DEFAULT_SUBJECTS, Question, answer_after_thinking, majority, official_prompt,
                                 read_questions, read_subjects, score, score_samples, write_submission)
@@ -44,14 +46,14 @@ from qforge.recipes.report import write_eval_report
 
 
 @dataclass
-class ModelSettings(EndpointSettings):
+class EvalModelSettings(EndpointSettings):
     """A local checkpoint (`path`, every mode) or an endpoint (`base_url` + `model`: official, think)."""
 
     name: str | None = None  # label in reports (default: the checkpoint directory name or the model id)
 
 
 @dataclass
-class DataSettings:
+class EvalDataSettings:
     path: str | None = None
     subjects: str = str(DEFAULT_SUBJECTS)  # CSV: id prefix, subject, category
     name: str | None = None  # benchmark name in reports (default: the file name without extension)
@@ -90,8 +92,8 @@ class EvalSettings:
 
 @dataclass
 class EvalConfig:
-    model: ModelSettings = field(default_factory=ModelSettings)
-    data: DataSettings = field(default_factory=DataSettings)
+    model: EvalModelSettings = field(default_factory=EvalModelSettings)
+    data: EvalDataSettings = field(default_factory=EvalDataSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     client: ClientSettings = field(default_factory=ClientSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
@@ -143,7 +145,7 @@ def predict_loglik(chat_model: ChatModel, questions: list[Question], prompts: li
 
 
 def load_chat_model(config: EvalConfig) -> ChatModel:
-    suppress = read_token_ids(config.model.suppress_ids) if config.model.suppress_ids else ()
+    suppress = read_suppress_ids(config.model.suppress_ids) if config.model.suppress_ids else ()
     return ChatModel.load(config.model.path, dtype=config.model.dtype, device=config.model.device,
                           suppress_ids=suppress, batch_size=config.eval.batch_size)
 
@@ -258,8 +260,11 @@ def run(config: EvalConfig, chat_model: ChatModel | None = None) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    config, report = run_from_argv(EvalConfig, run, argv, __doc__.split("\n\n")[0], "eval.mode=loglik")
+def main(argv: list[str] | None = None) -> int:
+    return run_recipe(EvalConfig, run, argv, __doc__.split("\n\n")[0], "eval.mode=loglik", report=_print_summary)
+
+
+def _print_summary(config: EvalConfig, report: dict) -> None:
     out = Path(config.output.dir)
     counts = f"unfinished {report['unfinished']}, unparseable {report['unparseable']} of {report['answers']} answers"
     if "overall" not in report:
@@ -275,4 +280,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,22 +5,21 @@
 
 Multi-stage runs: a config may list `stages`, each a mapping of overrides (e.g. another `data` mixture);
 stage k starts from stage k-1's `final` weights and writes to `output.dir/<stage name>`.
-When `evaluate.data` is set, the model is evaluated before and after training (held-out loss and greedy
-exact-match accuracy on rows with a checkable `answer`), from the saved and reloaded final checkpoint.
+When `evaluate.data` is set, the starting model and the trained one (reloaded from `final/`) are evaluated after
+training (held-out loss and greedy exact-match accuracy on rows with a checkable `answer`), both with the kept
+vocabulary saved in `final/`. Exit codes: see the README (0 done, 2-6 a one-line error, 143 stopped by a signal).
 With `periodic_eval.mcq` (and/or `periodic_eval.judge`), every `train.eval_every` steps and the end also score
 the current weights on multiple-choice questions (and with the LLM judge); see recipes/periodic_eval.py.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import logging
 import sys
 from pathlib import Path
 
-
-from qforge.engine.config_io import ConfigKeyError, apply_overrides, build, read_yaml
+from qforge.engine.config_io import apply_overrides, build, read_yaml
 from qforge.engine.train import train
+from qforge.recipes.cli import run_recipe
 from qforge.recipes.demo_eval import FFTRecipeConfig, evaluate_checkpoint, print_before_after
 from qforge.recipes.periodic_eval import periodic_hook
 
@@ -53,28 +52,24 @@ def _merge(base: dict, override: dict) -> dict:
     return base
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config (see recipes/configs/)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=50")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        configs = stage_configs(args.config, args.overrides)
-    except ConfigKeyError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+def run(configs: list[FFTRecipeConfig]) -> int:
+    """Trains every stage in turn; 143 when a signal stopped a stage (checkpoint saved, resumable)."""
     for config in configs:
-        before = evaluate_checkpoint(config, trained=False) if config.evaluate.data else None
         result = train(config, evaluate=periodic_hook(config.periodic_eval))
         if result.interrupted:
             print(f"stopped by signal at step {result.steps_done}; checkpoint saved in "
                   f"{config.output.dir}/checkpoints. Resume with train.resume=auto.", file=sys.stderr)
             return 143
-        if before is not None and result.final_dir is not None:
+        if config.evaluate.data and result.final_dir is not None:
+            before = evaluate_checkpoint(config, trained=False)
             after = evaluate_checkpoint(config, trained=True)
             print_before_after(before, after, Path(config.output.dir) / "eval_before_after.json")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_recipe(FFTRecipeConfig, run, argv, __doc__, "train.max_steps=50",
+                      load=lambda _, path, overrides: stage_configs(path, overrides), report=lambda _, code: code)
 
 
 if __name__ == "__main__":

@@ -13,21 +13,22 @@ to `output.dir`.
 from __future__ import annotations
 
 import json
-import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from qforge.engine.client import ChatClient, ChatClientError, ClientSettings
+from qforge.engine.client import ChatClient, ClientSettings
 from qforge.engine.serve import EndpointSettings, open_endpoint
-from qforge.recipes.cli import OutputSettings, run_from_argv
+from qforge.recipes.cli import OutputSettings, run_recipe, print_report_md
 from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
 from qforge.recipes import function_calling, instruction_following
 from qforge.recipes.judging import (Item, pair_outcome, parse_pairwise, parse_rating, read_items,
                                     summarize_pairwise, summarize_ratings)
 from qforge.recipes.report import bar_chart, markdown_table
+from qforge.recipes.sft_data.filters import Malformed
+from qforge.recipes.sft_data.stages import PLACEHOLDER, Usage, ask_all, conversation
 
-PLACEHOLDER = re.compile(r"\{(question|answer|answer_a|answer_b|reference)\}")
 REQUIRED_FIELDS = {"pairwise_user": {"question", "answer_a", "answer_b"}, "single_user": {"question", "answer"},
                    "single_user_reference": {"question", "answer", "reference"}}
 
@@ -89,14 +90,14 @@ class BootstrapSettings:
 
 
 @dataclass
-class DataSettings:
+class JudgeDataSettings:
     path: str | None = None
     limit: int | None = None
 
 
 @dataclass
 class JudgeConfig:
-    data: DataSettings = field(default_factory=DataSettings)
+    data: JudgeDataSettings = field(default_factory=JudgeDataSettings)
     candidates: list[Candidate] = field(default_factory=list)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     judge: JudgeSettings = field(default_factory=JudgeSettings)
@@ -118,11 +119,6 @@ class JudgeConfig:
                 raise ValueError("pairwise judging needs at least two candidates")
             if self.judge.baseline is not None and self.judge.baseline not in names:
                 raise ValueError(f"judge.baseline {self.judge.baseline!r} is not a candidate name {names}")
-
-
-def fill(template: str, **fields: str) -> str:
-    """Substitutes {question}, {answer}, … in one pass, so braces inside answers are left alone."""
-    return PLACEHOLDER.sub(lambda match: fields[match.group(1)], template)
 
 
 def read_answers(path: str, items: list[Item]) -> dict[str, str]:
@@ -198,28 +194,22 @@ def ask_judge(client: ChatClient, settings: JudgeSettings, conversations: list[l
               parse: Callable[[str], object]) -> tuple[list, list[list[str]]]:
     """Verdicts for every conversation; a malformed one is re-asked (with the retry reminder after the bad
     reply) up to `retries` times, then stays None. Returns the verdicts and every reply received."""
-    params = dict(max_tokens=settings.max_tokens, temperature=settings.temperature, **settings.request_params)
     replies: list[list[str]] = [[] for _ in conversations]
-    answered = [False] * len(conversations)  # False while the last request failed outright
-    verdicts: list = [None] * len(conversations)
-    pending = list(range(len(conversations)))
-    for attempt in range(settings.retries + 1):
-        asked = []
-        for i in pending:
-            remind = answered[i] and settings.prompts.retry
-            asked.append(conversations[i] + [{"role": "assistant", "content": replies[i][-1]},
-                                             {"role": "user", "content": settings.prompts.retry}]
-                         if remind else conversations[i])
-        results = client.chat_many(asked, errors="return", desc=f"judge (try {attempt + 1})",
-                                   cache_tags=[f"attempt-{attempt}" if attempt else None] * len(asked), **params)
-        for index, result in zip(pending, results):
-            answered[index] = not isinstance(result, ChatClientError)
-            replies[index].append(result.content if answered[index] else f"<request failed: {result}>")
-            verdicts[index] = parse(result.content) if answered[index] else None
-        pending = [i for i in pending if verdicts[i] is None]
-        if not pending:
-            break
-    return verdicts, replies
+
+    def verdict(index: int, reply) -> object:
+        replies[index].append(reply.content)
+        value = parse(reply.content)
+        if value is None:
+            raise Malformed("no verdict in the reply")
+        return value
+
+    params = dict(max_tokens=settings.max_tokens, temperature=settings.temperature, **settings.request_params)
+    answers = ask_all(client, conversations, None, verdict, retries=settings.retries,
+                      retry_prompt=settings.prompts.retry, usage=Usage(), params=params, desc="judge")
+    for answer, received in zip(answers, replies):
+        if answer.reason == "request_failed":
+            received.append(f"<request failed: {answer.detail}>")
+    return [answer.value for answer in answers], replies
 
 
 def judge_pairwise(config: JudgeConfig, client: ChatClient, items: list[Item], answers: dict) -> tuple[dict, list]:
@@ -231,9 +221,8 @@ def judge_pairwise(config: JudgeConfig, client: ChatClient, items: list[Item], a
         for item in items:
             mine, theirs = answers[candidate][item.id], answers[baseline][item.id]
             for first, second in ((mine, theirs), (theirs, mine)):
-                conversations.append(_conversation(prompts.pairwise_system, fill(
-                    prompts.pairwise_user, question=item.question, answer_a=first, answer_b=second,
-                    reference=item.reference or "")))
+                fields = dict(question=item.question, answer_a=first, answer_b=second, reference=item.reference or "")
+                conversations.append(conversation(prompts.pairwise_system, prompts.pairwise_user, fields))
         verdicts, replies = ask_judge(client, config.judge, conversations, parse_pairwise)
         outcomes = [pair_outcome(verdicts[2 * i], verdicts[2 * i + 1]) for i in range(len(items))]
         comparisons[f"{candidate} vs {baseline}"] = summarize_pairwise(
@@ -253,17 +242,13 @@ def judge_single(config: JudgeConfig, client: ChatClient, items: list[Item], ans
         for item in items:
             with_reference = config.judge.use_reference and item.reference is not None
             template = prompts.single_user_reference if with_reference else prompts.single_user
-            conversations.append(_conversation(prompts.single_system, fill(
-                template, question=item.question, answer=answers[candidate][item.id], reference=item.reference or "")))
+            fields = dict(question=item.question, answer=answers[candidate][item.id], reference=item.reference or "")
+            conversations.append(conversation(prompts.single_system, template, fields))
         verdicts, replies = ask_judge(client, config.judge, conversations, parse_rating)
         ratings[candidate] = summarize_ratings([item.task for item in items], verdicts, **asdict(config.bootstrap))
         records += [{"candidate": candidate, "id": item.id, "task": item.task, "rating": verdicts[i],
                      "judge_replies": replies[i]} for i, item in enumerate(items)]
     return ratings, records
-
-
-def _conversation(system: str, user: str) -> list[dict]:
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
 
 
 def write_report(out: Path, mode: str, results: dict, checks: dict | None = None) -> None:
@@ -311,10 +296,9 @@ def run(config: JudgeConfig) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    config, _ = run_from_argv(JudgeConfig, run, argv, __doc__.split("\n\n")[0], "judge.mode=single")
-    print(Path(config.output.dir, "report.md").read_text(encoding="utf-8"))
+def main(argv: list[str] | None = None) -> int:
+    return run_recipe(JudgeConfig, run, argv, __doc__.split("\n\n")[0], "judge.mode=single", report=print_report_md)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qforge.engine.client import ChatClient, ClientSettings
 from qforge.engine.serve import EndpointSettings, open_endpoint
-from qforge.recipes.cli import OutputSettings, run_from_argv
+from qforge.recipes.cli import OutputSettings, run_recipe, print_report_md
 from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
 from qforge.engine.data.render import tools_system_prompt
 from qforge.recipes import function_calling, instruction_following
@@ -57,7 +58,7 @@ MATCHERS = {"numeric": answer_matches, "choice": choice_matches,
 
 
 @dataclass
-class Backend:
+class BackendSettings:
     name: str
     endpoint: EndpointSettings = field(default_factory=EndpointSettings)
     params: dict = field(default_factory=dict)  # default body fields: temperature, chat_template_kwargs, ...
@@ -139,7 +140,7 @@ class SynthConfig:
     seeds: SeedSettings = field(default_factory=SeedSettings)
     tasks: str = "recipes/data/tasks_vi.yaml"
     topics_per_task: int | None = None  # only each task's first N topics (smoke runs)
-    backends: list[Backend] = field(default_factory=list)
+    backends: list[BackendSettings] = field(default_factory=list)
     stages: Stages = field(default_factory=Stages)
     filters: Filters = field(default_factory=Filters)
     client: ClientSettings = field(default_factory=ClientSettings)  # cache_dir default: output.dir/cache
@@ -185,7 +186,7 @@ class Pipeline:
                                                             self.config.topics_per_task)
         self.topic_by_key.update({topic.key: topic for topic in topics})
 
-    def backend(self, stage: str) -> Backend:
+    def backend(self, stage: str) -> BackendSettings:
         name = getattr(self.config.stages, stage).backend
         return next(b for b in self.config.backends if b.name == name)
 
@@ -566,10 +567,9 @@ def run(config: SynthConfig) -> dict:
         return Pipeline(config, clients).run()
 
 
-def main(argv: list[str] | None = None) -> None:
-    config, _ = run_from_argv(SynthConfig, run, argv, __doc__.split("\n\n")[0], "topics_per_task=2")
-    print(Path(config.output.dir, "report.md").read_text(encoding="utf-8"))
+def main(argv: list[str] | None = None) -> int:
+    return run_recipe(SynthConfig, run, argv, __doc__.split("\n\n")[0], "topics_per_task=2", report=print_report_md)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -39,7 +39,7 @@ def report(tokenizer_dir: str, out: str | None = None, vocab_size: int | None = 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tokenizer_dir", help="directory holding tokenizer.json")
-    parser.add_argument("--out", help="write the kept-id list (JSON) here")
+    parser.add_argument("--out", help='write the kept ids here ({"kept_ids": [...], "suppress_ids": [...], ...})')
     parser.add_argument("--vocab-size", type=int, help="rows of the model's output head (default: tokenizer size)")
     args = parser.parse_args(argv)
     try:

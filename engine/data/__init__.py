@@ -1,9 +1,9 @@
 """SFT data: reading chat files, the Qwen3 chat template with assistant-only labels, and sequence packing."""
-from .cache import LoadSummary, load_examples
+from .cache import LoadSummary, TokenizeSettings, load_examples
 from .example import IGNORE_INDEX, LOSS_WEIGHTINGS, Example, loss_weights
 from .formats import DataError, SkippedRow, read_conversations
 from .packing import PackedBatch, PackedBatches, PackReport, pack
 from .template import ChatTemplate
 
 __all__ = ["IGNORE_INDEX", "LOSS_WEIGHTINGS", "ChatTemplate", "DataError", "Example", "LoadSummary", "PackReport",
-           "PackedBatch", "PackedBatches", "SkippedRow", "load_examples", "loss_weights", "pack", "read_conversations"]
+           "PackedBatch", "PackedBatches", "SkippedRow", "TokenizeSettings", "load_examples", "loss_weights", "pack", "read_conversations"]

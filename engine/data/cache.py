@@ -1,6 +1,7 @@
 """From data files to tokenised examples, tokenising once: the result is stored as memory-mapped arrays under a
 key that hashes the data files' bytes, the tokenizer + chat template and every encoding option, so a second
 or resumed run with the same inputs loads it instead of tokenising again."""
+import dataclasses
 import hashlib
 import json
 import logging
@@ -8,18 +9,18 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
 
+from ..config_io import settings
 from ..files import staged_dir
-from .example import LOSS_WEIGHTINGS, Example
+from .example import Example
 from .formats import Conversation, DataError, RowError, SkippedRow, read_conversations
-from .template import EMPTY_THINK_POLICIES, ChatTemplate, has_reasoning
+from .template import ChatTemplate, has_reasoning
 
-CACHE_VERSION = 2  # bump when the cached arrays' meaning changes (2: stricter row checks)
-MULTI_TURN = ("all", "last", "split")
-ON_ERROR = ("raise", "skip")
+CACHE_VERSION = 3  # bump when the cached arrays' meaning changes (2: stricter row checks, 3: no loss weights)
 ENCODE_CHUNK = 512  # conversations per tokenizer batch call
 log = logging.getLogger("qforge.data")
 
@@ -87,18 +88,18 @@ def cache_key(paths: list[Path], template: ChatTemplate, options: dict) -> str:
     return digest.hexdigest()[:32]
 
 
-def _examples_from_arrays(input_ids, labels, loss_weight, offsets) -> list[Example]:
-    return [Example(input_ids[a:b], labels[a:b], loss_weight[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+def _examples_from_arrays(input_ids, labels, offsets) -> list[Example]:
+    return [Example(input_ids[a:b], labels[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def _tokenise(paths, template, options, on_error, progress, summary) -> list[Example]:
-    encode_options = {k: options[k] for k in ("train_on_reasoning", "loss_weighting", "empty_think")}
     supervise = "last" if options["multi_turn"] != "all" else "all"
     examples, pending = [], []
 
     def flush():
         examples.extend(template.encode_batch(pending, options["enable_thinking"], supervise=supervise,
-                                              **encode_options))
+                                              train_on_reasoning=options["train_on_reasoning"],
+                                              empty_think=options["empty_think"]))
         pending.clear()
 
     with tqdm(desc="tokenising", unit=" rows", disable=not progress) as bar:
@@ -127,7 +128,7 @@ def _write_cache(directory: Path, examples: list[Example], summary: LoadSummary)
     with staged_dir(directory, replace=False) as tmp:
         offsets = np.zeros(len(examples) + 1, dtype=np.int64)
         np.cumsum([len(e) for e in examples], out=offsets[1:])
-        for name in ("input_ids", "labels", "loss_weight"):
+        for name in ("input_ids", "labels"):
             parts = [getattr(e, name) for e in examples]
             np.save(tmp / f"{name}.npy", np.concatenate(parts) if parts else np.zeros(0, np.int32))
         np.save(tmp / "offsets.npy", offsets)
@@ -138,7 +139,7 @@ def _write_cache(directory: Path, examples: list[Example], summary: LoadSummary)
 
 def _read_cache(directory: Path, summary: LoadSummary) -> list[Example]:
     """The cached examples; ValueError when a file is truncated or does not fit the others."""
-    arrays = [np.load(directory / f"{name}.npy", mmap_mode="r") for name in ("input_ids", "labels", "loss_weight")]
+    arrays = [np.load(directory / f"{name}.npy", mmap_mode="r") for name in ("input_ids", "labels")]
     offsets = np.load(directory / "offsets.npy")
     meta = json.loads((directory / "summary.json").read_text())
     if not (offsets.ndim == 1 and len(offsets) and offsets[0] == 0 and np.all(offsets[1:] >= offsets[:-1])
@@ -150,35 +151,39 @@ def _read_cache(directory: Path, summary: LoadSummary) -> list[Example]:
     return _examples_from_arrays(*arrays, offsets)
 
 
-def load_examples(paths, template: ChatTemplate, *, cache_dir=None, format: str = "auto", on_error: str = "raise",
-                  enable_thinking: bool | str = True, multi_turn: str = "all", train_on_reasoning: bool = True,
-                  loss_weighting: str = "token", empty_think: str = "mask",
+@settings
+class TokenizeSettings:
+    """How data files become examples; every field is part of the cache key (loss weights are not: packing
+    computes them)."""
+    format: Literal["auto", "messages", "sharegpt"] = "auto"
+    # true | false | "auto": per row, thinking on iff the row has reasoning (`row_thinking`); a row's own
+    # `enable_thinking` field always wins
+    enable_thinking: bool | Literal["auto"] = True
+    # the empty <think></think> block of reasoning-free turns rendered with thinking on: "mask" keeps it out of
+    # the loss (plain rows in a thinking mix do not learn to skip thinking), "train" supervises it
+    empty_think: Literal["train", "mask"] = "mask"
+    # "all" assistant turns of a conversation in one example, only the "last", or "split" into one example per
+    # assistant turn, each keeping its own reasoning (the faithful choice for multi-turn reasoning data, at the
+    # cost of repeating the history)
+    multi_turn: Literal["all", "last", "split"] = "all"
+    train_on_reasoning: bool = True
+    # "raise" a DataError at the first bad row (file, line, field), or "skip" bad rows and list them
+    on_error: Literal["raise", "skip"] = "raise"
+
+
+def load_examples(paths, template: ChatTemplate, settings: TokenizeSettings | None = None, *, cache_dir=None,
                   progress: bool = True) -> tuple[list[Example], LoadSummary]:
     """Reads, validates, renders and tokenises data files into examples (see `ChatTemplate.encode_batch`).
 
-    multi_turn: "all" assistant turns of a conversation in one example, only the "last", or "split" into one
-    example per assistant turn, each keeping its own reasoning (the faithful choice for multi-turn reasoning
-    data, at the cost of repeating the history). enable_thinking: true, false or "auto" (per row, see
-    `row_thinking`; a row's own `enable_thinking` field always wins). empty_think: "mask" (default) keeps the
-    empty think block of reasoning-free turns out of the loss, "train" supervises it. on_error: "raise" a DataError at the first bad row (file, line,
-    field), or "skip" bad rows and list them in the summary. With `cache_dir`, the result is cached there.
+    `settings` may be any TokenizeSettings subclass (the trainer passes its `data` section). With `cache_dir`,
+    the result is cached there.
     """
-    if on_error not in ON_ERROR:
-        raise ValueError(f"unknown on_error {on_error!r}; expected one of {', '.join(ON_ERROR)}")
-    if multi_turn not in MULTI_TURN:
-        raise ValueError(f"unknown multi_turn {multi_turn!r}; expected one of {', '.join(MULTI_TURN)}")
-    if enable_thinking not in (True, False, "auto"):
-        raise ValueError(f"unknown enable_thinking {enable_thinking!r}; expected true, false or 'auto'")
-    if empty_think not in EMPTY_THINK_POLICIES:
-        raise ValueError(f"unknown empty_think {empty_think!r}; expected one of {', '.join(EMPTY_THINK_POLICIES)}")
-    if loss_weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"unknown loss_weighting {loss_weighting!r}; expected one of {', '.join(LOSS_WEIGHTINGS)}")
+    settings = settings if settings is not None else TokenizeSettings()
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     for path in paths:
         if not path.is_file():
             raise DataError(f"{path}: no such data file")
-    options = dict(format=format, on_error=on_error, enable_thinking=enable_thinking, multi_turn=multi_turn,
-                   train_on_reasoning=train_on_reasoning, loss_weighting=loss_weighting, empty_think=empty_think)
+    options = {f.name: getattr(settings, f.name) for f in dataclasses.fields(TokenizeSettings)}
     summary = LoadSummary()
     directory = Path(cache_dir) / cache_key(paths, template, options) if cache_dir is not None else None
     summary.from_cache = directory is not None and (directory / "summary.json").is_file()
@@ -191,7 +196,7 @@ def load_examples(paths, template: ChatTemplate, *, cache_dir=None, format: str 
             shutil.rmtree(directory, ignore_errors=True)
             summary = LoadSummary()
     if examples is None:
-        examples = _tokenise(paths, template, options, on_error, progress, summary)
+        examples = _tokenise(paths, template, options, settings.on_error, progress, summary)
         if directory is not None:  # serve the memory-mapped copy, so the OS can page it
             _write_cache(directory, examples, summary)
             examples = _read_cache(directory, summary)

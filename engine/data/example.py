@@ -1,4 +1,4 @@
-"""A tokenised training example and its per-token loss weights."""
+"""A tokenised training example, and the per-token loss weights packing gives its supervised tokens."""
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,11 +10,10 @@ LOSS_WEIGHTINGS = ("token", "sample", "sqrt")
 @dataclass(frozen=True, eq=False)  # arrays do not compare to one bool
 class Example:
     """One sequence. `labels` follow the HF convention: unshifted, `labels[i] = input_ids[i]` when token i is
-    supervised, else -100. `loss_weight[i]` is the weight of predicting token i (0 where unsupervised).
-    Packing shifts both so that position t carries the target t+1."""
+    supervised, else -100. Weights are not stored: packing computes them from the labels it trains on (after
+    truncation and vocabulary masking), so changing `data.loss_weighting` never re-tokenises."""
     input_ids: np.ndarray  # int32 [L]
     labels: np.ndarray  # int32 [L]
-    loss_weight: np.ndarray  # float32 [L]
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -31,19 +30,18 @@ def loss_weights(supervised: np.ndarray, weighting: str = "token") -> np.ndarray
     "sample": 1/n per sample, so each sample's tokens sum to 1 (mean of per-sample means).
     "sqrt": 1/sqrt(n) per sample, Qwen3-VL's compromise between the two.
     """
-    if weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {', '.join(LOSS_WEIGHTINGS)}")
     count = int(np.count_nonzero(supervised))
     if weighting == "token" or count == 0:
         scale = 1.0
     elif weighting == "sample":
         scale = 1.0 / count
-    else:
+    elif weighting == "sqrt":
         scale = 1.0 / np.sqrt(count)
+    else:
+        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {', '.join(LOSS_WEIGHTINGS)}")
     return np.where(supervised, np.float32(scale), np.float32(0)).astype(np.float32)
 
 
-def make_example(input_ids, supervised: np.ndarray, weighting: str = "token") -> Example:
+def make_example(input_ids, supervised: np.ndarray) -> Example:
     input_ids = np.asarray(input_ids, dtype=np.int32)
-    labels = np.where(supervised, input_ids, IGNORE_INDEX).astype(np.int32)
-    return Example(input_ids, labels, loss_weights(supervised, weighting))
+    return Example(input_ids, np.where(supervised, input_ids, IGNORE_INDEX).astype(np.int32))

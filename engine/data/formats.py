@@ -76,8 +76,11 @@ def _require(value, kind: type, field: str, what: str):
     return value
 
 
-def validate_messages(messages, field: str = "messages") -> list[dict]:
-    """Checks an OpenAI-style conversation and returns it normalised; raises RowError naming the bad field."""
+def validate_messages(messages, field: str = "messages", *, require_assistant: bool = True) -> list[dict]:
+    """Checks an OpenAI-style conversation and returns it normalised; raises RowError naming the bad field.
+
+    The one check of message roles and contents: training rows (which need an assistant turn) and chat
+    requests (`require_assistant=False`) both go through it. OpenAI text content parts are joined."""
     if not _require(messages, list, field, "a list of messages"):
         raise RowError(field, "empty conversation")
     normalised = []
@@ -91,7 +94,7 @@ def validate_messages(messages, field: str = "messages") -> list[dict]:
         content = message.get("content")
         if calls and content is None:
             content = ""
-        out = {"role": role, "content": _require(content, str, f"{where}.content", "a string")}
+        out = {"role": role, "content": _content(content, f"{where}.content")}
         if calls:
             if role != "assistant":
                 raise RowError(f"{where}.tool_calls", f"only assistant turns make tool calls, not {role!r}")
@@ -101,14 +104,22 @@ def validate_messages(messages, field: str = "messages") -> list[dict]:
             if role != "assistant":
                 raise RowError(f"{where}.reasoning_content", f"only assistant turns carry reasoning, not {role!r}")
             out["reasoning_content"] = _require(reasoning, str, f"{where}.reasoning_content", "a string")
-        if role == "assistant":
+        if role == "assistant" and require_assistant:  # training rows: what the row's author meant to train
             _check_assistant(out, where)
         normalised.append(out)
-    if not any(m["role"] == "assistant" for m in normalised):
+    if require_assistant and not any(m["role"] == "assistant" for m in normalised):
         raise RowError(field, "no assistant turn to train on")
     return normalised
 
 
+def _content(content, field: str) -> str:
+    """A message's text: a string, or OpenAI content parts that are all text (joined)."""
+    if isinstance(content, list):
+        if any(not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str)
+               for part in content):
+            raise RowError(field, "only text content parts are supported")
+        return "".join(part["text"] for part in content)
+    return _require(content, str, field, "a string")
 def _check_assistant(message: dict, where: str):
     """Rejects assistant turns that would train something other than what the row's author meant: an empty
     answer, reasoning given twice (inline `<think>` and `reasoning_content`: the template would train one of

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .example import IGNORE_INDEX, Example
+from ..vocab import VocabMap
+
+from .example import IGNORE_INDEX, Example, loss_weights
 
 log = logging.getLogger(__name__)
 OVERLONG = ("truncate", "drop")
@@ -42,22 +44,21 @@ class PackedBatch:
                            move(self.labels), move(self.loss_weight))
 
     @classmethod
-    def from_examples(cls, examples: list[Example]) -> "PackedBatch":
+    def from_examples(cls, examples: list[Example], loss_weighting: str = "token") -> "PackedBatch":
+        """Lays `examples` end to end; each example's supervised tokens get their `loss_weights`."""
         lengths = np.array([len(e) for e in examples], dtype=np.int64)
         cu_seqlens = np.zeros(len(examples) + 1, dtype=np.int64)
         np.cumsum(lengths, out=cu_seqlens[1:])
-        starts = np.repeat(cu_seqlens[:-1], lengths)
-        position_ids = np.arange(cu_seqlens[-1], dtype=np.int64) - starts
         last = cu_seqlens[1:] - 1
         labels = np.concatenate([e.labels for e in examples]).astype(np.int64)
         labels[:-1] = labels[1:]  # shift: position t predicts token t+1 ...
         labels[last] = IGNORE_INDEX  # ... never across a sequence boundary
-        weights = np.concatenate([e.loss_weight for e in examples]).astype(np.float32)
+        weights = np.concatenate([loss_weights(e.labels != IGNORE_INDEX, loss_weighting) for e in examples])
         weights[:-1] = weights[1:]
         weights[last] = 0.0
         return cls(
             input_ids=torch.from_numpy(np.concatenate([e.input_ids for e in examples]).astype(np.int64)),
-            position_ids=torch.from_numpy(position_ids),
+            position_ids=positions_from_cu_seqlens(torch.from_numpy(cu_seqlens)),
             cu_seqlens=torch.from_numpy(cu_seqlens.astype(np.int32)),
             max_seqlen=int(lengths.max()),
             labels=torch.from_numpy(labels),
@@ -89,8 +90,8 @@ class PackedBatches(Sequence):
     """The result of `pack`: a sequence of PackedBatch built on access (so packing a large dataset does not copy
     it into tensors up front), with the packing `report`."""
 
-    def __init__(self, examples: list[Example], bins: list[list[int]], report: PackReport):
-        self._examples, self._bins, self.report = examples, bins, report
+    def __init__(self, examples: list[Example], bins: list[list[int]], report: PackReport, loss_weighting: str):
+        self._examples, self._bins, self.report, self._loss_weighting = examples, bins, report, loss_weighting
 
     def __len__(self) -> int:
         return len(self._bins)
@@ -98,11 +99,18 @@ class PackedBatches(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        return PackedBatch.from_examples([self._examples[i] for i in self._bins[index]])
+        return PackedBatch.from_examples([self._examples[i] for i in self._bins[index]], self._loss_weighting)
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Position ids (int64) that restart at 0 at every sequence boundary of a packed row."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
+    return torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - starts
 
 
 def _truncated(example: Example, max_tokens: int) -> Example:
-    return Example(example.input_ids[:max_tokens], example.labels[:max_tokens], example.loss_weight[:max_tokens])
+    return Example(example.input_ids[:max_tokens], example.labels[:max_tokens])
 
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int, tie_break: np.ndarray) -> list[list[int]]:
@@ -134,13 +142,16 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int, tie_break: np.ndarra
     return bins
 
 
-def pack(examples: Sequence[Example], max_tokens: int, seed: int = 0, *, overlong: str = "truncate") -> PackedBatches:
+def pack(examples: Sequence[Example], max_tokens: int, seed: int = 0, *, overlong: str = "truncate",
+         loss_weighting: str = "token", vocab: VocabMap | None = None) -> PackedBatches:
     """Packs examples into batches of ≤ max_tokens tokens (best-fit decreasing, which never does worse than
     first-fit decreasing). The seed breaks ties between equal lengths and shuffles the batch order, so calling
     this once per epoch with a new seed reshuffles; the same seed gives the same batches.
 
-    overlong: "truncate" cuts examples longer than max_tokens (their tokens keep their weights), "drop" drops
-    them; examples left without any supervised token are dropped. Both are counted in `.report`."""
+    overlong: "truncate" cuts examples longer than max_tokens, "drop" drops them. Then labels outside `vocab`
+    (the kept vocabulary) are masked, and loss weights (`loss_weighting`) are computed from what is left, so a
+    step's Σw counts exactly the tokens the loss scores. Examples left without any supervised token are dropped.
+    Truncated and dropped examples are counted in `.report`."""
     if overlong not in OVERLONG:
         raise ValueError(f"unknown overlong policy {overlong!r}; expected one of {', '.join(OVERLONG)}")
     if max_tokens < 2:
@@ -152,6 +163,8 @@ def pack(examples: Sequence[Example], max_tokens: int, seed: int = 0, *, overlon
                 dropped += 1
                 continue
             example, truncated = _truncated(example, max_tokens), truncated + 1
+        if vocab is not None:
+            example = Example(example.input_ids, vocab.mask_labels(example.labels))
         if example.num_loss_tokens == 0 or len(example) < 2:
             dropped += 1
             continue
@@ -162,4 +175,4 @@ def pack(examples: Sequence[Example], max_tokens: int, seed: int = 0, *, overlon
     bins = [bins[i] for i in rng.permutation(len(bins))]
     report = PackReport(len(kept), len(bins), int(lengths.sum()), max_tokens, truncated, dropped)
     log.info("%s", report)
-    return PackedBatches(kept, bins, report)
+    return PackedBatches(kept, bins, report, loss_weighting)

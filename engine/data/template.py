@@ -15,7 +15,7 @@ Label policy (see `encode`):
 - Tool calls are part of the assistant answer and supervised with it; tool results are prompt.
 - Multi-turn: `supervise="all"` trains every assistant turn as rendered (the template drops the reasoning of
   turns before the last user query, so those turns train on their answers only); `supervise="last"` trains
-  only the final assistant turn. `load_examples(multi_turn="split")` trains every turn with its own reasoning
+  only the final assistant turn. `TokenizeSettings(multi_turn="split")` trains every turn with its own reasoning
   by making one example per assistant turn.
 """
 import hashlib
@@ -108,25 +108,18 @@ class ChatTemplate:
         """The exact text transformers' `apply_chat_template(..., tools=tools, tokenize=False)` produces."""
         return render_qwen3(messages, enable_thinking, add_generation_prompt, tools).text
 
-    def encode_prompt(self, messages: list[dict], enable_thinking: bool = True,
-                      tools: list[dict] | None = None) -> list[int]:
-        """Token ids of a conversation followed by the assistant generation prompt, for generation."""
-        text = self.render(messages, enable_thinking, add_generation_prompt=True, tools=tools)
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
     def encode(self, messages: "list[dict] | Conversation", enable_thinking: bool = True, **options) -> Example:
         """One conversation → Example with assistant-only labels; options as in `encode_batch`."""
         return self.encode_batch([messages], enable_thinking, **options)[0]
 
     def encode_batch(self, conversations: "list[list[dict] | Conversation]", enable_thinking: bool = True, *,
-                     supervise: str = "all", train_on_reasoning: bool = True, loss_weighting: str = "token",
+                     supervise: str = "all", train_on_reasoning: bool = True,
                      empty_think: str = "train") -> list[Example]:
         """Renders and tokenises many conversations at once (the tokenizer batches in Rust).
 
         A `Conversation` brings its own tools and, when set, its own `enable_thinking`. supervise: "all"
         assistant turns or only the "last"; train_on_reasoning: also supervise the think blocks (thinking on
-        only); empty_think: "train" | "mask" an empty think block (see the module docstring); loss_weighting:
-        "token" | "sample" | "sqrt" (see `loss_weights`).
+        only); empty_think: "train" | "mask" an empty think block (see the module docstring).
         """
         if supervise not in SUPERVISE:
             raise ValueError(f"unknown supervise {supervise!r}; expected one of {', '.join(SUPERVISE)}")
@@ -146,7 +139,7 @@ class ChatTemplate:
                     empty_think == "mask" and r.text[span.start:span.think_end] == EMPTY_THINK)
                 first, stop = _token_range(encoding, span.start if train_think else span.think_end, span.end)
                 supervised[first:stop] = True
-            examples.append(make_example(ids, supervised, loss_weighting))
+            examples.append(make_example(ids, supervised))
         return examples
 
 

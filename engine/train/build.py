@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..checkpoint import load_model
 from ..config import Qwen3Config
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..model import Qwen3
-from ..vocab import VocabMap, read_kept_ids
+from ..vocab import VocabMap
 from .config import ModelSettings, VocabSettings
+
+log = logging.getLogger("qforge.train")
 
 
 def resolve_tokenizer_dir(settings: ModelSettings) -> Path:
@@ -38,48 +40,15 @@ def build_model(settings: ModelSettings, dtype: torch.dtype, device: torch.devic
     return model.to(device=device, dtype=dtype)
 
 
-def kept_vocabulary(settings: VocabSettings, example_sets, template, vocab_size: int,
-                    device: torch.device) -> torch.Tensor | None:
-    """The output rows training computes: None (all), the data's label tokens, or a kept-id file."""
-    if settings.restrict == "all":
-        return None
-    if settings.restrict == "data":
-        labels = [np.unique(e.labels) for examples in example_sets for e in examples]
-        ids = set(np.unique(np.concatenate(labels)).tolist()) if labels else set()
-        ids.discard(-100)
-        ids |= set(template.tokenizer.get_added_tokens_decoder())  # chat markers, eos, think tags
-    else:
-        path = Path(settings.restrict)
-        if not path.is_file():
-            raise ConfigError(f"vocab.restrict={settings.restrict!r} is neither 'all', 'data' nor a kept-id file")
-        ids = set(read_kept_ids(path))
-    bad = sorted(i for i in ids if not 0 <= i < vocab_size)
-    if bad:
-        raise ConfigError(f"vocab.restrict: {len(bad)} kept ids are outside the model's vocabulary "
-                         f"[0, {vocab_size}): {bad[:10]}")
-    return torch.tensor(sorted(ids), dtype=torch.long, device=device)
-
-
-def loss_options(kept: torch.Tensor | None, vocab_size: int) -> dict:
-    """`model.loss` keywords for a kept vocabulary: the kept ids and VocabMap's old → kept id table."""
-    if kept is None:
-        return {}
-    table = VocabMap(kept.cpu(), torch.zeros(0, dtype=torch.long), vocab_size).old_to_new
-    return {"vocab_index": kept, "target_index": table.to(kept.device)}
-
-
-def check_labels_in_vocabulary(example_sets, kept: torch.Tensor | None, drop: bool) -> int:
-    """Counts label tokens outside the kept vocabulary before training starts: an error naming how many and
-    which ids (e.g. CJK tokens left in the data), or, with `vocab.drop_unkept_labels`, the number ignored."""
-    if kept is None:
-        return 0
-    kept_ids = kept.cpu().numpy()
-    outside = [labels[(labels != -100) & ~np.isin(labels, kept_ids)]
-               for examples in example_sets for labels in (e.labels for e in examples)]
-    outside = np.concatenate(outside) if outside else np.zeros(0, dtype=np.int64)
-    if outside.size and not drop:
-        ids = np.unique(outside)
-        raise DataError(f"{outside.size} label tokens ({ids.size} distinct ids, e.g. {ids[:10].tolist()}) are outside "
-                         f"the kept vocabulary (vocab.restrict); remove those rows from the data or set "
-                         f"vocab.drop_unkept_labels=true to ignore them")
-    return int(outside.size)
+def build_vocab(settings: VocabSettings, example_sets, template, vocab_size: int) -> VocabMap | None:
+    """The run's kept vocabulary (None: all rows), built once from `vocab.restrict`; label tokens outside it are
+    an error before training starts, or counted and masked when packing with `vocab.drop_unkept_labels`."""
+    labels = [e.labels for examples in example_sets for e in examples]
+    vocab = VocabMap.from_restrict(settings.restrict, vocab_size, labels,
+                                   special_ids=template.tokenizer.get_added_tokens_decoder())
+    if vocab is not None:
+        dropped = vocab.check_labels(labels, settings.drop_unkept_labels)
+        if dropped:
+            log.warning("%d label tokens are outside the kept vocabulary and left out of the loss "
+                        "(vocab.drop_unkept_labels)", dropped)
+    return vocab

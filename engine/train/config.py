@@ -1,11 +1,24 @@
-"""Typed settings of a full fine-tuning run (the FFT recipe's YAML maps onto these one to one)."""
+"""Typed settings of a full fine-tuning run (the FFT recipe's YAML maps onto these one to one).
+
+Every value's domain is part of its type, so `load_config` rejects an out-of-range value with the key and the
+allowed range before anything runs (see engine/config_io.py).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import field
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from ..config_io import settings
+from ..data.cache import TokenizeSettings
+
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
-@dataclass
+@settings
 class ModelSettings:
     path: str | None = None           # HF checkpoint directory to fine-tune
     config: str | None = None         # or: a config.json to train from random init (the embedded demo)
@@ -19,21 +32,15 @@ class ModelSettings:
             raise ValueError("model.config (random init) needs model.tokenizer (a directory, or 'qwen3')")
 
 
-@dataclass
-class DataSettings:
+@settings
+class DataSettings(TokenizeSettings):  # format, enable_thinking, multi_turn, train_on_reasoning, on_error
     train: list[str] = field(default_factory=list)  # JSONL/JSON/Parquet files (messages or ShareGPT)
-    weights: list[float] | None = None  # per-file epoch multiplier: 1 = every row once per epoch, 0.5 = half
+    # per-file epoch multiplier: 1 = every row once per epoch, 0.5 = half
+    weights: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
     eval: list[str] = field(default_factory=list)   # held-out files for the eval loss
-    format: Literal["auto", "messages", "sharegpt"] = "auto"
-    max_tokens: int = 16384            # token budget of one packed micro-batch
-    # true | false | "auto" (per row: thinking on iff the row has reasoning); a row's own field always wins
-    enable_thinking: bool | Literal["auto"] = True
-    empty_think: Literal["train", "mask"] = "mask"  # supervise the empty <think></think> of reasoning-free turns?
-    multi_turn: Literal["all", "last", "split"] = "all"
-    train_on_reasoning: bool = True
-    loss_weighting: Literal["token", "sample", "sqrt"] = "token"
+    max_tokens: Annotated[int, Field(ge=2)] = 16384  # token budget of one packed micro-batch
+    loss_weighting: Literal["token", "sample", "sqrt"] = "token"  # applied when packing (see data/example.py)
     overlong: Literal["truncate", "drop"] = "truncate"
-    on_error: Literal["raise", "skip"] = "raise"
     cache_dir: str | None = None       # tokenised-data cache; default output.dir/cache
 
     def __post_init__(self):
@@ -41,52 +48,54 @@ class DataSettings:
             raise ValueError("data.train must name at least one file")
         if self.weights is not None and len(self.weights) != len(self.train):
             raise ValueError(f"data.weights has {len(self.weights)} entries for {len(self.train)} data.train files")
+        if self.weights is not None and not any(self.weights):
+            raise ValueError("data.weights are all 0: no data file contributes to an epoch")
 
 
-@dataclass
+@settings
 class VocabSettings:
     # "all": the full output vocabulary; "data": only tokens that occur as labels in the data (plus special
-    # tokens); or a path to a kept-id JSON list (e.g. the CJK-free set written by tools/vocab_report).
+    # tokens); or a kept-id file {"kept_ids": [...]} (e.g. the CJK-free set written by tools/vocab_report)
     restrict: str = "all"
-    drop_unkept_labels: bool = False   # labels outside the kept set: error (default) or ignore them
+    drop_unkept_labels: bool = False   # labels outside the kept set: error (default) or leave them out of the loss
 
 
-@dataclass
+@settings
 class OptimSettings:
-    lr: float = 1e-5
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-5
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.1
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
+    eps: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-8
     decay_norms_and_embeddings: bool = False
-    grad_clip: float = 1.0             # global grad-norm clip; 0 disables
-    warmup_steps: int = 0
+    grad_clip: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = 1.0  # global grad-norm clip; 0/null: off
+    warmup_steps: NonNegativeInt = 0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1          # floor of the decay, as a fraction of lr
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1  # floor of the decay, as a fraction of lr
 
 
-@dataclass
+@settings
 class TrainSettings:
-    max_steps: int = 100
+    max_steps: PositiveInt = 100
     seed: int = 0
-    grad_accum: int = 1                # micro-batches per optimizer step on each rank
-    save_every: int = 0                # steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)
-    keep_last: int = 2
+    grad_accum: PositiveInt = 1        # micro-batches per optimizer step on each rank
+    save_every: NonNegativeInt = 0     # steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)
+    keep_last: NonNegativeInt = 2
     resume: str | None = None          # "auto" = latest checkpoint in output.dir, or a checkpoint path
-    eval_every: int = 0
+    eval_every: NonNegativeInt = 0
     precision: Literal["fp32", "bf16-mixed", "bf16"] = "bf16-mixed"
     activation_checkpointing: bool = False
-    max_nonfinite_steps: int = 3       # stop after this many non-finite steps in a row
-    device: str = "auto"               # "auto": cuda when available, else cpu
+    max_nonfinite_steps: PositiveInt = 3  # stop after this many non-finite steps in a row
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto": cuda when available, else cpu
 
 
-@dataclass
+@settings
 class OutputSettings:
     dir: str = "outputs/run"
     tensorboard: bool = True           # when the tensorboard package is installed
     progress: bool = True
 
 
-@dataclass
+@settings
 class FFTConfig:
     model: ModelSettings
     data: DataSettings

@@ -12,6 +12,8 @@ import numpy as np
 
 from ..data import pack
 from ..data.example import Example
+from ..vocab import VocabMap
+from .config import DataSettings
 from ..errors import ConfigError, DataError
 
 
@@ -32,10 +34,13 @@ def mixture_epoch(datasets: Sequence[Sequence[Example]], weights: Sequence[float
 
 
 class StepLoader:
-    def __init__(self, datasets, weights, max_tokens: int, *, seed: int, grad_accum: int, rank: int = 0,
-                 world: int = 1, overlong: str = "truncate"):
-        self.datasets, self.weights = datasets, weights
-        self.max_tokens, self.seed, self.overlong = max_tokens, seed, overlong
+    """`data` is the run's data settings (weights, max_tokens, overlong, loss_weighting); `vocab` the kept
+    vocabulary (labels outside it are masked when packing)."""
+
+    def __init__(self, datasets, data: DataSettings, vocab: VocabMap | None = None, *, seed: int, grad_accum: int,
+                 rank: int = 0, world: int = 1):
+        self.datasets, self.data, self.vocab = datasets, data, vocab
+        self.max_tokens, self.seed = data.max_tokens, seed
         self.grad_accum, self.rank, self.world = grad_accum, rank, world
         self.epoch, self.index = 0, 0
         self._batches, self._batches_epoch = None, None
@@ -45,7 +50,7 @@ class StepLoader:
         if self.per_step > len(batches):
             raise DataError(f"one optimizer step needs {self.per_step} micro-batches (train.grad_accum × ranks) "
                             f"but an epoch packs into only {len(batches)} at data.max_tokens="
-                            f"{max_tokens}; lower train.grad_accum or data.max_tokens")
+                            f"{self.max_tokens}; lower train.grad_accum or data.max_tokens")
 
     def _why_empty(self, report) -> str:
         """Why an epoch packs into no micro-batch at all: no examples, or every one cut or dropped by max_tokens."""
@@ -54,14 +59,14 @@ class StepLoader:
             return ("data.train yields no example to train on (data.weights all 0, or no supervised token in any "
                     "row); check the data files and data.weights")
         longest = max(lengths)
-        if self.overlong == "drop":
+        if self.data.overlong == "drop":
             why = f"longer than data.max_tokens={self.max_tokens} and data.overlong=drop removes them"
         else:
             why = (f"left without a supervised token: either the rows have none, or truncating to "
                    f"data.max_tokens={self.max_tokens} cut every answer off")
         return (f"all {report.dropped} training examples were dropped, {why} (longest example: {longest} tokens); "
                 f"raise data.max_tokens to at least {longest}" + (" or set data.overlong=truncate"
-                                                                   if self.overlong == "drop" else ""))
+                                                                   if self.data.overlong == "drop" else ""))
 
     @property
     def per_step(self) -> int:
@@ -69,8 +74,9 @@ class StepLoader:
 
     def _epoch_batches(self):
         if self._batches_epoch != self.epoch:
-            examples = mixture_epoch(self.datasets, self.weights, self.seed + self.epoch)
-            self._batches = pack(examples, self.max_tokens, seed=self.seed + self.epoch, overlong=self.overlong)
+            examples = mixture_epoch(self.datasets, self.data.weights, self.seed + self.epoch)
+            self._batches = pack(examples, self.max_tokens, seed=self.seed + self.epoch, overlong=self.data.overlong,
+                                 loss_weighting=self.data.loss_weighting, vocab=self.vocab)
             self._batches_epoch = self.epoch
         return self._batches
 

@@ -24,11 +24,11 @@ from ..config_io import to_dict
 from ..data import ChatTemplate, pack
 from ..data.cache import load_examples
 from ..errors import DataError, TrainingError
+from ..vocab import VocabMap
 from .config import FFTConfig
 from .loader import StepLoader
 from .metrics import MFU, MetricsLogger, peak_memory_bytes, plot_loss_curve, training_flops
-from .build import (build_model, check_labels_in_vocabulary, kept_vocabulary, loss_options as vocab_loss_options,
-                    resolve_tokenizer_dir)
+from .build import build_model, build_vocab, resolve_tokenizer_dir
 from .optim import build_optimizer, build_scheduler
 from .parallel import Dist, full_state_dict, init_distributed, shard_model
 from .state import (OutputLock, clean_stale_temporaries, latest_checkpoint, load_checkpoint, resume_checkpoint,
@@ -71,36 +71,43 @@ def step_weight(micro_batches) -> float:
     return float(sum(mb.loss_weight[mb.labels != -100].double().sum() for mb in micro_batches))
 
 
-def train_step(model, micro_batches, dist_: Dist, loss_options: dict | None = None, autocast=contextlib.nullcontext):
+def _loss_tables(vocab: VocabMap | None, device) -> dict:
+    vocab_index, target_index = vocab.loss_tables(device) if vocab is not None else (None, None)
+    return {"vocab_index": vocab_index, "target_index": target_index}
+
+
+def train_step(model, micro_batches, dist_: Dist, vocab: VocabMap | None = None, autocast=contextlib.nullcontext):
     """Forward/backward over this rank's micro-batches; returns (Σ w·CE, Σ w) of the whole global step.
 
     Each micro-batch's gradient is scaled by world / global Σ w: FSDP averages gradients over ranks, so the
     accumulated result is exactly ∇(Σ w·CE / Σ w) of the global step."""
     global_weight = float(dist_.all_reduce_sum(step_weight(micro_batches)))
     scale = dist_.world / max(global_weight, 1e-12)
+    tables = _loss_tables(vocab, dist_.device)
     loss_sum = 0.0
     for i, batch in enumerate(micro_batches):
         if dist_.enabled and hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
         with autocast():
-            loss = model.loss(batch.to(dist_.device), **(loss_options or {}))
+            loss = model.loss(batch.to(dist_.device), **tables)
         (loss * scale).backward()
         loss_sum += float(loss.detach())
     return float(dist_.all_reduce_sum(loss_sum)), global_weight
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches, dist_: Dist, loss_options: dict | None = None,
+def evaluate_loss(model, batches, dist_: Dist, vocab: VocabMap | None = None,
                   autocast=contextlib.nullcontext) -> float:
     """Σ w·CE / Σ w over held-out batches; ranks take turns and run equally many forwards (FSDP needs that)."""
     model.eval()
     rounds = math.ceil(len(batches) / dist_.world)
+    tables = _loss_tables(vocab, dist_.device)
     loss_sum, weight_sum = 0.0, 0.0
     for r in range(rounds):
         index = r * dist_.world + dist_.rank
         batch = batches[min(index, len(batches) - 1)].to(dist_.device)
         with autocast():
-            loss = float(model.loss(batch, **(loss_options or {})))
+            loss = float(model.loss(batch, **tables))
         if index < len(batches):
             loss_sum += loss
             weight_sum += step_weight([batch])
@@ -177,18 +184,15 @@ def _load_data(config: FFTConfig, template: ChatTemplate, dist_: Dist):
     """Tokenises once (rank 0 fills the cache, the others read it) and reports skipped rows. Also returns what
     identifies the data stream (cache keys and packing settings), which a checkpoint's data cursor refers to."""
     data = config.data
-    cache_dir = data.cache_dir or str(Path(config.output.dir) / "cache")
-    options = dict(format=data.format, on_error=data.on_error, enable_thinking=data.enable_thinking,
-                   multi_turn=data.multi_turn, train_on_reasoning=data.train_on_reasoning,
-                   loss_weighting=data.loss_weighting, empty_think=data.empty_think)
+    cache_dir = cache_dir_of(config)
 
     def load(paths):
         loaded = []
         for path in paths:
             if dist_.is_main:
-                load_examples([path], template, cache_dir=cache_dir, progress=config.output.progress, **options)
+                load_examples([path], template, config.data, cache_dir=cache_dir, progress=config.output.progress)
             dist_.barrier()
-            examples, summary = load_examples([path], template, cache_dir=cache_dir, progress=False, **options)
+            examples, summary = load_examples([path], template, config.data, cache_dir=cache_dir, progress=False)
             if dist_.is_main:
                 log.info("%s: %s", path, summary)
             if summary.skipped and not summary.num_rows:
@@ -203,6 +207,11 @@ def _load_data(config: FFTConfig, template: ChatTemplate, dist_: Dist):
     fingerprint = {"train": keys[:], "weights": data.weights, "max_tokens": data.max_tokens,
                    "overlong": data.overlong, "seed": config.train.seed}
     return train, [e for examples in load(data.eval) for e in examples], fingerprint
+
+
+def cache_dir_of(config: FFTConfig) -> str:
+    """data.cache_dir, by default output.dir/cache."""
+    return config.data.cache_dir or str(Path(config.output.dir) / "cache")
 
 
 def train(config: FFTConfig, evaluate: Callable[[EvalPoint], dict] | None = None) -> TrainResult:
@@ -228,22 +237,17 @@ def _train(config: FFTConfig, dist_: Dist, evaluate: Callable[[EvalPoint], dict]
     datasets, eval_examples, data_fingerprint = _load_data(config, template, dist_)
     param_dtype, compute_dtype, autocast = _precision(config, dist_)
     model = build_model(config.model, param_dtype, dist_.device)
-    vocab_index = kept_vocabulary(config.vocab, datasets + [eval_examples], template, model.config.vocab_size,
-                                  dist_.device)
-    dropped = check_labels_in_vocabulary(datasets + [eval_examples], vocab_index, config.vocab.drop_unkept_labels)
-    if dropped and dist_.is_main:
-        log.warning("ignoring %d label tokens outside the kept vocabulary (vocab.drop_unkept_labels)", dropped)
-    loss_options = vocab_loss_options(vocab_index, model.config.vocab_size)  # unkept labels: not scored
+    vocab = build_vocab(config.vocab, datasets + [eval_examples], template, model.config.vocab_size)
     model.activation_checkpointing = config.train.activation_checkpointing
     if dist_.enabled:
         shard_model(model, compute_dtype)
     model.train()
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.train.max_steps, config.optim)
-    loader = StepLoader(datasets, config.data.weights, config.data.max_tokens, seed=config.train.seed,
-                        grad_accum=config.train.grad_accum, rank=dist_.rank, world=dist_.world,
-                        overlong=config.data.overlong)
-    eval_batches = pack(eval_examples, config.data.max_tokens, seed=0) if eval_examples else None
+    loader = StepLoader(datasets, config.data, vocab, seed=config.train.seed, grad_accum=config.train.grad_accum,
+                        rank=dist_.rank, world=dist_.world)
+    eval_batches = pack(eval_examples, config.data.max_tokens, seed=0, overlong=config.data.overlong,
+                        loss_weighting=config.data.loss_weighting, vocab=vocab) if eval_examples else None
 
     step, counters = 0, {"skipped_steps": 0, "nonfinite_in_a_row": 0}
     resume = resume_checkpoint(out, config.train.resume, dist_)
@@ -258,7 +262,7 @@ def _train(config: FFTConfig, dist_: Dist, evaluate: Callable[[EvalPoint], dict]
                         "model, optimizer and schedule resume at step %d", resume, step)
         log.info("resumed from %s at step %d", resume, step)
 
-    output_rows = model.config.vocab_size if vocab_index is None else len(vocab_index)
+    output_rows = model.config.vocab_size if vocab is None else vocab.new_size
     mfu = MFU(dist_.device, param_dtype if compute_dtype is None else compute_dtype, dist_.world)
     logger = MetricsLogger(out, config.train.max_steps, step, enabled=dist_.is_main,
                            progress=config.output.progress, tensorboard=config.output.tensorboard)
@@ -302,8 +306,8 @@ def _train(config: FFTConfig, dist_: Dist, evaluate: Callable[[EvalPoint], dict]
         while step < config.train.max_steps:
             started = time.perf_counter()
             micro_batches = loader.next_step()
-            loss_sum, weight = train_step(model, micro_batches, dist_, loss_options, autocast)
-            clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
+            loss_sum, weight = train_step(model, micro_batches, dist_, vocab, autocast)
+            clip = config.optim.grad_clip or float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             loss = loss_sum / max(weight, 1e-12)
@@ -339,7 +343,7 @@ def _train(config: FFTConfig, dist_: Dist, evaluate: Callable[[EvalPoint], dict]
             result.losses.append(loss)
             if config.train.eval_every and step % config.train.eval_every == 0:
                 if eval_batches:
-                    logger.log({"step": step, "eval_loss": evaluate_loss(model, eval_batches, dist_, loss_options,
+                    logger.log({"step": step, "eval_loss": evaluate_loss(model, eval_batches, dist_, vocab,
                                                                          autocast)})
                 if step < config.train.max_steps:  # the last step is evaluated after the final save
                     run_evaluation(step)
@@ -355,19 +359,18 @@ def _train(config: FFTConfig, dist_: Dist, evaluate: Callable[[EvalPoint], dict]
             if latest_checkpoint(out) is None or latest_checkpoint(out).name != f"step-{step}":
                 checkpoint(step)
             if eval_batches:
-                logger.log({"step": step, "eval_loss": evaluate_loss(model, eval_batches, dist_, loss_options,
-                                                                     autocast)})
+                logger.log({"step": step, "eval_loss": evaluate_loss(model, eval_batches, dist_, vocab, autocast)})
             run_evaluation(step)
             state = full_state_dict(model) if dist_.enabled else None
             if dist_.is_main:
                 try:
                     with stop.immediate():
                         result.final_dir = save_model(model, out / "final", tokenizer_dir=tokenizer_dir,
-                                                      state_dict=state)
+                                                      state_dict=state, vocab=vocab)
                 except Interrupted:
                     result.interrupted = True
                 plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
-            dist_.barrier()
+            result.interrupted = float(dist_.all_reduce_sum(1.0 if result.interrupted else 0.0)) > 0
     logger.close()
     trailing = counters["nonfinite_in_a_row"]
     if trailing and not result.interrupted:

@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from ..files import write_text
 
 
 def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
@@ -153,9 +154,7 @@ def truncate_metrics(path: Path, last_step: int):
     dropped = len([line for line in text.splitlines() if line.strip()]) - len(kept)
     logging.getLogger("qforge.train").info("%s: dropped %d records after step %d or cut short", path, dropped,
                                            last_step)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(lines, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, lines)
 
 
 def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | None:

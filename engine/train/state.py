@@ -119,8 +119,14 @@ def verify_checkpoint(path: str | Path, dist_: Dist | None = None) -> str | None
 def resume_checkpoint(output_dir: str | Path, resume: str | None, dist_: Dist) -> Path | None:
     """The checkpoint to resume from: `train.resume` itself (which must verify), or for "auto" the newest
     one under output.dir that verifies; a newer damaged one is set aside (renamed `step-<N>.damaged`) and
-    the fallback is logged. None when "auto" finds no checkpoint at all."""
+    the fallback is logged. None when "auto" finds no checkpoint at all; without train.resume, output.dir
+    must not hold checkpoints already."""
     if resume is None:
+        existing = latest_checkpoint(output_dir)
+        if existing is not None:  # its higher step numbers would outlive (and prune) this run's checkpoints
+            raise CheckpointError(f"output.dir {output_dir} already holds checkpoints of an earlier run "
+                                  f"({existing.name}); set train.resume=auto to continue it, or choose another "
+                                  f"output.dir")
         return None
     if resume != "auto":
         if not Path(resume).is_dir():
@@ -130,6 +136,11 @@ def resume_checkpoint(output_dir: str | Path, resume: str | None, dist_: Dist) -
         if problem:
             raise CheckpointError(f"train.resume={resume}: damaged checkpoint ({problem}); use train.resume=auto "
                                   f"to take the newest checkpoint that verifies, or name another step-<N> directory")
+        newest, match = latest_checkpoint(output_dir), STEP_DIR.fullmatch(Path(resume).name)
+        if newest is not None and match and int(STEP_DIR.fullmatch(newest.name).group(1)) > int(match.group(1)):
+            raise CheckpointError(f"train.resume={resume}, but output.dir {output_dir} holds a later checkpoint "
+                                  f"({newest.name}) that would outlive (and prune) this run's; resume into another "
+                                  f"output.dir, or use train.resume=auto")
         return Path(resume)
     root = checkpoint_dir(output_dir)
     candidates = sorted(((int(m.group(1)), p) for p in root.glob("step-*") if (m := STEP_DIR.fullmatch(p.name))),
@@ -152,9 +163,15 @@ def resume_checkpoint(output_dir: str | Path, resume: str | None, dist_: Dist) -
 
 
 def clean_stale_temporaries(output_dir: str | Path):
-    """Removes what a killed run left half-written (checkpoint and export temp dirs). Call with the lock held."""
+    """Removes what a killed run left half-written (checkpoint and export temp dirs); a complete copy moved aside
+    for a re-save that never landed goes back in place. Call with the lock held."""
     out = Path(output_dir)
-    for pattern in ("checkpoints/.step-*.tmp", "checkpoints/.step-*.old*", ".final.tmp-*", ".final.old-*"):
+    moved_aside = [(old, old.with_name(old.name[1:-len(".old")])) for old in out.glob("checkpoints/.step-*.old")]
+    moved_aside += [(old, out / "final") for old in out.glob(".final.old-*")]
+    for old, target in moved_aside:
+        if not target.exists():
+            old.rename(target)
+    for pattern in ("checkpoints/.step-*.tmp", "checkpoints/.step-*.old", ".final.tmp-*", ".final.old-*"):
         for path in out.glob(pattern):
             shutil.rmtree(path, ignore_errors=True)
 

@@ -73,13 +73,13 @@ class Answer:
     transient: bool = False  # the last failure may succeed later (no HTTP status, or a retryable one)
 
 
-def ask_all(client: ChatClient, conversations: Sequence[list[dict]], tags: Sequence[str],
+def ask_all(client: ChatClient, conversations: Sequence[list[dict]], tags: Sequence[str] | None,
             parse: Callable[[int, ChatReply], object], *, retries: int, retry_prompt: str, usage: Usage,
             params: dict, desc: str) -> list[Answer]:
     """Asks every conversation and parses each reply; a malformed reply is re-asked up to `retries` times
     (with `retry_prompt`, where {error} says what was wrong, after the bad reply; or, without a retry
     prompt, as a fresh sample). `parse(index, reply)` raises Malformed for a bad reply; `tags` are stable
-    per-conversation cache tags."""
+    per-conversation cache tags (None: the conversation itself is the key)."""
     answers = [Answer() for _ in conversations]
     last: list[tuple[str, str] | None] = [None] * len(conversations)  # (bad reply, error) for the re-ask
     pending = list(range(len(conversations)))
@@ -91,7 +91,7 @@ def ask_all(client: ChatClient, conversations: Sequence[list[dict]], tags: Seque
                 conversation += [{"role": "assistant", "content": last[i][0]},
                                  {"role": "user", "content": fill(retry_prompt, {"error": last[i][1]})}]
             asked.append(conversation)
-        tries = [f"{tags[i]}#try{attempt}" if attempt else tags[i] for i in pending]
+        tries = [f"{tags[i] if tags else ''}#try{attempt}" if attempt else tags[i] if tags else None for i in pending]
         results = client.chat_many(asked, cache_tags=tries, errors="return", desc=f"{desc} (try {attempt + 1})",
                                    **params)
         for i, result in zip(pending, results):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from data_fixtures import qwen_template  # noqa: F401 (pytest fixtures)
-from qforge.engine.data import IGNORE_INDEX, load_examples
+from qforge.engine.data import IGNORE_INDEX, TokenizeSettings, load_examples
+from qforge.engine.train.config import DataSettings
 
 ROWS = [
     {"messages": [{"role": "user", "content": f"question {i}"},
@@ -25,8 +26,7 @@ def data_file(tmp_path):
 
 def same_examples(a, b) -> bool:
     return len(a) == len(b) and all(
-        np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.labels, y.labels)
-        and np.array_equal(x.loss_weight, y.loss_weight) for x, y in zip(a, b))
+        np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.labels, y.labels) for x, y in zip(a, b))
 
 
 def test_second_load_comes_from_the_cache_without_tokenising(data_file, tmp_path, qwen_template, monkeypatch):
@@ -49,12 +49,17 @@ def test_second_load_comes_from_the_cache_without_tokenising(data_file, tmp_path
 def test_cache_key_changes_with_data_and_options(data_file, tmp_path, qwen_template):
     cache = tmp_path / "cache"
     _, first = load_examples(data_file, qwen_template, cache_dir=cache, progress=False)
-    _, weighted = load_examples(data_file, qwen_template, cache_dir=cache, loss_weighting="sqrt", progress=False)
+    _, no_think = load_examples(data_file, qwen_template, TokenizeSettings(enable_thinking=False), cache_dir=cache,
+                                progress=False)
+    # loss weights are computed when packing: the training settings' loss_weighting does not re-tokenise
+    reweighted = DataSettings(train=[str(data_file)], loss_weighting="sqrt")
+    _, weighted = load_examples(data_file, qwen_template, reweighted, cache_dir=cache, progress=False)
+    assert weighted.from_cache and weighted.cache_path == first.cache_path
     with open(data_file, "a") as f:
         f.write(json.dumps(ROWS[0]) + "\n")
     _, changed = load_examples(data_file, qwen_template, cache_dir=cache, progress=False)
-    assert not weighted.from_cache and not changed.from_cache
-    assert len({first.cache_path, weighted.cache_path, changed.cache_path}) == 3
+    assert not no_think.from_cache and not changed.from_cache
+    assert len({first.cache_path, no_think.cache_path, changed.cache_path}) == 3
     assert changed.num_examples == len(ROWS) + 1
 
 
@@ -81,13 +86,13 @@ def test_a_damaged_cache_is_rebuilt(data_file, tmp_path, qwen_template, damage, 
 
 
 def test_multi_turn_split_trains_each_turn_with_its_own_reasoning(data_file, qwen_template):
-    examples, summary = load_examples(data_file, qwen_template, multi_turn="split", progress=False)
+    examples, summary = load_examples(data_file, qwen_template, TokenizeSettings(multi_turn="split"), progress=False)
     assert summary.num_rows == len(ROWS) and summary.num_examples == len(ROWS) + 1
     decode = lambda e: qwen_template.tokenizer.decode(  # noqa: E731
         e.input_ids[e.labels != IGNORE_INDEX].tolist(), skip_special_tokens=False)
     assert [decode(e) for e in examples[-2:]] == ["<think>\nr1\n</think>\n\nb<|im_end|>",
                                                   "<think>\nr2\n</think>\n\nd<|im_end|>"]
-    last, _ = load_examples(data_file, qwen_template, multi_turn="last", progress=False)
+    last, _ = load_examples(data_file, qwen_template, TokenizeSettings(multi_turn="last"), progress=False)
     assert decode(last[-1]) == decode(examples[-1]) and len(last) == len(ROWS)
-    with pytest.raises(ValueError, match="unknown multi_turn 'every'"):
-        load_examples(data_file, qwen_template, multi_turn="every")
+    with pytest.raises(ValueError, match="multi_turn"):
+        TokenizeSettings(multi_turn="every")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from data_fixtures import qwen_template  # noqa: F401 (pytest fixtures)
-from qforge.engine.data import DataError, load_examples, read_conversations
+from qforge.engine.data import DataError, TokenizeSettings, load_examples, read_conversations
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 SHAREGPT = {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "hi"},
@@ -30,11 +30,13 @@ BAD_ROWS = [  # (raw line, field named in the error, words of the reason)
      "messages[1].content", "empty answer"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " \n\t"}]}),
      "messages[1].content", "empty answer"),
-    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "<think>r</think>\n"}]}),
+    (json.dumps({"messages": [{"role": "user", "content": "x"},
+                              {"role": "assistant", "content": "<think>r</think>\n"}]}),
      "messages[1].content", "empty answer (nothing but whitespace after </think>)"),
-    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a",
-                                                                  "reasoning_content": "r"}, {"role": "user", "content": "y"},
-                              {"role": "assistant", "content": "  "}]}), "messages[3].content", "empty answer"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"},
+                              {"role": "assistant", "content": "a", "reasoning_content": "r"},
+                              {"role": "user", "content": "y"}, {"role": "assistant", "content": "  "}]}),
+     "messages[3].content", "empty answer"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a", "content": "b"}]}',
      "messages[1].content", "key given twice"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a"}], "messages": []}',
@@ -87,8 +89,9 @@ def test_bad_row_raises_naming_file_line_and_field(tmp_path, qwen_template, raw,
 
 
 def test_well_formed_reasoning_rows_are_accepted(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\na"}]},
-            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a", "reasoning_content": ""}]},
+    user = {"role": "user", "content": "x"}
+    rows = [{"messages": [user, {"role": "assistant", "content": "<think>\nr\n</think>\n\na"}]},
+            {"messages": [user, {"role": "assistant", "content": "a", "reasoning_content": ""}]},
             {"messages": [{"role": "user", "content": "<think> is a tag"}, {"role": "assistant", "content": "yes"}]}]
     path = write_jsonl(tmp_path / "data.jsonl", [json.dumps(row) for row in rows])
     assert [isinstance(m, list) for _, m in read_conversations(path)] == [True, True, True]
@@ -113,7 +116,7 @@ def test_bad_rows_are_skipped_and_counted_when_asked(tmp_path, qwen_template):
     bad = [(raw, field) for raw, field, _ in BAD_ROWS if field.startswith(("json", "messages", "row"))]
     assert len(bad) > 15  # the rows that are almost certainly mistakes are skipped and listed too
     path = write_jsonl(tmp_path / "data.jsonl", [json.dumps(GOOD)] + [raw for raw, _ in bad] + [json.dumps(GOOD)])
-    examples, summary = load_examples(path, qwen_template, on_error="skip", progress=False)
+    examples, summary = load_examples(path, qwen_template, TokenizeSettings(on_error="skip"), progress=False)
     assert len(examples) == summary.num_rows == 2
     assert [row.line for row in summary.skipped] == list(range(2, 2 + len(bad)))
     assert [row.field for row in summary.skipped] == [field for _, field in bad]

@@ -91,13 +91,14 @@ def test_token_ids_match_transformers_and_labels_are_assistant_only(qwen_templat
 
 
 def test_loss_weightings(qwen_template):
+    example = qwen_template.encode(SINGLE)
+    supervised = example.labels != IGNORE_INDEX
+    n = int(supervised.sum())
     for weighting in ("token", "sample", "sqrt"):
-        example = qwen_template.encode(SINGLE, loss_weighting=weighting)
-        n = example.num_loss_tokens
+        weights = loss_weights(supervised, weighting)
         expected = {"token": 1.0, "sample": 1.0 / n, "sqrt": n ** -0.5}[weighting]
-        supervised = example.labels != IGNORE_INDEX
-        np.testing.assert_allclose(example.loss_weight[supervised], expected, rtol=1e-6)
-        assert not example.loss_weight[~supervised].any()
+        np.testing.assert_allclose(weights[supervised], expected, rtol=1e-6)
+        assert not weights[~supervised].any()
     assert loss_weights(np.array([True, True, False, True]), "sample").sum() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="unknown loss weighting 'mean'"):
         loss_weights(np.array([True]), "mean")

@@ -9,11 +9,8 @@ from qforge.engine.data import IGNORE_INDEX, pack
 from qforge.engine.data.example import make_example
 from qforge.engine.model import hf_key
 
-WEIGHTINGS = ("token", "sample", "sqrt")
-
-
 def random_examples(count: int, seed: int = 0):
-    """Sequences with a prompt part and one or two supervised stretches, cycling through the weightings."""
+    """Sequences with a prompt part and one or two supervised stretches."""
     rng = np.random.default_rng(seed)
     examples = []
     for i in range(count):
@@ -22,18 +19,18 @@ def random_examples(count: int, seed: int = 0):
         supervised = np.zeros(length, dtype=bool)
         supervised[rng.integers(1, length - 2):] = True
         supervised[rng.integers(1, length):][:3] = False
-        examples.append(make_example(ids, supervised, WEIGHTINGS[i % 3]))
+        examples.append(make_example(ids, supervised))
     return examples
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_packed_loss_and_grads_equal_sum_of_hf_per_sequence_losses(tmp_path, tied):
+@pytest.mark.parametrize("tied, weighting", [(True, "sample"), (False, "sqrt")])
+def test_packed_loss_and_grads_equal_sum_of_hf_per_sequence_losses(tmp_path, tied, weighting):
     transformers = pytest.importorskip("transformers")
     path = save_hf_qwen3(tmp_path / "ckpt", seed=3, dtype=torch.float32, tie_word_embeddings=tied)
     examples = random_examples(9)
 
     ours = load_model(path, dtype=torch.float32)
-    batches = pack(examples, max_tokens=100, seed=5)
+    batches = pack(examples, max_tokens=100, seed=5, loss_weighting=weighting)
     assert len(batches) > 1 and sum(b.num_sequences for b in batches) == len(examples)
     packed = sum(ours.loss(batch) for batch in batches)
     packed.backward()
@@ -41,9 +38,10 @@ def test_packed_loss_and_grads_equal_sum_of_hf_per_sequence_losses(tmp_path, tie
     hf = transformers.Qwen3ForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
     expected = 0.0
     for example in examples:
-        # HF's loss is the mean CE over the shifted supervised positions; our weights are constant per sample.
+        # HF's loss is the mean CE over the shifted supervised positions; our weights are constant per sample:
+        # 1/n ("sample") or 1/sqrt(n) ("sqrt") for its n supervised tokens
         targets = example.labels[1:] != IGNORE_INDEX
-        weight = float(example.loss_weight[1:][targets][0])
+        weight = {"sample": 1 / example.num_loss_tokens, "sqrt": example.num_loss_tokens ** -0.5}[weighting]
         labels = torch.from_numpy(example.labels.astype(np.int64))[None]
         loss = hf(input_ids=torch.from_numpy(example.input_ids.astype(np.int64))[None], labels=labels).loss
         expected = expected + loss * weight * int(targets.sum())

@@ -6,12 +6,11 @@ import torch
 from qforge.engine.data import IGNORE_INDEX, Example, PackedBatch, pack
 
 
-def example(length: int, first_supervised: int = 1, weight: float = 1.0, offset: int = 0) -> Example:
+def example(length: int, first_supervised: int = 1, offset: int = 0) -> Example:
     """Tokens offset+0..offset+length-1; tokens from `first_supervised` on are supervised."""
     ids = np.arange(offset, offset + length, dtype=np.int32)
     supervised = np.arange(length) >= first_supervised
-    return Example(ids, np.where(supervised, ids, IGNORE_INDEX).astype(np.int32),
-                   np.where(supervised, weight, 0).astype(np.float32))
+    return Example(ids, np.where(supervised, ids, IGNORE_INDEX).astype(np.int32))
 
 
 def lognormal_examples(n: int, seed: int = 0) -> list[Example]:
@@ -21,15 +20,15 @@ def lognormal_examples(n: int, seed: int = 0) -> list[Example]:
 
 
 def test_packed_batch_layout_against_a_hand_built_one():
-    a, b = example(4, first_supervised=2, weight=0.5, offset=10), example(3, first_supervised=1, offset=20)
-    batch = PackedBatch.from_examples([a, b])
+    a, b = example(4, first_supervised=2, offset=10), example(3, first_supervised=1, offset=20)
+    batch = PackedBatch.from_examples([a, b], loss_weighting="sample")
     assert batch.input_ids.tolist() == [10, 11, 12, 13, 20, 21, 22]
     assert batch.position_ids.tolist() == [0, 1, 2, 3, 0, 1, 2]
     assert batch.cu_seqlens.tolist() == [0, 4, 7] and batch.cu_seqlens.dtype == torch.int32
     assert batch.max_seqlen == 4
     # Position t targets token t+1 of its own sequence; the last position of each sequence targets nothing.
     assert batch.labels.tolist() == [-100, 12, 13, -100, 21, 22, -100]
-    assert batch.loss_weight.tolist() == [0, 0.5, 0.5, 0, 1, 1, 0]
+    assert batch.loss_weight.tolist() == [0, 0.5, 0.5, 0, 0.5, 0.5, 0]  # "sample": each sequence's weights sum to 1
     assert batch.input_ids.dtype == batch.labels.dtype == batch.position_ids.dtype == torch.int64
     assert batch.loss_weight.dtype == torch.float32
     assert (batch.num_tokens, batch.num_sequences, batch.num_loss_tokens) == (7, 2, 4)

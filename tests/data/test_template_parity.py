@@ -80,11 +80,11 @@ def test_render_covers_the_documented_cases(qwen_template, hf_tokenizer):
     assert "r1" not in rendered and "<think>\nr2\n</think>\n\nd<|im_end|>" in rendered
 
 
-def test_encode_prompt_tokens_match_transformers(qwen_template, hf_tokenizer):
+def test_generation_prompt_tokens_match_transformers(qwen_template, hf_tokenizer):
     messages = [{"role": "user", "content": "Write a haiku about 数学 😀"}]
     for enable_thinking in (True, False):
         expected = hf_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
                                                     enable_thinking=enable_thinking)
         expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
-        assert qwen_template.encode_prompt(messages, enable_thinking) == list(expected)
+        assert qwen_template.tokenizer.encode(qwen_template.render(messages, enable_thinking, add_generation_prompt=True), add_special_tokens=False).ids == list(expected)
 

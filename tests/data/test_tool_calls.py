@@ -10,6 +10,7 @@ import pytest
 
 from data_fixtures import hf_tokenizer, qwen_template  # noqa: F401 (pytest fixtures)
 from qforge.engine.data import IGNORE_INDEX, DataError, load_examples
+from qforge.engine.data.cache import TokenizeSettings
 from qforge.engine.data.formats import Conversation, RowError, row_to_messages
 from test_labels import supervised_runs
 from test_template_parity import assistant_message, text
@@ -130,7 +131,7 @@ def test_mixed_thinking_rows_rule_and_empty_think(qwen_template, hf_tokenizer, t
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def load(**options):
-        return load_examples(path, qwen_template, progress=False, **options)
+        return load_examples(path, qwen_template, TokenizeSettings(**options), progress=False)
 
     def decoded(example):
         return qwen_template.tokenizer.decode(example.input_ids.tolist(), skip_special_tokens=False)
@@ -154,18 +155,18 @@ def test_mixed_thinking_rows_rule_and_empty_think(qwen_template, hf_tokenizer, t
     assert [supervised_runs(qwen_template, e) for e in masked] == [
         ["Hello.<|im_end|>"], ["<think>\nadd\n</think>\n\n4<|im_end|>"], ["Hello.<|im_end|>"], ["4<|im_end|>"]]
     assert [decoded(e) for e in masked] == [decoded(e) for e in load(enable_thinking=True, empty_think="train")[0]]
-    with pytest.raises(ValueError, match="unknown empty_think"):
+    with pytest.raises(ValueError, match="empty_think"):
         load(empty_think="skip")
-    with pytest.raises(ValueError, match="unknown enable_thinking"):
+    with pytest.raises(ValueError, match="enable_thinking"):
         load(enable_thinking="sometimes")
 
 
 def test_kinds_survive_the_cache(qwen_template, tmp_path):
     path = tmp_path / "mix.jsonl"
     path.write_text(json.dumps(PLAIN) + "\n" + json.dumps(REASONED) + "\n")
-    _, first = load_examples(path, qwen_template, cache_dir=tmp_path / "cache", enable_thinking="auto", progress=False)
-    _, second = load_examples(path, qwen_template, cache_dir=tmp_path / "cache", enable_thinking="auto",
-                              progress=False)
+    auto = TokenizeSettings(enable_thinking="auto")
+    _, first = load_examples(path, qwen_template, auto, cache_dir=tmp_path / "cache", progress=False)
+    _, second = load_examples(path, qwen_template, auto, cache_dir=tmp_path / "cache", progress=False)
     assert second.from_cache and second.kinds == first.kinds == {"no-think": 1, "reasoning": 1}
     with pytest.raises(DataError, match="no such data file"):
         load_examples(tmp_path / "missing.jsonl", qwen_template)

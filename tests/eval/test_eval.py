@@ -134,15 +134,15 @@ def test_endpoint_modes_read_scripted_replies(tmp_path, questions):
             check_against(report, predictions, questions, expected)
 
 
-def test_cli_writes_outputs_and_rejects_unknown_keys(checkpoint, tmp_path):
+def test_cli_writes_outputs_and_rejects_unknown_keys(checkpoint, tmp_path, capsys):
     command = [sys.executable, "recipes/eval.py", "--config", "recipes/configs/eval.yaml", f"model.path={checkpoint}",
                f"output.dir={tmp_path}", "data.limit=4"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "accuracy" in done.stdout and (tmp_path / "report.json").exists()
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 4
-    with pytest.raises(SystemExit, match=r"unknown key 'eval.mdoe'.*did you mean 'eval.mode'"):
-        main(command[2:] + ["eval.mdoe=loglik"])
+    assert main(command[2:] + ["eval.mdoe=loglik"]) == 2  # a config error: one line, exit code 2
+    assert "unknown key 'eval.mdoe'; did you mean 'eval.mode'?" in capsys.readouterr().err
 
 
 def test_exact_match_helper_compares_extracted_answers(checkpoint):
@@ -155,7 +155,7 @@ def test_exact_match_helper_compares_extracted_answers(checkpoint):
     template = ChatTemplate.from_pretrained(checkpoint)
     model = load_model(checkpoint, dtype=torch.float32)
     questions = ["Lan có 3 quả cam, mẹ cho thêm 2 quả. Hỏi Lan có mấy quả?", "7 × 8 = ?", "Tính 45 : 5.", "10 - 4 = ?"]
-    prompts = [template.encode_prompt([{"role": "user", "content": q}]) for q in questions]
+    prompts = [template.tokenizer.encode(template.render([{"role": "user", "content": q}], add_generation_prompt=True), add_special_tokens=False).ids for q in questions]
     texts = [template.tokenizer.decode(ids, skip_special_tokens=True)
              for ids in generate(model, prompts, max_new_tokens=4, stop_ids=[template.im_end_id])]
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Đáp án: 1"}],

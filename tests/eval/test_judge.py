@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from qforge.engine.serve import ChatServer, ScriptedBackend
-from qforge.recipes.judge import fill, main
+from qforge.recipes.judge import main
+from qforge.recipes.sft_data.stages import fill
 from qforge.recipes.judging import bootstrap_interval, pair_outcome, parse_pairwise, parse_rating
 
 RETRY = "Reply again with only the verdict."
@@ -163,7 +164,7 @@ def test_bootstrap_interval_matches_the_normal_approximation():
 
 
 def test_fill_substitutes_once():
-    text = fill("Q: {question} A: {answer}", question="{answer}", answer="x")
+    text = fill("Q: {question} A: {answer}", {"question": "{answer}", "answer": "x"})
     assert text == "Q: {answer} A: x"
 
 

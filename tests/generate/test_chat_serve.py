@@ -33,7 +33,7 @@ def conversation(text):
 def test_chat_equals_generate_on_the_template_tokens(checkpoint, chat_model, thinking):
     template = ChatTemplate.from_pretrained(checkpoint)
     model = load_model(checkpoint, dtype=torch.float32)
-    prompts = [template.encode_prompt(conversation(q), enable_thinking=thinking) for q in QUESTIONS]
+    prompts = [template.tokenizer.encode(template.render(conversation(q), thinking, add_generation_prompt=True), add_special_tokens=False).ids for q in QUESTIONS]
     expected = generate(model, prompts, max_new_tokens=6, stop_ids=[template.im_end_id])
     completions = chat_model.chat([conversation(q) for q in QUESTIONS], enable_thinking=thinking, max_new_tokens=6)
     for completion, prompt, ids in zip(completions, prompts, expected):
@@ -85,11 +85,8 @@ def test_open_endpoint_serves_a_checkpoint_and_caches_across_runs(checkpoint, ch
         EndpointSettings(base_url="http://127.0.0.1:1/v1").check("candidate")
 
 
-def test_checkpoint_suppress_tokens_and_vocab_map_files_are_honoured(checkpoint, chat_model, tmp_path):
+def test_checkpoint_suppress_tokens_are_honoured(checkpoint, chat_model, tmp_path):
     import json
-
-    from qforge.engine.chat import read_token_ids
-    from qforge.engine.vocab import VocabMap
 
     first = chat_model.encode(chat_model.complete(["Hà Nội"], max_new_tokens=3)[0].text)[0]
     pruned = tmp_path / "pruned"
@@ -99,10 +96,3 @@ def test_checkpoint_suppress_tokens_and_vocab_map_files_are_honoured(checkpoint,
     assert set(reloaded.suppress_ids) == {first, 7}
     assert chat_model.encode(reloaded.complete(["Hà Nội"], max_new_tokens=3)[0].text)[:1] != [first]
 
-    VocabMap(torch.arange(10), torch.tensor([3]), original_size=16).save(tmp_path / "vocab.json")
-    assert read_token_ids(tmp_path / "vocab.json") == [3, 10, 11, 12, 13, 14, 15]
-    (tmp_path / "ids.txt").write_text("5\n9\n")
-    assert read_token_ids(tmp_path / "ids.txt") == [5, 9]
-    (tmp_path / "bad.txt").write_text("5 x")
-    with pytest.raises(ValueError, match="bad.txt"):
-        read_token_ids(tmp_path / "bad.txt")

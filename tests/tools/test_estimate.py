@@ -11,7 +11,7 @@ import pytest
 from qforge.engine.config import Qwen3Config
 from qforge.tools.estimate import MODELS, Plan, estimate_memory, main, parameter_counts, resolve_config
 
-MEASURE = Path(__file__).with_name("measure_train_memory.py")
+MEASURE = Path(__file__).resolve().parents[2] / "benchmarks" / "measure_train_memory.py"
 SMALL = dict(vocab_size=16_000, hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=8,
              num_key_value_heads=4, head_dim=32, tie_word_embeddings=True)
 CASES = {

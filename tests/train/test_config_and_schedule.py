@@ -46,7 +46,7 @@ stages:
 
 def test_mixture_weights_are_epoch_multipliers():
     def examples(tag, n):
-        return [Example(np.array([tag, i]), np.array([tag, i]), np.ones(2, np.float32)) for i in range(n)]
+        return [Example(np.array([tag, i]), np.array([tag, i])) for i in range(n)]
     a, b = examples(1, 10), examples(2, 4)
     epoch = mixture_epoch([a, b], [0.5, 2.5], seed=3)
     tags = [int(e.input_ids[0]) for e in epoch]

@@ -31,7 +31,8 @@ def test_progress_bar_leaves_out_an_unknown_mfu(tmp_path):
 
 def test_resume_drops_records_after_the_checkpoint_and_a_half_written_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)] + [json.dumps({"step": 2, "eval_loss": 2.0})]
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
+    lines.append(json.dumps({"step": 2, "eval_loss": 2.0}))
     path.write_text("\n".join(lines) + '\n{"step": 5, "lo')
     logger = metrics.MetricsLogger(tmp_path, 10, 2, enabled=True, progress=False, tensorboard=False)
     logger.log({"step": 3, "eval_loss": 1.5})

@@ -85,8 +85,15 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(three_checkpoi
     assert state.load_checkpoint(chosen, model, optimizer, scheduler, Dist())["step"] == 2
     # an explicit train.resume that does not verify is an error naming the damage, not a silent fallback
     DAMAGES[damage](out / "checkpoints/step-2")
-    with pytest.raises(CheckpointError, match=r"train.resume=.*step-2: damaged checkpoint \(.+\); use train.resume=auto"):
+    with pytest.raises(CheckpointError, match=r"train.resume=.*step-2: damaged checkpoint \(.+\); use "
+                                              r"train.resume=auto"):
         state.resume_checkpoint(out, str(out / "checkpoints/step-2"), Dist())
+
+
+def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(three_checkpoints):
+    with pytest.raises(CheckpointError, match=r"already holds checkpoints of an earlier run \(step-3\); set "
+                                              r"train.resume=auto to continue it, or choose another output.dir"):
+        state.resume_checkpoint(three_checkpoints, None, Dist())
 
 
 def test_no_checkpoint_verifies_is_an_error(three_checkpoints, tmp_path):
@@ -114,11 +121,22 @@ def test_older_checkpoints_are_pruned_only_after_the_new_one_verifies(tmp_path, 
 
 
 def test_stale_temporaries_are_removed(tmp_path):
-    for stale in ("checkpoints/.step-7.tmp/state", ".final.tmp-12345", ".final.old-12345"):
+    for stale in ("checkpoints/.step-7.tmp/state", ".final.tmp-12345", ".final.old-12345/a", "checkpoints/.step-6.old",
+                  "checkpoints/.step-5.old/meta"):  # step-5 and final were moved aside for a write that never landed
         (tmp_path / stale).mkdir(parents=True)
     (tmp_path / "checkpoints/step-6").mkdir()
     state.clean_stale_temporaries(tmp_path)
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["checkpoints", "checkpoints/step-6"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "checkpoints", "checkpoints/step-5", "checkpoints/step-5/meta", "checkpoints/step-6", "final", "final/a"]
+    (tmp_path / ".final.old-12345").mkdir()  # final/ is in place: the old copy is just left over
+    state.clean_stale_temporaries(tmp_path)
+    assert not (tmp_path / ".final.old-12345").exists() and (tmp_path / "final/a").is_dir()
+
+
+def test_an_explicit_resume_behind_later_checkpoints_of_the_same_dir_is_refused(three_checkpoints):
+    with pytest.raises(CheckpointError, match=r"holds a later checkpoint \(step-3\) that would outlive"):
+        state.resume_checkpoint(three_checkpoints, str(three_checkpoints / "checkpoints/step-1"), Dist())
+    assert state.resume_checkpoint(three_checkpoints, str(three_checkpoints / "checkpoints/step-3"), Dist())
 
 
 def test_a_second_writer_on_output_dir_is_refused(tmp_path):

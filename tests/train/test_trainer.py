@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_run import REPO, tiny_overrides, tiny_run_files  # noqa: F401 (fixture)
 from transformers import AutoModelForCausalLM
 
 from qforge.engine import load_model
 from qforge.engine.config_io import ConfigKeyError, load_config
-from qforge.engine.data import pack
+from qforge.engine.data import PackedBatch, pack
 from qforge.engine.data.cache import load_examples
 from qforge.engine.data import ChatTemplate
 from qforge.engine.train import FFTConfig, NonFiniteLossError, train, train_step
@@ -23,6 +24,7 @@ from qforge.engine.train import state as train_state
 from qforge.engine.train.build import build_model, resolve_tokenizer_dir
 from qforge.engine.train.optim import build_optimizer
 from qforge.engine.train.parallel import Dist
+from qforge.engine.vocab import VocabMap
 
 
 def _config(files, out, **extra) -> FFTConfig:
@@ -34,23 +36,22 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
 
 
-def _step_once(files, batch_token_budget: int, examples, model_seed=0):
+def _step_once(files, batch_token_budget: int, examples, model_seed=0, loss_weighting="sqrt"):
     """One optimizer step over the same 8 examples packed under a given micro-batch budget."""
     config = _config(files, "unused")
     torch.manual_seed(model_seed)
     model = build_model(config.model, torch.float32, torch.device("cpu"))
     optimizer = build_optimizer(model, config.optim)
-    batches = list(pack(examples, batch_token_budget, seed=0))
+    batches = list(pack(examples, batch_token_budget, seed=0, loss_weighting=loss_weighting))
     train_step(model, batches, Dist())
     optimizer.step()
     return model, len(batches)
 
 
 def test_update_does_not_depend_on_micro_batch_split(tiny_run_files):
-    config = _config(tiny_run_files, "unused", **{"data.loss_weighting": "sqrt"})
+    config = _config(tiny_run_files, "unused")
     template = ChatTemplate.from_pretrained(resolve_tokenizer_dir(config.model))
-    examples, _ = load_examples([tiny_run_files["train"]], template, cache_dir=tiny_run_files["cache"],
-                                loss_weighting="sqrt", progress=False)
+    examples, _ = load_examples([tiny_run_files["train"]], template, cache_dir=tiny_run_files["cache"], progress=False)
     examples = examples[:8]
     longest = max(len(e) for e in examples)
     one, n_one = _step_once(tiny_run_files, 8 * longest, examples)
@@ -144,13 +145,44 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_run_files, tmp_path
 
 @pytest.mark.parametrize("override, message", [
     ("train.max_step=3", "unknown key 'train.max_step'; did you mean 'train.max_steps'?"),
-    ("optim.lr=fast", "'optim.lr' must be float, got 'fast'"),
-    ("train.precision=fp8", "'train.precision' must be one of"),
+    ("optim.lr=fast", "'optim.lr' must be float > 0 (finite), got 'fast'"),
+    ("train.precision=fp8", "'train.precision' must be one of ['fp32', 'bf16-mixed', 'bf16'], got 'fp8'"),
     ("data.weights=[1.0, 2.0]", "data.weights has 2 entries for 1 data.train files"),
+    # every value's domain (issue #15): key, expected type and allowed range in one line
+    ("train.grad_accum=0", "'train.grad_accum' must be int ≥ 1, got 0"),
+    ("train.max_steps=-1", "'train.max_steps' must be int ≥ 1, got -1"),
+    ("train.max_nonfinite_steps=0", "'train.max_nonfinite_steps' must be int ≥ 1, got 0"),
+    ("optim.grad_clip=-1", "'optim.grad_clip' must be float ≥ 0 (finite) or null, got -1"),
+    ("optim.min_lr_ratio=-0.1", "'optim.min_lr_ratio' must be float in [0, 1], got -0.1"),
+    ("optim.min_lr_ratio=1.5", "'optim.min_lr_ratio' must be float in [0, 1], got 1.5"),
+    ("optim.warmup_steps=-2", "'optim.warmup_steps' must be int ≥ 0, got -2"),
+    ("optim.weight_decay=-0.1", "'optim.weight_decay' must be float ≥ 0 (finite), got -0.1"),
+    ("train.save_every=-1", "'train.save_every' must be int ≥ 0, got -1"),
+    ("train.keep_last=-1", "'train.keep_last' must be int ≥ 0, got -1"),
+    ("optim.lr=0", "'optim.lr' must be float > 0 (finite), got 0"),
+    ("optim.lr=.inf", "'optim.lr' must be float > 0 (finite), got inf"),
+    ("optim.lr=.nan", "'optim.lr' must be float > 0 (finite), got nan"),
+    ("optim.betas=[0.9]", "'optim.betas' must be a pair of float in [0, 1), got too few values"),
+    ("optim.betas=[0.9, 1.0]", "'optim.betas[1]' must be float in [0, 1), got 1.0"),
+    ("train.device=tpu", "'train.device' must be one of ['auto', 'cpu', 'cuda'], got 'tpu'"),
+    ("data.weights=[-1]", "'data.weights[0]' must be float ≥ 0 (finite), got -1"),
+    ("data.max_tokens=1", "'data.max_tokens' must be int ≥ 2, got 1"),
 ])
 def test_config_errors_name_the_key(tiny_run_files, tmp_path, override, message):
-    with pytest.raises(ConfigKeyError, match=message.replace("[", r"\[").replace("?", r"\?")):
+    with pytest.raises(ConfigKeyError) as error:
         load_config(FFTConfig, None, tiny_overrides(tiny_run_files, tmp_path) + [override])
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_scientific_notation_is_a_float_in_files_and_overrides(tiny_run_files, tmp_path):
+    """YAML 1.1 reads `1e-5` as a string; every fine-tuning config writes it that way."""
+    config_file = tmp_path / "lr.yaml"
+    config_file.write_text("optim:\n  lr: 1e-5\n  eps: 1E-8\n")
+    overrides = [o for o in tiny_overrides(tiny_run_files, tmp_path) if not o.startswith("optim.lr")]
+    config = load_config(FFTConfig, config_file, overrides)
+    assert (config.optim.lr, config.optim.eps) == (1e-5, 1e-8)
+    override = load_config(FFTConfig, None, tiny_overrides(tiny_run_files, tmp_path, **{"optim.lr": "3e-4"}))
+    assert override.optim.lr == 3e-4 and isinstance(override.optim.lr, float)
 
 
 def test_recipe_reports_config_errors_without_traceback(tmp_path):
@@ -160,6 +192,15 @@ def test_recipe_reports_config_errors_without_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "unknown key 'trian'; did you mean 'train'?" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    debug = subprocess.run([sys.executable, str(REPO / "recipes/fft.py"), "--config", str(bad), "--debug"],
+                           capture_output=True, text=True)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+    bad.write_text("model:\n  config: x.json\n  tokenizer: qwen3\ndata:\n  train: [missing.jsonl]\n")
+    data = subprocess.run([sys.executable, str(REPO / "recipes/fft.py"), "--config", str(bad),
+                           f"output.dir={tmp_path / 'out'}", "output.progress=false"], capture_output=True, text=True)
+    assert data.returncode == 3, data.stderr[-2000:]
+    assert data.stderr.strip().splitlines()[-1] == "error: missing.jsonl: no such data file"
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16"])
@@ -217,3 +258,43 @@ def test_labels_outside_kept_vocabulary_error_or_are_dropped(tiny_run_files, tmp
     result = train(_config(tiny_run_files, tmp_path / "drop", **{"vocab.restrict": str(kept_file), "train.max_steps": 2,
                                                                   "vocab.drop_unkept_labels": "true"}))
     assert all(math.isfinite(loss) for loss in result.losses)
+    # the kept set travels with the model: kept_ids.json, and every other id suppressed when generating
+    saved = VocabMap.of_model(result.final_dir)
+    assert saved.kept_ids.tolist() == used[:-3] and saved.original_size == 151936
+    suppressed = json.loads((result.final_dir / "generation_config.json").read_text())["suppress_tokens"]
+    assert len(suppressed) == 151936 - len(used[:-3]) and not set(suppressed) & set(used[:-3])
+
+
+@pytest.mark.parametrize("weighting", ["token", "sample"])
+def test_dropped_labels_leave_the_step_weight_sum(tiny_run_files, tmp_path, weighting):
+    """vocab.drop_unkept_labels: the step's Σw and Σw·CE count only the tokens the loss scores (computed here
+    independently: full logits, the kept rows selected by hand, torch's cross-entropy)."""
+    config = _config(tiny_run_files, "unused")
+    template = ChatTemplate.from_pretrained(resolve_tokenizer_dir(config.model))
+    examples, _ = load_examples([tiny_run_files["train"]], template, cache_dir=tiny_run_files["cache"], progress=False)
+    examples = examples[:6]
+    labels = [int(t) for t in examples[0].labels if t != -100]
+    dropped = set(labels[:3])  # frequent answer tokens of the first example, left out of the kept set
+    used = {int(t) for e in examples for t in e.labels if t != -100}
+    kept = sorted(used - dropped)
+    vocab = VocabMap.from_ids(kept, 151936)
+    model = build_model(config.model, torch.float32, torch.device("cpu"))
+    batches = list(pack(examples, 4096, seed=0, loss_weighting=weighting, vocab=vocab))
+    loss_sum, weight = train_step(model, batches, Dist(), vocab)
+
+    expected_loss, expected_weight, left_out = 0.0, 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            one = PackedBatch.from_examples([example])
+            logits = model(one.input_ids, one.position_ids, one.cu_seqlens, one.max_seqlen).double()
+            targets = [int(t) for t in example.labels[1:]]  # position t predicts token t + 1
+            scored = [t for t, label in enumerate(targets) if label != -100 and label not in dropped]
+            left_out += sum(label in dropped for label in targets)
+            w = {"token": 1.0, "sample": 1.0 / len(scored)}[weighting]
+            ce = F.cross_entropy(logits[scored][:, kept], torch.tensor([kept.index(targets[t]) for t in scored]),
+                                 reduction="sum")
+            expected_loss += w * float(ce)
+            expected_weight += w * len(scored)
+    assert left_out > 0
+    assert weight == pytest.approx(expected_weight, rel=1e-6)
+    assert loss_sum == pytest.approx(expected_loss, rel=1e-4)
