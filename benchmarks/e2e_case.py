@@ -26,7 +26,7 @@ from qforge.engine.train.config import OptimSettings  # noqa: E402
 from qforge.engine.train.metrics import measure_matmul_peak, peak_memory_bytes, training_flops  # noqa: E402
 from qforge.engine.train.optim import build_optimizer, build_scheduler  # noqa: E402
 
-SYSTEMS = ("qforge", "hf_padded", "hf_padding_free", "hf_liger")
+SYSTEMS = ("qforge", "qforge_lora", "hf_padded", "hf_padding_free", "hf_liger")
 
 
 def useful_flops(config: Qwen3Config, lengths: list[int], loss_tokens: int) -> float:
@@ -96,12 +96,15 @@ def train(system: str, directory: Path, device: torch.device) -> dict:
                              schedule="constant")
     packed = [packed_micro_batches(examples, step, workload.packed_tokens, seed=i) for i, step in enumerate(plan)]
     extra = {}
-    if system == "qforge":
+    if system in ("qforge", "qforge_lora"):
         from qforge.engine.checkpoint import load_model
+        from qforge.engine.lora import LoRASettings, apply_lora
         from qforge.engine.train.loop import train_step
         from qforge.engine.train.parallel import Dist
 
         model = load_model(directory / "model", dtype=dtype, device=device)
+        if system == "qforge_lora":  # train.method=lora with its defaults: r=16, α=32, every block linear
+            apply_lora(model, LoRASettings(), seed=workload.seed)
         dist_ = Dist(device=device)
         steps = packed
 

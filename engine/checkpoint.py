@@ -17,6 +17,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import qwen3_vl
 from .config import ConfigError, Qwen3Config, read_json
 from .errors import CheckpointError
 from .files import staged_dir, write_json
@@ -33,21 +34,27 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     path = Path(path)
     config = Qwen3Config.from_json(path / "config.json")
     key_files = _tensor_files(path)
+    is_vl = qwen3_vl.is_vl_config(read_json(path / "config.json"))
+    key_of = qwen3_vl.checkpoint_key if is_vl else hf_key
+    if is_vl:  # the language model only; the vision tower stays on disk until export copies it
+        key_files = {key: file for key, file in key_files.items() if qwen3_vl.is_language_key(key)}
     with torch.device("meta"):
         model = Qwen3(config)
-    expected = {hf_key(name): param for name, param in model.named_parameters()}
+    expected = {key_of(name): param for name, param in model.named_parameters()}
     _check_tensors(path, config, expected, key_files)
 
     by_file: dict[Path, list[str]] = {}
     for key in expected:
         by_file.setdefault(key_files[key], []).append(key)
-    names = {hf_key(name): name for name, _ in model.named_parameters()}
+    names = {key_of(name): name for name, _ in model.named_parameters()}
     for file, keys in by_file.items():
         with _open_tensors(file, device="cpu") as tensors:
             for key in keys:
                 tensor = tensors.get_tensor(key).to(device=device, dtype=dtype)
                 _assign(model, names[key], tensor)
     model.reset_buffers()
+    model.source_checkpoint = path  # a Qwen3-VL export rewrites this checkpoint (see save_model)
+    model.checkpoint_format = qwen3_vl.MODEL_TYPE if is_vl else "qwen3"
     model.generation_config = read_json(path / "generation_config.json") if (
         path / "generation_config.json").is_file() else {}
     return model
@@ -67,6 +74,8 @@ def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB"
     path = Path(path)
     limit = parse_size(max_shard_size)
     state = state_dict if state_dict is not None else {n: p.detach() for n, p in model.named_parameters()}
+    if getattr(model, "checkpoint_format", "qwen3") == qwen3_vl.MODEL_TYPE:
+        return qwen3_vl.save_vl(state, model.source_checkpoint, path, model.config.tie_word_embeddings, tokenizer_dir)
     tensors = {hf_key(name): t.detach().to("cpu").contiguous() for name, t in state.items()}
     shards = _split_shards(tensors, limit)
 

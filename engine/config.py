@@ -2,7 +2,8 @@
 
 Only what defines the dense Qwen3 decoder is kept. Anything that would make the checkpoint a different
 model than the one qforge builds (another model_type, rope scaling, sliding windows, attention bias)
-is rejected with an error naming the field, never silently ignored.
+is rejected with an error naming the field, never silently ignored. Qwen3-VL checkpoints (`qwen3_vl`) are read
+through their nested `text_config` (see `qwen3_vl.language_config`); `rope_scaling` may be YaRN (`rope_scaling.py`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
+from .rope_scaling import normalize_rope_scaling
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,6 +37,7 @@ class Qwen3Config:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    rope_scaling: dict | None = None   # None: default RoPE; else YaRN keys (see rope_scaling.normalize_rope_scaling)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -61,8 +64,12 @@ class Qwen3Config:
         def fail(field: str, problem: str):
             raise ConfigError(f"{source}: field '{field}' {problem}")
 
-        if hf.get("model_type") != "qwen3":
-            fail("model_type", f"is {hf.get('model_type')!r}; qforge supports only 'qwen3' (dense Qwen3)")
+        if hf.get("model_type") == "qwen3_vl":
+            from .qwen3_vl import language_config
+            hf = language_config(hf, source)
+        elif hf.get("model_type") != "qwen3":
+            fail("model_type", f"is {hf.get('model_type')!r}; qforge supports 'qwen3' (dense Qwen3) and 'qwen3_vl' "
+                               f"(the dense Qwen3-VL language model)")
         if hf.get("hidden_act", "silu") != "silu":
             fail("hidden_act", f"is {hf['hidden_act']!r}; Qwen3 uses 'silu'")
         if hf.get("attention_bias", False):
@@ -70,10 +77,8 @@ class Qwen3Config:
         if hf.get("use_sliding_window", False):
             fail("use_sliding_window", "is true; sliding-window attention is not implemented")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            key = "rope_parameters" if "rope_parameters" in hf else "rope_scaling"
-            fail(key, f"has rope_type {rope_type!r}; only the default RoPE is implemented")
+        rope_key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+        rope_scaling = normalize_rope_scaling(rope, lambda problem: fail(rope_key, problem))
         rope_theta = hf.get("rope_theta", rope.get("rope_theta", cls.rope_theta))
 
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -82,6 +87,7 @@ class Qwen3Config:
                 fail(name, "is missing")
         values = {f.name: hf[f.name] for f in fields(cls) if f.name in hf}
         values["rope_theta"] = float(rope_theta)
+        values["rope_scaling"] = rope_scaling
         values.setdefault("num_key_value_heads", hf["num_attention_heads"])
         if hf.get("head_dim") is None:
             values["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]
@@ -108,7 +114,6 @@ class Qwen3Config:
             hidden_act="silu",
             attention_bias=False,
             attention_dropout=0.0,
-            rope_scaling=None,
             use_sliding_window=False,
             sliding_window=None,
             use_cache=True,

@@ -19,6 +19,7 @@ from qforge.kernels import apply_rope, fused_linear_cross_entropy, rms_norm, swi
 from .attention import padded_attention, varlen_attention
 from .config import Qwen3Config
 from .data.packing import positions_from_cu_seqlens
+from .rope_scaling import rope_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -118,16 +119,20 @@ class Qwen3(nn.Module):
         self.reset_buffers()
 
     def reset_buffers(self):
-        """Recomputes the RoPE frequencies (needed after building on the meta device)."""
+        """Recomputes the RoPE frequencies (needed after building on the meta device); YaRN also scales cos/sin."""
         config = self.config
-        exponent = torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim
-        self.inv_freq = (1.0 / config.rope_theta ** exponent).float().to(self.embed_tokens.weight.device)
+        inv_freq, self.rope_attention_factor = rope_frequencies(config.head_dim, config.rope_theta,
+                                                                config.rope_scaling)
+        self.inv_freq = inv_freq.to(self.embed_tokens.weight.device)
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """cos/sin tables [..., T, head_dim] for the given positions, computed in fp32 like HF."""
         freqs = position_ids[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.rope_attention_factor != 1.0:
+            cos, sin = cos * self.rope_attention_factor, sin * self.rope_attention_factor
+        return cos.to(dtype), sin.to(dtype)
 
     def hidden(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, kv_cache=None):
         """Final-norm hidden states [..., H] for a packed row [T] or a batch [B, S]."""

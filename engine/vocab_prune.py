@@ -15,11 +15,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from qforge.engine import qwen3_vl
 from qforge.engine.files import staged_dir, write_json
 from qforge.engine.vocab import VocabMap
 
-VOCAB_ROW_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+VOCAB_ROW_TENSORS = ("model.embed_tokens.weight", "lm_head.weight",
+                     qwen3_vl.checkpoint_key("embed_tokens.weight"))  # Qwen3-VL's embedding
 COPIED_TOKENIZER_FILES = ("special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+TOKENIZER_OR_INDEX_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
+                            "model.safetensors.index.json")  # written pruned (or rebuilt), never copied as they are
 SPECIAL_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
@@ -97,16 +101,25 @@ def prune_tokenizer(src_dir: str | Path, dst_dir: str | Path, vocab: VocabMap) -
 
 
 def _prune_configs(src: Path, dst: Path, vocab: VocabMap, rows: int) -> None:
-    """config.json gets the new row count; special ids are remapped; padding rows are suppressed too."""
+    """config.json gets the new row count; special ids are remapped; padding rows are suppressed too.
+
+    A Qwen3-VL config keeps vocab_size in `text_config` and its image/video token ids at the top level."""
     old_to_new = vocab.old_to_new.tolist()
     config = _read_json(src / "config.json")
-    if config.get("vocab_size") != vocab.original_size:
-        raise ValueError(f"{src / 'config.json'}: vocab_size={config.get('vocab_size')} but the vocabulary map "
-                         f"was built for {vocab.original_size} rows; pass the model's vocab_size to VocabMap")
-    config["vocab_size"] = rows
-    for field in SPECIAL_ID_FIELDS:
-        if config.get(field) is not None:
-            config[field] = _remap_ids(config[field], old_to_new, f"{src / 'config.json'}: {field}")
+    is_vl = qwen3_vl.is_vl_config(config)
+    sections = [(config, SPECIAL_ID_FIELDS + (qwen3_vl.VISION_TOKEN_FIELDS if is_vl else ()), "")]
+    if is_vl:
+        sections.append((config.get("text_config") or {}, SPECIAL_ID_FIELDS, "text_config."))
+    sized = sections[-1][0]
+    if sized.get("vocab_size") != vocab.original_size:
+        raise ValueError(f"{src / 'config.json'}: {sections[-1][2]}vocab_size={sized.get('vocab_size')} but the "
+                         f"vocabulary map was built for {vocab.original_size} rows; pass the model's vocab_size "
+                         f"to VocabMap")
+    sized["vocab_size"] = rows
+    for section, id_fields, prefix in sections:
+        for field in id_fields:
+            if section.get(field) is not None:
+                section[field] = _remap_ids(section[field], old_to_new, f"{src / 'config.json'}: {prefix}{field}")
     write_json(dst / "config.json", config)
 
     generation_path = src / "generation_config.json"
@@ -156,6 +169,10 @@ def prune_checkpoint(src_dir: str | Path, dst_dir: str | Path, vocab: VocabMap,
     with staged_dir(dst) as work:
         _prune_configs(src, work, vocab, rows)
         prune_tokenizer(tokenizer_dir or src, work, vocab)
+        for item in src.iterdir():  # e.g. a Qwen3-VL checkpoint's processor / preprocessor configs, unchanged
+            if item.is_file() and item.suffix != ".safetensors" and not (work / item.name).exists() and (
+                    item.name not in TOKENIZER_OR_INDEX_FILES):
+                shutil.copy2(item, work / item.name)
         total_bytes = 0
         for shard in tqdm(shards, desc="pruning shards", unit="shard"):
             with safe_open(src / shard, framework="pt") as reader:

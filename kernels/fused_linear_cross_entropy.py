@@ -23,8 +23,8 @@ measured up to 10× slower on a loaded 2-core machine: every op pays a thread-po
 Vocabulary restriction contract: the caller passes `vocab_index` (sorted kept ids, int64) and `target_index`
 (original id → kept position, −1 for unkept ids, length = weight rows), both precomputed once on the weight's
 device (engine/vocab.py's VocabMap). Targets mapped to −1 take no part. When at least half the rows are kept,
-the matmuls run over the whole head and unkept columns are masked to −inf in the row pass: no copy of the kept
-rows and no gathered gradient, for ≤ 2× the matmul FLOPs (1.28× for the CJK-free set). A smaller kept set is
+the matmuls run over the whole head and unkept columns are masked to −inf in the row pass (a byte per column,
+`target_index >= 0`, one elementwise op per call): no copy of the kept rows and no gathered gradient, for ≤ 2× the matmul FLOPs (1.28× for the CJK-free set). A smaller kept set is
 gathered once per call (`index_select`, its backward scatters into the kept rows only). No host sync is spent
 on the vocabulary; the one sync per call is the row compaction that skips unlabelled tokens.
 """
@@ -46,11 +46,11 @@ REDUCTIONS = ("sum", "mean", "none")
 
 
 @triton.jit
-def _cross_entropy_rows_kernel(LOGITS, logits_stride, GRAD, grad_stride, TARGETS, SCALE, LOSS, TARGET_INDEX, V,
-                               z_loss, WITH_GRAD: tl.constexpr, MASK_UNKEPT: tl.constexpr, BLOCK_V: tl.constexpr):
+def _cross_entropy_rows_kernel(LOGITS, logits_stride, GRAD, grad_stride, TARGETS, SCALE, LOSS, KEPT, V, z_loss,
+                               WITH_GRAD: tl.constexpr, MASK_UNKEPT: tl.constexpr, BLOCK_V: tl.constexpr):
     """Per row: loss = (max − logit[target]) + log Σ exp(x − max) + z_loss·lse²; with WITH_GRAD, GRAD's row
     gets scale · (softmax · (1 + 2·z_loss·lse) − one_hot(target)) (GRAD may alias LOGITS). With MASK_UNKEPT,
-    columns whose TARGET_INDEX entry is −1 count as −inf."""
+    columns whose KEPT byte is 0 count as −inf."""
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * logits_stride
     target = tl.load(TARGETS + row)
@@ -60,7 +60,7 @@ def _cross_entropy_rows_kernel(LOGITS, logits_stride, GRAD, grad_stride, TARGETS
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(base + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
         if MASK_UNKEPT:
-            x = tl.where(tl.load(TARGET_INDEX + cols, mask=cols < V, other=-1) >= 0, x, -float("inf"))
+            x = tl.where(tl.load(KEPT + cols, mask=cols < V, other=0) != 0, x, -float("inf"))
         new_max = tl.maximum(running_max, tl.max(x, axis=0))
         shift = tl.where(new_max == -float("inf"), 0.0, new_max)  # a block of only unkept columns
         running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
@@ -78,7 +78,7 @@ def _cross_entropy_rows_kernel(LOGITS, logits_stride, GRAD, grad_stride, TARGETS
             x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
             grad = tl.exp(x - running_max) * softmax_scale
             if MASK_UNKEPT:
-                grad = tl.where(tl.load(TARGET_INDEX + cols, mask=cols < V, other=-1) >= 0, grad, 0.0)
+                grad = tl.where(tl.load(KEPT + cols, mask=cols < V, other=0) != 0, grad, 0.0)
             grad = tl.where(cols == target, grad - scale, grad)
             if GRAD.dtype.element_ty == tl.bfloat16:
                 grad = _round_to_bfloat16(grad)
@@ -94,21 +94,21 @@ def _round_to_bfloat16(x):
     return bits.to(tl.float32, bitcast=True)
 
 
-def _rows_triton(logits, targets, scale, z_loss, grad, target_index):
+def _rows_triton(logits, targets, scale, z_loss, grad, kept_columns):
     losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     grad_arg = logits if grad is None else grad
-    table = targets if target_index is None else target_index  # unused pointer when MASK_UNKEPT is off
+    kept = scale if kept_columns is None else kept_columns.view(torch.uint8)  # unused when MASK_UNKEPT is off
     _cross_entropy_rows_kernel[(logits.shape[0],)](
-        logits, logits.stride(0), grad_arg, grad_arg.stride(0), targets, scale, losses, table, logits.shape[1],
-        z_loss, WITH_GRAD=grad is not None, MASK_UNKEPT=target_index is not None, BLOCK_V=BLOCK_V,
+        logits, logits.stride(0), grad_arg, grad_arg.stride(0), targets, scale, losses, kept, logits.shape[1],
+        z_loss, WITH_GRAD=grad is not None, MASK_UNKEPT=kept_columns is not None, BLOCK_V=BLOCK_V,
         num_warps=ROW_KERNEL_WARPS)
     return losses
 
 
-def _rows_torch(logits, targets, scale, z_loss, grad, target_index):
+def _rows_torch(logits, targets, scale, z_loss, grad, kept_columns):
     """The Triton row kernel's contract in torch ops; overwrites the fp32 logits [rows, V]."""
-    if target_index is not None:
-        logits.masked_fill_(target_index[None, :] < 0, -float("inf"))
+    if kept_columns is not None:
+        logits.masked_fill_(~kept_columns[None, :], -float("inf"))
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)
     row_max = logits.amax(1, keepdim=True)
     exp = logits.sub_(row_max).exp_()
@@ -166,7 +166,7 @@ def chunk_plan(n_tokens: int, vocab: int, dtype: torch.dtype, cuda_layout: bool,
     return ChunkPlan(logit_rows, max(1, min(grad_rows, n_tokens)), dtype)
 
 
-def _chunked_loss_and_grads(hidden, weight, targets, scale, z_loss, target_index, plan, rows_fn, need_grad_hidden,
+def _chunked_loss_and_grads(hidden, weight, targets, scale, z_loss, kept_columns, plan, rows_fn, need_grad_hidden,
                             need_grad_weight):
     """Per-token losses [T] and the fp32 grads (None where not needed) of Σ scale · loss."""
     T, V = hidden.shape[0], weight.shape[0]
@@ -186,7 +186,7 @@ def _chunked_loss_and_grads(hidden, weight, targets, scale, z_loss, target_index
             logits = logits_buffer[:end - start]
             _matmul_into(logits, hidden[start:end], weight.T)
             grad = None if not with_grad else grad_buffer[start - group:end - group] if mixed else logits
-            losses[start:end] = rows_fn(logits, targets[start:end], scale[start:end], z_loss, grad, target_index)
+            losses[start:end] = rows_fn(logits, targets[start:end], scale[start:end], z_loss, grad, kept_columns)
         if not with_grad:
             continue
         grads = grad_buffer[:group_end - group] if mixed else logits  # CPU layout: a group is one chunk
@@ -202,8 +202,8 @@ def _scaled(grad: torch.Tensor | None, grad_out: torch.Tensor, dtype: torch.dtyp
     """grad · grad_out rounded once to `dtype` (in place on the fp32 accumulator when dtype is fp32)."""
     if grad is None:
         return None
-    if dtype == torch.float32:
-        return grad.mul_(grad_out)
+    if dtype == torch.float32:  # on CPU, skipping ×1 (loss.backward()) costs no device sync
+        return grad if not grad_out.is_cuda and bool(grad_out == 1) else grad.mul_(grad_out)
     return torch.mul(grad, grad_out, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
 
 
@@ -211,18 +211,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Inputs are already reduced to the scored tokens (targets are row indices of `weight`)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, scale, z_loss, target_index, plan, rows_fn, per_token, needs_grad):
+    def forward(ctx, hidden, weight, targets, scale, z_loss, kept_columns, plan, rows_fn, per_token, needs_grad):
         ctx.per_token = per_token
         ctx.dtypes = (hidden.dtype, weight.dtype)
         if per_token or not any(needs_grad):  # no gradient work in the forward
             if per_token:
-                ctx.save_for_backward(hidden, weight, targets, scale, target_index)
+                ctx.save_for_backward(hidden, weight, targets, scale, kept_columns)
                 ctx.settings = (z_loss, plan, rows_fn)
-            losses, _, _ = _chunked_loss_and_grads(hidden, weight, targets, scale, z_loss, target_index, plan,
+            losses, _, _ = _chunked_loss_and_grads(hidden, weight, targets, scale, z_loss, kept_columns, plan,
                                                    rows_fn, False, False)
             return losses * scale if per_token else (losses * scale).sum()
         losses, grad_hidden, grad_weight = _chunked_loss_and_grads(hidden, weight, targets, scale, z_loss,
-                                                                   target_index, plan, rows_fn, *needs_grad)
+                                                                   kept_columns, plan, rows_fn, *needs_grad)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.consumed = False
         return (losses * scale).sum()
@@ -231,10 +231,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden_dtype, weight_dtype = ctx.dtypes
         if ctx.per_token:
-            hidden, weight, targets, scale, target_index = ctx.saved_tensors
+            hidden, weight, targets, scale, kept_columns = ctx.saved_tensors
             z_loss, plan, rows_fn = ctx.settings
             _, grad_hidden, grad_weight = _chunked_loss_and_grads(
-                hidden, weight, targets, scale * grad_out, z_loss, target_index, plan, rows_fn,
+                hidden, weight, targets, scale * grad_out, z_loss, kept_columns, plan, rows_fn,
                 *ctx.needs_input_grad[:2])
             grad_out = torch.ones((), dtype=torch.float32, device=hidden.device)
         else:
@@ -310,14 +310,15 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     _check_label_range(labels, active, vocab_size)
     labels = labels.long().masked_fill(~active, 0)
     dense = vocab_index is None or 2 * len(vocab_index) >= vocab_size  # sizes only: no sync
-    column_mask = None
+    kept_columns = None
     if vocab_index is None:
         targets = labels.masked_fill(~active, -1)
     else:
         position = target_index[labels]
         kept = active & (position >= 0)
         targets = (labels if dense else position).masked_fill(~kept, -1)
-        column_mask = target_index if dense and len(vocab_index) < vocab_size else None
+        if dense and len(vocab_index) < vocab_size:  # 1 byte per column for the row pass (target_index has 8)
+            kept_columns = target_index >= 0
     rows = (targets >= 0).nonzero().squeeze(1)  # the one host sync: unlabelled tokens cost no FLOPs
     token_weight = torch.ones(labels.shape, dtype=torch.float32, device=labels.device) if loss_weight is None \
         else loss_weight.float()
@@ -333,7 +334,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     kept_weight = weight if dense else weight.index_select(0, vocab_index)
     needs_grad = (torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
     plan = chunk_plan(max(1, len(rows)), kept_weight.shape[0], hidden.dtype, _cuda_layout(hidden), chunk_bytes)
-    loss = _FusedLinearCrossEntropy.apply(hidden, kept_weight, targets, token_weight, float(z_loss), column_mask,
+    loss = _FusedLinearCrossEntropy.apply(hidden, kept_weight, targets, token_weight, float(z_loss), kept_columns,
                                           plan, rows_fn, reduction == "none", needs_grad)
     if reduction != "none" or not compacted:
         return loss
@@ -348,6 +349,6 @@ def aot_launches(shape: ModelShape, dtype: str = "bf16"):
         yield Launch(_cross_entropy_rows_kernel,
                      {"LOGITS": "*fp32", "logits_stride": shape.vocab, "GRAD": f"*{dtype}",
                       "grad_stride": shape.vocab, "TARGETS": "*i64", "SCALE": "*fp32", "LOSS": "*fp32",
-                      "TARGET_INDEX": "*i64", "V": shape.vocab, "z_loss": 0.0},
+                      "KEPT": "*u8", "V": shape.vocab, "z_loss": 0.0},
                      {"WITH_GRAD": with_grad, "MASK_UNKEPT": mask, "BLOCK_V": BLOCK_V}, ROW_KERNEL_WARPS,
                      f"{what}, {rows} rows/chunk")

@@ -57,3 +57,41 @@ def save_chat_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(qwen3_tokenizer_dir() / name, path / name)
     return path
+
+
+def run_recipe_main(main, argv):
+    """Runs a recipe's `main(argv)` as its command line would: a non-zero exit code becomes a SystemExit whose
+    message holds the code and what the recipe printed to stderr (the one-line error)."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    if code:
+        raise SystemExit(f"exit {code}: {err.getvalue().strip()}")
+
+
+TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                   temporal_patch_size=2, deepstack_visual_indexes=[0])
+
+
+def save_hf_qwen3_vl(path: Path, seed: int = 0, dtype=torch.float32, tie_word_embeddings: bool = False,
+                     max_shard_size=None, **text_overrides) -> Path:
+    """A random HF `Qwen3VLForConditionalGeneration` (language model + vision tower) saved like the hub's, with
+    the interleaved mrope sections of the real checkpoints scaled to the tiny head_dim."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    text = {**TINY_QWEN3, **text_overrides}
+    text.pop("tie_word_embeddings", None)
+    half = text["head_dim"] // 2
+    sections = [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]  # 24/20/20 of 64 for head_dim 128
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta"),
+                               "mrope_section": sections, "mrope_interleaved": True}
+    torch.manual_seed(seed)
+    config = Qwen3VLConfig(text_config=text, vision_config={**TINY_VISION, "out_hidden_size": text["hidden_size"]},
+                           tie_word_embeddings=tie_word_embeddings)
+    model = Qwen3VLForConditionalGeneration(config).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return Path(path)

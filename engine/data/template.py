@@ -1,5 +1,11 @@
-"""`ChatTemplate`: a Qwen3 checkpoint's tokenizer plus its chat template, rendering and tokenising conversations
-with assistant-only labels. Uses `tokenizers` only; transformers is never imported.
+"""`ChatTemplate`: a checkpoint's tokenizer plus its own chat template, rendering and tokenising conversations
+with assistant-only labels. Uses `tokenizers` and `jinja2` only; transformers is never imported.
+
+Any template is rendered from its Jinja text (`tokenizer_config.json` `chat_template` or `chat_template.jinja`) and
+its assistant spans are derived from the rendered ChatML turns (`jinja_template.py`); an unknown template that does
+not split into turns safely is an error at load. The hybrid-thinking Qwen3 template keeps a fast path
+(`render.render_qwen3`, the same text and spans, tested against both transformers and the Jinja path) for
+conversations without tools or multimodal content.
 
 Label policy (see `encode`):
 - Supervised: each trained assistant turn's answer and its closing `<|im_end|>`; with thinking on, also its
@@ -26,9 +32,11 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from ..errors import ConfigError, DataError
 from .example import Example, make_example
 from ..thinking import message_think
 from .formats import Conversation
+from .jinja_template import JinjaTemplate, alias_reasoning
 from .render import EMPTY_THINK, IM_END, IM_START, render_qwen3
 
 log = logging.getLogger(__name__)
@@ -39,17 +47,37 @@ SUPERVISE = ("all", "last")
 EMPTY_THINK_POLICIES = ("train", "mask")
 
 
-def _check_template(chat_template: str | None, source) -> None:
-    if chat_template is None:
-        raise ValueError(f"{source}: tokenizer_config.json has no chat_template")
-    if hashlib.sha256(chat_template.encode()).hexdigest() in QWEN3_TEMPLATE_SHA256:
-        return
-    if IM_START in chat_template and "<think>" in chat_template:
-        log.warning("%s: the chat template differs from the Qwen3 template qforge implements; conversations are "
-                    "rendered with Qwen3 semantics (see qforge.engine.data.render)", source)
-        return
-    raise ValueError(f"{source}: unsupported chat template (qforge renders the Qwen3 ChatML template with "
-                     f"<think> blocks only)")
+_PROBE_CONVERSATION = [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"},
+                       {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+                       {"role": "assistant", "content": "a2"}]
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _special_tokens(config: dict) -> tuple[tuple[str, str], ...]:
+    """The special tokens transformers passes to every chat template as variables."""
+    out = []
+    for key in SPECIAL_TOKEN_KEYS:
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            out.append((key, value))
+    return tuple(out)
+
+
+def load_jinja_template(chat_template, special_tokens, source) -> JinjaTemplate:
+    """The template, checked once on a probe conversation: one that cannot be split into spans fails here."""
+    if not isinstance(chat_template, str):
+        raise ConfigError(f"{source}: no usable chat_template (expected a Jinja string, got "
+                          f"{type(chat_template).__name__}); add one or point model.tokenizer at a chat model")
+    jinja = JinjaTemplate(chat_template, special_tokens)
+    try:
+        for thinking in (True, False):
+            jinja.generation_prompt(thinking)
+            if len(jinja.render(without_reasoning(_PROBE_CONVERSATION), thinking).assistant_spans) != 2:
+                raise DataError("the probe conversation did not give two assistant spans")
+    except (ConfigError, DataError) as err:
+        raise ConfigError(f"{source}: unsupported chat template: {err}") from None
+    return jinja
 
 
 def has_reasoning(messages: list[dict]) -> bool:
@@ -69,8 +97,12 @@ def without_reasoning(messages: list[dict]) -> list[dict]:
 
 
 class ChatTemplate:
-    def __init__(self, tokenizer: Tokenizer, eos_token: str = IM_END, fingerprint: str | None = None):
+    def __init__(self, tokenizer: Tokenizer, eos_token: str = IM_END, fingerprint: str | None = None,
+                 jinja: JinjaTemplate | None = None):
+        """`jinja` None means the hybrid Qwen3 template (rendered by the fast path only)."""
         self.tokenizer = tokenizer
+        self.jinja = jinja
+        self.fast = jinja is None or hashlib.sha256(jinja.source.encode()).hexdigest() in QWEN3_TEMPLATE_SHA256
         self.im_start_id = self._token_id(IM_START)
         self.im_end_id = self._token_id(IM_END)
         self.eos_id = self._token_id(eos_token)
@@ -96,39 +128,61 @@ class ChatTemplate:
         chat_template = config.get("chat_template")
         if chat_template is None and (model_dir / "chat_template.jinja").is_file():
             chat_template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-        _check_template(chat_template, config_file)
+        jinja = load_jinja_template(chat_template, _special_tokens(config), config_file)
         eos = config.get("eos_token") or IM_END
         eos = eos["content"] if isinstance(eos, dict) else eos
         digest = hashlib.sha256(tokenizer_file.read_bytes())
         digest.update(f"\0{chat_template}\0{eos}".encode())
-        return cls(Tokenizer.from_file(str(tokenizer_file)), eos, digest.hexdigest())
+        return cls(Tokenizer.from_file(str(tokenizer_file)), eos, digest.hexdigest(), jinja)
+
+    def _use_fast_path(self, messages: list[dict], tools) -> bool:
+        """The hybrid Qwen3 template in plain Python (render.py, tools and tool calls included)."""
+        return self.fast and all(isinstance(m.get("content"), str) for m in messages)
+
+    def render_spans(self, messages: list[dict], enable_thinking: bool = True, tools: list[dict] | None = None):
+        """Training text and assistant spans (`render.Rendered`) of one conversation, by the fast path when
+        the template is the hybrid Qwen3 one and the conversation has no tools."""
+        messages = alias_reasoning(messages)
+        if self._use_fast_path(messages, tools):
+            return render_qwen3(messages, enable_thinking, tools=tools)
+        return self.jinja.render(messages, enable_thinking, tools)
 
     def render(self, messages: list[dict], enable_thinking: bool = True, add_generation_prompt: bool = False,
                tools: list[dict] | None = None) -> str:
-        """The exact text transformers' `apply_chat_template(..., tools=tools, tokenize=False)` produces."""
-        return render_qwen3(messages, enable_thinking, add_generation_prompt, tools).text
+        """The exact text transformers' `apply_chat_template(..., tokenize=False)` produces."""
+        messages = alias_reasoning(messages)
+        if self._use_fast_path(messages, tools):
+            return render_qwen3(messages, enable_thinking, add_generation_prompt, tools).text
+        return self.jinja.render_text(messages, enable_thinking, add_generation_prompt, tools)
 
     def encode(self, messages: "list[dict] | Conversation", enable_thinking: bool = True, **options) -> Example:
         """One conversation → Example with assistant-only labels; options as in `encode_batch`."""
         return self.encode_batch([messages], enable_thinking, **options)[0]
 
     def encode_batch(self, conversations: "list[list[dict] | Conversation]", enable_thinking: bool = True, *,
-                     supervise: str = "all", train_on_reasoning: bool = True,
-                     empty_think: str = "train") -> list[Example]:
+                     supervise: str = "all", train_on_reasoning: bool = True, empty_think: str = "train",
+                     tools: list[list[dict] | None] | None = None) -> list[Example]:
         """Renders and tokenises many conversations at once (the tokenizer batches in Rust).
 
         A `Conversation` brings its own tools and, when set, its own `enable_thinking`. supervise: "all"
         assistant turns or only the "last"; train_on_reasoning: also supervise the think blocks (thinking on
-        only); empty_think: "train" | "mask" an empty think block (see the module docstring).
+        only); empty_think: "train" | "mask" an empty think block (see the module docstring); tools: each plain
+        conversation's tool schemas (rendered by the template's tools section).
         """
         if supervise not in SUPERVISE:
             raise ValueError(f"unknown supervise {supervise!r}; expected one of {', '.join(SUPERVISE)}")
         if empty_think not in EMPTY_THINK_POLICIES:
             raise ValueError(f"unknown empty_think {empty_think!r}; expected one of {', '.join(EMPTY_THINK_POLICIES)}")
-        rows = [c if isinstance(c, Conversation) else Conversation(c) for c in conversations]
+        tools = tools or [None] * len(conversations)
+        rows = [c if isinstance(c, Conversation) else Conversation(c, t) for c, t in zip(conversations, tools)]
         thinking = [enable_thinking if row.enable_thinking is None else row.enable_thinking for row in rows]
-        rendered = [render_qwen3(row.messages if on else without_reasoning(row.messages), tools=row.tools)
-                    for row, on in zip(rows, thinking)]
+        rendered = []
+        for i, (row, on) in enumerate(zip(rows, thinking)):
+            try:
+                rendered.append(self.render_spans(row.messages if on else without_reasoning(row.messages), on,
+                                                  row.tools))
+            except DataError as err:
+                raise DataError(f"conversation {i}: {err}") from None
         encodings = self.tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
         examples = []
         for r, encoding, on in zip(rendered, encodings, thinking):

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from ..config_io import settings
 from ..data.cache import TokenizeSettings
+from ..lora import LoRASettings
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -75,9 +76,13 @@ class OptimSettings:
 
 @settings
 class TrainSettings:
-    max_steps: PositiveInt = 100
+    max_steps: PositiveInt | None = None  # optimizer steps; wins over `epochs` when both are set
+    epochs: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None  # passes over the data (steps derived)
+    batch_size: PositiveInt | None = None  # sequences per optimizer step (all ranks); default: grad_accum token budgets
     seed: int = 0
-    grad_accum: PositiveInt = 1        # micro-batches per optimizer step on each rank
+    grad_accum: PositiveInt = 1        # micro-batches per optimizer step on each rank (token-budget steps)
+    method: Literal["full", "lora"] = "full"   # full fine-tuning, or LoRA adapters on the block linears
+    lora: LoRASettings = field(default_factory=LoRASettings)  # rank, alpha, dropout, target_modules (method: lora)
     save_every: NonNegativeInt = 0     # steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)
     keep_last: NonNegativeInt = 2
     resume: str | None = None          # "auto" = latest checkpoint in output.dir, or a checkpoint path
@@ -86,6 +91,13 @@ class TrainSettings:
     activation_checkpointing: bool = False
     max_nonfinite_steps: PositiveInt = 3  # stop after this many non-finite steps in a row
     device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto": cuda when available, else cpu
+
+    def __post_init__(self):
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.max_steps (optimizer steps) or train.epochs (passes over the data)")
+        if self.batch_size is not None and self.grad_accum != 1:
+            raise ValueError(f"train.batch_size={self.batch_size} sequences per step needs train.grad_accum=1 (it "
+                             f"replaces the token-budget step); got grad_accum={self.grad_accum}")
 
 
 @settings

@@ -1,17 +1,24 @@
 """Steps of packed micro-batches, with a cursor that makes resuming exact.
 
-Every epoch re-packs the (mixture-sampled) examples with seed `seed + epoch`, so the order is reshuffled but
-reproducible; the cursor (epoch, index of the next micro-batch) is all a checkpoint needs to continue at the
-same micro-batch. A step takes `grad_accum × world` consecutive micro-batches; rank r gets every world-th one.
+Two ways to size a step, both packing by tokens (`data.max_tokens` per micro-batch, no padding):
+- `StepLoader` (token budget): every epoch re-packs the (mixture-sampled) examples with seed `seed + epoch`; a step
+  takes `grad_accum × world` consecutive micro-batches and rank r gets every world-th one.
+- `SequenceStepLoader` (`train.batch_size` sequences per step, e.g. Sky-T1's 96): every epoch shuffles the examples
+  with seed `seed + epoch`; a step takes the next `batch_size` of them, packs them into micro-batches and deals
+  those to the ranks (a rank short of micro-batches gets a zero-weight one, so every rank runs the same number of
+  forwards and the update is unchanged).
+The cursor (epoch, index) is all a checkpoint needs to continue at the same step.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from ..data import pack
-from ..data.example import Example
+from ..data.example import IGNORE_INDEX, Example
+from ..data.packing import PackedBatch
 from ..vocab import VocabMap
 from .config import DataSettings
 from ..errors import ConfigError, DataError
@@ -33,17 +40,31 @@ def mixture_epoch(datasets: Sequence[Sequence[Example]], weights: Sequence[float
     return epoch
 
 
-class StepLoader:
+class Cursor:
+    """What both loaders share: the data, the rank, and the (epoch, index) position a resume restores."""
+
+    def __init__(self, datasets, data: DataSettings, vocab: VocabMap | None, seed: int, rank: int, world: int):
+        self.datasets, self.data, self.vocab = datasets, data, vocab
+        self.max_tokens, self.seed = data.max_tokens, seed
+        self.rank, self.world = rank, world
+        self.epoch, self.index = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+class StepLoader(Cursor):
     """`data` is the run's data settings (weights, max_tokens, overlong, loss_weighting); `vocab` the kept
     vocabulary (labels outside it are masked when packing)."""
 
     def __init__(self, datasets, data: DataSettings, vocab: VocabMap | None = None, *, seed: int, grad_accum: int,
                  rank: int = 0, world: int = 1):
-        self.datasets, self.data, self.vocab = datasets, data, vocab
-        self.max_tokens, self.seed = data.max_tokens, seed
-        self.grad_accum, self.rank, self.world = grad_accum, rank, world
-        self.epoch, self.index = 0, 0
-        self._batches, self._batches_epoch = None, None
+        super().__init__(datasets, data, vocab, seed, rank, world)
+        self.grad_accum = grad_accum
+        self._batches, self._batches_epoch, self._epoch0_batches = None, None, None
         batches = self._epoch_batches()
         if not len(batches):
             raise DataError(self._why_empty(batches.report))
@@ -92,8 +113,77 @@ class StepLoader:
             self.index += 1
         return taken[self.rank::self.world]
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+    @property
+    def steps_per_epoch(self) -> float:
+        """Optimizer steps one epoch makes (the first epoch's packing; later ones differ by a batch at most)."""
+        if self._epoch0_batches is None:
+            epoch, self.epoch = self.epoch, 0
+            self._epoch0_batches, self.epoch = len(self._epoch_batches()), epoch
+        return self._epoch0_batches / self.per_step
 
-    def load_state_dict(self, state: dict):
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs done so far, fractional (what the metrics log as `epoch`)."""
+        return self.epoch + self.index / max(1, len(self._epoch_batches()))
+
+
+class SequenceStepLoader(Cursor):
+    def __init__(self, datasets, data: DataSettings, vocab: VocabMap | None = None, *, seed: int, batch_size: int,
+                 rank: int = 0, world: int = 1):
+        super().__init__(datasets, data, vocab, seed, rank, world)
+        self.batch_size = batch_size
+        self._examples, self._examples_epoch = None, None
+        size = len(self._epoch_examples())
+        if batch_size > size:
+            raise ConfigError(f"train.batch_size={batch_size} sequences is more than one epoch holds ({size}); "
+                              f"lower train.batch_size")
+
+    def _epoch_examples(self) -> list[Example]:
+        if self._examples_epoch != self.epoch:
+            examples = mixture_epoch(self.datasets, self.data.weights, self.seed + self.epoch)
+            order = np.random.default_rng(self.seed + self.epoch).permutation(len(examples))
+            self._examples, self._examples_epoch = [examples[i] for i in order], self.epoch
+        return self._examples
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self._epoch_examples()) / self.batch_size)  # the last step of an epoch may be short
+
+    @property
+    def epoch_progress(self) -> float:
+        return self.epoch + self.index / self.steps_per_epoch
+
+    def next_step(self) -> list[PackedBatch]:
+        """This rank's micro-batches of the next step: the next `batch_size` sequences, packed by tokens."""
+        if self.index >= self.steps_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        group = self._epoch_examples()[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        self.index += 1
+        batches = list(pack(group, self.max_tokens, seed=self.seed + self.epoch, overlong=self.data.overlong,
+                            loss_weighting=self.data.loss_weighting, vocab=self.vocab))
+        filler = PackedBatch.from_examples([zero_weight(min(group, key=len), self.max_tokens)])
+        batches += [filler] * (-len(batches) % self.world)
+        return batches[self.rank::self.world]
+
+
+def zero_weight(example: Example, max_tokens: int) -> Example:
+    """A copy of `example` (cut to max_tokens) without supervised tokens: it adds nothing to the loss or gradient."""
+    ids = example.input_ids[:max_tokens]
+    return Example(ids, np.full(len(ids), IGNORE_INDEX, dtype=example.labels.dtype))
+
+
+def build_loader(datasets, data: DataSettings, train_settings, vocab: VocabMap | None = None, rank: int = 0,
+                 world: int = 1):
+    """The loader `train.batch_size` (sequences per step) or `train.grad_accum` (token-budget steps) asks for."""
+    if train_settings.batch_size is not None:
+        return SequenceStepLoader(datasets, data, vocab, seed=train_settings.seed,
+                                  batch_size=train_settings.batch_size, rank=rank, world=world)
+    return StepLoader(datasets, data, vocab, seed=train_settings.seed, grad_accum=train_settings.grad_accum,
+                      rank=rank, world=world)
+
+
+def planned_steps(train_settings, loader) -> int:
+    """`train.max_steps` when set, else `train.epochs` × the loader's steps per epoch (rounded up)."""
+    if train_settings.max_steps is not None:
+        return train_settings.max_steps
+    return max(1, math.ceil(train_settings.epochs * loader.steps_per_epoch - 1e-9))

@@ -24,9 +24,10 @@ from ..config_io import to_dict
 from ..data import ChatTemplate, pack
 from ..data.cache import load_examples
 from ..errors import DataError, TrainingError
+from ..lora import apply_lora, export_lora, merged_state_dict
 from ..vocab import VocabMap
 from .config import FFTConfig
-from .loader import StepLoader
+from .loader import build_loader, planned_steps
 from .metrics import MFU, MetricsLogger, peak_memory_bytes, plot_loss_curve, training_flops
 from .build import build_model, build_vocab, resolve_tokenizer_dir
 from .optim import build_optimizer, build_scheduler
@@ -237,15 +238,20 @@ def _train(config: FFTConfig, dist_: Dist, evaluate: Callable[[EvalPoint], dict]
     datasets, eval_examples, data_fingerprint = _load_data(config, template, dist_)
     param_dtype, compute_dtype, autocast = _precision(config, dist_)
     model = build_model(config.model, param_dtype, dist_.device)
+    if config.train.method == "lora":
+        apply_lora(model, config.train.lora, seed=config.train.seed)
     vocab = build_vocab(config.vocab, datasets + [eval_examples], template, model.config.vocab_size)
     model.activation_checkpointing = config.train.activation_checkpointing
     if dist_.enabled:
         shard_model(model, compute_dtype)
     model.train()
     optimizer = build_optimizer(model, config.optim)
-    scheduler = build_scheduler(optimizer, config.train.max_steps, config.optim)
-    loader = StepLoader(datasets, config.data, vocab, seed=config.train.seed, grad_accum=config.train.grad_accum,
-                        rank=dist_.rank, world=dist_.world)
+    loader = build_loader(datasets, config.data, config.train, vocab, dist_.rank, dist_.world)
+    max_steps = planned_steps(config.train, loader)
+    if dist_.is_main and config.train.max_steps is None:
+        log.info("train.epochs=%g: %d optimizer steps (%.2f per epoch)", config.train.epochs, max_steps,
+                 loader.steps_per_epoch)
+    scheduler = build_scheduler(optimizer, max_steps, config.optim)
     eval_batches = pack(eval_examples, config.data.max_tokens, seed=0, overlong=config.data.overlong,
                         loss_weighting=config.data.loss_weighting, vocab=vocab) if eval_examples else None
 
@@ -266,7 +272,7 @@ def _train(config: FFTConfig, dist_: Dist, evaluate: Callable[[EvalPoint], dict]
     mfu = MFU(dist_.device, param_dtype if compute_dtype is None else compute_dtype, dist_.world)
     wandb = ({"project": config.output.wandb_project, "name": out.name, "config": to_dict(config)}
              if config.output.wandb else None)
-    logger = MetricsLogger(out, config.train.max_steps, step, enabled=dist_.is_main,
+    logger = MetricsLogger(out, max_steps, step, enabled=dist_.is_main,
                            progress=config.output.progress, tensorboard=config.output.tensorboard, wandb=wandb)
     result = TrainResult(out, None, step)
 
@@ -289,9 +295,11 @@ def _train(config: FFTConfig, dist_: Dist, evaluate: Callable[[EvalPoint], dict]
         def snapshot() -> Path:
             if "path" not in snapshots:
                 state = full_state_dict(model) if dist_.enabled else None
+                if config.train.method == "lora":  # the merged weights, as the final export
+                    state = merged_state_dict(model, state)
                 path = out / "snapshots" / f"step-{at_step}"
                 if dist_.is_main:
-                    save_model(model, path, tokenizer_dir=tokenizer_dir, state_dict=state)
+                    save_model(model, path, tokenizer_dir=tokenizer_dir, state_dict=state, vocab=vocab)
                 dist_.barrier()
                 snapshots["path"] = path
             return snapshots["path"]
@@ -305,7 +313,7 @@ def _train(config: FFTConfig, dist_: Dist, evaluate: Callable[[EvalPoint], dict]
             logger.log({"step": at_step, **metrics})
 
     with StopSignal() as stop:
-        while step < config.train.max_steps:
+        while step < max_steps:
             started = time.perf_counter()
             micro_batches = loader.next_step()
             loss_sum, weight = train_step(model, micro_batches, dist_, vocab, autocast)
@@ -339,7 +347,7 @@ def _train(config: FFTConfig, dist_: Dist, evaluate: Callable[[EvalPoint], dict]
             flops = float(dist_.all_reduce_sum(training_flops(model.config, lengths, loss_tokens, output_rows)))
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
                       "tokens_per_s": tokens / elapsed, "mfu": mfu(flops, elapsed),
-                      "peak_mem_bytes": peak_memory_bytes(dist_.device), "epoch": loader.epoch,
+                      "peak_mem_bytes": peak_memory_bytes(dist_.device), "epoch": loader.epoch_progress,
                       "skipped_steps": counters["skipped_steps"]}
             logger.log(record)
             result.losses.append(loss)
@@ -347,7 +355,7 @@ def _train(config: FFTConfig, dist_: Dist, evaluate: Callable[[EvalPoint], dict]
                 if eval_batches:
                     logger.log({"step": step, "eval_loss": evaluate_loss(model, eval_batches, dist_, vocab,
                                                                          autocast)})
-                if step < config.train.max_steps:  # the last step is evaluated after the final save
+                if step < max_steps:  # the last step is evaluated after the final save
                     run_evaluation(step)
             stop_now = float(dist_.all_reduce_sum(1.0 if stop.check() else 0.0)) > 0
             if stop_now or (config.train.save_every and step % config.train.save_every == 0):
@@ -367,6 +375,8 @@ def _train(config: FFTConfig, dist_: Dist, evaluate: Callable[[EvalPoint], dict]
             if dist_.is_main:
                 try:
                     with stop.immediate():
+                        if config.train.method == "lora":  # merged weights for the HF export (+ the adapter alone)
+                            state = export_lora(model, out, config.model.path, state)
                         result.final_dir = save_model(model, out / "final", tokenizer_dir=tokenizer_dir,
                                                       state_dict=state, vocab=vocab)
                 except Interrupted:

@@ -40,8 +40,9 @@ def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None, seconds: float = 0.5) -> float:
     """The device's achievable matmul FLOP/s, measured (the denominator of MFU; no vendor datasheet figure)."""
     size = size or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # values don't matter, and the global RNG must not move: a (re)measurement mid-run would shift dropout masks
+    a = torch.ones(size, size, device=device, dtype=dtype)
+    b = torch.ones(size, size, device=device, dtype=dtype)
     torch.matmul(a, b)  # warm-up
     _sync(device)
     count, start = 0, time.perf_counter()

@@ -8,7 +8,7 @@ marks. A text is Vietnamese when most of its words (code spans aside) are possib
 carry a mark. Limits: all-capital text and one-word replies without a mark ("Ok") do not count as
 Vietnamese; a Vietnamese text with many English terms can fall below the syllable share.
 
-Accuracy on the hand-labelled set tests/synth/data/langid_labelled.jsonl (48 Vietnamese texts incl. math,
+Accuracy on the hand-labelled set tests/recipes/sft_data/data/langid_labelled.jsonl (48 Vietnamese texts incl. math,
 code-mixed and short ones; 69 others: English, French, Spanish, Portuguese, Indonesian, German, Italian,
 Tagalog, Chinese, Japanese, Korean, code, unaccented Vietnamese), measured with
 `python -m qforge.recipes.sft_data.langid FILE`: 100% (tests assert >= 97%), which says more about how

@@ -108,7 +108,7 @@ def test_bad_json_names_file_and_line(tmp_path):
 
 @pytest.mark.parametrize("field, value, message", [
     ("model_type", "llama", "field 'model_type' is 'llama'"),
-    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}, "field 'rope_parameters' has rope_type 'yarn'"),
+    ("rope_parameters", {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}, "field 'rope_parameters' has rope_type 'linear'"),
     ("use_sliding_window", True, "field 'use_sliding_window'"),
     ("num_key_value_heads", 3, "multiple of num_key_value_heads"),
 ])

@@ -87,4 +87,3 @@ def test_generation_prompt_tokens_match_transformers(qwen_template, hf_tokenizer
                                                     enable_thinking=enable_thinking)
         expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
         assert qwen_template.tokenizer.encode(qwen_template.render(messages, enable_thinking, add_generation_prompt=True), add_special_tokens=False).ids == list(expected)
-

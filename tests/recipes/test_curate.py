@@ -7,6 +7,7 @@ import threading
 import pytest
 import yaml
 
+from qwen3_fixtures import run_recipe_main
 from qforge.engine.config_io import apply_overrides, build, read_yaml
 from qforge.engine.data.formats import read_conversations
 from qforge.engine.serve import ChatServer, ScriptedBackend
@@ -63,7 +64,7 @@ def write_corpus(tmp_path):
 def run_curate(tmp_path, *overrides):
     messages, sharegpt = write_corpus(tmp_path)
     out = tmp_path / "out"
-    main(["--config", "recipes/configs/curate.yaml", f"output.dir={out}",
+    run_recipe_main(main, ["--config", "recipes/configs/curate.yaml", f"output.dir={out}",
           f"inputs=[{{path: '{messages}'}}, {{path: '{sharegpt}', format: sharegpt}}]", f"tasks.rules={RULES}",
           "sampling.target=null", "sampling.quotas={}", *overrides])
     kept = [json.loads(line) for line in (out / "curated.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -173,11 +174,11 @@ def test_parquet_input(tmp_path):
     except ImportError:
         path.write_bytes(b"PAR1")
         with pytest.raises(SystemExit, match="reading Parquet needs pyarrow"):
-            main(args)
+            run_recipe_main(main, args)
         return
     rows = [SHAREGPT_ROWS[0][0], SHAREGPT_ROWS[1][0]]
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
-    main(args)
+    run_recipe_main(main, args)
     kept = [json.loads(line) for line in (out / "curated.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [row["messages"][0]["content"] for row in kept] == [r["conversations"][0]["value"] for r in rows]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine" / "train"))
 
 from tiny_run import tiny_overrides, tiny_run_files  # noqa: E402,F401 (pytest fixture)
 

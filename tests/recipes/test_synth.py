@@ -14,7 +14,7 @@ import yaml
 from qforge.engine.data.formats import read_conversations
 from qforge.engine.serve import ChatServer, RequestError, ScriptedBackend
 from qforge.recipes.synth import main
-from qwen3_fixtures import save_hf_qwen3
+from qwen3_fixtures import save_hf_qwen3, run_recipe_main
 
 SYLLABUS = {"Tiểu học": {"Lớp 3": {"Toán": ["Phép cộng", "Phép nhân"], "Tiếng Việt": ["Kể chuyện"]}}}
 TASKS = {"tasks": [
@@ -112,7 +112,7 @@ def run_synth(tmp_path, url, *overrides, extra_backends=""):
     tasks.write_text(yaml.safe_dump(TASKS, allow_unicode=True), encoding="utf-8")
     backend = f"{{name: local, endpoint: {{base_url: '{url}', model: scripted-writer}}, cache_namespace: test, " \
               f"price_per_million: {{prompt: 1.0, completion: 2.0}}}}"
-    main(["--config", "recipes/configs/synth.yaml", f"syllabus={syllabus}", f"tasks={tasks}",
+    run_recipe_main(main, ["--config", "recipes/configs/synth.yaml", f"syllabus={syllabus}", f"tasks={tasks}",
           f"output.dir={tmp_path / 'out'}", f"backends=[{backend}{extra_backends}]", "filters.response.max_chars=300",
           "client.max_retries=0", *overrides])
     out = tmp_path / "out"

@@ -13,7 +13,7 @@ from qforge.engine.train.config import OptimSettings
 from qforge.engine.train.loader import mixture_epoch
 from qforge.engine.train.optim import lr_factor
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "recipes"))
 from fft import stage_configs  # noqa: E402
 
@@ -21,7 +21,7 @@ from fft import stage_configs  # noqa: E402
 @pytest.mark.parametrize("name", ["demo.yaml", "qwen3-0.6b-1gpu.yaml", "qwen3-8b-8gpu.yaml"])
 def test_shipped_fft_configs_parse(name):
     config = load_config(FFTRecipeConfig, REPO / "recipes/configs" / name)
-    assert config.train.max_steps > 0
+    assert (config.train.max_steps or 0) > 0 or config.train.epochs > 0
 
 
 def test_stages_chain_weights_and_mixtures(tmp_path):

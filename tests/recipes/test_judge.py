@@ -5,6 +5,7 @@ import threading
 import numpy as np
 import pytest
 
+from qwen3_fixtures import run_recipe_main
 from qforge.engine.serve import ChatServer, ScriptedBackend
 from qforge.recipes.judge import main
 from qforge.recipes.sft_data.stages import fill
@@ -78,7 +79,7 @@ def run_judge(tmp_path, urls, mode, extra=()):
     data.write_text("".join(json.dumps(item) + "\n" for item in ITEMS), encoding="utf-8")
     good, bad, judge_url = urls["good"], urls["bad"], urls["judge"]
     out = tmp_path / f"out-{mode}"
-    main(["--config", "recipes/configs/judge.yaml", f"data.path={data}", f"output.dir={out}",
+    run_recipe_main(main, ["--config", "recipes/configs/judge.yaml", f"data.path={data}", f"output.dir={out}",
           f"judge.mode={mode}", "judge.baseline=bad", f"judge.prompts.retry={RETRY}",
           f"judge.endpoint={{base_url: '{judge_url}', model: judge}}", f"client.cache_dir={tmp_path / 'cache'}",
           f"candidates=[{{name: bad, endpoint: {{base_url: '{bad}', model: bad}}}}, "

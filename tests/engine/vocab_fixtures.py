@@ -1,4 +1,4 @@
-"""Shared fixtures for tests/vocab: the real tokenizer's VocabMap and tiny Qwen3 models with its 151,936 rows.
+"""Shared fixtures for the vocabulary tests (tests/engine/test_vocab*.py): the real tokenizer's VocabMap and tiny Qwen3 models with its 151,936 rows.
 
 (A module rather than a conftest.py: pytest loads every conftest.py under the same module name.)
 """

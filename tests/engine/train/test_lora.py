@@ -1,0 +1,86 @@
+"""LoRA through the FFT trainer, against PEFT (the adapter) and transformers (the merged export)."""
+import json
+
+import pytest
+import torch
+from qwen3_fixtures import save_hf_qwen3
+from tiny_run import TINY_MODEL, tiny_overrides, tiny_run_files  # noqa: F401 (fixture)
+from transformers import Qwen3ForCausalLM
+
+from qforge.engine import load_model, save_model
+from qforge.engine.config_io import ConfigKeyError, load_config
+from qforge.engine.lora import LoRALinear, LoRASettings, apply_lora, export_lora, lora_modules
+from qforge.engine.train import FFTConfig, train
+
+peft = pytest.importorskip("peft")
+
+
+def _close(ours, theirs):
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+def test_adapters_start_at_the_base_model_and_only_they_train(tmp_path):
+    model = load_model(save_hf_qwen3(tmp_path / "base"), dtype=torch.float32)
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        base = model(ids)
+    apply_lora(model, LoRASettings(rank=4, alpha=8, target_modules=["q_proj", "down_proj"]), seed=0)
+    with torch.no_grad():
+        assert torch.equal(model(ids), base)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    config = model.config
+    per_layer = 4 * (config.hidden_size + config.num_attention_heads * config.head_dim) + 4 * (
+        config.intermediate_size + config.hidden_size)
+    assert all(".lora_" in n for n in trainable) and sum(trainable.values()) == per_layer * config.num_hidden_layers
+    assert len(lora_modules(model)) == 2 * config.num_hidden_layers
+    with pytest.raises(ValueError, match="not block linears"):
+        LoRASettings(target_modules=["lm_head"])
+
+
+def test_peft_loads_the_adapter_and_the_merged_export_is_a_plain_qwen3(tmp_path):
+    base = save_hf_qwen3(tmp_path / "base", seed=2)
+    model = load_model(base, dtype=torch.float32)
+    apply_lora(model, LoRASettings(rank=4, alpha=16, dropout=0.1), seed=0)
+    for module in lora_modules(model).values():  # stands in for training: B is no longer zero
+        torch.nn.init.normal_(module.lora_B.weight, std=0.05)
+    model.eval()
+    ids = torch.randint(0, 512, (1, 24))
+    with torch.no_grad():
+        ours = model(ids)
+    merged = export_lora(model, tmp_path, str(base))
+    exported = save_model(model, tmp_path / "final", state_dict=merged)
+    config = json.loads((tmp_path / "final-adapter/adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 16 and len(config["target_modules"]) == 7
+    hf = Qwen3ForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "final-adapter").eval()(ids).logits
+        _close(ours, theirs)
+        _close(ours, Qwen3ForCausalLM.from_pretrained(exported, dtype=torch.float32)(ids).logits)
+    assert not any("lora" in k for k in json.loads((exported / "config.json").read_text()))
+
+
+def test_lora_training_resumes_exactly_and_exports(tiny_run_files, tmp_path):
+    base = save_hf_qwen3(tmp_path / "base", seed=4, **{k: v for k, v in TINY_MODEL.items()
+                                                        if k not in ("architectures", "model_type", "torch_dtype")})
+    lora = {"model.config": "null", "model.path": str(base), "train.method": "lora", "train.lora.rank": 4,
+            "train.lora.dropout": 0.1, "optim.lr": 1e-2}
+    settings = lambda out, **extra: load_config(FFTConfig, None, tiny_overrides(tiny_run_files, out, **{  # noqa: E731
+        **lora, **extra}))
+    full = train(settings(tmp_path / "full", **{"train.max_steps": 4, "train.save_every": 2, "train.keep_last": 5}))
+    resumed = train(settings(tmp_path / "resumed", **{"train.max_steps": 4,
+                                                     "train.resume": str(tmp_path / "full/checkpoints/step-2")}))
+    assert resumed.losses == full.losses[2:] and full.losses[-1] < full.losses[0]
+    merged = Qwen3ForCausalLM.from_pretrained(full.final_dir, dtype=torch.float32).eval()
+    original = Qwen3ForCausalLM.from_pretrained(base, dtype=torch.float32)
+    adapted = peft.PeftModel.from_pretrained(original, tmp_path / "full/final-adapter").eval()
+    ids = torch.randint(0, 151_000, (1, 20))
+    with torch.no_grad():
+        _close(merged(ids).logits, adapted(ids).logits)
+        embed = original.get_input_embeddings().weight  # only block linears moved
+        assert torch.equal(merged.get_input_embeddings().weight, embed)
+        assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight,
+                               original.model.layers[0].self_attn.q_proj.weight)
+    assert isinstance(load_model(full.final_dir).layers[0].self_attn.q_proj, torch.nn.Linear)
+    with pytest.raises(ConfigKeyError, match="'train.lora.rank' must be int ≥ 1, got 0"):
+        settings(tmp_path / "bad", **{"train.lora.rank": 0, "train.max_steps": 1})
+    assert not isinstance(load_model(full.final_dir).layers[0].self_attn.q_proj, LoRALinear)

@@ -1,0 +1,49 @@
+"""The byte/FLOP account (tools/kernel_roofline.py): its FLOPs agree with torch's FLOP counter running the loss's
+own schedule at the real shape (fake tensors), and the issue's roofline targets hold for the schedule."""
+import importlib
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from qforge.tools import kernel_roofline as account
+from qforge.tools.aot_check import QWEN3_SHAPES
+
+FLCE = importlib.import_module("qforge.kernels.fused_linear_cross_entropy")
+T, H, V = 16_384, 4_096, 151_936
+
+
+def test_loss_flops_match_the_flop_counter_on_the_real_schedule():
+    """The CUDA bf16 schedule (fp32 logits chunks, bf16 gradient groups) on fake CPU tensors."""
+    with FakeTensorMode():
+        hidden = torch.empty(T, H, dtype=torch.bfloat16, device="cpu")
+        weight = torch.empty(V, H, dtype=torch.bfloat16, device="cpu")
+        targets = torch.zeros(T, dtype=torch.long, device="cpu")
+        scale = torch.ones(T, device="cpu")
+        plan = FLCE.chunk_plan(T, V, torch.bfloat16, cuda_layout=True)
+        assert (plan.logit_rows, plan.grad_rows) == (FLCE.GPU_LOGIT_ROWS, FLCE.GPU_GRAD_ROWS)
+        with FlopCounterMode(display=False) as counter:
+            FLCE._chunked_loss_and_grads(hidden, weight, targets, scale, 0.0, None, plan, FLCE._rows_torch, True, True)
+    matmuls = [c for c in account.loss_costs(T, H, V) if c.flops >= 2 * H * V]
+    assert counter.get_total_flops() == sum(c.count * c.flops for c in matmuls) == 6 * T * H * V
+
+
+def test_loss_meets_the_issue_targets_at_8b():
+    ours = sum(c.seconds for c in account.loss_costs(T, H, V))
+    liger = sum(c.seconds for c in account.liger_loss_costs(T, H, V))
+    ideal = 6 * T * H * V / account.PEAK_FLOPS
+    assert ideal < ours <= 0.080 and ours <= 1.12 * liger
+    assert account.loss_memory(T, H, V)["peak_beyond_returned_grads"] <= 3e9
+
+
+@pytest.mark.parametrize("shape", QWEN3_SHAPES, ids=lambda s: s.name)
+def test_elementwise_kernels_move_at_most_15_percent_more_than_the_minimum(shape):
+    for cost in account.model_costs(shape):
+        assert cost.bytes_efficiency >= 0.85, (cost.name, cost.bytes_efficiency)
+
+
+def test_cli_prints_the_account(capsys):
+    assert account.main(["--model", "0.6B", "--tokens", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "rms_norm bwd q_norm" in out and "Liger's schedule" in out and "not measurements" in out
