@@ -77,8 +77,9 @@ def test_local_think_mode_counts_unfinished_and_budgets_to_the_context(tmp_path,
     from qforge.recipes.mcq import official_prompt
 
     template = ChatTemplate.from_pretrained(save_chat_checkpoint(tmp_path / "probe"))
-    longest = max(len(template.encode_prompt([{"role": "user", "content": official_prompt(q).rstrip()}]))
-                  for q in questions[:3])
+    longest = max(len(template.tokenizer.encode(template.render(
+        [{"role": "user", "content": official_prompt(q).rstrip()}], add_generation_prompt=True)).ids)
+        for q in questions[:3])
     budget = 5  # the context leaves 5 new tokens after the longest prompt
     checkpoint = save_chat_checkpoint(tmp_path / "tiny", seed=3, max_position_embeddings=longest + budget)
     overrides = [f"model.path={checkpoint}", f"data.path={DATA}", "data.limit=3", "eval.mode=think",

@@ -47,10 +47,9 @@ def tool_conversation(rng: random.Random) -> list[dict]:
 @pytest.mark.parametrize("seed", range(3))
 def test_render_and_token_ids_match_transformers_with_tools(qwen_template, hf_tokenizer, seed):
     rng = random.Random(seed)
-    for _ in range(60):
-        messages = tool_conversation(rng)
-        tools = rng.choice([[WEATHER], [WEATHER, SEARCH], None])
-        thinking, prompt = rng.random() < 0.5, rng.random() < 0.3
+    cases = [(tool_conversation(rng), rng.choice([[WEATHER], [WEATHER, SEARCH], None]), rng.random() < 0.5,
+              rng.random() < 0.3) for _ in range(60)]
+    for messages, tools, thinking, prompt in cases:
         expected = hf_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                                     enable_thinking=thinking, add_generation_prompt=prompt)
         assert qwen_template.render(messages, thinking, prompt, tools=tools) == expected, messages
