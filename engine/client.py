@@ -1,8 +1,12 @@
 """OpenAI-compatible chat-completions client: the one protocol every recipe speaks.
 
-The same client talks to qforge's local server, a vLLM server or a hosted OpenAI-compatible API. It
-retries transient failures with exponential backoff, bounds the number of requests in flight, and keeps
-an on-disk cache of replies keyed by the request, so a run that is interrupted resumes where it stopped.
+The same client talks to qforge's local server, a vLLM server or a hosted OpenAI-compatible API. The
+transport, timeouts and retries are the `openai` SDK's (exponential backoff, `Retry-After` honoured but
+capped by `max_backoff`); on top of it qforge bounds the requests in flight, spaces sends for a rate limit,
+keeps an on-disk cache of replies keyed by the request (an interrupted run resumes where it stopped), and
+turns every failure into a `ChatClientError` for that request only. With `suppress_ids` every request
+carries `logit_bias` -100 for those ids: a pruned (CJK-free) model stays CJK-free on servers such as vLLM
+that ignore generation_config.json's `suppress_tokens`.
 """
 from __future__ import annotations
 
@@ -12,14 +16,13 @@ import os
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import openai
 from tqdm.auto import tqdm
 
 from .errors import EndpointError
@@ -82,15 +85,26 @@ class ResponseCache:
         write_json(path, {"request": request, "response": response}, indent=None)
 
 
-@dataclass
-class ClientSettings:
-    """The `client:` section of recipe configs: keyword arguments of `ChatClient`."""
+class _OpenAI(openai.OpenAI):
+    """The SDK client with qforge's backoff: every retryable status is retried (even with a long
+    Retry-After), waits are capped by `max_backoff`, retries are counted and sends rate-limited."""
 
-    timeout: float = 120.0
-    max_retries: int = 4
-    concurrency: int = 4
-    cache_dir: str | None = None  # replies cached here make an interrupted run resume
-    requests_per_minute: float | None = None  # spaces requests out to stay under an API's rate limit
+    def __init__(self, *, backoff: float, max_backoff: float, on_retry, **kwargs):
+        super().__init__(**kwargs)
+        self._backoff, self._max_backoff, self._on_retry = backoff, max_backoff, on_retry
+
+    def _should_retry(self, response) -> bool:
+        if response.status_code in RETRYABLE_STATUS:
+            return True
+        return super()._should_retry(response)
+
+    def _calculate_retry_timeout(self, remaining_retries, options, response_headers=None) -> float:
+        self._on_retry()
+        retry_after = self._parse_retry_after_header(response_headers)
+        if retry_after is not None and retry_after > 0:
+            return min(retry_after, self._max_backoff)
+        attempt = options.get_max_retries(self.max_retries) - remaining_retries
+        return min(self._max_backoff, self._backoff * 2 ** min(attempt, 30)) * random.uniform(0.5, 1.0)
 
 
 class ChatClient:
@@ -104,7 +118,8 @@ class ChatClient:
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, api_key_env: str | None = None,
                  timeout: float = 120.0, max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0,
                  concurrency: int = 4, cache_dir: str | os.PathLike | None = None, params: dict | None = None,
-                 cache_namespace: str | None = None, requests_per_minute: float | None = None):
+                 cache_namespace: str | None = None, requests_per_minute: float | None = None,
+                 suppress_ids: Sequence[int] = ()):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if api_key is None and api_key_env:
@@ -115,18 +130,23 @@ class ChatClient:
         self.model = model
         self.timeout = timeout
         self.max_retries = max_retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
         self.concurrency = concurrency
         self.params = dict(params or {})
+        if suppress_ids:
+            bias = {str(int(i)): -100 for i in sorted(set(suppress_ids))}
+            self.params["logit_bias"] = {**bias, **self.params.get("logit_bias", {})}
         self.cache = ResponseCache(cache_dir) if cache_dir else None
         self.cache_namespace = cache_namespace or self.base_url
-        self._api_key = api_key
         self._slots = threading.BoundedSemaphore(concurrency)
         self._lock = threading.Lock()
         self._interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
         self._next_send = 0.0
         self.stats = {"requests": 0, "cache_hits": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        # The SDK's own HTTP client class (its transport defaults), with a hook that spaces every send.
+        http = openai.DefaultHttpxClient(event_hooks={"request": [lambda request: self._wait_for_rate_limit()]})
+        self._openai = _OpenAI(base_url=self.base_url, api_key=api_key or "EMPTY", timeout=timeout,
+                               max_retries=max_retries, http_client=http, backoff=backoff, max_backoff=max_backoff,
+                               on_retry=lambda: self._count(retries=1))
 
     def chat(self, messages: Sequence[dict], *, cache_tag: str | None = None, **params: Any) -> ChatReply:
         """One completion. `cache_tag` distinguishes otherwise identical requests (e.g. sample #3 of 8)."""
@@ -139,8 +159,11 @@ class ChatClient:
             if hit is not None:
                 self._count(cache_hits=1)
                 return ChatReply.from_response(hit, cached=True)
-        response = self._post_with_retries("/chat/completions", body)
-        reply = ChatReply.from_response(response)
+        response = self._post("/chat/completions", body)
+        try:
+            reply = ChatReply.from_response(response)
+        except ValueError as error:
+            raise ChatClientError(f"{self.base_url}/chat/completions: {error}") from None
         self._count(requests=1, prompt_tokens=reply.usage.get("prompt_tokens", 0),
                     completion_tokens=reply.usage.get("completion_tokens", 0))
         if key is not None:
@@ -165,6 +188,8 @@ class ChatClient:
                 return self.chat(conversations[index], cache_tag=tags[index], **params)
             except ChatClientError as error:
                 return error
+            except Exception as error:  # anything else the transport raises ends this request, not the run
+                return ChatClientError(f"{type(error).__name__}: {error}")
 
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             results = list(tqdm(pool.map(one, range(len(conversations))), total=len(conversations),
@@ -176,8 +201,10 @@ class ChatClient:
         return results
 
     def models(self) -> list[str]:
-        response = self._request("GET", "/models", None)
-        return [entry["id"] for entry in response.get("data", [])]
+        return [entry.id for entry in self._openai.models.list()]
+
+    def close(self) -> None:
+        self._openai.close()
 
     def _count(self, **amounts: int) -> None:
         with self._lock:
@@ -194,39 +221,27 @@ class ChatClient:
             self._next_send = start + self._interval
         time.sleep(start - now)
 
-    def _post_with_retries(self, path: str, body: dict) -> dict:
-        for attempt in range(self.max_retries + 1):
-            try:
-                with self._slots:
-                    self._wait_for_rate_limit()
-                    response = self._request("POST", path, body)
-                ChatReply.from_response(response)  # a malformed 200 is retried like a transient failure
-                return response
-            except ChatClientError as error:
-                if error.status not in RETRYABLE_STATUS or attempt == self.max_retries:
-                    raise
-                delay = error.retry_after
-            except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as error:
-                if attempt == self.max_retries:
-                    raise ChatClientError(f"{self.base_url}{path} failed after {attempt + 1} attempts: {error}")
-                delay = None
-            self._count(retries=1)
-            if delay is None:
-                delay = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
-            time.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def _request(self, method: str, path: str, body: dict | None) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        data = json.dumps(body, ensure_ascii=False).encode() if body is not None else None
-        request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
+    def _post(self, path: str, body: dict) -> dict:
+        """The SDK's POST (its retries and timeouts); every failure becomes a ChatClientError."""
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read().decode("utf-8"))
-        except urllib.error.HTTPError as error:
-            detail = error.read().decode("utf-8", "replace")[:500]
-            retry_after = error.headers.get("Retry-After") if error.headers else None
-            raise ChatClientError(f"{method} {self.base_url}{path} -> HTTP {error.code}: {detail}", error.code,
+            with self._slots:
+                response = self._openai.post(path, body=body, cast_to=object)
+        except openai.APIStatusError as error:
+            retry_after = error.response.headers.get("retry-after")
+            raise ChatClientError(f"POST {self.base_url}{path} -> HTTP {error.status_code}: "
+                                  f"{error.response.text[:500]}", error.status_code,
                                   float(retry_after) if retry_after and retry_after.isdigit() else None) from None
+        except openai.APITimeoutError:
+            raise ChatClientError(f"POST {self.base_url}{path} timed out after {self.timeout} s "
+                                  f"({self.max_retries + 1} attempts)") from None
+        except openai.APIError as error:
+            raise ChatClientError(f"POST {self.base_url}{path} failed after {self.max_retries + 1} attempts: "
+                                  f"{type(error).__name__}: {error}") from None
+        if isinstance(response, str):  # a server that does not say application/json
+            try:
+                response = json.loads(response)
+            except ValueError:
+                pass
+        if not isinstance(response, dict):
+            raise ChatClientError(f"POST {self.base_url}{path}: the reply is not a JSON object: {str(response)[:200]}")
+        return response

@@ -59,7 +59,8 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 @contextlib.contextmanager
 def staged_dir(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
-    """Yields an empty temporary directory next to `path`; on success it becomes `path`, on failure it is removed.
+    """Yields an empty temporary directory next to `path`; on success its files get the umask's mode and it
+    becomes `path`, on failure it is removed.
 
     replace=False: when another writer put `path` in place first (a lost race), the staged copy is dropped."""
     path = Path(path)
@@ -68,6 +69,9 @@ def staged_dir(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
         yield tmp
+        for file in tmp.rglob("*"):  # some writers (safetensors) create 0600 files: give them a plain open's mode
+            if file.is_file():
+                os.chmod(file, 0o666 & ~_umask())
         if replace:
             replace_dir(tmp, path)
         else:

@@ -1,49 +1,119 @@
-"""Batched KV-cache decoding: greedy and sampling over left-padded prompts.
+"""KV-cache decoding where sequences join and leave the batch between steps.
 
-The model's attention layers hand their q/k/v to `KVCache.attend`, so everything about cached
-decoding (storage, padding, causal GQA masking) lives here and the model stays cache-agnostic.
+`DecodeBatch` is the one decoding loop: `add` prefills new prompts (left-padded together) and splices them
+into the running cache, `sample` picks one token per row with that row's own settings and random stream,
+`advance` drops finished rows and runs one forward step for the rest. `generate` (offline, a list of
+prompts) and the server's scheduler (requests arriving at any time) both drive it, so greedy decoding in the
+server is the same code that the HF-parity tests check. The model's attention layers hand their q/k/v to
+`KVCache.attend`, so everything about cached decoding lives here and the model stays cache-agnostic.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from dataclasses import dataclass, field, replace
+from typing import Collection, Sequence
 
 import torch
 import torch.nn.functional as F
 
 
 class KVCache:
-    """Per-layer key/value buffers for a batch of left-padded sequences.
+    """Per-layer key/value buffers for a batch of left-padded sequences that share one write position.
 
-    Slot `j` of row `b` holds a real token when `j >= pad[b]`. Buffers are allocated on each layer's
-    first call (shapes and dtype come from the keys), so the cache needs nothing from the model config.
+    Slot `j` of row `b` holds a real token when `pad[b] <= j < end`; the position id of slot `j` is
+    `j - pad[b]`. Buffers are allocated on each layer's first call (shapes and dtype come from the keys)
+    and grow by doubling, so the cache needs nothing from the model config.
     """
 
-    def __init__(self, pad_lengths: torch.Tensor, max_len: int):
+    def __init__(self, pad_lengths: torch.Tensor, capacity: int = 0):
         self.pad = pad_lengths.view(-1, 1, 1, 1)  # [B, 1, 1, 1] broadcasts over (head, query, key)
-        self.max_len = max_len
+        self.capacity = capacity
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.lengths: dict[int, int] = {}
 
+    @property
+    def end(self) -> int:
+        """The next slot to write (every layer has the same length between forward passes)."""
+        return next(iter(self.lengths.values()), 0)
+
+    def positions(self) -> torch.Tensor:
+        """Position id [B] of the next token of every row."""
+        return self.end - self.pad.view(-1)
+
     def keep_rows(self, keep: torch.Tensor) -> None:
-        """Drops the rows where `keep` [B] is False (finished sequences stop costing compute)."""
+        """Drops the rows where `keep` [B] is False, then the leading slots no remaining row uses."""
         self.pad = self.pad[keep]
         for layer_idx in self.keys:
             self.keys[layer_idx] = self.keys[layer_idx][keep]
             self.values[layer_idx] = self.values[layer_idx][keep]
+        unused = int(self.pad.min()) if self.pad.numel() else 0
+        if unused:
+            self._shift(-unused)
+
+    def extend(self, other: "KVCache") -> None:
+        """Appends the rows of `other` (e.g. just-prefilled prompts), aligning both on their last slot."""
+        if not self.keys:
+            self.pad, self.keys, self.values, self.lengths = other.pad, other.keys, other.values, other.lengths
+            self.capacity = other.capacity
+            return
+        gap = self.end - other.end
+        if gap < 0:
+            self._shift(-gap)
+        elif gap > 0:
+            other._shift(gap)
+        self._reserve(self.end)
+        width = self.keys[0].shape[2]
+        for layer_idx in self.keys:
+            for store, new in ((self.keys, other.keys[layer_idx]), (self.values, other.values[layer_idx])):
+                padded = new.new_zeros(new.shape[0], new.shape[1], width, new.shape[3])
+                padded[:, :, :self.end] = new[:, :, :self.end]
+                store[layer_idx] = torch.cat([store[layer_idx], padded])
+        self.pad = torch.cat([self.pad, other.pad])
+
+    def _shift(self, slots: int) -> None:
+        """Moves every row `slots` slots right (positive: more left padding) or left (negative)."""
+        end = self.end
+        new_end = end + slots
+        self.capacity = max(new_end, 1)
+        for store in (self.keys, self.values):
+            for layer_idx, buffer in store.items():
+                moved = buffer.new_zeros(buffer.shape[0], buffer.shape[1], self.capacity, buffer.shape[3])
+                if slots >= 0:
+                    moved[:, :, slots:new_end] = buffer[:, :, :end]
+                else:
+                    moved[:, :, :new_end] = buffer[:, :, -slots:end]
+                store[layer_idx] = moved
+        self.pad = self.pad + slots
+        self.lengths = {layer_idx: new_end for layer_idx in self.lengths}
+
+    def _reserve(self, needed: int) -> None:
+        if needed <= self.capacity and all(b.shape[2] >= needed for b in self.keys.values()):
+            return
+        self.capacity = max(needed, 2 * self.capacity)
+        for store in (self.keys, self.values):
+            for layer_idx, buffer in store.items():
+                grown = buffer.new_zeros(buffer.shape[0], buffer.shape[1], self.capacity, buffer.shape[3])
+                grown[:, :, :buffer.shape[2]] = buffer
+                store[layer_idx] = grown
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Appends k/v [B, S, Hkv, D] and returns causal attention of q [B, S, Hq, D] over the cache."""
         batch, new, _, _ = q.shape
         if layer_idx not in self.keys:
-            shape = (batch, k.shape[2], self.max_len, k.shape[3])
-            self.keys[layer_idx] = k.new_empty(shape)
-            self.values[layer_idx] = v.new_empty(shape)
+            shape = (batch, k.shape[2], max(self.capacity, new), k.shape[3])
+            self.keys[layer_idx] = k.new_zeros(shape)
+            self.values[layer_idx] = v.new_zeros(shape)
             self.lengths[layer_idx] = 0
         start = self.lengths[layer_idx]
         end = start + new
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} slots needed, {self.max_len} allocated")
+        if end > self.keys[layer_idx].shape[2]:
+            grown = max(end, 2 * self.keys[layer_idx].shape[2])
+            for store in (self.keys, self.values):
+                old = store[layer_idx]
+                store[layer_idx] = old.new_zeros(old.shape[0], old.shape[1], grown, old.shape[3])
+                store[layer_idx][:, :, :start] = old[:, :, :start]
+            self.capacity = max(self.capacity, grown)
         self.keys[layer_idx][:, :, start:end] = k.transpose(1, 2)
         self.values[layer_idx][:, :, start:end] = v.transpose(1, 2)
         self.lengths[layer_idx] = end
@@ -63,24 +133,244 @@ class KVCache:
         return out.transpose(1, 2)
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
-                      generator: torch.Generator | None) -> torch.Tensor:
-    """Picks one token per row of `logits` [B, V]; temperature 0 means argmax."""
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if top_p < 1.0:
+@dataclass(frozen=True)
+class SamplingParams:
+    """One sequence's decoding settings (OpenAI/vLLM semantics). Temperature 0 is greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # drop tokens below min_p × the most likely token's probability
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # HF/vLLM: divides positive, multiplies negative logits of seen tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits
+    seed: int | None = None  # a private random stream: same seed, same tokens, whatever else is decoded
+    logprobs: int | None = None  # report the chosen token's log-prob and this many top alternatives
+
+    def check(self, vocab_size: int) -> None:
+        """Raises a ValueError naming the bad field."""
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        bad = [t for t, _ in self.logit_bias if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+@dataclass
+class Pick:
+    """One sampled token with its log-probability and the top alternatives (when asked for)."""
+
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Row:
+    """A row of a `DecodeBatch`: its prompt, settings, random stream and the tokens produced so far."""
+
+    prompt: list[int]
+    params: SamplingParams
+    output: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values) tensors
+    prompt_logprobs: list[Pick | None] | None = None  # with `add(..., prompt_logprobs=k)`: None at position 0
+
+
+def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                  min_p: torch.Tensor) -> torch.Tensor:
+    """Sampling logits [B, V] after temperature, top-k, min-p and top-p (per-row settings [B])."""
+    logits = logits / temperature.clamp(min=1e-6).unsqueeze(1)
+    if bool((top_k > 0).any() | (top_p < 1).any() | (min_p > 0).any()):
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
+        rank = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
+        drop = (top_k.unsqueeze(1) > 0) & (rank >= top_k.unsqueeze(1))
+        sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        drop |= sorted_probs < min_p.unsqueeze(1) * sorted_probs[:, :1]
         # Drop a token once the more likely tokens already reach top_p; the best one always stays.
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p.unsqueeze(1)
+        drop[:, 0] = False
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Samples one token per row of `logits` [B, V] by inverting its CDF at a uniform number drawn from the
+    row's own random stream `generators[i]` (one number per row: cheap, and independent of the batch)."""
+    cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)
+    uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=logits.device) for g in generators])
+    # right=True: the first token whose CDF exceeds u, so a token with zero probability is never chosen
+    index = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    return index.clamp(max=logits.shape[-1] - 1)
+
+
+def apply_penalties(logits: torch.Tensor, sequence: Row) -> torch.Tensor:
+    """Presence/frequency penalties on the generated tokens, repetition penalty on prompt + generated."""
+    params = sequence.params
+    if params.presence_penalty or params.frequency_penalty:
+        output = torch.as_tensor(sequence.output, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(output, minlength=logits.shape[-1]).to(logits.dtype)
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
+    if params.repetition_penalty != 1.0:
+        seen = torch.as_tensor(sequence.prompt + sequence.output, dtype=torch.long, device=logits.device)
+        values = logits[seen]
+        logits = logits.index_put((seen,), torch.where(values > 0, values / params.repetition_penalty,
+                                                       values * params.repetition_penalty))
+    return logits
+
+
+def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[Pick]:
+    """Per row of log-probs [N, V]: the chosen token's log-prob and the `k` best alternatives."""
+    values = logprobs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()
+    best = torch.topk(logprobs, k, dim=-1) if k else None
+    picks = []
+    for row, (token, value) in enumerate(zip(chosen.tolist(), values)):
+        top = list(zip(best.indices[row].tolist(), best.values[row].tolist())) if best is not None else []
+        picks.append(Pick(token, value, top))
+    return picks
+
+
+class DecodeBatch:
+    """The running batch: rows join (`add`), each step samples (`sample`) and moves on (`advance`)."""
+
+    def __init__(self, model: torch.nn.Module, suppress_ids: Sequence[int] = (), prompt_chunk: int = 256):
+        self.model = model
+        self.device = model.output_weight.device
+        self.vocab_size = model.config.vocab_size
+        self.suppress = torch.as_tensor(sorted({int(t) for t in suppress_ids}), dtype=torch.long, device=self.device)
+        if self.suppress.numel() >= self.vocab_size:
+            raise ValueError("suppress_ids covers the whole vocabulary: nothing left to generate")
+        self.prompt_chunk = prompt_chunk
+        self.rows: list[Row] = []
+        self.cache: KVCache | None = None
+        self.logits: torch.Tensor | None = None  # [len(rows), V] next-token logits of every row
+        self._unseeded = torch.Generator(device=self.device)
+        self._unseeded.seed()  # rows without a seed share one non-deterministic stream
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def add(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+            prompt_logprobs: int | None = None) -> list[Row]:
+        """Prefills `prompts` together and appends them as rows; their first token is sampled next step.
+
+        With `prompt_logprobs=k`, each new row also gets the log-prob of every prompt token given the ones
+        before it, with the top `k` alternatives (what OpenAI's `echo` + `logprobs` report).
+        """
+        sequences = [Row(list(map(int, p)), s) for p, s in zip(prompts, params, strict=True)]
+        for sequence in sequences:
+            if sequence.params.seed is not None:
+                sequence.generator = torch.Generator(device=self.device).manual_seed(sequence.params.seed)
+            if sequence.params.logit_bias:
+                ids, values = zip(*sequence.params.logit_bias)
+                sequence.bias = (torch.tensor(ids, device=self.device), torch.tensor(values, device=self.device))
+        hidden, cache, lengths = prefill(self.model, [s.prompt for s in sequences])
+        logits = F.linear(hidden[:, -1], self.model.output_weight)
+        if prompt_logprobs is not None:
+            for row, sequence in enumerate(sequences):
+                pad = hidden.shape[1] - int(lengths[row])
+                sequence.prompt_logprobs = [None] + self._score(hidden[row, pad:-1], sequence.prompt[1:],
+                                                               prompt_logprobs)
+        if self.cache is None:
+            self.cache, self.logits = cache, logits
+        else:
+            self.cache.extend(cache)
+            self.logits = torch.cat([self.logits, logits])
+        self.rows.extend(sequences)
+        return sequences
+
+    def _score(self, hidden: torch.Tensor, targets: list[int], k: int) -> list[Pick]:
+        picks = []
+        for start in range(0, len(targets), self.prompt_chunk):  # never [S, V] logits at once
+            chunk = F.linear(hidden[start:start + self.prompt_chunk], self.model.output_weight).float()
+            chosen = torch.as_tensor(targets[start:start + self.prompt_chunk], device=self.device)
+            picks += top_logprobs(self._suppressed(chunk).log_softmax(-1), chosen, k)
+        return picks
+
+    def _suppressed(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.suppress.numel():
+            logits[:, self.suppress] = float("-inf")
+        return logits
+
+    @torch.inference_mode()
+    def sample(self) -> list[Pick]:
+        """One token per row (appended to its output). Log-probs are the model's own distribution after
+        suppression, before penalties and sampling settings (vLLM's default)."""
+        logits = self._suppressed(self.logits.float())
+        raw = logits
+        rows = self.rows
+        if any(s.params.logit_bias or s.params.penalised for s in rows):
+            logits = logits.clone()
+            for row, sequence in enumerate(rows):
+                if sequence.bias is not None:
+                    logits[row].index_add_(0, *sequence.bias)
+                if sequence.params.penalised:
+                    logits[row] = apply_penalties(logits[row], sequence)
+        tokens = logits.argmax(dim=-1)
+        sampled = [row for row, s in enumerate(rows) if s.params.temperature > 0]
+        if sampled:
+            index = torch.tensor(sampled, device=self.device)
+            settings = [rows[row].params for row in sampled]
+            tensor = lambda name, dtype: torch.tensor([getattr(s, name) for s in settings], dtype=dtype,
+                                                      device=self.device)
+            filtered = filter_logits(logits[index], tensor("temperature", torch.float32),
+                                     tensor("top_p", torch.float32), tensor("top_k", torch.long),
+                                     tensor("min_p", torch.float32))
+            tokens[index] = sample_tokens(filtered, [rows[row].generator or self._unseeded for row in sampled])
+        picks = [Pick(token) for token in tokens.tolist()]
+        wanted = [row for row, s in enumerate(rows) if s.params.logprobs is not None]
+        if wanted:
+            index = torch.tensor(wanted, device=self.device)
+            k = max(rows[row].params.logprobs for row in wanted)
+            for row, pick in zip(wanted, top_logprobs(raw[index].log_softmax(-1), tokens[index], k)):
+                pick.top = pick.top[:rows[row].params.logprobs]
+                picks[row] = pick
+        for sequence, pick in zip(rows, picks):
+            sequence.output.append(pick.token)
+        return picks
+
+    def drop(self, finished: Collection[Row]) -> None:
+        """Removes rows at once (finished or cancelled): their cache slots are freed before the next step."""
+        if not finished:
+            return
+        keep = torch.tensor([s not in finished for s in self.rows], device=self.device)
+        self.rows = [s for s in self.rows if s not in finished]
+        if not self.rows:
+            self.cache, self.logits = None, None
+            return
+        self.cache.keep_rows(keep)
+        self.logits = self.logits[keep]
+
+    @torch.inference_mode()
+    def advance(self, finished: Collection[Row] = ()) -> None:
+        """Drops `finished` rows and feeds every other row's last sampled token through the model."""
+        self.drop(finished)
+        if not self.rows:
+            return
+        token = torch.tensor([s.output[-1] for s in self.rows], device=self.device)
+        positions = self.cache.positions()
+        self.logits = last_logits(self.model, token.unsqueeze(1), positions.unsqueeze(1), self.cache)
 
 
 def last_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -90,7 +380,7 @@ def last_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cach
 
 
 def prefill(model, prompts: Sequence[Sequence[int]], extra_slots: int = 0):
-    """Runs left-padded prompts through the model: (next-token logits [B, V], cache, prompt lengths [B]).
+    """Runs left-padded prompts through the model: (hidden states [B, S, H], cache, prompt lengths [B]).
 
     The cache has room for `extra_slots` more tokens per row; position ids restart at 0 after the padding.
     """
@@ -102,18 +392,19 @@ def prefill(model, prompts: Sequence[Sequence[int]], extra_slots: int = 0):
     for row, prompt in enumerate(prompts):
         input_ids[row, int(pad[row]):] = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
     position_ids = (torch.arange(width, device=device).unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)
-    cache = KVCache(pad, max_len=width + extra_slots)
-    return last_logits(model, input_ids, position_ids, cache), cache, lengths
+    cache = KVCache(pad, capacity=width + extra_slots)
+    return model.hidden(input_ids, position_ids=position_ids, kv_cache=cache), cache, lengths
 
 
 @torch.inference_mode()
 def next_token_logits(model, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
     """Float32 logits [B, V] of the token after each prompt (for log-likelihood scoring)."""
-    _check_arguments(prompts, 0, 0.0, 1.0, 0, model.config.vocab_size, (), ())
-    return prefill(model, prompts)[0].float()
+    check_prompts(prompts, model.config.vocab_size)
+    hidden = prefill(model, prompts)[0]
+    return F.linear(hidden[:, -1], model.output_weight).float()
 
 
-def _check_arguments(prompts, max_new_tokens, temperature, top_p, top_k, vocab_size, stop_ids, suppress_ids):
+def check_prompts(prompts, vocab_size: int) -> None:
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
     for i, prompt in enumerate(prompts):
@@ -122,71 +413,40 @@ def _check_arguments(prompts, max_new_tokens, temperature, top_p, top_k, vocab_s
         bad = [t for t in prompt if not 0 <= int(t) < vocab_size]
         if bad:
             raise ValueError(f"prompts[{i}] has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    for name, ids in (("stop_ids", stop_ids), ("suppress_ids", suppress_ids)):
-        bad = [t for t in ids if not 0 <= int(t) < vocab_size]
-        if bad:
-            raise ValueError(f"{name} has ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
-    if len(set(int(t) for t in suppress_ids)) >= vocab_size:
-        raise ValueError("suppress_ids covers the whole vocabulary: nothing left to generate")
 
 
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, presence_penalty: float = 0.0,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
              stop_ids: Sequence[int] = (), suppress_ids: Sequence[int] = (),
              seed: int | None = None) -> list[list[int]]:
     """Continues each prompt (a list of token ids) and returns its new token ids.
 
     A row ends at its first stop id (not included in the result) or after `max_new_tokens` tokens, so a
-    result shorter than `max_new_tokens` means a stop id was produced. `presence_penalty` is subtracted
-    from the logits of every token the row has already generated (vLLM/OpenAI semantics);
-    `suppress_ids` can never be produced. With `seed`, sampling is reproducible for the same batch.
+    result shorter than `max_new_tokens` means a stop id was produced. `suppress_ids` can never be
+    produced. With `seed`, row i samples from its own stream seeded with `seed + i` (as the server seeds
+    the i-th of n choices): its tokens do not depend on the other prompts of the batch.
     """
-    _check_arguments(prompts, max_new_tokens, temperature, top_p, top_k, model.config.vocab_size,
-                     stop_ids, suppress_ids)
-    device = model.output_weight.device
-    batch = len(prompts)
+    vocab_size = model.config.vocab_size
+    check_prompts(prompts, vocab_size)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                            repetition_penalty=repetition_penalty, seed=seed)
+    params.check(vocab_size)
+    rows = [params if seed is None else replace(params, seed=(seed + i) % 2 ** 64) for i in range(len(prompts))]
+    bad = [t for t in stop_ids if not 0 <= int(t) < vocab_size]
+    if bad:
+        raise ValueError(f"stop_ids has ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    batch = DecodeBatch(model, suppress_ids)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
-
-    logits, cache, lengths = prefill(model, prompts, extra_slots=max_new_tokens)
-    generator = None
-    if seed is not None and temperature > 0:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    suppress = torch.as_tensor(sorted({int(t) for t in suppress_ids}), dtype=torch.long, device=device)
-    stops = torch.as_tensor(sorted({int(t) for t in stop_ids}), dtype=torch.long, device=device)
-    generated: list[list[int]] = [[] for _ in prompts]
-    rows = list(range(batch))  # the prompt index of each row still decoding; finished rows leave the batch
-    seen = None  # [rows, V] 1.0 where the row already generated the token (only with a presence penalty)
-
-    for step in range(max_new_tokens):
-        logits = logits.float()
-        if suppress.numel():
-            logits[:, suppress] = float("-inf")
-        if presence_penalty and seen is not None:
-            logits = logits - presence_penalty * seen
-        token = sample_next_token(logits, temperature, top_p, top_k, generator)
-        going = ~torch.isin(token, stops)
-        for row, value, keep in zip(rows, token.tolist(), going.tolist()):
-            if keep:
-                generated[row].append(value)
-        if step == max_new_tokens - 1 or not bool(going.any()):
-            break
-        if presence_penalty:
-            seen = torch.zeros_like(logits) if seen is None else seen
-            seen[torch.arange(len(rows), device=device), token] = 1.0
-        if not bool(going.all()):
-            rows = [row for row, keep in zip(rows, going.tolist()) if keep]
-            token, lengths = token[going], lengths[going]
-            seen = seen[going] if seen is not None else None
-            cache.keep_rows(going)
-        logits = last_logits(model, token.unsqueeze(1), (lengths + step).unsqueeze(1), cache)
-    return generated
+    sequences = batch.add(prompts, rows)
+    stops = {int(t) for t in stop_ids}
+    while batch:
+        picks = batch.sample()
+        done = {s for s, pick in zip(batch.rows, picks) if pick.token in stops or len(s.output) >= max_new_tokens}
+        batch.advance(done)
+    return [s.output[:-1] if s.output and s.output[-1] in stops else s.output for s in sequences]

@@ -61,11 +61,12 @@ def is_language_key(key: str) -> bool:
 
 
 def save_vl(state: dict[str, torch.Tensor], source: str | Path, path: str | Path, tie_word_embeddings: bool,
-            tokenizer_dir: str | Path | None = None) -> Path:
+            tokenizer_dir: str | Path | None = None, vocab=None) -> Path:
     """Writes the Qwen3-VL checkpoint `source` into `path` with its language tensors replaced by `state`
     (qforge names → tensors). Every other tensor is copied bitwise, in the source's shard layout; language
-    tensors are written in the dtype the source stored them in. Built in a staging directory, moved into place."""
-    from .checkpoint import TOKENIZER_FILES, CheckpointError, _tensor_files
+    tensors are written in the dtype the source stored them in. Built in a staging directory, moved into place.
+    `vocab` (the kept vocabulary the head was trained on) is saved as in `checkpoint.save_model`."""
+    from .checkpoint import TOKENIZER_FILES, CheckpointError, _normal_modes, _tensor_files
     from .config import read_json
     from .files import staged_dir, write_json
 
@@ -112,4 +113,7 @@ def save_vl(state: dict[str, torch.Tensor], source: str | Path, path: str | Path
             data = read_json(index)
             data.setdefault("metadata", {})["total_size"] = total
             write_json(tmp / index.name, data)
+        if vocab is not None:
+            vocab.save_with_model(tmp)
+        _normal_modes(tmp)
     return path

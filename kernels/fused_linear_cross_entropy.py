@@ -119,7 +119,7 @@ def _rows_torch(logits, targets, scale, z_loss, grad, kept_columns):
     if grad is not None:
         exp.mul_((scale * (1.0 + 2.0 * z_loss * lse))[:, None] / sum_exp)
         exp[torch.arange(len(targets), device=targets.device), targets] -= scale
-        if grad.data_ptr() != exp.data_ptr():
+        if grad is not logits:  # the CUDA layout's separate (bf16) gradient rows
             grad.copy_(exp)
     return losses
 

@@ -22,10 +22,9 @@ from typing import Literal
 import yaml
 from tqdm.auto import tqdm
 
-from qforge.engine.client import ClientSettings
 from qforge.engine.data.formats import RowError, read_conversations
-from qforge.engine.serve import EndpointSettings, open_endpoint
-from qforge.recipes.cli import OutputSettings, run_recipe, print_report_md
+from qforge.recipes.cli import OutputSettings, print_report_md, run_recipe
+from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint
 from qforge.recipes.files import write_json, write_jsonl, write_text
 from qforge.recipes.sft_data.dedup import Deduplicator
 from qforge.recipes.sft_data.filters import Malformed, TextRules

@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from qforge.engine.client import ChatClient, ClientSettings
-from qforge.engine.serve import EndpointSettings, open_endpoint
-from qforge.recipes.cli import OutputSettings, run_recipe, print_report_md
+from qforge.engine.client import ChatClient
+from qforge.recipes.cli import OutputSettings, print_report_md, run_recipe
+from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint
 from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
 from qforge.recipes import function_calling, instruction_following
-from qforge.recipes.judging import (Item, pair_outcome, parse_pairwise, parse_rating, read_items,
+from qforge.recipes.verdicts import (Item, pair_outcome, parse_pairwise, parse_rating, read_items,
                                     summarize_pairwise, summarize_ratings)
 from qforge.recipes.report import bar_chart, markdown_table
 from qforge.recipes.sft_data.filters import Malformed

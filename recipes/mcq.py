@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 from qforge.engine.thinking import split_think
 from qforge.recipes.files import read_jsonl, unique_id, write_text
-from qforge.recipes.judging import bootstrap_interval
+from qforge.recipes.verdicts import bootstrap_interval
 
 LETTERS = "ABCDE"
 DEFAULT_SUBJECTS = Path(__file__).resolve().parent / "data" / "vmlu_subjects.csv"

@@ -26,16 +26,16 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qforge.engine.client import ChatClient, ClientSettings
-from qforge.engine.serve import EndpointSettings, open_endpoint
-from qforge.recipes.cli import OutputSettings, run_recipe, print_report_md
-from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
+from qforge.engine.client import ChatClient
 from qforge.engine.data.render import tools_system_prompt
 from qforge.recipes import function_calling, instruction_following
-from qforge.recipes.judging import parse_rating
+from qforge.recipes.cli import OutputSettings, print_report_md, run_recipe
+from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint
+from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
 from qforge.recipes.mcq import DEFAULT_SUBJECTS, read_questions, read_subjects
 from qforge.recipes.sft_data.answers import (answer_matches, choice_matches, numbers_in, reasoning_consistent,
                                              rejection_sample)
+from qforge.recipes.verdicts import parse_rating
 from qforge.recipes.sft_data.dedup import Deduplicator
 from qforge.recipes.sft_data.filters import (Malformed, TextRules, parse_question_list, parse_text_reply,
                                               strip_code_fence)

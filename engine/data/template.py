@@ -136,8 +136,11 @@ class ChatTemplate:
         return cls(Tokenizer.from_file(str(tokenizer_file)), eos, digest.hexdigest(), jinja)
 
     def _use_fast_path(self, messages: list[dict], tools) -> bool:
-        """The hybrid Qwen3 template in plain Python (render.py, tools and tool calls included)."""
-        return self.fast and all(isinstance(m.get("content"), str) for m in messages)
+        fast = self.fast and all(isinstance(m.get("content"), str) for m in messages)  # render.py has tools too
+        if not fast and self.jinja is None:
+            raise ConfigError("this ChatTemplate has no template text (content lists need one); build it with "
+                              "ChatTemplate.from_pretrained")
+        return fast
 
     def render_spans(self, messages: list[dict], enable_thinking: bool = True, tools: list[dict] | None = None):
         """Training text and assistant spans (`render.Rendered`) of one conversation, by the fast path when

@@ -77,7 +77,7 @@ class OptimSettings:
 @settings
 class TrainSettings:
     max_steps: PositiveInt | None = None  # optimizer steps; wins over `epochs` when both are set
-    epochs: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None  # passes over the data (steps derived)
+    epochs: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None  # passes over the data; neither set: 1
     batch_size: PositiveInt | None = None  # sequences per optimizer step (all ranks); default: grad_accum token budgets
     seed: int = 0
     grad_accum: PositiveInt = 1        # micro-batches per optimizer step on each rank (token-budget steps)
@@ -93,8 +93,6 @@ class TrainSettings:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto": cuda when available, else cpu
 
     def __post_init__(self):
-        if self.max_steps is None and self.epochs is None:
-            raise ValueError("set train.max_steps (optimizer steps) or train.epochs (passes over the data)")
         if self.batch_size is not None and self.grad_accum != 1:
             raise ValueError(f"train.batch_size={self.batch_size} sequences per step needs train.grad_accum=1 (it "
                              f"replaces the token-budget step); got grad_accum={self.grad_accum}")

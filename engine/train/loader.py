@@ -28,8 +28,6 @@ def mixture_epoch(datasets: Sequence[Sequence[Example]], weights: Sequence[float
     """One epoch of a mixture: dataset i contributes round(w_i × len_i) examples (sampled without replacement
     while w ≤ 1; whole copies plus a sample when w > 1)."""
     weights = weights or [1.0] * len(datasets)
-    if not all(np.isfinite(w) and w >= 0 for w in weights):
-        raise ConfigError(f"data.weights={list(weights)}: every weight must be a finite number ≥ 0")
     rng = np.random.default_rng(seed)
     epoch = []
     for examples, weight in zip(datasets, weights):
@@ -183,7 +181,7 @@ def build_loader(datasets, data: DataSettings, train_settings, vocab: VocabMap |
 
 
 def planned_steps(train_settings, loader) -> int:
-    """`train.max_steps` when set, else `train.epochs` × the loader's steps per epoch (rounded up)."""
+    """`train.max_steps` when set, else `train.epochs` (default 1) × the loader's steps per epoch, rounded up."""
     if train_settings.max_steps is not None:
         return train_settings.max_steps
-    return max(1, math.ceil(train_settings.epochs * loader.steps_per_epoch - 1e-9))
+    return max(1, math.ceil((train_settings.epochs or 1.0) * loader.steps_per_epoch - 1e-9))

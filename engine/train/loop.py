@@ -249,7 +249,7 @@ def _train(config: FFTConfig, dist_: Dist, evaluate: Callable[[EvalPoint], dict]
     loader = build_loader(datasets, config.data, config.train, vocab, dist_.rank, dist_.world)
     max_steps = planned_steps(config.train, loader)
     if dist_.is_main and config.train.max_steps is None:
-        log.info("train.epochs=%g: %d optimizer steps (%.2f per epoch)", config.train.epochs, max_steps,
+        log.info("train.epochs=%g: %d optimizer steps (%.2f per epoch)", config.train.epochs or 1.0, max_steps,
                  loader.steps_per_epoch)
     scheduler = build_scheduler(optimizer, max_steps, config.optim)
     eval_batches = pack(eval_examples, config.data.max_tokens, seed=0, overlong=config.data.overlong,

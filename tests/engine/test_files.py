@@ -29,10 +29,12 @@ def test_written_files_and_directories_get_the_umask_mode(tmp_path):
         path = write_json(tmp_path / "a.json", {"x": 1})
         with staged_dir(tmp_path / "final") as work:
             (work / "f").write_text("x")
+            os.close(os.open(work / "private", os.O_CREAT | os.O_WRONLY, 0o600))  # as safetensors creates its files
     finally:
         os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
     assert (tmp_path / "final").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "final/private").stat().st_mode & 0o777 == 0o644
 
 
 def test_staged_dir_replaces_only_after_success(tmp_path):

@@ -6,10 +6,10 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from qforge.engine.data.render import render_tool_calls
-from qforge.engine.serve import ChatServer, ScriptedBackend
+from scripted_server import ChatServer, ScriptedBackend
 from qforge.recipes import function_calling, instruction_following
 from qforge.recipes.judge import main
-from qforge.recipes.judging import read_items
+from qforge.recipes.verdicts import read_items
 
 DEMO = "recipes/data/judge_demo.jsonl"
 

@@ -10,7 +10,8 @@ import yaml
 from qwen3_fixtures import run_recipe_main
 from qforge.engine.config_io import apply_overrides, build, read_yaml
 from qforge.engine.data.formats import read_conversations
-from qforge.engine.serve import ChatServer, ScriptedBackend
+from scripted_server import ChatServer, ScriptedBackend
+
 from qforge.recipes.demo_eval import FFTRecipeConfig
 from qforge.recipes.curate import Sampling, main, sample, sampling_summary
 from qforge.recipes.fft import stage_configs

@@ -10,7 +10,7 @@ import torch
 from qwen3_fixtures import save_chat_checkpoint
 from tokenizers import Tokenizer
 
-from qforge.engine.serve import ChatServer, ScriptedBackend
+from scripted_server import ChatServer, ScriptedBackend
 from qforge.engine.config_io import load_config
 from qforge.recipes.eval import EvalConfig, main, run
 from qforge.recipes.mcq import official_prompt, read_questions, read_subjects

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from qforge.engine.data.formats import read_conversations
-from qforge.engine.serve import ChatServer, RequestError, ScriptedBackend
+from scripted_server import ChatServer, RequestError, ScriptedBackend
 from qforge.recipes.synth import main
 from qwen3_fixtures import save_hf_qwen3, run_recipe_main
 

@@ -8,7 +8,7 @@ import yaml
 
 from qforge.engine.data.formats import read_conversations
 from qforge.engine.data.render import tools_system_prompt
-from qforge.engine.serve import ChatServer, ScriptedBackend
+from scripted_server import ChatServer, ScriptedBackend
 from qforge.recipes.synth import main
 
 SEEDS = [  # crawled multiple-choice questions with known answers (VMLU format)

@@ -10,7 +10,7 @@ import pytest
 from qwen3_fixtures import save_chat_checkpoint
 
 from qforge.engine.config_io import load_config
-from qforge.engine.serve import ChatServer, ScriptedBackend
+from scripted_server import ChatServer, ScriptedBackend
 from qforge.recipes.eval import EvalConfig, run
 from qforge.recipes.mcq import read_questions, read_subjects
 
@@ -47,11 +47,11 @@ def test_endpoint_think_mode_sends_qwen_sampling_and_scores_k_samples(tmp_path, 
         wrong = next(letter for letter in question.letters if letter != question.answer)
         return f"<think>…</think>\n\nĐáp án đúng là: {question.answer if (index + sample) % 2 == 0 else wrong}"
 
-    with ChatServer(ScriptedBackend(reply), port=0, default_max_tokens=4096) as server:
+    with ChatServer(ScriptedBackend(reply), port=0) as server:
         report = endpoint_run(server.url, tmp_path, "eval.samples=4", "eval.seed=10")
     assert {s[:3] for s in seen} == {(0.6, 0.95, 20)}  # Qwen3's thinking settings by default
     assert sorted({s[3] for s in seen}) == [10, 11, 12, 13] and len(seen) == 4 * LIMIT
-    assert {s[4] for s in seen} == {4096}  # no max_tokens sent: the server's own limit
+    assert {s[4] for s in seen} == {None}  # no max_tokens sent: the server's own limit
     # Questions 2..5 are right in exactly 2 of 4 samples; 0 and 1 never.
     assert report["sampled"]["mean_accuracy"] == pytest.approx((4 * 0.5) / LIMIT)
     assert report["sampled"]["per_sample_accuracy"] == [pytest.approx(2 / LIMIT)] * 4

@@ -40,6 +40,7 @@ def test_epochs_give_steps_from_the_data_and_max_steps_wins(tiny_run_files, exam
     settings = _settings(tiny_run_files, **{"train.max_steps": "null", "train.epochs": 2.5})
     assert planned_steps(settings, loader) == math.ceil(2.5 * batches / 2)
     assert planned_steps(_settings(tiny_run_files, **{"train.epochs": 2.5, "train.max_steps": 3}), loader) == 3
+    assert planned_steps(_settings(tiny_run_files, **{"train.max_steps": "null"}), loader) == math.ceil(batches / 2)
     by_sequences = SequenceStepLoader([examples], data, seed=0, batch_size=10)
     assert by_sequences.steps_per_epoch == 5  # 48 rows: four steps of 10 and one of 8
     assert planned_steps(_settings(tiny_run_files, **{"train.max_steps": "null", "train.epochs": 2}),
@@ -47,7 +48,6 @@ def test_epochs_give_steps_from_the_data_and_max_steps_wins(tiny_run_files, exam
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"train.max_steps": "null"}, "set train.max_steps .* or train.epochs"),
     ({"train.epochs": 0}, "train.epochs"),
     ({"train.batch_size": 8, "train.grad_accum": 2}, "needs train.grad_accum=1"),
 ])

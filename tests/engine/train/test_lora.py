@@ -84,3 +84,35 @@ def test_lora_training_resumes_exactly_and_exports(tiny_run_files, tmp_path):
     with pytest.raises(ConfigKeyError, match="'train.lora.rank' must be int ≥ 1, got 0"):
         settings(tmp_path / "bad", **{"train.lora.rank": 0, "train.max_steps": 1})
     assert not isinstance(load_model(full.final_dir).layers[0].self_attn.q_proj, LoRALinear)
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp2_lora_with_sequence_steps_matches_single_process(tiny_run_files, tmp_path):
+    """LoRA under FSDP2 (frozen and trainable parameters in one unit) with `train.batch_size` steps dealt to two
+    ranks trains like one process (gloo, 2 CPU processes)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from tiny_run import REPO
+
+    common = {"train.max_steps": 3, "data.max_tokens": 160, "train.batch_size": 8, "train.method": "lora",
+              "train.lora.rank": 4, "optim.lr": 1e-2}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launcher in (("single", [sys.executable]),
+                           ("fsdp", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                     "--nproc_per_node=2"])):
+        proc = subprocess.run([*launcher, str(REPO / "recipes/fft.py"),
+                               *tiny_overrides(tiny_run_files, tmp_path / name, **common)],
+                              capture_output=True, text=True, env=env, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                      if '"loss"' in line]
+    assert len(runs["fsdp"]) == 3
+    for a, b in zip(runs["fsdp"], runs["single"]):
+        assert abs(a - b) <= 1e-5 * abs(b), runs
+    single, sharded = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("single", "fsdp"))
+    for key in single:
+        torch.testing.assert_close(sharded[key], single[key], atol=1e-6, rtol=0, msg=key)

@@ -16,7 +16,6 @@ from qforge.engine.model import Qwen3
 from qforge.engine.train import FFTConfig, train
 from qforge.engine.train import loop
 from qforge.engine.train import state as train_state
-from qforge.engine.train.loader import mixture_epoch
 from qforge.engine.train.parallel import init_distributed
 from qforge.engine.vocab import read_id_file
 
@@ -123,20 +122,14 @@ def test_data_that_cannot_fill_a_step_gets_advice_that_fits(tiny_run_files, tmp_
     with pytest.raises(DataError, match=r"bad.jsonl: all 2 rows were skipped \(data.on_error=skip\), first: "
                                         r".*bad.jsonl:1"):
         train(_config(tiny_run_files, tmp_path / "c", **{"data.train": f"[{bad}]", "data.on_error": "skip"}))
-    for weights in ([float("nan")], [-1.0]):
-        with pytest.raises(ConfigError, match="data.weights=.*every weight must be a finite number ≥ 0"):
-            mixture_epoch([[1, 2]], weights, seed=0)
 
 
-@pytest.mark.parametrize("device, message", [
-    ("cuda", "train.device='cuda' but (this torch is built without CUDA|no GPU is visible); use train.device=auto"),
-    ("gpu", "train.device='gpu' is not a device; use auto, cpu or cuda"),
-])
-def test_a_device_this_machine_lacks_is_a_config_error(device, message):
+def test_a_device_this_machine_lacks_is_a_config_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(ConfigError, match=message):
-        init_distributed(device)
+    with pytest.raises(ConfigError, match="train.device='cuda' but (this torch is built without CUDA|no GPU is "
+                                          "visible); use train.device=auto or cpu"):
+        init_distributed("cuda")
 
 
 @pytest.mark.parametrize("text, message", [

@@ -150,7 +150,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_run_files, tmp_path
     ("data.weights=[1.0, 2.0]", "data.weights has 2 entries for 1 data.train files"),
     # every value's domain (issue #15): key, expected type and allowed range in one line
     ("train.grad_accum=0", "'train.grad_accum' must be int ≥ 1, got 0"),
-    ("train.max_steps=-1", "'train.max_steps' must be int ≥ 1, got -1"),
+    ("train.max_steps=-1", "'train.max_steps' must be int ≥ 1 or null, got -1"),
     ("train.max_nonfinite_steps=0", "'train.max_nonfinite_steps' must be int ≥ 1, got 0"),
     ("optim.grad_clip=-1", "'optim.grad_clip' must be float ≥ 0 (finite) or null, got -1"),
     ("optim.min_lr_ratio=-0.1", "'optim.min_lr_ratio' must be float in [0, 1], got -0.1"),
@@ -196,7 +196,7 @@ def test_recipe_reports_config_errors_without_traceback(tmp_path):
     debug = subprocess.run([sys.executable, str(REPO / "recipes/fft.py"), "--config", str(bad), "--debug"],
                            capture_output=True, text=True)
     assert debug.returncode == 2 and "Traceback" in debug.stderr
-    bad.write_text("model:\n  config: x.json\n  tokenizer: qwen3\ndata:\n  train: [missing.jsonl]\n")
+    bad.write_text("model:\n  config: x.json\n  tokenizer: qwen3\ndata:\n  train: [missing.jsonl]\ntrain:\n  max_steps: 3\n")
     data = subprocess.run([sys.executable, str(REPO / "recipes/fft.py"), "--config", str(bad),
                            f"output.dir={tmp_path / 'out'}", "output.progress=false"], capture_output=True, text=True)
     assert data.returncode == 3, data.stderr[-2000:]

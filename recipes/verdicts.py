@@ -1,4 +1,4 @@
-"""LLM-as-judge bookkeeping: strict verdict parsing, order-swapped pairwise outcomes, bootstrap intervals.
+"""Judge verdicts: strict parsing, order-swapped pairwise outcomes, bootstrap intervals (used by recipes/judge.py).
 
 Pairwise follows the MT-Bench/Arena protocol: each pair is judged twice with the answers' positions swapped;
 the outcome counts only when both orders agree, and disagreeing orders (position bias) make a tie. A verdict

@@ -10,7 +10,7 @@ from qforge.engine.chat import ChatModel
 from qforge.engine.client import ChatClient
 from qforge.engine.data import ChatTemplate
 from qforge.engine.generate import generate
-from qforge.engine.serve import ChatServer, ModelBackend
+from qforge.engine.serve import serve_model
 
 QUESTIONS = ["Xin chào!", "Một cộng một bằng mấy?", "Hãy kể một câu chuyện ngắn về Hà Nội vào mùa thu.", "2+2"]
 
@@ -53,7 +53,7 @@ def test_suppressed_ids_and_stop_strings(chat_model):
 
 def test_server_batches_concurrent_requests_without_changing_greedy_output(chat_model):
     direct = chat_model.chat([conversation(q) for q in QUESTIONS], enable_thinking=False, max_new_tokens=8)
-    with ChatServer(ModelBackend(chat_model, max_batch=4, batch_wait=0.2), port=0) as server:
+    with serve_model(chat_model, max_batch=4) as server:
         client = ChatClient(server.url, chat_model.name, concurrency=4, max_retries=0)
         replies = client.chat_many([conversation(q) for q in QUESTIONS], progress=False, temperature=0,
                                    max_tokens=8, chat_template_kwargs={"enable_thinking": False})
@@ -64,7 +64,7 @@ def test_server_batches_concurrent_requests_without_changing_greedy_output(chat_
 
 
 def test_open_endpoint_serves_a_checkpoint_and_caches_across_runs(checkpoint, chat_model, tmp_path):
-    from qforge.engine.serve import EndpointSettings, open_endpoint
+    from qforge.recipes.endpoint import EndpointSettings, open_endpoint
 
     direct = chat_model.chat([conversation(QUESTIONS[1])], enable_thinking=False, max_new_tokens=5)[0]
     urls = []

@@ -2,7 +2,7 @@
 import time
 
 from qforge.engine.client import ChatClient
-from qforge.engine.serve import ChatServer, ScriptedBackend
+from scripted_server import ChatServer, ScriptedBackend
 
 
 def test_requests_are_spaced_and_cache_hits_are_free(tmp_path):

@@ -1,15 +1,13 @@
-"""The local server and the client over real loopback HTTP, with scripted backends (no model needed)."""
+"""ChatClient over real loopback HTTP against scripted servers (no model needed) and broken raw-socket ones."""
 import json
-import subprocess
-import sys
+import socket
 import threading
 import time
 
 import pytest
+from scripted_server import ChatServer, RequestError, ScriptedBackend
 
-from qforge.engine.chat import Completion
 from qforge.engine.client import ChatClient, ChatClientError
-from qforge.engine.serve import ChatServer, ScriptedBackend
 
 
 def echo(request):
@@ -43,8 +41,8 @@ def test_stop_strings_cut_the_reply(echo_server):
 
 @pytest.mark.parametrize("body_fix, field", [
     ({"temperature": "hot"}, "temperature"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0]"),
-    ({"stream": True}, "streaming"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({"n": 0}, "n"),
     ({"model": "gpt-9"}, "gpt-9"),
 ])
 def test_bad_requests_fail_fast_with_the_field_named(echo_server, body_fix, field):
@@ -52,25 +50,25 @@ def test_bad_requests_fail_fast_with_the_field_named(echo_server, body_fix, fiel
     messages = body_fix.pop("messages", user("x"))
     if "model" in body_fix:
         client.model = body_fix.pop("model")
-    with pytest.raises(ChatClientError, match=field.replace("[", r"\[").replace("]", r"\]")) as error:
+    with pytest.raises(ChatClientError, match=field) as error:
         client.chat(messages, **body_fix)
     assert error.value.status in (400, 404)
     assert client.stats["retries"] == 0
 
 
-class Flaky:
+class Flaky(ScriptedBackend):
     """Fails the first `failures` calls with a server error, then echoes."""
 
     def __init__(self, failures):
+        super().__init__(self.answer, "flaky")
         self.failures = failures
         self.calls = 0
-        self.name = "flaky"
 
-    def complete(self, request):
+    def answer(self, request):
         self.calls += 1
         if self.calls <= self.failures:
             raise RuntimeError("temporarily overloaded")
-        return Completion(text=echo(request), finish_reason="stop", prompt_tokens=1, completion_tokens=1)
+        return echo(request)
 
 
 def test_server_errors_are_retried_with_backoff_then_succeed():
@@ -150,19 +148,70 @@ def test_cache_makes_an_interrupted_run_resume(tmp_path):
         assert not other.chat(user("q0"), cache_tag="sample-2").cached
 
 
-def test_one_command_starts_a_scripted_server(tmp_path):
-    rules = tmp_path / "rules.json"
-    rules.write_text(json.dumps([{"contains": "judge", "replies": ["bad verdict", "[[A]]"]}]))
-    process = subprocess.Popen([sys.executable, "-m", "qforge.engine.serve", "--scripted", str(rules), "--port", "0"],
-                               stdout=subprocess.PIPE, text=True)
-    try:
-        line = process.stdout.readline()
-        assert "127.0.0.1" in line
-        url = line.split(" at ")[1].split()[0]
-        client = ChatClient(url, "scripted", max_retries=0)
-        assert [client.chat(user(f"please judge {i}")).content for i in range(3)] == ["bad verdict", "[[A]]", "[[A]]"]
-        with pytest.raises(ChatClientError, match="no scripted rule"):
-            client.chat(user("something else"))
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+def raw_server(responses):
+    """A loopback socket server answering each connection with the next raw bytes (then closing it)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    served = []
+
+    def run():
+        for raw in responses:
+            connection, _ = listener.accept()
+            connection.recv(65536)
+            served.append(raw)
+            connection.sendall(raw)
+            connection.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/v1", served
+
+
+GOOD = json.dumps({"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}], "usage": {}}).encode()
+
+
+def test_truncated_bodies_and_garbage_status_lines_are_retried_not_raised():
+    responses = [b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{\"choices\"",  # IncompleteRead
+                 b"NOT HTTP AT ALL\r\n\r\n",  # BadStatusLine
+                 b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(GOOD), GOOD)]
+    url, served = raw_server(responses)
+    client = ChatClient(url, "m", backoff=0.01, max_retries=2)
+    assert client.chat(user("q")).content == "ok"
+    assert len(served) == 3 and client.stats["retries"] == 2
+
+
+def test_transport_errors_are_returned_per_request_and_never_end_the_run():
+    url, _ = raw_server([b"garbage\r\n\r\n"] * 4)
+    client = ChatClient(url, "m", backoff=0.01, max_retries=1, concurrency=1)
+    results = client.chat_many([user("a"), user("b")], errors="return", progress=False)
+    assert all(isinstance(r, ChatClientError) for r in results)
+
+
+def test_retry_after_is_honoured_but_capped_by_max_backoff():
+    busy = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 3600\r\nContent-Length: 2\r\n\r\n{}"
+    url, served = raw_server([busy, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(GOOD), GOOD)])
+    client = ChatClient(url, "m", max_backoff=0.3, max_retries=1)
+    started = time.monotonic()
+    assert client.chat(user("q")).content == "ok"
+    assert 0.25 <= time.monotonic() - started < 5 and client.stats["retries"] == 1
+
+
+def test_suppressed_ids_travel_as_logit_bias():
+    seen = []
+
+    def record(request):
+        seen.append(request)
+        return "ok"
+
+    with ChatServer(ScriptedBackend(record, name="s"), port=0) as server:
+        client = ChatClient(server.url, "s", suppress_ids=[9, 3, 9], params={"logit_bias": {"5": 2.0}})
+        client.chat(user("q"))
+    assert seen[0].logit_bias == {"3": -100.0, "9": -100.0, "5": 2.0}
+
+
+def test_a_scripted_request_error_keeps_its_status():
+    def refuse(request):
+        raise RequestError("refused by policy", 422)
+
+    with ChatServer(ScriptedBackend(refuse, name="r"), port=0) as server:
+        with pytest.raises(ChatClientError, match="refused by policy") as error:
+            ChatClient(server.url, "r", max_retries=0).chat(user("q"))
+    assert error.value.status == 422
