@@ -22,6 +22,7 @@ from qforge.engine.client import ChatClient
 from qforge.recipes.cli import OutputSettings, print_report_md, run_recipe
 from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint
 from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
+from qforge.engine.data.render import render_tool_calls
 from qforge.recipes import function_calling, instruction_following
 from qforge.recipes.verdicts import (Item, pair_outcome, parse_pairwise, parse_rating, read_items,
                                     summarize_pairwise, summarize_ratings)
@@ -146,8 +147,18 @@ def collect_answers(config: JudgeConfig, candidate: Candidate, items: list[Item]
             replies = client.chat_many([item.messages for item in group], desc=f"answers: {candidate.name}",
                                        max_tokens=config.generation.max_tokens,
                                        temperature=config.generation.temperature, **tools, **candidate.request_params)
-            answers.update({item.id: reply.content for item, reply in zip(group, replies)})
+            answers.update({item.id: _answer_text(reply) for item, reply in zip(group, replies)})
     return answers
+
+
+def _answer_text(reply) -> str:
+    """The reply as text; calls an endpoint returned as `tool_calls` are written back in Qwen3's `<tool_call>`
+    form, so the judge sees them and the function-calling check reads them."""
+    if not reply.tool_calls:
+        return reply.content
+    calls = [{"function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}}
+             for c in reply.tool_calls]
+    return reply.content + render_tool_calls(calls, reply.content)
 
 
 def check_answers(items: list[Item], answers: dict[str, dict[str, str]]) -> tuple[dict, list]:

@@ -135,3 +135,16 @@ def test_judge_report_includes_code_checks(tmp_path):
     assert lazy_following["prompt_accuracy"] == 0.0 and 0 < lazy_following["constraint_accuracy"] < 1
     assert report["results"]["perfect"]["overall"]["mean"] == 7  # the judge's rating is reported alongside
     assert "Checked by code" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_tool_calls_returned_as_openai_fields_are_checked_like_inline_ones():
+    """A server that parses `<tool_call>` blocks (qforge's, vLLM's with a tool parser) returns `tool_calls`; the
+    judge recipe writes them back in Qwen3's form, so the same check applies."""
+    from qforge.engine.client import ChatReply
+    from qforge.recipes.judge import _answer_text
+
+    reply = ChatReply.from_response({"choices": [{"finish_reason": "tool_calls", "message": {
+        "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "tkb", "arguments": json.dumps({"lop": "7A", "thu": 5})}}]}}]})
+    assert function_calling.check_reply(_answer_text(reply), [SCHEDULE], REFERENCE)["correct"]
+    assert _answer_text(ChatReply.from_response({"choices": [{"message": {"content": "x"}}]})) == "x"
