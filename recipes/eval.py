@@ -7,10 +7,21 @@ Modes:
 - official: VMLU's zero-shot prompt, one greedy token, compared with the gold letter as VMLU's script does.
 - loglik: the most likely option letter after the same prompt, among the question's valid letters only.
   Each letter is scored as the token the tokenizer really produces after the prompt (" A" after "là:").
-- think: the prompt as a chat turn with thinking on; the letter is read after `</think>` (none → wrong).
+- think: the prompt as a chat turn with thinking on, *sampled* (Qwen3's model card advises against greedy
+  decoding in thinking mode); the letter is read after `</think>`. A reply cut by the token budget
+  (unfinished reasoning) or without a readable letter counts wrong, and both are counted in the report.
 `eval.chat_template=true` wraps the official/loglik prompt in the chat template (thinking off) for instruct
 models. With `model.base_url` + `model.model` instead of `model.path`, official and think modes query an
-OpenAI-compatible endpoint. Writes report.json, report.md, report.png and predictions.jsonl to `output.dir`.
+OpenAI-compatible endpoint (qforge's server, vLLM, a hosted API) with the same sampling settings.
+
+Sampling: `eval.temperature/top_p/top_k/presence_penalty/seed`, unset = the mode's default: think → Qwen3's
+thinking settings (0.6 / 0.95 / 20); official with `eval.samples > 1` → Qwen3's non-thinking settings
+(0.7 / 0.8 / 20); official with one sample → greedy, as VMLU's script; loglik is deterministic.
+`eval.samples: k` draws k answers per question: the report gives the mean accuracy over all k × n answers with
+a 95% bootstrap interval over questions, and the predictions are each question's majority letter.
+`eval.max_new_tokens: null` (think mode's default) lets a reply run up to the model's context length.
+Writes report.json, report.md, report.png, predictions.jsonl and submission.csv (`id,answer`, the form VMLU's
+leaderboard takes for its answer-less test split) to `output.dir`.
 """
 from __future__ import annotations
 
@@ -27,9 +38,9 @@ from qforge.engine.thinking import join_think
 from qforge.engine.vocab import read_suppress_ids
 from qforge.recipes.cli import OutputSettings, run_recipe
 from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint
-from qforge.recipes.files import write_jsonl
-from qforge.recipes.mcq import (DEFAULT_SUBJECTS, Question, answer_after_thinking, official_prompt, read_questions,
-                                read_subjects, score)
+from qforge.recipes.files import write_json, write_jsonl
+from qforge.recipes.mcq import (DEFAULT_SUBJECTS, Question, answer_after_thinking, majority, official_prompt,
+                                read_questions, read_subjects, score, score_samples, write_submission)
 from qforge.recipes.report import write_eval_report
 
 
@@ -48,13 +59,34 @@ class EvalDataSettings:
     limit: int | None = None  # first N questions only
 
 
+# Qwen3's recommended decoding (model card, "Best Practices"): thinking mode must not decode greedily.
+THINKING_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+NON_THINKING_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+
+
 @dataclass
 class EvalSettings:
     mode: Literal["official", "loglik", "think"] = "official"
     chat_template: bool = False
     batch_size: int = 8
-    max_new_tokens: int = 2048  # think mode
+    max_new_tokens: int | None = None  # think mode; null = up to the model's context length
+    samples: int = 1  # k answers per question (sampled)
+    temperature: float | None = None  # null = the mode's default (see the module docstring)
+    top_p: float | None = None
+    top_k: int | None = None  # 0 = off (then not sent to an endpoint)
+    presence_penalty: float = 0.0
+    seed: int | None = 0  # sample i uses seed + i (local engine; sent to endpoints that honour it)
     request_params: dict = field(default_factory=dict)  # extra body fields for an endpoint
+
+    def sampling(self) -> dict:
+        """The decoding settings this run uses: the mode's defaults, overridden by the keys that are set."""
+        if self.mode == "think":
+            base = THINKING_SAMPLING
+        else:
+            base = NON_THINKING_SAMPLING if self.samples > 1 else GREEDY
+        chosen = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        return {**base, **{k: v for k, v in chosen.items() if v is not None}, "presence_penalty": self.presence_penalty}
 
 
 @dataclass
@@ -72,8 +104,12 @@ class EvalConfig:
         for key, value in (("data.path", self.data.path), ("output.dir", self.output.dir)):
             if not value:
                 raise ValueError(f"{key} is required (e.g. {key}=...)")
-        if self.eval.batch_size < 1 or self.eval.max_new_tokens < 1:
-            raise ValueError("eval.batch_size and eval.max_new_tokens must be >= 1")
+        if self.eval.batch_size < 1 or self.eval.samples < 1 or (self.eval.max_new_tokens or 1) < 1:
+            raise ValueError("eval.batch_size, eval.samples and eval.max_new_tokens must be >= 1")
+        if self.eval.mode == "loglik" and self.eval.samples > 1:
+            raise ValueError("eval.mode=loglik is deterministic: eval.samples must be 1")
+        if self.eval.mode == "think" and self.eval.sampling()["temperature"] == 0 and self.eval.samples > 1:
+            raise ValueError("eval.samples > 1 with eval.temperature=0 repeats one greedy answer; raise the temperature")
 
 
 def letter_tokens(chat_model: ChatModel, prompt: str, question: Question) -> tuple[list[int], dict[str, int]]:
@@ -107,11 +143,14 @@ def predict_loglik(chat_model: ChatModel, questions: list[Question], prompts: li
     return predictions, details
 
 
-def predict_local(config: EvalConfig, questions: list[Question]):
-    settings = config.eval
+def load_chat_model(config: EvalConfig) -> ChatModel:
     suppress = read_suppress_ids(config.model.suppress_ids) if config.model.suppress_ids else ()
-    chat_model = ChatModel.load(config.model.path, dtype=config.model.dtype, device=config.model.device,
-                                suppress_ids=suppress, batch_size=settings.batch_size)
+    return ChatModel.load(config.model.path, dtype=config.model.dtype, device=config.model.device,
+                          suppress_ids=suppress, batch_size=config.eval.batch_size)
+
+
+def predict_local(config: EvalConfig, questions: list[Question], chat_model: ChatModel):
+    settings = config.eval
     prompts = [official_prompt(q) for q in questions]
     if settings.mode == "think":
         prompts = [chat_model.render([{"role": "user", "content": p.rstrip()}], enable_thinking=True) for p in prompts]
@@ -119,55 +158,104 @@ def predict_local(config: EvalConfig, questions: list[Question]):
         prompts = [chat_model.render([{"role": "user", "content": p.rstrip()}], enable_thinking=False)
                    for p in prompts]
     if settings.mode == "loglik":
-        return predict_loglik(chat_model, questions, prompts, settings.batch_size)
-    new_tokens = 1 if settings.mode == "official" else settings.max_new_tokens
-    completions = chat_model.complete(prompts, max_new_tokens=new_tokens, progress=True)
-    texts = [c.text for c in completions]
-    return _predictions_from_texts(settings.mode, questions, texts)
+        predictions, details = predict_loglik(chat_model, questions, prompts, settings.batch_size)
+        return [predictions], details
+    if settings.mode == "official":
+        new_tokens = 1
+    else:  # the budget: what is left of the context after the longest prompt, unless set lower
+        context = chat_model.model.config.max_position_embeddings  # the model's context length
+        room = context - max(len(chat_model.encode(p)) for p in prompts)
+        new_tokens = max(1, min(settings.max_new_tokens or room, room))
+    sampling = settings.sampling()
+    replies = []
+    for sample in range(settings.samples):
+        seed = None if settings.seed is None else settings.seed + sample
+        completions = chat_model.complete(prompts, max_new_tokens=new_tokens, progress=True, seed=seed, **sampling)
+        replies.append([(c.text, c.finish_reason) for c in completions])
+    return _predictions_from_replies(settings.mode, questions, replies)
 
 
 def predict_endpoint(config: EvalConfig, questions: list[Question]):
     settings = config.eval
     conversations = [[{"role": "user", "content": official_prompt(q).rstrip()}] for q in questions]
-    new_tokens = 1 if settings.mode == "official" else settings.max_new_tokens
+    params = {k: v for k, v in settings.sampling().items() if v or k == "temperature"}  # top_k 0 / no penalty: unsent
+    if settings.mode == "official":
+        params["max_tokens"] = 1
+    elif settings.max_new_tokens:  # unset: the server's own limit (vLLM: the rest of the context)
+        params["max_tokens"] = settings.max_new_tokens
+    replies = []
     with open_endpoint(config.model, params=settings.request_params, **asdict(config.client)) as client:
-        replies = client.chat_many(conversations, temperature=0.0, max_tokens=new_tokens, desc=settings.mode)
-    # An endpoint may return reasoning separately (then content is the answer) or inline in content.
-    texts = [join_think(r.reasoning_content, r.content) for r in replies] if settings.mode == "think" else [r.content for r in replies]
-    return _predictions_from_texts(settings.mode, questions, texts)
+        for sample in range(settings.samples):
+            seed = {} if settings.seed is None else {"seed": settings.seed + sample}
+            answers = client.chat_many(conversations, cache_tags=[f"sample{sample}"] * len(conversations),
+                                       desc=f"{settings.mode} {sample + 1}/{settings.samples}", **params, **seed)
+            # An endpoint may return reasoning separately (then content is the answer) or inline in content.
+            if settings.mode == "think":
+                replies.append([(r.content if r.reasoning_content is None else join_think(r.reasoning_content, r.content),
+                                 r.finish_reason) for r in answers])
+            else:
+                replies.append([(r.content, r.finish_reason) for r in answers])
+    return _predictions_from_replies(settings.mode, questions, replies)
 
 
-def _predictions_from_texts(mode: str, questions: list[Question], texts: list[str]):
-    predictions, details = {}, {}
-    for question, text in zip(questions, texts):
-        if mode == "official":  # VMLU's check: the generated token, stripped, equals the gold letter
-            predictions[question.id] = text.strip() if text.strip() else None
-        else:
-            predictions[question.id] = answer_after_thinking(text, question.letters)
-        details[question.id] = {"output": text}
-    return predictions, details
+def _predictions_from_replies(mode: str, questions: list[Question], replies: list[list[tuple[str, str | None]]]):
+    """Per sample, each question's letter (None: nothing readable), plus per question its outputs and whether
+    each reply was unfinished (cut by the token budget) or unparseable (finished, but no letter)."""
+    samples, details = [], {q.id: {"outputs": [], "unfinished": 0, "unparseable": 0} for q in questions}
+    for sample in replies:
+        letters = {}
+        for question, (text, finish_reason) in zip(questions, sample):
+            if mode == "official":  # VMLU's check: the generated token, stripped, equals the gold letter
+                letter = text.strip() or None
+            else:
+                letter = answer_after_thinking(text, question.letters)
+            detail = details[question.id]
+            detail["outputs"].append(text)
+            if letter is None and finish_reason == "length":
+                detail["unfinished"] += 1
+            elif letter is None:
+                detail["unparseable"] += 1
+            letters[question.id] = letter
+        samples.append(letters)
+    return samples, details
 
 
-def run(config: EvalConfig) -> dict:
-    """Evaluates, writes the reports and predictions, and returns the report dict."""
+def run(config: EvalConfig, chat_model: ChatModel | None = None) -> dict:
+    """Evaluates, writes the reports, predictions and submission CSV, and returns the report dict. A given
+    `chat_model` (e.g. the weights being trained) is evaluated instead of loading `model.path`."""
     questions = read_questions(config.data.path, read_subjects(config.data.subjects))
     if config.data.limit is not None:
         questions = questions[:config.data.limit]
-    predict = predict_local if config.model.path else predict_endpoint
-    predictions, details = predict(config, questions)
+    if chat_model is not None or config.model.path:
+        samples, details = predict_local(config, questions, chat_model or load_chat_model(config))
+    else:
+        samples, details = predict_endpoint(config, questions)
+    predictions = {q.id: majority([sample[q.id] for sample in samples]) for q in questions}
+    out = Path(config.output.dir)
+    write_submission(out / "submission.csv", questions, predictions)
     report = {
         "model": config.model.name or config.model.model or Path(config.model.path).name,
         "benchmark": config.data.name or Path(config.data.path).stem,
         "mode": config.eval.mode,
         "data": str(config.data.path),
-        **score(questions, predictions),
+        "sampling": config.eval.sampling() if config.eval.mode != "loglik" else None,
+        "unfinished": sum(d.get("unfinished", 0) for d in details.values()),
+        "unparseable": sum(d.get("unparseable", 0) for d in details.values()),
+        "answers": len(samples) * len(questions),
         "config": asdict(config),
     }
-    out = Path(config.output.dir)
+    labelled = questions[0].answer is not None
+    if labelled:
+        report.update(score(questions, predictions))
+        report["sampled"] = score_samples(questions, samples)
     write_jsonl(out / "predictions.jsonl", [
-        {"id": q.id, "pred": predictions[q.id], "gold": q.answer, "correct": predictions[q.id] == q.answer,
-         "subject": q.subject, "category": q.category, **details[q.id]} for q in questions])
-    write_eval_report(out, report)
+        {"id": q.id, "pred": predictions[q.id], "gold": q.answer, "correct": labelled and predictions[q.id] == q.answer,
+         "subject": q.subject, "category": q.category, "samples": [s[q.id] for s in samples], **details[q.id]}
+        for q in questions])
+    if labelled:
+        write_eval_report(out, report)
+    else:  # a test split: the leaderboard scores submission.csv
+        write_json(out / "report.json", report)
     return report
 
 
@@ -176,9 +264,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_summary(config: EvalConfig, report: dict) -> None:
-    overall = report["overall"]
-    print(f"{report['benchmark']} [{report['mode']}] {report['model']}: accuracy {100 * overall['accuracy']:.2f}% "
-          f"({overall['correct']}/{overall['total']}) → {Path(config.output.dir) / 'report.json'}")
+    out = Path(config.output.dir)
+    counts = f"unfinished {report['unfinished']}, unparseable {report['unparseable']} of {report['answers']} answers"
+    if "overall" not in report:
+        print(f"{report['benchmark']}: no gold answers (a test split); {counts} → {out / 'submission.csv'}")
+        return
+    overall, sampled = report["overall"], report["sampled"]
+    line = f"accuracy {100 * overall['accuracy']:.2f}% ({overall['correct']}/{overall['total']})"
+    if sampled["samples"] > 1:
+        low, high = sampled["ci"]
+        line = (f"mean accuracy over {sampled['samples']} samples {100 * sampled['mean_accuracy']:.2f}% "
+                f"(95% CI {100 * low:.2f}–{100 * high:.2f}); majority vote {line}")
+    print(f"{report['benchmark']} [{report['mode']}] {report['model']}: {line}; {counts} → {out / 'report.json'}")
 
 
 if __name__ == "__main__":

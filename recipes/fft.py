@@ -8,6 +8,8 @@ stage k starts from stage k-1's `final` weights and writes to `output.dir/<stage
 When `evaluate.data` is set, the starting model and the trained one (reloaded from `final/`) are evaluated after
 training (held-out loss and greedy exact-match accuracy on rows with a checkable `answer`), both with the kept
 vocabulary saved in `final/`. Exit codes: see the README (0 done, 2-6 a one-line error, 143 stopped by a signal).
+With `periodic_eval.mcq` (and/or `periodic_eval.judge`), every `train.eval_every` steps and the end also score
+the current weights on multiple-choice questions (and with the LLM judge); see recipes/periodic_eval.py.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from qforge.engine.config_io import apply_overrides, build, read_yaml
 from qforge.engine.train import train
 from qforge.recipes.cli import run_recipe
 from qforge.recipes.demo_eval import FFTRecipeConfig, evaluate_checkpoint, print_before_after
+from qforge.recipes.periodic_eval import periodic_hook
 
 
 def stage_configs(path: str, overrides: list[str]) -> list[FFTRecipeConfig]:
@@ -53,7 +56,8 @@ def run(configs: list[FFTRecipeConfig], make_objective=None) -> int:
     """Trains every stage in turn; 143 when a signal stopped a stage (checkpoint saved, resumable).
     `make_objective(config)`: another training objective on the same loop (recipes/distill.py)."""
     for config in configs:
-        result = train(config, make_objective(config) if make_objective else None)
+        result = train(config, make_objective(config) if make_objective else None,
+                       evaluate=periodic_hook(config.periodic_eval))
         if result.interrupted:
             print(f"stopped by signal at step {result.steps_done}; checkpoint saved in "
                   f"{config.output.dir}/checkpoints. Resume with train.resume=auto.", file=sys.stderr)

@@ -4,11 +4,15 @@
 
 Candidates answer every benchmark prompt (or bring an answers file); the judge, any OpenAI-compatible
 endpoint or a local checkpoint, then compares each candidate with the baseline (pairwise) or rates each
-answer (single, optionally against the reference answer). Judge prompts live in the config. Writes
-answers/<candidate>.jsonl, judgments.jsonl, report.json, report.md and report.png to `output.dir`.
+answer (single, optionally against the reference answer). Judge prompts live in the config. Items with
+verifiable `constraints` (instruction following) or `tools` + `reference_calls` (function calling) are also
+checked by code, for every candidate: constraint- and prompt-level accuracy, and right function / valid /
+correct arguments. Writes answers/<candidate>.jsonl, judgments.jsonl, report.json, report.md and report.png
+to `output.dir`.
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +22,8 @@ from qforge.engine.client import ChatClient
 from qforge.recipes.cli import OutputSettings, print_report_md, run_recipe
 from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint
 from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
+from qforge.engine.data.render import render_tool_calls
+from qforge.recipes import function_calling, instruction_following
 from qforge.recipes.verdicts import (Item, pair_outcome, parse_pairwise, parse_rating, read_items,
                                     summarize_pairwise, summarize_ratings)
 from qforge.recipes.report import bar_chart, markdown_table
@@ -131,11 +137,68 @@ def read_answers(path: str, items: list[Item]) -> dict[str, str]:
 def collect_answers(config: JudgeConfig, candidate: Candidate, items: list[Item]) -> dict[str, str]:
     if candidate.answers:
         return read_answers(candidate.answers, items)
+    groups: dict[str, list[Item]] = {}  # items offering the same tools are asked together
+    for item in items:
+        groups.setdefault(json.dumps(item.tools, sort_keys=True), []).append(item)
+    answers = {}
     with open_endpoint(candidate.endpoint, **asdict(config.client)) as client:
-        replies = client.chat_many([item.messages for item in items], desc=f"answers: {candidate.name}",
-                                   max_tokens=config.generation.max_tokens,
-                                   temperature=config.generation.temperature, **candidate.request_params)
-    return {item.id: reply.content for item, reply in zip(items, replies)}
+        for group in groups.values():
+            tools = {"tools": group[0].tools} if group[0].tools else {}
+            replies = client.chat_many([item.messages for item in group], desc=f"answers: {candidate.name}",
+                                       max_tokens=config.generation.max_tokens,
+                                       temperature=config.generation.temperature, **tools, **candidate.request_params)
+            answers.update({item.id: _answer_text(reply) for item, reply in zip(group, replies)})
+    return answers
+
+
+def _answer_text(reply) -> str:
+    """The reply as text; calls an endpoint returned as `tool_calls` are written back in Qwen3's `<tool_call>`
+    form, so the judge sees them and the function-calling check reads them."""
+    if not reply.tool_calls:
+        return reply.content
+    calls = [{"function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}}
+             for c in reply.tool_calls]
+    return reply.content + render_tool_calls(calls, reply.content)
+
+
+def check_answers(items: list[Item], answers: dict[str, dict[str, str]]) -> tuple[dict, list]:
+    """Code checks per candidate: instruction following (items with constraints) and function calling (items
+    with tools)."""
+    results, records = {}, []
+    following = [item for item in items if item.constraints]
+    calling = [item for item in items if item.tools]
+    for name, replies in answers.items():
+        result = {}
+        if following:
+            met = [instruction_following.check_reply(replies[item.id], item.constraints) for item in following]
+            result["instruction_following"] = instruction_following.score([i.task for i in following], met)
+            records += [{"candidate": name, "id": item.id, "task": item.task, "constraints_met": row}
+                        for item, row in zip(following, met)]
+        if calling:
+            checks = [function_calling.check_reply(replies[item.id], item.tools, item.reference_calls)
+                      for item in calling]
+            result["function_calling"] = function_calling.score([i.task for i in calling], checks)
+            records += [{"candidate": name, "id": item.id, "task": item.task, "call_checks": row}
+                        for item, row in zip(calling, checks)]
+        if result:
+            results[name] = result
+    return results, records
+
+
+def checks_markdown(checks: dict) -> str:
+    if not checks:
+        return ""
+    rows = []
+    for name, result in checks.items():
+        if "instruction_following" in result:
+            r = result["instruction_following"]["overall"]
+            rows.append([name, "instruction following", r["prompts"], f"constraints {100 * r['constraint_accuracy']:.1f}%, "
+                         f"prompts {100 * r['prompt_accuracy']:.1f}%"])
+        if "function_calling" in result:
+            r = result["function_calling"]["overall"]
+            rows.append([name, "function calling", r["prompts"], ", ".join(
+                f"{check.replace('_', ' ')} {100 * r[check]:.1f}%" for check in function_calling.CHECKS)])
+    return "\n## Checked by code\n\n" + markdown_table(["Candidate", "Task kind", "Prompts", "Accuracy"], rows)
 
 
 def ask_judge(client: ChatClient, settings: JudgeSettings, conversations: list[list[dict]],
@@ -199,7 +262,7 @@ def judge_single(config: JudgeConfig, client: ChatClient, items: list[Item], ans
     return ratings, records
 
 
-def write_report(out: Path, mode: str, results: dict) -> None:
+def write_report(out: Path, mode: str, results: dict, checks: dict | None = None) -> None:
     tasks = sorted({task for result in results.values() for task in result["tasks"]})
     if mode == "pairwise":
         rows = [[name, task, r["win"], r["tie"], r["loss"], r["invalid"], 100 * r["win_rate"],
@@ -214,7 +277,7 @@ def write_report(out: Path, mode: str, results: dict) -> None:
                                                                     ("ALL", result["overall"])]]
         table = markdown_table(["Candidate", "Task", "Rated", "Invalid", "Mean rating", "95% CI"], rows)
         value, scale, label, limits = "mean", 1, "mean rating (1–10)", (0, 10)
-    write_text(out / "report.md", f"# LLM-as-judge ({mode})\n\n{table}")
+    write_text(out / "report.md", f"# LLM-as-judge ({mode})\n\n{table}{checks_markdown(checks or {})}")
     labels = tasks + ["ALL"]
     per_label = {name: [*(result["tasks"].get(t) for t in tasks), result["overall"]] for name, result in results.items()}
     bar_chart(out / "report.png", labels,
@@ -232,13 +295,15 @@ def run(config: JudgeConfig) -> dict:
         answers[candidate.name] = collect_answers(config, candidate, items)
         write_jsonl(out / "answers" / f"{candidate.name}.jsonl",
                     [{"id": item.id, "task": item.task, "answer": answers[candidate.name][item.id]} for item in items])
+    checks, check_records = check_answers(items, answers)
     with open_endpoint(config.judge.endpoint, **asdict(config.client)) as client:
         judge = judge_pairwise if config.judge.mode == "pairwise" else judge_single
         results, records = judge(config, client, items, answers)
-    report = {"mode": config.judge.mode, "data": config.data.path, "results": results, "config": asdict(config)}
-    write_jsonl(out / "judgments.jsonl", records)
+    report = {"mode": config.judge.mode, "data": config.data.path, "results": results, "checks": checks,
+              "config": asdict(config)}
+    write_jsonl(out / "judgments.jsonl", records + check_records)
     write_json(out / "report.json", report)
-    write_report(out, config.judge.mode, results)
+    write_report(out, config.judge.mode, results, checks)
     return report
 
 

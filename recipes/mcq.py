@@ -12,10 +12,11 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from qforge.engine.thinking import split_think
-from qforge.recipes.files import read_jsonl, unique_id
+from qforge.recipes.files import read_jsonl, unique_id, write_text
+from qforge.recipes.verdicts import bootstrap_interval
 
 LETTERS = "ABCDE"
 DEFAULT_SUBJECTS = Path(__file__).resolve().parent / "data" / "vmlu_subjects.csv"
@@ -29,7 +30,7 @@ class Question:
     category: str
     question: str
     choices: tuple[str, ...]  # as shown to the model: "A. …"
-    answer: str  # gold letter
+    answer: str | None  # gold letter; None for a test split without answers (VMLU's test.jsonl)
 
     @property
     def letters(self) -> str:
@@ -66,7 +67,8 @@ def _answer(raw, n_choices: int, where: str) -> str:
 
 
 def read_questions(path: str | Path, subjects: dict[str, tuple[str, str]]) -> list[Question]:
-    """Parses a JSONL file; any bad row is an error naming file, line and field."""
+    """Parses a JSONL file; any bad row is an error naming file, line and field. A file may leave out every
+    `answer` (a test split, scored by the leaderboard from `write_submission`), but not only some."""
     questions, seen = [], set()
     category_of_subject = dict(subjects.values())
     for where, row in read_jsonl(path):
@@ -80,8 +82,11 @@ def read_questions(path: str | Path, subjects: dict[str, tuple[str, str]]) -> li
         else:  # VMLU style: the id prefix is the subject
             prefix = qid.split("-")[0]
             subject, category = subjects.get(prefix, (prefix, UNKNOWN_CATEGORY))
-        questions.append(Question(qid, str(subject), str(category), text.strip(), choices,
-                                  _answer(row.get("answer"), len(choices), where)))
+        answer = None if row.get("answer") is None else _answer(row["answer"], len(choices), where)
+        if questions and (answer is None) != (questions[0].answer is None):
+            raise ValueError(f"{where}: 'answer' is {'missing' if answer is None else 'present'} here but not on "
+                             f"the first row; a file has answers on every row or on none (a test split)")
+        questions.append(Question(qid, str(subject), str(category), text.strip(), choices, answer))
     if not questions:
         raise ValueError(f"{path}: no questions")
     return questions
@@ -119,6 +124,30 @@ def answer_after_thinking(text: str, letters: str) -> str | None:
     """The letter after `</think>`; None when the reasoning never closed (e.g. cut by max tokens)."""
     reasoning, answer = split_think(text)
     return None if reasoning is None else extract_letter(answer, letters)
+
+
+def majority(letters: Sequence[str | None]) -> str | None:
+    """The most frequent extracted letter over a question's samples (ties: the earliest); None if none."""
+    valid = [letter for letter in letters if letter is not None]
+    return max(valid, key=lambda letter: (valid.count(letter), -valid.index(letter))) if valid else None
+
+
+def write_submission(path: str | Path, questions: Sequence[Question], predictions: dict[str, str | None]) -> Path:
+    """The `id,answer` CSV VMLU's leaderboard takes for its test split (an empty answer where none was
+    extracted, which the leaderboard scores as wrong)."""
+    rows = [f"{q.id},{predictions[q.id] or ''}" for q in questions]
+    return write_text(path, "id,answer\n" + "\n".join(rows) + "\n")
+
+
+def score_samples(questions: Sequence[Question], samples: Sequence[dict[str, str | None]],
+                  **bootstrap) -> dict:
+    """k sampled predictions per question → the mean accuracy over all k × n answers, its 95% interval (a
+    bootstrap over questions of their mean correctness, so the k samples of a question stay together), and
+    each sample's own accuracy."""
+    per_question = [sum(sample[q.id] == q.answer for sample in samples) / len(samples) for q in questions]
+    per_sample = [sum(sample[q.id] == q.answer for q in questions) / len(questions) for sample in samples]
+    return {"samples": len(samples), "mean_accuracy": sum(per_question) / len(per_question),
+            "ci": list(bootstrap_interval(per_question, **bootstrap)), "per_sample_accuracy": per_sample}
 
 
 def _accuracy(correct: int, total: int) -> dict:

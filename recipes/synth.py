@@ -2,6 +2,15 @@
 
     python recipes/synth.py --config recipes/configs/synth.yaml output.dir=runs/synth [key=value ...]
 
+Starting points: the syllabus file (`syllabus`); or an outline (level → grade → subjects) whose topics an
+LLM writes (`syllabus_outline`, stage `syllabus`, saved to output.dir/syllabus.yaml); or an existing question
+set (`seeds.path`, e.g. crawled multiple-choice questions with answers), which skips question writing: only
+the responses + reasoning are generated, and the known answer is the rejection-sampling check (the option
+letter for multiple choice, the number for numeric answers). Tasks with `answer_check: constraints` get
+verifiable constraints from the question writer and keep only responses meeting all of them (checked by
+code). With `filters.min_quality`, an LLM rates every finished row 1–10 (stage `quality`) and rows below the
+threshold are dropped.
+
 Each stage asks a backend (a local checkpoint served on 127.0.0.1 by default, or any OpenAI-compatible API)
 through the caching client and stores its output under `output.dir/stages/`; a rerun skips finished stages
 and answers repeated requests from the cache, so an interrupted run resumes. Writes data.jsonl (OpenAI
@@ -10,26 +19,42 @@ its reason), report.json and report.md (kept/dropped per task and reason; tokens
 """
 from __future__ import annotations
 
+import json
+import re
 import sys
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qforge.engine.client import ChatClient
+from qforge.engine.data.render import tools_system_prompt
+from qforge.recipes import function_calling, instruction_following
 from qforge.recipes.cli import OutputSettings, print_report_md, run_recipe
 from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint
-from qforge.recipes.files import write_json, write_jsonl, write_text
-from qforge.recipes.sft_data.answers import numbers_in, reasoning_consistent, rejection_sample
+from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
+from qforge.recipes.mcq import DEFAULT_SUBJECTS, read_questions, read_subjects
+from qforge.recipes.sft_data.answers import (answer_matches, choice_matches, numbers_in, reasoning_consistent,
+                                             rejection_sample)
+from qforge.recipes.verdicts import parse_rating
 from qforge.recipes.sft_data.dedup import Deduplicator
-from qforge.recipes.sft_data.filters import Malformed, TextRules, parse_question_list, parse_text_reply
+from qforge.recipes.sft_data.filters import (Malformed, TextRules, parse_question_list, parse_text_reply,
+                                              strip_code_fence)
 from qforge.recipes.sft_data.report import count_by_task, counts_markdown
 from qforge.recipes.sft_data.stages import (StageResult, StageStore, Usage, ask_all, check_placeholders,
                                              conversation, fingerprint)
 from qforge.recipes.sft_data.syllabus import Task, Topic, jobs, read_syllabus, read_tasks
+from qforge.engine.config_io import read_yaml
 
 TOPIC_FIELDS = {"level", "grade", "subject", "topic", "task", "instructions"}
 STAGE_FIELDS = {"questions": TOPIC_FIELDS | {"count"}, "responses": TOPIC_FIELDS | {"question"},
-                "reasoning": TOPIC_FIELDS | {"question", "response"}}
+                "reasoning": TOPIC_FIELDS | {"question", "response"},
+                "quality": TOPIC_FIELDS | {"question", "response", "reasoning"},
+                "syllabus": {"level", "grade", "subject", "count"}}
+MATCHERS = {"numeric": answer_matches, "choice": choice_matches,
+            "constraints": lambda response, reference: all(instruction_following.check_reply(
+                response, json.loads(reference))),
+            "tool_call": lambda response, reference: function_calling.check_reply(
+                response, **json.loads(reference))["correct"]}
 
 
 @dataclass
@@ -65,6 +90,20 @@ class Stages:
     questions: StageSettings = field(default_factory=StageSettings)
     responses: StageSettings = field(default_factory=StageSettings)
     reasoning: StageSettings = field(default_factory=StageSettings)
+    quality: StageSettings = field(default_factory=StageSettings)  # with filters.min_quality
+    syllabus: StageSettings = field(default_factory=StageSettings)  # with syllabus_outline
+
+
+@dataclass
+class SeedSettings:
+    """An existing question set to answer instead of writing questions: JSONL rows in VMLU's multiple-choice
+    format (`id`, `question`, `choices`, `answer`: checked by option letter) or free-form (`id`, `question`,
+    optional `answer`: checked as a number when the task's answer_check is numeric). Optional `level`, `grade`,
+    `subject`, `topic` fields fill the prompts' placeholders."""
+    path: str | None = None
+    task: str = "multiple_choice"  # the task (of the task list) whose instructions, samples and keep apply
+    subjects: str = str(DEFAULT_SUBJECTS)  # VMLU's id prefix → subject table
+    limit: int | None = None
 
 
 @dataclass
@@ -73,6 +112,7 @@ class Filters:
     response: TextRules = field(default_factory=lambda: TextRules(min_chars=1, max_chars=12000))
     reasoning: TextRules = field(default_factory=lambda: TextRules(min_chars=20, max_chars=24000, language="any"))
     near_duplicate_threshold: float | None = 0.7  # estimated Jaccard of word 3-gram sets; null: exact only
+    min_quality: float | None = None  # LLM quality score (1–10, stage `quality`) a row needs; null: no rating
     check_reasoning_answer: bool = True  # the reasoning's conclusion must mention the response's final number
     # reconstructed thinking must not give away that it was written knowing the answer (case-insensitive)
     reasoning_banned_phrases: list[str] = field(default_factory=lambda: [
@@ -95,6 +135,9 @@ class Filters:
 @dataclass
 class SynthConfig:
     syllabus: str = "recipes/data/syllabus_vi.yaml"
+    syllabus_outline: str | None = None  # level → grade → [subjects]: an LLM writes the topics (stage syllabus)
+    topics_per_subject: int = 5  # with syllabus_outline
+    seeds: SeedSettings = field(default_factory=SeedSettings)
     tasks: str = "recipes/data/tasks_vi.yaml"
     topics_per_task: int | None = None  # only each task's first N topics (smoke runs)
     backends: list[BackendSettings] = field(default_factory=list)
@@ -107,7 +150,10 @@ class SynthConfig:
         if not self.output.dir:
             raise ValueError("output.dir is required")
         names = [b.name for b in self.backends]
-        for stage, fields in STAGE_FIELDS.items():
+        if self.seeds.path is not None and not Path(self.seeds.path).is_file():
+            raise ValueError(f"seeds.path: no such file {self.seeds.path!r}")
+        for stage in self.used_stages():
+            fields = STAGE_FIELDS[stage]
             settings = getattr(self.stages, stage)
             if settings.backend not in names:
                 raise ValueError(f"stages.{stage}.backend {settings.backend!r} is not one of backends {names}")
@@ -117,6 +163,11 @@ class SynthConfig:
                 check_placeholders(getattr(settings, part), fields, f"stages.{stage}.{part}")
             check_placeholders(settings.retry, {"error"}, f"stages.{stage}.retry")
 
+    def used_stages(self) -> list[str]:
+        stages = ["syllabus"] if self.syllabus_outline and not self.seeds.path else []
+        stages += [] if self.seeds.path else ["questions"]
+        return stages + ["responses", "reasoning"] + (["quality"] if self.filters.min_quality is not None else [])
+
 
 class Pipeline:
     """One run: the syllabus and tasks, a client per backend, and the stage store."""
@@ -125,9 +176,15 @@ class Pipeline:
         self.config = config
         self.clients = clients
         self.tasks = {task.name: task for task in read_tasks(config.tasks)}
-        self.pairs = jobs(list(self.tasks.values()), read_syllabus(config.syllabus), config.topics_per_task)
-        self.topic_by_key = {topic.key: topic for _, topic in self.pairs}
         self.store = StageStore(config.output.dir)
+        self.pairs, self.topic_by_key = [], {}
+        if config.seeds.path and config.seeds.task not in self.tasks:
+            raise ValueError(f"seeds.task {config.seeds.task!r} is not in {config.tasks} ({sorted(self.tasks)})")
+
+    def set_topics(self, topics: list[Topic]) -> None:
+        self.pairs = [] if self.config.seeds.path else jobs(list(self.tasks.values()), topics,
+                                                            self.config.topics_per_task)
+        self.topic_by_key.update({topic.key: topic for topic in topics})
 
     def backend(self, stage: str) -> BackendSettings:
         name = getattr(self.config.stages, stage).backend
@@ -138,9 +195,17 @@ class Pipeline:
         return fingerprint(stage, asdict(getattr(self.config.stages, stage)), asdict(backend.endpoint),
                            backend.params, *inputs)
 
-    def ask(self, stage: str, prompt_fields: list[dict], tags: list[str], parse) -> tuple[list, dict]:
+    def ask(self, stage: str, prompt_fields: list[dict], tags: list[str], parse,
+            tools: list | None = None) -> tuple[list, dict]:
+        """`tools` (per conversation, or None) go into the system message as Qwen3's template writes them, so
+        any backend sees the prompt a tool-calling request renders to."""
         settings, backend = getattr(self.config.stages, stage), self.backend(stage)
         conversations = [conversation(settings.system, settings.user, f) for f in prompt_fields]
+        for messages, offered in zip(conversations, tools or []):
+            if offered:
+                system = messages[0]["content"] if messages[0]["role"] == "system" else None
+                messages[:1 if system is not None else 0] = [
+                    {"role": "system", "content": tools_system_prompt(offered, system)}]
         usage = Usage()
         answers = ask_all(self.clients[backend.name], conversations, tags, parse, retries=settings.retries,
                           retry_prompt=settings.retry, usage=usage, desc=stage,
@@ -153,6 +218,67 @@ class Pipeline:
         return {"backend": self.backend(stage).name, "model": model,
                 "prompt_version": getattr(self.config.stages, stage).prompt_version}
 
+    # -- stage 0: topics per (level, grade, subject) from an outline --------------------------------------
+    def syllabus(self) -> StageResult:
+        outline = read_yaml(self.config.syllabus_outline)
+        cells = []
+        for level, grades in outline.items():
+            for grade, subjects in (grades or {}).items():
+                if not isinstance(subjects, list) or not subjects:
+                    raise ValueError(f"{self.config.syllabus_outline}: {level} → {grade} must list subjects")
+                cells += [{"level": str(level), "grade": str(grade), "subject": str(subject),
+                           "count": self.config.topics_per_subject} for subject in subjects]
+
+        def parse(i, reply):
+            try:
+                topics = json.loads(strip_code_fence(parse_text_reply(reply.content, reply.finish_reason)))
+            except ValueError as error:
+                raise Malformed(f"not JSON ({error})") from None
+            if not isinstance(topics, list) or not topics or not all(isinstance(t, str) and t.strip() for t in topics):
+                raise Malformed("expected a non-empty JSON list of topic strings")
+            return [t.strip() for t in topics][:cells[i]["count"]]
+
+        answers, usage = self.ask("syllabus", cells, [f"syllabus:{c['level']}:{c['grade']}:{c['subject']}"
+                                                      for c in cells], parse)
+        rows, drops = [], []
+        for cell, answer in zip(cells, answers):
+            where = f"{cell['level']} → {cell['grade']} → {cell['subject']}"
+            if answer.value is None:
+                drops.append({"stage": "syllabus", "id": where, "task": "", "reason": f"topics_{answer.reason}",
+                              "detail": answer.detail, "items": 0})
+            else:
+                rows += [{"level": cell["level"], "grade": cell["grade"], "subject": cell["subject"], "topic": topic,
+                          "provenance": self.provenance("syllabus", answer.model)} for topic in answer.value]
+        return StageResult(rows, drops, usage)
+
+    # -- stage 1 (seeds): an existing question set ---------------------------------------------------------
+    def seed_questions(self) -> list[dict]:
+        seeds, task = self.config.seeds, self.tasks[self.config.seeds.task]
+        raw = [row for _, row in read_jsonl(seeds.path)][:seeds.limit]
+        by_id = {str(row.get("id")): row for row in raw}
+        if all("choices" in row for row in raw):
+            questions = read_questions(seeds.path, read_subjects(seeds.subjects))[:seeds.limit]
+            items = [(q.id, f"{q.question}\n" + "\n".join(q.choices), q.answer, "choice", q.subject)
+                     for q in questions]
+        else:
+            items = []
+            for index, row in enumerate(raw, start=1):
+                if not isinstance(row.get("question"), str) or not row["question"].strip():
+                    raise ValueError(f"{seeds.path}:{index}: 'question' must be a non-empty string")
+                answer = None if row.get("answer") is None else str(row["answer"])
+                check = task.answer_check if answer is not None and task.answer_check == "numeric" else "none"
+                items.append((str(row.get("id", index)), row["question"].strip(), answer, check, row.get("subject")))
+        rows = []
+        for qid, question, answer, check, subject in items:
+            row = by_id.get(qid, {})
+            topic = Topic(str(row.get("level", "")), str(row.get("grade", "")), str(subject or row.get("subject", "")),
+                          str(row.get("topic") or subject or ""))
+            self.topic_by_key[topic.key] = topic
+            rows.append({"id": f"seed-{qid}", "task": task.name, "topic_key": topic.key, "question": question,
+                         "reference_answer": answer, "answer_check": check,
+                         "provenance": {"seed": seeds.path, "id": qid}})
+        return rows
+
     # -- stage 1: questions per (task, topic) ------------------------------------------------------------
     def questions(self) -> StageResult:
         pairs = self.pairs
@@ -164,6 +290,14 @@ class Pipeline:
                                         task.answer_check == "numeric")
             if task.answer_check == "numeric" and not all(numbers_in(item["answer"]) for item in items):
                 raise Malformed("every 'answer' must contain the final number")
+            for k, item in enumerate(items):
+                try:
+                    if task.answer_check == "constraints":
+                        instruction_following.validate_constraints(item.get("constraints"), f"item {k}")
+                    elif task.answer_check == "tool_call":
+                        function_calling.validate_tools(item.get("tools"), item.get("reference_calls"), f"item {k}")
+                except ValueError as error:
+                    raise Malformed(str(error)) from None
             return items[:task.count]  # extra questions were not asked for
 
         answers, usage = self.ask("questions", fields, [f"questions:{t.name}:{p.key}" for t, p in pairs], parse)
@@ -180,8 +314,15 @@ class Pipeline:
                                    f"{len(answer.value)} of {task.count} questions",
                                    (task.count - len(answer.value)) * task.samples))
             for k, item in enumerate(answer.value):
+                reference = item["answer"]
+                if task.answer_check == "constraints":
+                    reference = json.dumps(item["constraints"], ensure_ascii=False)
+                elif task.answer_check == "tool_call":
+                    reference = json.dumps({"tools": item["tools"], "reference_calls": item["reference_calls"]},
+                                           ensure_ascii=False)
                 row = {"id": f"{job}-q{k}", "task": task.name, "topic_key": topic.key, "question": item["question"],
-                       "reference_answer": item["answer"], "provenance": self.provenance("questions", answer.model)}
+                       "reference_answer": reference, "answer_check": task.answer_check,
+                       "provenance": self.provenance("questions", answer.model)}
                 reason = rules.check(item["question"], "question")
                 duplicate = None if reason else dedup.check(row["id"], item["question"])
                 if reason or duplicate:
@@ -196,7 +337,8 @@ class Pipeline:
         samples = [(q, j) for q in questions for j in range(self.tasks[q["task"]].samples)]
         fields = [{**self._fields(q), "question": q["question"]} for q, _ in samples]
         answers, usage = self.ask("responses", fields, [f"responses:{q['id']}:s{j}" for q, j in samples],
-                                  lambda i, reply: parse_text_reply(reply.content, reply.finish_reason))
+                                  lambda i, reply: parse_text_reply(reply.content, reply.finish_reason),
+                                  [_offered_tools(q) for q, _ in samples])
         rules, dedup = self.config.filters.response, Deduplicator(self.config.filters.near_duplicate_threshold)
         by_question: dict[str, list] = {}
         for (question, j), answer in zip(samples, answers):
@@ -207,7 +349,11 @@ class Pipeline:
             valid = []
             for question, j, answer in group:
                 sample_id = f"{question['id']}-s{j}"
-                reason = f"response_{answer.reason}" if answer.value is None else rules.check(answer.value, "response")
+                if answer.value is None:
+                    reason = f"response_{answer.reason}"
+                else:  # a tool call is JSON, not prose: the text rules look at the words around it
+                    prose = _prose(answer.value) if task.answer_check == "tool_call" else answer.value
+                    reason = rules.check(prose, "response") if prose else None
                 if reason:
                     drops.append(_drop("responses", sample_id, task, reason, answer.detail))
                 else:
@@ -221,8 +367,10 @@ class Pipeline:
                     return f"response_{duplicate[0]}"
                 return None
 
-            reference = group[0][0]["reference_answer"] if task.answer_check == "numeric" else None
-            verdicts = rejection_sample([a.value for _, _, a in valid], reference, task.keep, refuse)
+            check = group[0][0].get("answer_check", task.answer_check)
+            reference = group[0][0]["reference_answer"] if check in MATCHERS else None
+            verdicts = rejection_sample([a.value for _, _, a in valid], reference, task.keep, refuse,
+                                        MATCHERS.get(check, answer_matches))
             for index, ((question, sample_id, answer), verdict) in enumerate(zip(valid, verdicts)):
                 if not verdict.keep:
                     detail = f"of {originals[index]}" if index in originals else ""
@@ -257,28 +405,74 @@ class Pipeline:
             if reason:
                 drops.append(_drop("validate", row["id"], self.tasks[row["task"]], reason, ""))
             else:
-                kept.append(self.output_row(row))
+                kept.append(row)
         return StageResult(kept, drops)
+
+    # -- stage 5 (optional): an LLM's quality score, kept at or above filters.min_quality -----------------
+    def quality(self, rows: list[dict]) -> StageResult:
+        fields = [{**self._fields(r), "question": r["question"], "response": r["response"],
+                   "reasoning": r["reasoning"]} for r in rows]
+
+        def parse(i, reply):
+            score = parse_rating(reply.content)
+            if score is None:
+                raise Malformed("no [[N]] rating")
+            return score
+
+        answers, usage = self.ask("quality", fields, [f"quality:{r['id']}" for r in rows], parse)
+        kept, drops = [], []
+        for row, answer in zip(rows, answers):
+            task = self.tasks[row["task"]]
+            if answer.value is None:
+                drops.append(_drop("quality", row["id"], task, f"quality_{answer.reason}", answer.detail))
+            elif answer.value < self.config.filters.min_quality:
+                drops.append(_drop("quality", row["id"], task, "low_quality", f"score {answer.value:g}"))
+            else:
+                provenance = {**row["provenance"], "quality": self.provenance("quality", answer.model)}
+                kept.append({**row, "quality": answer.value, "provenance": provenance})
+        return StageResult(kept, drops, usage)
 
     def output_row(self, row: dict) -> dict:
         topic = self.topic_by_key[row["topic_key"]]
-        return {"id": row["id"], "messages": [
-                    {"role": "user", "content": row["question"]},
-                    {"role": "assistant", "content": row["response"], "reasoning_content": row["reasoning"]}],
+        assistant = {"role": "assistant", "content": row["response"], "reasoning_content": row["reasoning"]}
+        tools = _offered_tools(row)
+        if tools:  # the calls as structured tool_calls, which the Qwen3 template renders back to the same text
+            assistant["content"] = row["response"].split("<tool_call>")[0].strip()
+            assistant["tool_calls"] = [{"type": "function", "function": call}
+                                       for call in function_calling.parse_calls(row["response"])]
+        return {"id": row["id"], "messages": [{"role": "user", "content": row["question"]}, assistant],
+                **({"tools": tools} if tools else {}),
                 "task": row["task"], "topic": asdict(topic), "reference_answer": row["reference_answer"],
+                **({"quality": row["quality"]} if "quality" in row else {}),
+                **({"constraints": json.loads(row["reference_answer"])} if row.get("answer_check") == "constraints"
+                   else {}),
                 "provenance": row["provenance"]}
 
     def _fields(self, row: dict) -> dict:
         return _topic_fields(self.tasks[row["task"]], self.topic_by_key[row["topic_key"]])
 
     def run(self) -> dict:
-        filters = self.config.filters
+        config, filters = self.config, self.config.filters
+        results = {}
+        if config.seeds.path:
+            seeds = self.seed_questions()
+            results["questions"] = StageResult(seeds, [])
+        else:
+            if config.syllabus_outline:
+                key = self.stage_key("syllabus", read_yaml(config.syllabus_outline), config.topics_per_subject)
+                results["syllabus"] = self.store.run("syllabus", key, self.syllabus)
+                topics = [Topic(r["level"], r["grade"], r["subject"], r["topic"]) for r in results["syllabus"].rows]
+                write_text(Path(config.output.dir) / "syllabus.yaml", _syllabus_yaml(topics))
+            else:
+                topics = read_syllabus(config.syllabus)
+            self.set_topics(topics)
         topics = [(task.name, topic.key) for task, topic in self.pairs]
         tasks = {name: asdict(task) for name, task in self.tasks.items()}
         # a stage's key covers its settings and its input rows, so new upstream rows (a rerun that recovered
         # failed requests) are never matched with a stale downstream stage
-        key = self.stage_key("questions", topics, tasks, asdict(filters.question), filters.near_duplicate_threshold)
-        results = {"questions": self.store.run("questions", key, self.questions)}
+        if not config.seeds.path:
+            key = self.stage_key("questions", topics, tasks, asdict(filters.question), filters.near_duplicate_threshold)
+            results["questions"] = self.store.run("questions", key, self.questions)
         questions = results["questions"].rows
         key = self.stage_key("responses", questions, tasks, asdict(filters.response))
         results["responses"] = self.store.run("responses", key, lambda: self.responses(questions))
@@ -286,18 +480,27 @@ class Pipeline:
         key = self.stage_key("reasoning", responses)
         results["reasoning"] = self.store.run("reasoning", key, lambda: self.reasoning(responses))
         results["validate"] = self.validate(results["reasoning"].rows)
+        final = results["validate"]
+        if filters.min_quality is not None:
+            rows = final.rows
+            key = self.stage_key("quality", rows, filters.min_quality)
+            results["quality"] = final = self.store.run("quality", key, lambda: self.quality(rows))
+        results["output"] = StageResult([self.output_row(row) for row in final.rows], [])
         return self.write(results)
 
     def write(self, results: dict[str, StageResult]) -> dict:
         out = Path(self.config.output.dir)
-        kept = results["validate"].rows
+        kept = results["output"].rows
         drops = [drop for result in results.values() for drop in result.drops]
         requested = {name: 0 for name in self.tasks}
         for task, _ in self.pairs:
             requested[task.name] += task.count * task.samples
+        if self.config.seeds.path:
+            task = self.tasks[self.config.seeds.task]
+            requested[task.name] += len(results["questions"].rows) * task.samples
         counts = count_by_task(kept, drops)
         usage = {stage: {**result.usage, "reused_stored_output": result.skipped}
-                 for stage, result in results.items() if stage != "validate"}
+                 for stage, result in results.items() if result.usage}
         report = {"requested_samples": requested, "counts": counts, "usage": usage,
                   "total_cost": sum(u.get("cost", 0.0) for u in usage.values()), "config": asdict(self.config)}
         write_jsonl(out / "data.jsonl", kept)
@@ -305,6 +508,23 @@ class Pipeline:
         write_json(out / "report.json", report)
         write_text(out / "report.md", _markdown(report))
         return report
+
+
+def _prose(response: str) -> str:
+    return re.sub(r"<tool_call>.*?</tool_call>", "", response, flags=re.S).strip()
+
+
+def _offered_tools(row: dict) -> list | None:
+    return json.loads(row["reference_answer"])["tools"] if row.get("answer_check") == "tool_call" else None
+
+
+def _syllabus_yaml(topics: list[Topic]) -> str:
+    import yaml
+
+    tree: dict = {}
+    for t in topics:
+        tree.setdefault(t.level, {}).setdefault(t.grade, {}).setdefault(t.subject, []).append(t.topic)
+    return yaml.safe_dump(tree, allow_unicode=True, sort_keys=False)
 
 
 def _topic_fields(task: Task, topic: Topic) -> dict:
@@ -338,7 +558,7 @@ def _markdown(report: dict) -> str:
 def run(config: SynthConfig) -> dict:
     client_options = asdict(config.client)
     client_options["cache_dir"] = client_options["cache_dir"] or str(Path(config.output.dir) / "cache")
-    used = {getattr(config.stages, stage).backend for stage in STAGE_FIELDS}
+    used = {getattr(config.stages, stage).backend for stage in config.used_stages()}
     with ExitStack() as stack:
         clients = {}
         for backend in (b for b in config.backends if b.name in used):

@@ -6,6 +6,7 @@ that cannot be parsed is never guessed: it is retried by the caller and, if stil
 """
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from typing import Sequence
 import numpy as np
 
 from qforge.recipes.files import read_jsonl, unique_id
+from qforge.recipes.function_calling import validate_tools
+from qforge.recipes.instruction_following import validate_constraints
 
 _PAIRWISE = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 _RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
@@ -27,14 +30,22 @@ class Item:
     task: str
     messages: list  # the conversation the candidates answer (its last turn is the user's)
     reference: str | None
+    constraints: list | None = None  # instruction following: verifiable constraints (instruction_following.py)
+    tools: list | None = None  # function calling: the tools offered, and the calls expected
+    reference_calls: list | None = None
 
     @property
     def question(self) -> str:
-        return self.messages[-1]["content"]
+        """The request as the judge sees it: the user's last turn, after the tools offered, if any."""
+        if not self.tools:
+            return self.messages[-1]["content"]
+        tools = "\n".join(json.dumps(t, ensure_ascii=False) for t in self.tools)
+        return f"[Tools available]\n{tools}\n\n{self.messages[-1]['content']}"
 
 
 def read_items(path: str | Path) -> list[Item]:
-    """Benchmark rows: `id`, `task`, `prompt` (text) or `messages`, optional `reference`."""
+    """Benchmark rows: `id`, `task`, `prompt` (text) or `messages`, optional `reference`; instruction-following
+    rows add `constraints`, function-calling rows `tools` and `reference_calls`."""
     items, seen = [], set()
     for where, row in read_jsonl(path):
         item_id, task = unique_id(row, seen, where), row.get("task")
@@ -48,7 +59,12 @@ def read_items(path: str | Path) -> list[Item]:
         reference = row.get("reference")
         if reference is not None and not isinstance(reference, str):
             raise ValueError(f"{where}: 'reference' must be a string")
-        items.append(Item(item_id, task, messages, reference))
+        constraints, tools, calls = row.get("constraints"), row.get("tools"), row.get("reference_calls")
+        if constraints is not None:
+            validate_constraints(constraints, where)
+        if tools is not None or calls is not None:
+            validate_tools(tools, calls, where)
+        items.append(Item(item_id, task, messages, reference, constraints, tools, calls))
     if not items:
         raise ValueError(f"{path}: no items")
     return items

@@ -29,6 +29,9 @@ class ScriptedRequest:
     temperature: float | None
     stop: tuple[str, ...]
     logit_bias: dict | None = None
+    top_p: float = 1.0  # the sampling fields the request carried (evaluation tests check they arrive)
+    top_k: int = 0
+    seed: int | None = None
 
 
 class ScriptedBackend:
@@ -54,7 +57,8 @@ def scripted_app(backend) -> FastAPI:
         if body.model not in (None, backend.name):
             raise APIError(404, f"model {body.model!r} is not served here; available: {backend.name!r}")
         scripted = ScriptedRequest([{"role": m.role, "content": m.text()} for m in body.messages], body.limit(),
-                                   body.temperature, body.stop_strings(), body.logit_bias)
+                                   body.temperature, body.stop_strings(), body.logit_bias, body.top_p, body.top_k,
+                                   body.seed)
         try:
             text = await anyio.to_thread.run_sync(backend.reply, scripted)
         except APIError:

@@ -17,8 +17,8 @@ from tqdm import tqdm
 from ..config_io import settings
 from ..files import staged_dir
 from .example import Example
-from .formats import DataError, RowError, SkippedRow, read_conversations
-from .template import ChatTemplate
+from .formats import Conversation, DataError, RowError, SkippedRow, read_conversations
+from .template import ChatTemplate, has_reasoning
 
 CACHE_VERSION = 3  # bump when the cached arrays' meaning changes (2: stricter row checks, 3: no loss weights)
 ENCODE_CHUNK = 512  # conversations per tokenizer batch call
@@ -34,19 +34,47 @@ class LoadSummary:
     skipped: list[SkippedRow] = field(default_factory=list)
     cache_path: str | None = None
     from_cache: bool = False
+    kinds: dict[str, int] = field(default_factory=dict)  # good rows per kind (see `row_kinds`)
 
     def __str__(self):
         text = (f"{self.num_rows} rows → {self.num_examples} examples, {self.num_tokens} tokens "
                 f"({self.num_loss_tokens} supervised); {len(self.skipped)} rows skipped")
+        if self.kinds:
+            text += "; rows by kind: " + ", ".join(f"{kind} {n}" for kind, n in sorted(self.kinds.items()))
         if self.skipped:
             text += "".join(f"\n  {row}" for row in self.skipped[:10])
             text += f"\n  … and {len(self.skipped) - 10} more" if len(self.skipped) > 10 else ""
         return text
 
 
-def split_turns(messages: list[dict]) -> list[list[dict]]:
+def split_turns(row: Conversation) -> list[Conversation]:
     """One conversation per assistant turn, ending at that turn (to be trained with supervise="last")."""
-    return [messages[:i + 1] for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return [row.upto(i + 1) for i, m in enumerate(row.messages) if m["role"] == "assistant"]
+
+
+# --- per-row thinking -------------------------------------------------------------------------------------------
+
+def row_thinking(row: Conversation, enable_thinking: bool | str) -> Conversation:
+    """Fixes a row's thinking mode. The rule: the row's own `enable_thinking` field wins; otherwise
+    `enable_thinking` true/false applies to every row; with "auto", a row is rendered with thinking on iff one
+    of its assistant turns has non-blank reasoning (a `reasoning_content` field or an inline <think> block)."""
+    if row.enable_thinking is not None:
+        return row
+    on = has_reasoning(row.messages) if enable_thinking == "auto" else enable_thinking
+    return Conversation(row.messages, row.tools, on)
+
+
+def row_kinds(row: Conversation) -> list[str]:
+    """The kinds a row is counted under when loading: "reasoning" (thinking on, with reasoning), "plain"
+    (thinking on, no reasoning: its final turn renders an empty think block), "no-think" (thinking off), and
+    additionally "tools" (a tool schema or tool calls)."""
+    if not row.enable_thinking:
+        kinds = ["no-think"]
+    else:
+        kinds = ["reasoning" if has_reasoning(row.messages) else "plain"]
+    if row.tools or any(m.get("tool_calls") for m in row.messages):
+        kinds.append("tools")
+    return kinds
 
 
 def cache_key(paths: list[Path], template: ChatTemplate, options: dict) -> str:
@@ -70,7 +98,8 @@ def _tokenise(paths, template, options, on_error, progress, summary) -> list[Exa
 
     def flush():
         examples.extend(template.encode_batch(pending, options["enable_thinking"], supervise=supervise,
-                                              train_on_reasoning=options["train_on_reasoning"]))
+                                              train_on_reasoning=options["train_on_reasoning"],
+                                              empty_think=options["empty_think"]))
         pending.clear()
 
     with tqdm(desc="tokenising", unit=" rows", disable=not progress) as bar:
@@ -83,6 +112,9 @@ def _tokenise(paths, template, options, on_error, progress, summary) -> list[Exa
                     summary.skipped.append(SkippedRow(str(path), line, row.field, row.reason))
                     continue
                 summary.num_rows += 1
+                row = row_thinking(row, options["enable_thinking"])
+                for kind in row_kinds(row):
+                    summary.kinds[kind] = summary.kinds.get(kind, 0) + 1
                 pending.extend(split_turns(row) if options["multi_turn"] == "split" else [row])
                 if len(pending) >= ENCODE_CHUNK:
                     flush()
@@ -101,7 +133,8 @@ def _write_cache(directory: Path, examples: list[Example], summary: LoadSummary)
             np.save(tmp / f"{name}.npy", np.concatenate(parts) if parts else np.zeros(0, np.int32))
         np.save(tmp / "offsets.npy", offsets)
         skipped = [vars(row) for row in summary.skipped]
-        (tmp / "summary.json").write_text(json.dumps({"num_rows": summary.num_rows, "skipped": skipped}))
+        (tmp / "summary.json").write_text(json.dumps({"num_rows": summary.num_rows, "skipped": skipped,
+                                                      "kinds": summary.kinds}))
 
 
 def _read_cache(directory: Path, summary: LoadSummary) -> list[Example]:
@@ -114,6 +147,7 @@ def _read_cache(directory: Path, summary: LoadSummary) -> list[Example]:
         raise ValueError("cached arrays do not match their offsets")
     summary.num_rows = meta["num_rows"]
     summary.skipped = [SkippedRow(**row) for row in meta["skipped"]]
+    summary.kinds = meta.get("kinds", {})
     return _examples_from_arrays(*arrays, offsets)
 
 
@@ -122,7 +156,12 @@ class TokenizeSettings:
     """How data files become examples; every field is part of the cache key (loss weights are not: packing
     computes them)."""
     format: Literal["auto", "messages", "sharegpt"] = "auto"
-    enable_thinking: bool = True
+    # true | false | "auto": per row, thinking on iff the row has reasoning (`row_thinking`); a row's own
+    # `enable_thinking` field always wins
+    enable_thinking: bool | Literal["auto"] = True
+    # the empty <think></think> block of reasoning-free turns rendered with thinking on: "mask" keeps it out of
+    # the loss (plain rows in a thinking mix do not learn to skip thinking), "train" supervises it
+    empty_think: Literal["train", "mask"] = "mask"
     # "all" assistant turns of a conversation in one example, only the "last", or "split" into one example per
     # assistant turn, each keeping its own reasoning (the faithful choice for multi-turn reasoning data, at the
     # cost of repeating the history)

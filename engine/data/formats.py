@@ -1,8 +1,20 @@
 """Reading SFT files: JSONL, JSON arrays and Parquet rows in OpenAI `messages` or ShareGPT `conversations` form.
 
-Every row is validated and normalised to a list of `{"role", "content", ["reasoning_content"]}` dicts. A bad
-row never disappears silently: the reader yields a `RowError` naming the field, and the caller either raises
-it as a `DataError` (file:line: field: reason) or counts it as skipped.
+Every row is validated and normalised to a `Conversation`: a list of `{"role", "content", ["reasoning_content"],
+["tool_calls"]}` dicts plus the row's tool schema and its own `enable_thinking`, if any. A bad row never
+disappears silently: the reader yields a `RowError` naming the field, and the caller either raises it as a
+`DataError` (file:line: field: reason) or counts it as skipped.
+
+Tool calling (rendered by `render.render_tools_system` / `render_tool_calls`, exactly as the Qwen3 template):
+- `tools`: a list of OpenAI tool objects (`{"type": "function", "function": {"name", "description",
+  "parameters"}}`) or that list as a JSON string (how Parquet/HF datasets such as glaive_toolcall store it).
+- assistant `tool_calls`: `[{"type": "function", "function": {"name", "arguments": object | JSON string}}]` or
+  the bare `{"name", "arguments"}` form; string arguments must parse to a JSON object and are kept verbatim.
+  `content` may be null or absent next to tool calls.
+- ShareGPT (LLaMA-Factory's layout, used by glaive_toolcall and most tool-use ShareGPT sets): a
+  `function_call` turn whose value is `{"name", "arguments"}` JSON (or a list of them) becomes an assistant turn
+  with `tool_calls`; an `observation` turn becomes a `tool` message; the row's `tools` and `system` columns
+  are the schema and the system prompt.
 """
 import json
 from dataclasses import dataclass
@@ -13,7 +25,8 @@ from ..errors import DataError
 from ..thinking import THINK_CLOSE, THINK_OPEN, split_think
 
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "observation": "tool", "tool": "tool", "function_call": "assistant"}
 FORMATS = ("auto", "messages", "sharegpt")
 
 
@@ -23,6 +36,27 @@ class RowError(Exception):
     def __init__(self, field: str, reason: str):
         super().__init__(f"{field}: {reason}")
         self.field, self.reason = field, reason
+
+
+class Conversation(list):
+    """One validated row: the list of its messages, plus the row's tool schema (`tools`, None: no tools) and
+    its own `enable_thinking` (None: decided by the loader's rule, see `cache.row_thinking`). A list, so code
+    that only needs the messages treats it as one."""
+
+    def __init__(self, messages=(), tools: list[dict] | None = None, enable_thinking: bool | None = None):
+        super().__init__(messages)
+        self.tools, self.enable_thinking = tools, enable_thinking
+
+    @property
+    def messages(self) -> list[dict]:
+        return self
+
+    def upto(self, stop: int) -> "Conversation":
+        """The same row ending before message `stop`."""
+        return Conversation(self[:stop], self.tools, self.enable_thinking)
+
+    def __repr__(self):
+        return f"Conversation({list(self)!r}, tools={self.tools!r}, enable_thinking={self.enable_thinking!r})"
 
 
 @dataclass(frozen=True)
@@ -56,10 +90,15 @@ def validate_messages(messages, field: str = "messages", *, require_assistant: b
         role = message.get("role")
         if role not in ROLES:
             raise RowError(f"{where}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
-        if message.get("tool_calls"):
-            raise RowError(f"{where}.tool_calls", "assistant tool calls are not supported yet; drop the row or "
-                                                  "render the call into `content`")
-        out = {"role": role, "content": _content(message.get("content"), f"{where}.content")}
+        calls = message.get("tool_calls")
+        content = message.get("content")
+        if calls and content is None:
+            content = ""
+        out = {"role": role, "content": _content(content, f"{where}.content")}
+        if calls:
+            if role != "assistant":
+                raise RowError(f"{where}.tool_calls", f"only assistant turns make tool calls, not {role!r}")
+            out["tool_calls"] = validate_tool_calls(calls, f"{where}.tool_calls")
         reasoning = message.get("reasoning_content")
         if reasoning is not None:
             if role != "assistant":
@@ -99,7 +138,7 @@ def _check_assistant(message: dict, where: str):
     if closes > 1 or opens > 1:
         raise RowError(f"{where}.content", f"{opens} {THINK_OPEN} and {closes} {THINK_CLOSE} tags; one turn holds at "
                                            f"most one reasoning block")
-    if not split_think(content)[1].strip():
+    if not split_think(content)[1].strip() and not message.get("tool_calls"):  # calls are an answer
         raise RowError(f"{where}.content", "empty answer (nothing but whitespace" + (
             f" after {THINK_CLOSE}" if closes else "") + "); fix the row or drop it")
 
@@ -112,14 +151,82 @@ def sharegpt_to_messages(conversations, field: str = "conversations") -> list[di
         _require(turn, dict, where, "an object")
         speaker = turn.get("from")
         if speaker not in SHAREGPT_ROLES:
-            raise RowError(f"{where}.from", f"unknown speaker {speaker!r}; expected one of system, human, gpt")
+            raise RowError(f"{where}.from", f"unknown speaker {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
         value = _require(turn.get("value"), str, f"{where}.value", "a string")
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+        if speaker == "function_call":
+            messages.append(sharegpt_function_call(value, f"{where}.value"))
+        else:
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
     return validate_messages(messages, field)
 
 
-def row_to_messages(row, fmt: str, detected: bool = False) -> list[dict]:
-    """One parsed row → validated messages; `fmt` is "messages", "sharegpt" or "auto" (decided by the row's keys).
+# --- tool calls -------------------------------------------------------------------------------------------------
+
+def _parse_json(text: str, field: str, what: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RowError(field, f"{what} is not valid JSON ({error.msg} at char {error.pos})") from None
+
+
+def validate_tools(tools, field: str = "tools") -> list[dict] | None:
+    """A row's tool schema as a list of dicts (None when the row has none). Tools are kept as given: the
+    template prints each one as JSON."""
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        tools = _parse_json(tools, field, "the tools string")
+    if not isinstance(tools, list):
+        raise RowError(field, f"expected a list of tool definitions, got {type(tools).__name__}")
+    for i, tool in enumerate(tools):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise RowError(f"{field}[{i}]", 'expected {"type": "function", "function": {"name": ..., '
+                                            '"parameters": ...}}')
+    return tools
+
+
+def validate_tool_call(call, field: str) -> dict:
+    """One call normalised to `{"type": "function", "function": {"name", "arguments"}}`."""
+    if not isinstance(call, dict):
+        raise RowError(field, f"expected an object, got {type(call).__name__}")
+    function = call.get("function", call)
+    if not isinstance(function, dict):
+        raise RowError(f"{field}.function", "expected an object with name and arguments")
+    name, arguments = function.get("name"), function.get("arguments", {})
+    if not isinstance(name, str) or not name:
+        raise RowError(f"{field}.function.name", "expected a non-empty string")
+    if isinstance(arguments, str):
+        if not isinstance(_parse_json(arguments, f"{field}.function.arguments", "the arguments string"), dict):
+            raise RowError(f"{field}.function.arguments", "must encode a JSON object")
+    elif not isinstance(arguments, dict):
+        raise RowError(f"{field}.function.arguments",
+                       f"expected an object or a JSON string, got {type(arguments).__name__}")
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def validate_tool_calls(calls, field: str) -> list[dict]:
+    if not isinstance(calls, list) or not calls:
+        raise RowError(field, "expected a non-empty list of calls")
+    return [validate_tool_call(call, f"{field}[{i}]") for i, call in enumerate(calls)]
+
+
+def sharegpt_function_call(value: str, field: str) -> dict:
+    """A ShareGPT `function_call` turn → an assistant message with `tool_calls`."""
+    parsed = _parse_json(value, field, "the function_call value")
+    calls = parsed if isinstance(parsed, list) else [parsed]
+    return {"role": "assistant", "content": "", "tool_calls": validate_tool_calls(calls, field)}
+
+
+def _row_thinking(row: dict) -> bool | None:
+    value = row.get("enable_thinking")
+    if value is not None and not isinstance(value, bool):
+        raise RowError("enable_thinking", f"expected true, false or null, got {value!r}")
+    return value
+
+
+def row_to_messages(row, fmt: str, detected: bool = False) -> Conversation:
+    """One parsed row → a validated Conversation; `fmt` is "messages", "sharegpt" or "auto" (by the row's keys).
     `detected` says the format was auto-detected from an earlier row of the file (for the error message)."""
     _require(row, dict, "row", "a JSON object")
     if fmt == "auto":
@@ -130,7 +237,14 @@ def row_to_messages(row, fmt: str, detected: bool = False) -> list[dict]:
     if key not in row:
         why = "this file's format was detected from its first row" if detected else f"format is {fmt!r}"
         raise RowError(key, f"missing ({why}; one file holds one format)")
-    return validate_messages(row[key]) if fmt == "messages" else sharegpt_to_messages(row[key])
+    if fmt == "messages":
+        messages = validate_messages(row[key])
+    else:
+        messages = sharegpt_to_messages(row[key])
+        system = row.get("system")
+        if system and messages[0]["role"] != "system":  # LLaMA-Factory's `system` column
+            messages.insert(0, {"role": "system", "content": _require(system, str, "system", "a string")})
+    return Conversation(messages, validate_tools(row.get("tools")), _row_thinking(row))
 
 
 class _DuplicateKey(dict):
@@ -197,8 +311,8 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, object]]:
         raise DataError(f"{path}: unknown data file type {suffix!r}; use .jsonl, .json or .parquet")
 
 
-def read_conversations(path, fmt: str = "auto") -> Iterator[tuple[int, list[dict] | RowError]]:
-    """Yields (line, messages) per row, or (line, RowError) for a bad row. Line numbers are 1-based
+def read_conversations(path, fmt: str = "auto") -> Iterator[tuple[int, Conversation | RowError]]:
+    """Yields (line, Conversation) per row, or (line, RowError) for a bad row. Line numbers are 1-based
     (record numbers for JSON arrays and Parquet). `fmt="auto"` fixes the format from the first good row."""
     if fmt not in FORMATS:
         raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")

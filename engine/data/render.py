@@ -1,6 +1,6 @@
 """The Qwen3 chat template, written out in plain Python so that rendering is exact, fast and label-aware.
 
-Semantics of the hybrid-thinking Qwen3 template (tokenizer_config.json `chat_template`), without tools:
+Semantics of the hybrid-thinking Qwen3 template (tokenizer_config.json `chat_template`):
 
 - A leading system message becomes `<|im_start|>system\\n{content}<|im_end|>\\n`; later system messages and
   user messages render the same way with their own role.
@@ -13,18 +13,27 @@ Semantics of the hybrid-thinking Qwen3 template (tokenizer_config.json `chat_tem
 - Assistant turns after the last query keep a `<think>\\n{reasoning}\\n</think>\\n\\n` block when they are the
   final message or have non-empty reasoning; the final one always gets the block, so an answer without
   reasoning carries the empty `<think>\\n\\n</think>\\n\\n`. Earlier assistant turns lose their reasoning.
+- With `tools`, the first system message (if any) is merged into the tools header (`render_tools_system`);
+  an assistant turn's `tool_calls` follow its content as `<tool_call>` blocks (`render_tool_calls`), inside
+  the answer span, so they are supervised like the answer.
 - `add_generation_prompt` appends `<|im_start|>assistant\\n`, plus the empty think block when thinking is off.
   `enable_thinking` changes nothing else in the rendered text.
 
 Besides the text, rendering records where each assistant turn's think block and answer are, so labels can be
 assigned from character spans after tokenisation.
 """
+import json
 from dataclasses import dataclass
 
 from ..thinking import THINK_CLOSE, THINK_OPEN, message_think
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 EMPTY_THINK = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
+TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+                "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+                "<args-json-object>}\n</tool_call>")
 
 
 @dataclass(frozen=True)
@@ -54,8 +63,40 @@ def last_query_index(messages: list[dict]) -> int:
     return len(messages) - 1
 
 
-def render_qwen3(messages: list[dict], enable_thinking: bool = True, add_generation_prompt: bool = False) -> Rendered:
-    """Renders `messages` ({"role", "content", optional "reasoning_content"}) exactly as the Qwen3 template."""
+def to_json(value) -> str:
+    """The template's `tojson` filter as transformers defines it (json.dumps, non-ASCII kept)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def tools_system_prompt(tools: list[dict], system: str | None) -> str:
+    """The system message text the Qwen3 template builds from the tools and the first system message (a
+    request with this system message and no `tools` renders to the same prompt)."""
+    prefix = f"{system}\n\n" if system is not None else ""
+    return f"{prefix}{TOOLS_HEADER}" + "".join(f"\n{to_json(tool)}" for tool in tools) + TOOLS_FOOTER
+
+
+def render_tools_system(tools: list[dict], system: str | None) -> str:
+    """The system turn the Qwen3 template writes when tools are given (`system`: the first system message)."""
+    return f"{IM_START}system\n{tools_system_prompt(tools, system)}{IM_END}\n"
+
+
+def render_tool_calls(calls: list[dict], content: str) -> str:
+    """The text the Qwen3 template appends to an assistant turn's content for its calls: string arguments
+    verbatim, objects as JSON."""
+    parts = []
+    for i, call in enumerate(calls):
+        function = call.get("function", call)
+        arguments = function["arguments"]
+        arguments = arguments if isinstance(arguments, str) else to_json(arguments)
+        separator = "\n" if i > 0 or content else ""
+        parts.append(f'{separator}<tool_call>\n{{"name": "{function["name"]}", "arguments": {arguments}}}\n</tool_call>')
+    return "".join(parts)
+
+
+def render_qwen3(messages: list[dict], enable_thinking: bool = True, add_generation_prompt: bool = False,
+                 tools: list[dict] | None = None) -> Rendered:
+    """Renders `messages` ({"role", "content", optional "reasoning_content" / "tool_calls"}) and an optional
+    tool schema exactly as the Qwen3 template."""
     parts: list[str] = []
     length = 0
     spans = []
@@ -68,10 +109,12 @@ def render_qwen3(messages: list[dict], enable_thinking: bool = True, add_generat
 
     last_query = last_query_index(messages)
     last = len(messages) - 1
+    if tools:
+        emit(render_tools_system(tools, messages[0]["content"] if messages[0]["role"] == "system" else None))
     for index, message in enumerate(messages):
         role, content = message["role"], message["content"]
-        if message.get("tool_calls"):
-            raise ValueError(f"messages[{index}]: tool calls are not supported by qforge's Qwen3 renderer")
+        if role == "system" and index == 0 and tools:
+            continue  # already in the tools header
         if role == "user" or role == "system":
             emit(f"{IM_START}{role}\n{content}{IM_END}\n")
         elif role == "assistant":
@@ -79,10 +122,12 @@ def render_qwen3(messages: list[dict], enable_thinking: bool = True, add_generat
             start = emit(f"{IM_START}assistant\n")
             if index > last_query and (index == last or reasoning):
                 think_end = emit(f"{THINK_OPEN}\n{reasoning.strip(chr(10))}\n{THINK_CLOSE}\n\n")
-                content = content.lstrip("\n")
+                emit(content.lstrip("\n"))
             else:
                 think_end = start
-            emit(content)
+                emit(content)
+            if message.get("tool_calls"):  # the template tests the content before its lstrip
+                emit(render_tool_calls(message["tool_calls"], content))
             spans.append(AssistantSpan(start, think_end, emit(IM_END)))
             emit("\n")
         elif role == "tool":

@@ -13,6 +13,12 @@ Label policy (see `encode`):
   headers, the `\\n` after `<|im_end|>`) is -100.
 - Thinking off (`enable_thinking=False`): reasoning is removed from the conversation, so the final turn carries
   the empty think block, and that block is part of the prompt (at inference the generation prompt contains it).
+- Thinking on, turn without reasoning: the template still renders `<think>\n\n</think>\n\n` before the final
+  answer. `empty_think="train"` supervises that empty block (the model learns to skip thinking when thinking
+  is on); `"mask"` leaves it out of the loss, so plain rows in a thinking mix teach only their answers.
+- Per row: a `Conversation` (formats.py) carries its own tools and `enable_thinking`, which override the
+  batch-wide argument.
+- Tool calls are part of the assistant answer and supervised with it; tool results are prompt.
 - Multi-turn: `supervise="all"` trains every assistant turn as rendered (the template drops the reasoning of
   turns before the last user query, so those turns train on their answers only); `supervise="last"` trains
   only the final assistant turn. `TokenizeSettings(multi_turn="split")` trains every turn with its own reasoning
@@ -29,14 +35,16 @@ from tokenizers import Tokenizer
 from ..errors import ConfigError, DataError
 from .example import Example, make_example
 from ..thinking import message_think
+from .formats import Conversation
 from .jinja_template import JinjaTemplate, alias_reasoning
-from .render import IM_END, IM_START, render_qwen3
+from .render import EMPTY_THINK, IM_END, IM_START, render_qwen3
 
 log = logging.getLogger(__name__)
 
 # sha256 of the hybrid-thinking Qwen3 chat template that `render_qwen3` reproduces.
 QWEN3_TEMPLATE_SHA256 = {"87a2728cb8dc9fe424d624542f6060ec05a1d285ebbec578bb078900e33396b5"}
 SUPERVISE = ("all", "last")
+EMPTY_THINK_POLICIES = ("train", "mask")
 
 
 _PROBE_CONVERSATION = [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"},
@@ -70,6 +78,11 @@ def load_jinja_template(chat_template, special_tokens, source) -> JinjaTemplate:
     except (ConfigError, DataError) as err:
         raise ConfigError(f"{source}: unsupported chat template: {err}") from None
     return jinja
+
+
+def has_reasoning(messages: list[dict]) -> bool:
+    """Whether any assistant turn carries non-blank reasoning (field or inline <think>)."""
+    return any(m["role"] == "assistant" and message_think(m)[0].strip() for m in messages)
 
 
 def without_reasoning(messages: list[dict]) -> list[dict]:
@@ -123,11 +136,10 @@ class ChatTemplate:
         return cls(Tokenizer.from_file(str(tokenizer_file)), eos, digest.hexdigest(), jinja)
 
     def _use_fast_path(self, messages: list[dict], tools) -> bool:
-        fast = self.fast and not tools and all(
-            isinstance(m.get("content"), str) and not m.get("tool_calls") for m in messages)
+        fast = self.fast and all(isinstance(m.get("content"), str) for m in messages)  # render.py has tools too
         if not fast and self.jinja is None:
-            raise ConfigError("this ChatTemplate has no template text (tools, tool calls or content lists need "
-                              "one); build it with ChatTemplate.from_pretrained")
+            raise ConfigError("this ChatTemplate has no template text (content lists need one); build it with "
+                              "ChatTemplate.from_pretrained")
         return fast
 
     def render_spans(self, messages: list[dict], enable_thinking: bool = True, tools: list[dict] | None = None):
@@ -135,7 +147,7 @@ class ChatTemplate:
         the template is the hybrid Qwen3 one and the conversation has no tools."""
         messages = alias_reasoning(messages)
         if self._use_fast_path(messages, tools):
-            return render_qwen3(messages, enable_thinking)
+            return render_qwen3(messages, enable_thinking, tools=tools)
         return self.jinja.render(messages, enable_thinking, tools)
 
     def render(self, messages: list[dict], enable_thinking: bool = True, add_generation_prompt: bool = False,
@@ -143,38 +155,45 @@ class ChatTemplate:
         """The exact text transformers' `apply_chat_template(..., tokenize=False)` produces."""
         messages = alias_reasoning(messages)
         if self._use_fast_path(messages, tools):
-            return render_qwen3(messages, enable_thinking, add_generation_prompt).text
+            return render_qwen3(messages, enable_thinking, add_generation_prompt, tools).text
         return self.jinja.render_text(messages, enable_thinking, add_generation_prompt, tools)
 
-    def encode(self, messages: list[dict], enable_thinking: bool = True, **options) -> Example:
+    def encode(self, messages: "list[dict] | Conversation", enable_thinking: bool = True, **options) -> Example:
         """One conversation → Example with assistant-only labels; options as in `encode_batch`."""
         return self.encode_batch([messages], enable_thinking, **options)[0]
 
-    def encode_batch(self, conversations: list[list[dict]], enable_thinking: bool = True, *, supervise: str = "all",
-                     train_on_reasoning: bool = True,
+    def encode_batch(self, conversations: "list[list[dict] | Conversation]", enable_thinking: bool = True, *,
+                     supervise: str = "all", train_on_reasoning: bool = True, empty_think: str = "train",
                      tools: list[list[dict] | None] | None = None) -> list[Example]:
         """Renders and tokenises many conversations at once (the tokenizer batches in Rust).
 
-        supervise: "all" assistant turns or only the "last"; train_on_reasoning: also supervise the think blocks
-        (thinking on only); tools: each conversation's tool schemas (rendered by the template's tools section).
+        A `Conversation` brings its own tools and, when set, its own `enable_thinking`. supervise: "all"
+        assistant turns or only the "last"; train_on_reasoning: also supervise the think blocks (thinking on
+        only); empty_think: "train" | "mask" an empty think block (see the module docstring); tools: each plain
+        conversation's tool schemas (rendered by the template's tools section).
         """
         if supervise not in SUPERVISE:
             raise ValueError(f"unknown supervise {supervise!r}; expected one of {', '.join(SUPERVISE)}")
-        train_think = enable_thinking and train_on_reasoning
+        if empty_think not in EMPTY_THINK_POLICIES:
+            raise ValueError(f"unknown empty_think {empty_think!r}; expected one of {', '.join(EMPTY_THINK_POLICIES)}")
         tools = tools or [None] * len(conversations)
+        rows = [c if isinstance(c, Conversation) else Conversation(c, t) for c, t in zip(conversations, tools)]
+        thinking = [enable_thinking if row.enable_thinking is None else row.enable_thinking for row in rows]
         rendered = []
-        for i, (messages, conversation_tools) in enumerate(zip(conversations, tools)):
+        for i, (row, on) in enumerate(zip(rows, thinking)):
             try:
-                rendered.append(self.render_spans(messages if enable_thinking else without_reasoning(messages),
-                                                  enable_thinking, conversation_tools))
+                rendered.append(self.render_spans(row.messages if on else without_reasoning(row.messages), on,
+                                                  row.tools))
             except DataError as err:
                 raise DataError(f"conversation {i}: {err}") from None
         encodings = self.tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
         examples = []
-        for r, encoding in zip(rendered, encodings):
+        for r, encoding, on in zip(rendered, encodings, thinking):
             ids = np.array(encoding.ids, dtype=np.int32)
             supervised = np.zeros(len(ids), dtype=bool)
             for span in r.assistant_spans if supervise == "all" else r.assistant_spans[-1:]:
+                train_think = on and train_on_reasoning and not (
+                    empty_think == "mask" and r.text[span.start:span.think_end] == EMPTY_THINK)
                 first, stop = _token_range(encoding, span.start if train_think else span.think_end, span.end)
                 supervised[first:stop] = True
             examples.append(make_example(ids, supervised))

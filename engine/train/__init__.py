@@ -1,5 +1,5 @@
 """Full fine-tuning: typed settings, the packed-batch loop, FSDP2, exact-resume checkpoints."""
 from .config import FFTConfig
-from .loop import NonFiniteLossError, TrainResult, evaluate_loss, train, train_step
+from .loop import EvalPoint, NonFiniteLossError, TrainResult, evaluate_loss, train, train_step
 
-__all__ = ["FFTConfig", "NonFiniteLossError", "TrainResult", "evaluate_loss", "train", "train_step"]
+__all__ = ["EvalPoint", "FFTConfig", "NonFiniteLossError", "TrainResult", "evaluate_loss", "train", "train_step"]

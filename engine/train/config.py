@@ -103,6 +103,8 @@ class OutputSettings:
     dir: str = "outputs/run"
     tensorboard: bool = True           # when the tensorboard package is installed
     progress: bool = True
+    wandb: bool = False                # also log config and metrics to Weights & Biases (pip install wandb)
+    wandb_project: str = "qforge"
 
 
 @settings

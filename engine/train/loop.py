@@ -13,6 +13,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from ..config_io import to_dict
 from ..data import ChatTemplate, pack
 from ..data.cache import load_examples
 from ..errors import DataError, TrainingError
-from ..lora import apply_lora, export_lora
+from ..lora import apply_lora, export_lora, merged_state_dict
 from ..vocab import VocabMap
 from .config import FFTConfig
 from .objective import Objective
@@ -50,6 +51,21 @@ class TrainResult:
     interrupted: bool = False
     skipped_steps: int = 0
     losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class EvalPoint:
+    """What an evaluation hook (`train(config, evaluate=...)`) gets at every `train.eval_every` steps and after
+    the last step, on every rank: the live model (in eval mode; sharded under FSDP) and `snapshot()`, which
+    writes the current weights once as an HF-format checkpoint (every rank must call it) and returns its path.
+    The hook returns metrics ({name: number}) that the loop logs at `step` (rank 0's)."""
+    step: int
+    model: torch.nn.Module
+    template: ChatTemplate
+    output_dir: Path
+    distributed: bool
+    is_main: bool
+    snapshot: Callable[[], Path]
 
 
 def step_weight(micro_batches) -> float:
@@ -206,16 +222,19 @@ def _evaluate(objective, model, batches, dist_, vocab, autocast) -> dict:
     return {"eval_loss": evaluate_loss(model, batches, dist_, vocab, autocast)}
 
 
-def train(config: FFTConfig, objective: Objective | None = None) -> TrainResult:
-    """Runs (or resumes) a fine-tuning run; holds the lock on output.dir throughout."""
+def train(config: FFTConfig, objective: Objective | None = None,
+          evaluate: Callable[[EvalPoint], dict] | None = None) -> TrainResult:
+    """Runs (or resumes) a fine-tuning run; holds the lock on output.dir throughout. `objective`: see
+    objective.py; `evaluate` is called at every train.eval_every steps and after the last step (see EvalPoint)."""
     dist_ = init_distributed(config.train.device)
     with OutputLock(config.output.dir, dist_):
         if dist_.is_main:
             clean_stale_temporaries(config.output.dir)
-        return _train(config, dist_, objective)
+        return _train(config, dist_, objective, evaluate)
 
 
-def _train(config: FFTConfig, dist_: Dist, objective: Objective | None) -> TrainResult:
+def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
+           evaluate: Callable[[EvalPoint], dict] | None) -> TrainResult:
     """`objective` (DPO, distillation; see objective.py) replaces the SFT data, packing, step loss and eval."""
     out = Path(config.output.dir)
     if dist_.is_main:
@@ -265,8 +284,10 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None) -> Train
 
     output_rows = model.config.vocab_size if vocab is None else vocab.new_size
     mfu = MFU(dist_.device, param_dtype if compute_dtype is None else compute_dtype, dist_.world)
+    wandb = ({"project": config.output.wandb_project, "name": out.name, "config": to_dict(config)}
+             if config.output.wandb else None)
     logger = MetricsLogger(out, max_steps, step, enabled=dist_.is_main,
-                           progress=config.output.progress, tensorboard=config.output.tensorboard)
+                           progress=config.output.progress, tensorboard=config.output.tensorboard, wandb=wandb)
     result = TrainResult(out, None, step)
 
     def checkpoint(at_step):
@@ -278,6 +299,32 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None) -> Train
                                 f"optim.grad_clip, or check the data")
         save_checkpoint(out, at_step, model, optimizer, scheduler, loader.state_dict(), counters, dist_,
                         config.train.keep_last, data_fingerprint)
+
+    def run_evaluation(at_step):
+        """The evaluation hook on the current weights; its metrics go to metrics.jsonl / TensorBoard."""
+        if evaluate is None:
+            return
+        snapshots = {}
+
+        def snapshot() -> Path:
+            if "path" not in snapshots:
+                state = full_state_dict(model) if dist_.enabled else None
+                if config.train.method == "lora":  # the merged weights, as the final export
+                    state = merged_state_dict(model, state)
+                path = out / "snapshots" / f"step-{at_step}"
+                if dist_.is_main:
+                    save_model(model, path, tokenizer_dir=tokenizer_dir, state_dict=state, vocab=vocab)
+                dist_.barrier()
+                snapshots["path"] = path
+            return snapshots["path"]
+
+        model.eval()
+        try:
+            metrics = evaluate(EvalPoint(at_step, model, template, out, dist_.enabled, dist_.is_main, snapshot))
+        finally:
+            model.train()
+        if metrics:
+            logger.log({"step": at_step, **metrics})
 
     with StopSignal() as stop:
         while step < max_steps:
@@ -322,8 +369,11 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None) -> Train
                       "skipped_steps": counters["skipped_steps"], **extra}
             logger.log(record)
             result.losses.append(loss)
-            if eval_batches and config.train.eval_every and step % config.train.eval_every == 0:
-                logger.log({"step": step, **_evaluate(objective, model, eval_batches, dist_, vocab, autocast)})
+            if config.train.eval_every and step % config.train.eval_every == 0:
+                if eval_batches:
+                    logger.log({"step": step, **_evaluate(objective, model, eval_batches, dist_, vocab, autocast)})
+                if step < max_steps:  # the last step is evaluated after the final save
+                    run_evaluation(step)
             stop_now = float(dist_.all_reduce_sum(1.0 if stop.check() else 0.0)) > 0
             if stop_now or (config.train.save_every and step % config.train.save_every == 0):
                 checkpoint(step)
@@ -337,6 +387,7 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None) -> Train
                 checkpoint(step)
             if eval_batches:
                 logger.log({"step": step, **_evaluate(objective, model, eval_batches, dist_, vocab, autocast)})
+            run_evaluation(step)
             state = full_state_dict(model) if dist_.enabled else None
             if dist_.is_main:
                 try:

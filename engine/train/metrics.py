@@ -6,6 +6,7 @@ import logging
 import math
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -89,7 +90,9 @@ class MetricsLogger:
     holds each step once."""
 
     def __init__(self, output_dir: str | Path, max_steps: int, start_step: int, *, enabled: bool, progress: bool,
-                 tensorboard: bool):
+                 tensorboard: bool, wandb: dict | None = None):
+        """`wandb`: {"project", "name", "config"} to also log to Weights & Biases (when installed; WANDB_MODE=offline
+        keeps the run local); None: TensorBoard only."""
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         if enabled:
@@ -103,6 +106,7 @@ class MetricsLogger:
                 self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
             except ImportError:
                 pass
+        self.wandb = _start_wandb(output_dir, wandb) if enabled and wandb is not None else None
 
     def log(self, record: dict):
         if not self.enabled:
@@ -113,6 +117,9 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                           step=record["step"])
         if "loss" in record:
             self.bar.update(1)
             figures = dict(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", gnorm=f"{record['grad_norm']:.3f}",
@@ -127,6 +134,23 @@ class MetricsLogger:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(output_dir, options: dict):
+    """A W&B run resumed by id across restarts of the same output dir (the id is kept in output_dir/wandb_id)."""
+    try:
+        import wandb
+    except ImportError:
+        logging.getLogger("qforge.train").warning("output.wandb is on but wandb is not installed (pip install "
+                                                  "wandb); logging to metrics.jsonl/TensorBoard only")
+        return None
+    id_file = Path(output_dir) / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+    id_file.write_text(run_id)
+    return wandb.init(project=options.get("project"), name=options.get("name"), config=options.get("config"),
+                      dir=str(output_dir), id=run_id, resume="allow")
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -159,7 +183,8 @@ def truncate_metrics(path: Path, last_step: int):
 
 
 def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | None:
-    """Train (and eval) loss against step, from metrics.jsonl."""
+    """Train (and eval) loss against step, from metrics.jsonl; evaluation scores logged during training
+    (`eval_*` keys other than eval_loss, e.g. eval_mcq_accuracy, all in [0, 1]) on a second axis."""
     records = read_metrics(metrics_path)
     import matplotlib
     matplotlib.use("Agg")
@@ -177,7 +202,16 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | No
     ax.set_ylabel("loss (Σ w·CE / Σ w)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    scores = sorted({k for r in records for k in r if k.startswith("eval_") and k != "eval_loss"})
+    if scores:
+        right = ax.twinx()
+        for key in scores:
+            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            right.plot(*zip(*points), "s--", label=key.removeprefix("eval_"), linewidth=1.0)
+        right.set_ylabel("evaluation score")
+        right.set_ylim(0, 1)
+        right.legend(loc="upper right")
+    ax.legend(loc="upper left" if scores else "best")
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     plt.close(fig)

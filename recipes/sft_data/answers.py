@@ -95,14 +95,26 @@ class SampleVerdict:
     reason: str | None  # why a sample is dropped: no_final_answer | wrong_answer | surplus_sample | refuse's
 
 
+def choice_matches(response: str, reference: str) -> bool | None:
+    """A multiple-choice response's letter (recipes/mcq.extract_letter, after any think block) against the
+    known letter; None when no letter can be read."""
+    from qforge.engine.thinking import split_think
+    from qforge.recipes.mcq import LETTERS, extract_letter
+
+    letter = extract_letter(split_think(response)[1], LETTERS)
+    return None if letter is None else letter == reference.strip().upper()
+
+
 def rejection_sample(responses: list[str], reference: str | None, keep: int,
-                     refuse: Callable[[int], str | None] = lambda index: None) -> list[SampleVerdict]:
-    """Keeps the first `keep` responses whose final answer matches the reference (Sky-T1's numeric check;
-    without a reference every response matches) and that `refuse(index)` does not object to (e.g. with
-    "near_duplicate"); `refuse` is asked only about responses that would be kept."""
+                     refuse: Callable[[int], str | None] = lambda index: None,
+                     matches: Callable[[str, str], bool | None] = answer_matches) -> list[SampleVerdict]:
+    """Keeps the first `keep` responses whose final answer `matches` the reference (Sky-T1's numeric check by
+    default; `choice_matches` for a known option letter; without a reference every response matches) and that
+    `refuse(index)` does not object to (e.g. with "near_duplicate"); `refuse` is asked only about responses
+    that would be kept."""
     verdicts, kept = [], 0
     for index, response in enumerate(responses):
-        match = True if reference is None else answer_matches(response, reference)
+        match = True if reference is None else matches(response, reference)
         if match is None:
             verdicts.append(SampleVerdict(False, "no_final_answer"))
         elif not match:

@@ -58,7 +58,8 @@ def strip_code_fence(text: str) -> str:
 
 
 def parse_question_list(text: str, needs_answer: bool) -> list[dict]:
-    """A reply holding a JSON list of {"question": str[, "answer": str|number]} (a ```json fence is fine).
+    """A reply holding a JSON list of {"question": str[, "answer": str|number]} (a ```json fence is fine);
+    `constraints`, `tools` and `reference_calls` are passed through for tasks that check them.
     Raises Malformed naming what is wrong, so the re-ask can say it and the drop record keeps it."""
     try:
         items = json.loads(strip_code_fence(text))
@@ -74,7 +75,8 @@ def parse_question_list(text: str, needs_answer: bool) -> list[dict]:
         if needs_answer and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
             raise Malformed(f"item {i} needs an 'answer' (the known final answer)")
         questions.append({"question": item["question"].strip(),
-                          "answer": None if answer is None else str(answer).strip()})
+                          "answer": None if answer is None else str(answer).strip(),
+                          **{key: item[key] for key in ("constraints", "tools", "reference_calls") if key in item}})
     return questions
 
 

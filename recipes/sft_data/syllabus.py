@@ -28,7 +28,10 @@ class Task:
     instructions: str
     count: int = 5  # questions per topic
     subjects: list[str] | None = None  # only topics of these subjects (default: every subject)
-    answer_check: Literal["none", "numeric"] = "none"  # numeric: the question generator gives the answer
+    # numeric: the question generator gives the final number; choice: a known option letter (seed MCQs);
+    # constraints: the generator gives verifiable constraints (recipes/instruction_following.py); tool_call:
+    # the generator gives tools and the reference call (recipes/function_calling.py)
+    answer_check: Literal["none", "numeric", "choice", "constraints", "tool_call"] = "none"
     samples: int = 1  # responses per question (rejection sampling draws several)
     keep: int = 1  # responses kept per question
 
