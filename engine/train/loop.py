@@ -249,8 +249,10 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
                                                                                                    dist_)
     param_dtype, compute_dtype, autocast = _precision(config, dist_)
     model = build_model(config.model, param_dtype, dist_.device)
+    adapter_params = None  # LoRA: the only trainable parameters (MFU counts no weight gradients of the base)
     if config.train.method == "lora":
         apply_lora(model, config.train.lora, seed=config.train.seed)
+        adapter_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     vocab = build_vocab(config.vocab, datasets + [eval_examples], template, model.config.vocab_size)
     model.activation_checkpointing = config.train.activation_checkpointing
     if dist_.enabled:
@@ -362,7 +364,8 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
             tokens = float(dist_.all_reduce_sum(sum(mb.num_tokens for mb in micro_batches)))
             lengths = [int(n) for mb in micro_batches for n in (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1])]
             loss_tokens = sum(mb.num_loss_tokens for mb in micro_batches)
-            flops = float(dist_.all_reduce_sum(training_flops(model.config, lengths, loss_tokens, output_rows)))
+            flops = float(dist_.all_reduce_sum(training_flops(model.config, lengths, loss_tokens, output_rows,
+                                                              adapter_params)))
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
                       "tokens_per_s": tokens / elapsed, "mfu": mfu(flops, elapsed),
                       "peak_mem_bytes": peak_memory_bytes(dist_.device), "epoch": loader.epoch_progress,
