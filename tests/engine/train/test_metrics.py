@@ -1,6 +1,9 @@
 """What a run reports: MFU is right or not shown; metrics.jsonl holds each step once and survives a cut-short write."""
 import json
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from qforge.engine.train import metrics
@@ -40,3 +43,39 @@ def test_resume_drops_records_after_the_checkpoint_and_a_half_written_line(tmp_p
     assert [(r["step"], sorted(r)) for r in map(json.loads, path.read_text().splitlines())] == [
         (1, ["loss", "step"]), (2, ["loss", "step"]), (2, ["eval_loss", "step"]), (3, ["eval_loss", "step"])]
     assert metrics.read_metrics(tmp_path / "absent.jsonl") == []
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_training_flops_of_full_and_lora_steps_match_torch_flop_counter(tmp_path, tied):
+    """torch's FlopCounterMode counts the matmuls a real step runs; attention's share is the same in both runs, so
+    the difference between a full and a LoRA step isolates what `training_flops` says LoRA saves (the base's
+    weight gradients) and adds (the adapters)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from qforge.engine import load_model
+    from qforge.engine.data import pack
+    from qforge.engine.lora import LoRASettings, apply_lora
+    from qforge.engine.train.metrics import training_flops
+    from qwen3_fixtures import save_hf_qwen3
+    sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
+    from test_packed_loss import random_examples
+
+    path = save_hf_qwen3(tmp_path / "ckpt", seed=1, dtype=torch.float32, tie_word_embeddings=tied)
+    batch = pack(random_examples(6, seed=2), max_tokens=400, seed=0)[0]
+    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+    counted, predicted = {}, {}
+    for method in ("full", "lora"):
+        model = load_model(path, dtype=torch.float32)
+        adapters = None
+        if method == "lora":
+            apply_lora(model, LoRASettings(rank=4), seed=0)
+            adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        with FlopCounterMode(display=False) as counter:
+            model.loss(batch).backward()
+        counted[method] = counter.get_total_flops()
+        predicted[method] = training_flops(model.config, lengths, batch.num_loss_tokens, model.config.vocab_size,
+                                           adapters)
+    saved_counted = counted["full"] - counted["lora"]
+    saved_predicted = predicted["full"] - predicted["lora"]
+    assert saved_counted > 0
+    assert saved_predicted == pytest.approx(saved_counted, rel=0.02)
