@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from qforge.engine.data.formats import RowError, read_conversations
 from qforge.recipes.cli import OutputSettings, print_report_md, run_recipe
-from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint
+from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint, response_cache_dir
 from qforge.recipes.files import write_json, write_jsonl, write_text
 from qforge.recipes.sft_data.dedup import Deduplicator
 from qforge.recipes.sft_data.filters import Malformed, TextRules
@@ -268,7 +268,7 @@ def run(config: CurateConfig) -> dict:
     unlabelled = [row for row in passed if row["task"] == UNLABELLED]
     if unlabelled and config.tasks.classifier is not None:
         labels = config.tasks.labels or sorted({rule.task for rule in config.tasks.rules} | {config.tasks.default})
-        usage = classify(config, unlabelled, labels, config.client.cache_dir or str(out / "cache"))
+        usage = classify(config, unlabelled, labels, response_cache_dir(config.client, out))
     for row in unlabelled:
         if row["task"] == UNLABELLED:
             row["task"], row["labelled_by"] = config.tasks.default, "default"

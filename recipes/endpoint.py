@@ -50,6 +50,11 @@ class ClientSettings:
     requests_per_minute: float | None = None  # spaces requests out to stay under an API's rate limit
 
 
+def response_cache_dir(client: ClientSettings, output_dir: str | Path) -> str:
+    """Where a recipe's replies are cached: `client.cache_dir`, else `output.dir/cache` (a rerun resumes)."""
+    return client.cache_dir or str(Path(output_dir) / "cache")
+
+
 def suppressed_ids(source: str | Path) -> list[int]:
     """Ids from a checkpoint directory (generation_config.json `suppress_tokens`) or an ids file."""
     source = Path(source)

@@ -30,7 +30,7 @@ from qforge.engine.client import ChatClient
 from qforge.engine.data.render import tools_system_prompt
 from qforge.recipes import function_calling, instruction_following
 from qforge.recipes.cli import OutputSettings, print_report_md, run_recipe
-from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint
+from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint, response_cache_dir
 from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
 from qforge.recipes.mcq import DEFAULT_SUBJECTS, read_questions, read_subjects
 from qforge.recipes.sft_data.answers import (answer_matches, choice_matches, numbers_in, reasoning_consistent,
@@ -557,7 +557,7 @@ def _markdown(report: dict) -> str:
 
 def run(config: SynthConfig) -> dict:
     client_options = asdict(config.client)
-    client_options["cache_dir"] = client_options["cache_dir"] or str(Path(config.output.dir) / "cache")
+    client_options["cache_dir"] = response_cache_dir(config.client, config.output.dir)
     used = {getattr(config.stages, stage).backend for stage in config.used_stages()}
     with ExitStack() as stack:
         clients = {}
