@@ -50,9 +50,59 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
                 tensor = tensors.get_tensor(key).to(device=device, dtype=dtype)
                 _assign(model, names[key], tensor)
     model.reset_buffers()
+    model.source_dtype = _source_dtype(path, key_files)
     model.generation_config = read_json(path / "generation_config.json") if (
         path / "generation_config.json").is_file() else {}
     return model
+
+
+def load_sharded(model: Qwen3, path: str | Path, device: str | torch.device) -> Qwen3:
+    """Fills a model sharded on the meta device (FSDP2 `fully_shard`) from an HF checkpoint directory: each rank
+    allocates only its own shards on `device` and reads only their rows from the memory-mapped safetensors."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    path = Path(path)
+    config = Qwen3Config.from_json(path / "config.json")
+    key_files = _tensor_files(path)
+    params = dict(model.named_parameters())
+    _check_tensors(path, config, {hf_key(name): p for name, p in params.items()}, key_files)
+    model.to_empty(device=device)
+    by_file: dict[Path, list[str]] = {}
+    for name in params:
+        by_file.setdefault(key_files[hf_key(name)], []).append(name)
+    with torch.no_grad():
+        for file, names in by_file.items():
+            with safe_open(str(file), framework="pt", device="cpu") as tensors:
+                for name in names:
+                    param = params[name]
+                    local = param.to_local() if isinstance(param, DTensor) else param
+                    if local.numel() == 0:
+                        continue
+                    rows = tensors.get_slice(hf_key(name))
+                    if isinstance(param, DTensor):
+                        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
+                                                                              param.placements)
+                        index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+                        local.copy_(rows[index])
+                    else:
+                        local.copy_(rows[:])
+    model.reset_buffers()
+    model.generation_config = read_json(path / "generation_config.json") if (
+        path / "generation_config.json").is_file() else {}
+    model.source_dtype = _source_dtype(path, key_files)
+    return model
+
+
+def _source_dtype(path: Path, key_files: dict[str, Path]) -> torch.dtype:
+    """The dtype the checkpoint's tensors are stored in (what the export writes back by default)."""
+    file = next(iter(key_files.values()))
+    with safe_open(str(file), framework="pt") as tensors:
+        stored = tensors.get_slice(next(iter(tensors.keys()))).get_dtype()
+    return _SAFETENSORS_DTYPES.get(stored, torch.float32)
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB",

@@ -58,15 +58,25 @@ def train_step(model, micro_batches, dist_: Dist, loss_options: dict | None = No
     accumulated result is exactly ∇(Σ w·CE / Σ w) of the global step."""
     global_weight = float(dist_.all_reduce_sum(step_weight(micro_batches)))
     scale = dist_.world / max(global_weight, 1e-12)
-    loss_sum = 0.0
-    for i, batch in enumerate(micro_batches):
-        if dist_.enabled and hasattr(model, "set_requires_gradient_sync"):
-            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+    loss_sum = None  # stays on the device: a float() per micro-batch would stall the GPU between them
+    for batch in micro_batches:
         with autocast():
-            loss = model.loss(batch.to(dist_.device), **(loss_options or {}))
+            loss = model.loss(batch.to(dist_.device, non_blocking=True), **(loss_options or {}))
         (loss * scale).backward()
-        loss_sum += float(loss.detach())
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     return float(dist_.all_reduce_sum(loss_sum)), global_weight
+
+
+def optimizer_step(model, optimizer, grad_clip: float) -> tuple[float, bool]:
+    """Clip the global gradient norm, then step unless it is non-finite; returns (norm, stepped)."""
+    clip = grad_clip if grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    stepped = math.isfinite(grad_norm)
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, stepped
 
 
 @torch.no_grad()
@@ -108,11 +118,11 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def _precision(config: FFTConfig, dist_: Dist):
+def precision_policy(precision: str, dist_: Dist):
     """(parameter dtype, FSDP compute dtype, autocast context) for train.precision."""
-    if config.train.precision == "fp32":
+    if precision == "fp32":
         return torch.float32, None, contextlib.nullcontext
-    if config.train.precision == "bf16":
+    if precision == "bf16":
         return torch.bfloat16, None, contextlib.nullcontext
     if dist_.enabled:  # bf16-mixed under FSDP2: fp32 master weights, bf16 unsharded compute copies
         return torch.float32, torch.bfloat16, contextlib.nullcontext
@@ -154,7 +164,7 @@ def train(config: FFTConfig) -> TrainResult:
     tokenizer_dir = resolve_tokenizer_dir(config.model)
     template = ChatTemplate.from_pretrained(tokenizer_dir)
     datasets, eval_examples = _load_data(config, template, dist_)
-    param_dtype, compute_dtype, autocast = _precision(config, dist_)
+    param_dtype, compute_dtype, autocast = precision_policy(config.train.precision, dist_)
     model = build_model(config.model, param_dtype, dist_.device)
     vocab_index = kept_vocabulary(config.vocab, datasets + [eval_examples], template, model.config.vocab_size,
                                   dist_.device)
@@ -196,18 +206,18 @@ def train(config: FFTConfig) -> TrainResult:
             started = time.perf_counter()
             micro_batches = loader.next_step()
             loss_sum, weight = train_step(model, micro_batches, dist_, loss_options, autocast)
-            clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             loss = loss_sum / max(weight, 1e-12)
             lr = scheduler.get_last_lr()[0]
-            if math.isfinite(loss) and math.isfinite(grad_norm):
-                optimizer.step()
+            if math.isfinite(loss):
+                grad_norm, stepped = optimizer_step(model, optimizer, config.optim.grad_clip)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                grad_norm, stepped = float("nan"), False
+            if stepped:
                 counters["nonfinite_in_a_row"] = 0
             else:
                 counters["skipped_steps"] += 1
                 counters["nonfinite_in_a_row"] += 1
-            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
             if counters["nonfinite_in_a_row"] >= config.train.max_nonfinite_steps:

@@ -1,0 +1,95 @@
+"""The twin's GPU: fake tensors on a CPU device mesh, with the CUDA-only code paths routed explicitly.
+
+Choice (tried both on this CPU-only torch 2.13): a "cuda" mesh with patched `torch.cuda` queries gets
+through FSDP2's setup and the forward, but autograd's C++ engine asks the accelerator runtime for the
+stream of every CUDA input and aborts ("Cannot access accelerator device when none is available"); no
+Python patch reaches that. So the twin runs on a CPU mesh with fake tensors and routes, in one place
+(`route_cuda_paths`), every decision qforge makes by device: Triton dispatch (`use_triton` in each kernel
+module) and the attention backend. Autocast runs as CPU autocast (same bf16 policy for the matmuls).
+
+Tensors: the model's, the optimizer's and every micro-batch after `.to(device)` are fake (no memory);
+host-side tensors (the packed batch before the move, the step's weight sum) stay real and are computed
+for real, as they are in a GPU run. `FakeDeviceFunctions` implements that split.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+KERNEL_MODULES = ("rms_norm", "swiglu", "rope", "fused_linear_cross_entropy")
+
+
+def on_device(tensor) -> bool:
+    """True for tensors on the twin's (fake) GPU."""
+    return isinstance(tensor, FakeTensor)
+
+
+@contextlib.contextmanager
+def route_cuda_paths():
+    """qforge's CUDA-only branches, taken as a GPU run takes them: Triton kernels for every op, the varlen
+    attention backends for fp16/bf16."""
+    import importlib
+
+    from qforge.engine import attention
+
+    from .contracts import ContractError, call_site
+
+    def use_triton(backend, *tensors):
+        if not all(on_device(t) for t in tensors):
+            raise ContractError(f"{call_site()}: a host tensor reaches a GPU kernel")
+        return backend != "torch"
+
+    modules = [importlib.import_module(f"qforge.kernels.{name}") for name in KERNEL_MODULES]
+    saved = [m.use_triton for m in modules], attention.attention_backend
+    original_backend = attention.attention_backend
+    for module in modules:
+        module.use_triton = use_triton
+    attention.attention_backend = lambda device, dtype=torch.bfloat16: original_backend(torch.device("cuda"), dtype)
+    try:
+        yield
+    finally:
+        for module, fn in zip(modules, saved[0]):
+            module.use_triton = fn
+        attention.attention_backend = saved[1]
+
+
+def _target_device(args, kwargs):
+    if "device" in kwargs:
+        return kwargs["device"]
+    for arg in args[1:]:
+        if isinstance(arg, (str, torch.device)):
+            return arg
+    return None
+
+
+class FakeDeviceFunctions(TorchFunctionMode):
+    """Host→device moves make fake tensors; all-host ops run for real; `.tolist()` of a moved int32 tensor
+    (cu_seqlens) returns the host values it was moved from (one recorded sync)."""
+
+    def __init__(self, fake_mode: FakeTensorMode):
+        super().__init__()
+        self.fake_mode = fake_mode
+        self.host_to_device_bytes = 0
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to and _target_device(args, kwargs) is not None and not on_device(args[0]):
+            source = args[0]
+            self.host_to_device_bytes += source.numel() * source.element_size()
+            moved = self.fake_mode.from_tensor(source)
+            if source.dtype == torch.int32 and source.numel() <= 4096:
+                moved._twin_values = source.tolist()
+            return moved
+        if func is torch.Tensor.tolist and on_device(args[0]):
+            torch.ops.aten._local_scalar_dense.default(args[0].reshape(-1)[:1])  # the sync, recorded
+            hint = getattr(args[0], "_twin_values", None)
+            return hint if hint is not None else [1] * args[0].numel()
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if tensors and not any(on_device(t) or type(t).__name__ == "DTensor" for t in tensors):
+            with unset_fake_temporarily():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
