@@ -171,23 +171,26 @@ def check_triton_launch(kernel, grid, args, kwargs) -> dict:
 @contextlib.contextmanager
 def triton_launch_standins(observer=None):
     """Every Triton launch is checked and recorded instead of run (fake tensors have no memory)."""
+    from triton.runtime.interpreter import InterpretedFunction  # what triton.jit makes under TRITON_INTERPRET=1
     from triton.runtime.jit import JITFunction
 
-    original = JITFunction.run
+    originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
 
     def run(self, *args, grid, warmup, **kwargs):
         if warmup:
-            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+            return originals[type(self)](self, *args, grid=grid, warmup=warmup, **kwargs)
         launch = check_triton_launch(self, grid, args, dict(kwargs))
         if observer is not None:
             observer(launch)
         return None
 
-    JITFunction.run = run
+    for cls in originals:
+        cls.run = run
     try:
         yield
     finally:
-        JITFunction.run = original
+        for cls, original in originals.items():
+            cls.run = original
 
 
 @contextlib.contextmanager

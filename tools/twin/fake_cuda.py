@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, is_fake, unset_fake_temporarily
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -24,8 +24,8 @@ KERNEL_MODULES = ("rms_norm", "swiglu", "rope", "fused_linear_cross_entropy")
 
 
 def on_device(tensor) -> bool:
-    """True for tensors on the twin's (fake) GPU."""
-    return isinstance(tensor, FakeTensor)
+    """True for tensors on the twin's (fake) GPU (parameters and DTensors included)."""
+    return isinstance(tensor, torch.Tensor) and is_fake(tensor)
 
 
 @contextlib.contextmanager
@@ -66,6 +66,13 @@ def _target_device(args, kwargs):
     return None
 
 
+def _fake_tolist(tensor):
+    """One device→host read (recorded by HostSyncs), answered with the host values the tensor was moved from."""
+    torch.ops.aten._local_scalar_dense.default(tensor.reshape(-1)[:1])
+    hint = getattr(tensor, "_twin_values", None)
+    return hint if hint is not None else [1] * tensor.numel()
+
+
 class FakeDeviceFunctions(TorchFunctionMode):
     """Host→device moves make fake tensors; all-host ops run for real; `.tolist()` of a moved int32 tensor
     (cu_seqlens) returns the host values it was moved from (one recorded sync)."""
@@ -74,6 +81,14 @@ class FakeDeviceFunctions(TorchFunctionMode):
         super().__init__()
         self.fake_mode = fake_mode
         self.host_to_device_bytes = 0
+
+    def __enter__(self):
+        FakeTensor.tolist = _fake_tolist  # FakeTensor methods bypass torch-function modes
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        del FakeTensor.tolist
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -84,12 +99,8 @@ class FakeDeviceFunctions(TorchFunctionMode):
             if source.dtype == torch.int32 and source.numel() <= 4096:
                 moved._twin_values = source.tolist()
             return moved
-        if func is torch.Tensor.tolist and on_device(args[0]):
-            torch.ops.aten._local_scalar_dense.default(args[0].reshape(-1)[:1])  # the sync, recorded
-            hint = getattr(args[0], "_twin_values", None)
-            return hint if hint is not None else [1] * args[0].numel()
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        if tensors and not any(on_device(t) or type(t).__name__ == "DTensor" for t in tensors):
+        if tensors and all(t.device.type == "cpu" and not on_device(t) for t in tensors):
             with unset_fake_temporarily():
                 return func(*args, **kwargs)
         return func(*args, **kwargs)

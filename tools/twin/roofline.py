@@ -21,6 +21,8 @@ from .gpus import GPU
 from .fake_cuda import on_device
 
 aten = torch.ops.aten
+_ALLOCATIONS = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided,
+                aten.detach, aten.alias, aten._unsafe_view, aten.lift_fresh_copy}
 MATMULS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.matmul, aten.linear}
 
 
@@ -47,8 +49,19 @@ class Roofline(TorchDispatchMode):
         self.seconds = defaultdict(float)
         self.calls = defaultdict(int)
         self.region = "step"
+        self.active = False
+
+    def __enter__(self):
+        self.active = True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.active = False
+        return super().__exit__(*exc)
 
     def add(self, op_class: str, flops: float, nbytes: float, dtype=torch.bfloat16):
+        if not self.active:  # Triton and attention observers also fire outside the measured step
+            return
         key = (self.region, op_class)
         self.flops[key] += flops
         self.bytes[key] += nbytes
@@ -64,7 +77,7 @@ class Roofline(TorchDispatchMode):
             return NotImplemented
         out = func(*args, **kwargs)
         packet = func._overloadpacket
-        if packet in _IGNORE_OPS:
+        if packet in _IGNORE_OPS or packet in _ALLOCATIONS or func.is_view or func.namespace == "prim":
             return out
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]

@@ -64,6 +64,11 @@ def sequence_lengths(plan: TwinPlan) -> list[int]:
     return [min(plan.seq_len, plan.tokens)] * full + ([rest] if rest else [])
 
 
+def labelled_tokens(plan: TwinPlan) -> int:
+    """Positions with a label in one micro-batch (a sequence's last position never has one)."""
+    return sum(max(0, math.ceil(n * plan.loss_fraction) - 1) for n in sequence_lengths(plan))
+
+
 def packed_batch(plan: TwinPlan, vocab_size: int) -> PackedBatch:
     """A host-side micro-batch of the plan's shape; `loss_fraction` of each sequence's positions are labelled."""
     lengths = sequence_lengths(plan)
@@ -106,6 +111,11 @@ def _tracker(model, optimizer, sharded: bool, probe: dict):
             state = model._get_fsdp_state()
             for name in ("_pre_forward", "_post_forward"):
                 state.__dict__.pop(name, None)
+
+        def _pre_fw_hook(self, module, inputs):  # MemTracker (one GPU): one forward per micro-batch
+            if not self._mod_tracker.is_bw:
+                self.memory_tracking.pop(module, None)
+            return super()._pre_fw_hook(module, inputs)
 
         def _update_peak_stats(self, peak_state):
             super()._update_peak_stats(peak_state)
@@ -170,8 +180,8 @@ def run_twin(plan: TwinPlan) -> dict:
     gpu = GPUS[plan.gpu]
     config = resolve_config(plan.model)
     sharded = plan.gpus > 1
-    syncs, roofline = HostSyncs(plan.loss_fraction), Roofline(gpu, plan.gpus)
     lengths = sequence_lengths(plan)
+    syncs, roofline = HostSyncs(labelled_tokens(plan)), Roofline(gpu, plan.gpus)
     probe: dict = {}
 
     def attention_observer(direction, q, k, v):
@@ -235,8 +245,7 @@ def _report(plan, config, gpu, peak, probe, roofline, syncs, lengths, host_to_de
     compute = sum(row["seconds"] for name, row in ops.items() if name != "communication")
     communication = ops.get("communication", {}).get("seconds", 0.0)
     rows = plan.kept_vocab or config.vocab_size
-    loss_tokens = sum(max(0, math.ceil(n * plan.loss_fraction) - 1) for n in lengths)
-    model_flops = training_flops(config, lengths, loss_tokens, rows) * plan.grad_accum
+    model_flops = training_flops(config, lengths, labelled_tokens(plan), rows) * plan.grad_accum
     step_seconds = max(compute, communication)
     peak_flops = gpu.peak_flops(torch.bfloat16 if plan.precision != "fp32" else torch.float32)
     return {

@@ -3,11 +3,11 @@
 call site and phase, then answered with a stand-in value so the step can go on.
 
 Stand-in answers: a bool is False (so "any bad label?" checks pass and "all tokens take part?" takes the
-realistic branch), a number is 1, `nonzero` keeps `loss_fraction` of the rows, `unique` keeps every element.
+realistic branch), a number is 1, `nonzero` returns `labelled_rows` rows (the only `nonzero` in a step picks the
+labelled tokens for the fused loss), `unique` keeps every element.
 """
 from __future__ import annotations
 
-import math
 import traceback
 from collections import Counter
 
@@ -35,9 +35,9 @@ def where() -> str:
 
 
 class HostSyncs(TorchDispatchMode):
-    def __init__(self, loss_fraction: float = 1.0):
+    def __init__(self, labelled_rows: int):
         super().__init__()
-        self.loss_fraction = loss_fraction
+        self.labelled_rows = labelled_rows
         self.sites: Counter = Counter()
         self.region = "step"  # set by the runner: "micro-batch" while train_step runs, else "step"
 
@@ -55,7 +55,7 @@ class HostSyncs(TorchDispatchMode):
         if packet in (aten.equal, aten.is_nonzero):
             return False
         if packet is aten.nonzero:
-            rows = math.ceil(source.numel() * self.loss_fraction)
+            rows = min(source.numel(), self.labelled_rows)
             return torch.empty(rows, source.dim(), dtype=torch.long, device=source.device)
         if packet is aten.masked_select:
             return torch.empty(source.numel(), dtype=source.dtype, device=source.device)
