@@ -106,44 +106,73 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
 
 
 def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB",
-               tokenizer_dir: str | Path | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+               tokenizer_dir: str | Path | None = None, dtype: torch.dtype | None = None, dist_=None) -> Path:
     """Writes config.json, generation_config.json and (sharded) safetensors that transformers loads.
 
-    `state_dict` (qforge names → full tensors) overrides the model's own parameters, e.g. the gathered
-    weights of an FSDP-sharded model. Tokenizer files are copied from `tokenizer_dir` when given.
+    Tensors are written in `dtype`, by default the dtype the checkpoint was loaded from (`source_dtype`, bf16
+    for Qwen3), else the parameters' own. An FSDP2-sharded model is exported by every rank of `dist_` together:
+    parameters are gathered one at a time in the output dtype, file i is written by rank i % world, so no rank
+    holds more than one file's tensors in host memory. Tokenizer files are copied from `tokenizer_dir`.
     """
     path = Path(path)
     limit = parse_size(max_shard_size)
-    state = state_dict if state_dict is not None else {n: p.detach() for n, p in model.named_parameters()}
-    tensors = {hf_key(name): t.detach().to("cpu").contiguous() for name, t in state.items()}
-    shards = _split_shards(tensors, limit)
+    rank, world = (dist_.rank, dist_.world) if dist_ is not None and dist_.enabled else (0, 1)
+    params = {hf_key(name): p for name, p in model.named_parameters()}
+    dtype = dtype or getattr(model, "source_dtype", None) or next(iter(params.values())).dtype
+    shards = _split_shards({key: (p.numel() * dtype.itemsize) for key, p in params.items()}, limit)
 
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        dtype = next(iter(tensors.values())).dtype
-        config = model.config.to_hf() | {"torch_dtype": str(dtype).replace("torch.", "")}
-        _write_json(tmp / "config.json", config)
-        _write_json(tmp / "generation_config.json", _generation_config(model))
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, name))
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-        replace_dir(tmp, path)
-    finally:
+    tmp = path.parent / (f".{path.name}.tmp-{os.getpid()}" if world == 1 else f".{path.name}.tmp")
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(dist_, world)
+    try:
+        names = [SINGLE_FILE] if len(shards) == 1 else [
+            f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        for i, (keys, name) in enumerate(zip(shards, names)):
+            mine = i % world == rank
+            tensors = {}
+            for key in keys:
+                full = _gathered(params[key].detach(), dtype)  # a collective: every rank takes part
+                if mine:
+                    tensors[key] = full.to("cpu").contiguous()
+                del full
+            if mine:
+                save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            del tensors
+        if rank == 0:
+            config = model.config.to_hf() | {"torch_dtype": str(dtype).replace("torch.", "")}
+            _write_json(tmp / "config.json", config)
+            _write_json(tmp / "generation_config.json", _generation_config(model))
+            if len(shards) > 1:
+                weight_map = {key: name for keys, name in zip(shards, names) for key in keys}
+                total = sum(p.numel() * dtype.itemsize for p in params.values())
+                _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+            if tokenizer_dir is not None:
+                for name in TOKENIZER_FILES:
+                    if (Path(tokenizer_dir) / name).is_file():
+                        shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        _barrier(dist_, world)
+        if rank == 0:
+            replace_dir(tmp, path)
+        _barrier(dist_, world)
+    finally:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _gathered(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The full tensor in `dtype` (cast before an FSDP all-gather, so it moves the smaller dtype)."""
+    from torch.distributed.tensor import DTensor
+
+    param = param.to(dtype)
+    return param.full_tensor() if isinstance(param, DTensor) else param
+
+
+def _barrier(dist_, world: int):
+    if world > 1:
+        dist_.barrier()
 
 
 def replace_dir(src: Path, dst: Path):
@@ -216,14 +245,14 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
     module._parameters[leaf] = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
 
 
-def _split_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
-    shards, current, size = [], {}, 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
+def _split_shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """Keys grouped in order into files of at most `limit` bytes (a larger tensor gets a file of its own)."""
+    shards, current, size = [], [], 0
+    for key, nbytes in sizes.items():
         if current and size + nbytes > limit:
             shards.append(current)
-            current, size = {}, 0
-        current[key] = tensor
+            current, size = [], 0
+        current.append(key)
         size += nbytes
     shards.append(current)
     return shards

@@ -126,7 +126,11 @@ def estimate_memory(config: Qwen3Config, plan: Plan) -> dict[str, float]:
     phases = {"forward_end": forward_end, "embedding_backward": embedding_grad}  # fused AdamW: no temporaries
     out |= {"activations": activations, "loss_buffers": loss, "unsharded_copies": unsharded}
     out["transient_phase"] = max(phases, key=phases.get)
-    out["training"] = out["weights"] + out["gradients"] + out["adamw_moments"] + max(phases.values())
+    if plan.device == "cuda":  # gradients are set to None after each step: alive only in the backward phase
+        phases["embedding_backward"] += out["gradients"]
+        out["training"] = out["weights"] + out["adamw_moments"] + max(phases.values())
+    else:
+        out["training"] = out["weights"] + out["gradients"] + out["adamw_moments"] + max(phases.values())
     out["runtime"] = RUNTIME_BYTES[plan.device]
     out["peak"] = out["training"] + out["runtime"]
     return out

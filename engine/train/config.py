@@ -75,6 +75,7 @@ class TrainSettings:
     activation_checkpointing: bool = False
     max_nonfinite_steps: int = 3       # stop after this many non-finite steps in a row
     device: str = "auto"               # "auto": cuda when available, else cpu
+    dist_timeout_s: float = 7200.0     # collective timeout; covers rank 0 tokenising a large first run
 
 
 @dataclass
@@ -82,6 +83,7 @@ class OutputSettings:
     dir: str = "outputs/run"
     tensorboard: bool = True           # when the tensorboard package is installed
     progress: bool = True
+    dtype: Literal["source", "bf16", "fp16", "fp32"] = "source"  # final/ weights: the loaded checkpoint's dtype
 
 
 @dataclass

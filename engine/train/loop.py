@@ -26,7 +26,7 @@ from .loader import StepLoader
 from .metrics import MetricsLogger, measure_matmul_peak, peak_memory_bytes, plot_loss_curve, training_flops
 from .build import build_model, check_labels_in_vocabulary, kept_vocabulary, resolve_tokenizer_dir
 from .optim import build_optimizer, build_scheduler
-from .parallel import Dist, full_state_dict, init_distributed, shard_model
+from .parallel import Dist, init_distributed, shard_model
 from .state import latest_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("qforge.train")
@@ -129,6 +129,14 @@ def precision_policy(precision: str, dist_: Dist):
     return torch.float32, None, lambda: torch.autocast(dist_.device.type, dtype=torch.bfloat16)
 
 
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def export_dtype(name: str) -> torch.dtype | None:
+    """output.dtype → the dtype `final/` is written in; None ("source") keeps the loaded checkpoint's."""
+    return None if name == "source" else EXPORT_DTYPES[name]
+
+
 def _load_data(config: FFTConfig, template: ChatTemplate, dist_: Dist):
     """Tokenises once (rank 0 fills the cache, the others read it) and reports skipped rows."""
     data = config.data
@@ -153,7 +161,7 @@ def _load_data(config: FFTConfig, template: ChatTemplate, dist_: Dist):
 
 
 def train(config: FFTConfig) -> TrainResult:
-    dist_ = init_distributed(config.train.device)
+    dist_ = init_distributed(config.train.device, config.train.dist_timeout_s)
     out = Path(config.output.dir)
     if dist_.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +173,8 @@ def train(config: FFTConfig) -> TrainResult:
     template = ChatTemplate.from_pretrained(tokenizer_dir)
     datasets, eval_examples = _load_data(config, template, dist_)
     param_dtype, compute_dtype, autocast = precision_policy(config.train.precision, dist_)
-    model = build_model(config.model, param_dtype, dist_.device)
+    shard = (lambda m: shard_model(m, compute_dtype, dist_.device)) if dist_.enabled else None
+    model = build_model(config.model, param_dtype, dist_.device, shard=shard)
     vocab_index = kept_vocabulary(config.vocab, datasets + [eval_examples], template, model.config.vocab_size,
                                   dist_.device)
     dropped = check_labels_in_vocabulary(datasets + [eval_examples], vocab_index, config.vocab.drop_unkept_labels)
@@ -173,8 +182,6 @@ def train(config: FFTConfig) -> TrainResult:
         log.warning("ignoring %d label tokens outside the kept vocabulary (vocab.drop_unkept_labels)", dropped)
     loss_options = {"vocab_index": vocab_index, "ignore_unkept_labels": config.vocab.drop_unkept_labels}
     model.activation_checkpointing = config.train.activation_checkpointing
-    if dist_.enabled:
-        shard_model(model, compute_dtype)
     model.train()
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.train.max_steps, config.optim)
@@ -256,9 +263,10 @@ def train(config: FFTConfig) -> TrainResult:
             checkpoint(step)
         if eval_batches:
             logger.log({"step": step, "eval_loss": evaluate_loss(model, eval_batches, dist_, loss_options, autocast)})
-        state = full_state_dict(model) if dist_.enabled else None
+        final = save_model(model, out / "final", tokenizer_dir=tokenizer_dir, dtype=export_dtype(config.output.dtype),
+                           dist_=dist_)
         if dist_.is_main:
-            result.final_dir = save_model(model, out / "final", tokenizer_dir=tokenizer_dir, state_dict=state)
+            result.final_dir = final
             plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
         dist_.barrier()
     logger.close()

@@ -187,3 +187,14 @@ def test_cli_writes_json(tiny_config, tmp_path, capsys):
     assert main(["--model", tiny_config, "--gpus", "2", "--tokens", "128", "--seq-len", "64", "--json", str(out)]) == 0
     assert "predicted MFU" in capsys.readouterr().out
     assert json.loads(out.read_text())["memory"]["fits"] is True
+
+
+def test_estimate_agrees_with_the_twin(fsdp_run):
+    """tools/estimate's closed-form GPU memory against the twin's tracked peak (within 10%)."""
+    from qforge.tools.estimate import Plan, estimate_memory
+
+    plan, result, _ = fsdp_run
+    estimate = estimate_memory(Qwen3Config(**TINY), Plan(tokens=plan.tokens, gpus=plan.gpus, seq_len=plan.seq_len,
+                                                         grad_accum=plan.grad_accum))["training"]
+    twin = result["memory"]["peak_tracked_bytes"]
+    assert estimate == pytest.approx(twin, rel=0.10), (estimate / 2**20, twin / 2**20)
