@@ -26,14 +26,6 @@ class Completion:
     completion_tokens: int
 
 
-def split_reasoning(text: str) -> tuple[str | None, str]:
-    """Splits Qwen3 output into (reasoning inside <think>…</think>, answer after it)."""
-    head, marker, answer = text.partition("</think>")
-    if not marker:
-        return None, text.strip()
-    return head.replace("<think>", "", 1).strip(), answer.strip()
-
-
 def read_token_ids(path: str | Path) -> list[int]:
     """Token ids never to generate: a JSON list, one id per line, or a `VocabMap` file (every token the
     vocabulary restriction removed, plus its suppress_ids) for a model trained with a restricted head."""

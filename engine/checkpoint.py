@@ -6,7 +6,7 @@ directory next to the target and renames it into place, so a crash never leaves 
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import re
 import shutil
@@ -14,20 +14,18 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, Qwen3Config, read_json
+from .errors import CheckpointError
+from .files import staged_dir, write_json
 from .model import Qwen3, hf_key
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory whose tensors do not match the model its config.json describes."""
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> Qwen3:
@@ -45,7 +43,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
         by_file.setdefault(key_files[key], []).append(key)
     names = {hf_key(name): name for name, _ in model.named_parameters()}
     for file, keys in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as tensors:
+        with _open_tensors(file, device="cpu") as tensors:
             for key in keys:
                 tensor = tensors.get_tensor(key).to(device=device, dtype=dtype)
                 _assign(model, names[key], tensor)
@@ -121,12 +119,8 @@ def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB"
     dtype = dtype or getattr(model, "source_dtype", None) or next(iter(params.values())).dtype
     shards = _split_shards({key: (p.numel() * dtype.itemsize) for key, p in params.items()}, limit)
 
-    tmp = path.parent / (f".{path.name}.tmp-{os.getpid()}" if world == 1 else f".{path.name}.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier(dist_, world)
-    try:
+    with staged_dir(path) if rank == 0 else contextlib.nullcontext() as tmp:
+        tmp = Path(_from_rank0(str(tmp) if rank == 0 else None, world))  # one staging directory for all ranks
         names = [SINGLE_FILE] if len(shards) == 1 else [
             f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
         for i, (keys, name) in enumerate(zip(shards, names)):
@@ -142,23 +136,19 @@ def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB"
             del tensors
         if rank == 0:
             config = model.config.to_hf() | {"torch_dtype": str(dtype).replace("torch.", "")}
-            _write_json(tmp / "config.json", config)
-            _write_json(tmp / "generation_config.json", _generation_config(model))
+            write_json(tmp / "config.json", config)
+            write_json(tmp / "generation_config.json", _generation_config(model))
             if len(shards) > 1:
                 weight_map = {key: name for keys, name in zip(shards, names) for key in keys}
                 total = sum(p.numel() * dtype.itemsize for p in params.values())
-                _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+                write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
             if tokenizer_dir is not None:
                 for name in TOKENIZER_FILES:
                     if (Path(tokenizer_dir) / name).is_file():
                         shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-        _barrier(dist_, world)
-        if rank == 0:
-            replace_dir(tmp, path)
-        _barrier(dist_, world)
-    finally:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _normal_modes(tmp)
+        _barrier(world)  # every file is written before rank 0 moves the directory into place
+    _barrier(world)
     return path
 
 
@@ -170,18 +160,21 @@ def _gathered(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return param.full_tensor() if isinstance(param, DTensor) else param
 
 
-def _barrier(dist_, world: int):
+def _from_rank0(value, world: int):
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(world: int):
     if world > 1:
-        dist_.barrier()
+        import torch.distributed as dist
 
-
-def replace_dir(src: Path, dst: Path):
-    """Moves a finished directory into place; an existing `dst` is only removed once `src` is there."""
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
 
 
 def parse_size(size: int | str) -> int:
@@ -208,7 +201,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
             raise CheckpointError(f"{path / INDEX_FILE} names shard files that do not exist: {absent}")
         return files
     if (path / SINGLE_FILE).is_file():
-        with safe_open(str(path / SINGLE_FILE), framework="pt") as tensors:
+        with _open_tensors(path / SINGLE_FILE) as tensors:
             return dict.fromkeys(tensors.keys(), path / SINGLE_FILE)
     raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
@@ -222,7 +215,7 @@ def _check_tensors(path: Path, config: Qwen3Config, expected: dict[str, nn.Param
     unexpected = sorted(present - set(expected))
     shapes = {}
     for file in set(key_files.values()):
-        with safe_open(str(file), framework="pt") as tensors:
+        with _open_tensors(file) as tensors:
             shapes.update({key: list(tensors.get_slice(key).get_shape()) for key in tensors.keys()})
     wrong_shape = [f"{key}: checkpoint {shapes[key]}, config expects {list(expected[key].shape)}"
                    for key in sorted(present & set(expected)) if shapes.get(key) != list(expected[key].shape)]
@@ -236,7 +229,27 @@ def _check_tensors(path: Path, config: Qwen3Config, expected: dict[str, nn.Param
     if wrong_shape:
         problems.append("wrong shapes: " + "; ".join(wrong_shape))
     if problems:
-        raise CheckpointError(f"{path} does not match its config.json:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{path} does not match its config.json: " + "; ".join(problems))
+
+
+@contextlib.contextmanager
+def _open_tensors(file: Path, device: str = "cpu"):
+    """safe_open, with a damaged file (truncated copy, not safetensors at all) named in a CheckpointError."""
+    try:
+        with safe_open(str(file), framework="pt", device=device) as tensors:
+            yield tensors
+    except SafetensorError as error:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({error}); it is truncated or damaged: "
+                              f"copy or export it again") from None
+
+
+def _normal_modes(directory: Path):
+    """Gives written files the mode a plain `open` would (0666 less the umask): safetensors creates them 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in directory.iterdir():
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
@@ -264,10 +277,6 @@ def _generation_config(model: Qwen3) -> dict:
         if config.get(key) is None and getattr(model.config, key) is not None:
             config[key] = getattr(model.config, key)
     return config
-
-
-def _write_json(path: Path, data: dict):
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 __all__ = ["CheckpointError", "ConfigError", "load_model", "save_model"]

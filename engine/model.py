@@ -152,16 +152,15 @@ class Qwen3(nn.Module):
         """Logits [..., V]. Training should use `loss`, which never materialises them."""
         return F.linear(self.hidden(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache), self.output_weight)
 
-    def loss(self, batch, vocab_index: torch.Tensor | None = None, ignore_unkept_labels: bool = False) -> torch.Tensor:
+    def loss(self, batch, vocab_index: torch.Tensor | None = None, target_index: torch.Tensor | None = None) -> torch.Tensor:
         """Σ w·CE over a PackedBatch (labels already shifted), never materialising [T, V] logits.
 
         The trainer divides by the whole step's Σ w. `vocab_index` restricts the output rows (e.g. the CJK-free
-        set); labels outside it are an error unless `ignore_unkept_labels`."""
+        set); `target_index` maps original ids to kept rows (−1: not scored), see the kernel's docstring."""
         hidden = self.hidden(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
         weight = autocast_weight(self.output_weight, hidden)
         return fused_linear_cross_entropy(hidden.to(weight.dtype), weight, batch.labels, loss_weight=batch.loss_weight,
-                                          reduction="sum", vocab_index=vocab_index,
-                                          ignore_unkept_labels=ignore_unkept_labels)
+                                          reduction="sum", vocab_index=vocab_index, target_index=target_index)
 
 
 def autocast_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
-from qforge.engine.chat import ChatModel, Completion, read_token_ids, split_reasoning
+from qforge.engine.chat import ChatModel, Completion, read_token_ids
+from qforge.engine.thinking import split_think
 from qforge.engine.client import ChatClient
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -221,7 +222,7 @@ class ModelBackend:
 
 
 def completion_response(backend_name: str, completion: Completion) -> dict:
-    reasoning, content = split_reasoning(completion.text)
+    reasoning, content = split_think(completion.text.strip())
     message = {"role": "assistant", "content": content}
     if reasoning is not None:
         message["reasoning_content"] = reasoning

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
+from .files import write_json
+
 CLASSES = ("cjk", "cjk_bytes", "special", "other")
 
 # Inclusive code point ranges treated as CJK (sorted, disjoint). Gaps inside a run of CJK blocks are
@@ -221,6 +224,27 @@ def classify_tokens(tokenizer_dir: str | Path) -> dict[str, list[int]]:
     return scan_tokenizer(tokenizer_dir).classes
 
 
+def read_kept_ids(path: str | Path, key: str = "vocab.restrict") -> list[int]:
+    """The token ids of a kept-id file (`{"kept_ids": [...]}`, or a bare list); a ConfigError naming the file
+    and `key` when it is not one."""
+    path = Path(path)
+    fix = f"write it with `python -m qforge.tools.vocab_report TOKENIZER_DIR --out FILE` or fix {key}"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{key}={str(path)!r}: cannot read the kept-id file ({error.strerror}); {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: {key} file is not valid JSON ({error}); {fix}") from None
+    ids = data.get("kept_ids") if isinstance(data, dict) else data
+    if not isinstance(ids, list):
+        found = f"keys {sorted(data)[:5]}" if isinstance(data, dict) else type(data).__name__
+        raise ConfigError(f"{path}: {key} file needs a list under \"kept_ids\" (found {found}); {fix}")
+    bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool)]
+    if bad:
+        raise ConfigError(f"{path}: kept_ids must be integer token ids, found {bad[:3]!r}; {fix}")
+    return ids
+
+
 @dataclass(frozen=True)
 class VocabMap:
     """Original token ids ↔ kept ids. Kept id i is original id `kept_ids[i]` (dense, order preserved).
@@ -296,7 +320,7 @@ class VocabMap:
     def save(self, path: str | Path, **extra) -> None:
         payload = {**extra, "original_size": self.original_size, "kept_ids": self.kept_ids.tolist(),
                    "suppress_ids": self.suppress_ids.tolist()}
-        _write_atomic(Path(path), json.dumps(payload))
+        write_json(path, payload, indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> "VocabMap":
@@ -308,8 +332,3 @@ class VocabMap:
         return cls(torch.tensor(payload["kept_ids"], dtype=torch.long),
                    torch.tensor(payload["suppress_ids"], dtype=torch.long), payload["original_size"])
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

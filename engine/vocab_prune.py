@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from qforge.engine.files import staged_dir, write_json
 from qforge.engine.vocab import VocabMap
 
 VOCAB_ROW_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -32,10 +32,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
-
-
-def _write_json(path: Path, payload) -> None:
-    path.write_text(json.dumps(payload, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 def _remap_ids(value, old_to_new: list[int], where: str):
@@ -76,7 +72,7 @@ def prune_tokenizer(src_dir: str | Path, dst_dir: str | Path, vocab: VocabMap) -
     model["merges"] = kept_merges
     for entry in spec.get("added_tokens", []):
         entry["id"] = _remap_ids(entry["id"], old_to_new, f"{src / 'tokenizer.json'}: added_tokens")
-    _write_json(dst / "tokenizer.json", spec)
+    write_json(dst / "tokenizer.json", spec)
 
     config_path = src / "tokenizer_config.json"
     if config_path.is_file():
@@ -85,13 +81,13 @@ def prune_tokenizer(src_dir: str | Path, dst_dir: str | Path, vocab: VocabMap) -
             config["added_tokens_decoder"] = {
                 str(_remap_ids(int(i), old_to_new, f"{config_path}: added_tokens_decoder")): entry
                 for i, entry in config["added_tokens_decoder"].items()}
-        _write_json(dst / "tokenizer_config.json", config)
+        write_json(dst / "tokenizer_config.json", config)
     if (src / "added_tokens.json").is_file():
         added = _read_json(src / "added_tokens.json")
-        _write_json(dst / "added_tokens.json",
+        write_json(dst / "added_tokens.json",
                     {t: _remap_ids(i, old_to_new, f"{src / 'added_tokens.json'}") for t, i in added.items()})
     if (src / "vocab.json").is_file():
-        _write_json(dst / "vocab.json", model["vocab"])
+        write_json(dst / "vocab.json", model["vocab"])
     if (src / "merges.txt").is_file():
         lines = [m if isinstance(m, str) else " ".join(m) for m in kept_merges]
         (dst / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
@@ -111,7 +107,7 @@ def _prune_configs(src: Path, dst: Path, vocab: VocabMap, rows: int) -> None:
     for field in SPECIAL_ID_FIELDS:
         if config.get(field) is not None:
             config[field] = _remap_ids(config[field], old_to_new, f"{src / 'config.json'}: {field}")
-    _write_json(dst / "config.json", config)
+    write_json(dst / "config.json", config)
 
     generation_path = src / "generation_config.json"
     generation = _read_json(generation_path) if generation_path.is_file() else {
@@ -123,7 +119,7 @@ def _prune_configs(src: Path, dst: Path, vocab: VocabMap, rows: int) -> None:
     padding = range(vocab.new_size, rows)
     generation["suppress_tokens"] = sorted({*previous, *vocab.to_new(vocab.suppress_ids).tolist(), *padding})
     generation["_from_model_config"] = False  # else transformers may rebuild it from config.json, losing the list
-    _write_json(dst / "generation_config.json", generation)
+    write_json(dst / "generation_config.json", generation)
 
 
 def _weight_shards(src: Path) -> tuple[list[str], dict | None]:
@@ -157,9 +153,7 @@ def prune_checkpoint(src_dir: str | Path, dst_dir: str | Path, vocab: VocabMap,
         raise FileExistsError(f"{dst} already exists; choose a new output directory or remove it")
     rows = padded_size(vocab.new_size, pad_to_multiple)
     shards, index = _weight_shards(src)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with staged_dir(dst) as work:
         _prune_configs(src, work, vocab, rows)
         prune_tokenizer(tokenizer_dir or src, work, vocab)
         total_bytes = 0
@@ -177,9 +171,5 @@ def prune_checkpoint(src_dir: str | Path, dst_dir: str | Path, vocab: VocabMap,
             del tensors
         if index is not None:
             index.setdefault("metadata", {})["total_size"] = total_bytes
-            _write_json(work / "model.safetensors.index.json", index)
-        work.rename(dst)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+            write_json(work / "model.safetensors.index.json", index)
     return dst

@@ -4,10 +4,13 @@
 `TRITON_INTERPRET=1` was set before `triton` was first imported (triton.jit reads it when a kernel is
 decorated). We check that instead of letting triton fail later with an obscure message.
 """
+from dataclasses import dataclass
+
 import torch
 import triton.language as tl
 
 BACKENDS = ("auto", "triton", "torch")
+H100_SMS = 132  # H100 SXM
 
 
 def interpreter_active() -> bool:
@@ -39,3 +42,27 @@ def row_grid_warps(block: int) -> int:
     if block >= 2048:
         return 8
     return 4
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes a Qwen3 model launches its kernels at (tokens: one micro-batch of packed tokens)."""
+    name: str
+    hidden: int
+    intermediate: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int = 128
+    vocab: int = 151_936
+    tokens: int = 16_384
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the op makes it: `args` maps each runtime argument to its value (ints, floats) or,
+    for tensors, to Triton's pointer type ("*bf16"); tools/aot_check derives the JIT's specialisation from it."""
+    kernel: object
+    args: dict
+    constexprs: dict
+    num_warps: int
+    what: str

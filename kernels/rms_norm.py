@@ -3,54 +3,62 @@
 Follows HF's Qwen3RMSNorm rounding points: the normalised row is rounded to the input dtype *before* the
 multiply by `weight`, and the output dtype is the promotion of x's and weight's dtypes (so fp32 agrees to
 fp32 rounding, bf16 to at most one bf16 ulp where the fp32 statistics round differently).
-The Triton path keeps one row per program (H up to 16384), saves only the fp32 inverse rms per row, and
-in the backward accumulates grad_weight in fp32 per program before one final sum over programs.
+The Triton path works on tiles of rows × H (one row per tile for wide rows, H up to 16384; 16 rows of
+q_norm/k_norm's 128-wide head rows), saves only the fp32 inverse rms per row, and in the backward runs a
+fixed grid of ~2 programs per SM, each walking its share of rows tile by tile and accumulating grad_weight in
+fp32 registers before one final sum over programs (Liger-Kernel's block-row scheme).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .dispatch import row_grid_warps, use_triton
+from .dispatch import H100_SMS, Launch, ModelShape, row_grid_warps, use_triton
 
 MAX_BLOCK_H = 16384  # Qwen3 hidden sizes go up to 8192
+ROW_TILE_ELEMENTS = 2048  # rows narrower than this share a program: 16 rows of q/k norm's head_dim 128
 
 
 @triton.jit
-def _rms_norm_forward_kernel(X, W, Y, RSTD, stride_x, stride_y, H, eps, BLOCK_H: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _rms_norm_forward_kernel(X, W, Y, RSTD, stride_x, stride_y, n_rows, H, eps, BLOCK_ROWS: tl.constexpr,
+                             BLOCK_H: tl.constexpr):
+    """BLOCK_ROWS rows per program (1 for wide rows, more for q/k norm's 128-wide rows)."""
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
-    mask = cols < H
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    mask = (rows < n_rows)[:, None] & (cols < H)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     x32 = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / H + eps)
-    normed = (x32 * rstd).to(x.dtype).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (w * normed).to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + row, rstd)
+    rstd = tl.rsqrt(tl.sum(x32 * x32, axis=1) / H + eps)
+    normed = (x32 * rstd[:, None]).to(x.dtype).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], (w[None, :] * normed).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=rows < n_rows)
 
 
 @triton.jit
 def _rms_norm_backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, n_rows, H,
-                              rows_per_program, BLOCK_H: tl.constexpr):
-    """grad_x = rstd * (g - n * mean(g * n)) with g = dy * w, n = x * rstd; grad_w partial = sum dy * n."""
+                              rows_per_program, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+    """grad_x = rstd * (g - n * mean(g * n)) with g = dy * w, n = x * rstd; grad_w partial = sum dy * n.
+    Each program walks its rows_per_program rows in tiles of BLOCK_ROWS (Liger's block-row scheme), keeping
+    its grad_w partial in registers."""
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
-    mask = cols < H
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    col_mask = cols < H
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     grad_w = tl.zeros([BLOCK_H], dtype=tl.float32)
     first = program * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
-    for row in range(first, last):
-        row64 = tl.cast(row, tl.int64)
-        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0)
-        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row64)
-        normed = x.to(tl.float32) * rstd
-        grad_w += dy * normed.to(x.dtype).to(tl.float32)
-        g = dy * w
-        dx = rstd * (g - normed * (tl.sum(g * normed, axis=0) / H))
-        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW_PARTIAL + program * H + cols, grad_w, mask=mask)
+    for start in range(first, last, BLOCK_ROWS):
+        rows = (start + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+        mask = (rows < last)[:, None] & col_mask[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=rows < last, other=0.0)
+        normed = x.to(tl.float32) * rstd[:, None]
+        grad_w += tl.sum(dy * normed.to(x.dtype).to(tl.float32), axis=0)
+        g = dy * w[None, :]
+        dx = rstd[:, None] * (g - normed * (tl.sum(g * normed, axis=1) / H)[:, None])
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + program * H + cols, grad_w, mask=col_mask)
 
 
 def _block_h(H: int) -> int:
@@ -60,9 +68,19 @@ def _block_h(H: int) -> int:
     return block
 
 
-def _backward_programs(x: torch.Tensor, n_rows: int) -> int:
+def _block_rows(block_h: int) -> int:
+    """Rows per tile: a tile of ~ROW_TILE_ELEMENTS elements, one row once rows are that wide."""
+    return max(1, ROW_TILE_ELEMENTS // block_h)
+
+
+def _launch_warps(block_rows: int, block_h: int) -> int:
+    return row_grid_warps(block_rows * block_h)
+
+
+def _backward_programs(x: torch.Tensor, n_rows: int, block_rows: int) -> int:
+    """~2 programs per SM (4 on CPU, for the interpreter): each walks many rows."""
     slots = torch.cuda.get_device_properties(x.device).multi_processor_count * 2 if x.is_cuda else 4
-    return max(1, min(n_rows, slots))
+    return max(1, min(triton.cdiv(n_rows, block_rows), slots))
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -70,11 +88,14 @@ class _RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         H = x.shape[-1]
         rows = x.reshape(-1, H).contiguous()
+        n_rows = rows.shape[0]
         out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-        rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
-        block = _block_h(H)
-        _rms_norm_forward_kernel[(rows.shape[0],)](rows, weight, out, rstd, rows.stride(0), out.stride(0), H, eps,
-                                                   BLOCK_H=block, num_warps=row_grid_warps(block))
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        block_h = _block_h(H)
+        block_rows = _block_rows(block_h)
+        _rms_norm_forward_kernel[(triton.cdiv(n_rows, block_rows),)](
+            rows, weight, out, rstd, rows.stride(0), out.stride(0), n_rows, H, eps, BLOCK_ROWS=block_rows,
+            BLOCK_H=block_h, num_warps=_launch_warps(block_rows, block_h))
         ctx.save_for_backward(rows, weight, rstd)
         ctx.input_shape = x.shape
         return out.view(*x.shape[:-1], H)
@@ -85,13 +106,14 @@ class _RMSNormFunction(torch.autograd.Function):
         n_rows, H = rows.shape
         grad_rows = grad_out.reshape(-1, H).contiguous()
         grad_x = torch.empty_like(rows)
-        programs = _backward_programs(rows, n_rows)
+        block_h = _block_h(H)
+        block_rows = _block_rows(block_h)
+        programs = _backward_programs(rows, n_rows, block_rows)
         grad_w_partial = torch.empty(programs, H, dtype=torch.float32, device=rows.device)
-        block = _block_h(H)
         _rms_norm_backward_kernel[(programs,)](
             grad_rows, rows, weight, rstd, grad_x, grad_w_partial, grad_rows.stride(0), rows.stride(0),
-            grad_x.stride(0), n_rows, H, triton.cdiv(n_rows, programs), BLOCK_H=block,
-            num_warps=row_grid_warps(block))
+            grad_x.stride(0), n_rows, H, triton.cdiv(n_rows, programs), BLOCK_ROWS=block_rows, BLOCK_H=block_h,
+            num_warps=_launch_warps(block_rows, block_h))
         return grad_x.view(ctx.input_shape), grad_w_partial.sum(0).to(weight.dtype), None
 
 
@@ -111,17 +133,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backen
     return rms_norm_reference(x, weight, eps)
 
 
-def aot_configs():
-    """(kernel, signature, constexprs, num_warps) for every block size the op launches at typical H."""
-    for dtype in ("fp32", "bf16"):
-        for block in (128, 1024, 4096, 8192, MAX_BLOCK_H):
-            warps = row_grid_warps(block)
-            yield (_rms_norm_forward_kernel,
-                   {"X": f"*{dtype}", "W": f"*{dtype}", "Y": f"*{dtype}", "RSTD": "*fp32", "stride_x": "i32",
-                    "stride_y": "i32", "H": "i32", "eps": "fp32", "BLOCK_H": "constexpr"},
-                   {"BLOCK_H": block}, warps)
-            yield (_rms_norm_backward_kernel,
-                   {"DY": f"*{dtype}", "X": f"*{dtype}", "W": f"*{dtype}", "RSTD": "*fp32", "DX": f"*{dtype}",
-                    "DW_PARTIAL": "*fp32", "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32",
-                    "n_rows": "i32", "H": "i32", "rows_per_program": "i32", "BLOCK_H": "constexpr"},
-                   {"BLOCK_H": block}, warps)
+def aot_launches(shape: ModelShape, dtype: str = "bf16", sm_count: int = H100_SMS):
+    """The forward and backward launches of the model's norms: hidden-wide rows (input, post-attention and
+    final norms) and head_dim-wide rows (q_norm over T × q_heads rows, k_norm over T × kv_heads)."""
+    for H, n_rows, what in ((shape.hidden, shape.tokens, "hidden norm"),
+                            (shape.head_dim, shape.tokens * shape.q_heads, "q_norm"),
+                            (shape.head_dim, shape.tokens * shape.kv_heads, "k_norm")):
+        block_h = _block_h(H)
+        block_rows = _block_rows(block_h)
+        warps = _launch_warps(block_rows, block_h)
+        constexprs = {"BLOCK_ROWS": block_rows, "BLOCK_H": block_h}
+        ptr = f"*{dtype}"
+        yield Launch(_rms_norm_forward_kernel, {"X": ptr, "W": ptr, "Y": ptr, "RSTD": "*fp32", "stride_x": H,
+                                                "stride_y": H, "n_rows": n_rows, "H": H, "eps": 1e-6},
+                     constexprs, warps, what)
+        programs = min(triton.cdiv(n_rows, block_rows), 2 * sm_count)
+        yield Launch(_rms_norm_backward_kernel,
+                     {"DY": ptr, "X": ptr, "W": ptr, "RSTD": "*fp32", "DX": ptr, "DW_PARTIAL": "*fp32",
+                      "stride_dy": H, "stride_x": H, "stride_dx": H, "n_rows": n_rows, "H": H,
+                      "rows_per_program": triton.cdiv(n_rows, programs)}, constexprs, warps, what)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import use_triton
+from .dispatch import Launch, ModelShape, use_triton
 
 
 @triton.jit
@@ -103,12 +103,13 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return apply_rope_reference(q, k, cos, sin)
 
 
-def aot_configs():
-    for dtype in ("fp32", "bf16"):
-        ptr = f"*{dtype}"
-        for heads, dim in ((8, 128), (64, 128), (16, 64)):
-            for transpose in (False, True):
-                yield (_rope_kernel, {"X": ptr, "COS": ptr, "SIN": ptr, "OUT": ptr, "n_heads": "i32",
-                                      "HALF": "constexpr", "BLOCK_HEADS": "constexpr", "BLOCK_HALF": "constexpr",
-                                      "TRANSPOSE": "constexpr"},
-                       {"HALF": dim // 2, "BLOCK_HEADS": heads, "BLOCK_HALF": dim // 2, "TRANSPOSE": transpose}, 4)
+def aot_launches(shape: ModelShape, dtype: str = "bf16"):
+    """q and k rotations, forward and transposed (backward), one program per token."""
+    half = shape.head_dim // 2
+    ptr = f"*{dtype}"
+    for heads, what in ((shape.q_heads, "q"), (shape.kv_heads, "k")):
+        for transpose in (False, True):
+            yield Launch(_rope_kernel, {"X": ptr, "COS": ptr, "SIN": ptr, "OUT": ptr, "n_heads": heads},
+                         {"HALF": half, "BLOCK_HEADS": triton.next_power_of_2(heads),
+                          "BLOCK_HALF": triton.next_power_of_2(half), "TRANSPOSE": transpose}, 4,
+                         f"{what} {'backward' if transpose else 'forward'}")

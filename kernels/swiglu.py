@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .dispatch import use_triton
+from .dispatch import Launch, ModelShape, use_triton
 
 BLOCK = 1024
 
@@ -69,10 +69,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> to
     return swiglu_reference(gate, up)
 
 
-def aot_configs():
-    for dtype in ("fp32", "bf16"):
-        ptr = f"*{dtype}"
-        yield (_swiglu_forward_kernel, {"GATE": ptr, "UP": ptr, "OUT": ptr, "n": "i64", "BLOCK": "constexpr"},
-               {"BLOCK": BLOCK}, 4)
-        yield (_swiglu_backward_kernel, {"GRAD_OUT": ptr, "GATE": ptr, "UP": ptr, "GRAD_GATE": ptr, "GRAD_UP": ptr,
-                                         "n": "i64", "BLOCK": "constexpr"}, {"BLOCK": BLOCK}, 4)
+def aot_launches(shape: ModelShape, dtype: str = "bf16"):
+    n = shape.tokens * shape.intermediate
+    ptr = f"*{dtype}"
+    yield Launch(_swiglu_forward_kernel, {"GATE": ptr, "UP": ptr, "OUT": ptr, "n": n}, {"BLOCK": BLOCK}, 4, "mlp")
+    yield Launch(_swiglu_backward_kernel, {"GRAD_OUT": ptr, "GATE": ptr, "UP": ptr, "GRAD_GATE": ptr, "GRAD_UP": ptr,
+                                           "n": n}, {"BLOCK": BLOCK}, 4, "mlp")

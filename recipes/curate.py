@@ -26,10 +26,10 @@ from qforge.engine.data.formats import RowError, read_conversations
 from qforge.engine.serve import EndpointSettings, open_endpoint
 from qforge.recipes.cli import OutputSettings, run_from_argv
 from qforge.recipes.files import write_json, write_jsonl, write_text
-from qforge.recipes.synthesis.dedup import Deduplicator
-from qforge.recipes.synthesis.filters import Malformed, TextRules
-from qforge.recipes.synthesis.report import count_by_task, counts_markdown
-from qforge.recipes.synthesis.stages import Usage, ask_all, check_placeholders, conversation
+from qforge.recipes.sft_data.dedup import Deduplicator
+from qforge.recipes.sft_data.filters import Malformed, TextRules
+from qforge.recipes.sft_data.report import count_by_task, counts_markdown
+from qforge.recipes.sft_data.stages import Usage, ask_all, check_placeholders, conversation
 
 UNLABELLED = "unlabelled"  # rows no keyword rule matched, before the classifier (if any) has seen them
 

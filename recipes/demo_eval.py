@@ -8,6 +8,7 @@ suppresses every other token, so both numbers measure the model that training sh
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,12 +17,27 @@ from qforge.engine import load_model
 from qforge.engine.chat import ChatModel
 from qforge.engine.data import ChatTemplate, pack
 from qforge.engine.data.cache import load_examples
-from qforge.engine.evaluate import exact_match
+from qforge.recipes.exact_match import exact_match
+from qforge.engine.thinking import split_think
 from qforge.engine.train import FFTConfig, evaluate_loss
-from qforge.engine.train.build import build_model, kept_vocabulary, resolve_tokenizer_dir
+from qforge.engine.train.build import build_model, kept_vocabulary, loss_options, resolve_tokenizer_dir
 from qforge.engine.train.parallel import Dist
 from qforge.recipes.files import read_jsonl, write_json
 from qforge.recipes.make_demo_data import extract_answer
+
+
+@dataclass
+class DemoEvalSettings:
+    """The `evaluate:` section: greedy exact-match evaluation before and after training (rows with an `answer`)."""
+    data: str | None = None
+    max_new_tokens: int = 96
+    enable_thinking: bool = True
+
+
+@dataclass
+class FFTRecipeConfig(FFTConfig):
+    """The FFT recipe's config: the engine's training settings plus the before/after evaluation."""
+    evaluate: DemoEvalSettings = field(default_factory=DemoEvalSettings)
 
 
 def _read_rows(path: str) -> list[dict]:
@@ -33,7 +49,7 @@ def _read_rows(path: str) -> list[dict]:
     return rows
 
 
-def evaluate_checkpoint(config: FFTConfig, trained: bool, batch_size: int = 32) -> dict:
+def evaluate_checkpoint(config: FFTRecipeConfig, trained: bool, batch_size: int = 32) -> dict:
     """Scores the run's starting model (trained=False) or its reloaded `output.dir/final` (trained=True)."""
     tokenizer_dir = resolve_tokenizer_dir(config.model)
     template = ChatTemplate.from_pretrained(tokenizer_dir)
@@ -47,7 +63,8 @@ def evaluate_checkpoint(config: FFTConfig, trained: bool, batch_size: int = 32) 
     else:
         model = build_model(config.model, torch.float32, device)
     kept = kept_vocabulary(config.vocab, train_sets + [held_out], template, model.config.vocab_size, device)
-    loss = evaluate_loss(model, pack(held_out, config.data.max_tokens, seed=0), Dist(), {"vocab_index": kept})
+    loss = evaluate_loss(model, pack(held_out, config.data.max_tokens, seed=0), Dist(),
+                         loss_options(kept, model.config.vocab_size))
 
     suppress = [] if kept is None else sorted(set(range(model.config.vocab_size)) - set(kept.tolist()))
     chat_model = ChatModel(model, template, suppress_ids=suppress, batch_size=batch_size)
@@ -59,7 +76,7 @@ def evaluate_checkpoint(config: FFTConfig, trained: bool, batch_size: int = 32) 
 
 def _final_answer(text: str) -> str | None:
     """The number after the last 'Đáp án:' of the answer (reasoning excluded)."""
-    return extract_answer(text.split("</think>")[-1])
+    return extract_answer(split_think(text)[1])
 
 
 def print_before_after(before: dict, after: dict, out_path: str | Path) -> None:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from qforge.engine.chat import ChatModel, read_token_ids
 from qforge.engine.client import ClientSettings
 from qforge.engine.generate import next_token_logits
+from qforge.engine.thinking import join_think
 from qforge.engine.serve import EndpointSettings, open_endpoint
 from qforge.recipes.cli import OutputSettings, run_from_argv
 from qforge.recipes.files import write_jsonl
@@ -131,8 +132,7 @@ def predict_endpoint(config: EvalConfig, questions: list[Question]):
     with open_endpoint(config.model, params=settings.request_params, **asdict(config.client)) as client:
         replies = client.chat_many(conversations, temperature=0.0, max_tokens=new_tokens, desc=settings.mode)
     # An endpoint may return reasoning separately (then content is the answer) or inline in content.
-    texts = [r.content if "</think>" in r.content else f"<think>{r.reasoning_content or ''}</think>{r.content}"
-             for r in replies] if settings.mode == "think" else [r.content for r in replies]
+    texts = [join_think(r.reasoning_content, r.content) for r in replies] if settings.mode == "think" else [r.content for r in replies]
     return _predictions_from_texts(settings.mode, questions, texts)
 
 

@@ -18,16 +18,16 @@ from pathlib import Path
 
 
 from qforge.engine.config_io import ConfigKeyError, apply_overrides, build, read_yaml
-from qforge.engine.train import FFTConfig, train
-from qforge.recipes.demo_eval import evaluate_checkpoint, print_before_after
+from qforge.engine.train import train
+from qforge.recipes.demo_eval import FFTRecipeConfig, evaluate_checkpoint, print_before_after
 
 
-def stage_configs(path: str, overrides: list[str]) -> list[FFTConfig]:
+def stage_configs(path: str, overrides: list[str]) -> list[FFTRecipeConfig]:
     """The run's config, or one config per entry of `stages` (each starting from the previous final)."""
     raw = apply_overrides(read_yaml(path), overrides)
     stages = raw.pop("stages", None)
     if not stages:
-        return [build(FFTConfig, raw, path)]
+        return [build(FFTRecipeConfig, raw, path)]
     configs, previous_final = [], None
     for i, stage in enumerate(stages):
         name = stage.pop("name", f"stage{i + 1}")
@@ -35,7 +35,7 @@ def stage_configs(path: str, overrides: list[str]) -> list[FFTConfig]:
         merged.setdefault("output", {})["dir"] = str(Path(raw.get("output", {}).get("dir", "outputs/run")) / name)
         if previous_final is not None:
             merged["model"] = {"path": str(previous_final)}
-        config = build(FFTConfig, merged, f"{path} (stage '{name}')")
+        config = build(FFTRecipeConfig, merged, f"{path} (stage '{name}')")
         configs.append(config)
         previous_final = Path(config.output.dir) / "final"
     return configs

@@ -1,11 +1,13 @@
-"""JSON/JSONL/text files for recipes: rows read with their file:line, outputs written atomically."""
+"""JSON/JSONL rows for recipes, read with their file:line (outputs are written with engine/files.py)."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator
+
+from qforge.engine.files import atomic_write, write_json, write_jsonl, write_text
+
+__all__ = ["atomic_write", "read_jsonl", "unique_id", "write_json", "write_jsonl", "write_text"]
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
@@ -31,30 +33,3 @@ def unique_id(row: dict, seen: set, where: str) -> str:
         raise ValueError(f"{where}: 'id' must be a unique string (got {value!r})")
     seen.add(str(value))
     return str(value)
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Calls `write(temp_path)` next to `path`, then renames: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
-    os.close(handle)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
-
-
-def write_json(path: str | Path, data) -> Path:
-    return write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
-
-
-def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
-    return write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

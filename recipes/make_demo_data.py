@@ -11,14 +11,14 @@ recompute it. The output is a pure function of the seed:
 `extract_answer` is the exact-match checker the trainer's demo evaluation applies to generated text.
 """
 import argparse
-import json
-import os
 import random
 import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from qforge.engine.files import write_jsonl
 
 SEED = 20240521
 TRAIN_ROWS = 3000
@@ -250,15 +250,6 @@ def build_splits(seed: int = SEED, train_rows: int = TRAIN_ROWS, eval_rows: int 
     train_split = generate_rows(train_rows, rng, taken)
     rng.shuffle(train_split)
     return train_split, eval_split
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Writes to a temporary file next to `path`, then renames, so a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 ANSWER_MARK = re.compile(r"đáp\s*án", re.IGNORECASE)

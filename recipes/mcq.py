@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from qforge.engine.thinking import split_think
 from qforge.recipes.files import read_jsonl, unique_id
 
 LETTERS = "ABCDE"
@@ -116,8 +117,8 @@ def extract_letter(text: str, letters: str) -> str | None:
 
 def answer_after_thinking(text: str, letters: str) -> str | None:
     """The letter after `</think>`; None when the reasoning never closed (e.g. cut by max tokens)."""
-    head, marker, answer = text.rpartition("</think>")
-    return extract_letter(answer, letters) if marker else None
+    reasoning, answer = split_think(text)
+    return None if reasoning is None else extract_letter(answer, letters)
 
 
 def _accuracy(correct: int, total: int) -> dict:

@@ -18,13 +18,13 @@ from qforge.engine.client import ChatClient, ClientSettings
 from qforge.engine.serve import EndpointSettings, open_endpoint
 from qforge.recipes.cli import OutputSettings, run_from_argv
 from qforge.recipes.files import write_json, write_jsonl, write_text
-from qforge.recipes.synthesis.answers import numbers_in, reasoning_consistent, rejection_sample
-from qforge.recipes.synthesis.dedup import Deduplicator
-from qforge.recipes.synthesis.filters import Malformed, TextRules, parse_question_list, parse_text_reply
-from qforge.recipes.synthesis.report import count_by_task, counts_markdown
-from qforge.recipes.synthesis.stages import (StageResult, StageStore, Usage, ask_all, check_placeholders,
+from qforge.recipes.sft_data.answers import numbers_in, reasoning_consistent, rejection_sample
+from qforge.recipes.sft_data.dedup import Deduplicator
+from qforge.recipes.sft_data.filters import Malformed, TextRules, parse_question_list, parse_text_reply
+from qforge.recipes.sft_data.report import count_by_task, counts_markdown
+from qforge.recipes.sft_data.stages import (StageResult, StageStore, Usage, ask_all, check_placeholders,
                                              conversation, fingerprint)
-from qforge.recipes.synthesis.syllabus import Task, Topic, jobs, read_syllabus, read_tasks
+from qforge.recipes.sft_data.syllabus import Task, Topic, jobs, read_syllabus, read_tasks
 
 TOPIC_FIELDS = {"level", "grade", "subject", "topic", "task", "instructions"}
 STAGE_FIELDS = {"questions": TOPIC_FIELDS | {"count"}, "responses": TOPIC_FIELDS | {"question"},

@@ -3,23 +3,25 @@ key that hashes the data files' bytes, the tokenizer + chat template and every e
 or resumed run with the same inputs loads it instead of tokenising again."""
 import hashlib
 import json
+import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from ..files import staged_dir
 from .example import LOSS_WEIGHTINGS, Example
 from .formats import DataError, RowError, SkippedRow, read_conversations
 from .template import ChatTemplate
 
-CACHE_VERSION = 1  # bump when the cached arrays' meaning changes
+CACHE_VERSION = 2  # bump when the cached arrays' meaning changes (2: stricter row checks)
 MULTI_TURN = ("all", "last", "split")
 ON_ERROR = ("raise", "skip")
 ENCODE_CHUNK = 512  # conversations per tokenizer batch call
+log = logging.getLogger("qforge.data")
 
 
 @dataclass
@@ -89,10 +91,9 @@ def _tokenise(paths, template, options, on_error, progress, summary) -> list[Exa
 
 
 def _write_cache(directory: Path, examples: list[Example], summary: LoadSummary) -> None:
-    """Writes arrays + summary into a temporary directory, then renames it into place (atomic)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    """Writes arrays + summary into a temporary directory, then renames it into place (atomic; a concurrent
+    writer that finished first wins)."""
+    with staged_dir(directory, replace=False) as tmp:
         offsets = np.zeros(len(examples) + 1, dtype=np.int64)
         np.cumsum([len(e) for e in examples], out=offsets[1:])
         for name in ("input_ids", "labels", "loss_weight"):
@@ -101,17 +102,16 @@ def _write_cache(directory: Path, examples: list[Example], summary: LoadSummary)
         np.save(tmp / "offsets.npy", offsets)
         skipped = [vars(row) for row in summary.skipped]
         (tmp / "summary.json").write_text(json.dumps({"num_rows": summary.num_rows, "skipped": skipped}))
-        os.rename(tmp, directory)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (directory / "summary.json").is_file():  # not a lost race with another writer
-            raise
 
 
 def _read_cache(directory: Path, summary: LoadSummary) -> list[Example]:
+    """The cached examples; ValueError when a file is truncated or does not fit the others."""
     arrays = [np.load(directory / f"{name}.npy", mmap_mode="r") for name in ("input_ids", "labels", "loss_weight")]
     offsets = np.load(directory / "offsets.npy")
     meta = json.loads((directory / "summary.json").read_text())
+    if not (offsets.ndim == 1 and len(offsets) and offsets[0] == 0 and np.all(offsets[1:] >= offsets[:-1])
+            and all(a.ndim == 1 and len(a) == offsets[-1] for a in arrays)):
+        raise ValueError("cached arrays do not match their offsets")
     summary.num_rows = meta["num_rows"]
     summary.skipped = [SkippedRow(**row) for row in meta["skipped"]]
     return _examples_from_arrays(*arrays, offsets)
@@ -142,9 +142,15 @@ def load_examples(paths, template: ChatTemplate, *, cache_dir=None, format: str 
     summary = LoadSummary()
     directory = Path(cache_dir) / cache_key(paths, template, options) if cache_dir is not None else None
     summary.from_cache = directory is not None and (directory / "summary.json").is_file()
+    examples = None
     if summary.from_cache:
-        examples = _read_cache(directory, summary)
-    else:
+        try:
+            examples = _read_cache(directory, summary)
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as error:  # e.g. a copy cut short
+            log.warning("%s: damaged tokenised-data cache (%s); rebuilding it", directory, error)
+            shutil.rmtree(directory, ignore_errors=True)
+            summary = LoadSummary()
+    if examples is None:
         examples = _tokenise(paths, template, options, on_error, progress, summary)
         if directory is not None:  # serve the memory-mapped copy, so the OS can page it
             _write_cache(directory, examples, summary)

@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import DataError
+from ..thinking import THINK_CLOSE, THINK_OPEN, split_think
+
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 FORMATS = ("auto", "messages", "sharegpt")
-
-
-class DataError(ValueError):
-    """A bad input file or row; the message names the file, the line (or record) and the field."""
 
 
 class RowError(Exception):
@@ -63,10 +62,35 @@ def validate_messages(messages, field: str = "messages") -> list[dict]:
             if role != "assistant":
                 raise RowError(f"{where}.reasoning_content", f"only assistant turns carry reasoning, not {role!r}")
             out["reasoning_content"] = _require(reasoning, str, f"{where}.reasoning_content", "a string")
+        if role == "assistant":
+            _check_assistant(out, where)
         normalised.append(out)
     if not any(m["role"] == "assistant" for m in normalised):
         raise RowError(field, "no assistant turn to train on")
     return normalised
+
+
+def _check_assistant(message: dict, where: str):
+    """Rejects assistant turns that would train something other than what the row's author meant: an empty
+    answer, reasoning given twice (inline `<think>` and `reasoning_content`: the template would train one of
+    them as answer text), or think tags that do not pair up (the template would cut the text at the wrong place)."""
+    content, reasoning = message["content"], message.get("reasoning_content")
+    opens, closes = content.count(THINK_OPEN), content.count(THINK_CLOSE)
+    if reasoning is not None and (opens or closes):
+        raise RowError(f"{where}.content", f"holds inline {THINK_OPEN}…{THINK_CLOSE} and the turn also has "
+                                           f"reasoning_content; keep the reasoning in one of the two")
+    if reasoning is not None and (THINK_OPEN in reasoning or THINK_CLOSE in reasoning):
+        raise RowError(f"{where}.reasoning_content", f"holds {THINK_OPEN}/{THINK_CLOSE} tags; give the reasoning "
+                                                     f"text alone (the template adds the tags)")
+    if opens > closes:
+        raise RowError(f"{where}.content", f"unclosed {THINK_OPEN} (no {THINK_CLOSE} after it); close the reasoning "
+                                           f"or remove the tag")
+    if closes > 1 or opens > 1:
+        raise RowError(f"{where}.content", f"{opens} {THINK_OPEN} and {closes} {THINK_CLOSE} tags; one turn holds at "
+                                           f"most one reasoning block")
+    if not split_think(content)[1].strip():
+        raise RowError(f"{where}.content", "empty answer (nothing but whitespace" + (
+            f" after {THINK_CLOSE}" if closes else "") + "); fix the row or drop it")
 
 
 def sharegpt_to_messages(conversations, field: str = "conversations") -> list[dict]:
@@ -98,6 +122,38 @@ def row_to_messages(row, fmt: str, detected: bool = False) -> list[dict]:
     return validate_messages(row[key]) if fmt == "messages" else sharegpt_to_messages(row[key])
 
 
+class _DuplicateKey(dict):
+    """A parsed JSON object that held a key twice (json keeps the last value without a word)."""
+    duplicate: str
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict:
+    row = dict(pairs)
+    if len(row) == len(pairs):
+        return row
+    seen = set()
+    flagged = _DuplicateKey(row)
+    flagged.duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+    return flagged
+
+
+def _duplicate_key(value, field: str = "") -> RowError | None:
+    """The first object (depth first) of a parsed row that held a key twice, as a RowError naming it."""
+    if isinstance(value, _DuplicateKey):
+        return RowError(f"{field}.{value.duplicate}" if field else value.duplicate,
+                        "key given twice in one object; keep one (JSON readers silently keep the last)")
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        found = _duplicate_key(child, f"{field}[{key}]" if isinstance(key, int) else f"{field}.{key}" if field else key)
+        if found:
+            return found
+    return None
+
+
+def _loads(raw) -> object:
+    return json.loads(raw, object_pairs_hook=_object)
+
+
 def _raw_rows(path: Path) -> Iterator[tuple[int, object]]:
     """(line or record number, parsed row or RowError) for JSONL, JSON arrays and Parquet files."""
     suffix = path.suffix.lower()
@@ -111,7 +167,7 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, object]]:
     elif suffix == ".json":
         try:
             with open(path, encoding="utf-8") as f:
-                rows = json.load(f)
+                rows = json.load(f, object_pairs_hook=_object)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{path}: invalid JSON: {e}") from None
         if not isinstance(rows, list):
@@ -123,7 +179,7 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, object]]:
                 if not raw.strip():
                     continue
                 try:
-                    yield number, json.loads(raw)
+                    yield number, _loads(raw)
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     yield number, RowError("json", f"invalid JSON: {e}")
     else:
@@ -134,12 +190,14 @@ def read_conversations(path, fmt: str = "auto") -> Iterator[tuple[int, list[dict
     """Yields (line, messages) per row, or (line, RowError) for a bad row. Line numbers are 1-based
     (record numbers for JSON arrays and Parquet). `fmt="auto"` fixes the format from the first good row."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
-    detected = False
+    detected, rows = False, 0
     for number, row in _raw_rows(path):
+        rows += 1
+        row = _duplicate_key(row) or row
         if isinstance(row, RowError):
             yield number, row
             continue
@@ -149,3 +207,6 @@ def read_conversations(path, fmt: str = "auto") -> Iterator[tuple[int, list[dict
             yield number, row_to_messages(row, fmt, detected)
         except RowError as error:
             yield number, error
+    if rows == 0:
+        raise DataError(f"{path}: no rows (the file is empty or holds only blank lines); check the path in the "
+                        f"config or remove the file from the list")

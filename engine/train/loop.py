@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -21,18 +22,21 @@ from ..checkpoint import save_model
 from ..config_io import to_dict
 from ..data import ChatTemplate, pack
 from ..data.cache import load_examples
+from ..errors import DataError, TrainingError
 from .config import FFTConfig
 from .loader import StepLoader
-from .metrics import MetricsLogger, measure_matmul_peak, peak_memory_bytes, plot_loss_curve, training_flops
-from .build import build_model, check_labels_in_vocabulary, kept_vocabulary, resolve_tokenizer_dir
+from .metrics import MFU, MetricsLogger, peak_memory_bytes, plot_loss_curve, training_flops
+from .build import (build_model, check_labels_in_vocabulary, kept_vocabulary, loss_options as vocab_loss_options,
+                    resolve_tokenizer_dir)
 from .optim import build_optimizer, build_scheduler
 from .parallel import Dist, init_distributed, shard_model
-from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .state import (OutputLock, clean_stale_temporaries, latest_checkpoint, load_checkpoint, resume_checkpoint,
+                    save_checkpoint)
 
 log = logging.getLogger("qforge.train")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
@@ -98,20 +102,47 @@ def evaluate_loss(model, batches, dist_: Dist, loss_options: dict | None = None,
     return float(dist_.all_reduce_sum(loss_sum) / dist_.all_reduce_sum(weight_sum).clamp_min(1e-12))
 
 
+class Interrupted(Exception):
+    """A stop signal that arrived while the final weights were being written (the export is abandoned)."""
+
+
 class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (then it checkpoints and stops)."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (then it checkpoints and stops). Under
+    torchrun, a rank whose launcher died (its parent process changed) stops the same way. Inside `immediate()`
+    a signal raises `Interrupted` instead, so a half-written export is cleaned up by its own `finally`."""
 
     def __init__(self):
         self.received = None
         self._previous = {}
+        self._raise = False
+        self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def check(self) -> str | None:
+        if self.received is None and self._launcher is not None and os.getppid() != self._launcher:
+            self.received = "launcher gone"
+            log.warning("the torchrun agent (pid %d) is gone: checkpointing and stopping", self._launcher)
+        return self.received
+
+    @contextlib.contextmanager
+    def immediate(self):
+        self._raise = True
+        try:
+            if self.received:
+                raise Interrupted(self.received)
+            yield
+        finally:
+            self._raise = False
+
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+        if self._raise:
+            self._raise = False
+            raise Interrupted(self.received)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -137,8 +168,16 @@ def export_dtype(name: str) -> torch.dtype | None:
     return None if name == "source" else EXPORT_DTYPES[name]
 
 
+def _nonfinite_parameters(model, dist_: Dist) -> tuple[int, list[str]]:
+    """(how many parameters hold a NaN/inf on any rank, the first few names on this rank)."""
+    names = [name for name, p in model.named_parameters()
+             if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())]
+    return int(dist_.all_reduce_sum(float(len(names)))), names[:3]
+
+
 def _load_data(config: FFTConfig, template: ChatTemplate, dist_: Dist):
-    """Tokenises once (rank 0 fills the cache, the others read it) and reports skipped rows."""
+    """Tokenises once (rank 0 fills the cache, the others read it) and reports skipped rows. Also returns what
+    identifies the data stream (cache keys and packing settings), which a checkpoint's data cursor refers to."""
     data = config.data
     cache_dir = data.cache_dir or str(Path(config.output.dir) / "cache")
     options = dict(format=data.format, on_error=data.on_error, enable_thinking=data.enable_thinking,
@@ -154,14 +193,30 @@ def _load_data(config: FFTConfig, template: ChatTemplate, dist_: Dist):
             examples, summary = load_examples([path], template, cache_dir=cache_dir, progress=False, **options)
             if dist_.is_main:
                 log.info("%s: %s", path, summary)
+            if summary.skipped and not summary.num_rows:
+                raise DataError(f"{path}: all {len(summary.skipped)} rows were skipped (data.on_error=skip), first: "
+                                f"{summary.skipped[0]}; fix the rows or the data.format")
             loaded.append(examples)
+            keys.append(Path(summary.cache_path).name)
         return loaded
 
-    return load(data.train), [e for examples in load(data.eval) for e in examples]
+    keys = []
+    train = load(data.train)
+    fingerprint = {"train": keys[:], "weights": data.weights, "max_tokens": data.max_tokens,
+                   "overlong": data.overlong, "seed": config.train.seed}
+    return train, [e for examples in load(data.eval) for e in examples], fingerprint
 
 
 def train(config: FFTConfig) -> TrainResult:
+    """Runs (or resumes) a fine-tuning run; holds the lock on output.dir throughout."""
     dist_ = init_distributed(config.train.device, config.train.dist_timeout_s)
+    with OutputLock(config.output.dir, dist_):
+        if dist_.is_main:
+            clean_stale_temporaries(config.output.dir)
+        return _train(config, dist_)
+
+
+def _train(config: FFTConfig, dist_: Dist) -> TrainResult:
     out = Path(config.output.dir)
     if dist_.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +226,7 @@ def train(config: FFTConfig) -> TrainResult:
 
     tokenizer_dir = resolve_tokenizer_dir(config.model)
     template = ChatTemplate.from_pretrained(tokenizer_dir)
-    datasets, eval_examples = _load_data(config, template, dist_)
+    datasets, eval_examples, data_fingerprint = _load_data(config, template, dist_)
     param_dtype, compute_dtype, autocast = precision_policy(config.train.precision, dist_)
     shard = (lambda m: shard_model(m, compute_dtype, dist_.device)) if dist_.enabled else None
     model = build_model(config.model, param_dtype, dist_.device, shard=shard)
@@ -180,7 +235,7 @@ def train(config: FFTConfig) -> TrainResult:
     dropped = check_labels_in_vocabulary(datasets + [eval_examples], vocab_index, config.vocab.drop_unkept_labels)
     if dropped and dist_.is_main:
         log.warning("ignoring %d label tokens outside the kept vocabulary (vocab.drop_unkept_labels)", dropped)
-    loss_options = {"vocab_index": vocab_index, "ignore_unkept_labels": config.vocab.drop_unkept_labels}
+    loss_options = vocab_loss_options(vocab_index, model.config.vocab_size)  # unkept labels: not scored
     model.activation_checkpointing = config.train.activation_checkpointing
     model.train()
     optimizer = build_optimizer(model, config.optim)
@@ -191,22 +246,33 @@ def train(config: FFTConfig) -> TrainResult:
     eval_batches = pack(eval_examples, config.data.max_tokens, seed=0) if eval_examples else None
 
     step, counters = 0, {"skipped_steps": 0, "nonfinite_in_a_row": 0}
-    resume = latest_checkpoint(out) if config.train.resume == "auto" else config.train.resume
+    resume = resume_checkpoint(out, config.train.resume, dist_)
     if resume:
         meta = load_checkpoint(resume, model, optimizer, scheduler, dist_)
         step, counters = meta["step"], meta["counters"]
-        loader.load_state_dict(meta["loader"])
+        if meta.get("data") in (None, data_fingerprint):
+            loader.load_state_dict(meta["loader"])
+        elif dist_.is_main:
+            log.warning("data changed since %s (data.train contents, data.weights, data.max_tokens, data.overlong or "
+                        "train.seed): its data cursor does not apply, so the data restarts at the first batch; "
+                        "model, optimizer and schedule resume at step %d", resume, step)
         log.info("resumed from %s at step %d", resume, step)
 
     output_rows = model.config.vocab_size if vocab_index is None else len(vocab_index)
-    peak = measure_matmul_peak(dist_.device, param_dtype if compute_dtype is None else compute_dtype)
+    mfu = MFU(dist_.device, param_dtype if compute_dtype is None else compute_dtype, dist_.world)
     logger = MetricsLogger(out, config.train.max_steps, step, enabled=dist_.is_main,
                            progress=config.output.progress, tensorboard=config.output.tensorboard)
     result = TrainResult(out, None, step)
 
     def checkpoint(at_step):
+        bad, names = _nonfinite_parameters(model, dist_)
+        if bad:  # never save (or later export) weights a resume or a user could mistake for a result
+            last = latest_checkpoint(out)
+            raise TrainingError(f"step {at_step}: {bad} weight tensors hold NaN/inf (e.g. {', '.join(names)}); "
+                                f"nothing saved, last good checkpoint: {last or 'none'}; lower optim.lr or "
+                                f"optim.grad_clip, or check the data")
         save_checkpoint(out, at_step, model, optimizer, scheduler, loader.state_dict(), counters, dist_,
-                        config.train.keep_last)
+                        config.train.keep_last, data_fingerprint)
 
     with StopSignal() as stop:
         while step < config.train.max_steps:
@@ -242,7 +308,7 @@ def train(config: FFTConfig) -> TrainResult:
             loss_tokens = sum(mb.num_loss_tokens for mb in micro_batches)
             flops = float(dist_.all_reduce_sum(training_flops(model.config, lengths, loss_tokens, output_rows)))
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
-                      "tokens_per_s": tokens / elapsed, "mfu": flops / (elapsed * peak * dist_.world),
+                      "tokens_per_s": tokens / elapsed, "mfu": mfu(flops, elapsed),
                       "peak_mem_bytes": peak_memory_bytes(dist_.device), "epoch": loader.epoch,
                       "skipped_steps": counters["skipped_steps"]}
             logger.log(record)
@@ -250,24 +316,38 @@ def train(config: FFTConfig) -> TrainResult:
             if eval_batches and config.train.eval_every and step % config.train.eval_every == 0:
                 logger.log({"step": step, "eval_loss": evaluate_loss(model, eval_batches, dist_, loss_options,
                                                                      autocast)})
-            stop_now = float(dist_.all_reduce_sum(1.0 if stop.received else 0.0)) > 0
+            stop_now = float(dist_.all_reduce_sum(1.0 if stop.check() else 0.0)) > 0
             if stop_now or (config.train.save_every and step % config.train.save_every == 0):
                 checkpoint(step)
             if stop_now:
                 result.interrupted = True
                 break
 
-    result.steps_done, result.skipped_steps = step, counters["skipped_steps"]
-    if not result.interrupted:
-        if latest_checkpoint(out) is None or latest_checkpoint(out).name != f"step-{step}":
-            checkpoint(step)
-        if eval_batches:
-            logger.log({"step": step, "eval_loss": evaluate_loss(model, eval_batches, dist_, loss_options, autocast)})
-        final = save_model(model, out / "final", tokenizer_dir=tokenizer_dir, dtype=export_dtype(config.output.dtype),
-                           dist_=dist_)
-        if dist_.is_main:
-            result.final_dir = final
-            plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
-        dist_.barrier()
+        result.steps_done, result.skipped_steps = step, counters["skipped_steps"]
+        if not result.interrupted:
+            if latest_checkpoint(out) is None or latest_checkpoint(out).name != f"step-{step}":
+                checkpoint(step)
+            if eval_batches:
+                logger.log({"step": step, "eval_loss": evaluate_loss(model, eval_batches, dist_, loss_options,
+                                                                     autocast)})
+            try:  # every rank takes part: parameters are gathered one at a time, files written by turns
+                with stop.immediate():
+                    final = save_model(model, out / "final", tokenizer_dir=tokenizer_dir,
+                                       dtype=export_dtype(config.output.dtype), dist_=dist_)
+                if dist_.is_main:
+                    result.final_dir = final
+            except Interrupted:
+                result.interrupted = True
+            if dist_.is_main:
+                plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
+            dist_.barrier()
     logger.close()
+    trailing = counters["nonfinite_in_a_row"]
+    if trailing and not result.interrupted:
+        raise TrainingError(f"the last {trailing} of {step} steps were skipped (non-finite loss or gradient norm), "
+                            f"so {out / 'final'} holds the weights of step {step - trailing}; lower optim.lr, "
+                            f"check the data, or train longer")
+    if counters["skipped_steps"] and dist_.is_main:
+        log.warning("%d of %d steps were skipped (non-finite loss or gradient norm); see skipped_steps in "
+                    "metrics.jsonl", counters["skipped_steps"], step)
     return result

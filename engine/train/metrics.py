@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,6 +50,25 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int | No
     return 2 * size ** 3 * count / (time.perf_counter() - start)
 
 
+class MFU:
+    """Model FLOPs utilisation against the measured matmul peak. The peak is measured at start, on a machine that
+    may be busy; when a step then runs faster than that peak allows, the peak is measured again (up to
+    `remeasure` times) and the highest measurement kept. A figure that still exceeds 1 is reported as None:
+    not shown rather than wrong."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, world: int = 1, remeasure: int = 3):
+        self.device, self.dtype, self.world, self.remeasure = device, dtype, world, remeasure
+        self.peak = measure_matmul_peak(device, dtype)
+
+    def __call__(self, flops: float, seconds: float) -> float | None:
+        mfu = flops / (seconds * self.peak * self.world)
+        while mfu > 1 and self.remeasure > 0:
+            self.remeasure -= 1
+            self.peak = max(self.peak, measure_matmul_peak(self.device, self.dtype))
+            mfu = flops / (seconds * self.peak * self.world)
+        return mfu if math.isfinite(mfu) and mfu <= 1 else None
+
+
 def training_flops(config, seq_lengths, loss_tokens: float, output_rows: int) -> float:
     """Forward+backward FLOPs a packed batch needs: 6 × (block matmul params) per token plus causal attention
     (QKᵀ and PV, 4·Hq·D per query-key pair, halved by the mask, ×3 for backward) per sequence, and the output
@@ -60,10 +82,16 @@ def training_flops(config, seq_lengths, loss_tokens: float, output_rows: int) ->
 
 
 class MetricsLogger:
+    """Appends one JSON record per line to `metrics.jsonl`. On a resume from step N, records after N (written by
+    the interrupted run after its last checkpoint) and a half-written last line are dropped first, so the file
+    holds each step once."""
+
     def __init__(self, output_dir: str | Path, max_steps: int, start_step: int, *, enabled: bool, progress: bool,
                  tensorboard: bool):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
+        if enabled:
+            truncate_metrics(self.path, start_step)
         self.bar = tqdm(total=max_steps, initial=start_step, disable=not (enabled and progress), unit="step",
                         dynamic_ncols=True)
         self.writer = None
@@ -85,9 +113,11 @@ class MetricsLogger:
                     self.writer.add_scalar(key, value, record["step"])
         if "loss" in record:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                 gnorm=f"{record['grad_norm']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                 mfu=f"{100 * record['mfu']:.1f}%")
+            figures = dict(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", gnorm=f"{record['grad_norm']:.3f}",
+                           tok_s=f"{record['tokens_per_s']:.0f}")
+            if record.get("mfu") is not None:
+                figures["mfu"] = f"{100 * record['mfu']:.1f}%"
+            self.bar.set_postfix(**figures)
         else:
             self.bar.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
@@ -97,14 +127,45 @@ class MetricsLogger:
             self.writer.close()
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl; lines that do not parse (a write cut short by a kill) are left out."""
+    records = []
+    if Path(path).is_file():
+        for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+    return records
+
+
+def truncate_metrics(path: Path, last_step: int):
+    """Rewrites metrics.jsonl (atomically) without records after `last_step` or lines that do not parse."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    kept = [r for r in read_metrics(path) if r["step"] <= last_step]
+    lines = "".join(json.dumps(r) + "\n" for r in kept)
+    if lines == text:
+        return
+    dropped = len([line for line in text.splitlines() if line.strip()]) - len(kept)
+    logging.getLogger("qforge.train").info("%s: dropped %d records after step %d or cut short", path, dropped,
+                                           last_step)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(lines, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     """Train (and eval) loss against step, from metrics.jsonl."""
+    records = read_metrics(metrics_path)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if not train:
         return None

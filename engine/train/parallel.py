@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
+
 
 @dataclass
 class Dist:
@@ -51,15 +53,28 @@ def init_distributed(device: str = "auto", timeout_s: float = 7200.0) -> Dist:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if device == "cuda":
+    target = _device(device)
+    if target.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         target = torch.device("cuda", local_rank)
-    else:
-        target = torch.device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if target.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return Dist(rank, world, target)
+
+
+def _device(name: str) -> torch.device:
+    """train.device as a torch device this machine has, or a ConfigError saying what to set instead."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"train.device={name!r} is not a device; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise ConfigError(f"train.device={name!r} but {why}; use train.device=auto or cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device={name!r}: qforge trains on cpu or cuda; use auto, cpu or cuda")
+    return device
 
 
 def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None, device: torch.device | None = None,

@@ -1,18 +1,26 @@
-"""Training checkpoints for exact resume: `output.dir/checkpoints/step-<N>/`.
+"""Training checkpoints for exact resume: `output.dir/checkpoints/step-<N>/`, and the lock on `output.dir`.
 
 A checkpoint holds the model and optimizer (torch.distributed.checkpoint: each rank writes its own shards,
 and a later run may load them on another world size), plus `meta.json` (step, scheduler, data cursor,
-counters) and every rank's RNG states. It is written into a hidden temp directory and renamed when
-complete, so a kill during a save leaves the previous checkpoints as they were; only complete `step-<N>`
-directories are ever resumed from.
+counters, data fingerprint), every rank's RNG states and `manifest.json` (size and SHA-256 of every file,
+hashed from disk after the write and fsync). It is written into a hidden temp directory and renamed when
+complete, so a kill during a save leaves the previous checkpoints as they were. Older checkpoints are pruned
+only after the new one verifies; a resume takes the newest checkpoint that verifies, and sets a damaged one
+aside as `step-<N>.damaged`.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
+import logging
+import os
 import random
 import re
 import shutil
+import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -21,9 +29,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ..errors import CheckpointError
 from .parallel import Dist
 
 STEP_DIR = re.compile(r"step-(\d+)")
+MANIFEST = "manifest.json"
+log = logging.getLogger("qforge.train")
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -38,7 +49,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, loader_state: dict, counters: dict,
-                    dist_: Dist, keep_last: int) -> Path:
+                    dist_: Dist, keep_last: int, data: dict | None = None) -> Path:
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
@@ -53,32 +64,219 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, loader_s
     dist_.barrier()
     if dist_.is_main:
         meta = {"step": step, "scheduler": scheduler.state_dict(), "loader": loader_state, "counters": counters,
-                "world": dist_.world}
+                "world": dist_.world, "data": data}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
+    dist_.barrier()
+    files = _files(tmp)  # every rank hashes (and fsyncs) its share of the files, read back from disk
+    (tmp / f".manifest-part{dist_.rank}.json").write_text(json.dumps(_describe(tmp, files[dist_.rank::dist_.world])))
+    dist_.barrier()
+    if dist_.is_main:
+        manifest = {}
+        for rank in range(dist_.world):
+            part = tmp / f".manifest-part{rank}.json"
+            manifest.update(json.loads(part.read_text()))
+            part.unlink()
+        _write_synced(tmp / MANIFEST, json.dumps({"files": manifest}, indent=1))
+        old = root / f".step-{step}.old"
+        if final.exists():  # re-saving a step: the complete old copy goes only once the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
         tmp.rename(final)
+        _fsync_dir(root)
+        problem = _check_files(final, manifest, hashed=())
+        if problem:
+            shutil.rmtree(final.with_name(final.name + ".damaged"), ignore_errors=True)
+            final.rename(final.with_name(final.name + ".damaged"))
+            if old.exists():
+                old.rename(final)
+            raise CheckpointError(f"{final} did not verify after writing ({problem}); the older checkpoints are "
+                                  f"kept; check the disk (space, errors) and resume with train.resume=auto")
+        shutil.rmtree(old, ignore_errors=True)
         _prune(root, keep_last)
     dist_.barrier()
     return final
+
+
+def verify_checkpoint(path: str | Path, dist_: Dist | None = None) -> str | None:
+    """None when the checkpoint is complete and every file has the size and SHA-256 its manifest records (each
+    rank hashes a share of the files), else what is wrong. A checkpoint without a manifest (written by an
+    older qforge) only needs a readable meta.json and DCP metadata."""
+    path, dist_ = Path(path), dist_ or Dist()
+    try:
+        if not (path / MANIFEST).is_file():
+            if not (path / "meta.json").is_file():
+                return "no meta.json (the save did not finish)"
+            _read_meta(path)
+            return None if (path / "state" / ".metadata").is_file() else "no state/.metadata"
+        manifest = json.loads((path / MANIFEST).read_text())["files"]
+        problem = _check_files(path, manifest, hashed=sorted(manifest)[dist_.rank::dist_.world])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        problem = f"{type(error).__name__}: {error}"
+    failed = float(dist_.all_reduce_sum(1.0 if problem else 0.0))
+    return problem or ("a file failed verification on another rank" if failed else None)
+
+
+def resume_checkpoint(output_dir: str | Path, resume: str | None, dist_: Dist) -> Path | None:
+    """The checkpoint to resume from: `train.resume` itself (which must verify), or for "auto" the newest
+    one under output.dir that verifies; a newer damaged one is set aside (renamed `step-<N>.damaged`) and
+    the fallback is logged. None when "auto" finds no checkpoint at all."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        if not Path(resume).is_dir():
+            raise CheckpointError(f"train.resume={resume}: no such directory; use train.resume=auto or an "
+                                  f"output.dir/checkpoints/step-<N> directory")
+        problem = verify_checkpoint(resume, dist_)
+        if problem:
+            raise CheckpointError(f"train.resume={resume}: damaged checkpoint ({problem}); use train.resume=auto "
+                                  f"to take the newest checkpoint that verifies, or name another step-<N> directory")
+        return Path(resume)
+    root = checkpoint_dir(output_dir)
+    candidates = sorted(((int(m.group(1)), p) for p in root.glob("step-*") if (m := STEP_DIR.fullmatch(p.name))),
+                        reverse=True) if root.is_dir() else []
+    for _, path in candidates:
+        problem = verify_checkpoint(path, dist_)
+        if problem is None:
+            return path
+        dist_.barrier()
+        if dist_.is_main:
+            log.warning("checkpoint %s is damaged (%s): set aside as %s.damaged; falling back to the previous one",
+                        path, problem, path.name)
+            shutil.rmtree(path.with_name(path.name + ".damaged"), ignore_errors=True)
+            path.rename(path.with_name(path.name + ".damaged"))
+        dist_.barrier()
+    if candidates:
+        raise CheckpointError(f"train.resume=auto: no checkpoint under {root} verifies (all set aside as "
+                              f"*.damaged); unset train.resume to start over, or use another output.dir")
+    return None
+
+
+def clean_stale_temporaries(output_dir: str | Path):
+    """Removes what a killed run left half-written (checkpoint and export temp dirs). Call with the lock held."""
+    out = Path(output_dir)
+    for pattern in ("checkpoints/.step-*.tmp", "checkpoints/.step-*.old*", ".final.tmp-*", ".final.old-*"):
+        for path in out.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class OutputLock:
+    """An exclusive lock on output.dir (flock on `output.dir/.lock`, held by rank 0 for the whole run), so a
+    second run on the same directory stops with a message instead of interleaving checkpoints and metrics.
+    The kernel drops the lock when the process dies, however it dies."""
+
+    def __init__(self, output_dir: str | Path, dist_: Dist):
+        self.path, self.dist, self.fd = Path(output_dir) / ".lock", dist_, None
+
+    def __enter__(self):
+        holder = None
+        if self.dist.is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(self.fd, 4096, 0).decode(errors="replace").strip() or "another process"
+                os.close(self.fd)
+                self.fd = None
+            except OSError as error:  # a filesystem without locks: run unprotected rather than not at all
+                log.warning("cannot lock %s (%s); make sure no other run writes to this output.dir", self.path, error)
+            else:
+                os.ftruncate(self.fd, 0)
+                os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        if float(self.dist.all_reduce_sum(1.0 if holder else 0.0)):
+            raise CheckpointError(f"output.dir {self.path.parent} is in use by another run ({holder or 'see rank 0'}); "
+                                  f"wait for it to finish or stop it, or choose another output.dir")
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler, dist_: Dist) -> dict:
     """Restores model, optimizer, scheduler and this rank's RNG; returns meta (step, loader, counters)."""
     path = Path(path)
     if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete qforge checkpoint (no meta.json); "
-                                f"point train.resume at an output.dir/checkpoints/step-<N> directory or 'auto'")
-    meta = json.loads((path / "meta.json").read_text())
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    with _single_process_is_intended():
-        dcp.load(state, checkpoint_id=str(path / "state"))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    scheduler.load_state_dict(meta["scheduler"])
-    rng_file = path / f"rng-rank{dist_.rank}.pt"
-    if meta.get("world") == dist_.world and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        raise CheckpointError(f"{path} is not a complete qforge checkpoint (no meta.json); "
+                              f"point train.resume at an output.dir/checkpoints/step-<N> directory or 'auto'")
+    try:
+        meta = _read_meta(path)
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        with _single_process_is_intended():
+            dcp.load(state, checkpoint_id=str(path / "state"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        scheduler.load_state_dict(meta["scheduler"])
+        rng_file = path / f"rng-rank{dist_.rank}.pt"
+        if meta.get("world") == dist_.world and rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as error:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: cannot be resumed from ({type(error).__name__}: {first_line}); it does "
+                              f"not match this run's model/optimizer or is damaged; resume from another "
+                              f"checkpoint or unset train.resume") from error
     return meta
+
+
+def _read_meta(path: Path) -> dict:
+    meta = json.loads((path / "meta.json").read_text())
+    if not isinstance(meta, dict) or not {"step", "scheduler", "loader", "counters"} <= meta.keys():
+        raise ValueError("meta.json lacks step/scheduler/loader/counters")
+    return meta
+
+
+def _files(directory: Path) -> list[str]:
+    """Every file below `directory` (relative paths, sorted), leaving out manifest parts."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
+                  if p.is_file() and not p.name.startswith(".manifest-part"))
+
+
+def _sha256(path: Path, sync: bool = False) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+        if sync:
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _describe(directory: Path, names: list[str]) -> dict:
+    return {name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name, sync=True)}
+            for name in names}
+
+
+def _check_files(directory: Path, manifest: dict, hashed) -> str | None:
+    """What does not match the manifest: a missing file, a wrong size, or (for files in `hashed`) a wrong hash."""
+    if not manifest:
+        return "empty manifest"
+    for name, entry in manifest.items():
+        file = directory / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry["size"]:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {entry['size']}"
+    for name in hashed:
+        if _sha256(directory / name) != manifest[name]["sha256"]:
+            return f"{name} does not match its SHA-256"
+    return None
+
+
+def _write_synced(path: Path, text: str):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -90,6 +288,7 @@ def _single_process_is_intended():
 
 
 def _prune(root: Path, keep_last: int):
+    """Keeps the newest `keep_last` checkpoints; called only once the newest has verified."""
     steps = sorted((int(m.group(1)), p) for p in root.glob("step-*") if (m := STEP_DIR.fullmatch(p.name)))
     for _, path in steps[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(path, ignore_errors=True)

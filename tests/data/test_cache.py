@@ -1,5 +1,6 @@
 """load_examples: tokenise once, reuse from the memory-mapped cache, re-tokenise when anything changes."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,6 +56,28 @@ def test_cache_key_changes_with_data_and_options(data_file, tmp_path, qwen_templ
     assert not weighted.from_cache and not changed.from_cache
     assert len({first.cache_path, weighted.cache_path, changed.cache_path}) == 3
     assert changed.num_examples == len(ROWS) + 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "offsets", "summary"])
+def test_a_damaged_cache_is_rebuilt(data_file, tmp_path, qwen_template, damage, caplog):
+    cache = tmp_path / "cache"
+    directory = Path(load_examples(data_file, qwen_template, cache_dir=cache, progress=False)[1].cache_path)
+    reference = load_examples(data_file, qwen_template, progress=False)[0]  # not memory-mapped from the cache
+    ids = directory / "input_ids.npy"
+    if damage == "truncate":  # a copy or write cut short: mmap would fail (or worse, read garbage)
+        ids.write_bytes(ids.read_bytes()[:-40])
+    elif damage == "empty":
+        ids.write_bytes(b"")
+    elif damage == "offsets":  # arrays intact but not covering each other
+        np.save(directory / "offsets.npy", np.load(directory / "offsets.npy")[:-1])
+        np.save(ids, np.load(ids)[:-3])
+    else:
+        (directory / "summary.json").write_text('{"num_rows": 2')
+    with caplog.at_level("WARNING", logger="qforge.data"):
+        rebuilt, again = load_examples(data_file, qwen_template, cache_dir=cache, progress=False)
+    assert "damaged tokenised-data cache" in caplog.text and "rebuilding it" in caplog.text
+    assert not again.from_cache and same_examples(reference, rebuilt)
+    assert load_examples(data_file, qwen_template, cache_dir=cache, progress=False)[1].from_cache
 
 
 def test_multi_turn_split_trains_each_turn_with_its_own_reasoning(data_file, qwen_template):

@@ -25,6 +25,33 @@ BAD_ROWS = [  # (raw line, field named in the error, words of the reason)
                               {"role": "assistant", "content": "y", "reasoning_content": 5}]}),
      "messages[1].reasoning_content", "expected a string"),
     (json.dumps({"conversations": [{"from": "bot", "value": "x"}]}), "conversations[0].from", "unknown speaker"),
+    # Rows that parse but are almost certainly mistakes: each would train something its author did not mean.
+    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}),
+     "messages[1].content", "empty answer"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " \n\t"}]}),
+     "messages[1].content", "empty answer"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "<think>r</think>\n"}]}),
+     "messages[1].content", "empty answer (nothing but whitespace after </think>)"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a",
+                                                                  "reasoning_content": "r"}, {"role": "user", "content": "y"},
+                              {"role": "assistant", "content": "  "}]}), "messages[3].content", "empty answer"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a", "content": "b"}]}',
+     "messages[1].content", "key given twice"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a"}], "messages": []}',
+     "messages", "key given twice"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "<think>r answer"}]}),
+     "messages[1].content", "unclosed <think>"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"},
+                              {"role": "assistant", "content": "<think>r</think>a", "reasoning_content": "r2"}]}),
+     "messages[1].content", "also has reasoning_content"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"},
+                              {"role": "assistant", "content": "<think>a</think>b<think>c</think>d"}]}),
+     "messages[1].content", "at most one reasoning block"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"},
+                              {"role": "assistant", "content": "a", "reasoning_content": "<think>r</think>"}]}),
+     "messages[1].reasoning_content", "holds <think>/</think> tags"),
+    (json.dumps({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": ""}]}),
+     "conversations[1].content", "empty answer"),
 ]
 
 
@@ -59,8 +86,32 @@ def test_bad_row_raises_naming_file_line_and_field(tmp_path, qwen_template, raw,
     assert f"{path}:2: {field}: " in str(error.value) and reason in str(error.value)
 
 
+def test_well_formed_reasoning_rows_are_accepted(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\na"}]},
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a", "reasoning_content": ""}]},
+            {"messages": [{"role": "user", "content": "<think> is a tag"}, {"role": "assistant", "content": "yes"}]}]
+    path = write_jsonl(tmp_path / "data.jsonl", [json.dumps(row) for row in rows])
+    assert [isinstance(m, list) for _, m in read_conversations(path)] == [True, True, True]
+
+
+def test_duplicate_key_in_a_json_array_names_the_record(tmp_path, qwen_template):
+    path = tmp_path / "data.json"
+    path.write_text('[%s, {"messages": [{"role": "user", "role": "system", "content": "x"}]}]' % json.dumps(GOOD))
+    with pytest.raises(DataError, match=r"data.json:2: messages\[0\].role: key given twice"):
+        load_examples(path, qwen_template, progress=False)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n  \n", "[]"])
+def test_a_file_without_rows_says_so(tmp_path, qwen_template, text):
+    path = tmp_path / ("data.json" if text == "[]" else "data.jsonl")
+    path.write_text(text)
+    with pytest.raises(DataError, match=r"data.jsonl?: no rows \(the file is empty or holds only blank lines\)"):
+        load_examples(path, qwen_template, progress=False)
+
+
 def test_bad_rows_are_skipped_and_counted_when_asked(tmp_path, qwen_template):
     bad = [(raw, field) for raw, field, _ in BAD_ROWS if field.startswith(("json", "messages", "row"))]
+    assert len(bad) > 15  # the rows that are almost certainly mistakes are skipped and listed too
     path = write_jsonl(tmp_path / "data.jsonl", [json.dumps(GOOD)] + [raw for raw, _ in bad] + [json.dumps(GOOD)])
     examples, summary = load_examples(path, qwen_template, on_error="skip", progress=False)
     assert len(examples) == summary.num_rows == 2

@@ -1,5 +1,6 @@
 """HF-format load/save: round trips with transformers, sharding, atomic writes, clear errors on bad input."""
 import json
+import os
 import subprocess
 import sys
 
@@ -78,6 +79,28 @@ def test_untied_checkpoint_without_lm_head_is_an_error(tmp_path):
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="tie_word_embeddings=false, so lm_head.weight is required"):
         load_model(src)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_damaged_safetensors_is_a_one_line_checkpoint_error(tmp_path, damage, sharded):
+    src = save_hf_qwen3(tmp_path / "src", max_shard_size="50KB" if sharded else "5GB")
+    file = sorted(src.glob("*.safetensors"))[-1]
+    data = file.read_bytes()
+    file.write_bytes({"truncated": data[: len(data) - 100], "garbage": b"not a tensor file" * 9, "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match=rf"{file.name}: not a readable safetensors file \(.+\); it is "
+                                              r"truncated or damaged: copy or export it again") as err:
+        load_model(src)
+    assert "\n" not in str(err.value)
+
+
+def test_exported_files_get_the_mode_a_plain_open_would(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        out = save_model(load_model(save_hf_qwen3(tmp_path / "src")), tmp_path / "out")
+    finally:
+        os.umask(umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {"0o644"}
 
 
 def test_bad_json_names_file_and_line(tmp_path):

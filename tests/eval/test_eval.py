@@ -149,7 +149,7 @@ def test_exact_match_helper_compares_extracted_answers(checkpoint):
     from qforge.engine import load_model
     from qforge.engine.chat import ChatModel
     from qforge.engine.data import ChatTemplate
-    from qforge.engine.evaluate import exact_match
+    from qforge.recipes.exact_match import exact_match
     from qforge.engine.generate import generate
 
     template = ChatTemplate.from_pretrained(checkpoint)

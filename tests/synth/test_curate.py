@@ -10,7 +10,7 @@ import yaml
 from qforge.engine.config_io import apply_overrides, build, read_yaml
 from qforge.engine.data.formats import read_conversations
 from qforge.engine.serve import ChatServer, ScriptedBackend
-from qforge.engine.train import FFTConfig
+from qforge.recipes.demo_eval import FFTRecipeConfig
 from qforge.recipes.curate import Sampling, main, sample, sampling_summary
 from qforge.recipes.fft import stage_configs
 
@@ -104,7 +104,7 @@ def test_mixture_is_an_fft_config_fragment(tmp_path):
     assert merged.data.weights == [0.5, 2.0]
     assert merged.data.eval == demo["data"]["eval"]  # the fragment touches only train and weights
     overrides = shlex.split(report["fft_overrides"])  # the command line printed in report.md
-    assert build(FFTConfig, apply_overrides(copy.deepcopy(demo), overrides)).data == merged.data
+    assert build(FFTRecipeConfig, apply_overrides(copy.deepcopy(demo), overrides)).data == merged.data
 
 
 class Classifier:

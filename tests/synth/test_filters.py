@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from qforge.recipes.synth import Filters
-from qforge.recipes.synthesis.answers import (answer_matches, final_number, numbers_in, reasoning_consistent,
+from qforge.recipes.sft_data.answers import (answer_matches, final_number, numbers_in, reasoning_consistent,
                                               rejection_sample)
-from qforge.recipes.synthesis.dedup import Deduplicator, MinHasher, NearDuplicateIndex, jaccard, shingles
-from qforge.recipes.synthesis.filters import (Malformed, TextRules, has_cjk, parse_question_list,
+from qforge.recipes.sft_data.dedup import Deduplicator, MinHasher, NearDuplicateIndex, jaccard, shingles
+from qforge.recipes.sft_data.filters import (Malformed, TextRules, has_cjk, parse_question_list,
                                               parse_text_reply)
-from qforge.recipes.synthesis.langid import accuracy, analyse_word, is_vietnamese
+from qforge.recipes.sft_data.langid import accuracy, analyse_word, is_vietnamese
 
 LABELLED = Path(__file__).parent / "data" / "langid_labelled.jsonl"
 

@@ -5,7 +5,7 @@ import yaml
 from qforge.engine.config_io import ConfigKeyError, load_config
 from qforge.recipes.curate import CurateConfig
 from qforge.recipes.synth import SynthConfig
-from qforge.recipes.synthesis.syllabus import Topic, jobs, read_syllabus, read_tasks
+from qforge.recipes.sft_data.syllabus import Topic, jobs, read_syllabus, read_tasks
 
 
 def test_shipped_syllabus_and_tasks():

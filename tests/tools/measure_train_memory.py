@@ -13,6 +13,7 @@ import torch
 from qforge.engine.config import Qwen3Config
 from qforge.engine.data import PackedBatch
 from qforge.engine.model import Qwen3
+from qforge.engine.train.build import loss_options as vocab_loss_options
 from qforge.engine.train.config import OptimSettings
 from qforge.engine.train.loop import train_step
 from qforge.engine.train.metrics import peak_memory_bytes
@@ -35,7 +36,7 @@ def main(spec: dict) -> None:
     micro_batches = [random_batch(spec["tokens"], spec["sequences"], spec["model"]["vocab_size"], generator)
                      for _ in range(spec["grad_accum"])]
     kept = spec.get("kept_vocab")
-    loss_options = {"vocab_index": torch.arange(kept), "ignore_unkept_labels": True} if kept else None
+    loss_options = vocab_loss_options(torch.arange(kept), spec["model"]["vocab_size"]) if kept else None
     before = peak_memory_bytes()
     model = Qwen3(Qwen3Config(**spec["model"], torch_dtype="float32"))
     model.init_weights(seed=0)

@@ -8,7 +8,7 @@ import pytest
 
 from qforge.engine.config_io import load_config
 from qforge.engine.data.example import Example
-from qforge.engine.train import FFTConfig
+from qforge.recipes.demo_eval import FFTRecipeConfig
 from qforge.engine.train.config import OptimSettings
 from qforge.engine.train.loader import mixture_epoch
 from qforge.engine.train.optim import lr_factor
@@ -20,7 +20,7 @@ from fft import stage_configs  # noqa: E402
 
 @pytest.mark.parametrize("name", ["demo.yaml", "qwen3-0.6b-1gpu.yaml", "qwen3-8b-8gpu.yaml"])
 def test_shipped_fft_configs_parse(name):
-    config = load_config(FFTConfig, REPO / "recipes/configs" / name)
+    config = load_config(FFTRecipeConfig, REPO / "recipes/configs" / name)
     assert config.train.max_steps > 0
 
 

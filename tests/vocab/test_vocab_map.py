@@ -50,7 +50,8 @@ def test_restricted_fused_loss_equals_cross_entropy_over_kept_rows(vocab_map):
     weight = torch.randn(QWEN_ROWS, hidden_size, dtype=torch.float64, requires_grad=True)
     labels = vocab_map.kept_ids[torch.randint(0, vocab_map.new_size, (tokens,))]
     labels[3] = -100
-    loss = fused_linear_cross_entropy(hidden, weight, labels, vocab_index=vocab_map.kept_ids, reduction="sum")
+    loss = fused_linear_cross_entropy(hidden, weight, labels, vocab_index=vocab_map.kept_ids,
+                                      target_index=vocab_map.old_to_new, reduction="sum")
     loss.backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from qforge.engine.data.packing import PackedBatch
-from qforge.engine.train.build import meta_model
+from qforge.engine.train.build import loss_options as vocab_loss_options, meta_model
 from qforge.engine.train.config import OptimSettings
 from qforge.engine.train.loop import optimizer_step, precision_policy, train_step
 from qforge.engine.train.metrics import training_flops
@@ -206,8 +206,8 @@ def run_twin(plan: TwinPlan) -> dict:
         model.reset_buffers()
         model.train()
         optimizer = build_optimizer(model, OptimSettings())
-        vocab_index = torch.arange(plan.kept_vocab).to(device) if plan.kept_vocab else None
-        loss_options = {"vocab_index": vocab_index}
+        kept = torch.arange(plan.kept_vocab) if plan.kept_vocab else None  # host side, as the trainer builds it
+        loss_options = {key: t.to(device) for key, t in vocab_loss_options(kept, config.vocab_size).items()}
         tracker = _tracker(model, optimizer, sharded, probe)
         with tracker, syncs:  # step 1: creates the optimizer state
             train_step(model, batches, dist_, loss_options, autocast)

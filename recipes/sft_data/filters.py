@@ -9,8 +9,9 @@ import json
 import re
 from dataclasses import dataclass
 
+from qforge.engine.thinking import THINK_OPEN, split_think
 from qforge.engine.vocab import is_cjk
-from qforge.recipes.synthesis.langid import is_vietnamese
+from qforge.recipes.sft_data.langid import is_vietnamese
 
 
 class Malformed(ValueError):
@@ -81,7 +82,7 @@ def parse_text_reply(content: str, finish_reason: str | None) -> str:
     """A free-text reply: complete (not cut by max_tokens) and non-empty, without stray <think> tags."""
     if finish_reason == "length":
         raise Malformed("truncated at max_tokens")
-    text = re.sub(r"</?think>", "", content).strip()
+    text = split_think(content)[1].replace(THINK_OPEN, "").strip()
     if not text:
         raise Malformed("empty reply")
     return text

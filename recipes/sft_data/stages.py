@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 from qforge.engine.client import RETRYABLE_STATUS, ChatClient, ChatClientError, ChatReply
 from qforge.recipes.files import read_jsonl, write_json, write_jsonl
-from qforge.recipes.synthesis.filters import Malformed
+from qforge.recipes.sft_data.filters import Malformed
 
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 

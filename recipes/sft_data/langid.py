@@ -11,7 +11,7 @@ Vietnamese; a Vietnamese text with many English terms can fall below the syllabl
 Accuracy on the hand-labelled set tests/synth/data/langid_labelled.jsonl (48 Vietnamese texts incl. math,
 code-mixed and short ones; 69 others: English, French, Spanish, Portuguese, Indonesian, German, Italian,
 Tagalog, Chinese, Japanese, Korean, code, unaccented Vietnamese), measured with
-`python -m qforge.recipes.synthesis.langid FILE`: 100% (tests assert >= 97%), which says more about how
+`python -m qforge.recipes.sft_data.langid FILE`: 100% (tests assert >= 97%), which says more about how
 the set was written than about the web. All 9,299 texts of recipes/data/vi_arith_train.jsonl (questions,
 answers, reasoning, system prompts) are recognised as Vietnamese; about 75 µs per text.
 """
