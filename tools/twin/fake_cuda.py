@@ -5,7 +5,7 @@ through FSDP2's setup and the forward, but autograd's C++ engine asks the accele
 stream of every CUDA input and aborts ("Cannot access accelerator device when none is available"); no
 Python patch reaches that. So the twin runs on a CPU mesh with fake tensors and routes, in one place
 (`route_cuda_paths`), every decision qforge makes by device: Triton dispatch (`use_triton` in each kernel
-module) and the attention backend. Autocast runs as CPU autocast (same bf16 policy for the matmuls).
+module), the fused loss's CUDA layout (mixed-dtype matmuls) and the attention backend. Autocast runs as CPU autocast (same bf16 policy for the matmuls).
 
 Tensors: the model's, the optimizer's and every micro-batch after `.to(device)` are fake (no memory);
 host-side tensors (the packed batch before the move, the step's weight sum) stay real and are computed
@@ -43,18 +43,26 @@ def route_cuda_paths():
             raise ContractError(f"{call_site()}: a host tensor reaches a GPU kernel")
         return backend != "torch"
 
-    modules = [importlib.import_module(f"qforge.kernels.{name}") for name in KERNEL_MODULES]
-    saved = [m.use_triton for m in modules], attention.attention_backend
+    def mixed_matmul(out, a, b, accumulate):  # the CUDA branch of the loss's `_mixed_matmul` (it tests a.is_cuda)
+        if accumulate:
+            return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        return torch.mm(a, b, out_dtype=out.dtype, out=out)
+
+    routes = [(importlib.import_module(f"qforge.kernels.{name}"), "use_triton", use_triton) for name in KERNEL_MODULES]
+    loss = importlib.import_module("qforge.kernels.fused_linear_cross_entropy")
+    routes += [(loss, "_cuda_layout", on_device), (loss, "_mixed_matmul", mixed_matmul)]
     original_backend = attention.attention_backend
-    for module in modules:
-        module.use_triton = use_triton
-    attention.attention_backend = lambda device, dtype=torch.bfloat16: original_backend(torch.device("cuda"), dtype)
+    routes.append((attention, "attention_backend",
+                   lambda device, dtype=torch.bfloat16: original_backend(torch.device("cuda"), dtype)))
+    routes = [(module, name, fn) for module, name, fn in routes if hasattr(module, name)]
+    saved = [getattr(module, name) for module, name, _ in routes]
+    for module, name, fn in routes:
+        setattr(module, name, fn)
     try:
         yield
     finally:
-        for module, fn in zip(modules, saved[0]):
-            module.use_triton = fn
-        attention.attention_backend = saved[1]
+        for (module, name, _), fn in zip(routes, saved):
+            setattr(module, name, fn)
 
 
 def _target_device(args, kwargs):

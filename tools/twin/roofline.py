@@ -40,6 +40,15 @@ def _class(func) -> str:
     return "elementwise/reduction"
 
 
+def _flops(func, args, kwargs, out) -> float:
+    """torch's flop_registry, except mm/addmm (its formulas reject the `out_dtype` overloads): 2·M·N·K."""
+    packet = func._overloadpacket
+    if packet in (aten.mm, aten.addmm):
+        a, b = (args[0], args[1]) if packet is aten.mm else (args[1], args[2])
+        return 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+    return float(flop_registry[packet](*args, **kwargs, out_val=out)) if packet in flop_registry else 0.0
+
+
 class Roofline(TorchDispatchMode):
     def __init__(self, gpu: GPU, world: int):
         super().__init__()
@@ -88,7 +97,7 @@ class Roofline(TorchDispatchMode):
             nbytes = max([get_num_bytes(t) for t in inputs + outputs] or [0])
             self.add(op_class, 0.0, nbytes)
             return out
-        flops = flop_registry[packet](*args, **kwargs, out_val=out) if packet in flop_registry else 0
+        flops = _flops(func, args, kwargs, out)
         nbytes = sum(get_num_bytes(t) for t in inputs + outputs)
         dtype = next((t.dtype for t in outputs if t.dtype.is_floating_point), torch.float32)
         self.add(op_class, float(flops), float(nbytes), dtype)

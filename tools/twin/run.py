@@ -4,8 +4,8 @@ What runs is qforge's: `meta_model` + `shard_model` (FSDP2, one unit per block),
 AdamW), `train_step` (packed micro-batches, grad accumulation, the fused loss) and `optimizer_step` (global
 clip + AdamW). The twin supplies the fake devices (fake_cuda), the CUDA-only libraries' contract stand-ins
 (contracts), and observers: FSDPMemTracker (memory by category), Roofline (FLOPs/bytes), HostSyncs.
-Two steps run; the second is reported (the first creates AdamW's state, which then lives through every
-later step's forward and backward).
+One step is measured, after AdamW's state has been created (a first step leaves it alive through every later
+step's forward and backward).
 """
 from __future__ import annotations
 
@@ -163,6 +163,15 @@ def _loss_probe(tracker, probe: dict):
         model_module.fused_linear_cross_entropy = original
 
 
+def _create_optimizer_state(model, optimizer):
+    """What a first step leaves behind: AdamW's moments (a step on zero gradients creates them)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _ensure_process_group(gpus: int):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -209,11 +218,7 @@ def run_twin(plan: TwinPlan) -> dict:
         kept = torch.arange(plan.kept_vocab) if plan.kept_vocab else None  # host side, as the trainer builds it
         loss_options = {key: t.to(device) for key, t in vocab_loss_options(kept, config.vocab_size).items()}
         tracker = _tracker(model, optimizer, sharded, probe)
-        with tracker, syncs:  # step 1: creates the optimizer state
-            train_step(model, batches, dist_, loss_options, autocast)
-            optimizer_step(model, optimizer, plan.grad_clip)
-        functions.host_to_device_bytes = 0
-        syncs.sites.clear()
+        _create_optimizer_state(model, optimizer)
         with tracker, _loss_probe(tracker, probe), syncs, roofline:
             syncs.region = roofline.region = "micro-batches"
             train_step(model, batches, dist_, loss_options, autocast)
