@@ -65,6 +65,35 @@ def route_cuda_paths():
             setattr(module, name, fn)
 
 
+_PROPAGATING = [0]
+
+
+def in_sharding_propagation() -> bool:
+    """True while DTensor computes an op's output metadata by running it on global-shape fake tensors (it reuses
+    the active FakeTensorMode, so torch's trackers would count those tensors as memory and the roofline as work)."""
+    return _PROPAGATING[0] > 0
+
+
+@contextlib.contextmanager
+def mark_sharding_propagation():
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    original = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def propagate(self, *args, **kwargs):
+        _PROPAGATING[0] += 1
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _PROPAGATING[0] -= 1
+
+    ShardingPropagator._propagate_tensor_meta_non_cached = propagate
+    try:
+        yield
+    finally:
+        ShardingPropagator._propagate_tensor_meta_non_cached = original
+
+
 def _target_device(args, kwargs):
     if "device" in kwargs:
         return kwargs["device"]

@@ -18,7 +18,7 @@ from torch.utils._runtime_estimation import _IGNORE_OPS, get_num_bytes
 from torch.utils.flop_counter import flop_registry
 
 from .gpus import GPU
-from .fake_cuda import on_device
+from .fake_cuda import in_sharding_propagation, on_device
 
 aten = torch.ops.aten
 _ALLOCATIONS = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided,
@@ -85,6 +85,8 @@ class Roofline(TorchDispatchMode):
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented
         out = func(*args, **kwargs)
+        if in_sharding_propagation():
+            return out
         packet = func._overloadpacket
         if packet in _IGNORE_OPS or packet in _ALLOCATIONS or func.is_view or func.namespace == "prim":
             return out

@@ -25,11 +25,11 @@ from qforge.engine.train.optim import build_optimizer
 from qforge.engine.train.parallel import Dist, shard_model
 
 from .contracts import attention_standins, triton_launch_standins
-from .fake_cuda import FakeDeviceFunctions, route_cuda_paths
+from .fake_cuda import FakeDeviceFunctions, in_sharding_propagation, mark_sharding_propagation, route_cuda_paths
 from .gpus import GPUS
 from .models import resolve_config
 from .roofline import Roofline
-from .syncs import HostSyncs
+from .syncs import HostSyncs, where
 
 RUNTIME_RESERVE = 2 * 2**30  # CUDA context, NCCL and cuBLAS workspaces: not tensors, not tracked (assumed)
 HEADROOM = 0.10
@@ -117,8 +117,16 @@ def _tracker(model, optimizer, sharded: bool, probe: dict):
                 self.memory_tracking.pop(module, None)
             return super()._pre_fw_hook(module, inputs)
 
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if in_sharding_propagation():
+                return func(*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
         def _update_peak_stats(self, peak_state):
+            before = self._peak_mem.copy()
             super()._update_peak_stats(peak_state)
+            if self._peak_mem != before:  # a new peak: remember where the step was
+                probe["peak_at"] = f"{probe.get('region', '?')}/{where()}"
             if probe.get("active"):
                 total = sum(snap["Total"] for dev, snap in self._curr_mem_snap.items() if dev.type == "cpu")
                 probe["peak"] = max(probe.get("peak", 0), total)
@@ -207,7 +215,7 @@ def run_twin(plan: TwinPlan) -> dict:
     model.activation_checkpointing = plan.activation_checkpointing
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     batches = [packed_batch(plan, config.vocab_size) for _ in range(plan.grad_accum)]
-    with fake_mode, FakeDeviceFunctions(fake_mode) as functions, route_cuda_paths(), \
+    with fake_mode, FakeDeviceFunctions(fake_mode) as functions, route_cuda_paths(), mark_sharding_propagation(), \
             triton_launch_standins(roofline.triton_launch), attention_standins(plan.attention, attention_observer):
         if sharded:
             shard_model(model, compute_dtype, mesh=mesh)
@@ -220,9 +228,9 @@ def run_twin(plan: TwinPlan) -> dict:
         tracker = _tracker(model, optimizer, sharded, probe)
         _create_optimizer_state(model, optimizer)
         with tracker, _loss_probe(tracker, probe), syncs, roofline:
-            syncs.region = roofline.region = "micro-batches"
+            syncs.region = roofline.region = probe["region"] = "micro-batches"
             train_step(model, batches, dist_, loss_options, autocast)
-            syncs.region = roofline.region = "optimizer"
+            syncs.region = roofline.region = probe["region"] = "optimizer"
             optimizer_step(model, optimizer, plan.grad_clip)
         peak = _device_snapshot(tracker.get_tracker_snapshot("peak"))
         host_to_device = functions.host_to_device_bytes
@@ -259,6 +267,7 @@ def _report(plan, config, gpu, peak, probe, roofline, syncs, lengths, host_to_de
         "memory": {
             "peak_tracked_bytes": tracked, "runtime_reserve_bytes": RUNTIME_RESERVE, "peak_bytes": total,
             "by_category_at_peak": by_category, "loss_temporaries_bytes": probe.get("loss_temporaries", 0),
+            "peak_at": probe.get("peak_at"),
             "tracker_categories_at_peak": peak, "fits": total <= (1 - HEADROOM) * gpu.memory_bytes,
             "headroom_fraction": 1 - total / gpu.memory_bytes,
         },
