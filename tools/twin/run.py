@@ -225,8 +225,8 @@ def run_twin(plan: TwinPlan) -> dict:
         optimizer = build_optimizer(model, OptimSettings())
         kept = torch.arange(plan.kept_vocab) if plan.kept_vocab else None  # host side, as the trainer builds it
         loss_options = {key: t.to(device) for key, t in vocab_loss_options(kept, config.vocab_size).items()}
-        tracker = _tracker(model, optimizer, sharded, probe)
         _create_optimizer_state(model, optimizer)
+        tracker = _tracker(model, optimizer, sharded, probe)
         with tracker, _loss_probe(tracker, probe), syncs, roofline:
             syncs.region = roofline.region = probe["region"] = "micro-batches"
             train_step(model, batches, dist_, loss_options, autocast)
