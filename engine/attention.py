@@ -30,9 +30,10 @@ def _torch_varlen():
     return varlen_attn
 
 
-def attention_backend(device: torch.device) -> str:
-    """Which implementation `varlen_attention` uses on `device`."""
-    if device.type == "cuda":
+def attention_backend(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Which implementation `varlen_attention` uses for tensors of `dtype` on `device` (both varlen kernels
+    take only fp16/bf16, so fp32 runs use SDPA on CUDA too)."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         if _flash_attn_varlen() is not None:
             return "flash_attn"
         if _torch_varlen() is not None:
@@ -43,7 +44,7 @@ def attention_backend(device: torch.device) -> str:
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, scale: float) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [n+1] int32 → [T, Hq, D], causal within each sequence."""
-    backend = attention_backend(q.device)
+    backend = attention_backend(q.device, q.dtype)
     if backend == "flash_attn":
         return _flash_attn_varlen()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                     softmax_scale=scale, causal=True)

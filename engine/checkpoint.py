@@ -54,53 +54,146 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     model.reset_buffers()
     model.source_checkpoint = path  # a Qwen3-VL export rewrites this checkpoint (see save_model)
     model.checkpoint_format = qwen3_vl.MODEL_TYPE if is_vl else "qwen3"
+    model.source_dtype = _source_dtype(path, key_files)
     model.generation_config = read_json(path / "generation_config.json") if (
         path / "generation_config.json").is_file() else {}
     return model
 
 
+def load_sharded(model: Qwen3, path: str | Path, device: str | torch.device) -> Qwen3:
+    """Fills a model sharded on the meta device (FSDP2 `fully_shard`) from an HF checkpoint directory: each rank
+    allocates only its own shards on `device` and reads only their rows from the memory-mapped safetensors."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    path = Path(path)
+    config = Qwen3Config.from_json(path / "config.json")
+    key_files = _tensor_files(path)
+    params = dict(model.named_parameters())
+    _check_tensors(path, config, {hf_key(name): p for name, p in params.items()}, key_files)
+    model.to_empty(device=device)
+    by_file: dict[Path, list[str]] = {}
+    for name in params:
+        by_file.setdefault(key_files[hf_key(name)], []).append(name)
+    with torch.no_grad():
+        for file, names in by_file.items():
+            with safe_open(str(file), framework="pt", device="cpu") as tensors:
+                for name in names:
+                    param = params[name]
+                    local = param.to_local() if isinstance(param, DTensor) else param
+                    if local.numel() == 0:
+                        continue
+                    rows = tensors.get_slice(hf_key(name))
+                    if isinstance(param, DTensor):
+                        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
+                                                                              param.placements)
+                        index = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+                        local.copy_(rows[index])
+                    else:
+                        local.copy_(rows[:])
+    model.reset_buffers()
+    model.generation_config = read_json(path / "generation_config.json") if (
+        path / "generation_config.json").is_file() else {}
+    model.source_dtype = _source_dtype(path, key_files)
+    return model
+
+
+def _source_dtype(path: Path, key_files: dict[str, Path]) -> torch.dtype:
+    """The dtype the checkpoint's tensors are stored in (what the export writes back by default)."""
+    file = next(iter(key_files.values()))
+    with safe_open(str(file), framework="pt") as tensors:
+        stored = tensors.get_slice(next(iter(tensors.keys()))).get_dtype()
+    return _SAFETENSORS_DTYPES.get(stored, torch.float32)
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
 def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB",
                tokenizer_dir: str | Path | None = None, state_dict: dict[str, torch.Tensor] | None = None,
-               vocab=None) -> Path:
+               vocab=None, dtype: torch.dtype | None = None, dist_=None) -> Path:
     """Writes config.json, generation_config.json and (sharded) safetensors that transformers loads.
 
-    `vocab` (a VocabMap: the kept vocabulary the head was trained on) is saved with the weights: kept_ids.json,
-    and the unkept ids as generation_config.json `suppress_tokens`.
-
-    `state_dict` (qforge names → full tensors) overrides the model's own parameters, e.g. the gathered
-    weights of an FSDP-sharded model. Tokenizer files are copied from `tokenizer_dir` when given.
+    Tensors are written in `dtype`, by default the dtype the checkpoint was loaded from (`source_dtype`, bf16
+    for Qwen3), else the parameters' own. `state_dict` (qforge names → full tensors, e.g. LoRA's merged
+    weights) replaces the model's parameters. An FSDP2-sharded model is exported by every rank of `dist_`
+    together: parameters are gathered one at a time in the output dtype and file i is written by rank
+    i % world, so no rank holds more than one file's tensors in host memory. `vocab` (a VocabMap: the kept
+    vocabulary the head was trained on) is saved with the weights: kept_ids.json, and the unkept ids as
+    generation_config.json `suppress_tokens`. Tokenizer files are copied from `tokenizer_dir`.
     """
     path = Path(path)
     limit = parse_size(max_shard_size)
-    state = state_dict if state_dict is not None else {n: p.detach() for n, p in model.named_parameters()}
-    if getattr(model, "checkpoint_format", "qwen3") == qwen3_vl.MODEL_TYPE:
-        return qwen3_vl.save_vl(state, model.source_checkpoint, path, model.config.tie_word_embeddings, tokenizer_dir,
-                                vocab)
-    tensors = {hf_key(name): t.detach().to("cpu").contiguous() for name, t in state.items()}
-    shards = _split_shards(tensors, limit)
+    rank, world = (dist_.rank, dist_.world) if dist_ is not None and dist_.enabled else (0, 1)
+    source = state_dict if state_dict is not None else {n: p for n, p in model.named_parameters()}
+    params = {hf_key(name): t for name, t in source.items()}
+    dtype = dtype or getattr(model, "source_dtype", None) or next(iter(params.values())).dtype
+    if getattr(model, "checkpoint_format", "qwen3") == qwen3_vl.MODEL_TYPE:  # rewrites the source checkpoint
+        state = {name: _gathered(t.detach(), dtype).to("cpu") for name, t in source.items()}
+        if rank == 0:
+            qwen3_vl.save_vl(state, model.source_checkpoint, path, model.config.tie_word_embeddings, tokenizer_dir,
+                             vocab)
+        _barrier(world)
+        return path
+    shards = _split_shards({key: (p.numel() * dtype.itemsize) for key, p in params.items()}, limit)
 
-    with staged_dir(path) as tmp:
-        dtype = next(iter(tensors.values())).dtype
-        config = model.config.to_hf() | {"torch_dtype": str(dtype).replace("torch.", "")}
-        write_json(tmp / "config.json", config)
-        write_json(tmp / "generation_config.json", _generation_config(model))
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, name))
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        if vocab is not None:
-            vocab.save_with_model(tmp)
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+    with staged_dir(path) if rank == 0 else contextlib.nullcontext() as tmp:
+        tmp = Path(_from_rank0(str(tmp) if rank == 0 else None, world))  # one staging directory for all ranks
+        names = [SINGLE_FILE] if len(shards) == 1 else [
+            f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        for i, (keys, name) in enumerate(zip(shards, names)):
+            mine = i % world == rank
+            tensors = {}
+            for key in keys:
+                full = _gathered(params[key].detach(), dtype)  # a collective: every rank takes part
+                if mine:
+                    tensors[key] = full.to("cpu").contiguous()
+                del full
+            if mine:
+                save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            del tensors
+        if rank == 0:
+            config = model.config.to_hf() | {"torch_dtype": str(dtype).replace("torch.", "")}
+            write_json(tmp / "config.json", config)
+            write_json(tmp / "generation_config.json", _generation_config(model))
+            if len(shards) > 1:
+                weight_map = {key: name for keys, name in zip(shards, names) for key in keys}
+                total = sum(p.numel() * dtype.itemsize for p in params.values())
+                write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+            if vocab is not None:
+                vocab.save_with_model(tmp)
+            if tokenizer_dir is not None:
+                for name in TOKENIZER_FILES:
+                    if (Path(tokenizer_dir) / name).is_file():
+                        shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        _barrier(world)  # every file is written before rank 0 moves the directory into place
+    _barrier(world)
     return path
+
+
+def _gathered(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The full tensor in `dtype` (cast before an FSDP all-gather, so it moves the smaller dtype)."""
+    from torch.distributed.tensor import DTensor
+
+    param = param.to(dtype)
+    return param.full_tensor() if isinstance(param, DTensor) else param
+
+
+def _from_rank0(value, world: int):
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(world: int):
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def parse_size(size: int | str) -> int:
@@ -175,14 +268,14 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
     module._parameters[leaf] = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
 
 
-def _split_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
-    shards, current, size = [], {}, 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
+def _split_shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """Keys grouped in order into files of at most `limit` bytes (a larger tensor gets a file of its own)."""
+    shards, current, size = [], [], 0
+    for key, nbytes in sizes.items():
         if current and size + nbytes > limit:
             shards.append(current)
-            current, size = {}, 0
-        current[key] = tensor
+            current, size = [], 0
+        current.append(key)
         size += nbytes
     shards.append(current)
     return shards

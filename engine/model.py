@@ -29,7 +29,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, autocast_weight(self.weight, x), self.eps)
 
 
 class Attention(nn.Module):
@@ -166,8 +166,18 @@ class Qwen3(nn.Module):
         (e.g. the CJK-free set) and `target_index` maps each original id to its kept row (-1: unkept), both from
         `VocabMap.loss_tables`; packing has already masked labels outside the kept set."""
         hidden = self.hidden(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
-        return fused_linear_cross_entropy(hidden, self.output_weight, batch.labels, loss_weight=batch.loss_weight,
+        weight = autocast_weight(self.output_weight, hidden)
+        return fused_linear_cross_entropy(hidden.to(weight.dtype), weight, batch.labels, loss_weight=batch.loss_weight,
                                           reduction="sum", vocab_index=vocab_index, target_index=target_index)
+
+
+def autocast_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`weight` in the autocast dtype when autocast is on for x's device (ops autocast does not cover, the
+    norms and the fused loss, would otherwise promote a bf16 input to fp32 and hand attention fp32 q/k)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and weight.dtype.is_floating_point:
+        return weight.to(torch.get_autocast_dtype(device))
+    return weight
 
 
 def hf_key(name: str) -> str:

@@ -22,17 +22,9 @@ from pathlib import Path
 
 from qforge.engine.config import Qwen3Config
 from qforge.engine.train.metrics import training_flops
+from qforge.tools.twin.models import MODELS, resolve_config
 
 GIB = 2**30
-_SHARED = dict(vocab_size=151_936, head_dim=128, num_key_value_heads=8, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
-MODELS = {  # the dense Qwen3 releases (config.json on the HF hub): hidden, MLP, layers, query heads, tied embeddings
-    "qwen3-0.6b": (1024, 3072, 28, 16, True),
-    "qwen3-1.7b": (2048, 6144, 28, 16, True),
-    "qwen3-4b": (2560, 9728, 36, 32, True),
-    "qwen3-8b": (4096, 12288, 36, 32, False),
-    "qwen3-14b": (5120, 17408, 40, 40, False),
-    "qwen3-32b": (5120, 25600, 64, 64, False),
-}
 GPUS = {  # dense bf16 tensor-core peak (datasheets) and memory per device
     "a100-40gb": (312e12, 40), "a100": (312e12, 80), "h100": (989e12, 80), "h200": (989e12, 141),
     "l40s": (362e12, 48),
@@ -69,19 +61,6 @@ class Plan:
             raise ValueError(f"loss_fraction must be in (0, 1], got {self.loss_fraction}")
         if self.gpus > 1:
             self.fsdp = True  # the trainer always shards with FSDP2 under torchrun
-
-
-def resolve_config(model: str) -> Qwen3Config:
-    """A built-in name, an HF config.json, or a checkpoint directory holding one."""
-    if model.lower() in MODELS:
-        hidden, mlp, layers, heads, tied = MODELS[model.lower()]
-        return Qwen3Config(**_SHARED, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-                           num_attention_heads=heads, tie_word_embeddings=tied)
-    path = Path(model)
-    path = path / "config.json" if path.is_dir() else path
-    if not path.is_file():
-        raise SystemExit(f"--model {model}: not a built-in name ({', '.join(MODELS)}) and no config.json there")
-    return Qwen3Config.from_json(path)
 
 
 def parameter_counts(config: Qwen3Config) -> dict[str, int]:
@@ -147,7 +126,11 @@ def estimate_memory(config: Qwen3Config, plan: Plan) -> dict[str, float]:
     phases = {"forward_end": forward_end, "embedding_backward": embedding_grad}  # fused AdamW: no temporaries
     out |= {"activations": activations, "loss_buffers": loss, "unsharded_copies": unsharded}
     out["transient_phase"] = max(phases, key=phases.get)
-    out["training"] = out["weights"] + out["gradients"] + out["adamw_moments"] + max(phases.values())
+    if plan.device == "cuda":  # gradients are set to None after each step: alive only in the backward phase
+        phases["embedding_backward"] += out["gradients"]
+        out["training"] = out["weights"] + out["adamw_moments"] + max(phases.values())
+    else:
+        out["training"] = out["weights"] + out["gradients"] + out["adamw_moments"] + max(phases.values())
     out["runtime"] = RUNTIME_BYTES[plan.device]
     out["peak"] = out["training"] + out["runtime"]
     return out

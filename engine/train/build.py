@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, load_sharded
 from ..config import Qwen3Config
 from ..errors import ConfigError
 from ..model import Qwen3
@@ -32,12 +32,30 @@ def resolve_tokenizer_dir(settings: ModelSettings) -> Path:
     return path
 
 
-def build_model(settings: ModelSettings, dtype: torch.dtype, device: torch.device) -> Qwen3:
+def meta_model(config: Qwen3Config, dtype: torch.dtype) -> Qwen3:
+    """The model on the meta device with parameters in `dtype` (nothing allocated yet)."""
+    with torch.device("meta"):
+        model = Qwen3(config)
+    return model.to(dtype=dtype)
+
+
+def build_model(settings: ModelSettings, dtype: torch.dtype, device: torch.device, shard=None) -> Qwen3:
+    """The run's model on `device`. With `shard` (e.g. FSDP2's `shard_model`), a checkpoint is sharded on the
+    meta device first and each rank reads only its own rows from the safetensors files: no rank ever holds a
+    full copy (fp32 Qwen3-32B is 131 GB)."""
     if settings.path is not None:
-        return load_model(settings.path, dtype=dtype, device=device)
+        if shard is None:
+            return load_model(settings.path, dtype=dtype, device=device)
+        model = meta_model(Qwen3Config.from_json(Path(settings.path) / "config.json"), dtype)
+        shard(model)
+        return load_sharded(model, settings.path, device)
     model = Qwen3(Qwen3Config.from_json(settings.config))
     model.init_weights(seed=settings.init_seed)
-    return model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=dtype)
+    model.reset_buffers()  # RoPE's inv_freq stays fp32 whatever the parameter dtype
+    if shard is not None:
+        shard(model)
+    return model
 
 
 def build_vocab(settings: VocabSettings, example_sets, template, vocab_size: int) -> VocabMap | None:

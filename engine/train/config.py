@@ -91,6 +91,7 @@ class TrainSettings:
     activation_checkpointing: bool = False
     max_nonfinite_steps: PositiveInt = 3  # stop after this many non-finite steps in a row
     device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto": cuda when available, else cpu
+    dist_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 7200.0  # collectives; covers first-run tokenising
 
     def __post_init__(self):
         if self.batch_size is not None and self.grad_accum != 1:
@@ -105,6 +106,7 @@ class OutputSettings:
     progress: bool = True
     wandb: bool = False                # also log config and metrics to Weights & Biases (pip install wandb)
     wandb_project: str = "qforge"
+    dtype: Literal["source", "bf16", "fp16", "fp32"] = "source"  # final/ weights: the loaded checkpoint's dtype
 
 
 @settings

@@ -114,12 +114,11 @@ class DPO:
         self.tables = _loss_tables(vocab, dist_.device)
         bind_forward_method(model, "sequence_logps", sequence_logps)
         if self.reference == "live":
-            from .loop import _precision  # the run's dtypes, the same as the policy's
+            from .loop import precision_policy  # the run's dtypes, the same as the policy's
 
-            param_dtype, compute_dtype, _ = _precision(config, dist_)
-            reference = build_model(config.model, param_dtype, dist_.device).requires_grad_(False).eval()
-            if dist_.enabled:
-                shard_model(reference, compute_dtype)
+            param_dtype, compute_dtype, _ = precision_policy(config.train.precision, dist_)
+            shard = (lambda m: shard_model(m, compute_dtype, dist_.device)) if dist_.enabled else None
+            reference = build_model(config.model, param_dtype, dist_.device, shard=shard).requires_grad_(False).eval()
             bind_forward_method(reference, "sequence_logps", sequence_logps)
             self.reference_model = reference
             return
@@ -192,9 +191,7 @@ class DPO:
         pairs_total = float(dist_.all_reduce_sum(float(sum(b.num_pairs for b in micro_batches))))
         chosen_total = float(dist_.all_reduce_sum(float(sum(chosen_token_count(b) for b in micro_batches))))
         stats = torch.zeros(len(STATS), dtype=torch.float64, device=dist_.device)
-        for i, batch in enumerate(micro_batches):
-            if dist_.enabled and hasattr(model, "set_requires_gradient_sync"):
-                model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        for batch in micro_batches:  # gradients reduce-scattered after each (see parallel.shard_model)
             loss, batch_stats = self._pair_loss(model, batch.to(dist_.device), autocast, pairs_total, chosen_total)
             (loss * dist_.world).backward()  # FSDP averages gradients over ranks
             stats += batch_stats.to(stats.device)

@@ -86,15 +86,25 @@ def train_step(model, micro_batches, dist_: Dist, vocab: VocabMap | None = None,
     global_weight = float(dist_.all_reduce_sum(step_weight(micro_batches)))
     scale = dist_.world / max(global_weight, 1e-12)
     tables = _loss_tables(vocab, dist_.device)
-    loss_sum = 0.0
-    for i, batch in enumerate(micro_batches):
-        if dist_.enabled and hasattr(model, "set_requires_gradient_sync"):
-            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+    loss_sum = None  # stays on the device: a float() per micro-batch would stall the GPU between them
+    for batch in micro_batches:
         with autocast():
-            loss = model.loss(batch.to(dist_.device), **tables)
+            loss = model.loss(batch.to(dist_.device, non_blocking=True), **tables)
         (loss * scale).backward()
-        loss_sum += float(loss.detach())
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     return float(dist_.all_reduce_sum(loss_sum)), global_weight
+
+
+def optimizer_step(model, optimizer, grad_clip: float | None) -> tuple[float, bool]:
+    """Clip the global gradient norm, then step unless it is non-finite; returns (norm, stepped)."""
+    clip = grad_clip or float("inf")  # 0 or None: no clipping
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    stepped = math.isfinite(grad_norm)
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, stepped
 
 
 @torch.no_grad()
@@ -164,15 +174,23 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def _precision(config: FFTConfig, dist_: Dist):
+def precision_policy(precision: str, dist_: Dist):
     """(parameter dtype, FSDP compute dtype, autocast context) for train.precision."""
-    if config.train.precision == "fp32":
+    if precision == "fp32":
         return torch.float32, None, contextlib.nullcontext
-    if config.train.precision == "bf16":
+    if precision == "bf16":
         return torch.bfloat16, None, contextlib.nullcontext
     if dist_.enabled:  # bf16-mixed under FSDP2: fp32 master weights, bf16 unsharded compute copies
         return torch.float32, torch.bfloat16, contextlib.nullcontext
     return torch.float32, None, lambda: torch.autocast(dist_.device.type, dtype=torch.bfloat16)
+
+
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def export_dtype(name: str) -> torch.dtype | None:
+    """output.dtype → the dtype `final/` is written in; None ("source") keeps the loaded checkpoint's."""
+    return None if name == "source" else EXPORT_DTYPES[name]
 
 
 def _nonfinite_parameters(model, dist_: Dist) -> tuple[int, list[str]]:
@@ -226,7 +244,7 @@ def train(config: FFTConfig, objective: Objective | None = None,
           evaluate: Callable[[EvalPoint], dict] | None = None) -> TrainResult:
     """Runs (or resumes) a fine-tuning run; holds the lock on output.dir throughout. `objective`: see
     objective.py; `evaluate` is called at every train.eval_every steps and after the last step (see EvalPoint)."""
-    dist_ = init_distributed(config.train.device)
+    dist_ = init_distributed(config.train.device, config.train.dist_timeout_s)
     with OutputLock(config.output.dir, dist_):
         if dist_.is_main:
             clean_stale_temporaries(config.output.dir)
@@ -247,16 +265,19 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
     template = ChatTemplate.from_pretrained(tokenizer_dir)
     datasets, eval_examples, data_fingerprint = (objective.load_data if objective else _load_data)(config, template,
                                                                                                    dist_)
-    param_dtype, compute_dtype, autocast = _precision(config, dist_)
-    model = build_model(config.model, param_dtype, dist_.device)
+    param_dtype, compute_dtype, autocast = precision_policy(config.train.precision, dist_)
     adapter_params = None  # LoRA: the only trainable parameters (MFU counts no weight gradients of the base)
-    if config.train.method == "lora":
+    if config.train.method == "lora":  # adapters wrap the loaded block linears, then FSDP shards the whole
+        model = build_model(config.model, param_dtype, dist_.device)
         apply_lora(model, config.train.lora, seed=config.train.seed)
         adapter_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if dist_.enabled:
+            shard_model(model, compute_dtype, dist_.device)
+    else:  # under FSDP each rank reads only its own shards of the checkpoint
+        shard = (lambda m: shard_model(m, compute_dtype, dist_.device)) if dist_.enabled else None
+        model = build_model(config.model, param_dtype, dist_.device, shard=shard)
     vocab = build_vocab(config.vocab, datasets + [eval_examples], template, model.config.vocab_size)
     model.activation_checkpointing = config.train.activation_checkpointing
-    if dist_.enabled:
-        shard_model(model, compute_dtype)
     if objective is not None:  # before resuming: a reference model or log-probs come from the starting weights
         objective.prepare(model, config, vocab, dist_, autocast)
     model.train()
@@ -337,18 +358,18 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
                 loss_sum, weight = train_step(model, micro_batches, dist_, vocab, autocast)
             else:
                 loss_sum, weight, extra = objective.train_step(model, micro_batches, dist_, vocab, autocast)
-            clip = config.optim.grad_clip or float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             loss = loss_sum / max(weight, 1e-12)
             lr = scheduler.get_last_lr()[0]
-            if math.isfinite(loss) and math.isfinite(grad_norm):
-                optimizer.step()
+            if math.isfinite(loss):
+                grad_norm, stepped = optimizer_step(model, optimizer, config.optim.grad_clip)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                grad_norm, stepped = float("nan"), False
+            if stepped:
                 counters["nonfinite_in_a_row"] = 0
             else:
                 counters["skipped_steps"] += 1
                 counters["nonfinite_in_a_row"] += 1
-            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
             if counters["nonfinite_in_a_row"] >= config.train.max_nonfinite_steps:
@@ -391,16 +412,23 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
             if eval_batches:
                 logger.log({"step": step, **_evaluate(objective, model, eval_batches, dist_, vocab, autocast)})
             run_evaluation(step)
-            state = full_state_dict(model) if dist_.enabled else None
-            if dist_.is_main:
-                try:
-                    with stop.immediate():
-                        if config.train.method == "lora":  # merged weights for the HF export (+ the adapter alone)
+            dtype = export_dtype(config.output.dtype)
+            try:
+                with stop.immediate():
+                    if config.train.method == "lora":  # merged weights for the HF export (+ the adapter alone)
+                        state = full_state_dict(model) if dist_.enabled else None
+                        if dist_.is_main:
                             state = export_lora(model, out, config.model.path, state)
-                        result.final_dir = save_model(model, out / "final", tokenizer_dir=tokenizer_dir,
-                                                      state_dict=state, vocab=vocab)
-                except Interrupted:
-                    result.interrupted = True
+                            result.final_dir = save_model(model, out / "final", tokenizer_dir=tokenizer_dir,
+                                                          state_dict=state, vocab=vocab, dtype=dtype)
+                    else:  # every rank takes part: parameters gathered one at a time, files written by turns
+                        final = save_model(model, out / "final", tokenizer_dir=tokenizer_dir, vocab=vocab,
+                                           dtype=dtype, dist_=dist_)
+                        if dist_.is_main:
+                            result.final_dir = final
+            except Interrupted:
+                result.interrupted = True
+            if dist_.is_main:
                 plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
             result.interrupted = float(dist_.all_reduce_sum(1.0 if result.interrupted else 0.0)) > 0
     logger.close()

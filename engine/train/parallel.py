@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,10 @@ class Dist:
 
     def all_reduce_sum(self, value: float | torch.Tensor) -> torch.Tensor:
         """Sum over ranks in fp64 (token and weight counts must not lose integers)."""
-        tensor = torch.as_tensor(value, dtype=torch.float64, device=self.device).clone()
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().to(torch.float64).clone()
+        else:
+            tensor = torch.tensor(value, dtype=torch.float64).to(self.device)
         if self.enabled:
             dist.all_reduce(tensor)
         return tensor
@@ -40,8 +44,11 @@ class Dist:
             dist.barrier()
 
 
-def init_distributed(device: str = "auto") -> Dist:
-    """Reads torchrun's environment; NCCL on CUDA, gloo on CPU."""
+def init_distributed(device: str = "auto", timeout_s: float = 7200.0) -> Dist:
+    """Reads torchrun's environment; NCCL on CUDA, gloo on CPU.
+
+    `timeout_s` bounds every collective, including the barrier other ranks wait in while rank 0 tokenises a
+    large dataset on a first run (NCCL's 10-minute default would kill them)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -52,7 +59,7 @@ def init_distributed(device: str = "auto") -> Dist:
         torch.cuda.set_device(local_rank)
         target = torch.device("cuda", local_rank)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return Dist(rank, world, target)
 
 
@@ -64,16 +71,27 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None) -> torch.nn.Module:
-    """FSDP2: each block its own unit, then the root; `loss` becomes an FSDP forward method."""
+def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None, device: torch.device | None = None,
+                mesh=None) -> torch.nn.Module:
+    """FSDP2: each block its own unit, then the root; `loss` becomes an FSDP forward method.
+
+    Works on a meta-device model (then materialise each rank's shards, see checkpoint.load_sharded).
+    - `cast_forward_inputs=False`: the inputs are token ids plus `loss_weight`, which must stay fp32 (a bf16
+      1/3 is 0.333984); the embedding's bf16 output already starts the bf16 compute.
+    - Only `loss` (and `forward`) are FSDP entry points: `hidden` runs inside them, and registering it too made
+      its post-forward reshard the root unit (embedding + head) that the loss and backward gather again.
+    - Gradients are reduce-scattered after every micro-batch (no `set_requires_gradient_sync(False)`): with
+      `reduce_dtype=float32` skipping the sync keeps every block's unsharded fp32 gradient (see README, twin)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if mesh is None and device is not None:
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in model.layers:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     register_fsdp_forward_method(model, "loss")
-    register_fsdp_forward_method(model, "hidden")
     return model
 
 

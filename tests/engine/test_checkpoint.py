@@ -48,9 +48,13 @@ def test_dtype_and_generation_config_round_trip(tmp_path):
     (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9], "temperature": 0.6}))
     model = load_model(src)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    out = save_model(model, tmp_path / "out")
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    out = save_model(model, tmp_path / "out")  # by default in the source checkpoint's dtype (fp32 here)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [7, 9]
+    out = save_model(model, tmp_path / "bf16", dtype=torch.bfloat16)  # output.dtype overrides it
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
 
 
 def test_missing_wrong_shape_and_unexpected_tensors_are_listed_together(tmp_path):

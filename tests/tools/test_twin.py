@@ -1,0 +1,199 @@
+"""The GPU twin at tiny shapes: the trainer's own FSDP2 step on fake tensors, checked against closed forms
+(parameter counts, FLOP formulas) and used to pin findings of issue #12 (each would have failed before)."""
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from qforge.engine.config import Qwen3Config
+from qforge.engine.train.metrics import training_flops
+from qforge.tools.estimate import parameter_counts
+from qforge.tools.twin.__main__ import main, plan_from_config
+from qforge.tools.twin.contracts import ContractError, check_triton_launch, check_varlen_inputs
+from qforge.tools.twin.run import TwinPlan, labelled_tokens, run_twin, sequence_lengths
+
+TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("twin") / "config.json"
+    path.write_text(json.dumps(TINY | {"model_type": "qwen3"}))
+    return str(path)
+
+
+class Observed:
+    """What reached the fused loss and attention, and how often each FSDP unit was gathered."""
+
+    def __init__(self, monkeypatch):
+        from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+        from qforge.engine import attention, model
+
+        self.loss_inputs, self.attention_inputs, self.unshards = [], [], Counter()
+        loss, varlen = model.fused_linear_cross_entropy, attention.varlen_attention
+
+        def observed_loss(hidden, weight, labels, **kwargs):
+            self.loss_inputs.append((hidden.dtype, weight.dtype, kwargs["loss_weight"].dtype))
+            return loss(hidden, weight, labels, **kwargs)
+
+        def observed_attention(q, k, v, *args):
+            self.attention_inputs.append((q.dtype, k.dtype, v.dtype, attention.attention_backend(q.device, q.dtype)))
+            return varlen(q, k, v, *args)
+
+        unshard = FSDPParamGroup.unshard
+
+        def counted_unshard(group, *args, **kwargs):
+            if not group.is_unsharded and group._all_gather_result is None:  # else a prefetch already gathers it
+                self.unshards[group._module_fqn] += 1
+            return unshard(group, *args, **kwargs)
+
+        monkeypatch.setattr(model, "fused_linear_cross_entropy", observed_loss)
+        monkeypatch.setattr(model, "varlen_attention", observed_attention)
+        monkeypatch.setattr(FSDPParamGroup, "unshard", counted_unshard)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tiny_config):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        observed = Observed(monkeypatch)
+        plan = TwinPlan(model=tiny_config, gpus=2, tokens=256, seq_len=64, grad_accum=2)
+        return plan, run_twin(plan), observed
+
+
+def test_fsdp_step_memory_matches_parameter_counts(fsdp_run):
+    plan, result, _ = fsdp_run
+    config = Qwen3Config(**TINY)
+    params = parameter_counts(config)["total"]
+    tensors = 3 + config.num_hidden_layers * 11  # embedding, head, final norm; 11 per block
+    categories = result["memory"]["tracker_categories_at_peak"]
+    assert categories["Sharded Param"] == params * 4 / plan.gpus  # fp32 master weights, 1/world each
+    # AdamW: two fp32 moments per element plus one fp32 step counter per parameter tensor
+    assert categories["OptState"] == 2 * params * 4 / plan.gpus + 4 * tensors
+    assert categories["Sharded Grad"] <= params * 4 / plan.gpus
+
+
+def test_grad_accumulation_keeps_no_unsharded_fp32_gradients(fsdp_run):
+    """Finding 4: with gradient sync skipped between micro-batches FSDP2 kept every unsharded fp32 gradient."""
+    _, result, _ = fsdp_run
+    assert result["memory"]["tracker_categories_at_peak"]["Unsharded Grad"] == 0
+
+
+def test_root_unit_is_gathered_once_per_micro_batch(fsdp_run):
+    """Finding 8: the root (embedding + head) was resharded after `loss` and gathered again for backward."""
+    plan, _, observed = fsdp_run
+    assert observed.unshards[""] == plan.grad_accum
+    # blocks: once in the forward, once more in the backward (reshard_after_forward)
+    assert observed.unshards["layers.0"] == 2 * plan.grad_accum
+
+
+def test_loss_weight_stays_fp32_under_fsdp_mixed_precision(fsdp_run):
+    """Finding 6: MixedPrecisionPolicy cast forward inputs, so loss_weight reached the loss in bf16."""
+    _, _, observed = fsdp_run
+    assert observed.loss_inputs and all(inputs == (torch.bfloat16, torch.bfloat16, torch.float32)
+                                        for inputs in observed.loss_inputs)
+
+
+def test_roofline_flops_match_the_closed_forms(fsdp_run):
+    """Matmuls: 6 × block parameters per token + 6·H·V per labelled token (the fused loss's three matmuls);
+    attention: flash-attn's 2 forward + 5 backward matmuls over the causal half of each sequence."""
+    plan, result, _ = fsdp_run
+    ops = result["roofline"]["by_op_class"]
+    config = Qwen3Config(**TINY)
+    lengths = sequence_lengths(plan)
+    attention = sum(n * n for n in lengths) * config.num_hidden_layers * 2 * config.num_attention_heads * \
+        config.head_dim * plan.grad_accum  # forward: 2 matmuls × 2 FLOP × n²/2 pairs × Hq·D
+    model = training_flops(config, lengths, labelled_tokens(plan), TINY["vocab_size"]) * plan.grad_accum
+    assert ops["matmul"]["flops"] == pytest.approx(model - 3 * attention, rel=1e-9)
+    assert ops["attention"]["flops"] == pytest.approx(3.5 * attention, rel=1e-9)
+    assert 0 < result["roofline"]["predicted_mfu_bound"] <= 1
+
+
+def test_host_syncs_are_named_with_their_call_sites(fsdp_run):
+    _, result, _ = fsdp_run
+    sites = {(s["site"].split(" ")[0].rsplit(":", 1)[0], s["where"]) for s in result["host_syncs"]}
+    assert ("engine/train/loop.py", "between") in sites
+    # nothing in qforge's own model code syncs inside a micro-batch's forward/backward
+    assert not [s for s in result["host_syncs"] if s["site"].startswith("engine/") and s["where"] != "between"]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp32"])
+def test_single_gpu_precisions_hand_attention_and_loss_the_compute_dtype(tiny_config, precision, monkeypatch):
+    """Findings 1 and 2: under autocast q/k reached attention as fp32 (norm weights promoted them) and the loss
+    ran in fp32; fp32 runs were sent to flash-attn. Either would raise a ContractError in the twin."""
+    observed = Observed(monkeypatch)
+    run_twin(TwinPlan(model=tiny_config, gpus=1, tokens=128, seq_len=64, precision=precision))
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    backend = "flash_attn" if precision == "bf16-mixed" else "sdpa"
+    assert set(observed.attention_inputs) == {(dtype, dtype, dtype, backend)}
+    assert {inputs[:2] for inputs in observed.loss_inputs} == {(dtype, dtype)}
+
+
+def _varlen(q_dtype=torch.bfloat16, k_dtype=torch.bfloat16, cu_dtype=torch.int32, head_dim=64, max_seqlen=8,
+            heads=(4, 2)):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(16, heads[0], head_dim, dtype=q_dtype)
+        k = torch.empty(16, heads[1], head_dim, dtype=k_dtype)
+        v = torch.empty(16, heads[1], head_dim, dtype=k_dtype)
+        cu = torch.empty(3, dtype=cu_dtype)
+        check_varlen_inputs("flash_attn_varlen_func", q, k, v, cu, cu, max_seqlen, max_seqlen)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(q_dtype=torch.float32, k_dtype=torch.float32), "only fp16 and bf16"),
+    (dict(k_dtype=torch.float16), "same dtype"),
+    (dict(cu_dtype=torch.int64), "int32"),
+    (dict(max_seqlen=torch.tensor(8)), "Python int"),
+    (dict(head_dim=320), "head_dim"),
+    (dict(heads=(4, 3)), "must divide"),
+])
+def test_varlen_contract_rejects_what_flash_attn_rejects(bad, message):
+    _varlen()  # the valid call passes
+    with pytest.raises(ContractError, match=message):
+        _varlen(**bad)
+
+
+def test_triton_contract_rejects_strided_rows_and_host_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from qforge.kernels.swiglu import _swiglu_forward_kernel
+
+    with FakeTensorMode():
+        gate = torch.empty(8, 64)
+        strided = torch.empty(64, 8).T
+        launch = check_triton_launch(_swiglu_forward_kernel, (4,), (gate, gate, gate, gate.numel()), {"BLOCK": 1024})
+        assert launch["programs"] == 4
+        with pytest.raises(ContractError, match="stride"):
+            check_triton_launch(_swiglu_forward_kernel, (4,), (gate, strided, gate, 512), {"BLOCK": 1024})
+        with pytest.raises(ContractError, match="power of two"):
+            check_triton_launch(_swiglu_forward_kernel, (4,), (gate, gate, gate, 512), {"BLOCK": 1000})
+    with pytest.raises(ContractError, match="host tensor"):
+        check_triton_launch(_swiglu_forward_kernel, (4,), (torch.empty(8),) * 3 + (8,), {"BLOCK": 1024})
+
+
+def test_cli_reads_a_training_config(tmp_path):
+    fields = plan_from_config("recipes/configs/qwen3-8b-8gpu.yaml", None, None)
+    assert fields == {"model": "qwen3-8b", "gpus": 8, "tokens": 16384, "grad_accum": 2, "precision": "bf16-mixed",
+                      "activation_checkpointing": True}
+
+
+def test_cli_writes_json(tiny_config, tmp_path, capsys):
+    out = tmp_path / "twin.json"
+    assert main(["--model", tiny_config, "--gpus", "2", "--tokens", "128", "--seq-len", "64", "--json", str(out)]) == 0
+    assert "predicted MFU" in capsys.readouterr().out
+    assert json.loads(out.read_text())["memory"]["fits"] is True
+
+
+def test_estimate_agrees_with_the_twin(fsdp_run):
+    """tools/estimate's closed-form GPU memory against the twin's tracked peak (within 10%)."""
+    from qforge.tools.estimate import Plan, estimate_memory
+
+    plan, result, _ = fsdp_run
+    estimate = estimate_memory(Qwen3Config(**TINY), Plan(tokens=plan.tokens, gpus=plan.gpus, seq_len=plan.seq_len,
+                                                         grad_accum=plan.grad_accum))["training"]
+    twin = result["memory"]["peak_tracked_bytes"]
+    assert estimate == pytest.approx(twin, rel=0.10), (estimate / 2**20, twin / 2**20)

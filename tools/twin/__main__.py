@@ -1,0 +1,71 @@
+"""python -m qforge.tools.twin --config recipes/configs/qwen3-8b-8gpu.yaml [--gpu h100] [--json OUT]
+python -m qforge.tools.twin --model qwen3-8b --gpus 8 --tokens 16384 [--grad-accum N] [--activation-checkpointing]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+from .gpus import GPUS
+from .report import format_report
+from .run import TwinPlan, run_twin
+
+
+def plan_from_config(path: str, gpus: int | None, model: str | None) -> dict:
+    """TwinPlan fields from a training YAML: model (by its directory name, e.g. /models/Qwen3-8B), GPUs (the
+    `--nproc_per_node` in its header comment, else 1), tokens, grad_accum, precision, checkpointing."""
+    from qforge.engine.config_io import read_yaml
+
+    raw = read_yaml(path)
+    text = Path(path).read_text()
+    model_path = (raw.get("model") or {}).get("path") or (raw.get("model") or {}).get("config")
+    nproc = re.search(r"--nproc_per_node[= ](\d+)", text)
+    train = raw.get("train") or {}
+    return {"model": model or Path(str(model_path)).name.lower(), "gpus": gpus or (int(nproc.group(1)) if nproc else 1),
+            "tokens": (raw.get("data") or {}).get("max_tokens", 16384), "grad_accum": train.get("grad_accum", 1),
+            "precision": train.get("precision", "bf16-mixed"),
+            "activation_checkpointing": bool(train.get("activation_checkpointing", False))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="GPU twin: the trainer's step at real shapes on fake GPUs")
+    parser.add_argument("--config", help="a training YAML (recipes/configs/qwen3-*.yaml)")
+    parser.add_argument("--model", help="qwen3-0.6b … qwen3-32b, or a config.json / checkpoint directory")
+    parser.add_argument("--gpus", type=int)
+    parser.add_argument("--tokens", type=int, help="packed micro-batch tokens per GPU")
+    parser.add_argument("--seq-len", type=int, default=2048, help="length of the packed sequences")
+    parser.add_argument("--grad-accum", type=int)
+    parser.add_argument("--activation-checkpointing", action="store_true", default=None)
+    parser.add_argument("--precision", choices=("bf16-mixed", "bf16", "fp32"))
+    parser.add_argument("--gpu", choices=tuple(GPUS), default="h100")
+    parser.add_argument("--attention", choices=("flash_attn", "torch_varlen"), default="flash_attn")
+    parser.add_argument("--kept-vocab", type=int, help="output rows kept by vocab.restrict")
+    parser.add_argument("--loss-fraction", type=float, default=1.0, help="share of tokens with a label")
+    parser.add_argument("--json", metavar="OUT", help="also write the report as JSON")
+    args = parser.parse_args(argv)
+    logging.disable(logging.WARNING)
+    fields = plan_from_config(args.config, args.gpus, args.model) if args.config else {}
+    if not args.config and not args.model:
+        parser.error("give --config or --model")
+    for key in ("model", "gpus", "tokens", "grad_accum", "precision", "activation_checkpointing"):
+        value = getattr(args, key)
+        if value is not None:
+            fields[key] = value
+    try:
+        plan = TwinPlan(**fields, seq_len=args.seq_len, gpu=args.gpu, attention=args.attention,
+                        kept_vocab=args.kept_vocab, loss_fraction=args.loss_fraction)
+    except ValueError as error:
+        parser.error(str(error))
+    result = run_twin(plan)
+    print(format_report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    return 0 if result["memory"]["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

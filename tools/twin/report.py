@@ -1,0 +1,33 @@
+"""The twin's report as a table (the JSON is the `run_twin` dict itself)."""
+from __future__ import annotations
+
+GIB = 2**30
+
+
+def format_report(result: dict) -> str:
+    plan, memory, roof = result["plan"], result["memory"], result["roofline"]
+    lines = [f"{plan['model']} on {plan['gpus']}× {result['gpu']['name']}: {plan['tokens']} tokens/GPU per micro-batch "
+             f"(sequences of {plan['seq_len']}), grad_accum {plan['grad_accum']}, {plan['precision']}, "
+             f"activation checkpointing {'on' if plan['activation_checkpointing'] else 'off'}, "
+             f"attention {plan['attention']}",
+             "memory per GPU at the step's peak (FSDPMemTracker):"]
+    for name, value in memory["by_category_at_peak"].items():
+        lines.append(f"  {name:<24} {value / GIB:8.2f} GiB")
+    lines.append(f"  {'(fused loss, peak inside)':<24} {memory['loss_temporaries_bytes'] / GIB:8.2f} GiB")
+    lines.append(f"  {'runtime reserve (assumed)':<24} {memory['runtime_reserve_bytes'] / GIB:8.2f} GiB")
+    verdict = "fits with ≥10% headroom" if memory["fits"] else "does NOT fit with 10% headroom"
+    lines.append(f"  {'peak':<24} {memory['peak_bytes'] / GIB:8.2f} GiB of {result['gpu']['memory_bytes'] / GIB:.1f} "
+                 f"GiB — {verdict}")
+    lines.append("roofline per step (a bound from datasheet peaks, not a measurement):")
+    for name, row in sorted(roof["by_op_class"].items(), key=lambda kv: -kv[1]["seconds"]):
+        lines.append(f"  {name:<36} {row['flops'] / 1e12:9.2f} TFLOP {row['bytes'] / 1e9:9.2f} GB "
+                     f"{row['seconds'] * 1e3:9.2f} ms")
+    lines.append(f"  compute {roof['compute_seconds_per_step'] * 1e3:.1f} ms/step "
+                 f"({roof['compute_seconds_per_micro_batch'] * 1e3:.1f} ms/micro-batch), collectives "
+                 f"{roof['communication_seconds_per_step'] * 1e3:.1f} ms (overlapped by FSDP) → predicted MFU ≤ "
+                 f"{roof['predicted_mfu_bound']:.1%}, ≤ {roof['tokens_per_s_per_gpu_bound']:.0f} tokens/s/GPU")
+    syncs = result["host_syncs"]
+    lines.append(f"host-device syncs ({sum(s['count'] for s in syncs)}):")
+    for sync in syncs:
+        lines.append(f"  {sync['site']:<58} {sync['op']:<20} {sync['where']:<8} ×{sync['count']}")
+    return "\n".join(lines)

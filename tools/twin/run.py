@@ -1,0 +1,285 @@
+"""One optimizer step of the trainer's own code at real shapes on fake CUDA tensors over a fake process group.
+
+What runs is qforge's: `meta_model` + `shard_model` (FSDP2, one unit per block), `build_optimizer` (fused
+AdamW), `train_step` (packed micro-batches, grad accumulation, the fused loss) and `optimizer_step` (global
+clip + AdamW). The twin supplies the fake devices (fake_cuda), the CUDA-only libraries' contract stand-ins
+(contracts), and observers: FSDPMemTracker (memory by category), Roofline (FLOPs/bytes), HostSyncs.
+One step is measured, after AdamW's state has been created (a first step leaves it alive through every later
+step's forward and backward).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from qforge.engine.data.packing import PackedBatch
+from qforge.engine.train.build import meta_model
+from qforge.engine.train.config import OptimSettings
+from qforge.engine.vocab import VocabMap
+from qforge.engine.train.loop import optimizer_step, precision_policy, train_step
+from qforge.engine.train.metrics import training_flops
+from qforge.engine.train.optim import build_optimizer
+from qforge.engine.train.parallel import Dist, shard_model
+
+from .contracts import attention_standins, triton_launch_standins
+from .fake_cuda import FakeDeviceFunctions, in_sharding_propagation, mark_sharding_propagation, route_cuda_paths
+from .gpus import GPUS
+from .models import resolve_config
+from .roofline import Roofline
+from .syncs import HostSyncs, where
+
+RUNTIME_RESERVE = 2 * 2**30  # CUDA context, NCCL and cuBLAS workspaces: not tensors, not tracked (assumed)
+HEADROOM = 0.10
+
+
+@dataclass
+class TwinPlan:
+    model: str = "qwen3-8b"
+    gpus: int = 8
+    tokens: int = 16384            # packed micro-batch budget per GPU (data.max_tokens)
+    seq_len: int = 2048            # length of each packed sequence (attention cost)
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+    precision: str = "bf16-mixed"
+    gpu: str = "h100"
+    attention: str = "flash_attn"  # which CUDA varlen kernel is installed: flash_attn or torch_varlen
+    kept_vocab: int | None = None  # output rows kept by vocab.restrict (None: all)
+    loss_fraction: float = 1.0     # share of tokens with a label
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.gpu not in GPUS:
+            raise ValueError(f"gpu {self.gpu!r}: expected one of {', '.join(GPUS)}")
+        if self.attention not in ("flash_attn", "torch_varlen"):
+            raise ValueError(f"attention {self.attention!r}: expected flash_attn or torch_varlen")
+        if min(self.gpus, self.tokens, self.seq_len, self.grad_accum) < 1 or not 0 < self.loss_fraction <= 1:
+            raise ValueError("gpus, tokens, seq_len, grad_accum must be positive and loss_fraction in (0, 1]")
+
+
+def sequence_lengths(plan: TwinPlan) -> list[int]:
+    full, rest = divmod(plan.tokens, min(plan.seq_len, plan.tokens))
+    return [min(plan.seq_len, plan.tokens)] * full + ([rest] if rest else [])
+
+
+def labelled_tokens(plan: TwinPlan) -> int:
+    """Positions with a label in one micro-batch (a sequence's last position never has one)."""
+    return sum(max(0, math.ceil(n * plan.loss_fraction) - 1) for n in sequence_lengths(plan))
+
+
+def packed_batch(plan: TwinPlan, vocab_size: int) -> PackedBatch:
+    """A host-side micro-batch of the plan's shape; `loss_fraction` of each sequence's positions are labelled."""
+    lengths = sequence_lengths(plan)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    labels = torch.where(positions < (positions.new_tensor(lengths).repeat_interleave(torch.tensor(lengths)) *
+                                      plan.loss_fraction).ceil().long() - 1, positions % vocab_size, -100)
+    return PackedBatch(input_ids=positions % vocab_size, position_ids=positions, cu_seqlens=cu,
+                       max_seqlen=max(lengths), labels=labels, loss_weight=torch.ones(plan.tokens))
+
+
+def _tracker(model, optimizer, sharded: bool, probe: dict):
+    """FSDPMemTracker (MemTracker without FSDP) that also records the peak inside the fused loss."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    base = FSDPMemTracker if sharded else MemTracker
+
+    class Tracker(base):
+        def _instrument_fsdp_module(self):
+            """The root unit runs through `loss` (an FSDP forward method), which calls the FSDP state's
+            pre/post-forward directly instead of module hooks: instrument those calls too."""
+            super()._instrument_fsdp_module()
+            state = model._get_fsdp_state()
+            self._mod_tracker._known_modules[model] = type(model).__name__
+            state._pre_forward = self._fsdp_state_pre_forward(model, type(state)._pre_forward.__get__(state))
+            state._post_forward = self._fsdp_state_post_forward(model, type(state)._post_forward.__get__(state))
+
+        def _fsdp_state_pre_forward(self, fsdp_mod, orig):
+            inner = super()._fsdp_state_pre_forward(fsdp_mod, orig)
+
+            def pre_forward(*args, **kwargs):
+                if not self._mod_tracker.is_bw:  # per-module stats are not reported: one forward per micro-batch
+                    self.memory_tracking.pop(fsdp_mod, None)
+                return inner(*args, **kwargs)
+            return pre_forward
+
+        def _deregister_module_and_optimizer_hooks(self):
+            super()._deregister_module_and_optimizer_hooks()
+            state = model._get_fsdp_state()
+            for name in ("_pre_forward", "_post_forward"):
+                state.__dict__.pop(name, None)
+
+        def _pre_fw_hook(self, module, inputs):  # MemTracker (one GPU): one forward per micro-batch
+            if not self._mod_tracker.is_bw:
+                self.memory_tracking.pop(module, None)
+            return super()._pre_fw_hook(module, inputs)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if in_sharding_propagation():
+                return func(*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+        def _update_peak_stats(self, peak_state):
+            before = self._peak_mem.copy()
+            super()._update_peak_stats(peak_state)
+            if self._peak_mem != before:  # a new peak: remember where the step was
+                probe["peak_at"] = f"{probe.get('region', '?')}/{where()}"
+            if probe.get("active"):
+                total = sum(snap["Total"] for dev, snap in self._curr_mem_snap.items() if dev.type == "cpu")
+                probe["peak"] = max(probe.get("peak", 0), total)
+
+    if sharded:
+        return Tracker(model, optimizer)
+    tracker = Tracker()
+    tracker.track_external(model, optimizer)
+    return tracker
+
+
+def _device_snapshot(snapshot: dict) -> dict:
+    out = {}
+    for device, categories in snapshot.items():
+        if device.type == "cpu":
+            for key, value in categories.items():
+                name = getattr(key, "value", key)
+                out[name] = out.get(name, 0) + value
+    return out
+
+
+@contextlib.contextmanager
+def _loss_probe(tracker, probe: dict):
+    """Measures the fused loss call: memory at entry and the peak inside (both on the GPU)."""
+    from qforge.engine import model as model_module
+
+    original = model_module.fused_linear_cross_entropy
+
+    def probed(*args, **kwargs):
+        entry = sum(s["Total"] for d, s in tracker._curr_mem_snap.items() if d.type == "cpu")
+        probe.update(active=True, peak=entry)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            probe["active"] = False
+            probe["loss_temporaries"] = max(probe.get("loss_temporaries", 0), probe["peak"] - entry)
+
+    model_module.fused_linear_cross_entropy = probed
+    try:
+        yield
+    finally:
+        model_module.fused_linear_cross_entropy = original
+
+
+def _create_optimizer_state(model, optimizer):
+    """What a first step leaves behind: AdamW's moments (a step on zero gradients creates them)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _ensure_process_group(gpus: int):
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        if dist.get_backend() != "fake" or dist.get_world_size() != gpus:
+            dist.destroy_process_group()
+    if not dist.is_initialized():
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
+
+
+def run_twin(plan: TwinPlan) -> dict:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.device_mesh import init_device_mesh
+
+    gpu = GPUS[plan.gpu]
+    config = resolve_config(plan.model)
+    sharded = plan.gpus > 1
+    lengths = sequence_lengths(plan)
+    syncs, roofline = HostSyncs(labelled_tokens(plan)), Roofline(gpu, plan.gpus)
+    probe: dict = {}
+
+    def attention_observer(direction, q, k, v):
+        roofline.attention(direction, q, k, v, lengths)
+
+    device = torch.device("cpu")
+    dist_ = Dist(0, plan.gpus, device)
+    param_dtype, compute_dtype, autocast = precision_policy(plan.precision, dist_)
+    mesh = None
+    if sharded:
+        _ensure_process_group(plan.gpus)
+        mesh = init_device_mesh("cpu", (plan.gpus,))
+    model = meta_model(config, param_dtype)
+    model.activation_checkpointing = plan.activation_checkpointing
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    batches = [packed_batch(plan, config.vocab_size) for _ in range(plan.grad_accum)]
+    # host side, before the fake mode, as the trainer builds it
+    vocab = VocabMap.from_ids(range(plan.kept_vocab), config.vocab_size) if plan.kept_vocab else None
+    with fake_mode, FakeDeviceFunctions(fake_mode) as functions, route_cuda_paths(), mark_sharding_propagation(), \
+            triton_launch_standins(roofline.triton_launch), attention_standins(plan.attention, attention_observer):
+        if sharded:
+            shard_model(model, compute_dtype, mesh=mesh)
+        model.to_empty(device=device)
+        model.reset_buffers()
+        model.train()
+        optimizer = build_optimizer(model, OptimSettings())
+        _create_optimizer_state(model, optimizer)
+        tracker = _tracker(model, optimizer, sharded, probe)
+        with tracker, _loss_probe(tracker, probe), syncs, roofline:
+            syncs.region = roofline.region = probe["region"] = "micro-batches"
+            train_step(model, batches, dist_, vocab, autocast)
+            syncs.region = roofline.region = probe["region"] = "optimizer"
+            optimizer_step(model, optimizer, plan.grad_clip)
+        peak = _device_snapshot(tracker.get_tracker_snapshot("peak"))
+        host_to_device = functions.host_to_device_bytes
+
+    return _report(plan, config, gpu, peak, probe, roofline, syncs, lengths, host_to_device)
+
+
+CATEGORIES = {  # report category → FSDPMemTracker / MemTracker reference types
+    "parameters (sharded)": ("Sharded Param", "Parameter", "Buffer"),
+    "parameters (gathered)": ("Unsharded Param",),
+    "gradients": ("Sharded Grad", "Unsharded Grad", "Gradient"),
+    "optimizer state": ("OptState", "Optstate"),
+    "activations": ("Activation",),
+    "backward temporaries": ("Temp",),
+    "communication buffers": ("All Gather", "Reduce Scatter"),
+    "inputs": ("Inputs",),
+}
+
+
+def _report(plan, config, gpu, peak, probe, roofline, syncs, lengths, host_to_device) -> dict:
+    by_category = {name: sum(peak.get(key, 0) for key in keys) for name, keys in CATEGORIES.items()}
+    tracked = peak.get("Total", sum(by_category.values()))
+    total = tracked + RUNTIME_RESERVE
+    ops = roofline.summary()
+    compute = sum(row["seconds"] for name, row in ops.items() if name != "communication")
+    communication = ops.get("communication", {}).get("seconds", 0.0)
+    rows = plan.kept_vocab or config.vocab_size
+    model_flops = training_flops(config, lengths, labelled_tokens(plan), rows) * plan.grad_accum
+    step_seconds = max(compute, communication)
+    peak_flops = gpu.peak_flops(torch.bfloat16 if plan.precision != "fp32" else torch.float32)
+    return {
+        "plan": asdict(plan),
+        "gpu": {"name": gpu.name, "memory_bytes": gpu.memory_bytes, "source": gpu.source},
+        "memory": {
+            "peak_tracked_bytes": tracked, "runtime_reserve_bytes": RUNTIME_RESERVE, "peak_bytes": total,
+            "by_category_at_peak": by_category, "loss_temporaries_bytes": probe.get("loss_temporaries", 0),
+            "peak_at": probe.get("peak_at"),
+            "tracker_categories_at_peak": peak, "fits": total <= (1 - HEADROOM) * gpu.memory_bytes,
+            "headroom_fraction": 1 - total / gpu.memory_bytes,
+        },
+        "roofline": {
+            "note": "a roofline bound from datasheet peaks, not a measurement",
+            "by_op_class": ops, "compute_seconds_per_step": compute,
+            "compute_seconds_per_micro_batch": compute / plan.grad_accum,
+            "communication_seconds_per_step": communication, "step_seconds_bound": step_seconds,
+            "model_flops_per_step": model_flops, "predicted_mfu_bound": model_flops / (step_seconds * peak_flops),
+            "tokens_per_s_per_gpu_bound": plan.tokens * plan.grad_accum / step_seconds,
+            "host_to_device_bytes": host_to_device,
+        },
+        "host_syncs": syncs.records(),
+    }
