@@ -125,13 +125,13 @@ def _rows_torch(logits, targets, scale, z_loss, grad, kept_columns):
 
 
 def _cuda_layout(tensor: torch.Tensor) -> bool:
-    """Whether the mixed-dtype CUDA matmuls (`out_dtype=float32`) are available for this tensor."""
+    """Whether `tensor` takes the CUDA branches: mixed-dtype matmuls (`out_dtype=float32`), on-device checks."""
     return tensor.is_cuda
 
 
 def _mixed_matmul(out, a, b, accumulate):
     """out (fp32) = / += a @ b for bf16/fp16 a, b, accumulated in fp32 without a temporary on CUDA."""
-    if a.is_cuda:
+    if _cuda_layout(a):
         if accumulate:
             return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
         return torch.mm(a, b, out_dtype=out.dtype, out=out)
@@ -252,7 +252,7 @@ def _check_label_range(labels, active, vocab_size):
     bad = active & ((labels < 0) | (labels >= vocab_size))
     message = (f"fused_linear_cross_entropy: label(s) outside [0, {vocab_size}) that are not ignore_index: "
                "check the tokenizer matches the model")
-    if labels.is_cuda:
+    if _cuda_layout(labels):
         torch._assert_async(~bad.any(), message)
     elif bool(bad.any()):
         shown = ", ".join(str(i) for i in labels[bad].unique()[:10].tolist())

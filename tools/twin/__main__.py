@@ -17,7 +17,11 @@ from .run import TwinPlan, run_twin
 
 def plan_from_config(path: str, gpus: int | None, model: str | None) -> dict:
     """TwinPlan fields from a training YAML: model (by its directory name, e.g. /models/Qwen3-8B), GPUs (the
-    `--nproc_per_node` in its header comment, else 1), tokens, grad_accum, precision, checkpointing."""
+    `--nproc_per_node` in its header comment, else 1), tokens, grad_accum, precision, checkpointing.
+
+    A step of `train.batch_size` sequences has as many micro-batches per rank as the data needs; the twin takes
+    two, the conservative case: from the second micro-batch on, the sharded gradients are held through the
+    backward."""
     from qforge.engine.config_io import read_yaml
 
     raw = read_yaml(path)
@@ -26,7 +30,7 @@ def plan_from_config(path: str, gpus: int | None, model: str | None) -> dict:
     nproc = re.search(r"--nproc_per_node[= ](\d+)", text)
     train = raw.get("train") or {}
     return {"model": model or Path(str(model_path)).name.lower(), "gpus": gpus or (int(nproc.group(1)) if nproc else 1),
-            "tokens": (raw.get("data") or {}).get("max_tokens", 16384), "grad_accum": train.get("grad_accum", 1),
+            "tokens": (raw.get("data") or {}).get("max_tokens", 16384), "grad_accum": 2 if train.get("batch_size") else train.get("grad_accum", 1),
             "precision": train.get("precision", "bf16-mixed"),
             "activation_checkpointing": bool(train.get("activation_checkpointing", False))}
 

@@ -43,14 +43,9 @@ def route_cuda_paths():
             raise ContractError(f"{call_site()}: a host tensor reaches a GPU kernel")
         return backend != "torch"
 
-    def mixed_matmul(out, a, b, accumulate):  # the CUDA branch of the loss's `_mixed_matmul` (it tests a.is_cuda)
-        if accumulate:
-            return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-        return torch.mm(a, b, out_dtype=out.dtype, out=out)
-
     routes = [(importlib.import_module(f"qforge.kernels.{name}"), "use_triton", use_triton) for name in KERNEL_MODULES]
     loss = importlib.import_module("qforge.kernels.fused_linear_cross_entropy")
-    routes += [(loss, "_cuda_layout", on_device), (loss, "_mixed_matmul", mixed_matmul)]
+    routes += [(loss, "_cuda_layout", on_device)]  # mixed-dtype matmuls, on-device label checks
     original_backend = attention.attention_backend
     routes.append((attention, "attention_backend",
                    lambda device, dtype=torch.bfloat16: original_backend(torch.device("cuda"), dtype)))
