@@ -62,7 +62,9 @@ def evaluate_mcq(settings: PeriodicEvalSettings, point: EvalPoint, path: Path | 
     chat_model = None if path else ChatModel(point.model, point.template, batch_size=settings.eval.batch_size)
     report = mcq_eval.run(config, chat_model)
     sampled = report["sampled"]
-    return {"eval_mcq_accuracy": sampled["mean_accuracy"] if sampled["samples"] > 1 else report["overall"]["accuracy"]}
+    categories = [{"category": name, **scores} for name, scores in report.get("categories", {}).items()]
+    return {"eval_mcq_accuracy": sampled["mean_accuracy"] if sampled["samples"] > 1 else report["overall"]["accuracy"],
+            "tables": {"eval_mcq_categories": categories}}
 
 
 def evaluate_judge(settings: PeriodicEvalSettings, point: EvalPoint, path: Path, out: Path) -> dict:
@@ -72,7 +74,11 @@ def evaluate_judge(settings: PeriodicEvalSettings, point: EvalPoint, path: Path,
     raw.setdefault("judge", {})["mode"] = "single"
     raw["output"] = {"dir": str(out)}
     report = judge_recipe.run(build(judge_recipe.JudgeConfig, raw, settings.judge))
-    metrics = {"eval_judge_score": report["results"][name]["overall"]["mean"] / 10}
+    result = report["results"][name]
+    metrics = {"eval_judge_score": result["overall"]["mean"] / 10,
+               "tables": {"eval_judge_tasks": [{"task": task, **{k: v for k, v in scores.items()
+                                                               if isinstance(v, (int, float))}}
+                                               for task, scores in result["tasks"].items()]}}
     checks = report["checks"].get(name, {})
     if "instruction_following" in checks:
         metrics["eval_if_prompt_accuracy"] = checks["instruction_following"]["overall"]["prompt_accuracy"]
@@ -92,12 +98,14 @@ def periodic_hook(settings: PeriodicEvalSettings) -> Callable[[EvalPoint], dict]
         if not point.is_main:
             return {}
         out = point.output_dir / "evals" / f"step-{point.step}"
-        metrics = {}
+        metrics, tables = {}, {}
         if settings.mcq:
             metrics.update(evaluate_mcq(settings, point, path if settings.where == "snapshot" or point.distributed
                                         else None, out / "mcq"))
+            tables.update(metrics.pop("tables"))
         if settings.judge:
             metrics.update(evaluate_judge(settings, point, path, out / "judge"))
-        return metrics
+            tables.update(metrics.pop("tables"))
+        return {**metrics, "tables": tables}
 
     return hook

@@ -346,8 +346,11 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
             metrics = evaluate(EvalPoint(at_step, model, template, out, dist_.enabled, dist_.is_main, snapshot))
         finally:
             model.train()
+        tables = (metrics or {}).pop("tables", None)  # per-category/per-task rows: W&B tables when it is on
         if metrics:
             logger.log({"step": at_step, **metrics})
+        if tables:
+            logger.log_tables(at_step, tables)
 
     with StopSignal() as stop:
         while step < max_steps:

@@ -136,6 +136,18 @@ class MetricsLogger:
         else:
             self.bar.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
+    def log_tables(self, step: int, tables: dict[str, list[dict]]):
+        """Evaluation tables (e.g. accuracy per category) to W&B; on disk they are the evaluation's own reports."""
+        if not (self.enabled and self.wandb is not None and tables):
+            return
+        import wandb
+
+        for name, rows in tables.items():
+            if rows:
+                columns = list(rows[0])
+                self.wandb.log({name: wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])},
+                               step=step)
+
     def close(self):
         self.bar.close()
         if self.writer is not None:

@@ -59,7 +59,12 @@ def test_mcq_on_snapshots_and_in_process_match_the_saved_checkpoints(tiny_run_fi
 
     point = EvalPoint(3, load_model(step3).eval(), ChatTemplate.from_pretrained(step3), tmp_path / "live", False,
                       True, no_copy)
-    assert periodic_hook(config.periodic_eval)(point) == {"eval_mcq_accuracy": scores[3]["eval_mcq_accuracy"]}
+    live = periodic_hook(config.periodic_eval)(point)
+    assert live.pop("eval_mcq_accuracy") == scores[3]["eval_mcq_accuracy"]
+    # ...and the per-category table (W&B) is the snapshot evaluation's report.json, row for row
+    report = json.loads((out / "evals" / "step-3" / "mcq" / "report.json").read_text())
+    assert live == {"tables": {"eval_mcq_categories": [{"category": name, **row}
+                                                       for name, row in report["categories"].items()]}}
 
 
 @pytest.mark.slow
