@@ -396,11 +396,10 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
                       "skipped_steps": counters["skipped_steps"], **extra}
             logger.log(record)
             result.losses.append(loss)
-            if config.train.eval_every and step % config.train.eval_every == 0:
-                if eval_batches:
+            if config.train.eval_every and step % config.train.eval_every == 0 and step < max_steps:
+                if eval_batches:  # (the last step is evaluated once, after the final save)
                     logger.log({"step": step, **_evaluate(objective, model, eval_batches, dist_, vocab, autocast)})
-                if step < max_steps:  # the last step is evaluated after the final save
-                    run_evaluation(step)
+                run_evaluation(step)
             stop_now = float(dist_.all_reduce_sum(1.0 if stop.check() else 0.0)) > 0
             if stop_now or (config.train.save_every and step % config.train.save_every == 0):
                 checkpoint(step)

@@ -27,6 +27,8 @@ def train_with(tiny_run_files, out, *extra):
     config = load_config(FFTRecipeConfig, "recipes/configs/demo.yaml", overrides + ["evaluate.data=null"])
     result = train(config, evaluate=periodic_hook(config.periodic_eval))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    eval_steps = [r["step"] for r in records if "eval_loss" in r]
+    assert eval_steps and len(eval_steps) == len(set(eval_steps)), eval_steps  # each step evaluated once
     return result, {r["step"]: r for r in records if any(k.startswith("eval_") and k != "eval_loss" for k in r)}
 
 
