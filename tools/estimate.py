@@ -22,6 +22,7 @@ from pathlib import Path
 
 from qforge.engine.config import Qwen3Config
 from qforge.engine.train.metrics import training_flops
+from qforge.kernels.fused_linear_cross_entropy import DEFAULT_CHUNK_BYTES  # the loss's CPU logits budget
 from qforge.tools.twin.models import MODELS, resolve_config
 
 GIB = 2**30
@@ -33,7 +34,6 @@ PRECISIONS = {  # train.precision → (parameter/gradient/moment bytes, compute 
     "fp32": (4, 4), "bf16": (2, 2), "bf16-mixed": (4, 2),
 }
 RUNTIME_BYTES = {"cpu": 0.35 * GIB, "cuda": 1.0 * GIB}  # Python + torch (+ CUDA context, allocator slack)
-DEFAULT_CHUNK_BYTES = 256 * 2**20  # the fused loss's logits budget (kernels.fused_linear_cross_entropy)
 
 
 @dataclass
