@@ -1,0 +1,84 @@
+"""Distillation on 2 gloo ranks (torchrun, CPU) against one process on the same inputs: the sharded teacher holds
+half the weights per rank and gives the single-process step's loss and gradients, FSDP generation with ranks that
+stop at different lengths finishes and samples what one process samples, and off-policy scoring split over the
+ranks stores the same top-k as one process.
+
+One torchrun launch runs every case (distill_distributed_worker.py); the references run the same functions here."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from distill_distributed_worker import generation, off_policy_store, on_policy_step
+from qwen3_fixtures import save_hf_qwen3
+
+from qforge.engine import generate, load_model
+from qforge.engine.train.parallel import Dist
+
+pytestmark = pytest.mark.slow
+WORKER = Path(__file__).with_name("distill_distributed_worker.py")
+PROMPTS = [[[11, 12, 13, 14], [21, 22]], [[31, 32, 33, 34, 35, 36]]]  # rank 0 decodes 2 rows, rank 1 one
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill_dist")
+    student = save_hf_qwen3(root / "student", seed=1)  # tied head
+    teacher = save_hf_qwen3(root / "teacher", seed=2, hidden_size=96, num_hidden_layers=3, tie_word_embeddings=False)
+    free = generate(load_model(student, dtype=torch.float32), PROMPTS[0], max_new_tokens=10)
+    # rank 0's rows stop early at a token its greedy decoding produces at step 2, rank 1 runs to 10 tokens
+    case = {"student": str(student), "teacher": str(teacher), "prompts": PROMPTS, "max_new_tokens": [6, 10],
+            "stop_ids": [free[0][2]], "on_policy_new_tokens": 5}
+    (root / "case.json").write_text(json.dumps(case))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(WORKER), str(root / "case.json"), str(root)],
+                          capture_output=True, text=True, env=env, timeout=240)  # a deadlock fails here
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [torch.load(root / f"rank-{r}.pt", weights_only=False) for r in range(2)]
+    return case, root, ranks
+
+
+def test_generation_with_ranks_stopping_at_different_lengths_matches_one_process(runs):
+    case, _, ranks = runs
+    expected = generation(case, Dist(), [0, 1])
+    for rank in range(2):
+        assert ranks[rank]["generation"][rank] == expected[rank]
+    greedy = [ranks[r]["generation"][r]["greedy"] for r in range(2)]
+    # rank 0's first row hit the stop id, its second ran to its 6 tokens, rank 1 decoded on to 10
+    assert len(greedy[0][0]) < 6 and len(greedy[0][1]) == 6 and len(greedy[1][0]) == 10
+
+
+def test_on_policy_step_with_a_sharded_teacher_matches_the_replicated_teacher(runs):
+    case, _, ranks = runs
+    expected = on_policy_step(case, Dist(), [0, 1])
+    for rank, result in enumerate(ranks):
+        step = result["on_policy"]
+        assert step["samples"] == [expected["samples"][rank]]  # the same student samples as one process
+        assert step["teacher_sharded_after_step"] and not step["teacher_requires_grad"]
+        # FSDP2 shards dim 0 of every tensor: each rank holds half the teacher's rows (±1 row per tensor)
+        assert step["teacher_bytes"] == expected["teacher_bytes"]
+        assert abs(step["teacher_local_bytes"] / step["teacher_bytes"] - 0.5) < 0.01, step["teacher_local_bytes"]
+    assert ranks[0]["on_policy"]["teacher_local_bytes"] + ranks[1]["on_policy"]["teacher_local_bytes"] == \
+        expected["teacher_bytes"]
+    step = ranks[0]["on_policy"]
+    # fp32 throughout; only the order of the cross-rank sums differs (a few ulps)
+    assert step["weight"] == expected["weight"]
+    assert abs(step["loss_sum"] - expected["loss_sum"]) <= 1e-6 * abs(expected["loss_sum"])
+    assert step["grads"].keys() == expected["grads"].keys()
+    for name, grad in expected["grads"].items():
+        torch.testing.assert_close(step["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(ranks[1]["on_policy"]["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_off_policy_scoring_split_over_ranks_stores_what_one_process_stores(runs, tmp_path):
+    case, root, ranks = runs
+    expected = off_policy_store(case, Dist(), tmp_path)
+    got = ranks[0]["store"]
+    assert np.array_equal(got["offsets"], expected["offsets"]) and np.array_equal(got["ids"], expected["ids"])
+    assert np.abs(got["logprobs"] - expected["logprobs"]).max() <= 1e-6
+    assert not [p for p in (root / "store").iterdir() if p.name.startswith(".")]  # no staging directory left
