@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 from distill_distributed_worker import generation, off_policy_store, on_policy_step
-from qwen3_fixtures import save_hf_qwen3
+from qwen3_fixtures import save_chat_checkpoint, save_hf_qwen3
+from tiny_run import REPO, tiny_overrides, tiny_run_files  # noqa: F401 (fixture)
 
 from qforge.engine import generate, load_model
 from qforge.engine.train.parallel import Dist
@@ -82,3 +83,40 @@ def test_off_policy_scoring_split_over_ranks_stores_what_one_process_stores(runs
     assert np.array_equal(got["offsets"], expected["offsets"]) and np.array_equal(got["ids"], expected["ids"])
     assert np.abs(got["logprobs"] - expected["logprobs"]).max() <= 1e-6
     assert not [p for p in (root / "store").iterdir() if p.name.startswith(".")]  # no staging directory left
+
+
+def _metrics(out: Path) -> list[dict]:
+    keep = ("step", "loss", "grad_norm", "tokens", "eval_reverse_kl")
+    return [{k: v for k, v in json.loads(line).items() if k in keep}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_on_policy_recipe_on_two_ranks_trains_like_one_process(tiny_run_files, tmp_path):
+    """The whole recipe under torchrun (sharded student and teacher, lockstep sampling, evaluation that samples
+    only each rank's batches, sharded export): 2 ranks × 1 micro-batch a step = 1 process × 2 micro-batches."""
+    rows = Path(tiny_run_files["train"]).read_text(encoding="utf-8").splitlines(True)
+    (tmp_path / "train.jsonl").write_text("".join(rows[:8]), encoding="utf-8")
+    (tmp_path / "eval.jsonl").write_text("".join(rows[40:43]), encoding="utf-8")
+    (tmp_path / "empty.yaml").write_text("{}")
+    files = {**tiny_run_files, "train": str(tmp_path / "train.jsonl")}
+    teacher = save_chat_checkpoint(tmp_path / "teacher", seed=5)
+
+    def args(out, grad_accum):
+        return ["--config", str(tmp_path / "empty.yaml"), *tiny_overrides(files, out, **{
+            "distill.teacher": str(teacher), "distill.mode": "on_policy", "distill.max_new_tokens": 8,
+            "data.max_tokens": 400, "data.eval": f"[{tmp_path / 'eval.jsonl'}]", "evaluate.data": "null",
+            "train.max_steps": 2, "train.eval_every": 1, "train.grad_accum": grad_accum})]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = str(REPO / "recipes/distill.py")
+    subprocess.run([sys.executable, script, *args(tmp_path / "single", 2)], check=True, capture_output=True, env=env,
+                   timeout=300)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           script, *args(tmp_path / "fsdp", 1)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    single, sharded = _metrics(tmp_path / "single"), _metrics(tmp_path / "fsdp")
+    assert [m.keys() for m in sharded] == [m.keys() for m in single] and len(single) == 4  # 2 steps, 2 evaluations
+    for got, expected in zip(sharded, single):  # fp32; only the cross-rank reduction order differs
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, rel=1e-5), (key, got, expected)
+    assert (tmp_path / "fsdp/final/model.safetensors").is_file()
