@@ -260,18 +260,22 @@ class OffPolicyDistill:
         dist_.barrier()
         if not dist_.is_main:
             return
-        # rank r holds groups r, r + world, … in order: take each group's rows from its rank's share in turn
-        shares = [(np.load(tmp / f"ids-{r}.npy"), np.load(tmp / f"logprobs-{r}.npy")) for r in range(dist_.world)]
-        taken = [0] * dist_.world
-        ids, logprobs = [], []
-        for g, group in enumerate(score_groups(examples, config.data.max_tokens)):
-            rank, rows = g % dist_.world, sum(_targets_of(examples[i]) for i in group)
-            ids.append(shares[rank][0][taken[rank]:taken[rank] + rows])
-            logprobs.append(shares[rank][1][taken[rank]:taken[rank] + rows])
-            taken[rank] += rows
-        np.save(tmp / "ids.npy", np.concatenate(ids))
-        np.save(tmp / "logprobs.npy", np.concatenate(logprobs))
-        np.save(tmp / "offsets.npy", np.cumsum([0] + [_targets_of(e) for e in examples]))
+        # rank r holds groups r, r + world, … in order: copy each group's rows from its rank's share in turn,
+        # file to file (memory-mapped), so rank 0 never holds the whole store
+        offsets = np.cumsum([0] + [_targets_of(e) for e in examples])
+        for name, dtype in (("ids", np.int32), ("logprobs", np.float32)):
+            shares = [np.load(tmp / f"{name}-{r}.npy", mmap_mode="r") for r in range(dist_.world)]
+            width = next((share.shape[1] for share in shares if len(share)), self.top_k)  # k, or fewer ids
+            merged = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype,
+                                               shape=(int(offsets[-1]), width))
+            taken, row = [0] * dist_.world, 0
+            for g, group in enumerate(score_groups(examples, config.data.max_tokens)):
+                rank, rows = g % dist_.world, int(offsets[group[-1] + 1] - offsets[group[0]])
+                merged[row:row + rows] = shares[rank][taken[rank]:taken[rank] + rows]
+                taken[rank], row = taken[rank] + rows, row + rows
+            merged.flush()
+            del merged, shares
+        np.save(tmp / "offsets.npy", offsets)
         for r in range(dist_.world):
             (tmp / f"ids-{r}.npy").unlink()
             (tmp / f"logprobs-{r}.npy").unlink()
