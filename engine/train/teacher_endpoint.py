@@ -36,8 +36,9 @@ class EndpointTeacher:
     """Scores SFT examples through `client`; `suppress_ids` are ids the teacher never produces (its pruned
     vocabulary), dropped from the top-k as the local path drops them from the teacher's softmax."""
 
-    def __init__(self, client: ChatClient, suppress_ids: Sequence[int] = (), token_ids: bool = True):
-        self.client, self.token_ids = client, token_ids
+    def __init__(self, client: ChatClient, suppress_ids: Sequence[int] = (), token_ids: bool = True,
+                 chunk: int = CHUNK):
+        self.client, self.token_ids, self.chunk = client, token_ids, chunk
         self.suppress_ids = np.array(sorted(set(int(i) for i in suppress_ids)), dtype=np.int64)
 
     @property
@@ -53,8 +54,8 @@ class EndpointTeacher:
         partial.mkdir(parents=True, exist_ok=True)
         results = []
         with tqdm(total=len(examples), desc="teacher top-k", unit="example") as bar:
-            for start in range(0, len(examples), CHUNK):
-                group = examples[start:start + CHUNK]
+            for start in range(0, len(examples), self.chunk):
+                group = examples[start:start + self.chunk]
                 path = partial / f"{start:010d}.npz"
                 if path.is_file():
                     with np.load(path) as saved:
