@@ -190,9 +190,9 @@ class Server:
 
     def chat_logprob(self, pick: Pick, as_ids: bool = False) -> dict:
         text = self.token_text(pick.token)
-        return {"token": self.token_name(pick.token, as_ids), "logprob": pick.logprob,
+        return {"token": self.token_name(pick.token, as_ids), "logprob": _finite(pick.logprob),
                 "bytes": list(text.encode("utf-8")),
-                "top_logprobs": [{"token": self.token_name(i, as_ids), "logprob": v,
+                "top_logprobs": [{"token": self.token_name(i, as_ids), "logprob": _finite(v),
                                   "bytes": list(self.token_text(i).encode())} for i, v in pick.top]}
 
     def completion_logprobs(self, picks: list[Pick | None], tokens: list[int], offset: int,
@@ -207,12 +207,18 @@ class Server:
             if pick is None:
                 tops.append(None)
                 continue
-            top = {self.token_name(i, as_ids): v for i, v in pick.top}
-            top.setdefault(self.token_name(pick.token, as_ids), pick.logprob)
+            top = {self.token_name(i, as_ids): _finite(v) for i, v in pick.top}
+            top.setdefault(self.token_name(pick.token, as_ids), _finite(pick.logprob))
             tops.append(top)
         names = [f"token_id:{t}" for t in tokens] if as_ids else texts
-        return {"tokens": names, "token_logprobs": [p.logprob if p else None for p in picks],
+        return {"tokens": names, "token_logprobs": [_finite(p.logprob) if p else None for p in picks],
                 "top_logprobs": tops, "text_offset": offsets}
+
+
+def _finite(logprob: float | None) -> float | None:
+    """A suppressed token's −inf log-prob (e.g. a scored prompt token outside a pruned head) as vLLM sends it:
+    −9999.0, since JSON has no infinities."""
+    return None if logprob is None else max(logprob, -9999.0)
 
 
 class RequireAPIKey:

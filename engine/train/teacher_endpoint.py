@@ -29,7 +29,7 @@ from ..data.example import IGNORE_INDEX, Example
 from ..errors import EndpointError
 
 TOKEN_ID_PREFIX = "token_id:"
-CHUNK = 256  # examples per saved chunk (fixed: a resumed run must cut the data the same way)
+CHUNK = 64  # examples per saved chunk (fixed: a resumed run must cut the data the same way)
 
 
 class EndpointTeacher:
@@ -56,7 +56,7 @@ class EndpointTeacher:
         with tqdm(total=len(examples), desc="teacher top-k", unit="example") as bar:
             for start in range(0, len(examples), self.chunk):
                 group = examples[start:start + self.chunk]
-                path = partial / f"{start:010d}.npz"
+                path = partial / f"{start:010d}-{len(group)}.npz"
                 if path.is_file():
                     with np.load(path) as saved:
                         ids, logprobs, offsets = saved["ids"], saved["logprobs"], saved["offsets"]

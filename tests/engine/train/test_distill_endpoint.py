@@ -40,14 +40,8 @@ def served_teacher(teacher):
         torch.set_num_threads(threads)
 
 
-def test_endpoint_top_k_equals_the_local_teacher(few_rows, teacher, served_teacher, tmp_path):
-    config = _config(few_rows, tmp_path / "out", teacher)
-    template = ChatTemplate.from_pretrained(teacher)
-    examples = _load_data(config, template, Dist())[0][0]
-    local = teacher_top_k(load_model(teacher, dtype=torch.float32), examples, K, 768, torch.device("cpu"))
-    client = ChatClient(*served_teacher, concurrency=2)
-    scored = EndpointTeacher(client).top_k(examples, K, template.tokenizer, tmp_path / "partial")
-    assert len(scored) == len(examples)
+def _assert_same_top_k(examples, scored, local):
+    assert len(scored) == len(local) == len(examples)
     for example, (ids, logprobs), (local_ids, local_logprobs) in zip(examples, scored, local):
         assert ids.shape == local_ids.shape == (example.num_loss_tokens - (example.labels[0] != -100), K)
         np.testing.assert_allclose(logprobs, local_logprobs, atol=1e-4, rtol=0)
@@ -57,6 +51,34 @@ def test_endpoint_top_k_equals_the_local_teacher(few_rows, teacher, served_teach
         untied[:, :-1] &= gaps < -1e-4
         assert untied.mean() > 0.5
         assert np.array_equal(ids[untied], local_ids[untied])
+
+
+def _examples_of(few_rows, teacher, tmp_path):
+    template = ChatTemplate.from_pretrained(teacher)
+    return _load_data(_config(few_rows, tmp_path / "out", teacher), template, Dist())[0][0], template.tokenizer
+
+
+def test_endpoint_top_k_equals_the_local_teacher(few_rows, teacher, served_teacher, tmp_path):
+    examples, tokenizer = _examples_of(few_rows, teacher, tmp_path)
+    local = teacher_top_k(load_model(teacher, dtype=torch.float32), examples, K, 768, torch.device("cpu"))
+    client = ChatClient(*served_teacher, concurrency=2)
+    _assert_same_top_k(examples, EndpointTeacher(client).top_k(examples, K, tokenizer, tmp_path / "partial"), local)
+
+
+def test_a_pruned_teacher_on_qforge_server_equals_the_local_restricted_teacher(few_rows, teacher, tmp_path):
+    """Suppressed ids (the teacher's unkept head rows) leave its softmax on qforge's server as in `teacher_top_k`
+    over the kept ids; a prompt token among them is scored −inf, sent as vLLM's −9999."""
+    examples, tokenizer = _examples_of(few_rows, teacher, tmp_path)
+    model = load_model(teacher, dtype=torch.float32)
+    full = teacher_top_k(model, examples, K, 768, torch.device("cpu"))
+    suppressed = sorted({int(i) for ids, _ in full for i in ids[:, :2].ravel()} | {int(examples[0].input_ids[3])})
+    kept = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    kept[suppressed] = False
+    local = teacher_top_k(model, examples, K, 768, torch.device("cpu"), kept.nonzero().squeeze(1))
+    with serve_model(ChatModel.load(teacher, suppress_ids=suppressed, name="pruned")) as server:
+        scored = EndpointTeacher(ChatClient(server.url, "pruned")).top_k(examples, K, tokenizer, tmp_path / "p")
+    assert not np.isin(np.concatenate([ids for ids, _ in scored]), suppressed).any()
+    _assert_same_top_k(examples, scored, local)
 
 
 # --- a scripted vLLM-style server -----------------------------------------------------------------------------
@@ -255,3 +277,27 @@ def test_recipe_distils_from_the_endpoint(few_rows, teacher, served_teacher, tmp
     assert distill_main(["--config", str(tmp_path / "empty.yaml")] + tiny_overrides(few_rows, tmp_path / "local_out",
                                                                                      **local_settings)) == 0
     assert abs(_losses(tmp_path / "local_out")[0] - losses[0]) < 1e-4 * max(1.0, losses[0])
+
+
+def test_qforge_server_names_tokens_by_id_on_request(served_teacher, teacher):
+    """vLLM's `return_tokens_as_token_ids` through the openai SDK: the same logprobs, tokens named "token_id:N"."""
+    import openai
+
+    url, name = served_teacher
+    tokenizer = ChatTemplate.from_pretrained(teacher).tokenizer
+    client = openai.OpenAI(base_url=url, api_key="EMPTY")
+    prompt = tokenizer.encode("Xin chào, 2 + 3 = 5", add_special_tokens=False).ids
+    replies = [client.completions.create(model=name, prompt=prompt, echo=True, max_tokens=0, logprobs=3,
+                                         extra_body={"return_tokens_as_token_ids": flag}) for flag in (False, True)]
+    as_text, as_ids = (reply.choices[0].logprobs for reply in replies)
+    assert as_ids.tokens == [f"token_id:{t}" for t in prompt]
+    assert as_text.tokens == [tokenizer.decode([t]) for t in prompt]
+    assert as_ids.token_logprobs == as_text.token_logprobs
+    for text_top, id_top in zip(as_text.top_logprobs[1:], as_ids.top_logprobs[1:]):
+        decoded = {tokenizer.decode([int(key.removeprefix("token_id:"))]): value for key, value in id_top.items()}
+        assert decoded == text_top
+    chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                          logprobs=True, top_logprobs=2, temperature=0,
+                                          extra_body={"return_tokens_as_token_ids": True})
+    assert all(entry.token.startswith("token_id:") and all(t.token.startswith("token_id:") for t in entry.top_logprobs)
+               for entry in chat.choices[0].logprobs.content)
