@@ -203,7 +203,7 @@ class OffPolicyDistill:
         partial = directory / f".{path.name}.partial"
         if dist_.is_main and not (path / "ids.npy").is_file():
             if self.endpoint is not None:
-                scored = self.endpoint.top_k(examples, self.top_k, template.tokenizer, partial)
+                scored = self.endpoint.top_k(examples, self.top_k, template.tokenizer, partial, config.output.progress)
             else:
                 teacher = load_model(self.teacher_path, dtype=torch.float32, device=dist_.device)
                 scored = teacher_top_k(teacher, examples, self.top_k, config.data.max_tokens, dist_.device,

@@ -47,13 +47,14 @@ class EndpointTeacher:
         suppressed = hashlib.sha256(self.suppress_ids.tobytes()).hexdigest()[:16]
         return {"endpoint": self.client.base_url, "model": self.client.model, "suppress": suppressed}
 
-    def top_k(self, examples: list[Example], k: int, tokenizer, partial: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    def top_k(self, examples: list[Example], k: int, tokenizer, partial: Path,
+              progress: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
         """(ids int32 [targets, k], log-probs float32 [targets, k]) per example, −1 where an id was dropped;
         chunks already saved under `partial` are read, not requested again."""
         names = None if self.token_ids else TokenNames(tokenizer)
         partial.mkdir(parents=True, exist_ok=True)
         results = []
-        with tqdm(total=len(examples), desc="teacher top-k", unit="example") as bar:
+        with tqdm(total=len(examples), desc="teacher top-k", unit="example", disable=not progress) as bar:
             for start in range(0, len(examples), self.chunk):
                 group = examples[start:start + self.chunk]
                 path = partial / f"{start:010d}-{len(group)}.npz"
