@@ -2,9 +2,10 @@
 materialises the student's [T, V] logits and works over the kept vocabulary.
 
 - Off-policy: a teacher run scores the SFT data once (teacher forcing on the data's own replies) and keeps
-  its top-k log-probs at every supervised position; they are stored next to the data under `teacher_dir`,
-  keyed by the tokenised data, the teacher's weights and k, so later and resumed runs read them. The student
-  minimises forward KL to the renormalised top-k, or (1 − ce_weight)·KL + ce_weight·CE.
+  its top-k log-probs at every supervised position — a local checkpoint here, or an OpenAI-compatible
+  endpoint (teacher_endpoint.py); they are stored next to the data under `teacher_dir`, keyed by the
+  tokenised data, the teacher (weights, or served model + URL) and k, so later and resumed runs read them.
+  The student minimises forward KL to the renormalised top-k, or (1 − ce_weight)·KL + ce_weight·CE.
 - On-policy: for each micro-batch of prompts the student samples completions with qforge's generation, the
   teacher scores them (its final hidden states go into the fused kernel) and the student minimises reverse
   KL(p_student ‖ p_teacher) on its own samples. A micro-batch's sampling seed is derived from its place in
@@ -21,6 +22,7 @@ KL loss, and the trainer's own `train_step` / `evaluate_loss` run unchanged.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -45,6 +47,7 @@ from .config import ModelSettings
 from .loop import _load_data, evaluate_loss, train_step
 from .objective import bind_forward_method, weights_identity
 from .parallel import shard_model
+from .teacher_endpoint import EndpointTeacher, discard
 
 log = logging.getLogger("qforge.train.distill")
 
@@ -119,8 +122,8 @@ def student_kl_loss(model, batch, vocab_index=None, target_index=None, *, ce_wei
         return fused_linear_kl(hidden, model.output_weight, packed.labels, target_ids=batch.target_ids,
                                target_logprobs=batch.target_logprobs, ce_weight=ce_weight, **options)
     with torch.no_grad():
-        teacher_hidden, teacher_weight = teacher.score(packed.input_ids, packed.position_ids, packed.cu_seqlens,
-                                                       packed.max_seqlen)
+        teacher_hidden, teacher_weight = _scorer(teacher)(packed.input_ids, packed.position_ids,
+                                                          packed.cu_seqlens, packed.max_seqlen)
     return fused_linear_kl(hidden, model.output_weight, packed.labels, teacher_hidden=teacher_hidden,
                            teacher_weight=teacher_weight, direction=direction, **options)
 
@@ -145,6 +148,12 @@ def _teacher_score(teacher, input_ids, position_ids=None, cu_seqlens=None, max_s
     exists only inside this call (gathered), so it is copied out for the fused kernel that runs after it."""
     hidden = Qwen3.hidden(teacher, input_ids, position_ids, cu_seqlens, max_seqlen)
     return hidden, teacher.output_weight.clone() if is_sharded(teacher) else teacher.output_weight
+
+
+def _scorer(teacher):
+    """The teacher's `score` forward method (bound by load_teacher; a sharded teacher needs it), or the same
+    function on a teacher loaded otherwise."""
+    return teacher.score if "score" in vars(teacher) else functools.partial(_teacher_score, teacher)
 
 
 def teacher_output_ids(path) -> torch.Tensor | None:
@@ -182,15 +191,16 @@ def teacher_top_k(teacher, examples: list[Example], k: int, max_tokens: int, dev
     With `world` > 1 (a sharded teacher) rank r scores groups r, r + world, … of `score_groups` and returns None
     for the other ranks' examples; a rank short of a group runs an idle forward, so all run equally many."""
     teacher.eval()
+    score = _scorer(teacher)
     groups = score_groups(examples, max_tokens)
     results = [None] * len(examples)
     for start in range(0, len(groups), world):
         if start + rank >= len(groups):
-            teacher.score(torch.zeros(1, dtype=torch.long, device=device))  # FSDP's all-gathers are collectives
+            score(torch.zeros(1, dtype=torch.long, device=device))  # FSDP's all-gathers are collectives
             continue
         group = [examples[i] for i in groups[start + rank]]
         packed = PackedBatch.from_examples(group).to(device)
-        hidden, weight = teacher.score(packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
+        hidden, weight = score(packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
         hidden = hidden[packed.labels != -100]
         if output_ids is not None:
             weight = weight[output_ids.to(device)]
@@ -208,43 +218,64 @@ def teacher_top_k(teacher, examples: list[Example], k: int, max_tokens: int, dev
 
 
 class OffPolicyDistill:
-    def __init__(self, teacher_path: str, top_k: int = 20, ce_weight: float = 0.0, teacher_dir: str | None = None):
+    """`teacher_path` (a local checkpoint) or `endpoint` (an OpenAI-compatible server, teacher_endpoint.py)
+    produces the top-k; both are stored alike."""
+
+    def __init__(self, teacher_path: str | None, top_k: int = 20, ce_weight: float = 0.0,
+                 teacher_dir: str | None = None, endpoint: EndpointTeacher | None = None):
         if not 1 <= top_k <= 128:
             raise ValueError(f"distill.top_k must be in [1, 128], got {top_k}")
         if not 0.0 <= ce_weight <= 1.0:
             raise ValueError(f"distill.ce_weight must be in [0, 1], got {ce_weight}")
+        if (teacher_path is None) == (endpoint is None):
+            raise ValueError("set exactly one of distill.teacher (a checkpoint) or distill.teacher_endpoint")
         self.teacher_path, self.top_k, self.ce_weight, self.teacher_dir = teacher_path, top_k, ce_weight, teacher_dir
+        self.endpoint = endpoint
+
+    @property
+    def teacher_identity(self):
+        return self.endpoint.identity if self.endpoint is not None else weights_identity(self.teacher_path)
 
     def load_data(self, config, template, dist_):
         datasets, eval_examples, fingerprint = _load_data(config, template, dist_)
         directory = Path(self.teacher_dir or Path(config.output.dir) / "teacher")
         sets = datasets + [eval_examples]
-        targets = [self._targets(examples, directory, config, dist_) for examples in sets]
+        targets = [self._targets(examples, directory, config, template, dist_) for examples in sets]
         items = [[TeacherTargets(e, ids, lp) for e, (ids, lp) in zip(examples, t)] for examples, t in zip(sets, targets)]
-        return items[:-1], items[-1], {**fingerprint, "teacher": weights_identity(self.teacher_path),
-                                       "top_k": self.top_k}
+        return items[:-1], items[-1], {**fingerprint, "teacher": self.teacher_identity, "top_k": self.top_k}
 
-    def _targets(self, examples, directory: Path, config, dist_):
-        """The stored teacher top-k of these examples, computed once when missing: under torchrun every rank
-        scores its share with the sharded teacher and writes it to a common staging directory, then rank 0
-        merges the shares in example order (the same files as one process writes) and renames it into place."""
+    def _targets(self, examples, directory: Path, config, template, dist_):
+        """The stored teacher top-k of these examples, computed once when missing. A local teacher is scored by
+        every rank (its share, with the sharded teacher under torchrun); an endpoint by rank 0 alone."""
         if not examples:
             return []
-        dtype = "float32" if config.train.precision == "fp32" else "bfloat16"  # the teacher's, see load_teacher
-        digest = hashlib.sha256(json.dumps({"teacher": weights_identity(self.teacher_path), "k": self.top_k,
-                                            "dtype": dtype}).encode())
+        identity = {"teacher": self.teacher_identity, "k": self.top_k}
+        if self.endpoint is None:  # the local teacher's dtype, see load_teacher
+            identity["dtype"] = "float32" if config.train.precision == "fp32" else "bfloat16"
+        digest = hashlib.sha256(json.dumps(identity).encode())
         for example in examples:
             digest.update(example.input_ids.tobytes())
             digest.update(example.labels.tobytes())
         path = directory / digest.hexdigest()[:32]
-        if float(dist_.all_reduce_sum(float(dist_.is_main and not (path / "ids.npy").is_file()))):
+        missing = float(dist_.all_reduce_sum(float(dist_.is_main and not (path / "ids.npy").is_file())))
+        if missing and self.endpoint is None:
             self._score_and_store(examples, path, config, dist_)
+        elif missing and dist_.is_main:
+            partial = directory / f".{path.name}.partial"
+            scored = self.endpoint.top_k(examples, self.top_k, template.tokenizer, partial, config.output.progress)
+            tmp = directory / f".{path.name}.tmp{os.getpid()}"
+            tmp.mkdir(parents=True, exist_ok=True)
+            self._save_share(tmp, 0, scored)
+            self._merge_shares(tmp, path, examples, [list(range(len(examples)))], world=1)
+            discard(partial)
         dist_.barrier()
         ids, logprobs = np.load(path / "ids.npy", mmap_mode="r"), np.load(path / "logprobs.npy", mmap_mode="r")
         offsets = np.load(path / "offsets.npy")
         return [(ids[a:b], logprobs[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
 
     def _score_and_store(self, examples, path: Path, config, dist_):
+        """Every rank scores its groups with the (sharded) local teacher and saves them as its share in one
+        staging directory; rank 0 merges the shares in example order and renames the directory into place."""
         teacher = load_teacher(self.teacher_path, config.train.precision, dist_)
         scored = teacher_top_k(teacher, examples, self.top_k, config.data.max_tokens, dist_.device,
                                teacher_output_ids(self.teacher_path), rank=dist_.rank, world=dist_.world)
@@ -252,33 +283,35 @@ class OffPolicyDistill:
         pid = int(dist_.all_reduce_sum(float(os.getpid() if dist_.is_main else 0)))  # rank 0's: one staging dir
         tmp = path.parent / f".{path.name}.tmp{pid}"
         tmp.mkdir(parents=True, exist_ok=True)
-        mine = [result for result in scored if result is not None]
-        empty = np.zeros((0, self.top_k))
-        np.save(tmp / f"ids-{dist_.rank}.npy", np.concatenate([ids for ids, _ in mine] or [empty]).astype(np.int32))
-        np.save(tmp / f"logprobs-{dist_.rank}.npy",
-                np.concatenate([lp for _, lp in mine] or [empty]).astype(np.float32))
+        self._save_share(tmp, dist_.rank, [result for result in scored if result is not None])
         dist_.barrier()
-        if not dist_.is_main:
-            return
-        # rank r holds groups r, r + world, … in order: copy each group's rows from its rank's share in turn,
-        # file to file (memory-mapped), so rank 0 never holds the whole store
+        if dist_.is_main:
+            self._merge_shares(tmp, path, examples, score_groups(examples, config.data.max_tokens), dist_.world)
+
+    def _save_share(self, tmp: Path, rank: int, scored):
+        empty = np.zeros((0, self.top_k))
+        np.save(tmp / f"ids-{rank}.npy", np.concatenate([ids for ids, _ in scored] or [empty]).astype(np.int32))
+        np.save(tmp / f"logprobs-{rank}.npy", np.concatenate([lp for _, lp in scored] or [empty]).astype(np.float32))
+
+    def _merge_shares(self, tmp: Path, path: Path, examples, groups: list[list[int]], world: int):
+        """ids.npy / logprobs.npy / offsets.npy of `examples` from the ranks' shares (rank r holds groups r,
+        r + world, … in order), copied file to file (memory-mapped): rank 0 never holds the whole store."""
         offsets = np.cumsum([0] + [_targets_of(e) for e in examples])
         for name, dtype in (("ids", np.int32), ("logprobs", np.float32)):
-            shares = [np.load(tmp / f"{name}-{r}.npy", mmap_mode="r") for r in range(dist_.world)]
+            shares = [np.load(tmp / f"{name}-{r}.npy", mmap_mode="r") for r in range(world)]
             width = next((share.shape[1] for share in shares if len(share)), self.top_k)  # k, or fewer ids
             merged = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype,
                                                shape=(int(offsets[-1]), width))
-            taken, row = [0] * dist_.world, 0
-            for g, group in enumerate(score_groups(examples, config.data.max_tokens)):
-                rank, rows = g % dist_.world, int(offsets[group[-1] + 1] - offsets[group[0]])
+            taken, row = [0] * world, 0
+            for g, group in enumerate(groups):
+                rank, rows = g % world, int(offsets[group[-1] + 1] - offsets[group[0]])
                 merged[row:row + rows] = shares[rank][taken[rank]:taken[rank] + rows]
                 taken[rank], row = taken[rank] + rows, row + rows
             merged.flush()
             del merged, shares
+            for r in range(world):
+                (tmp / f"{name}-{r}.npy").unlink()
         np.save(tmp / "offsets.npy", offsets)
-        for r in range(dist_.world):
-            (tmp / f"ids-{r}.npy").unlink()
-            (tmp / f"logprobs-{r}.npy").unlink()
         os.replace(tmp, path)
         log.info("teacher top-%d of %d examples stored in %s", self.top_k, len(examples), path)
 

@@ -83,7 +83,7 @@ def off_policy_store(case, dist_, directory):
     from qforge.engine.train.distill import OffPolicyDistill
 
     objective = OffPolicyDistill(case["teacher"], top_k=5)
-    objective._targets(off_policy_examples(), Path(directory), CONFIG, dist_)
+    objective._targets(off_policy_examples(), Path(directory), CONFIG, None, dist_)  # no template: local teacher
     (stored,) = [p for p in Path(directory).iterdir() if not p.name.startswith(".")]
     return {name: np.load(stored / f"{name}.npy") for name in ("ids", "logprobs", "offsets")}
 
