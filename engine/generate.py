@@ -13,6 +13,7 @@ a rank whose rows have all stopped keeps stepping (on a one-token idle row) unti
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, field, replace
@@ -418,15 +419,30 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _any_rank(running: bool, model) -> bool:
-    """Whether any rank of the model's mesh still has rows to decode (one all-reduce of a flag)."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
+@contextlib.contextmanager
+def gathered(model):
+    """Within the block an FSDP2-sharded model keeps each block's parameters gathered after its first forward:
+    decoding then all-gathers the model once instead of at every step, for the memory of one unsharded copy
+    (in the compute dtype) per GPU. On exit the blocks reshard after every forward again (as `shard_model` sets
+    them) and free the gathered copies. A no-op on an unsharded model."""
+    units = [m for m in model.modules() if m is not model and is_sharded(m)]  # the root keeps its own anyway
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(True, recurse=False)
+            unit.reshard()
 
-    # the root unit may hold its gathered parameters between forwards; the blocks' are sharded DTensors
-    mesh = next(p for p in model.parameters() if isinstance(p, DTensor)).device_mesh
-    flag = torch.tensor([int(running)], device=mesh.device_type)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group())
+
+def _any_rank(running: bool, model) -> bool:
+    """Whether any rank still has rows to decode (one all-reduce of a flag over all ranks: `shard_model`'s
+    mesh; the parameters, gathered or not, cannot tell it reliably)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(running)], device=model.output_weight.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
 

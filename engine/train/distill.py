@@ -22,6 +22,7 @@ KL loss, and the trainer's own `train_step` / `evaluate_loss` run unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -39,7 +40,7 @@ from ..data import PackedBatch
 from ..data.example import Example, make_example
 from ..data.formats import read_conversations
 from ..data.packing import best_fit_decreasing
-from ..generate import generate, is_sharded
+from ..generate import gathered, generate, is_sharded
 from ..model import Qwen3
 from ..vocab import VocabMap
 from .build import build_model
@@ -381,9 +382,10 @@ class PromptBatch:
 
 class OnPolicyDistill:
     def __init__(self, teacher_path: str, max_new_tokens: int = 128, temperature: float = 1.0,
-                 enable_thinking: bool = True):
+                 enable_thinking: bool = True, gather_for_sampling: bool = False):
         self.teacher_path, self.max_new_tokens = teacher_path, max_new_tokens
         self.temperature, self.enable_thinking = temperature, enable_thinking
+        self.gather_for_sampling = gather_for_sampling  # FSDP: sample with the student gathered (see `gathered`)
         self.teacher, self.template, self.suppress = None, None, []
 
     def load_data(self, config, template, dist_):
@@ -432,9 +434,10 @@ class OnPolicyDistill:
         was_training = model.training
         model.eval()
         prompts = [p.prompt_ids.tolist() for p in batch.prompts]
-        completions = generate(model, prompts, max_new_tokens=self.max_new_tokens,
-                               temperature=0.0 if greedy else self.temperature, stop_ids=[self.template.eos_id],
-                               suppress_ids=self.suppress, seed=batch.seed)
+        with gathered(model) if self.gather_for_sampling else contextlib.nullcontext():
+            completions = generate(model, prompts, max_new_tokens=self.max_new_tokens,
+                                   temperature=0.0 if greedy else self.temperature,
+                                   stop_ids=[self.template.eos_id], suppress_ids=self.suppress, seed=batch.seed)
         model.train(was_training)
         examples = []
         for prompt, completion in zip(prompts, completions):

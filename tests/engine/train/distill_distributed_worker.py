@@ -30,16 +30,48 @@ def load_student(path, dist_):
     return build_model(ModelSettings(path=str(path)), torch.float32, dist_.device, shard=shard)
 
 
+class AllGathers:
+    """Counts the collectives FSDP2 gathers parameters with (torch 2.13: `all_gather_single`) inside the block."""
+    NAME = "all_gather_single"
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self.count, self._original = 0, getattr(dist, self.NAME)
+
+        def counting(*args, **kwargs):
+            self.count += 1
+            return self._original(*args, **kwargs)
+
+        setattr(dist, self.NAME, counting)
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        setattr(dist, self.NAME, self._original)
+
+
 def generation(case, dist_, ranks):
-    """Greedy and seeded-sampled completions of each of `ranks`' prompts (its own max_new_tokens)."""
-    from qforge.engine.generate import generate
+    """Greedy and seeded-sampled completions of each of `ranks`' prompts (its own max_new_tokens), sharded
+    parameters gathered per forward and (`gathered`) kept gathered, with the all-gathers each ran."""
+    from torch.distributed.tensor import DTensor
+
+    from qforge.engine.generate import gathered, generate
 
     model = load_student(case["student"], dist_)
     out = {}
     for rank in ranks:
         settings = dict(max_new_tokens=case["max_new_tokens"][rank], stop_ids=case["stop_ids"])
-        out[rank] = {"greedy": generate(model, case["prompts"][rank], **settings),
-                     "sampled": generate(model, case["prompts"][rank], temperature=1.0, seed=11 + rank, **settings)}
+        with AllGathers() as per_step:
+            greedy = generate(model, case["prompts"][rank], **settings)
+        sampled = generate(model, case["prompts"][rank], temperature=1.0, seed=11 + rank, **settings)
+        with AllGathers() as once, gathered(model):
+            kept = generate(model, case["prompts"][rank], **settings)
+            gathered_inside = not any(isinstance(p, DTensor) for p in model.layers.parameters())
+        out[rank] = {"greedy": greedy, "sampled": sampled, "greedy_gathered": kept,
+                     "all_gathers": [per_step.count, once.count], "gathered_inside": gathered_inside,
+                     "sharded_after": all(isinstance(p, DTensor) for p in model.layers.parameters())}
     return out
 
 

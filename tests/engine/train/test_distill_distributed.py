@@ -48,7 +48,12 @@ def test_generation_with_ranks_stopping_at_different_lengths_matches_one_process
     case, _, ranks = runs
     expected = generation(case, Dist(), [0, 1])
     for rank in range(2):
-        assert ranks[rank]["generation"][rank] == expected[rank]
+        got, want = ranks[rank]["generation"][rank], expected[rank]
+        assert (got["greedy"], got["sampled"], got["greedy_gathered"]) == \
+            (want["greedy"], want["sampled"], want["greedy"])
+        # 2 blocks gathered at every one of the 10 decode steps (+ the prefill), or once inside `gathered`
+        assert got["all_gathers"][0] >= 2 * 10 and got["all_gathers"][1] <= 2, got["all_gathers"]
+        assert got["gathered_inside"] and got["sharded_after"]
     greedy = [ranks[r]["generation"][r]["greedy"] for r in range(2)]
     # rank 0's first row hit the stop id, its second ran to its 6 tokens, rank 1 decoded on to 10
     assert len(greedy[0][0]) < 6 and len(greedy[0][1]) == 6 and len(greedy[1][0]) == 10
@@ -92,8 +97,9 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def test_on_policy_recipe_on_two_ranks_trains_like_one_process(tiny_run_files, tmp_path):
-    """The whole recipe under torchrun (sharded student and teacher, lockstep sampling, evaluation that samples
-    only each rank's batches, sharded export): 2 ranks × 1 micro-batch a step = 1 process × 2 micro-batches."""
+    """The whole recipe under torchrun (sharded student and teacher, lockstep sampling with the student gathered,
+    evaluation that samples only each rank's batches, sharded export): 2 ranks × 1 micro-batch a step = 1 process
+    × 2 micro-batches. (The worker's on-policy step covers sampling without `distill.gather_for_sampling`.)"""
     rows = Path(tiny_run_files["train"]).read_text(encoding="utf-8").splitlines(True)
     (tmp_path / "train.jsonl").write_text("".join(rows[:8]), encoding="utf-8")
     (tmp_path / "eval.jsonl").write_text("".join(rows[40:43]), encoding="utf-8")
@@ -105,7 +111,8 @@ def test_on_policy_recipe_on_two_ranks_trains_like_one_process(tiny_run_files, t
         return ["--config", str(tmp_path / "empty.yaml"), *tiny_overrides(files, out, **{
             "distill.teacher": str(teacher), "distill.mode": "on_policy", "distill.max_new_tokens": 8,
             "data.max_tokens": 400, "data.eval": f"[{tmp_path / 'eval.jsonl'}]", "evaluate.data": "null",
-            "train.max_steps": 2, "train.eval_every": 1, "train.grad_accum": grad_accum})]
+            "train.max_steps": 2, "train.eval_every": 1, "train.grad_accum": grad_accum,
+            "distill.gather_for_sampling": True})]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = str(REPO / "recipes/distill.py")
