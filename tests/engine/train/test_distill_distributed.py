@@ -1,7 +1,7 @@
 """Distillation on 2 gloo ranks (torchrun, CPU) against one process on the same inputs: the sharded teacher holds
 half the weights per rank and gives the single-process step's loss and gradients, FSDP generation with ranks that
 stop at different lengths finishes and samples what one process samples, and off-policy scoring split over the
-ranks stores the same top-k as one process.
+ranks stores the same top-k as one process; the whole on-policy recipe on 2 ranks trains like one process.
 
 One torchrun launch runs every case (distill_distributed_worker.py); the references run the same functions here."""
 import json
@@ -31,7 +31,8 @@ def runs(tmp_path_factory):
     student = save_hf_qwen3(root / "student", seed=1)  # tied head
     teacher = save_hf_qwen3(root / "teacher", seed=2, hidden_size=96, num_hidden_layers=3, tie_word_embeddings=False)
     free = generate(load_model(student, dtype=torch.float32), PROMPTS[0], max_new_tokens=10)
-    # rank 0's rows stop early at a token its greedy decoding produces at step 2, rank 1 runs to 10 tokens
+    # rank 0's first row stops at the token its greedy decoding produces at step 2 (or at an earlier copy of it),
+    # its second runs to 6 tokens and rank 1's to 10
     case = {"student": str(student), "teacher": str(teacher), "prompts": PROMPTS, "max_new_tokens": [6, 10],
             "stop_ids": [free[0][2]], "on_policy_new_tokens": 5}
     (root / "case.json").write_text(json.dumps(case))
@@ -51,7 +52,7 @@ def test_generation_with_ranks_stopping_at_different_lengths_matches_one_process
         got, want = ranks[rank]["generation"][rank], expected[rank]
         assert (got["greedy"], got["sampled"], got["greedy_gathered"]) == \
             (want["greedy"], want["sampled"], want["greedy"])
-        # 2 blocks gathered at every one of the 10 decode steps (+ the prefill), or once inside `gathered`
+        # every forward (prefill + 9 decode steps) gathers both blocks; inside `gathered` each is gathered once
         assert got["all_gathers"][0] >= 2 * 10 and got["all_gathers"][1] <= 2, got["all_gathers"]
         assert got["gathered_inside"] and got["sharded_after"]
     greedy = [ranks[r]["generation"][r]["greedy"] for r in range(2)]
