@@ -19,6 +19,9 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 class BF16StateAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, as torch.optim.AdamW) whose two moments are stored in bf16.
 
+    As DeepSeek-V3 (arXiv:2412.19437, §3.3.3 "Low-Precision Optimizer States": BF16 moments, FP32 master weights
+    and gradients, no observable degradation reported).
+
     Weights and gradients stay fp32; each step upcasts one parameter's moments, updates them and the weight
     in fp32, and stores the moments back rounded to nearest. Round-to-nearest rather than stochastic: the EMA
     decays a past rounding error by β each step instead of accumulating it, and with β ≤ 0.99 (OptimSettings
