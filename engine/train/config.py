@@ -73,8 +73,8 @@ class OptimSettings:
     warmup_steps: NonNegativeInt = 0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1  # floor of the decay, as a fraction of lr
-    # AdamW's two moments: fp32 (torch's fused AdamW), or bf16 over fp32 weights and gradients (8 B instead of
-    # 16 B per parameter; what fits Qwen3-32B on 8×H100, see README "GPU twin")
+    # AdamW's two moments: fp32 (torch's fused AdamW), or bf16 over fp32 weights and gradients (4 B instead of
+    # 8 B per parameter; what fits Qwen3-32B on 8×H100, see README "GPU twin")
     state_dtype: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self):

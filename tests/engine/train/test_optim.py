@@ -204,3 +204,13 @@ def test_tiny_run_with_bf16_states_learns_like_fp32_states(tiny_run_files, tmp_p
     # itself and, to first order, the loss by that fraction of what the updates gained (here: 1.4e-5 of 0.54).
     progress = [fp32[0] - loss for loss in fp32]
     assert all(abs(a - b) <= 2**-9 * max(p, 0.01) for a, b, p in zip(bf16, fp32, progress)), (fp32, bf16)
+
+
+def test_bf16_parameters_keep_torch_fused_adamw():
+    """train.precision: bf16 — the moments already are bf16 (the parameter dtype): the fused kernel stays."""
+    model = _model(0).to(torch.bfloat16)
+    optimizer = build_optimizer(model, _settings(state_dtype="bf16"))
+    assert type(optimizer) is torch.optim.AdamW
+    _steps(model, optimizer, build_scheduler(optimizer, 1, _settings()), [(x.bfloat16(), y.bfloat16())
+                                                                          for x, y in _batches(1)])
+    assert {s["exp_avg"].dtype for s in optimizer.state.values()} == {torch.bfloat16}
