@@ -31,11 +31,11 @@ from qforge.kernels import fused_linear_cross_entropy
 
 from ..data.preference import PreferenceBatch, load_pairs, pack_pairs
 from ..config import Qwen3Config
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..model import Qwen3
 from .build import build_model
 from .config import ModelSettings
-from .loop import _loss_tables
+from .loop import _loss_tables, cache_dir_of
 from .objective import bind_forward_method, weights_identity
 from .parallel import shard_model
 
@@ -64,7 +64,7 @@ def chosen_token_count(batch: PreferenceBatch) -> int:
 
 
 def _digest(pairs, *extra) -> str:
-    """Identifies tokenised pairs (plus `extra` strings or bytes): the reference cache key, the resume check."""
+    """Identifies tokenised pairs (plus `extra` strings or bytes): the reference cache key."""
     digest = hashlib.sha256()
     for item in extra:
         digest.update(item.encode() if isinstance(item, str) else item)
@@ -92,22 +92,31 @@ class DPO:
 
     # --- data -------------------------------------------------------------------------------------------------
     def load_data(self, config, template, dist_):
-        data, datasets, eval_pairs = config.data, [], []
+        """Tokenised pairs per data.train file, cached like SFT data: rank 0 tokenises a first run's files while
+        the others wait (train.dist_timeout_s covers it), then every rank reads the cache."""
+        data, datasets, eval_pairs, keys = config.data, [], [], []
         options = dict(enable_thinking=data.enable_thinking, train_on_reasoning=data.train_on_reasoning,
-                       on_error=data.on_error)
+                       on_error=data.on_error, cache_dir=cache_dir_of(config))
         for paths, into in [([p], datasets) for p in data.train] + [(data.eval, None)]:
             if not paths:
                 continue
+            if dist_.is_main:
+                load_pairs(paths, template, **options)
+            dist_.barrier()
             pairs, summary = load_pairs(paths, template, first_index=len(self._pairs), **options)
             if dist_.is_main:
                 log.info("%s: %s", ", ".join(paths), summary)
+            if summary.skipped and not summary.num_rows:
+                raise DataError(f"{', '.join(paths)}: all {len(summary.skipped)} rows were skipped (data.on_error="
+                                f"skip), first: {summary.skipped[0]}; fix the rows")
             self._pairs += pairs
             if into is None:
                 eval_pairs = pairs
             else:
                 into.append(pairs)
-        fingerprint = {"pairs": _digest(p for pairs in datasets for p in pairs), "weights": data.weights,
-                       "max_tokens": data.max_tokens, "seed": config.train.seed}
+                keys.append(Path(summary.cache_path).name)
+        fingerprint = {"pairs": keys, "weights": data.weights, "max_tokens": data.max_tokens,
+                       "seed": config.train.seed}
         return datasets, eval_pairs, fingerprint
 
     def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate", loss_weighting: str = "token",

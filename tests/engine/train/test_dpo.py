@@ -205,6 +205,7 @@ def test_recipe_trains_caches_the_reference_and_resumes_exactly(tiny_run_files, 
     evals = [r for r in _records(full) if "eval_dpo_loss" in r]
     assert evals[-1]["eval_dpo_loss"] < 0.5 < 0.9 < evals[-1]["eval_rewards/accuracies"]  # log 2 = 0.69 at the start
     assert len(list((full / "reference").glob("*.pt"))) == 1 and (full / "final/model.safetensors").is_file()
+    assert len(list((full / "cache").iterdir())) == 1  # the tokenised pairs (data.train = data.eval here)
 
     resumed = tmp_path / "resumed"
     assert dpo_main(_overrides(tiny_run_files, tmp_path, resumed, **{
