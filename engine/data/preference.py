@@ -178,6 +178,11 @@ class PreferenceBatch:
         return cls(packed, torch.tensor([p.index for p in pairs], dtype=torch.long))
 
 
+def fitting(pairs: list[PreferencePair], max_tokens: int) -> list[PreferencePair]:
+    """The pairs a micro-batch of max_tokens can hold whole (both sides together), with a supervised reply."""
+    return [p for p in pairs if len(p) <= max_tokens and p.num_loss_tokens > 0]
+
+
 class PreferenceBatches(list):
     report: PackReport
 
@@ -187,7 +192,7 @@ def pack_pairs(pairs: list[PreferencePair], max_tokens: int, seed: int = 0, *, o
     """Packs whole pairs (both sides in the same micro-batch) by best-fit decreasing, like `pack`. A pair
     longer than max_tokens is dropped and counted (cutting a reply would change its log-probability);
     `overlong` and `loss_weighting` do not apply (DPO sums log-probs over every supervised token)."""
-    kept = [p for p in pairs if len(p) <= max_tokens and p.num_loss_tokens > 0]
+    kept = fitting(pairs, max_tokens)
     dropped = len(pairs) - len(kept)
     if dropped:
         log.warning("dropped %d preference pairs longer than data.max_tokens=%d (both sides together) or with an "

@@ -29,12 +29,14 @@ import torch.nn.functional as F
 
 from qforge.kernels import fused_linear_cross_entropy
 
-from ..data.preference import PreferenceBatch, load_pairs, pack_pairs
+from ..data.packing import PackedBatch
+from ..data.preference import PreferenceBatch, PreferencePair, fitting, load_pairs, pack_pairs
 from ..config import Qwen3Config
 from ..errors import ConfigError, DataError
 from ..model import Qwen3
 from .build import build_model
 from .config import ModelSettings
+from .loader import zero_weight
 from .loop import _loss_tables, cache_dir_of
 from .objective import bind_forward_method, weights_identity
 from .parallel import shard_model
@@ -103,12 +105,19 @@ class DPO:
             if dist_.is_main:
                 load_pairs(paths, template, **options)
             dist_.barrier()
-            pairs, summary = load_pairs(paths, template, first_index=len(self._pairs), **options)
-            if dist_.is_main:
-                log.info("%s: %s", ", ".join(paths), summary)
+            loaded, summary = load_pairs(paths, template, **options)
             if summary.skipped and not summary.num_rows:
                 raise DataError(f"{', '.join(paths)}: all {len(summary.skipped)} rows were skipped (data.on_error="
                                 f"skip), first: {summary.skipped[0]}; fix the rows")
+            # pairs that cannot be packed whole are left out here, once, so a train.batch_size step holds N pairs
+            pairs = [PreferencePair(p.chosen, p.rejected, len(self._pairs) + i)
+                     for i, p in enumerate(fitting(loaded, data.max_tokens))]
+            if dist_.is_main:
+                log.info("%s: %s", ", ".join(paths), summary)
+                if len(pairs) < len(loaded):
+                    log.warning("%s: %d preference pairs left out: longer than data.max_tokens=%d (both sides "
+                                "together) or with an empty reply; raise data.max_tokens to keep them",
+                                ", ".join(paths), len(loaded) - len(pairs), data.max_tokens)
             self._pairs += pairs
             if into is None:
                 eval_pairs = pairs
@@ -122,6 +131,12 @@ class DPO:
     def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate", loss_weighting: str = "token",
              vocab=None):
         return pack_pairs(items, max_tokens, seed, vocab=vocab)
+
+    def filler(self, pair: PreferencePair, max_tokens: int) -> PreferenceBatch:
+        """`pair`'s two sequences without supervised tokens and without a pair: a micro-batch that runs the policy
+        (and live reference) forwards and the backward of a real one but adds nothing (train.batch_size steps)."""
+        sides = [zero_weight(example, max_tokens) for example in (pair.chosen, pair.rejected)]
+        return PreferenceBatch(PackedBatch.from_examples(sides), torch.zeros(0, dtype=torch.long))
 
     # --- reference ----------------------------------------------------------------------------------------------
     def prepare(self, model, config, vocab, dist_, autocast):
@@ -193,6 +208,8 @@ class DPO:
             if index < len(batches):
                 scores[batch.pair_index.cpu()] = logps.double().cpu()
         model.train(was_training)
+        if hasattr(model, "reshard"):  # FSDP2 leaves the root unit unsharded after a forward without backward: the
+            model.reshard()            # optimizer built next must hold the sharded parameters
         return dist_.all_reduce_sum(scores.to(dist_.device)).float().cpu()
 
     def _reference_of(self, batch, autocast) -> torch.Tensor:
@@ -204,9 +221,10 @@ class DPO:
     # --- loss -----------------------------------------------------------------------------------------------------
     def _pair_loss(self, model, batch, autocast, pairs_total, chosen_total):
         """(this micro-batch's share of the step loss, its statistics summed over its pairs)."""
-        reference = self._reference_of(batch, autocast)
+        pairs = batch.num_pairs  # 0 in a filler, whose two sequences are no pair (see `filler`)
+        reference = self._reference_of(batch, autocast)[:pairs]
         with autocast():
-            policy = model.sequence_logps(batch.packed, **self.tables).float().view(-1, 2)
+            policy = model.sequence_logps(batch.packed, **self.tables).float().view(-1, 2)[:pairs]
         rewards = self.beta * (policy - reference)
         margins = rewards[:, 0] - rewards[:, 1]
         dpo = -F.logsigmoid(margins)
