@@ -54,12 +54,10 @@ def test_steps_of_n_pairs_cover_the_epoch_split_over_ranks_and_resume_exactly(pa
             assert batch.num_tokens <= 400 and len(batch.cu_seqlens) - 1 == 2 * max(batch.num_pairs, 1)
         seen += [int(i) for b in batches for i in b.pair_index]
     assert sorted(seen) == list(range(30)) and ranks[0].epoch_progress == 1.0
-    state = ranks[1].state_dict()
-    expected = [ranks[1].next_step() for _ in range(3)]
-    resumed = loaders()[1]
-    resumed.load_state_dict(state)
-    for want in expected:
-        got = resumed.next_step()
+    resumed = loaders()[1]  # a rank restarted from the cursor a checkpoint holds, into the next epoch
+    resumed.load_state_dict(ranks[1].state_dict())
+    for _ in range(3):
+        want, got = ranks[1].next_step(), resumed.next_step()
         assert [b.pair_index.tolist() for b in got] == [b.pair_index.tolist() for b in want]
         assert all(torch.equal(a.packed.input_ids, b.packed.input_ids) for a, b in zip(want, got))
 
