@@ -24,8 +24,9 @@ import torch
 from .cache import LoadSummary, data_paths, load_cached
 from .example import Example
 from ..errors import DataError
-from .formats import RowError, SkippedRow, _raw_rows, validate_messages
+from .formats import Conversation, RowError, SkippedRow, _raw_rows, validate_messages
 from .packing import PackedBatch, PackReport, best_fit_decreasing
+from .template import has_reasoning
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,10 @@ def row_to_pair(row) -> tuple[list[dict], list[dict]]:
     return sides[0], sides[1]
 
 
-def load_pairs(paths, template, *, enable_thinking: bool = True, train_on_reasoning: bool = True,
+def load_pairs(paths, template, *, enable_thinking: bool | str = True, train_on_reasoning: bool = True,
                on_error: str = "raise", first_index: int = 0, cache_dir=None) -> tuple[list[PreferencePair], LoadSummary]:
     """Reads and tokenises preference rows; bad rows raise DataError (file:line: field: reason) or are skipped.
+    enable_thinking "auto": a pair is rendered with thinking on iff one of its replies has reasoning.
     With `cache_dir`, the tokenised pairs are cached there like SFT data (engine/data/cache.py); the summary
     counts pairs as rows and their sequences as examples."""
     paths = data_paths(paths)
@@ -121,7 +123,11 @@ def load_pairs(paths, template, *, enable_thinking: bool = True, train_on_reason
                 try:
                     if isinstance(row, RowError):
                         raise row
-                    conversations.extend(row_to_pair(row))
+                    pair = row_to_pair(row)
+                    if enable_thinking == "auto":  # per pair, one mode for both sides: the prompts stay equal
+                        on = has_reasoning(pair[0]) or has_reasoning(pair[1])
+                        pair = tuple(Conversation(side, None, on) for side in pair)
+                    conversations.extend(pair)
                     summary.num_rows += 1
                 except RowError as error:
                     if on_error == "raise":

@@ -75,3 +75,12 @@ def test_a_damaged_entry_is_rebuilt(pairs_file, tmp_path, qwen_template, caplog,
         rebuilt, again = load_pairs([pairs_file], qwen_template, cache_dir=cache)
     assert "damaged tokenised-data cache" in caplog.text and not again.from_cache
     assert same_pairs(fresh, rebuilt)
+
+
+def test_auto_thinking_is_decided_per_pair_for_both_sides(tmp_path, qwen_template):
+    plain = {"messages": [{"role": "user", "content": "2 + 2 = ?"}], "chosen": "4", "rejected": "5"}
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps(ROWS[1], ensure_ascii=False) + "\n" + json.dumps(plain) + "\n", encoding="utf-8")
+    auto, on, off = (load_pairs([path], qwen_template, enable_thinking=mode)[0] for mode in ("auto", True, False))
+    assert same_pairs(auto[:1], on[:1]) and same_pairs(auto[1:], off[1:]) and not same_pairs(auto[1:], on[1:])
+    assert np.array_equal(auto[1].chosen.input_ids[:-4], auto[1].rejected.input_ids[:-4])  # one prompt rendering
