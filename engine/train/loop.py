@@ -283,7 +283,7 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
     model.train()
     optimizer = build_optimizer(model, config.optim)
     pack_fn = objective.pack if objective else pack
-    loader = build_loader(datasets, config.data, config.train, vocab, dist_.rank, dist_.world, pack_fn)
+    loader = build_loader(datasets, config.data, config.train, vocab, dist_.rank, dist_.world, objective)
     max_steps = planned_steps(config.train, loader)
     if dist_.is_main and config.train.max_steps is None:
         log.info("train.epochs=%g: %d optimizer steps (%.2f per epoch)", config.train.epochs or 1.0, max_steps,
