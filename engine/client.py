@@ -6,7 +6,8 @@ capped by `max_backoff`); on top of it qforge bounds the requests in flight, spa
 keeps an on-disk cache of replies keyed by the request (an interrupted run resumes where it stopped), and
 turns every failure into a `ChatClientError` for that request only. With `suppress_ids` every request
 carries `logit_bias` -100 for those ids: a pruned (CJK-free) model stays CJK-free on servers such as vLLM
-that ignore generation_config.json's `suppress_tokens`.
+that ignore generation_config.json's `suppress_tokens`. `complete` speaks the legacy text-completions API
+the same way (a prompt of token ids scored with echo + logprobs: an endpoint teacher for distillation).
 """
 from __future__ import annotations
 
@@ -60,6 +61,13 @@ class ChatReply:
         return cls(content=message.get("content") or "", reasoning_content=message.get("reasoning_content"),
                    finish_reason=choice.get("finish_reason"), usage=response.get("usage") or {},
                    model=response.get("model", ""), cached=cached, tool_calls=tuple(message.get("tool_calls") or ()))
+
+
+def _completion_response(response: dict, cached: bool = False) -> dict:
+    choices = response.get("choices") if isinstance(response, dict) else None
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise ValueError(f"not a completions response (no choices): {str(response)[:200]}")
+    return response
 
 
 class ResponseCache:
@@ -152,6 +160,17 @@ class ChatClient:
     def chat(self, messages: Sequence[dict], *, cache_tag: str | None = None, **params: Any) -> ChatReply:
         """One completion. `cache_tag` distinguishes otherwise identical requests (e.g. sample #3 of 8)."""
         body = {"model": self.model, "messages": list(messages), **self.params, **params}
+        return self._request("/chat/completions", body, cache_tag, ChatReply.from_response)
+
+    def complete(self, prompt: str | Sequence[int], *, cache_tag: str | None = None, **params: Any) -> dict:
+        """One legacy text completion (`/completions`; a prompt of token ids is scored as given, e.g. with
+        echo + logprobs): the response body, after the same cache, retries and accounting as `chat`."""
+        body = {"model": self.model, "prompt": prompt if isinstance(prompt, str) else [int(t) for t in prompt],
+                **self.params, **params}
+        return self._request("/completions", body, cache_tag, _completion_response)
+
+    def _request(self, path: str, body: dict, cache_tag: str | None, parse):
+        """`parse(response, cached)` of the cached or posted reply; a reply it refuses is a ChatClientError."""
         key = None
         if self.cache is not None:
             identity = {"namespace": self.cache_namespace, "body": body, "tag": cache_tag}
@@ -159,17 +178,18 @@ class ChatClient:
             hit = self.cache.get(key)
             if hit is not None:
                 self._count(cache_hits=1)
-                return ChatReply.from_response(hit, cached=True)
-        response = self._post("/chat/completions", body)
+                return parse(hit, cached=True)
+        response = self._post(path, body)
         try:
-            reply = ChatReply.from_response(response)
+            result = parse(response, cached=False)
         except ValueError as error:
-            raise ChatClientError(f"{self.base_url}/chat/completions: {error}") from None
-        self._count(requests=1, prompt_tokens=reply.usage.get("prompt_tokens", 0),
-                    completion_tokens=reply.usage.get("completion_tokens", 0))
+            raise ChatClientError(f"{self.base_url}{path}: {error}") from None
+        usage = response.get("usage") or {}
+        self._count(requests=1, prompt_tokens=usage.get("prompt_tokens", 0),
+                    completion_tokens=usage.get("completion_tokens", 0))
         if key is not None:
             self.cache.put(key, body, response)
-        return reply
+        return result
 
     def chat_many(self, conversations: Sequence[Sequence[dict]], *, cache_tags: Sequence[str | None] | None = None,
                   errors: str = "raise", progress: bool = True, desc: str = "chat", **params: Any) -> list:
@@ -178,23 +198,33 @@ class ChatClient:
         With `errors="return"` a request that fails for good yields its `ChatClientError` in place of a
         reply (the others still complete); with `errors="raise"` the first failure is raised at the end.
         """
+        return self._many(lambda item, tag: self.chat(item, cache_tag=tag, **params), conversations, cache_tags,
+                          errors, progress, desc)
+
+    def complete_many(self, prompts: Sequence, *, cache_tags: Sequence[str | None] | None = None,
+                      errors: str = "raise", progress: bool = True, desc: str = "complete", **params: Any) -> list:
+        """`complete` for many prompts, `concurrency` at a time, in input order; `errors` as in `chat_many`."""
+        return self._many(lambda item, tag: self.complete(item, cache_tag=tag, **params), prompts, cache_tags,
+                          errors, progress, desc)
+
+    def _many(self, call, items: Sequence, cache_tags, errors: str, progress: bool, desc: str) -> list:
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
-        tags = list(cache_tags) if cache_tags is not None else [None] * len(conversations)
-        if len(tags) != len(conversations):
-            raise ValueError(f"{len(tags)} cache_tags for {len(conversations)} conversations")
+        tags = list(cache_tags) if cache_tags is not None else [None] * len(items)
+        if len(tags) != len(items):
+            raise ValueError(f"{len(tags)} cache_tags for {len(items)} requests")
 
         def one(index: int):
             try:
-                return self.chat(conversations[index], cache_tag=tags[index], **params)
+                return call(items[index], tags[index])
             except ChatClientError as error:
                 return error
             except Exception as error:  # anything else the transport raises ends this request, not the run
                 return ChatClientError(f"{type(error).__name__}: {error}")
 
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            results = list(tqdm(pool.map(one, range(len(conversations))), total=len(conversations),
-                                desc=desc, disable=not progress))
+            results = list(tqdm(pool.map(one, range(len(items))), total=len(items), desc=desc,
+                                disable=not progress))
         failures = [r for r in results if isinstance(r, ChatClientError)]
         if failures and errors == "raise":
             raise ChatClientError(f"{len(failures)} of {len(results)} requests failed; first: {failures[0]}",

@@ -6,30 +6,40 @@
 
 distill.mode=off_policy: the teacher scores the SFT data once (its top-k log-probs per supervised position,
 stored under distill.teacher_dir) and the student minimises forward KL to them, mixed with CE by
-distill.ce_weight. distill.mode=on_policy: the student samples completions of the data's prompts, the
-teacher scores them, the student minimises reverse KL on its own samples. Same trainer as recipes/fft.py
-(checkpoints, exact resume, FSDP2, HF export); with `evaluate.data`, greedy exact match before and after.
+distill.ce_weight. The teacher is a checkpoint (distill.teacher) or an OpenAI-compatible server that scores
+token-id prompts with echo + logprobs (distill.teacher_endpoint: vLLM, qforge's own server;
+recipes/configs/distill-endpoint.yaml). distill.mode=on_policy: the student samples completions of the
+data's prompts, the teacher scores them, the student minimises reverse KL on its own samples. Same trainer as
+recipes/fft.py (checkpoints, exact resume, FSDP2, HF export); with `evaluate.data`, greedy exact match before
+and after.
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import field
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field
 
+from qforge.engine.client import ChatClient
 from qforge.engine.config_io import settings
 from qforge.engine.errors import ConfigError
 from qforge.engine.train.distill import OffPolicyDistill, OnPolicyDistill
+from qforge.engine.train.teacher_endpoint import EndpointTeacher
 from qforge.recipes.cli import run_recipe
 from qforge.recipes.demo_eval import FFTRecipeConfig
+from qforge.recipes.endpoint import ClientSettings, EndpointSettings, suppressed_ids
 from qforge.recipes.fft import run as run_stages
 
 
 @settings
 class DistillSettings:
     teacher: str | None = None         # teacher checkpoint directory (HF format, same tokenizer as the student)
+    # off-policy: or an OpenAI-compatible server scoring the data (base_url + model; suppress_ids: ids it never
+    # produces, dropped from its top-k), e.g. `vllm serve TEACHER --max-logprobs 20`
+    teacher_endpoint: EndpointSettings | None = None
+    teacher_token_ids: bool = True     # teacher_endpoint: tokens as "token_id:N" (vLLM's return_tokens_as_token_ids)
     mode: Literal["off_policy", "on_policy"] = "off_policy"
     top_k: Annotated[int, Field(ge=1, le=128)] = 20  # off-policy: teacher log-probs kept per supervised position
     ce_weight: Annotated[float, Field(ge=0, le=1)] = 0.0  # off-policy: (1 − ce_weight)·KL + ce_weight·CE on labels
@@ -38,17 +48,43 @@ class DistillSettings:
     temperature: Annotated[float, Field(gt=0)] = 1.0  # on-policy: sampling temperature
 
     def __post_init__(self):
-        if self.teacher is None:
-            raise ValueError("distill.teacher must name the teacher's checkpoint directory")
+        if (self.teacher is None) == (self.teacher_endpoint is None):
+            raise ValueError("set exactly one of distill.teacher (the teacher's checkpoint directory) or "
+                             "distill.teacher_endpoint (base_url + model of an OpenAI-compatible server)")
+        if self.teacher_endpoint is not None:
+            if self.mode == "on_policy":
+                raise ValueError("distill.mode=on_policy needs a local distill.teacher: its reverse KL needs the "
+                                 "teacher's full distribution at every sampled token, an endpoint gives a top-k")
+            if self.teacher_endpoint.path is not None:
+                raise ValueError("distill.teacher_endpoint.path: a local teacher is distill.teacher; the endpoint "
+                                 "takes base_url + model")
+            self.teacher_endpoint.check("distill.teacher_endpoint")
 
 
 @settings
 class DistillConfig(FFTRecipeConfig):
     distill: DistillSettings = field(default_factory=DistillSettings)
+    client: ClientSettings = field(default_factory=ClientSettings)  # distill.teacher_endpoint's requests
+
+
+def endpoint_teacher(config: DistillConfig) -> EndpointTeacher:
+    """The endpoint's client: its `suppress_ids` are dropped from the top-k here, not sent as logit_bias (which
+    does not touch prompt log-probs); scored chunks make a rerun resume, so client.cache_dir is opt-in."""
+    endpoint = config.distill.teacher_endpoint
+    try:
+        suppress = suppressed_ids(endpoint.suppress_ids) if endpoint.suppress_ids else ()
+        client = ChatClient(endpoint.base_url, endpoint.model, api_key_env=endpoint.api_key_env,
+                            **asdict(config.client))
+    except ValueError as error:
+        raise ConfigError(f"distill.teacher_endpoint: {error}") from None
+    return EndpointTeacher(client, suppress, config.distill.teacher_token_ids)
 
 
 def objective_for(config: DistillConfig):
     settings_ = config.distill
+    if settings_.teacher_endpoint is not None:
+        return OffPolicyDistill(None, settings_.top_k, settings_.ce_weight, settings_.teacher_dir,
+                                endpoint=endpoint_teacher(config))
     if not (Path(settings_.teacher) / "config.json").is_file():
         raise ConfigError(f"distill.teacher={settings_.teacher}: no config.json (an HF-format checkpoint directory, "
                           f"e.g. outputs/demo/final from `make demo`)")

@@ -183,13 +183,20 @@ class Server:
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
 
-    def chat_logprob(self, pick: Pick) -> dict:
-        text = self.token_text(pick.token)
-        return {"token": text, "logprob": pick.logprob, "bytes": list(text.encode("utf-8")),
-                "top_logprobs": [{"token": (t := self.token_text(i)), "logprob": v, "bytes": list(t.encode())}
-                                 for i, v in pick.top]}
+    def token_name(self, token: int, as_id: bool) -> str:
+        """A token as logprobs name it: its text, or "token_id:N" with `return_tokens_as_token_ids` (vLLM's
+        format; single-token texts are not unique, e.g. every partial UTF-8 byte decodes to U+FFFD)."""
+        return f"token_id:{token}" if as_id else self.token_text(token)
 
-    def completion_logprobs(self, picks: list[Pick | None], tokens: list[int], offset: int) -> dict:
+    def chat_logprob(self, pick: Pick, as_ids: bool = False) -> dict:
+        text = self.token_text(pick.token)
+        return {"token": self.token_name(pick.token, as_ids), "logprob": _finite(pick.logprob),
+                "bytes": list(text.encode("utf-8")),
+                "top_logprobs": [{"token": self.token_name(i, as_ids), "logprob": _finite(v),
+                                  "bytes": list(self.token_text(i).encode())} for i, v in pick.top]}
+
+    def completion_logprobs(self, picks: list[Pick | None], tokens: list[int], offset: int,
+                            as_ids: bool = False) -> dict:
         texts = [self.token_text(t) for t in tokens]
         offsets = []
         for text in texts:
@@ -200,11 +207,18 @@ class Server:
             if pick is None:
                 tops.append(None)
                 continue
-            top = {self.token_text(i): v for i, v in pick.top}
-            top.setdefault(self.token_text(pick.token), pick.logprob)
+            top = {self.token_name(i, as_ids): _finite(v) for i, v in pick.top}
+            top.setdefault(self.token_name(pick.token, as_ids), _finite(pick.logprob))
             tops.append(top)
-        return {"tokens": texts, "token_logprobs": [p.logprob if p else None for p in picks],
+        names = [f"token_id:{t}" for t in tokens] if as_ids else texts
+        return {"tokens": names, "token_logprobs": [_finite(p.logprob) if p else None for p in picks],
                 "top_logprobs": tops, "text_offset": offsets}
+
+
+def _finite(logprob: float | None) -> float | None:
+    """A suppressed token's −inf log-prob (e.g. a scored prompt token outside a pruned head) as vLLM sends it:
+    −9999.0, since JSON has no infinities."""
+    return None if logprob is None else max(logprob, -9999.0)
 
 
 class RequireAPIKey:
@@ -361,7 +375,8 @@ def create_app(chat_model: ChatModel, scheduler: Scheduler, settings: ServeSetti
                     reason = "tool_calls" if reason == "stop" else reason
             choice = {"index": index, "message": message, "finish_reason": reason, "logprobs": None}
             if body.logprobs:
-                choice["logprobs"] = {"content": [server.chat_logprob(p) for p in picks[index]]}
+                choice["logprobs"] = {"content": [server.chat_logprob(p, body.return_tokens_as_token_ids)
+                                                   for p in picks[index]]}
             choices.append(choice)
         return {"id": request_id, "object": "chat.completion", "created": created, "model": settings.name,
                 "choices": choices, "usage": usage(len(prompt), sum(counts))}
@@ -416,7 +431,8 @@ def create_app(chat_model: ChatModel, scheduler: Scheduler, settings: ServeSetti
                 generated = [p.token for p in picks[index]]
                 all_picks = (scored[index] or [None] * len(ids)) + picks[index] if body.echo else picks[index]
                 all_tokens = ids + generated if body.echo else generated
-                choice["logprobs"] = server.completion_logprobs(all_picks, all_tokens, 0)
+                choice["logprobs"] = server.completion_logprobs(all_picks, all_tokens, 0,
+                                                                body.return_tokens_as_token_ids)
             choices.append(choice)
         prompt_tokens = sum(len(ids) for _, ids in prompts)
         return {"id": request_id, "object": "text_completion", "created": created, "model": settings.name,
@@ -457,7 +473,8 @@ async def _chat_stream(server: Server, body: ChatCompletionRequest, request_id: 
                         reason = "tool_calls" if reason == "stop" else reason
             elif content:
                 delta["content"] = content
-            logprobs = {"content": [server.chat_logprob(p) for p in event.picks]} if body.logprobs else None
+            as_ids = body.return_tokens_as_token_ids
+            logprobs = {"content": [server.chat_logprob(p, as_ids) for p in event.picks]} if body.logprobs else None
             if delta or reason or logprobs:
                 yield chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}])
     except APIError as error:
@@ -476,7 +493,8 @@ async def _completion_stream(server: Server, body: CompletionRequest, request_id
             counts[index] = event.completion_tokens
             logprobs = None
             if body.logprobs is not None:
-                logprobs = server.completion_logprobs(event.picks, [p.token for p in event.picks], 0)
+                logprobs = server.completion_logprobs(event.picks, [p.token for p in event.picks], 0,
+                                                       body.return_tokens_as_token_ids)
             yield _sse({"id": request_id, "object": "text_completion", "created": created,
                         "model": server.settings.name, "choices": [{"index": index, "text": event.text,
                         "logprobs": logprobs, "finish_reason": event.finish_reason}]})

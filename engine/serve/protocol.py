@@ -1,7 +1,7 @@
 """The OpenAI wire format: request models that validate at the boundary, response shapes, error bodies.
 
 Field names, ranges and defaults follow OpenAI's API reference and vLLM's extensions (`top_k`, `min_p`,
-`repetition_penalty`, `chat_template_kwargs`). Unknown fields are ignored, as vLLM does. Every float must
+`repetition_penalty`, `chat_template_kwargs`, `return_tokens_as_token_ids`). Unknown fields are ignored, as vLLM does. Every float must
 be finite: JSON's NaN/Infinity are refused here, never reach sampling.
 """
 from __future__ import annotations
@@ -88,6 +88,7 @@ class SamplingFields(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    return_tokens_as_token_ids: bool = False  # vLLM: logprobs name tokens "token_id:N" (decoded text is ambiguous)
 
     @field_validator("logit_bias")
     @classmethod

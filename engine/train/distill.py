@@ -2,9 +2,10 @@
 materialises the student's [T, V] logits and works over the kept vocabulary.
 
 - Off-policy: a teacher run scores the SFT data once (teacher forcing on the data's own replies) and keeps
-  its top-k log-probs at every supervised position; they are stored next to the data under `teacher_dir`,
-  keyed by the tokenised data, the teacher's weights and k, so later and resumed runs read them. The student
-  minimises forward KL to the renormalised top-k, or (1 − ce_weight)·KL + ce_weight·CE.
+  its top-k log-probs at every supervised position — a local checkpoint here, or an OpenAI-compatible
+  endpoint (teacher_endpoint.py); they are stored next to the data under `teacher_dir`, keyed by the
+  tokenised data, the teacher (weights, or served model + URL) and k, so later and resumed runs read them.
+  The student minimises forward KL to the renormalised top-k, or (1 − ce_weight)·KL + ce_weight·CE.
 - On-policy: for each micro-batch of prompts the student samples completions with qforge's generation, the
   teacher scores them (its final hidden states go into the fused kernel) and the student minimises reverse
   KL(p_student ‖ p_teacher) on its own samples. A micro-batch's sampling seed is derived from its place in
@@ -37,6 +38,7 @@ from ..model import Qwen3
 from ..vocab import VocabMap
 from .loop import _load_data, evaluate_loss, train_step
 from .objective import bind_forward_method, weights_identity
+from .teacher_endpoint import EndpointTeacher, discard
 
 log = logging.getLogger("qforge.train.distill")
 
@@ -163,36 +165,50 @@ def teacher_top_k(teacher, examples: list[Example], k: int, max_tokens: int, dev
 
 
 class OffPolicyDistill:
-    def __init__(self, teacher_path: str, top_k: int = 20, ce_weight: float = 0.0, teacher_dir: str | None = None):
+    """`teacher_path` (a local checkpoint) or `endpoint` (an OpenAI-compatible server, teacher_endpoint.py)
+    produces the top-k; both are stored alike."""
+
+    def __init__(self, teacher_path: str | None, top_k: int = 20, ce_weight: float = 0.0,
+                 teacher_dir: str | None = None, endpoint: EndpointTeacher | None = None):
         if not 1 <= top_k <= 128:
             raise ValueError(f"distill.top_k must be in [1, 128], got {top_k}")
         if not 0.0 <= ce_weight <= 1.0:
             raise ValueError(f"distill.ce_weight must be in [0, 1], got {ce_weight}")
+        if (teacher_path is None) == (endpoint is None):
+            raise ValueError("set exactly one of distill.teacher (a checkpoint) or distill.teacher_endpoint")
         self.teacher_path, self.top_k, self.ce_weight, self.teacher_dir = teacher_path, top_k, ce_weight, teacher_dir
+        self.endpoint = endpoint
+
+    @property
+    def teacher_identity(self):
+        return self.endpoint.identity if self.endpoint is not None else weights_identity(self.teacher_path)
 
     def load_data(self, config, template, dist_):
         datasets, eval_examples, fingerprint = _load_data(config, template, dist_)
         directory = Path(self.teacher_dir or Path(config.output.dir) / "teacher")
         sets = datasets + [eval_examples]
-        targets = [self._targets(examples, directory, config, dist_) for examples in sets]
+        targets = [self._targets(examples, directory, config, template, dist_) for examples in sets]
         items = [[TeacherTargets(e, ids, lp) for e, (ids, lp) in zip(examples, t)] for examples, t in zip(sets, targets)]
-        return items[:-1], items[-1], {**fingerprint, "teacher": weights_identity(self.teacher_path),
-                                       "top_k": self.top_k}
+        return items[:-1], items[-1], {**fingerprint, "teacher": self.teacher_identity, "top_k": self.top_k}
 
-    def _targets(self, examples, directory: Path, config, dist_):
+    def _targets(self, examples, directory: Path, config, template, dist_):
         """The stored teacher top-k of these examples, computed once (by rank 0) when missing."""
         if not examples:
             return []
-        digest = hashlib.sha256(json.dumps({"teacher": weights_identity(self.teacher_path), "k": self.top_k}).encode())
+        digest = hashlib.sha256(json.dumps({"teacher": self.teacher_identity, "k": self.top_k}).encode())
         for example in examples:
             digest.update(example.input_ids.tobytes())
             digest.update(example.labels.tobytes())
         path = directory / digest.hexdigest()[:32]
+        partial = directory / f".{path.name}.partial"
         if dist_.is_main and not (path / "ids.npy").is_file():
-            teacher = load_model(self.teacher_path, dtype=torch.float32, device=dist_.device)
-            scored = teacher_top_k(teacher, examples, self.top_k, config.data.max_tokens, dist_.device,
-                                   teacher_output_ids(self.teacher_path))
-            del teacher
+            if self.endpoint is not None:
+                scored = self.endpoint.top_k(examples, self.top_k, template.tokenizer, partial, config.output.progress)
+            else:
+                teacher = load_model(self.teacher_path, dtype=torch.float32, device=dist_.device)
+                scored = teacher_top_k(teacher, examples, self.top_k, config.data.max_tokens, dist_.device,
+                                       teacher_output_ids(self.teacher_path))
+                del teacher
             tmp = directory / f".{path.name}.tmp{os.getpid()}"
             tmp.mkdir(parents=True, exist_ok=True)
             offsets = np.cumsum([0] + [len(ids) for ids, _ in scored])
@@ -201,6 +217,7 @@ class OffPolicyDistill:
             np.save(tmp / "logprobs.npy", np.concatenate([lp for _, lp in scored] or [empty]).astype(np.float32))
             np.save(tmp / "offsets.npy", offsets)
             os.replace(tmp, path)
+            discard(partial)
             log.info("teacher top-%d of %d examples stored in %s", self.top_k, len(examples), path)
         dist_.barrier()
         ids, logprobs = np.load(path / "ids.npy", mmap_mode="r"), np.load(path / "logprobs.npy", mmap_mode="r")
