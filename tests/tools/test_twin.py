@@ -204,6 +204,16 @@ def test_cli_reads_a_training_config(tmp_path):
                       "activation_checkpointing": True, "optim_state_dtype": "bf16"}
 
 
+def test_shipped_32b_config_is_a_valid_training_config():
+    """(tests/engine/train/test_config_and_schedule.py parses the older shipped configs.)"""
+    from qforge.engine.config_io import load_config
+    from qforge.recipes.demo_eval import FFTRecipeConfig
+
+    config = load_config(FFTRecipeConfig, REPO / "recipes/configs/qwen3-32b-8gpu.yaml")
+    assert config.optim.state_dtype == "bf16" and config.train.activation_checkpointing
+    assert config.data.max_tokens == 16384 and config.train.batch_size is None
+
+
 # The FSDP configs; qwen3-0.6b-1gpu.yaml's twin run (one process, grad_accum 4) takes ~5 min on this machine and
 # is left to a manual run (37.61 GiB, as its comment says).
 GPU_CONFIGS = sorted(p.name for p in (REPO / "recipes/configs").glob("qwen3-*-8gpu.yaml"))
