@@ -90,6 +90,7 @@ import pytest  # noqa: E402  (the worker above runs without pytest)
 from tiny_run import tiny_overrides, tiny_run_files  # noqa: E402,F401 (fixture)
 
 from qforge.engine.config_io import ConfigKeyError, load_config  # noqa: E402
+from qforge.engine.errors import CheckpointError  # noqa: E402
 from qforge.engine.train import FFTConfig, train  # noqa: E402
 from qforge.engine.train.optim import BF16StateAdamW, build_optimizer, build_scheduler  # noqa: E402
 
@@ -204,6 +205,11 @@ def test_tiny_run_with_bf16_states_learns_like_fp32_states(tiny_run_files, tmp_p
     # itself and, to first order, the loss by that fraction of what the updates gained (here: 1.4e-5 of 0.54).
     progress = [fp32[0] - loss for loss in fp32]
     assert all(abs(a - b) <= 2**-9 * max(p, 0.01) for a, b, p in zip(bf16, fp32, progress)), (fp32, bf16)
+
+    # Resuming the bf16-moment run's checkpoint with fp32 moments is refused by name, not as generic damage.
+    with pytest.raises(CheckpointError, match="optim.state_dtype"):
+        train(load_config(FFTConfig, None, tiny_overrides(tiny_run_files, tmp_path / "bf16", **{
+            "train.max_steps": 13, "train.resume": "auto", "optim.state_dtype": "fp32"})))
 
 
 def test_bf16_parameters_keep_torch_fused_adamw():
