@@ -182,6 +182,8 @@ class DPO:
         param_dtype, compute_dtype, _ = precision_policy(config.train.precision, dist_)
         shard = (lambda m: shard_model(m, compute_dtype, dist_.device)) if dist_.enabled else None
         reference = build_model(settings, param_dtype, dist_.device, shard=shard).requires_grad_(False).eval()
+        if dist_.enabled:  # no backward reshards a frozen model: without this its root unit stays gathered
+            reference.set_reshard_after_forward(True)
         bind_forward_method(reference, "sequence_logps", sequence_logps)
         return reference
 

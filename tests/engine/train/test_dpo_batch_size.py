@@ -114,9 +114,11 @@ def test_recipe_with_pairs_per_step_resumes_exactly(tiny_run_files, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_rank_fsdp2_with_pairs_per_step_matches_one_process(tiny_run_files, tmp_path):
+@pytest.mark.parametrize("reference", ["cached", "live"])
+def test_two_rank_fsdp2_with_pairs_per_step_matches_one_process(tiny_run_files, tmp_path, reference):
     """5 pairs a step, two per micro-batch: 3 micro-batches, so one rank also runs a filler; the reference
-    log-probs are cached with the sharded starting weights (which must be resharded before the optimizer)."""
+    log-probs are cached with the sharded starting weights (which must be resharded before the optimizer), or
+    a live sharded reference scores every micro-batch (and reshards after each forward)."""
     import os
     import subprocess
     import sys
@@ -125,7 +127,7 @@ def test_two_rank_fsdp2_with_pairs_per_step_matches_one_process(tiny_run_files, 
     from tiny_run import REPO
 
     extra = {"train.batch_size": 5, "data.max_tokens": 400, "train.max_steps": 3, "train.eval_every": 0,
-             "data.eval": "[]"}
+             "data.eval": "[]", "dpo.reference": reference}
     single = tmp_path / "single"
     assert dpo_main(_overrides(tiny_run_files, tmp_path, single, **extra)) == 0
     sharded = tmp_path / "fsdp"
