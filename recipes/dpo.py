@@ -27,6 +27,8 @@ class DPOSettings:
     sft_weight: Annotated[float, Field(ge=0)] = 0.0  # α of the SFT term on the chosen replies (RPO); 0 = plain DPO
     reference: Literal["cached", "live"] = "cached"  # log-probs computed once and cached, or a frozen model
     reference_dir: str | None = None   # cache directory; default output.dir/reference
+    # the reference checkpoint (e.g. the SFT model when the policy starts elsewhere); default: the starting model
+    reference_model: str | None = None
 
 
 @settings
@@ -35,7 +37,8 @@ class DPOConfig(FFTConfig):
 
 
 def run(config: DPOConfig) -> int:
-    objective = DPO(config.dpo.beta, config.dpo.sft_weight, config.dpo.reference, config.dpo.reference_dir)
+    objective = DPO(config.dpo.beta, config.dpo.sft_weight, config.dpo.reference, config.dpo.reference_dir,
+                    config.dpo.reference_model)
     result = train(config, objective)
     if result.interrupted:
         print(f"stopped by signal at step {result.steps_done}; checkpoint saved in {config.output.dir}/checkpoints. "

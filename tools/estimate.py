@@ -5,10 +5,11 @@
 
 --model is a built-in name (qwen3-0.6b … qwen3-32b) or an HF config.json (or a checkpoint directory holding
 one). --tokens is the packed micro-batch budget per device. Memory is counted the way the qforge trainer
-allocates it: weights, gradients and AdamW's two moments in the parameter dtype (sharded over the devices
-with FSDP2), plus the larger of two transient phases — the end of the forward (saved activations and the
-fused loss's logits chunk and finished weight gradient) and the embedding's dense gradient in the backward
-(the fused AdamW step needs no temporaries). Activations are counted tensor by tensor from what the model's autograd
+allocates it: weights, gradients and AdamW's two moments in the parameter dtype, or the moments in bf16 with
+--optim-state-dtype bf16 (sharded over the devices with FSDP2), plus the largest transient phase — the end of
+the forward (saved activations and the fused loss's logits chunk and finished weight gradient), the
+embedding's dense gradient in the backward, or the optimizer step (the fused AdamW step needs no temporaries;
+bf16 moments are upcast to fp32 one parameter at a time). Activations are counted tensor by tensor from what the model's autograd
 graph saves (the CPU reference ops keep more than the fused CUDA kernels). Step time is FLOPs divided by
 an assumed fraction (`--mfu`) of the device's peak; measure the real fraction with benchmarks/e2e.py.
 """
@@ -49,10 +50,13 @@ class Plan:
     loss_fraction: float = 1.0  # share of tokens that carry a loss (SFT: the answers)
     grad_accum: int = 1
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    optim_state_dtype: str = "fp32"  # optim.state_dtype: fp32 = the parameter dtype (torch's fused AdamW), or bf16
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.optim_state_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"optim_state_dtype {self.optim_state_dtype!r}: expected fp32 or bf16")
         if self.device not in RUNTIME_BYTES:
             raise ValueError(f"device {self.device!r}: expected cpu or cuda")
         if self.tokens < 1 or self.gpus < 1 or self.grad_accum < 1 or self.seq_len < 1:
@@ -103,8 +107,9 @@ def estimate_memory(config: Qwen3Config, plan: Plan) -> dict[str, float]:
     h, layers, tokens = config.hidden_size, config.num_hidden_layers, plan.tokens
     loss_tokens = max(1, round(tokens * plan.loss_fraction))
     per_token = activation_bytes_per_token(config, plan)
+    moment = 2 if plan.optim_state_dtype == "bf16" else state
     out = {"weights": counts["total"] * state / shards, "gradients": counts["total"] * state / shards,
-           "adamw_moments": 2 * counts["total"] * state / shards}
+           "adamw_moments": 2 * counts["total"] * moment / shards}
 
     if plan.activation_checkpointing:  # block inputs, plus one block recomputed at a time in the backward
         activations = tokens * (layers * h * compute + per_token["block"] + per_token["model"])
@@ -124,10 +129,14 @@ def estimate_memory(config: Qwen3Config, plan: Plan) -> dict[str, float]:
     root = (counts["embedding"] + counts["head"]) * compute if plan.fsdp else 0.0
     embedding_grad = config.vocab_size * h * (compute if plan.fsdp else state) + root
     phases = {"forward_end": forward_end, "embedding_backward": embedding_grad}  # fused AdamW: no temporaries
+    if plan.optim_state_dtype == "bf16":  # the step upcasts the largest shard's two moments to fp32
+        phases["optimizer_step"] = 8 * max(counts["embedding"], config.intermediate_size * h) / shards
     out |= {"activations": activations, "loss_buffers": loss, "unsharded_copies": unsharded}
     out["transient_phase"] = max(phases, key=phases.get)
     if plan.device == "cuda":  # gradients are set to None after each step: alive only in the backward phase
-        phases["embedding_backward"] += out["gradients"]
+        for phase in ("embedding_backward", "optimizer_step"):
+            if phase in phases:
+                phases[phase] += out["gradients"]
         out["training"] = out["weights"] + out["adamw_moments"] + max(phases.values())
     else:
         out["training"] = out["weights"] + out["gradients"] + out["adamw_moments"] + max(phases.values())
@@ -185,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=2048, help="typical sequence length in a micro-batch")
     parser.add_argument("--loss-fraction", type=float, default=1.0, help="share of tokens with a loss")
     parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--optim-state-dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="AdamW's moments (optim.state_dtype)")
     parser.add_argument("--gpu", choices=tuple(GPUS), help="sets the peak FLOP/s and memory to check against")
     parser.add_argument("--peak-tflops", type=float, help="device peak (default: --gpu's, or measured on cpu)")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed fraction of the peak reached")
@@ -195,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "fp32")
     try:
         plan = Plan(args.tokens, args.gpus, args.device, precision, args.fsdp, args.activation_checkpointing,
-                    args.kept_vocab, min(args.seq_len, args.tokens), args.loss_fraction, args.grad_accum)
+                    args.kept_vocab, min(args.seq_len, args.tokens), args.loss_fraction, args.grad_accum,
+                    optim_state_dtype=args.optim_state_dtype)
     except ValueError as error:
         parser.error(str(error))
     if plan.kept_vocab is not None and not 0 < plan.kept_vocab <= config.vocab_size:

@@ -1,6 +1,7 @@
-"""From data files to tokenised examples, tokenising once: the result is stored as memory-mapped arrays under a
-key that hashes the data files' bytes, the tokenizer + chat template and every encoding option, so a second
-or resumed run with the same inputs loads it instead of tokenising again."""
+"""From data files to tokenised examples (SFT conversations; preference pairs, see preference.py), tokenising
+once: the result is stored as memory-mapped arrays under a key that hashes the data files' bytes, the
+tokenizer + chat template and every encoding option, so a second or resumed run with the same inputs loads it
+instead of tokenising again."""
 import dataclasses
 import hashlib
 import json
@@ -179,11 +180,27 @@ def load_examples(paths, template: ChatTemplate, settings: TokenizeSettings | No
     the result is cached there.
     """
     settings = settings if settings is not None else TokenizeSettings()
+    paths = data_paths(paths)
+    options = {f.name: getattr(settings, f.name) for f in dataclasses.fields(TokenizeSettings)}
+    return load_cached(paths, template, options, cache_dir,
+                       lambda summary: _tokenise(paths, template, options, settings.on_error, progress, summary))
+
+
+def data_paths(paths) -> list[Path]:
+    """One path or several, each an existing file (else a DataError naming it)."""
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     for path in paths:
         if not path.is_file():
             raise DataError(f"{path}: no such data file")
-    options = {f.name: getattr(settings, f.name) for f in dataclasses.fields(TokenizeSettings)}
+    return paths
+
+
+def load_cached(paths: list[Path], template: ChatTemplate, options: dict, cache_dir, tokenise, check=None
+                ) -> tuple[list[Example], LoadSummary]:
+    """The examples `tokenise(summary)` makes of `paths`, read from `cache_dir` when a run with the same file
+    contents, template and `options` stored them; an entry that is damaged, or that `check(examples, summary)`
+    rejects with a ValueError, is rebuilt. Every kind of tokenised data (SFT examples, preference pairs) goes
+    through here; `options` must tell the kinds apart."""
     summary = LoadSummary()
     directory = Path(cache_dir) / cache_key(paths, template, options) if cache_dir is not None else None
     summary.from_cache = directory is not None and (directory / "summary.json").is_file()
@@ -191,12 +208,14 @@ def load_examples(paths, template: ChatTemplate, settings: TokenizeSettings | No
     if summary.from_cache:
         try:
             examples = _read_cache(directory, summary)
+            if check is not None:
+                check(examples, summary)
         except (OSError, ValueError, KeyError, TypeError, EOFError) as error:  # e.g. a copy cut short
             log.warning("%s: damaged tokenised-data cache (%s); rebuilding it", directory, error)
             shutil.rmtree(directory, ignore_errors=True)
             summary = LoadSummary()
     if examples is None:
-        examples = _tokenise(paths, template, options, settings.on_error, progress, summary)
+        examples = tokenise(summary)
         if directory is not None:  # serve the memory-mapped copy, so the OS can page it
             _write_cache(directory, examples, summary)
             examples = _read_cache(directory, summary)

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from .cache import LoadSummary, data_paths, load_cached
 from .example import Example
 from ..errors import DataError
-from .formats import RowError, SkippedRow, _raw_rows, validate_messages
+from .formats import Conversation, RowError, SkippedRow, _raw_rows, validate_messages
 from .packing import PackedBatch, PackReport, best_fit_decreasing
+from .template import has_reasoning
 
 log = logging.getLogger(__name__)
 
@@ -105,35 +106,45 @@ def row_to_pair(row) -> tuple[list[dict], list[dict]]:
     return sides[0], sides[1]
 
 
-@dataclass
-class PairSummary:
-    num_pairs: int = 0
-    skipped: list[SkippedRow] | None = None
+def load_pairs(paths, template, *, enable_thinking: bool | str = True, train_on_reasoning: bool = True,
+               on_error: str = "raise", first_index: int = 0, cache_dir=None) -> tuple[list[PreferencePair], LoadSummary]:
+    """Reads and tokenises preference rows; bad rows raise DataError (file:line: field: reason) or are skipped.
+    enable_thinking "auto": a pair is rendered with thinking on iff one of its replies has reasoning.
+    With `cache_dir`, the tokenised pairs are cached there like SFT data (engine/data/cache.py); the summary
+    counts pairs as rows and their sequences as examples."""
+    paths = data_paths(paths)
+    options = {"rows": "preference pairs", "enable_thinking": enable_thinking,
+               "train_on_reasoning": train_on_reasoning, "on_error": on_error}
 
-    def __str__(self):
-        return f"{self.num_pairs} preference pairs; {len(self.skipped or [])} rows skipped"
-
-
-def load_pairs(paths, template, *, enable_thinking: bool = True, train_on_reasoning: bool = True,
-               on_error: str = "raise", first_index: int = 0) -> tuple[list[PreferencePair], PairSummary]:
-    """Reads and tokenises preference rows; bad rows raise DataError (file:line: field: reason) or are skipped."""
-    conversations, summary = [], PairSummary(skipped=[])
-    for path in [paths] if isinstance(paths, str) else paths:
-        if not Path(path).is_file():
-            raise DataError(f"{path}: no such data file")
-        for line, row in _raw_rows(Path(path)):
-            try:
-                if isinstance(row, RowError):
-                    raise row
-                conversations.extend(row_to_pair(row))
-            except RowError as error:
-                if on_error == "raise":
-                    raise DataError(f"{path}:{line}: {error} (data.on_error=skip skips and counts bad rows)") from None
-                summary.skipped.append(SkippedRow(str(path), line, error.field, error.reason))
-    examples = template.encode_batch(conversations, enable_thinking, supervise="last",
+    def tokenise(summary):
+        conversations = []
+        for path in paths:
+            for line, row in _raw_rows(path):
+                try:
+                    if isinstance(row, RowError):
+                        raise row
+                    pair = row_to_pair(row)
+                    if enable_thinking == "auto":  # per pair, one mode for both sides: the prompts stay equal
+                        on = has_reasoning(pair[0]) or has_reasoning(pair[1])
+                        pair = tuple(Conversation(side, None, on) for side in pair)
+                    conversations.extend(pair)
+                    summary.num_rows += 1
+                except RowError as error:
+                    if on_error == "raise":
+                        raise DataError(f"{path}:{line}: {error} (data.on_error=skip skips and counts bad rows)"
+                                        ) from None
+                    summary.skipped.append(SkippedRow(str(path), line, error.field, error.reason))
+        return template.encode_batch(conversations, enable_thinking, supervise="last",
                                      train_on_reasoning=train_on_reasoning)
+
+    def check(examples, summary):
+        if len(examples) != 2 * summary.num_rows:
+            raise ValueError(f"{len(examples)} sequences for {summary.num_rows} preference pairs")
+
+    examples, summary = load_cached(paths, template, options, cache_dir, tokenise, check)
+    if cache_dir is None:
+        check(examples, summary)
     pairs = [PreferencePair(examples[i], examples[i + 1], first_index + i // 2) for i in range(0, len(examples), 2)]
-    summary.num_pairs = len(pairs)
     return pairs, summary
 
 
@@ -173,6 +184,11 @@ class PreferenceBatch:
         return cls(packed, torch.tensor([p.index for p in pairs], dtype=torch.long))
 
 
+def fitting(pairs: list[PreferencePair], max_tokens: int) -> list[PreferencePair]:
+    """The pairs a micro-batch of max_tokens can hold whole (both sides together), with a supervised reply."""
+    return [p for p in pairs if len(p) <= max_tokens and p.num_loss_tokens > 0]
+
+
 class PreferenceBatches(list):
     report: PackReport
 
@@ -182,7 +198,7 @@ def pack_pairs(pairs: list[PreferencePair], max_tokens: int, seed: int = 0, *, o
     """Packs whole pairs (both sides in the same micro-batch) by best-fit decreasing, like `pack`. A pair
     longer than max_tokens is dropped and counted (cutting a reply would change its log-probability);
     `overlong` and `loss_weighting` do not apply (DPO sums log-probs over every supervised token)."""
-    kept = [p for p in pairs if len(p) <= max_tokens and p.num_loss_tokens > 0]
+    kept = fitting(pairs, max_tokens)
     dropped = len(pairs) - len(kept)
     if dropped:
         log.warning("dropped %d preference pairs longer than data.max_tokens=%d (both sides together) or with an "

@@ -17,6 +17,7 @@ from ..lora import LoRASettings
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
 Beta = Annotated[float, Field(ge=0, lt=1)]
+BF16_STATE_MAX_BETA = 0.99  # bf16 moments: each EMA step must move a moment by more than bf16's half-ulp
 
 
 @settings
@@ -72,6 +73,15 @@ class OptimSettings:
     warmup_steps: NonNegativeInt = 0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1  # floor of the decay, as a fraction of lr
+    # AdamW's two moments: fp32 (torch's fused AdamW), or bf16 over fp32 weights and gradients (4 B instead of
+    # 8 B per parameter; what fits Qwen3-32B on 8×H100, see README "GPU twin")
+    state_dtype: Literal["fp32", "bf16"] = "fp32"
+
+    def __post_init__(self):
+        if self.state_dtype == "bf16" and max(self.betas) > BF16_STATE_MAX_BETA:
+            raise ValueError(f"optim.state_dtype: bf16 needs optim.betas ≤ {BF16_STATE_MAX_BETA} (a bf16 moment "
+                             f"cannot move by less than its half-ulp, 0.39%), got {list(self.betas)}; lower "
+                             f"optim.betas or use optim.state_dtype: fp32")
 
 
 @settings

@@ -10,9 +10,10 @@ with loss_weights=[1, α]). Both normalisers are the step's totals, so the updat
 step is split into micro-batches or ranks. Per-sequence log-probs come from the fused linear + cross-entropy
 (reduction="none") over packed chosen and rejected sequences: no [T, V] logits.
 
-Reference log-probs: "cached" computes them once with the starting weights (before any resume) and stores
-them under reference_dir, keyed by the tokenised pairs, the starting checkpoint, the kept vocabulary and the
-precision; "live" keeps a frozen copy of the starting model and scores every micro-batch with it.
+The reference model is the starting checkpoint, or `reference_model` (e.g. the SFT model while the policy
+starts from another checkpoint). Reference log-probs: "cached" computes them once before training (before
+any resume) and stores them under reference_dir, keyed by the tokenised pairs, the reference's identity, the
+kept vocabulary and the precision; "live" keeps the frozen reference model and scores every micro-batch with it.
 """
 from __future__ import annotations
 
@@ -28,10 +29,15 @@ import torch.nn.functional as F
 
 from qforge.kernels import fused_linear_cross_entropy
 
-from ..data.preference import PreferenceBatch, load_pairs, pack_pairs
+from ..data.packing import PackedBatch
+from ..data.preference import PreferenceBatch, PreferencePair, fitting, load_pairs, pack_pairs
+from ..config import Qwen3Config
+from ..errors import ConfigError, DataError
 from ..model import Qwen3
 from .build import build_model
-from .loop import _loss_tables
+from .config import ModelSettings
+from .loader import zero_weight
+from .loop import _loss_tables, cache_dir_of
 from .objective import bind_forward_method, weights_identity
 from .parallel import shard_model
 
@@ -60,7 +66,7 @@ def chosen_token_count(batch: PreferenceBatch) -> int:
 
 
 def _digest(pairs, *extra) -> str:
-    """Identifies tokenised pairs (plus `extra` strings or bytes): the reference cache key, the resume check."""
+    """Identifies tokenised pairs (plus `extra` strings or bytes): the reference cache key."""
     digest = hashlib.sha256()
     for item in extra:
         digest.update(item.encode() if isinstance(item, str) else item)
@@ -74,12 +80,13 @@ def _digest(pairs, *extra) -> str:
 
 class DPO:
     def __init__(self, beta: float = 0.1, sft_weight: float = 0.0, reference: str = "cached",
-                 reference_dir: str | None = None):
+                 reference_dir: str | None = None, reference_model: str | None = None):
         if beta <= 0 or sft_weight < 0:
             raise ValueError(f"dpo.beta must be > 0 and dpo.sft_weight ≥ 0, got beta={beta}, sft_weight={sft_weight}")
         if reference not in REFERENCES:
             raise ValueError(f"dpo.reference={reference!r}: expected one of {REFERENCES}")
         self.beta, self.sft_weight, self.reference, self.reference_dir = beta, sft_weight, reference, reference_dir
+        self.reference_path = reference_model  # None: the starting weights
         self.reference_model = None
         self.reference_logps = None  # [pairs, 2] fp32, by PreferencePair.index
         self._pairs = []
@@ -87,40 +94,56 @@ class DPO:
 
     # --- data -------------------------------------------------------------------------------------------------
     def load_data(self, config, template, dist_):
-        data, datasets, eval_pairs = config.data, [], []
+        """Tokenised pairs per data.train file, cached like SFT data: rank 0 tokenises a first run's files while
+        the others wait (train.dist_timeout_s covers it), then every rank reads the cache."""
+        data, datasets, eval_pairs, keys = config.data, [], [], []
         options = dict(enable_thinking=data.enable_thinking, train_on_reasoning=data.train_on_reasoning,
-                       on_error=data.on_error)
+                       on_error=data.on_error, cache_dir=cache_dir_of(config))
         for paths, into in [([p], datasets) for p in data.train] + [(data.eval, None)]:
             if not paths:
                 continue
-            pairs, summary = load_pairs(paths, template, first_index=len(self._pairs), **options)
+            if dist_.is_main:
+                load_pairs(paths, template, **options)
+            dist_.barrier()
+            loaded, summary = load_pairs(paths, template, **options)
+            if summary.skipped and not summary.num_rows:
+                raise DataError(f"{', '.join(paths)}: all {len(summary.skipped)} rows were skipped (data.on_error="
+                                f"skip), first: {summary.skipped[0]}; fix the rows")
+            # pairs that cannot be packed whole are left out here, once, so a train.batch_size step holds N pairs
+            pairs = [PreferencePair(p.chosen, p.rejected, len(self._pairs) + i)
+                     for i, p in enumerate(fitting(loaded, data.max_tokens))]
             if dist_.is_main:
                 log.info("%s: %s", ", ".join(paths), summary)
+                if len(pairs) < len(loaded):
+                    log.warning("%s: %d preference pairs left out: longer than data.max_tokens=%d (both sides "
+                                "together) or with an empty reply; raise data.max_tokens to keep them",
+                                ", ".join(paths), len(loaded) - len(pairs), data.max_tokens)
             self._pairs += pairs
             if into is None:
                 eval_pairs = pairs
             else:
                 into.append(pairs)
-        fingerprint = {"pairs": _digest(p for pairs in datasets for p in pairs), "weights": data.weights,
-                       "max_tokens": data.max_tokens, "seed": config.train.seed}
+                keys.append(Path(summary.cache_path).name)
+        fingerprint = {"pairs": keys, "weights": data.weights, "max_tokens": data.max_tokens,
+                       "seed": config.train.seed}
         return datasets, eval_pairs, fingerprint
 
     def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate", loss_weighting: str = "token",
              vocab=None):
         return pack_pairs(items, max_tokens, seed, vocab=vocab)
 
+    def filler(self, pair: PreferencePair, max_tokens: int) -> PreferenceBatch:
+        """`pair`'s two sequences without supervised tokens and without a pair: a micro-batch that runs the policy
+        (and live reference) forwards and the backward of a real one but adds nothing (train.batch_size steps)."""
+        sides = [zero_weight(example, max_tokens) for example in (pair.chosen, pair.rejected)]
+        return PreferenceBatch(PackedBatch.from_examples(sides), torch.zeros(0, dtype=torch.long))
+
     # --- reference ----------------------------------------------------------------------------------------------
     def prepare(self, model, config, vocab, dist_, autocast):
         self.tables = _loss_tables(vocab, dist_.device)
         bind_forward_method(model, "sequence_logps", sequence_logps)
         if self.reference == "live":
-            from .loop import precision_policy  # the run's dtypes, the same as the policy's
-
-            param_dtype, compute_dtype, _ = precision_policy(config.train.precision, dist_)
-            shard = (lambda m: shard_model(m, compute_dtype, dist_.device)) if dist_.enabled else None
-            reference = build_model(config.model, param_dtype, dist_.device, shard=shard).requires_grad_(False).eval()
-            bind_forward_method(reference, "sequence_logps", sequence_logps)
-            self.reference_model = reference
+            self.reference_model = self._reference_model(model, config, dist_)
             return
         directory = Path(self.reference_dir or Path(config.output.dir) / "reference")
         path = directory / f"{self._cache_key(config)}.pt"
@@ -129,19 +152,44 @@ class DPO:
             if dist_.is_main:
                 log.info("reference log-probs of %d pairs read from %s", len(self._pairs), path)
             return
-        self.reference_logps = self._score_all(model, config.data.max_tokens, dist_, vocab, autocast)
+        scorer = model if self.reference_path is None else self._reference_model(model, config, dist_)
+        self.reference_logps = self._score_all(scorer, config.data.max_tokens, dist_, vocab, autocast)
+        del scorer
         if dist_.is_main:
             directory.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             torch.save(self.reference_logps, tmp)
             os.replace(tmp, path)
-            log.info("reference log-probs of %d pairs computed with the starting weights, cached in %s",
-                     len(self._pairs), path)
+            log.info("reference log-probs of %d pairs computed with %s, cached in %s", len(self._pairs),
+                     self.reference_path or "the starting weights", path)
         dist_.barrier()
+
+    def _reference_model(self, model, config, dist_):
+        """The frozen reference: `reference_model`, else the starting checkpoint; built (and sharded) like the
+        policy, in the run's precision."""
+        from .loop import precision_policy  # the run's dtypes, the same as the policy's
+
+        settings = config.model if self.reference_path is None else ModelSettings(path=self.reference_path)
+        if self.reference_path is not None:
+            file = Path(self.reference_path) / "config.json"
+            if not file.is_file():
+                raise ConfigError(f"dpo.reference_model={self.reference_path}: no config.json there (expected an HF "
+                                  f"checkpoint directory)")
+            if Qwen3Config.from_json(file).vocab_size != model.config.vocab_size:
+                raise ConfigError(f"dpo.reference_model={self.reference_path}: vocabulary size "
+                                  f"{Qwen3Config.from_json(file).vocab_size} differs from the policy's "
+                                  f"{model.config.vocab_size}; the reference must share the policy's tokenizer")
+        param_dtype, compute_dtype, _ = precision_policy(config.train.precision, dist_)
+        shard = (lambda m: shard_model(m, compute_dtype, dist_.device)) if dist_.enabled else None
+        reference = build_model(settings, param_dtype, dist_.device, shard=shard).requires_grad_(False).eval()
+        if dist_.enabled:  # no backward reshards a frozen model: without this its root unit stays gathered
+            reference.set_reshard_after_forward(True)
+        bind_forward_method(reference, "sequence_logps", sequence_logps)
+        return reference
 
     def _cache_key(self, config) -> str:
         vocab_index = self.tables.get("vocab_index")
-        return _digest(self._pairs, json.dumps({"weights": weights_identity(config.model),
+        return _digest(self._pairs, json.dumps({"weights": weights_identity(self.reference_path or config.model),
                                                 "precision": config.train.precision,
                                                 "drop_unkept": config.vocab.drop_unkept_labels}),
                        b"all" if vocab_index is None else vocab_index.cpu().numpy().tobytes())
@@ -162,6 +210,8 @@ class DPO:
             if index < len(batches):
                 scores[batch.pair_index.cpu()] = logps.double().cpu()
         model.train(was_training)
+        if hasattr(model, "reshard"):  # FSDP2 leaves the root unit unsharded after a forward without backward: the
+            model.reshard()            # optimizer built next must hold the sharded parameters
         return dist_.all_reduce_sum(scores.to(dist_.device)).float().cpu()
 
     def _reference_of(self, batch, autocast) -> torch.Tensor:
@@ -173,9 +223,10 @@ class DPO:
     # --- loss -----------------------------------------------------------------------------------------------------
     def _pair_loss(self, model, batch, autocast, pairs_total, chosen_total):
         """(this micro-batch's share of the step loss, its statistics summed over its pairs)."""
-        reference = self._reference_of(batch, autocast)
+        pairs = batch.num_pairs  # 0 in a filler, whose two sequences are no pair (see `filler`)
+        reference = self._reference_of(batch, autocast)[:pairs]
         with autocast():
-            policy = model.sequence_logps(batch.packed, **self.tables).float().view(-1, 2)
+            policy = model.sequence_logps(batch.packed, **self.tables).float().view(-1, 2)[:pairs]
         rewards = self.beta * (policy - reference)
         margins = rewards[:, 0] - rewards[:, 1]
         dpo = -F.logsigmoid(margins)

@@ -3,10 +3,11 @@
 Two ways to size a step, both packing by tokens (`data.max_tokens` per micro-batch, no padding):
 - `StepLoader` (token budget): every epoch re-packs the (mixture-sampled) examples with seed `seed + epoch`; a step
   takes `grad_accum × world` consecutive micro-batches and rank r gets every world-th one.
-- `SequenceStepLoader` (`train.batch_size` sequences per step, e.g. Sky-T1's 96): every epoch shuffles the examples
-  with seed `seed + epoch`; a step takes the next `batch_size` of them, packs them into micro-batches and deals
-  those to the ranks (a rank short of micro-batches gets a zero-weight one, so every rank runs the same number of
-  forwards and the update is unchanged).
+- `SequenceStepLoader` (`train.batch_size` items per step: SFT sequences, e.g. Sky-T1's 96, or DPO pairs): every
+  epoch shuffles the items with seed `seed + epoch`; a step takes the next `batch_size` of them, packs them into
+  micro-batches (the objective's packer: both sides of a pair in one micro-batch) and deals those to the ranks (a
+  rank short of micro-batches gets a filler that adds nothing, so every rank runs the same number of forwards
+  and the update is unchanged).
 The cursor (epoch, index) is all a checkpoint needs to continue at the same step.
 """
 from __future__ import annotations
@@ -128,17 +129,20 @@ class StepLoader(Cursor):
 
 
 class SequenceStepLoader(Cursor):
+    """`pack_fn`: `pack` or an objective's packer; `filler(item, max_tokens)`: a micro-batch made from `item` that
+    runs a forward and backward but adds nothing to the loss or gradient."""
+
     def __init__(self, datasets, data: DataSettings, vocab: VocabMap | None = None, *, seed: int, batch_size: int,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, pack_fn=pack, filler=None):
         super().__init__(datasets, data, vocab, seed, rank, world)
-        self.batch_size = batch_size
+        self.batch_size, self.pack_fn, self.filler = batch_size, pack_fn, filler or sequence_filler
         self._examples, self._examples_epoch = None, None
         size = len(self._epoch_examples())
         if batch_size > size:
-            raise ConfigError(f"train.batch_size={batch_size} sequences is more than one epoch holds ({size}); "
-                              f"lower train.batch_size")
+            raise ConfigError(f"train.batch_size={batch_size} is more than one epoch holds ({size} sequences, or "
+                              f"pairs for DPO); lower train.batch_size")
 
-    def _epoch_examples(self) -> list[Example]:
+    def _epoch_examples(self) -> list:
         if self._examples_epoch != self.epoch:
             examples = mixture_epoch(self.datasets, self.data.weights, self.seed + self.epoch)
             order = np.random.default_rng(self.seed + self.epoch).permutation(len(examples))
@@ -153,17 +157,21 @@ class SequenceStepLoader(Cursor):
     def epoch_progress(self) -> float:
         return self.epoch + self.index / self.steps_per_epoch
 
-    def next_step(self) -> list[PackedBatch]:
-        """This rank's micro-batches of the next step: the next `batch_size` sequences, packed by tokens."""
+    def next_step(self) -> list:
+        """This rank's micro-batches of the next step: the next `batch_size` items, packed by tokens."""
         if self.index >= self.steps_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         group = self._epoch_examples()[self.index * self.batch_size:(self.index + 1) * self.batch_size]
         self.index += 1
-        batches = list(pack(group, self.max_tokens, seed=self.seed + self.epoch, overlong=self.data.overlong,
-                            loss_weighting=self.data.loss_weighting, vocab=self.vocab))
-        filler = PackedBatch.from_examples([zero_weight(min(group, key=len), self.max_tokens)])
-        batches += [filler] * (-len(batches) % self.world)
+        batches = list(self.pack_fn(group, self.max_tokens, seed=self.seed + self.epoch, overlong=self.data.overlong,
+                                    loss_weighting=self.data.loss_weighting, vocab=self.vocab))
+        if len(batches) % self.world:
+            batches += [self.filler(min(group, key=len), self.max_tokens)] * (-len(batches) % self.world)
         return batches[self.rank::self.world]
+
+
+def sequence_filler(example: Example, max_tokens: int) -> PackedBatch:
+    return PackedBatch.from_examples([zero_weight(example, max_tokens)])
 
 
 def zero_weight(example: Example, max_tokens: int) -> Example:
@@ -173,17 +181,20 @@ def zero_weight(example: Example, max_tokens: int) -> Example:
 
 
 def build_loader(datasets, data: DataSettings, train_settings, vocab: VocabMap | None = None, rank: int = 0,
-                 world: int = 1, pack_fn=pack):
-    """The loader `train.batch_size` (sequences per step) or `train.grad_accum` (token-budget steps) asks for;
-    `pack_fn`: an objective's packer (token-budget steps only)."""
-    if train_settings.batch_size is not None and pack_fn is not pack:
-        raise ConfigError("train.batch_size counts SFT sequences; DPO and distillation steps are token-budget steps: "
-                        "unset train.batch_size and use train.grad_accum with data.max_tokens")
-    if train_settings.batch_size is not None:
-        return SequenceStepLoader(datasets, data, vocab, seed=train_settings.seed,
-                                  batch_size=train_settings.batch_size, rank=rank, world=world)
-    return StepLoader(datasets, data, vocab, seed=train_settings.seed, grad_accum=train_settings.grad_accum,
-                      rank=rank, world=world, pack_fn=pack_fn)
+                 world: int = 1, objective=None):
+    """The loader `train.batch_size` (items per step) or `train.grad_accum` (token-budget steps) asks for;
+    `objective` (see objective.py) brings its packer, and for `train.batch_size` its `filler`."""
+    pack_fn = objective.pack if objective is not None else pack
+    if train_settings.batch_size is None:
+        return StepLoader(datasets, data, vocab, seed=train_settings.seed, grad_accum=train_settings.grad_accum,
+                          rank=rank, world=world, pack_fn=pack_fn)
+    filler = None if objective is None else getattr(objective, "filler", None)
+    if objective is not None and filler is None:
+        raise ConfigError(f"train.batch_size does not apply to {type(objective).__name__}: a step of N items is dealt "
+                          f"to the ranks with filler micro-batches, which this objective does not define; unset "
+                          f"train.batch_size and use train.grad_accum with data.max_tokens")
+    return SequenceStepLoader(datasets, data, vocab, seed=train_settings.seed, batch_size=train_settings.batch_size,
+                              rank=rank, world=world, pack_fn=pack_fn, filler=filler)
 
 
 def planned_steps(train_settings, loader) -> int:

@@ -265,6 +265,8 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
     template = ChatTemplate.from_pretrained(tokenizer_dir)
     datasets, eval_examples, data_fingerprint = (objective.load_data if objective else _load_data)(config, template,
                                                                                                    dist_)
+    if config.train.batch_size is not None:  # the cursor counts batch_size items a step: another size misreads it
+        data_fingerprint = {**data_fingerprint, "batch_size": config.train.batch_size}
     param_dtype, compute_dtype, autocast = precision_policy(config.train.precision, dist_)
     adapter_params = None  # LoRA: the only trainable parameters (MFU counts no weight gradients of the base)
     if config.train.method == "lora":  # adapters wrap the loaded block linears, then FSDP shards the whole
@@ -283,7 +285,7 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
     model.train()
     optimizer = build_optimizer(model, config.optim)
     pack_fn = objective.pack if objective else pack
-    loader = build_loader(datasets, config.data, config.train, vocab, dist_.rank, dist_.world, pack_fn)
+    loader = build_loader(datasets, config.data, config.train, vocab, dist_.rank, dist_.world, objective)
     max_steps = planned_steps(config.train, loader)
     if dist_.is_main and config.train.max_steps is None:
         log.info("train.epochs=%g: %d optimizer steps (%.2f per epoch)", config.train.epochs or 1.0, max_steps,
@@ -300,8 +302,8 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
         if meta.get("data") in (None, data_fingerprint):
             loader.load_state_dict(meta["loader"])
         elif dist_.is_main:
-            log.warning("data changed since %s (data.train contents, data.weights, data.max_tokens, data.overlong or "
-                        "train.seed): its data cursor does not apply, so the data restarts at the first batch; "
+            log.warning("data changed since %s (data.train contents, data.weights, data.max_tokens, data.overlong, "
+                        "train.seed or train.batch_size): its data cursor does not apply, so the data restarts at the first batch; "
                         "model, optimizer and schedule resume at step %d", resume, step)
         log.info("resumed from %s at step %d", resume, step)
 

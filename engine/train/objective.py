@@ -32,6 +32,10 @@ class Objective(Protocol):
     def evaluate(self, model, batches, dist_, vocab, autocast) -> dict:
         """Held-out metrics, e.g. {"eval_loss": ...}; every rank runs equally many forwards."""
 
+    # optional, for train.batch_size (items per step): filler(item, max_tokens) → a micro-batch made from `item`
+    # that runs the same forwards and backward as a real one but adds nothing to the loss, gradient or metrics
+    # (it evens out the ranks' micro-batch counts); an objective without it trains by token budget only
+
 
 def bind_forward_method(model, name: str, fn) -> None:
     """Attaches `fn(model, ...)` as `model.<name>`; under FSDP2 it runs with the parameters gathered, as the

@@ -64,7 +64,7 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, loader_s
     dist_.barrier()
     if dist_.is_main:
         meta = {"step": step, "scheduler": scheduler.state_dict(), "loader": loader_state, "counters": counters,
-                "world": dist_.world, "data": data}
+                "world": dist_.world, "data": data, "optimizer": type(optimizer).__name__}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     dist_.barrier()
     files = _files(tmp)  # every rank hashes (and fsyncs) its share of the files, read back from disk
@@ -220,6 +220,10 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, dist_: Dist) 
                               f"point train.resume at an output.dir/checkpoints/step-<N> directory or 'auto'")
     try:
         meta = _read_meta(path)
+        saved_by = meta.get("optimizer", type(optimizer).__name__)  # absent in checkpoints of earlier versions
+        if saved_by != type(optimizer).__name__:
+            raise CheckpointError(f"{path}: written by {saved_by}, this run builds {type(optimizer).__name__}; "
+                                  f"optim.state_dtype must be what it was when the checkpoint was written")
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
         with _single_process_is_intended():

@@ -79,3 +79,17 @@ def test_cli_reads_a_config_json_and_reports(tmp_path, capsys):
     assert report["plan"]["precision"] == "bf16-mixed" and report["memory_bytes"]["peak"] > 0
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "missing"), "--tokens", "1024", "--gpu", "h100"])
+
+
+def test_bf16_optimizer_states_halve_the_moments_only():
+    """optim.state_dtype: bf16 — 2 × 2 B per parameter instead of 2 × 4 B; weights and gradients stay fp32.
+    (The twin's measured figures at tiny shapes: test_twin.py::test_estimate_agrees_with_the_twin.)"""
+    config = resolve_config("qwen3-32b")
+    fp32 = estimate_memory(config, Plan(tokens=16384, gpus=8, activation_checkpointing=True))
+    bf16 = estimate_memory(config, Plan(tokens=16384, gpus=8, activation_checkpointing=True, optim_state_dtype="bf16"))
+    params = parameter_counts(config)["total"]
+    assert (fp32["adamw_moments"], bf16["adamw_moments"]) == (8 * params / 8, 4 * params / 8)
+    assert bf16["weights"] == fp32["weights"] and bf16["gradients"] == fp32["gradients"]
+    assert fp32["peak"] - bf16["peak"] == pytest.approx(4 * params / 8)
+    with pytest.raises(ValueError, match="optim_state_dtype"):
+        Plan(tokens=16, optim_state_dtype="fp16")

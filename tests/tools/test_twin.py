@@ -1,7 +1,9 @@
 """The GPU twin at tiny shapes: the trainer's own FSDP2 step on fake tensors, checked against closed forms
 (parameter counts, FLOP formulas) and used to pin findings of issue #12 (each would have failed before)."""
 import json
+import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from qforge.tools.twin.__main__ import main, plan_from_config
 from qforge.tools.twin.contracts import ContractError, check_triton_launch, check_varlen_inputs
 from qforge.tools.twin.run import TwinPlan, labelled_tokens, run_twin, sequence_lengths
 
+REPO = Path(__file__).resolve().parents[2]
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6)
 
@@ -73,6 +76,23 @@ def test_fsdp_step_memory_matches_parameter_counts(fsdp_run):
     # AdamW: two fp32 moments per element plus one fp32 step counter per parameter tensor
     assert categories["OptState"] == 2 * params * 4 / plan.gpus + 4 * tensors
     assert categories["Sharded Grad"] <= params * 4 / plan.gpus
+
+
+@pytest.fixture(scope="module")
+def fsdp_bf16_states_run(fsdp_run):
+    plan = TwinPlan(**{**vars(fsdp_run[0]), "optim_state_dtype": "bf16"})
+    return plan, run_twin(plan)
+
+
+def test_bf16_optimizer_state_halves_adamw_memory(fsdp_run, fsdp_bf16_states_run):
+    """optim.state_dtype: bf16 — two bf16 moments per element (the step count is a host int), weights and
+    gradients unchanged."""
+    _, fp32_states, _ = fsdp_run
+    plan, result = fsdp_bf16_states_run
+    categories = result["memory"]["tracker_categories_at_peak"]
+    params = parameter_counts(Qwen3Config(**TINY))["total"]
+    assert categories["OptState"] == 2 * params * 2 / plan.gpus
+    assert categories["Sharded Param"] == fp32_states["memory"]["tracker_categories_at_peak"]["Sharded Param"]
 
 
 def test_grad_accumulation_keeps_no_unsharded_fp32_gradients(fsdp_run):
@@ -178,7 +198,38 @@ def test_triton_contract_rejects_strided_rows_and_host_tensors():
 def test_cli_reads_a_training_config(tmp_path):
     fields = plan_from_config("recipes/configs/qwen3-8b-8gpu.yaml", None, None)
     assert fields == {"model": "qwen3-8b", "gpus": 8, "tokens": 16384, "grad_accum": 2, "precision": "bf16-mixed",
-                      "activation_checkpointing": True}
+                      "activation_checkpointing": True, "optim_state_dtype": "fp32"}
+    fields = plan_from_config("recipes/configs/qwen3-32b-8gpu.yaml", None, None)
+    assert fields == {"model": "qwen3-32b", "gpus": 8, "tokens": 16384, "grad_accum": 1, "precision": "bf16-mixed",
+                      "activation_checkpointing": True, "optim_state_dtype": "bf16"}
+
+
+def test_shipped_32b_config_is_a_valid_training_config():
+    """(tests/engine/train/test_config_and_schedule.py parses the older shipped configs.)"""
+    from qforge.engine.config_io import load_config
+    from qforge.recipes.demo_eval import FFTRecipeConfig
+
+    config = load_config(FFTRecipeConfig, REPO / "recipes/configs/qwen3-32b-8gpu.yaml")
+    assert config.optim.state_dtype == "bf16" and config.train.activation_checkpointing
+    assert config.data.max_tokens == 16384 and config.train.batch_size is None
+
+
+# The FSDP configs; qwen3-0.6b-1gpu.yaml's twin run (one process, grad_accum 4) takes ~5 min on this machine and
+# is left to a manual run (37.61 GiB, as its comment says).
+GPU_CONFIGS = sorted(p.name for p in (REPO / "recipes/configs").glob("qwen3-*-8gpu.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_shipped_gpu_config_fits_as_its_memory_comment_says(name):
+    """The issue's target: every shipped GPU config fits with ≥10% headroom per the twin, and the peak its
+    header comment states is the twin's (to the 0.1 GiB it is written with). 32B at real shapes: ~1.5 min."""
+    path = REPO / "recipes/configs" / name
+    stated = re.search(r"peak ≈? ?([\d.]+) GiB", path.read_text())
+    assert stated, f"{name}: no 'peak N GiB' in its memory comment"
+    memory = run_twin(TwinPlan(**plan_from_config(str(path), None, None)))["memory"]
+    assert memory["fits"], memory
+    assert memory["peak_bytes"] / 2**30 == pytest.approx(float(stated.group(1)), abs=0.051)
 
 
 def test_cli_writes_json(tiny_config, tmp_path, capsys):
@@ -188,12 +239,14 @@ def test_cli_writes_json(tiny_config, tmp_path, capsys):
     assert json.loads(out.read_text())["memory"]["fits"] is True
 
 
-def test_estimate_agrees_with_the_twin(fsdp_run):
+@pytest.mark.parametrize("run", ["fsdp_run", "fsdp_bf16_states_run"])
+def test_estimate_agrees_with_the_twin(run, request):
     """tools/estimate's closed-form GPU memory against the twin's tracked peak (within 10%)."""
     from qforge.tools.estimate import Plan, estimate_memory
 
-    plan, result, _ = fsdp_run
+    plan, result = request.getfixturevalue(run)[:2]
     estimate = estimate_memory(Qwen3Config(**TINY), Plan(tokens=plan.tokens, gpus=plan.gpus, seq_len=plan.seq_len,
-                                                         grad_accum=plan.grad_accum))["training"]
+                                                         grad_accum=plan.grad_accum,
+                                                         optim_state_dtype=plan.optim_state_dtype))["training"]
     twin = result["memory"]["peak_tracked_bytes"]
     assert estimate == pytest.approx(twin, rel=0.10), (estimate / 2**20, twin / 2**20)

@@ -1,5 +1,6 @@
 """python -m qforge.tools.twin --config recipes/configs/qwen3-8b-8gpu.yaml [--gpu h100] [--json OUT]
 python -m qforge.tools.twin --model qwen3-8b --gpus 8 --tokens 16384 [--grad-accum N] [--activation-checkpointing]
+    [--optim-state-dtype fp32|bf16]
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from .run import TwinPlan, run_twin
 
 def plan_from_config(path: str, gpus: int | None, model: str | None) -> dict:
     """TwinPlan fields from a training YAML: model (by its directory name, e.g. /models/Qwen3-8B), GPUs (the
-    `--nproc_per_node` in its header comment, else 1), tokens, grad_accum, precision, checkpointing.
+    `--nproc_per_node` in its header comment, else 1), tokens, grad_accum, precision, checkpointing, the
+    AdamW state dtype.
 
     A step of `train.batch_size` sequences has as many micro-batches per rank as the data needs; the twin takes
     two, the conservative case: from the second micro-batch on, the sharded gradients are held through the
@@ -32,7 +34,8 @@ def plan_from_config(path: str, gpus: int | None, model: str | None) -> dict:
     return {"model": model or Path(str(model_path)).name.lower(), "gpus": gpus or (int(nproc.group(1)) if nproc else 1),
             "tokens": (raw.get("data") or {}).get("max_tokens", 16384), "grad_accum": 2 if train.get("batch_size") else train.get("grad_accum", 1),
             "precision": train.get("precision", "bf16-mixed"),
-            "activation_checkpointing": bool(train.get("activation_checkpointing", False))}
+            "activation_checkpointing": bool(train.get("activation_checkpointing", False)),
+            "optim_state_dtype": (raw.get("optim") or {}).get("state_dtype", "fp32")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-accum", type=int)
     parser.add_argument("--activation-checkpointing", action="store_true", default=None)
     parser.add_argument("--precision", choices=("bf16-mixed", "bf16", "fp32"))
+    parser.add_argument("--optim-state-dtype", choices=("fp32", "bf16"), help="AdamW's moments (optim.state_dtype)")
     parser.add_argument("--gpu", choices=tuple(GPUS), default="h100")
     parser.add_argument("--attention", choices=("flash_attn", "torch_varlen"), default="flash_attn")
     parser.add_argument("--kept-vocab", type=int, help="output rows kept by vocab.restrict")
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     fields = plan_from_config(args.config, args.gpus, args.model) if args.config else {}
     if not args.config and not args.model:
         parser.error("give --config or --model")
-    for key in ("model", "gpus", "tokens", "grad_accum", "precision", "activation_checkpointing"):
+    for key in ("model", "gpus", "tokens", "grad_accum", "precision", "activation_checkpointing", "optim_state_dtype"):
         value = getattr(args, key)
         if value is not None:
             fields[key] = value

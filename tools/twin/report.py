@@ -9,7 +9,7 @@ def format_report(result: dict) -> str:
     lines = [f"{plan['model']} on {plan['gpus']}× {result['gpu']['name']}: {plan['tokens']} tokens/GPU per micro-batch "
              f"(sequences of {plan['seq_len']}), grad_accum {plan['grad_accum']}, {plan['precision']}, "
              f"activation checkpointing {'on' if plan['activation_checkpointing'] else 'off'}, "
-             f"attention {plan['attention']}",
+             f"attention {plan['attention']}, AdamW moments {plan['optim_state_dtype']}",
              "memory per GPU at the step's peak (FSDPMemTracker):"]
     for name, value in memory["by_category_at_peak"].items():
         lines.append(f"  {name:<24} {value / GIB:8.2f} GiB")

@@ -1,8 +1,8 @@
 """One optimizer step of the trainer's own code at real shapes on fake CUDA tensors over a fake process group.
 
 What runs is qforge's: `meta_model` + `shard_model` (FSDP2, one unit per block), `build_optimizer` (fused
-AdamW), `train_step` (packed micro-batches, grad accumulation, the fused loss) and `optimizer_step` (global
-clip + AdamW). The twin supplies the fake devices (fake_cuda), the CUDA-only libraries' contract stand-ins
+AdamW, or bf16 moments: `optim_state_dtype`), `train_step` (packed micro-batches, grad accumulation, the fused
+loss) and `optimizer_step` (global clip + AdamW). The twin supplies the fake devices (fake_cuda), the CUDA-only libraries' contract stand-ins
 (contracts), and observers: FSDPMemTracker (memory by category), Roofline (FLOPs/bytes), HostSyncs.
 One step is measured, after AdamW's state has been created (a first step leaves it alive through every later
 step's forward and backward).
@@ -50,12 +50,15 @@ class TwinPlan:
     kept_vocab: int | None = None  # output rows kept by vocab.restrict (None: all)
     loss_fraction: float = 1.0     # share of tokens with a label
     grad_clip: float = 1.0
+    optim_state_dtype: str = "fp32"  # optim.state_dtype: AdamW's moments in fp32 or bf16
 
     def __post_init__(self):
         if self.gpu not in GPUS:
             raise ValueError(f"gpu {self.gpu!r}: expected one of {', '.join(GPUS)}")
         if self.attention not in ("flash_attn", "torch_varlen"):
             raise ValueError(f"attention {self.attention!r}: expected flash_attn or torch_varlen")
+        if self.optim_state_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"optim_state_dtype {self.optim_state_dtype!r}: expected fp32 or bf16")
         if min(self.gpus, self.tokens, self.seq_len, self.grad_accum) < 1 or not 0 < self.loss_fraction <= 1:
             raise ValueError("gpus, tokens, seq_len, grad_accum must be positive and loss_fraction in (0, 1]")
 
@@ -225,7 +228,7 @@ def run_twin(plan: TwinPlan) -> dict:
         model.to_empty(device=device)
         model.reset_buffers()
         model.train()
-        optimizer = build_optimizer(model, OptimSettings())
+        optimizer = build_optimizer(model, OptimSettings(state_dtype=plan.optim_state_dtype))
         _create_optimizer_state(model, optimizer)
         tracker = _tracker(model, optimizer, sharded, probe)
         with tracker, _loss_probe(tracker, probe), syncs, roofline:

@@ -61,9 +61,10 @@ def test_bad_rows_name_file_line_and_field(tmp_path, qwen_tokenizer_dir):
     assert len(pairs) == 1 and summary.skipped[0].line == 2
 
 
-def _trl_loss_and_grads(checkpoint, rows, beta, alpha):
+def _trl_loss_and_grads(checkpoint, rows, beta, alphas, reference=None):
     """The oracle, independent of qforge: TRL's DPOTrainer tokenises the pairs with the HF tokenizer's chat
-    template and computes its sigmoid (+ sft) loss with a reference copy of the model; one batch, fp32."""
+    template and computes its sigmoid (+ sft) loss with a reference model (a copy of the policy, or the
+    `reference` checkpoint); one batch, fp32. Returns {α: (loss, gradients, TRL's logged metrics)}, features."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig as TRLConfig, DPOTrainer
@@ -71,28 +72,45 @@ def _trl_loss_and_grads(checkpoint, rows, beta, alpha):
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    ref_model = None if reference is None else AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)
     conversations = [row_to_pair(r) for r in rows]
     dataset = Dataset.from_list([{"prompt": c[:-1], "chosen": c[-1:], "rejected": r[-1:]} for c, r in conversations])
     args = TRLConfig(output_dir=str(checkpoint.parent / "trl"), beta=beta, report_to=[], use_cpu=True,
-                     loss_type=["sigmoid", "sft"], loss_weights=[1.0, alpha], per_device_train_batch_size=len(rows),
+                     loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.0], per_device_train_batch_size=len(rows),
                      bf16=False, fp16=False, dataset_num_proc=None)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+                         processing_class=tokenizer)
     features = [trainer.train_dataset[i] for i in range(len(rows))]
     # TRL's completion ends with the "\n" after <|im_end|>, which qforge's SFT label rules leave unsupervised (the
     # test checks that this is the only difference); the loss is compared on the same supervised tokens
     trimmed = [{**f, "chosen_ids": f["chosen_ids"][:-1], "rejected_ids": f["rejected_ids"][:-1]} for f in features]
     batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(trimmed)
     model.train()
-    loss = trainer._compute_loss(trainer.model, batch, return_outputs=False)
-    loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
-    return loss.item(), grads, features
+    results = {}
+    for alpha in alphas:
+        trainer.loss_weights = [1.0, alpha]
+        trainer._metrics["train"].clear()
+        trainer.model.zero_grad(set_to_none=True)
+        loss = trainer._compute_loss(trainer.model, batch, return_outputs=False)
+        loss.backward()
+        grads = {name: p.grad.detach().clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+        metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+        results[alpha] = loss.item(), grads, metrics
+    return results, features
+
+
+def _assert_close_to_trl(model, loss, trl_loss, trl_grads):
+    assert abs(loss - trl_loss) < 1e-5 * max(1.0, abs(trl_loss)), (loss, trl_loss)
+    for name, param in model.named_parameters():
+        theirs = trl_grads[hf_key(name)]
+        assert (param.grad - theirs).abs().max() <= 1e-5 * max(1.0, theirs.abs().max().item()), name
 
 
 @pytest.mark.slow
 def test_loss_and_gradients_equal_trl(checkpoint, tmp_path, qwen_tokenizer_dir):
     beta, alpha = 0.3, 0.7
-    trl_loss, trl_grads, trl_features = _trl_loss_and_grads(checkpoint, ROWS, beta, alpha)
+    results, trl_features = _trl_loss_and_grads(checkpoint, ROWS, beta, [alpha])
+    trl_loss, trl_grads, _ = results[alpha]
 
     path = write_rows(tmp_path / "pairs.jsonl", ROWS)
     config = load_config(DPOConfig, None, [f"model.path={checkpoint}", f"data.train=[{path}]", "train.precision=fp32",
@@ -115,11 +133,46 @@ def test_loss_and_gradients_equal_trl(checkpoint, tmp_path, qwen_tokenizer_dir):
     batches = pack_pairs(pairs, longest + 1, seed=0)  # several micro-batches: the step's normalisers must hold
     assert len(batches) > 1
     loss, _, metrics = objective.train_step(model, batches, Dist(), None, contextlib.nullcontext)
-    assert abs(loss - trl_loss) < 1e-5 * max(1.0, abs(trl_loss)), (loss, trl_loss)
     assert metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at the first step
-    for name, param in model.named_parameters():
-        theirs = trl_grads[hf_key(name)]
-        assert (param.grad - theirs).abs().max() <= 1e-5 * max(1.0, theirs.abs().max().item()), name
+    _assert_close_to_trl(model, loss, trl_loss, trl_grads)
+
+
+@pytest.fixture(scope="module")
+def reference_checkpoint(tmp_path_factory):
+    """A separately initialised tiny model (same architecture and tokenizer as the policy): a reference ≠ policy,
+    with logits large enough that the log-ratios are far from 0."""
+    return save_chat_checkpoint(tmp_path_factory.mktemp("dpo-ref") / "reference", seed=11, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def trl_with_reference(checkpoint, reference_checkpoint):
+    return _trl_loss_and_grads(checkpoint, ROWS, 0.3, [0.0, 0.7], reference=reference_checkpoint)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reference", ["cached", "live"])
+def test_a_separate_reference_model_gives_trls_loss_rewards_and_gradients(checkpoint, reference_checkpoint,
+                                                                         trl_with_reference, reference, tmp_path):
+    path = write_rows(tmp_path / "pairs.jsonl", ROWS)
+    template = ChatTemplate.from_pretrained(checkpoint)
+    for alpha, (trl_loss, trl_grads, trl_metrics) in trl_with_reference.items():
+        assert abs(trl_metrics["rewards/margins"]) > 0.05 and 0 < trl_metrics["rewards/accuracies"] < 1
+        config = load_config(DPOConfig, None, [
+            f"model.path={checkpoint}", f"data.train=[{path}]", "train.precision=fp32", f"output.dir={tmp_path}",
+            f"dpo.reference={reference}", f"dpo.reference_model={reference_checkpoint}", f"dpo.sft_weight={alpha}"])
+        objective = DPO(0.3, alpha, reference, str(tmp_path / "reference"), str(reference_checkpoint))
+        pairs = objective.load_data(config, template, Dist())[0][0]
+        model = load_model(checkpoint, dtype=torch.float32)
+        objective.prepare(model, config, None, Dist(), contextlib.nullcontext)
+        batches = pack_pairs(pairs, max(len(p) for p in pairs) + 1, seed=0)
+        loss, _, metrics = objective.train_step(model, batches, Dist(), None, contextlib.nullcontext)
+        _assert_close_to_trl(model, loss, trl_loss, trl_grads)
+        for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                     "logps/rejected"):
+            assert metrics[name] == pytest.approx(trl_metrics[name], rel=1e-5, abs=1e-6), name
+    if reference == "cached":  # computed once (the second α read it), under a key naming the reference
+        assert len(list((tmp_path / "reference").glob("*.pt"))) == 1
+        assert objective._cache_key(config) != DPO(0.3, alpha, reference)._cache_key(config)
 
 
 def _overrides(files, tmp_path, out, **extra):
@@ -152,6 +205,7 @@ def test_recipe_trains_caches_the_reference_and_resumes_exactly(tiny_run_files, 
     evals = [r for r in _records(full) if "eval_dpo_loss" in r]
     assert evals[-1]["eval_dpo_loss"] < 0.5 < 0.9 < evals[-1]["eval_rewards/accuracies"]  # log 2 = 0.69 at the start
     assert len(list((full / "reference").glob("*.pt"))) == 1 and (full / "final/model.safetensors").is_file()
+    assert len(list((full / "cache").iterdir())) == 1  # the tokenised pairs (data.train = data.eval here)
 
     resumed = tmp_path / "resumed"
     assert dpo_main(_overrides(tiny_run_files, tmp_path, resumed, **{
@@ -162,3 +216,31 @@ def test_recipe_trains_caches_the_reference_and_resumes_exactly(tiny_run_files, 
     assert dpo_main(_overrides(tiny_run_files, tmp_path, live, **{"dpo.reference": "live"})) == 0
     live_losses = [r["loss"] for r in _records(live) if "loss" in r]
     assert live_losses == pytest.approx([r["loss"] for r in records], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_cached_and_live_separate_reference_give_the_same_trajectory(tiny_run_files, reference_checkpoint, tmp_path):
+    """dpo.reference_model: the log-probs cached before step 1 are those the live reference gives at every step."""
+    losses = {}
+    for reference in ("cached", "live"):
+        out = tmp_path / reference
+        assert dpo_main(_overrides(tiny_run_files, tmp_path, out, **{
+            "dpo.reference": reference, "dpo.reference_model": reference_checkpoint, "train.eval_every": 0,
+            "data.eval": "[]"})) == 0
+        records = [r for r in _records(out) if "loss" in r]
+        assert abs(records[0]["rewards/margins"]) > 1e-3  # reference ≠ starting weights
+        losses[reference] = [r["loss"] for r in records]
+    assert len(losses["live"]) == 4 and losses["live"] == pytest.approx(losses["cached"], rel=1e-5)
+
+
+def test_a_reference_model_that_cannot_serve_is_a_one_line_error(checkpoint, tmp_path):
+    from qwen3_fixtures import save_hf_qwen3
+
+    from qforge.engine.errors import ConfigError
+
+    config = load_config(DPOConfig, None, [f"model.path={checkpoint}", "data.train=[x.jsonl]", "train.precision=fp32"])
+    model = load_model(checkpoint, dtype=torch.float32)
+    other_vocab = save_hf_qwen3(tmp_path / "small")  # vocabulary 512: another tokenizer
+    for path, message in ((tmp_path / "missing", "no config.json"), (other_vocab, "vocabulary size 512 differs")):
+        with pytest.raises(ConfigError, match=f"dpo.reference_model={path}: {message}"):
+            DPO(reference="live", reference_model=str(path))._reference_model(model, config, Dist())

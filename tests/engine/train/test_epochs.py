@@ -104,3 +104,12 @@ def test_training_by_epochs_and_batch_size_logs_the_epoch(tiny_run_files, tmp_pa
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
     assert np.allclose(epochs, [1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2])
+
+
+def test_resuming_with_another_batch_size_restarts_the_data_and_says_so(tiny_run_files, tmp_path, caplog):
+    steps = {"train.max_steps": 2, "train.save_every": 1, "train.batch_size": 16}
+    train(load_config(FFTConfig, None, tiny_overrides(tiny_run_files, tmp_path, **steps)))
+    with caplog.at_level("WARNING", logger="qforge.train"):  # the cursor counted 16 rows a step: not 8
+        train(load_config(FFTConfig, None, tiny_overrides(tiny_run_files, tmp_path, **{
+            **steps, "train.max_steps": 3, "train.batch_size": 8, "train.resume": "auto"})))
+    assert "data changed since" in caplog.text and "train.batch_size" in caplog.text
