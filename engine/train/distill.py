@@ -43,7 +43,7 @@ from ..data.packing import best_fit_decreasing
 from ..generate import gathered, generate, is_sharded
 from ..model import Qwen3
 from ..vocab import VocabMap
-from .build import build_model
+from .build import build_frozen
 from .config import ModelSettings
 from .loop import _load_data, evaluate_loss, train_step
 from .objective import bind_forward_method, weights_identity
@@ -130,16 +130,12 @@ def student_kl_loss(model, batch, vocab_index=None, target_index=None, *, ce_wei
 
 
 def load_teacher(path, precision: str, dist_) -> Qwen3:
-    """The frozen teacher in the run's compute dtype (fp32 only for train.precision=fp32). Under torchrun it is
-    built on the meta device, sharded with FSDP2 and filled by `load_sharded` (each rank reads its own rows),
-    exactly as the student, and reshards after every forward, the root unit included: a frozen model has no
-    backward that would reshard it later."""
+    """The frozen teacher, stored in the run's compute dtype (fp32 only for train.precision=fp32: it needs no
+    fp32 master weights). Under torchrun it is built on the meta device, sharded with FSDP2 and filled by
+    `load_sharded` (each rank reads its own rows) exactly as the student, and reshards after every forward."""
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     shard = (lambda m: shard_model(m, None, dist_.device)) if dist_.enabled else None
-    teacher = build_model(ModelSettings(path=str(path)), dtype, dist_.device, shard=shard)
-    if dist_.enabled:
-        teacher.set_reshard_after_forward(True)
-    teacher.requires_grad_(False).eval()
+    teacher = build_frozen(ModelSettings(path=str(path)), dtype, dist_.device, shard=shard)
     bind_forward_method(teacher, "score", _teacher_score)
     return teacher
 
