@@ -36,6 +36,7 @@ import torch
 
 from qforge.kernels import fused_linear_kl
 
+from ..config import Qwen3Config
 from ..data import PackedBatch
 from ..data.example import Example, make_example
 from ..data.formats import read_conversations
@@ -413,10 +414,11 @@ class OnPolicyDistill:
                             bins)
 
     def prepare(self, model, config, vocab, dist_, autocast):
+        vocab_size = Qwen3Config.from_json(Path(self.teacher_path) / "config.json").vocab_size  # before loading it
+        if vocab_size != model.config.vocab_size:
+            raise ValueError(f"distill.teacher {self.teacher_path}: vocabulary size {vocab_size} differs from the "
+                             f"student's {model.config.vocab_size}; both must share the tokenizer")
         self.teacher = load_teacher(self.teacher_path, config.train.precision, dist_)
-        if self.teacher.config.vocab_size != model.config.vocab_size:
-            raise ValueError(f"distill.teacher {self.teacher_path}: vocabulary size {self.teacher.config.vocab_size} "
-                             f"differs from the student's {model.config.vocab_size}; both must share the tokenizer")
         if vocab is not None:  # the student samples only what its output head is trained on
             mask = torch.ones(model.config.vocab_size, dtype=torch.bool)
             mask[vocab.kept_ids[~torch.isin(vocab.kept_ids, vocab.suppress_ids)]] = False
