@@ -6,15 +6,33 @@ into the running cache, `sample` picks one token per row with that row's own set
 prompts) and the server's scheduler (requests arriving at any time) both drive it, so greedy decoding in the
 server is the same code that the HF-parity tests check. The model's attention layers hand their q/k/v to
 `KVCache.attend`, so everything about cached decoding lives here and the model stays cache-agnostic.
+
+A model sharded with FSDP2 (each rank of a training run sampling its own prompts) decodes through one registered
+forward method, and `generate` keeps its ranks in lockstep: every forward all-gathers parameters, a collective, so
+a rank whose rows have all stopped keeps stepping (on a one-token idle row) until every rank's rows have.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Collection, Sequence
 
 import torch
 import torch.nn.functional as F
+
+
+def _decoding(method):
+    """Runs `method` (of a DecodeBatch, or a function of the model) under inference mode, or under no_grad for
+    an FSDP2-sharded model: FSDP reuses its gathered-parameter buffers in later training forwards, which
+    inference tensors would forbid."""
+    @functools.wraps(method)
+    def run(owner, *args, **kwargs):
+        model = owner.model if isinstance(owner, DecodeBatch) else owner
+        with torch.no_grad() if is_sharded(model) else torch.inference_mode():
+            return method(owner, *args, **kwargs)
+    return run
 
 
 class KVCache:
@@ -270,7 +288,7 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    @torch.inference_mode()
+    @_decoding
     def add(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
             prompt_logprobs: int | None = None) -> list[Row]:
         """Prefills `prompts` together and appends them as rows; their first token is sampled next step.
@@ -285,9 +303,12 @@ class DecodeBatch:
             if sequence.params.logit_bias:
                 ids, values = zip(*sequence.params.logit_bias)
                 sequence.bias = (torch.tensor(ids, device=self.device), torch.tensor(values, device=self.device))
-        hidden, cache, lengths = prefill(self.model, [s.prompt for s in sequences])
-        logits = F.linear(hidden[:, -1], self.model.output_weight)
-        if prompt_logprobs is not None:
+        if prompt_logprobs is None:
+            input_ids, position_ids, cache, lengths = prefill_inputs(self.model, [s.prompt for s in sequences])
+            logits = last_logits(self.model, input_ids, position_ids, cache)
+        else:
+            hidden, cache, lengths = prefill(self.model, [s.prompt for s in sequences])
+            logits = F.linear(hidden[:, -1], self.model.output_weight)
             for row, sequence in enumerate(sequences):
                 pad = hidden.shape[1] - int(lengths[row])
                 sequence.prompt_logprobs = [None] + self._score(hidden[row, pad:-1], sequence.prompt[1:],
@@ -313,7 +334,7 @@ class DecodeBatch:
             logits[:, self.suppress] = float("-inf")
         return logits
 
-    @torch.inference_mode()
+    @_decoding
     def sample(self) -> list[Pick]:
         """One token per row (appended to its output). Log-probs are the model's own distribution after
         suppression, before penalties and sampling settings (vLLM's default)."""
@@ -362,7 +383,7 @@ class DecodeBatch:
         self.cache.keep_rows(keep)
         self.logits = self.logits[keep]
 
-    @torch.inference_mode()
+    @_decoding
     def advance(self, finished: Collection[Row] = ()) -> None:
         """Drops `finished` rows and feeds every other row's last sampled token through the model."""
         self.drop(finished)
@@ -373,14 +394,66 @@ class DecodeBatch:
         self.logits = last_logits(self.model, token.unsqueeze(1), positions.unsqueeze(1), self.cache)
 
 
-def last_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Logits [B, V] of each row's last position only: a prefill never builds [B, S, V]."""
+def _last_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     hidden = model.hidden(input_ids, position_ids=position_ids, kv_cache=cache)[:, -1]
     return F.linear(hidden, model.output_weight)
 
 
-def prefill(model, prompts: Sequence[Sequence[int]], extra_slots: int = 0):
-    """Runs left-padded prompts through the model: (hidden states [B, S, H], cache, prompt lengths [B]).
+def last_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Logits [B, V] of each row's last position only: a prefill never builds [B, S, V]. An FSDP2-sharded
+    model runs it as its forward method `last_logits` (registered on first use), which gathers the parameters:
+    the root unit's embedding and head are used outside any block's forward."""
+    if not is_sharded(model):
+        return _last_logits(model, input_ids, position_ids, cache)
+    if "last_logits" not in vars(model):
+        from .train.objective import bind_forward_method
+
+        bind_forward_method(model, "last_logits", _last_logits)
+    return model.last_logits(input_ids, position_ids, cache)
+
+
+def is_sharded(model) -> bool:
+    """Whether `model` is an FSDP2 unit (its forwards are collectives over its mesh)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Within the block an FSDP2-sharded model keeps each block's parameters gathered after its first forward:
+    decoding then all-gathers the model once instead of at every step, for the memory of one unsharded copy
+    (in the compute dtype) per GPU. On exit the blocks reshard after every forward again (as `shard_model` sets
+    them) and free the gathered copies. A no-op on an unsharded model."""
+    units = [m for m in model.modules() if m is not model and is_sharded(m)]  # the root keeps its own anyway
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(True, recurse=False)
+            unit.reshard()
+
+
+def _any_rank(running: bool, model) -> bool:
+    """Whether any rank still has rows to decode (one all-reduce of a flag over all ranks: `shard_model`'s
+    mesh; the parameters, gathered or not, cannot tell it reliably)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(running)], device=model.output_weight.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _idle_step(model, device) -> None:
+    """The forward of a rank with no rows left while other ranks decode: one token, position 0, a fresh cache."""
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    last_logits(model, token, token, KVCache(torch.zeros(1, dtype=torch.long, device=device)))
+
+
+def prefill_inputs(model, prompts: Sequence[Sequence[int]], extra_slots: int = 0):
+    """Left-padded prompts as (input ids [B, S], position ids [B, S], an empty cache, prompt lengths [B]).
 
     The cache has room for `extra_slots` more tokens per row; position ids restart at 0 after the padding.
     """
@@ -392,7 +465,12 @@ def prefill(model, prompts: Sequence[Sequence[int]], extra_slots: int = 0):
     for row, prompt in enumerate(prompts):
         input_ids[row, int(pad[row]):] = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
     position_ids = (torch.arange(width, device=device).unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)
-    cache = KVCache(pad, capacity=width + extra_slots)
+    return input_ids, position_ids, KVCache(pad, capacity=width + extra_slots), lengths
+
+
+def prefill(model, prompts: Sequence[Sequence[int]], extra_slots: int = 0):
+    """Runs left-padded prompts through the model: (hidden states [B, S, H], cache, prompt lengths [B])."""
+    input_ids, position_ids, cache, lengths = prefill_inputs(model, prompts, extra_slots)
     return model.hidden(input_ids, position_ids=position_ids, kv_cache=cache), cache, lengths
 
 
@@ -415,7 +493,7 @@ def check_prompts(prompts, vocab_size: int) -> None:
             raise ValueError(f"prompts[{i}] has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
 
 
-@torch.inference_mode()
+@_decoding
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
              presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
@@ -427,6 +505,11 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     result shorter than `max_new_tokens` means a stop id was produced. `suppress_ids` can never be
     produced. With `seed`, row i samples from its own stream seeded with `seed + i` (as the server seeds
     the i-th of n choices): its tokens do not depend on the other prompts of the batch.
+
+    An FSDP2-sharded model must be called by every rank of its mesh (each with its own prompts, even its own
+    `max_new_tokens`): they step together until the last row of any rank stops. Ranks agree on that by an
+    all-reduce of one flag per step, which costs far less than a step and, unlike always running
+    `max_new_tokens` steps, no forward beyond the longest completion.
     """
     vocab_size = model.config.vocab_size
     check_prompts(prompts, vocab_size)
@@ -441,12 +524,21 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     if bad:
         raise ValueError(f"stop_ids has ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
     batch = DecodeBatch(model, suppress_ids)
-    if max_new_tokens == 0:
+    lockstep = is_sharded(model)
+    if max_new_tokens == 0 and not lockstep:
         return [[] for _ in prompts]
     sequences = batch.add(prompts, rows)
     stops = {int(t) for t in stop_ids}
-    while batch:
-        picks = batch.sample()
-        done = {s for s, pick in zip(batch.rows, picks) if pick.token in stops or len(s.output) >= max_new_tokens}
-        batch.advance(done)
-    return [s.output[:-1] if s.output and s.output[-1] in stops else s.output for s in sequences]
+    while True:
+        if batch:
+            picks = batch.sample()
+            batch.drop({s for s, pick in zip(batch.rows, picks)
+                        if pick.token in stops or len(s.output) >= max_new_tokens})
+        if not (_any_rank(bool(batch), model) if lockstep else batch):
+            break
+        if batch:
+            batch.advance()
+        else:
+            _idle_step(model, batch.device)
+    outputs = [s.output[:max_new_tokens] for s in sequences]
+    return [out[:-1] if out and out[-1] in stops else out for out in outputs]

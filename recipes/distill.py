@@ -46,6 +46,8 @@ class DistillSettings:
     teacher_dir: str | None = None     # off-policy: where the teacher's top-k are stored; default output.dir/teacher
     max_new_tokens: Annotated[int, Field(ge=1)] = 128  # on-policy: sampled completion length
     temperature: Annotated[float, Field(gt=0)] = 1.0  # on-policy: sampling temperature
+    gather_for_sampling: bool = False  # on-policy under FSDP: the student samples with its weights gathered (one
+    #                                    unsharded copy per GPU instead of an all-gather of the model per token)
 
     def __post_init__(self):
         if (self.teacher is None) == (self.teacher_endpoint is None):
@@ -91,7 +93,7 @@ def objective_for(config: DistillConfig):
     if settings_.mode == "off_policy":
         return OffPolicyDistill(settings_.teacher, settings_.top_k, settings_.ce_weight, settings_.teacher_dir)
     return OnPolicyDistill(settings_.teacher, settings_.max_new_tokens, settings_.temperature,
-                           config.data.enable_thinking)
+                           config.data.enable_thinking, settings_.gather_for_sampling)
 
 
 def run(config: DistillConfig) -> int:

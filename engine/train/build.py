@@ -58,6 +58,16 @@ def build_model(settings: ModelSettings, dtype: torch.dtype, device: torch.devic
     return model
 
 
+def build_frozen(settings: ModelSettings, dtype: torch.dtype, device: torch.device, shard=None) -> Qwen3:
+    """A model that never trains (a distillation teacher, a DPO reference), built like the run's model: no
+    gradients, eval mode and, sharded, resharded after every forward, its root unit included (FSDP2 keeps a
+    root gathered for the backward, and no backward ever reshards a frozen model)."""
+    model = build_model(settings, dtype, device, shard=shard).requires_grad_(False).eval()
+    if shard is not None:
+        model.set_reshard_after_forward(True)
+    return model
+
+
 def build_vocab(settings: VocabSettings, example_sets, template, vocab_size: int) -> VocabMap | None:
     """The run's kept vocabulary (None: all rows), built once from `vocab.restrict`; label tokens outside it are
     an error before training starts, or counted and masked when packing with `vocab.drop_unkept_labels`."""

@@ -11,11 +11,19 @@ materialises the student's [T, V] logits and works over the kept vocabulary.
   KL(p_student ‖ p_teacher) on its own samples. A micro-batch's sampling seed is derived from its place in
   the epoch's packing (which the data cursor restores), so a resumed run draws the same samples.
 
+Under torchrun the teacher is frozen and sharded with FSDP2 like the student (each rank reads only its shards of
+the checkpoint and holds 1/world of the weights); it reshards after every forward. Its forward method `score`
+returns the final hidden states and a copy of the gathered output head, the only teacher tensors the fused
+kernel needs, so nothing of the teacher outside a forward touches sharded weights. Every rank runs the teacher
+equally often (equal micro-batch counts; off-policy scoring deals its groups round-robin and pads).
+
 Both normalise by the step's Σ w over supervised tokens like SFT: the student's `loss` forward method is the
 KL loss, and the trainer's own `train_step` / `evaluate_loss` run unchanged.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -28,16 +36,19 @@ import torch
 
 from qforge.kernels import fused_linear_kl
 
-from ..checkpoint import load_model
+from ..config import Qwen3Config
 from ..data import PackedBatch
 from ..data.example import Example, make_example
 from ..data.formats import read_conversations
 from ..data.packing import best_fit_decreasing
-from ..generate import generate
+from ..generate import gathered, generate, is_sharded
 from ..model import Qwen3
 from ..vocab import VocabMap
+from .build import build_frozen
+from .config import ModelSettings
 from .loop import _load_data, evaluate_loss, train_step
 from .objective import bind_forward_method, weights_identity
+from .parallel import shard_model
 from .teacher_endpoint import EndpointTeacher, discard
 
 log = logging.getLogger("qforge.train.distill")
@@ -113,10 +124,34 @@ def student_kl_loss(model, batch, vocab_index=None, target_index=None, *, ce_wei
         return fused_linear_kl(hidden, model.output_weight, packed.labels, target_ids=batch.target_ids,
                                target_logprobs=batch.target_logprobs, ce_weight=ce_weight, **options)
     with torch.no_grad():
-        teacher_hidden = Qwen3.hidden(teacher, packed.input_ids, packed.position_ids, packed.cu_seqlens,
-                                      packed.max_seqlen)
+        teacher_hidden, teacher_weight = _scorer(teacher)(packed.input_ids, packed.position_ids,
+                                                          packed.cu_seqlens, packed.max_seqlen)
     return fused_linear_kl(hidden, model.output_weight, packed.labels, teacher_hidden=teacher_hidden,
-                           teacher_weight=teacher.output_weight, direction=direction, **options)
+                           teacher_weight=teacher_weight, direction=direction, **options)
+
+
+def load_teacher(path, precision: str, dist_) -> Qwen3:
+    """The frozen teacher, stored in the run's compute dtype (fp32 only for train.precision=fp32: it needs no
+    fp32 master weights). Under torchrun it is built on the meta device, sharded with FSDP2 and filled by
+    `load_sharded` (each rank reads its own rows) exactly as the student, and reshards after every forward."""
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    shard = (lambda m: shard_model(m, None, dist_.device)) if dist_.enabled else None
+    teacher = build_frozen(ModelSettings(path=str(path)), dtype, dist_.device, shard=shard)
+    bind_forward_method(teacher, "score", _teacher_score)
+    return teacher
+
+
+def _teacher_score(teacher, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None):
+    """The teacher's forward method: (final hidden states [T, H], output head [V, H]). A sharded teacher's head
+    exists only inside this call (gathered), so it is copied out for the fused kernel that runs after it."""
+    hidden = Qwen3.hidden(teacher, input_ids, position_ids, cu_seqlens, max_seqlen)
+    return hidden, teacher.output_weight.clone() if is_sharded(teacher) else teacher.output_weight
+
+
+def _scorer(teacher):
+    """The teacher's `score` forward method (bound by load_teacher; a sharded teacher needs it), or the same
+    function on a teacher loaded otherwise."""
+    return teacher.score if "score" in vars(teacher) else functools.partial(_teacher_score, teacher)
 
 
 def teacher_output_ids(path) -> torch.Tensor | None:
@@ -129,38 +164,54 @@ def teacher_output_ids(path) -> torch.Tensor | None:
     return vocab.kept_ids[~torch.isin(vocab.kept_ids, vocab.suppress_ids)]
 
 
+def score_groups(examples: list[Example], max_tokens: int) -> list[list[int]]:
+    """Consecutive examples grouped into teacher forwards of at most `max_tokens` tokens (a longer one alone)."""
+    groups, size = [], 0
+    for i, example in enumerate(examples):
+        if not groups or size + len(example) > max_tokens:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += len(example)
+    return groups
+
+
+def _targets_of(example: Example) -> int:
+    return int(np.count_nonzero(example.labels[1:] != -100))
+
+
 @torch.no_grad()
 def teacher_top_k(teacher, examples: list[Example], k: int, max_tokens: int, device, output_ids=None,
-                  chunk_bytes: int = 2**28):
+                  chunk_bytes: int = 2**28, rank: int = 0, world: int = 1):
     """(ids int32 [targets, k], log-probs float32 [targets, k]) per example: the teacher's next-token top-k at
-    each supervised target over `output_ids` (default: its whole vocabulary), in chunks of rows (no [T, V])."""
-    teacher.eval()
-    results, group, size = [], [], 0
-    weight = teacher.output_weight if output_ids is None else teacher.output_weight[output_ids.to(device)]
-    rows_per_chunk = max(1, chunk_bytes // (weight.shape[0] * 4))
+    each supervised target over `output_ids` (default: its whole vocabulary), in chunks of rows (no [T, V]).
 
-    def flush():
+    With `world` > 1 (a sharded teacher) rank r scores groups r, r + world, … of `score_groups` and returns None
+    for the other ranks' examples; a rank short of a group runs an idle forward, so all run equally many."""
+    teacher.eval()
+    score = _scorer(teacher)
+    groups = score_groups(examples, max_tokens)
+    results = [None] * len(examples)
+    for start in range(0, len(groups), world):
+        if start + rank >= len(groups):
+            score(torch.zeros(1, dtype=torch.long, device=device))  # FSDP's all-gathers are collectives
+            continue
+        group = [examples[i] for i in groups[start + rank]]
         packed = PackedBatch.from_examples(group).to(device)
-        hidden = teacher.hidden(packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
+        hidden, weight = score(packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
         hidden = hidden[packed.labels != -100]
+        if output_ids is not None:
+            weight = weight[output_ids.to(device)]
+        rows_per_chunk = max(1, chunk_bytes // (weight.shape[0] * 4))
         ids, logprobs = [], []
-        for start in range(0, len(hidden), rows_per_chunk):
-            top = (hidden[start:start + rows_per_chunk] @ weight.T).float().log_softmax(-1).topk(min(k, len(weight)))
+        for row in range(0, len(hidden), rows_per_chunk):
+            top = (hidden[row:row + rows_per_chunk] @ weight.T).float().log_softmax(-1).topk(min(k, len(weight)))
             ids.append((top.indices if output_ids is None else output_ids.to(device)[top.indices]).int().cpu())
             logprobs.append(top.values.cpu())
         ids, logprobs = torch.cat(ids).numpy(), torch.cat(logprobs).numpy()
-        counts = np.cumsum([0] + [int(np.count_nonzero(e.labels[1:] != -100)) for e in group])
-        results.extend((ids[a:b], logprobs[a:b]) for a, b in zip(counts[:-1], counts[1:]))
-        group.clear()
-
-    for example in examples:
-        if group and size + len(example) > max_tokens:
-            flush()
-            size = 0
-        group.append(example)
-        size += len(example)
-    if group:
-        flush()
+        counts = np.cumsum([0] + [_targets_of(e) for e in group])
+        for i, a, b in zip(groups[start + rank], counts[:-1], counts[1:]):
+            results[i] = (ids[a:b], logprobs[a:b])
     return results
 
 
@@ -192,37 +243,75 @@ class OffPolicyDistill:
         return items[:-1], items[-1], {**fingerprint, "teacher": self.teacher_identity, "top_k": self.top_k}
 
     def _targets(self, examples, directory: Path, config, template, dist_):
-        """The stored teacher top-k of these examples, computed once (by rank 0) when missing."""
+        """The stored teacher top-k of these examples, computed once when missing. A local teacher is scored by
+        every rank (its share, with the sharded teacher under torchrun); an endpoint by rank 0 alone."""
         if not examples:
             return []
-        digest = hashlib.sha256(json.dumps({"teacher": self.teacher_identity, "k": self.top_k}).encode())
+        identity = {"teacher": self.teacher_identity, "k": self.top_k}
+        if self.endpoint is None:  # the local teacher's dtype, see load_teacher
+            identity["dtype"] = "float32" if config.train.precision == "fp32" else "bfloat16"
+        digest = hashlib.sha256(json.dumps(identity).encode())
         for example in examples:
             digest.update(example.input_ids.tobytes())
             digest.update(example.labels.tobytes())
         path = directory / digest.hexdigest()[:32]
-        partial = directory / f".{path.name}.partial"
-        if dist_.is_main and not (path / "ids.npy").is_file():
-            if self.endpoint is not None:
-                scored = self.endpoint.top_k(examples, self.top_k, template.tokenizer, partial, config.output.progress)
-            else:
-                teacher = load_model(self.teacher_path, dtype=torch.float32, device=dist_.device)
-                scored = teacher_top_k(teacher, examples, self.top_k, config.data.max_tokens, dist_.device,
-                                       teacher_output_ids(self.teacher_path))
-                del teacher
+        missing = float(dist_.all_reduce_sum(float(dist_.is_main and not (path / "ids.npy").is_file())))
+        if missing and self.endpoint is None:
+            self._score_and_store(examples, path, config, dist_)
+        elif missing and dist_.is_main:
+            partial = directory / f".{path.name}.partial"
+            scored = self.endpoint.top_k(examples, self.top_k, template.tokenizer, partial, config.output.progress)
             tmp = directory / f".{path.name}.tmp{os.getpid()}"
             tmp.mkdir(parents=True, exist_ok=True)
-            offsets = np.cumsum([0] + [len(ids) for ids, _ in scored])
-            empty = np.zeros((0, self.top_k))
-            np.save(tmp / "ids.npy", np.concatenate([ids for ids, _ in scored] or [empty]).astype(np.int32))
-            np.save(tmp / "logprobs.npy", np.concatenate([lp for _, lp in scored] or [empty]).astype(np.float32))
-            np.save(tmp / "offsets.npy", offsets)
-            os.replace(tmp, path)
+            self._save_share(tmp, 0, scored)
+            self._merge_shares(tmp, path, examples, [list(range(len(examples)))], world=1)
             discard(partial)
-            log.info("teacher top-%d of %d examples stored in %s", self.top_k, len(examples), path)
         dist_.barrier()
         ids, logprobs = np.load(path / "ids.npy", mmap_mode="r"), np.load(path / "logprobs.npy", mmap_mode="r")
         offsets = np.load(path / "offsets.npy")
         return [(ids[a:b], logprobs[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+
+    def _score_and_store(self, examples, path: Path, config, dist_):
+        """Every rank scores its groups with the (sharded) local teacher and saves them as its share in one
+        staging directory; rank 0 merges the shares in example order and renames the directory into place."""
+        teacher = load_teacher(self.teacher_path, config.train.precision, dist_)
+        scored = teacher_top_k(teacher, examples, self.top_k, config.data.max_tokens, dist_.device,
+                               teacher_output_ids(self.teacher_path), rank=dist_.rank, world=dist_.world)
+        del teacher
+        pid = int(dist_.all_reduce_sum(float(os.getpid() if dist_.is_main else 0)))  # rank 0's: one staging dir
+        tmp = path.parent / f".{path.name}.tmp{pid}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        self._save_share(tmp, dist_.rank, [result for result in scored if result is not None])
+        dist_.barrier()
+        if dist_.is_main:
+            self._merge_shares(tmp, path, examples, score_groups(examples, config.data.max_tokens), dist_.world)
+
+    def _save_share(self, tmp: Path, rank: int, scored):
+        empty = np.zeros((0, self.top_k))
+        np.save(tmp / f"ids-{rank}.npy", np.concatenate([ids for ids, _ in scored] or [empty]).astype(np.int32))
+        np.save(tmp / f"logprobs-{rank}.npy", np.concatenate([lp for _, lp in scored] or [empty]).astype(np.float32))
+
+    def _merge_shares(self, tmp: Path, path: Path, examples, groups: list[list[int]], world: int):
+        """ids.npy / logprobs.npy / offsets.npy of `examples` from the ranks' shares (rank r holds groups r,
+        r + world, … in order), copied file to file (memory-mapped): rank 0 never holds the whole store."""
+        offsets = np.cumsum([0] + [_targets_of(e) for e in examples])
+        for name, dtype in (("ids", np.int32), ("logprobs", np.float32)):
+            shares = [np.load(tmp / f"{name}-{r}.npy", mmap_mode="r") for r in range(world)]
+            width = next((share.shape[1] for share in shares if len(share)), self.top_k)  # k, or fewer ids
+            merged = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype,
+                                               shape=(int(offsets[-1]), width))
+            taken, row = [0] * world, 0
+            for g, group in enumerate(groups):
+                rank, rows = g % world, int(offsets[group[-1] + 1] - offsets[group[0]])
+                merged[row:row + rows] = shares[rank][taken[rank]:taken[rank] + rows]
+                taken[rank], row = taken[rank] + rows, row + rows
+            merged.flush()
+            del merged, shares
+            for r in range(world):
+                (tmp / f"{name}-{r}.npy").unlink()
+        np.save(tmp / "offsets.npy", offsets)
+        os.replace(tmp, path)
+        log.info("teacher top-%d of %d examples stored in %s", self.top_k, len(examples), path)
 
     def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate", loss_weighting: str = "token",
              vocab=None):
@@ -290,9 +379,10 @@ class PromptBatch:
 
 class OnPolicyDistill:
     def __init__(self, teacher_path: str, max_new_tokens: int = 128, temperature: float = 1.0,
-                 enable_thinking: bool = True):
+                 enable_thinking: bool = True, gather_for_sampling: bool = False):
         self.teacher_path, self.max_new_tokens = teacher_path, max_new_tokens
         self.temperature, self.enable_thinking = temperature, enable_thinking
+        self.gather_for_sampling = gather_for_sampling  # FSDP: sample with the student gathered (see `gathered`)
         self.teacher, self.template, self.suppress = None, None, []
 
     def load_data(self, config, template, dist_):
@@ -324,11 +414,11 @@ class OnPolicyDistill:
                             bins)
 
     def prepare(self, model, config, vocab, dist_, autocast):
-        self.teacher = load_model(self.teacher_path, dtype=next(model.parameters()).dtype, device=dist_.device)
-        self.teacher.requires_grad_(False).eval()
-        if self.teacher.config.vocab_size != model.config.vocab_size:
-            raise ValueError(f"distill.teacher {self.teacher_path}: vocabulary size {self.teacher.config.vocab_size} "
-                             f"differs from the student's {model.config.vocab_size}; both must share the tokenizer")
+        vocab_size = Qwen3Config.from_json(Path(self.teacher_path) / "config.json").vocab_size  # before loading it
+        if vocab_size != model.config.vocab_size:
+            raise ValueError(f"distill.teacher {self.teacher_path}: vocabulary size {vocab_size} differs from the "
+                             f"student's {model.config.vocab_size}; both must share the tokenizer")
+        self.teacher = load_teacher(self.teacher_path, config.train.precision, dist_)
         if vocab is not None:  # the student samples only what its output head is trained on
             mask = torch.ones(model.config.vocab_size, dtype=torch.bool)
             mask[vocab.kept_ids[~torch.isin(vocab.kept_ids, vocab.suppress_ids)]] = False
@@ -342,9 +432,10 @@ class OnPolicyDistill:
         was_training = model.training
         model.eval()
         prompts = [p.prompt_ids.tolist() for p in batch.prompts]
-        completions = generate(model, prompts, max_new_tokens=self.max_new_tokens,
-                               temperature=0.0 if greedy else self.temperature, stop_ids=[self.template.eos_id],
-                               suppress_ids=self.suppress, seed=batch.seed)
+        with gathered(model) if self.gather_for_sampling else contextlib.nullcontext():
+            completions = generate(model, prompts, max_new_tokens=self.max_new_tokens,
+                                   temperature=0.0 if greedy else self.temperature,
+                                   stop_ids=[self.template.eos_id], suppress_ids=self.suppress, seed=batch.seed)
         model.train(was_training)
         examples = []
         for prompt, completion in zip(prompts, completions):
@@ -361,5 +452,6 @@ class OnPolicyDistill:
         return (*train_step(model, [b.packed for b in sampled], dist_, vocab, autocast), {})
 
     def evaluate(self, model, batches, dist_, vocab, autocast) -> dict:
-        sampled = [self._sample(model, b, dist_.device, greedy=True).packed for b in batches]
+        """Greedy samples scored like training; each rank samples only the batches it evaluates (on access)."""
+        sampled = _LazyBatches(lambda b, _: self._sample(model, b, dist_.device, greedy=True).packed, list(batches))
         return {"eval_reverse_kl": evaluate_loss(model, sampled, dist_, vocab, autocast)}
