@@ -34,7 +34,7 @@ from ..data.preference import PreferenceBatch, PreferencePair, fitting, load_pai
 from ..config import Qwen3Config
 from ..errors import ConfigError, DataError
 from ..model import Qwen3
-from .build import build_model
+from .build import build_frozen
 from .config import ModelSettings
 from .loader import zero_weight
 from .loop import _loss_tables, cache_dir_of
@@ -181,9 +181,7 @@ class DPO:
                                   f"{model.config.vocab_size}; the reference must share the policy's tokenizer")
         param_dtype, compute_dtype, _ = precision_policy(config.train.precision, dist_)
         shard = (lambda m: shard_model(m, compute_dtype, dist_.device)) if dist_.enabled else None
-        reference = build_model(settings, param_dtype, dist_.device, shard=shard).requires_grad_(False).eval()
-        if dist_.enabled:  # no backward reshards a frozen model: without this its root unit stays gathered
-            reference.set_reshard_after_forward(True)
+        reference = build_frozen(settings, param_dtype, dist_.device, shard=shard)
         bind_forward_method(reference, "sequence_logps", sequence_logps)
         return reference
 
