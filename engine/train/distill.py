@@ -46,6 +46,7 @@ from ..model import Qwen3
 from ..vocab import VocabMap
 from .build import build_frozen
 from .config import ModelSettings
+from .loader import zero_weight
 from .loop import _load_data, evaluate_loss, train_step
 from .objective import bind_forward_method, weights_identity
 from .parallel import shard_model
@@ -319,6 +320,12 @@ class OffPolicyDistill:
         kept vocabulary before training (and the KL itself is over the kept vocabulary)."""
         kept, bins = _bins(items, max_tokens, seed)
         return _LazyBatches(lambda b, _: DistillBatch.from_items([kept[i] for i in b], loss_weighting), bins)
+
+    def filler(self, item: TeacherTargets, max_tokens: int) -> DistillBatch:
+        """`item` without supervised positions (so without targets): a micro-batch that runs the forward and
+        backward of a real one but adds nothing (train.batch_size steps deal it to a rank short of one)."""
+        return DistillBatch.from_items([TeacherTargets(zero_weight(item.example, max_tokens), item.ids[:0],
+                                                       item.logprobs[:0])])
 
     def prepare(self, model, config, vocab, dist_, autocast):
         bind_forward_method(model, "loss", lambda m, batch, **o: student_kl_loss(m, batch, ce_weight=self.ce_weight,

@@ -109,17 +109,41 @@ def test_on_policy_samples_and_reverse_kl_match_transformers(few_rows, teacher, 
     assert abs(loss.item() - expected.item()) < 1e-4 * max(1.0, expected.item())
 
 
+def test_an_off_policy_step_is_the_same_however_it_is_split_and_a_filler_adds_nothing(few_rows, teacher, tmp_path):
+    """train.batch_size deals a step's micro-batches to the ranks and evens them out with fillers: one
+    micro-batch of four sequences == one per sequence plus a filler (loss and every gradient)."""
+    config = _config(few_rows, tmp_path / "out", teacher, **{"distill.ce_weight": 0.25})
+    objective = OffPolicyDistill(str(teacher), top_k=8, ce_weight=0.25)
+    items = objective.load_data(config, ChatTemplate.from_pretrained(teacher), Dist())[0][0][:4]
+    student_dir = save_chat_checkpoint(tmp_path / "student", seed=6)
+    split = list(objective.pack(items, max(len(i) for i in items), seed=0))
+    filler = objective.filler(items[0], 768)
+    assert len(split) == 4 and filler.num_loss_tokens == 0 and filler.num_tokens == len(items[0])
+    results = []
+    for batches in (list(objective.pack(items, 4096, seed=0)), split[:2] + [filler] + split[2:]):
+        student = load_model(student_dir, dtype=torch.float32)
+        objective.prepare(student, config, None, Dist(), contextlib.nullcontext)
+        loss, weight, _ = objective.train_step(student, batches, Dist(), None, contextlib.nullcontext)
+        results.append((loss / weight, [p.grad.clone() for p in student.parameters()]))
+    (one, one_grads), (split_loss, split_grads) = results
+    assert split_loss == pytest.approx(one, rel=1e-6) and one > 0
+    for a, b in zip(one_grads, split_grads):
+        torch.testing.assert_close(b, a, atol=1e-6 * a.abs().max().item(), rtol=0)
+
+
 def _losses(out: Path):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["off_policy", "on_policy"])
+@pytest.mark.parametrize("mode", ["off_policy", "on_policy", "off_policy_batch_size"])
 def test_recipe_runs_and_resumes_exactly(few_rows, teacher, tmp_path, mode):
+    steps = {"train.batch_size": 2} if mode == "off_policy_batch_size" else {}
+
     def run(out, **extra):
-        settings = {"distill.teacher": str(teacher), "distill.mode": mode, "distill.top_k": 8,
+        settings = {"distill.teacher": str(teacher), "distill.mode": mode.removesuffix("_batch_size"), "distill.top_k": 8,
                     "distill.max_new_tokens": 8, "data.max_tokens": 400, "train.max_steps": 3,
-                    "train.save_every": 2, "distill.teacher_dir": str(tmp_path / "teacher"), **extra}
+                    "train.save_every": 2, "distill.teacher_dir": str(tmp_path / "teacher"), **steps, **extra}
         (tmp_path / "empty.yaml").write_text("{}")
         return distill_main(["--config", str(tmp_path / "empty.yaml")] + tiny_overrides(few_rows, out,
                                                                                          **settings))

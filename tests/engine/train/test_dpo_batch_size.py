@@ -14,7 +14,7 @@ from qforge.engine.data import ChatTemplate
 from qforge.engine.data.preference import pack_pairs
 from qforge.engine.errors import ConfigError
 from qforge.engine.train.build import resolve_tokenizer_dir
-from qforge.engine.train.distill import OffPolicyDistill
+from qforge.engine.train.distill import OnPolicyDistill
 from qforge.engine.train.dpo import DPO
 from qforge.engine.train.loader import SequenceStepLoader, build_loader
 from qforge.engine.train.parallel import Dist
@@ -92,11 +92,11 @@ def test_a_step_is_normalised_by_its_pairs_however_it_is_split(checkpoint, refer
         torch.testing.assert_close(b, a, atol=1e-6 * a.abs().max().item(), rtol=0)
 
 
-def test_distillation_with_batch_size_is_a_one_line_error(pair_config):
+def test_on_policy_distillation_with_batch_size_is_a_one_line_error(pair_config):
     settings = load_config(DPOConfig, None, [f"model.config={pair_config.model.config}", "model.tokenizer=qwen3",
                                              "data.train=[x.jsonl]", "train.batch_size=4"])
-    with pytest.raises(ConfigError, match=r"train.batch_size does not apply to OffPolicyDistill: .* filler micro-"):
-        build_loader([[]], settings.data, settings.train, objective=OffPolicyDistill("teacher"))
+    with pytest.raises(ConfigError, match=r"train.batch_size does not apply to OnPolicyDistill: .* filler micro-"):
+        build_loader([[]], settings.data, settings.train, objective=OnPolicyDistill("teacher"))
 
 
 @pytest.mark.slow
