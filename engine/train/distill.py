@@ -230,6 +230,7 @@ class OffPolicyDistill:
             raise ValueError("set exactly one of distill.teacher (a checkpoint) or distill.teacher_endpoint")
         self.teacher_path, self.top_k, self.ce_weight, self.teacher_dir = teacher_path, top_k, ce_weight, teacher_dir
         self.endpoint = endpoint
+        self._teacher = None
 
     @property
     def teacher_identity(self):
@@ -239,7 +240,10 @@ class OffPolicyDistill:
         datasets, eval_examples, fingerprint = _load_data(config, template, dist_)
         directory = Path(self.teacher_dir or Path(config.output.dir) / "teacher")
         sets = datasets + [eval_examples]
-        targets = [self._targets(examples, directory, config, template, dist_) for examples in sets]
+        try:
+            targets = [self._targets(examples, directory, config, template, dist_) for examples in sets]
+        finally:
+            self._teacher = None  # loaded at most once for all sets (when any store is missing), freed here
         items = [[TeacherTargets(e, ids, lp) for e, (ids, lp) in zip(examples, t)] for examples, t in zip(sets, targets)]
         return items[:-1], items[-1], {**fingerprint, "teacher": self.teacher_identity, "top_k": self.top_k}
 
@@ -275,10 +279,10 @@ class OffPolicyDistill:
     def _score_and_store(self, examples, path: Path, config, dist_):
         """Every rank scores its groups with the (sharded) local teacher and saves them as its share in one
         staging directory; rank 0 merges the shares in example order and renames the directory into place."""
-        teacher = load_teacher(self.teacher_path, config.train.precision, dist_)
-        scored = teacher_top_k(teacher, examples, self.top_k, config.data.max_tokens, dist_.device,
+        if self._teacher is None:
+            self._teacher = load_teacher(self.teacher_path, config.train.precision, dist_)
+        scored = teacher_top_k(self._teacher, examples, self.top_k, config.data.max_tokens, dist_.device,
                                teacher_output_ids(self.teacher_path), rank=dist_.rank, world=dist_.world)
-        del teacher
         pid = int(dist_.all_reduce_sum(float(os.getpid() if dist_.is_main else 0)))  # rank 0's: one staging dir
         tmp = path.parent / f".{path.name}.tmp{pid}"
         tmp.mkdir(parents=True, exist_ok=True)

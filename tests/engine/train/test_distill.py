@@ -131,6 +131,23 @@ def test_an_off_policy_step_is_the_same_however_it_is_split_and_a_filler_adds_no
         torch.testing.assert_close(b, a, atol=1e-6 * a.abs().max().item(), rtol=0)
 
 
+def test_the_teacher_is_loaded_once_for_the_train_and_eval_stores(tiny_run_files, few_rows, teacher, tmp_path,
+                                                                   monkeypatch):
+    import qforge.engine.train.distill as distill
+
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("".join(Path(tiny_run_files["train"]).read_text(encoding="utf-8").splitlines(True)[6:8]),
+                        encoding="utf-8")
+    loads = []
+    monkeypatch.setattr(distill, "load_teacher", lambda *a, **k: loads.append(a) or load_model(
+        str(teacher), dtype=torch.float32))
+    config = _config(few_rows, tmp_path / "out", teacher, **{"data.eval": f"[{held_out}]"})
+    objective = OffPolicyDistill(str(teacher), top_k=8)
+    datasets, held, _ = objective.load_data(config, ChatTemplate.from_pretrained(teacher), Dist())
+    assert len(loads) == 1 and len(datasets[0]) == 6 and len(held) == 2 and objective._teacher is None
+    assert len(list((tmp_path / "out/teacher").iterdir())) == 2  # two stores, one teacher load
+
+
 def _losses(out: Path):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
