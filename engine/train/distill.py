@@ -248,8 +248,8 @@ class OffPolicyDistill:
         return items[:-1], items[-1], {**fingerprint, "teacher": self.teacher_identity, "top_k": self.top_k}
 
     def _targets(self, examples, directory: Path, config, template, dist_):
-        """The stored teacher top-k of these examples, computed once when missing. A local teacher is scored by
-        every rank (its share, with the sharded teacher under torchrun); an endpoint by rank 0 alone."""
+        """The stored teacher top-k of these examples, computed once when missing, every rank scoring its share:
+        with the sharded local teacher, or through the endpoint (its share of the requests)."""
         if not examples:
             return []
         identity = {"teacher": self.teacher_identity, "k": self.top_k}
@@ -263,14 +263,17 @@ class OffPolicyDistill:
         missing = float(dist_.all_reduce_sum(float(dist_.is_main and not (path / "ids.npy").is_file())))
         if missing and self.endpoint is None:
             self._score_and_store(examples, path, config, dist_)
-        elif missing and dist_.is_main:
+        elif missing:  # every rank requests its share of the chunks; rank 0 stores them all
             partial = directory / f".{path.name}.partial"
-            scored = self.endpoint.top_k(examples, self.top_k, template.tokenizer, partial, config.output.progress)
-            tmp = directory / f".{path.name}.tmp{os.getpid()}"
-            tmp.mkdir(parents=True, exist_ok=True)
-            self._save_share(tmp, 0, scored)
-            self._merge_shares(tmp, path, examples, [list(range(len(examples)))], world=1)
-            discard(partial)
+            self.endpoint.score_chunks(examples, self.top_k, template.tokenizer, partial,
+                                       config.output.progress and dist_.is_main, dist_.rank, dist_.world)
+            dist_.barrier()
+            if dist_.is_main:
+                tmp = directory / f".{path.name}.tmp{os.getpid()}"
+                tmp.mkdir(parents=True, exist_ok=True)
+                self._save_share(tmp, 0, self.endpoint.read_chunks(examples, partial))
+                self._merge_shares(tmp, path, examples, [list(range(len(examples)))], world=1)
+                discard(partial)
         dist_.barrier()
         ids, logprobs = np.load(path / "ids.npy", mmap_mode="r"), np.load(path / "logprobs.npy", mmap_mode="r")
         offsets = np.load(path / "offsets.npy")

@@ -51,22 +51,32 @@ class EndpointTeacher:
               progress: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
         """(ids int32 [targets, k], log-probs float32 [targets, k]) per example, −1 where an id was dropped;
         chunks already saved under `partial` are read, not requested again."""
+        self.score_chunks(examples, k, tokenizer, partial, progress)
+        return self.read_chunks(examples, partial)
+
+    def score_chunks(self, examples: list[Example], k: int, tokenizer, partial: Path, progress: bool = True,
+                     rank: int = 0, world: int = 1) -> None:
+        """Requests and saves under `partial` the chunks not saved yet: under torchrun each rank takes every
+        world-th chunk (its share of the requests), so no rank waits on the others' scoring alone."""
         names = None if self.token_ids else TokenNames(tokenizer)
         partial.mkdir(parents=True, exist_ok=True)
-        results = []
-        with tqdm(total=len(examples), desc="teacher top-k", unit="example", disable=not progress) as bar:
-            for start in range(0, len(examples), self.chunk):
+        starts = list(range(0, len(examples), self.chunk))[rank::world]
+        total = sum(len(examples[start:start + self.chunk]) for start in starts)
+        with tqdm(total=total, desc="teacher top-k", unit="example", disable=not progress) as bar:
+            for start in starts:
                 group = examples[start:start + self.chunk]
-                path = partial / f"{start:010d}-{len(group)}.npz"
-                if path.is_file():
-                    with np.load(path) as saved:
-                        ids, logprobs, offsets = saved["ids"], saved["logprobs"], saved["offsets"]
-                    results += [(ids[a:b], logprobs[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-                else:
-                    scored = self._score(group, start, k, names)
-                    _save_chunk(path, scored, k)
-                    results += scored
+                path = _chunk_path(partial, start, len(group))
+                if not path.is_file():
+                    _save_chunk(path, self._score(group, start, k, names), k)
                 bar.update(len(group))
+
+    def read_chunks(self, examples: list[Example], partial: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every example's top-k from the saved chunks (all of which must be there)."""
+        results = []
+        for start in range(0, len(examples), self.chunk):
+            with np.load(_chunk_path(partial, start, len(examples[start:start + self.chunk]))) as saved:
+                ids, logprobs, offsets = saved["ids"], saved["logprobs"], saved["offsets"]
+            results += [(ids[a:b], logprobs[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
         return results
 
     def _score(self, examples: list[Example], start: int, k: int, names) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -151,6 +161,10 @@ class TokenNames:
             raise EndpointError(f"{where}: the token text {text!r} is no single token of the student's tokenizer; "
                                 f"the teacher must share it (or set distill.teacher_token_ids=true)")
         return self.ids[text]
+
+
+def _chunk_path(partial: Path, start: int, size: int) -> Path:
+    return partial / f"{start:010d}-{size}.npz"
 
 
 def _save_chunk(path: Path, scored, k: int) -> None:

@@ -240,6 +240,26 @@ def test_an_interrupted_scoring_resumes_from_its_saved_chunks(tmp_path):
         assert np.array_equal(ids, expected_ids) and np.array_equal(logprobs, expected_logprobs)
 
 
+def test_ranks_request_disjoint_shares_of_the_chunks_and_read_the_same_result(tmp_path):
+    """Under torchrun each rank requests every world-th chunk; after the barrier all chunks are read as one."""
+    examples = _examples(5)
+    with FakeServer(vllm_style) as server:
+        teacher = EndpointTeacher(ChatClient(server.url, "teacher", max_retries=0), chunk=2)
+        prompts = []
+        for rank in range(2):
+            sent = len(server.bodies)
+            teacher.score_chunks(examples, K, None, tmp_path / "partial", progress=False, rank=rank, world=2)
+            prompts.append(sorted(b["prompt"] for b in server.bodies[sent:]))  # concurrent within a chunk
+        sent = len(server.bodies)
+        scored = teacher.read_chunks(examples, tmp_path / "partial")
+        assert len(server.bodies) == sent  # reading requests nothing
+    ids_of = [e.input_ids.tolist() for e in examples]
+    assert prompts == [sorted(ids_of[0:2] + ids_of[4:5]), sorted(ids_of[2:4])]  # chunks 0 and 2 / chunk 1
+    for example, (ids, logprobs) in zip(examples, scored):
+        expected_ids, expected_logprobs = _expected(example, K)
+        assert np.array_equal(ids, expected_ids) and np.array_equal(logprobs, expected_logprobs)
+
+
 # --- the recipe -------------------------------------------------------------------------------------------------
 def _endpoint(url="http://127.0.0.1:9/v1", model="teacher"):
     return {"distill.teacher_endpoint.base_url": url, "distill.teacher_endpoint.model": model}
