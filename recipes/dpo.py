@@ -17,7 +17,7 @@ from pydantic import Field
 
 from qforge.engine.config_io import settings
 from qforge.engine.train import FFTConfig, train
-from qforge.engine.train.dpo import DPO
+from qforge.engine.train.dpo import DPO, reference_config
 from qforge.recipes.cli import run_recipe
 
 
@@ -37,6 +37,8 @@ class DPOConfig(FFTConfig):
 
 
 def run(config: DPOConfig) -> int:
+    if config.dpo.reference_model is not None:
+        reference_config(config.dpo.reference_model)  # a wrong path fails now, not after tokenising the pairs
     objective = DPO(config.dpo.beta, config.dpo.sft_weight, config.dpo.reference, config.dpo.reference_dir,
                     config.dpo.reference_model)
     result = train(config, objective)

@@ -78,6 +78,15 @@ def _digest(pairs, *extra) -> str:
     return digest.hexdigest()[:32]
 
 
+def reference_config(path) -> Qwen3Config:
+    """`dpo.reference_model`'s config (the recipe asks before tokenising the pairs), or a one-line error."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"dpo.reference_model={path}: no config.json there (expected an HF checkpoint directory, "
+                          f"e.g. outputs/sft/final)")
+    return Qwen3Config.from_json(file)
+
+
 class DPO:
     def __init__(self, beta: float = 0.1, sft_weight: float = 0.0, reference: str = "cached",
                  reference_dir: str | None = None, reference_model: str | None = None):
@@ -171,14 +180,11 @@ class DPO:
 
         settings = config.model if self.reference_path is None else ModelSettings(path=self.reference_path)
         if self.reference_path is not None:
-            file = Path(self.reference_path) / "config.json"
-            if not file.is_file():
-                raise ConfigError(f"dpo.reference_model={self.reference_path}: no config.json there (expected an HF "
-                                  f"checkpoint directory)")
-            if Qwen3Config.from_json(file).vocab_size != model.config.vocab_size:
-                raise ConfigError(f"dpo.reference_model={self.reference_path}: vocabulary size "
-                                  f"{Qwen3Config.from_json(file).vocab_size} differs from the policy's "
-                                  f"{model.config.vocab_size}; the reference must share the policy's tokenizer")
+            vocab_size = reference_config(self.reference_path).vocab_size
+            if vocab_size != model.config.vocab_size:
+                raise ConfigError(f"dpo.reference_model={self.reference_path}: vocabulary size {vocab_size} differs "
+                                  f"from the policy's {model.config.vocab_size}; the reference must share the "
+                                  f"policy's tokenizer")
         param_dtype, compute_dtype, _ = precision_policy(config.train.precision, dist_)
         shard = (lambda m: shard_model(m, compute_dtype, dist_.device)) if dist_.enabled else None
         reference = build_frozen(settings, param_dtype, dist_.device, shard=shard)

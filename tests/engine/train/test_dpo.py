@@ -244,3 +244,10 @@ def test_a_reference_model_that_cannot_serve_is_a_one_line_error(checkpoint, tmp
     for path, message in ((tmp_path / "missing", "no config.json"), (other_vocab, "vocabulary size 512 differs")):
         with pytest.raises(ConfigError, match=f"dpo.reference_model={path}: {message}"):
             DPO(reference="live", reference_model=str(path))._reference_model(model, config, Dist())
+
+
+def test_the_recipe_checks_the_reference_model_before_reading_the_pairs(tiny_run_files, tmp_path, capsys):
+    overrides = _overrides(tiny_run_files, tmp_path, tmp_path / "out", **{
+        "dpo.reference_model": str(tmp_path / "missing"), "data.train": f"[{tmp_path / 'no-pairs.jsonl'}]"})
+    assert dpo_main(overrides) == 2  # a ConfigError, about the reference, not the missing data file
+    assert f"dpo.reference_model={tmp_path / 'missing'}: no config.json" in capsys.readouterr().err
