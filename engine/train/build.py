@@ -58,6 +58,12 @@ def build_model(settings: ModelSettings, dtype: torch.dtype, device: torch.devic
     return model
 
 
+def frozen_dtype(precision: str) -> torch.dtype:
+    """What a frozen model is stored in: the run's compute dtype (fp32 only for train.precision=fp32) — it has no
+    updates to accumulate, so fp32 master weights would only double its memory."""
+    return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
 def build_frozen(settings: ModelSettings, dtype: torch.dtype, device: torch.device, shard=None) -> Qwen3:
     """A model that never trains (a distillation teacher, a DPO reference), built like the run's model: no
     gradients, eval mode and, sharded, resharded after every forward, its root unit included (FSDP2 keeps a

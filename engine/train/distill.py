@@ -44,7 +44,7 @@ from ..data.packing import best_fit_decreasing
 from ..generate import gathered, generate, is_sharded
 from ..model import Qwen3
 from ..vocab import VocabMap
-from .build import build_frozen
+from .build import build_frozen, frozen_dtype
 from .config import ModelSettings
 from .loader import zero_weight
 from .loop import _load_data, evaluate_loss, train_step
@@ -132,12 +132,11 @@ def student_kl_loss(model, batch, vocab_index=None, target_index=None, *, ce_wei
 
 
 def load_teacher(path, precision: str, dist_) -> Qwen3:
-    """The frozen teacher, stored in the run's compute dtype (fp32 only for train.precision=fp32: it needs no
-    fp32 master weights). Under torchrun it is built on the meta device, sharded with FSDP2 and filled by
-    `load_sharded` (each rank reads its own rows) exactly as the student, and reshards after every forward."""
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    """The frozen teacher in `frozen_dtype`. Under torchrun it is built on the meta device, sharded with FSDP2 and
+    filled by `load_sharded` (each rank reads its own rows) exactly as the student, and reshards after every
+    forward."""
     shard = (lambda m: shard_model(m, None, dist_.device)) if dist_.enabled else None
-    teacher = build_frozen(ModelSettings(path=str(path)), dtype, dist_.device, shard=shard)
+    teacher = build_frozen(ModelSettings(path=str(path)), frozen_dtype(precision), dist_.device, shard=shard)
     bind_forward_method(teacher, "score", _teacher_score)
     return teacher
 
@@ -254,7 +253,7 @@ class OffPolicyDistill:
             return []
         identity = {"teacher": self.teacher_identity, "k": self.top_k}
         if self.endpoint is None:  # the local teacher's dtype, see load_teacher
-            identity["dtype"] = "float32" if config.train.precision == "fp32" else "bfloat16"
+            identity["dtype"] = str(frozen_dtype(config.train.precision)).removeprefix("torch.")
         digest = hashlib.sha256(json.dumps(identity).encode())
         for example in examples:
             digest.update(example.input_ids.tobytes())

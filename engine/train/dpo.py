@@ -34,7 +34,7 @@ from ..data.preference import PreferenceBatch, PreferencePair, fitting, load_pai
 from ..config import Qwen3Config
 from ..errors import ConfigError, DataError
 from ..model import Qwen3
-from .build import build_frozen
+from .build import build_frozen, frozen_dtype
 from .config import ModelSettings
 from .loader import zero_weight
 from .loop import _loss_tables, cache_dir_of
@@ -175,9 +175,7 @@ class DPO:
 
     def _reference_model(self, model, config, dist_):
         """The frozen reference: `reference_model`, else the starting checkpoint; built (and sharded) like the
-        policy, in the run's precision."""
-        from .loop import precision_policy  # the run's dtypes, the same as the policy's
-
+        policy, stored in the compute dtype (`frozen_dtype`: bf16 unless train.precision=fp32)."""
         settings = config.model if self.reference_path is None else ModelSettings(path=self.reference_path)
         if self.reference_path is not None:
             vocab_size = reference_config(self.reference_path).vocab_size
@@ -185,9 +183,8 @@ class DPO:
                 raise ConfigError(f"dpo.reference_model={self.reference_path}: vocabulary size {vocab_size} differs "
                                   f"from the policy's {model.config.vocab_size}; the reference must share the "
                                   f"policy's tokenizer")
-        param_dtype, compute_dtype, _ = precision_policy(config.train.precision, dist_)
-        shard = (lambda m: shard_model(m, compute_dtype, dist_.device)) if dist_.enabled else None
-        reference = build_frozen(settings, param_dtype, dist_.device, shard=shard)
+        shard = (lambda m: shard_model(m, None, dist_.device)) if dist_.enabled else None
+        reference = build_frozen(settings, frozen_dtype(config.train.precision), dist_.device, shard=shard)
         bind_forward_method(reference, "sequence_logps", sequence_logps)
         return reference
 

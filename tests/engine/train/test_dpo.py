@@ -251,3 +251,16 @@ def test_the_recipe_checks_the_reference_model_before_reading_the_pairs(tiny_run
         "dpo.reference_model": str(tmp_path / "missing"), "data.train": f"[{tmp_path / 'no-pairs.jsonl'}]"})
     assert dpo_main(overrides) == 2  # a ConfigError, about the reference, not the missing data file
     assert f"dpo.reference_model={tmp_path / 'missing'}: no config.json" in capsys.readouterr().err
+
+
+def test_a_live_reference_is_frozen_in_the_compute_dtype(checkpoint, reference_checkpoint):
+    """bf16-mixed: the policy keeps fp32 master weights, the reference (never updated) is stored in bf16 —
+    half the memory — and fp32 runs keep it in fp32."""
+    model = load_model(checkpoint, dtype=torch.float32)
+    for precision, dtype in (("bf16-mixed", torch.bfloat16), ("fp32", torch.float32)):
+        config = load_config(DPOConfig, None, [f"model.path={checkpoint}", "data.train=[x.jsonl]",
+                                               f"train.precision={precision}"])
+        reference = DPO(reference="live", reference_model=str(reference_checkpoint))._reference_model(
+            model, config, Dist())
+        assert {p.dtype for p in reference.parameters()} == {dtype} and not reference.training
+        assert not any(p.requires_grad for p in reference.parameters())
