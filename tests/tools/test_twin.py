@@ -276,6 +276,19 @@ def test_dpo_live_reference_adds_its_bf16_shards(dpo_runs):
     assert shards <= grown <= shards + live_categories["Buffer"] + root_gathered, (grown, shards)
 
 
+def test_dpo_live_reference_runs_one_forward_per_micro_batch(dpo_runs):
+    """Attention FLOPs (closed form, as in test_roofline_flops_match_the_closed_forms): the policy's forward +
+    backward is 3.5 forwards' worth with cached log-probs; the live reference adds one forward per micro-batch."""
+    (plan, cached), (_, live) = dpo_runs["cached"], dpo_runs["live"]
+    config = Qwen3Config(**TINY)
+    forward = sum(n * n for n in sequence_lengths(plan)) * config.num_hidden_layers * 2 * \
+        config.num_attention_heads * config.head_dim * plan.grad_accum
+    attention = {name: run["roofline"]["by_op_class"]["attention"]["flops"] for name, run in (("cached", cached),
+                                                                                               ("live", live))}
+    assert attention["cached"] == pytest.approx(3.5 * forward, rel=1e-9)
+    assert attention["live"] == pytest.approx(4.5 * forward, rel=1e-9)
+
+
 def test_dpo_cached_costs_what_sft_costs(fsdp_run, dpo_runs):
     """Cached reference log-probs: no second model, so weights, gradients and AdamW state are SFT's to the byte;
     only the activations differ (per-sequence log-probs instead of the weighted mean loss): peak within 5%."""
@@ -306,3 +319,14 @@ def test_cli_rejects_bad_objective_combinations(tiny_config, argv, message, caps
     assert exit_.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert ": error: " in error and message in error
+
+
+@pytest.mark.parametrize("precision, nbytes", [("bf16-mixed", 2), ("fp32", 4)])
+def test_one_gpu_live_reference_is_tracked_in_the_frozen_dtype(tiny_config, precision, nbytes):
+    """One GPU (MemTracker, no FSDP): the whole reference, in `frozen_dtype` (bf16 unless fp32 runs), joins the
+    tracked parameters."""
+    plan = dict(model=tiny_config, gpus=1, tokens=128, seq_len=32, precision=precision, objective="dpo")
+    cached, live = (run_twin(TwinPlan(**plan, reference=r))["memory"] for r in ("cached", "live"))
+    weights = parameter_counts(Qwen3Config(**TINY))["total"] * nbytes
+    assert live["reference_sharded_bytes"] == weights
+    assert live["tracker_categories_at_peak"]["Parameter"] - cached["tracker_categories_at_peak"]["Parameter"] == weights

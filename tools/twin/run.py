@@ -187,6 +187,11 @@ def _tracker(model, optimizer, sharded: bool, probe: dict, frozen=None):
                 for name in ("_pre_forward", "_post_forward"):
                     state.__dict__.pop(name, None)
 
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            """MemTracker (one GPU) hooks every parameter's gradient; a frozen reference's have none."""
+            frozen_module = not any(param.requires_grad for param in module.parameters())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks and not frozen_module)
+
         def _pre_fw_hook(self, module, inputs):  # MemTracker (one GPU): one forward per micro-batch
             if not self._mod_tracker.is_bw:
                 self.memory_tracking.pop(module, None)
