@@ -249,3 +249,84 @@ def test_estimate_agrees_with_the_twin(run, request):
                                                          optim_state_dtype=plan.optim_state_dtype))["training"]
     twin = result["memory"]["peak_tracked_bytes"]
     assert estimate == pytest.approx(twin, rel=0.10), (estimate / 2**20, twin / 2**20)
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(fsdp_run):
+    """DPO at the SFT run's shapes: 256 tokens/GPU = two pairs of two 64-token sides per micro-batch."""
+    runs = {}
+    for reference in ("cached", "live"):
+        plan = TwinPlan(**{**vars(fsdp_run[0]), "objective": "dpo", "reference": reference})
+        runs[reference] = plan, run_twin(plan)
+    return runs
+
+
+def test_dpo_live_reference_adds_its_bf16_shards(dpo_runs):
+    """The live reference is tracked: its bf16 shards (parameters × 2 bytes / GPUs) join the sharded parameters,
+    and the peak (in the policy's backward, where the reference holds only its shards) grows by them, plus at most
+    its buffers and one gathered reference unit (the largest: the root, embedding + head + final norm, in bf16)."""
+    (plan, cached), (_, live) = dpo_runs["cached"], dpo_runs["live"]
+    config = Qwen3Config(**TINY)
+    shards = parameter_counts(config)["total"] * 2 / plan.gpus
+    assert live["memory"]["reference_sharded_bytes"] == shards and cached["memory"]["reference_sharded_bytes"] == 0
+    live_categories, cached_categories = (r["memory"]["tracker_categories_at_peak"] for r in (live, cached))
+    assert live_categories["Sharded Param"] - cached_categories["Sharded Param"] == shards
+    root_gathered = (2 * config.vocab_size * config.hidden_size + config.hidden_size) * 2
+    grown = live["memory"]["peak_tracked_bytes"] - cached["memory"]["peak_tracked_bytes"]
+    assert shards <= grown <= shards + live_categories["Buffer"] + root_gathered, (grown, shards)
+
+
+def test_dpo_live_reference_runs_one_forward_per_micro_batch(dpo_runs):
+    """Attention FLOPs (closed form, as in test_roofline_flops_match_the_closed_forms): the policy's forward +
+    backward is 3.5 forwards' worth with cached log-probs; the live reference adds one forward per micro-batch."""
+    (plan, cached), (_, live) = dpo_runs["cached"], dpo_runs["live"]
+    config = Qwen3Config(**TINY)
+    forward = sum(n * n for n in sequence_lengths(plan)) * config.num_hidden_layers * 2 * \
+        config.num_attention_heads * config.head_dim * plan.grad_accum
+    attention = {name: run["roofline"]["by_op_class"]["attention"]["flops"] for name, run in (("cached", cached),
+                                                                                               ("live", live))}
+    assert attention["cached"] == pytest.approx(3.5 * forward, rel=1e-9)
+    assert attention["live"] == pytest.approx(4.5 * forward, rel=1e-9)
+
+
+def test_dpo_cached_costs_what_sft_costs(fsdp_run, dpo_runs):
+    """Cached reference log-probs: no second model, so weights, gradients and AdamW state are SFT's to the byte;
+    only the activations differ (per-sequence log-probs instead of the weighted mean loss): peak within 5%."""
+    _, sft, _ = fsdp_run
+    _, cached = dpo_runs["cached"]
+    sft_categories, dpo_categories = (r["memory"]["tracker_categories_at_peak"] for r in (sft, cached))
+    for key in ("Sharded Param", "Sharded Grad", "OptState"):
+        assert dpo_categories[key] == sft_categories[key], key
+    assert cached["memory"]["peak_tracked_bytes"] == pytest.approx(sft["memory"]["peak_tracked_bytes"], rel=0.05)
+
+
+def test_cli_traces_a_dpo_step(tiny_config, tmp_path, capsys):
+    out = tmp_path / "dpo.json"
+    assert main(["--model", tiny_config, "--gpus", "2", "--tokens", "128", "--seq-len", "32", "--objective", "dpo",
+                 "--json", str(out)]) == 0
+    assert "DPO with live reference" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["plan"]["reference"] == "live" and result["memory"]["reference_sharded_bytes"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reference", "live"], "applies to objective dpo only"),
+    (["--objective", "dpo", "--tokens", "3"], "at least one pair"),
+])
+def test_cli_rejects_bad_objective_combinations(tiny_config, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", tiny_config, "--gpus", "2", *argv])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: " in error and message in error
+
+
+@pytest.mark.parametrize("precision, nbytes", [("bf16-mixed", 2), ("fp32", 4)])
+def test_one_gpu_live_reference_is_tracked_in_the_frozen_dtype(tiny_config, precision, nbytes):
+    """One GPU (MemTracker, no FSDP): the whole reference, in `frozen_dtype` (bf16 unless fp32 runs), joins the
+    tracked parameters."""
+    plan = dict(model=tiny_config, gpus=1, tokens=128, seq_len=32, precision=precision, objective="dpo")
+    cached, live = (run_twin(TwinPlan(**plan, reference=r))["memory"] for r in ("cached", "live"))
+    weights = parameter_counts(Qwen3Config(**TINY))["total"] * nbytes
+    assert live["reference_sharded_bytes"] == weights
+    assert live["tracker_categories_at_peak"]["Parameter"] - cached["tracker_categories_at_peak"]["Parameter"] == weights

@@ -1,6 +1,6 @@
 """python -m qforge.tools.twin --config recipes/configs/qwen3-8b-8gpu.yaml [--gpu h100] [--json OUT]
 python -m qforge.tools.twin --model qwen3-8b --gpus 8 --tokens 16384 [--grad-accum N] [--activation-checkpointing]
-    [--optim-state-dtype fp32|bf16]
+    [--optim-state-dtype fp32|bf16] [--objective sft|dpo [--reference live|cached]]
 """
 from __future__ import annotations
 
@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention", choices=("flash_attn", "torch_varlen"), default="flash_attn")
     parser.add_argument("--kept-vocab", type=int, help="output rows kept by vocab.restrict")
     parser.add_argument("--loss-fraction", type=float, default=1.0, help="share of tokens with a label")
+    parser.add_argument("--objective", choices=("sft", "dpo"), default="sft",
+                        help="dpo: packed chosen+rejected pairs of --seq-len tokens per side")
+    parser.add_argument("--reference", choices=("live", "cached"),
+                        help="dpo's reference: a frozen bf16 model (live, the default) or cached log-probs")
     parser.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)
@@ -65,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             fields[key] = value
     try:
         plan = TwinPlan(**fields, seq_len=args.seq_len, gpu=args.gpu, attention=args.attention,
-                        kept_vocab=args.kept_vocab, loss_fraction=args.loss_fraction)
+                        kept_vocab=args.kept_vocab, loss_fraction=args.loss_fraction, objective=args.objective,
+                        reference=args.reference)
     except ValueError as error:
         parser.error(str(error))
     result = run_twin(plan)

@@ -9,10 +9,13 @@ def format_report(result: dict) -> str:
     lines = [f"{plan['model']} on {plan['gpus']}× {result['gpu']['name']}: {plan['tokens']} tokens/GPU per micro-batch "
              f"(sequences of {plan['seq_len']}), grad_accum {plan['grad_accum']}, {plan['precision']}, "
              f"activation checkpointing {'on' if plan['activation_checkpointing'] else 'off'}, "
-             f"attention {plan['attention']}, AdamW moments {plan['optim_state_dtype']}",
+             f"attention {plan['attention']}, AdamW moments {plan['optim_state_dtype']}"
+             + (f", DPO with {plan['reference']} reference" if plan.get("objective") == "dpo" else ""),
              "memory per GPU at the step's peak (FSDPMemTracker):"]
     for name, value in memory["by_category_at_peak"].items():
         lines.append(f"  {name:<24} {value / GIB:8.2f} GiB")
+        if name == "parameters (sharded)" and "reference_sharded_bytes" in memory:  # tracked with the policy's
+            lines.append(f"  {'  of which reference':<24} {memory['reference_sharded_bytes'] / GIB:8.2f} GiB")
     lines.append(f"  {'(fused loss, peak inside)':<24} {memory['loss_temporaries_bytes'] / GIB:8.2f} GiB")
     lines.append(f"  {'runtime reserve (assumed)':<24} {memory['runtime_reserve_bytes'] / GIB:8.2f} GiB")
     verdict = "fits with ≥10% headroom" if memory["fits"] else "does NOT fit with 10% headroom"

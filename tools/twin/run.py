@@ -2,7 +2,9 @@
 
 What runs is qforge's: `meta_model` + `shard_model` (FSDP2, one unit per block), `build_optimizer` (fused
 AdamW, or bf16 moments: `optim_state_dtype`), `train_step` (packed micro-batches, grad accumulation, the fused
-loss) and `optimizer_step` (global clip + AdamW). The twin supplies the fake devices (fake_cuda), the CUDA-only libraries' contract stand-ins
+loss) and `optimizer_step` (global clip + AdamW); or, with `objective="dpo"`, `DPO.train_step` over packed preference pairs,
+its frozen bf16 reference built and sharded as `DPO.prepare` builds it ("live") or its log-probs a host tensor
+("cached"). The twin supplies the fake devices (fake_cuda), the CUDA-only libraries' contract stand-ins
 (contracts), and observers: FSDPMemTracker (memory by category), Roofline (FLOPs/bytes), HostSyncs.
 One step is measured, after AdamW's state has been created (a first step leaves it alive through every later
 step's forward and backward).
@@ -16,11 +18,17 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+import numpy as np
+
+from qforge.engine.data.example import Example
 from qforge.engine.data.packing import PackedBatch
-from qforge.engine.train.build import meta_model
+from qforge.engine.data.preference import PreferenceBatch, PreferencePair
+from qforge.engine.train.build import frozen_dtype, meta_model
 from qforge.engine.train.config import OptimSettings
 from qforge.engine.vocab import VocabMap
-from qforge.engine.train.loop import optimizer_step, precision_policy, train_step
+from qforge.engine.train.dpo import DPO, sequence_logps
+from qforge.engine.train.loop import _loss_tables, optimizer_step, precision_policy, train_step
+from qforge.engine.train.objective import bind_forward_method
 from qforge.engine.train.metrics import training_flops
 from qforge.engine.train.optim import build_optimizer
 from qforge.engine.train.parallel import Dist, shard_model
@@ -51,6 +59,8 @@ class TwinPlan:
     loss_fraction: float = 1.0     # share of tokens with a label
     grad_clip: float = 1.0
     optim_state_dtype: str = "fp32"  # optim.state_dtype: AdamW's moments in fp32 or bf16
+    objective: str = "sft"         # sft, or dpo: packed chosen+rejected pairs of seq_len tokens per side
+    reference: str | None = None   # dpo only: "live" (frozen reference model, the default) or "cached" log-probs
 
     def __post_init__(self):
         if self.gpu not in GPUS:
@@ -59,11 +69,27 @@ class TwinPlan:
             raise ValueError(f"attention {self.attention!r}: expected flash_attn or torch_varlen")
         if self.optim_state_dtype not in ("fp32", "bf16"):
             raise ValueError(f"optim_state_dtype {self.optim_state_dtype!r}: expected fp32 or bf16")
+        if self.objective not in ("sft", "dpo"):
+            raise ValueError(f"objective {self.objective!r}: expected sft or dpo")
+        if self.objective == "sft" and self.reference is not None:
+            raise ValueError(f"reference {self.reference!r} applies to objective dpo only (sft has no reference)")
+        if self.objective == "dpo":
+            self.reference = self.reference or "live"
+            if self.reference not in ("cached", "live"):
+                raise ValueError(f"reference {self.reference!r}: expected cached or live")
+            if self.tokens < 4:
+                raise ValueError(f"tokens {self.tokens}: a dpo micro-batch needs at least one pair (≥ 4 tokens)")
         if min(self.gpus, self.tokens, self.seq_len, self.grad_accum) < 1 or not 0 < self.loss_fraction <= 1:
             raise ValueError("gpus, tokens, seq_len, grad_accum must be positive and loss_fraction in (0, 1]")
 
 
 def sequence_lengths(plan: TwinPlan) -> list[int]:
+    """The packed sequences of one micro-batch; for dpo, pairs' sides in order (chosen, rejected, chosen, ...):
+    sides of seq_len, then one shorter pair with the rest (under 4 tokens left out)."""
+    if plan.objective == "dpo":
+        side = min(plan.seq_len, plan.tokens // 2)
+        full, rest = divmod(plan.tokens, 2 * side)
+        return [side] * (2 * full) + ([rest // 2, rest - rest // 2] if rest >= 4 else [])
     full, rest = divmod(plan.tokens, min(plan.seq_len, plan.tokens))
     return [min(plan.seq_len, plan.tokens)] * full + ([rest] if rest else [])
 
@@ -84,8 +110,49 @@ def packed_batch(plan: TwinPlan, vocab_size: int) -> PackedBatch:
                        max_seqlen=max(lengths), labels=labels, loss_weight=torch.ones(plan.tokens))
 
 
-def _tracker(model, optimizer, sharded: bool, probe: dict):
-    """FSDPMemTracker (MemTracker without FSDP) that also records the peak inside the fused loss."""
+def _side(length: int, plan: TwinPlan, vocab_size: int, salt: int) -> Example:
+    """One side of a synthetic pair: the reply is its last `loss_fraction`, so after the shift it has as many
+    labelled positions as an SFT sequence of the same length (`labelled_tokens`)."""
+    positions = np.arange(length)
+    ids = ((positions + salt) % vocab_size).astype(np.int32)
+    reply = positions >= length - math.ceil(length * plan.loss_fraction) + 1
+    return Example(ids, np.where(reply, ids, -100).astype(np.int32))
+
+
+def preference_batches(plan: TwinPlan, vocab_size: int) -> list[PreferenceBatch]:
+    """`grad_accum` host-side micro-batches of packed chosen+rejected pairs (`PreferenceBatch.from_pairs`, as
+    `pack_pairs` builds them); pair indices run over the whole step (keys of cached reference log-probs)."""
+    sides = sequence_lengths(plan)
+    per_batch = len(sides) // 2
+    return [PreferenceBatch.from_pairs([
+        PreferencePair(_side(sides[2 * i], plan, vocab_size, 0), _side(sides[2 * i + 1], plan, vocab_size, 1),
+                       b * per_batch + i) for i in range(per_batch)]) for b in range(plan.grad_accum)]
+
+
+def _frozen_reference(reference, mesh, device):
+    """The live reference (a meta model in `frozen_dtype`) as `DPO._reference_model` builds it (`build_frozen`):
+    sharded without a mixed-precision cast, frozen, eval mode, resharded after every forward (root included)."""
+    if mesh is not None:
+        shard_model(reference, None, mesh=mesh)
+    reference.to_empty(device=device)
+    reference.reset_buffers()
+    reference.requires_grad_(False).eval()
+    if mesh is not None:
+        reference.set_reshard_after_forward(True)
+    bind_forward_method(reference, "sequence_logps", sequence_logps)
+    return reference
+
+
+def _local_bytes(module) -> int:
+    """Bytes of this rank's parameters (the local shard of a DTensor)."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in module.parameters())
+
+
+def _tracker(model, optimizer, sharded: bool, probe: dict, frozen=None):
+    """FSDPMemTracker (MemTracker without FSDP) that also records the peak inside the fused loss. `frozen` (a DPO
+    reference) is tracked too: FSDPMemTracker instruments one root module, so its instrumentation is run once
+    more with the frozen root (its shards count as "Sharded Param", its gathered weights "Unsharded Param")."""
+    roots = [model] + ([frozen] if frozen is not None else [])
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -95,11 +162,14 @@ def _tracker(model, optimizer, sharded: bool, probe: dict):
         def _instrument_fsdp_module(self):
             """The root unit runs through `loss` (an FSDP forward method), which calls the FSDP state's
             pre/post-forward directly instead of module hooks: instrument those calls too."""
-            super()._instrument_fsdp_module()
-            state = model._get_fsdp_state()
-            self._mod_tracker._known_modules[model] = type(model).__name__
-            state._pre_forward = self._fsdp_state_pre_forward(model, type(state)._pre_forward.__get__(state))
-            state._post_forward = self._fsdp_state_post_forward(model, type(state)._post_forward.__get__(state))
+            for root in roots:
+                self._root_mod = root
+                super()._instrument_fsdp_module()
+                state = root._get_fsdp_state()
+                self._mod_tracker._known_modules[root] = type(root).__name__
+                state._pre_forward = self._fsdp_state_pre_forward(root, type(state)._pre_forward.__get__(state))
+                state._post_forward = self._fsdp_state_post_forward(root, type(state)._post_forward.__get__(state))
+            self._root_mod = model
 
         def _fsdp_state_pre_forward(self, fsdp_mod, orig):
             inner = super()._fsdp_state_pre_forward(fsdp_mod, orig)
@@ -112,9 +182,15 @@ def _tracker(model, optimizer, sharded: bool, probe: dict):
 
         def _deregister_module_and_optimizer_hooks(self):
             super()._deregister_module_and_optimizer_hooks()
-            state = model._get_fsdp_state()
-            for name in ("_pre_forward", "_post_forward"):
-                state.__dict__.pop(name, None)
+            for root in roots:
+                state = root._get_fsdp_state()
+                for name in ("_pre_forward", "_post_forward"):
+                    state.__dict__.pop(name, None)
+
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            """MemTracker (one GPU) hooks every parameter's gradient; a frozen reference's have none."""
+            frozen_module = not any(param.requires_grad for param in module.parameters())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks and not frozen_module)
 
         def _pre_fw_hook(self, module, inputs):  # MemTracker (one GPU): one forward per micro-batch
             if not self._mod_tracker.is_bw:
@@ -138,7 +214,7 @@ def _tracker(model, optimizer, sharded: bool, probe: dict):
     if sharded:
         return Tracker(model, optimizer)
     tracker = Tracker()
-    tracker.track_external(model, optimizer)
+    tracker.track_external(*roots, optimizer)
     return tracker
 
 
@@ -154,8 +230,10 @@ def _device_snapshot(snapshot: dict) -> dict:
 
 @contextlib.contextmanager
 def _loss_probe(tracker, probe: dict):
-    """Measures the fused loss call: memory at entry and the peak inside (both on the GPU)."""
+    """Measures the fused loss calls (the model's `loss`, DPO's `sequence_logps`): memory at entry and the peak
+    inside (both on the GPU)."""
     from qforge.engine import model as model_module
+    from qforge.engine.train import dpo as dpo_module
 
     original = model_module.fused_linear_cross_entropy
 
@@ -168,11 +246,35 @@ def _loss_probe(tracker, probe: dict):
             probe["active"] = False
             probe["loss_temporaries"] = max(probe.get("loss_temporaries", 0), probe["peak"] - entry)
 
-    model_module.fused_linear_cross_entropy = probed
+    callers = (model_module, dpo_module)
+    for module in callers:
+        module.fused_linear_cross_entropy = probed
     try:
         yield
     finally:
-        model_module.fused_linear_cross_entropy = original
+        for module in callers:
+            module.fused_linear_cross_entropy = original
+
+
+@contextlib.contextmanager
+def _host_side_dpo_counts():
+    """`chosen_token_count` reads the host micro-batches (before their move) in a GPU run; on the twin's CPU
+    device its `arange` would be fake, so it runs outside the fake mode, for real, as on a GPU host."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from qforge.engine.train import dpo as dpo_module
+
+    original = dpo_module.chosen_token_count
+
+    def on_host(batch):
+        with unset_fake_temporarily():
+            return original(batch)
+
+    dpo_module.chosen_token_count = on_host
+    try:
+        yield
+    finally:
+        dpo_module.chosen_token_count = original
 
 
 def _create_optimizer_state(model, optimizer):
@@ -202,7 +304,7 @@ def run_twin(plan: TwinPlan) -> dict:
     config = resolve_config(plan.model)
     sharded = plan.gpus > 1
     lengths = sequence_lengths(plan)
-    syncs, roofline = HostSyncs(labelled_tokens(plan)), Roofline(gpu, plan.gpus)
+    syncs, roofline = HostSyncs(labelled_tokens(plan), sum(lengths)), Roofline(gpu, plan.gpus)
     probe: dict = {}
 
     def attention_observer(direction, q, k, v):
@@ -218,7 +320,15 @@ def run_twin(plan: TwinPlan) -> dict:
     model = meta_model(config, param_dtype)
     model.activation_checkpointing = plan.activation_checkpointing
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    batches = [packed_batch(plan, config.vocab_size) for _ in range(plan.grad_accum)]
+    if plan.objective == "dpo":
+        batches = preference_batches(plan, config.vocab_size)
+        objective = DPO(reference=plan.reference)
+        if plan.reference == "cached":  # what DPO.prepare reads from reference_dir: fp32 [pairs, 2] on the host
+            objective.reference_logps = torch.zeros(sum(b.num_pairs for b in batches), 2)
+        else:
+            reference = meta_model(config, frozen_dtype(plan.precision))
+    else:
+        batches = [packed_batch(plan, config.vocab_size) for _ in range(plan.grad_accum)]
     # host side, before the fake mode, as the trainer builds it
     vocab = VocabMap.from_ids(range(plan.kept_vocab), config.vocab_size) if plan.kept_vocab else None
     with fake_mode, FakeDeviceFunctions(fake_mode) as functions, route_cuda_paths(), mark_sharding_propagation(), \
@@ -230,16 +340,28 @@ def run_twin(plan: TwinPlan) -> dict:
         model.train()
         optimizer = build_optimizer(model, OptimSettings(state_dtype=plan.optim_state_dtype))
         _create_optimizer_state(model, optimizer)
-        tracker = _tracker(model, optimizer, sharded, probe)
-        with tracker, _loss_probe(tracker, probe), syncs, roofline:
+        step = train_step
+        if plan.objective == "dpo":  # the pieces of DPO.prepare, with the twin's reference in place of build_frozen
+            objective.tables = _loss_tables(vocab, dist_.device)
+            bind_forward_method(model, "sequence_logps", sequence_logps)
+            if plan.reference == "live":
+                reference = objective.reference_model = _frozen_reference(reference, mesh, device)
+            step = objective.train_step
+        reference = objective.reference_model if plan.objective == "dpo" else None
+        tracker = _tracker(model, optimizer, sharded, probe, reference)
+        with tracker, _loss_probe(tracker, probe), _host_side_dpo_counts(), syncs, roofline:
             syncs.region = roofline.region = probe["region"] = "micro-batches"
-            train_step(model, batches, dist_, vocab, autocast)
+            step(model, batches, dist_, vocab, autocast)
             syncs.region = roofline.region = probe["region"] = "optimizer"
             optimizer_step(model, optimizer, plan.grad_clip)
         peak = _device_snapshot(tracker.get_tracker_snapshot("peak"))
         host_to_device = functions.host_to_device_bytes
+        reference_bytes = _local_bytes(reference) if reference is not None else None
 
-    return _report(plan, config, gpu, peak, probe, roofline, syncs, lengths, host_to_device)
+    result = _report(plan, config, gpu, peak, probe, roofline, syncs, lengths, host_to_device)
+    if plan.objective == "dpo":  # already inside "parameters (sharded)"/"(gathered)": the tracker sees it
+        result["memory"]["reference_sharded_bytes"] = reference_bytes or 0
+    return result
 
 
 CATEGORIES = {  # report category → FSDPMemTracker / MemTracker reference types
