@@ -54,7 +54,8 @@ def sequence_logps(model, packed, vocab_index=None, target_index=None) -> torch.
     nll = fused_linear_cross_entropy(hidden, model.output_weight, packed.labels, reduction="none",
                                      vocab_index=vocab_index, target_index=target_index)
     lengths = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).long()
-    sequence = torch.repeat_interleave(torch.arange(len(lengths), device=nll.device), lengths)
+    sequence = torch.repeat_interleave(torch.arange(len(lengths), device=nll.device), lengths,
+                                       output_size=nll.shape[0])  # known: no host sync for the device's lengths
     return -torch.zeros(len(lengths), dtype=torch.float32, device=nll.device).index_add(0, sequence, nll)
 
 
