@@ -210,7 +210,7 @@ class Server:
             top = {self.token_name(i, as_ids): _finite(v) for i, v in pick.top}
             top.setdefault(self.token_name(pick.token, as_ids), _finite(pick.logprob))
             tops.append(top)
-        names = [f"token_id:{t}" for t in tokens] if as_ids else texts
+        names = [self.token_name(t, True) for t in tokens] if as_ids else texts
         return {"tokens": names, "token_logprobs": [_finite(p.logprob) if p else None for p in picks],
                 "top_logprobs": tops, "text_offset": offsets}
 

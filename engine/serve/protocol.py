@@ -1,8 +1,8 @@
 """The OpenAI wire format: request models that validate at the boundary, response shapes, error bodies.
 
 Field names, ranges and defaults follow OpenAI's API reference and vLLM's extensions (`top_k`, `min_p`,
-`repetition_penalty`, `chat_template_kwargs`, `return_tokens_as_token_ids`). Unknown fields are ignored, as vLLM does. Every float must
-be finite: JSON's NaN/Infinity are refused here, never reach sampling.
+`repetition_penalty`, `chat_template_kwargs`, `return_tokens_as_token_ids`). Unknown fields are ignored, as vLLM
+does. Every float must be finite: JSON's NaN/Infinity are refused here, never reach sampling.
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import torch
 from ..checkpoint import load_model, load_sharded
 from ..config import Qwen3Config
 from ..errors import ConfigError
+from ..generate import is_sharded
 from ..model import Qwen3
 from ..vocab import VocabMap
 from .config import ModelSettings, VocabSettings
@@ -65,11 +66,16 @@ def frozen_dtype(precision: str) -> torch.dtype:
 
 
 def build_frozen(settings: ModelSettings, dtype: torch.dtype, device: torch.device, shard=None) -> Qwen3:
-    """A model that never trains (a distillation teacher, a DPO reference), built like the run's model: no
-    gradients, eval mode and, sharded, resharded after every forward, its root unit included (FSDP2 keeps a
+    """A model that never trains (a distillation teacher, a DPO reference), built like the run's model, then
+    `freeze`d."""
+    return freeze(build_model(settings, dtype, device, shard=shard))
+
+
+def freeze(model: Qwen3) -> Qwen3:
+    """No gradients, eval mode and, sharded, resharded after every forward, its root unit included (FSDP2 keeps a
     root gathered for the backward, and no backward ever reshards a frozen model)."""
-    model = build_model(settings, dtype, device, shard=shard).requires_grad_(False).eval()
-    if shard is not None:
+    model.requires_grad_(False).eval()
+    if is_sharded(model):
         model.set_reshard_after_forward(True)
     return model
 

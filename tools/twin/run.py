@@ -23,7 +23,7 @@ import numpy as np
 from qforge.engine.data.example import Example
 from qforge.engine.data.packing import PackedBatch
 from qforge.engine.data.preference import PreferenceBatch, PreferencePair
-from qforge.engine.train.build import frozen_dtype, meta_model
+from qforge.engine.train.build import freeze, frozen_dtype, meta_model
 from qforge.engine.train.config import OptimSettings
 from qforge.engine.vocab import VocabMap
 from qforge.engine.train.dpo import DPO, sequence_logps
@@ -131,14 +131,12 @@ def preference_batches(plan: TwinPlan, vocab_size: int) -> list[PreferenceBatch]
 
 def _frozen_reference(reference, mesh, device):
     """The live reference (a meta model in `frozen_dtype`) as `DPO._reference_model` builds it (`build_frozen`):
-    sharded without a mixed-precision cast, frozen, eval mode, resharded after every forward (root included)."""
+    sharded without a mixed-precision cast, then `freeze`d (frozen, eval mode, resharded after every forward)."""
     if mesh is not None:
         shard_model(reference, None, mesh=mesh)
     reference.to_empty(device=device)
     reference.reset_buffers()
-    reference.requires_grad_(False).eval()
-    if mesh is not None:
-        reference.set_reshard_after_forward(True)
+    freeze(reference)
     bind_forward_method(reference, "sequence_logps", sequence_logps)
     return reference
 
