@@ -1,4 +1,7 @@
 PYTHON ?= python3
+# The checkout root holds kernels/ and engine/, whose names installed packages also use (transformers
+# imports Hugging Face's `kernels`): nothing launched from here may put the root on sys.path.
+export PYTHONSAFEPATH := 1
 
 .PHONY: setup test demo
 

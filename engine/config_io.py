@@ -41,6 +41,22 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
     return build(cls, raw, str(path) if path else "<defaults>")
 
 
+SOURCE_ROOT = Path(__file__).resolve().parent.parent  # holds recipes/configs and recipes/data
+
+
+def anchor_shipped_paths(value):
+    """Relative paths into the shipped tree (`recipes/...`) that do not exist from the working directory are
+    taken from the installed qforge, so shipped configs run from any directory; other values are untouched."""
+    if isinstance(value, dict):
+        return {key: anchor_shipped_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [anchor_shipped_paths(item) for item in value]
+    if isinstance(value, str) and value.startswith("recipes/") and not Path(value).exists():
+        shipped = SOURCE_ROOT / value
+        return str(shipped) if shipped.exists() else value
+    return value
+
+
 def read_yaml(path: str | Path) -> dict:
     """A YAML mapping; a syntax error names the file and line."""
     try:
@@ -72,7 +88,7 @@ def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
 
 def build(cls: type[T], data: dict, source: str = "<config>") -> T:
     """Builds settings class `cls` from a nested dict; any problem is one ConfigKeyError line."""
-    data = _prepare(cls, data, source, "")
+    data = _prepare(cls, anchor_shipped_paths(data), source, "")
     try:
         return TypeAdapter(cls).validate_python(data)
     except ValidationError as err:

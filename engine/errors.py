@@ -38,5 +38,10 @@ class EndpointError(QforgeError, RuntimeError):
     exit_code = 6
 
 
+class SetupError(QforgeError, RuntimeError):
+    """Installed software that cannot run this path (a torch below the floor, a shadowed package)."""
+    exit_code = 7
+
+
 EXIT_CODES = {cls.__name__: cls.exit_code for cls in (ConfigError, DataError, CheckpointError, TrainingError,
-                                                       EndpointError)}
+                                                       EndpointError, SetupError)}

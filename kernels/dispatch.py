@@ -18,12 +18,17 @@ def interpreter_active() -> bool:
     return type(tl.sigmoid).__name__ == "InterpretedFunction"
 
 
+def auto_backend(device: torch.device) -> str:
+    """What `backend="auto"` runs for tensors on `device`: the Triton kernels on CUDA, the reference elsewhere."""
+    return "triton" if device.type == "cuda" else "torch"
+
+
 def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "auto":
-        return on_cuda
+        return all(auto_backend(t.device) == "triton" for t in tensors)
     if backend == "torch":
         return False
     if not on_cuda and not interpreter_active():

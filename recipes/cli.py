@@ -10,10 +10,13 @@ import argparse
 import logging
 import sys
 import traceback
+from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
-from qforge.engine.config_io import load_config, settings
+from qforge.engine.config_io import anchor_shipped_paths, load_config, settings
 from qforge.engine.errors import QforgeError
+from qforge.engine.preflight import preflight
+from qforge.recipes.main import shipped_configs
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -23,6 +26,14 @@ R = TypeVar("R")
 class OutputSettings:
     """The `output:` section every recipe has: where it writes (`output.dir`)."""
     dir: str | None = None
+
+
+def resolve_config(name: str) -> str:
+    """`--config` as given when it is a file, else the shipped config of that name (`--config demo`)."""
+    if Path(name).exists():
+        return name
+    shipped = shipped_configs().get(name.removesuffix(".yaml"))
+    return str(shipped) if shipped and "/" not in name else anchor_shipped_paths(name)
 
 
 def print_report_md(config, result) -> None:
@@ -36,14 +47,16 @@ def run_recipe(config_class: type[T], run: Callable[[T], R], argv: Sequence[str]
     """Parses the arguments, builds the config (`load`, default `load_config`), calls `run(config)`, then
     `report(config, result)`; returns the process exit code (report's, or 0)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config file (see recipes/configs/)")
+    parser.add_argument("--config", required=True,
+                        help="YAML config file, or the name of a shipped one (`qforge configs` lists them)")
     parser.add_argument("--debug", action="store_true", help="print the traceback of every error")
     parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        config = (load or load_config)(config_class, args.config, args.overrides)
+        preflight()
+        config = (load or load_config)(config_class, resolve_config(args.config), args.overrides)
         result = run(config)
         code = report(config, result) if report is not None else None
         return 0 if code is None else code

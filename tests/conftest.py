@@ -6,7 +6,15 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+# The checkout root holds kernels/ and engine/: on sys.path (as `python -m pytest` puts it) they would hide
+# the installed packages of those names (transformers imports Hugging Face's `kernels`). Take it off before
+# anything is imported, and keep it off in every subprocess a test starts.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
+os.environ["PYTHONSAFEPATH"] = "1"
 
 import pytest  # noqa: E402
 from qwen3_fixtures import TINY_QWEN3, qwen3_tokenizer_dir, save_hf_qwen3  # noqa: E402,F401
