@@ -177,6 +177,8 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
+    _chat_template_kwargs = field_validator("chat_template_kwargs")(_thinking_switch)
+
     @model_validator(mode="after")
     def _check(self):
         if self.max_tokens == 0:
@@ -192,8 +194,6 @@ class ChatCompletionRequest(SamplingFields):
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    _chat_template_kwargs = field_validator("chat_template_kwargs")(_thinking_switch)
 
     def enable_thinking(self) -> bool:
         return (self.chat_template_kwargs or {}).get("enable_thinking", True)
