@@ -23,6 +23,8 @@ MALFORMED = {  # name: (raw reply, what the one-line error says about it)
     "cut json, honest length": (http_reply(CHAT[:40].encode()), "not JSON"),
     "partial sse": (http_reply(SSE, content_type="text/event-stream"), "event stream"),
     "partial sse as json": (http_reply(SSE), "not JSON"),
+    "chunked sse cut": (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"%x\r\n%s" % (len(SSE) + 50, SSE), "connection failed"),
     "error in 200": (http_reply(b'{"error": {"message": "model overloaded", "type": "server_error"}}'),
                      "model overloaded"),
     "error string in 200": (http_reply(b'{"error": "upstream\\ntimeout"}'), "upstream timeout"),

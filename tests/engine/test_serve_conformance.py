@@ -134,8 +134,7 @@ def test_the_openai_sdk_gets_a_400_naming_the_field_for_a_string_number(served, 
 ])
 def test_content_is_required_where_the_api_requires_it(port, messages):
     status, payload, _ = chat(port, messages=messages)
-    index = next(i for i, m in enumerate(messages) if m.get("content", None) in (None, [], 5)
-                 or not isinstance(m["content"], str))
+    index = next(i for i, m in enumerate(messages) if not isinstance(m.get("content"), str))  # the bad one
     assert_400(status, payload, f"messages.{index}.content")
 
 
@@ -167,10 +166,12 @@ def test_bad_logit_bias_is_a_400_naming_the_field(port, path, bias):
 
 def test_logit_bias_at_the_edges_is_applied(served, sdk):
     name = served[1].name
-    top = sdk.completions.create(model=name, prompt="Hà Nội", max_tokens=2, temperature=0,
-                                 logit_bias={str(VOCAB - 1): 100, "0015": -100}, extra_body={"return_tokens_as_token_ids": True},
-                                 logprobs=0)
-    assert top.choices[0].logprobs.tokens == [f"token_id:{VOCAB - 1}"] * 2
+    last = sdk.completions.create(model=name, prompt="Hà Nội", max_tokens=2, temperature=0, logprobs=0,
+                                  logit_bias={str(VOCAB - 1): 100}, extra_body={"return_tokens_as_token_ids": True})
+    assert last.choices[0].logprobs.tokens == [f"token_id:{VOCAB - 1}"] * 2  # the last id of the vocabulary
+    padded = sdk.completions.create(model=name, prompt="Hà Nội", max_tokens=2, temperature=0,
+                                    logit_bias={"0015": 100})
+    assert padded.choices[0].text == "00"  # "0015" is token 15, "0"
 
 
 # --- nothing reaches the engine unchecked -----------------------------------------------------------------
