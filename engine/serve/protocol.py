@@ -57,12 +57,12 @@ class TextPart(OpenAIModel):
 
 class FunctionCall(OpenAIModel):
     name: str
-    arguments: str | dict = "{}"
+    arguments: Annotated[str | dict, NullIsDefault] = "{}"
 
 
 class ToolCall(OpenAIModel):
-    id: str = ""
-    type: Literal["function"] = "function"
+    id: Annotated[str, NullIsDefault] = ""
+    type: Annotated[Literal["function"], NullIsDefault] = "function"
     function: FunctionCall
 
 
@@ -99,7 +99,7 @@ class Function(OpenAIModel):
 
 
 class Tool(OpenAIModel):
-    type: Literal["function"] = "function"
+    type: Annotated[Literal["function"], NullIsDefault] = "function"
     function: Function
 
 

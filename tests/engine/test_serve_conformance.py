@@ -142,8 +142,13 @@ def test_an_assistant_tool_call_needs_no_content(port):
     call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
     messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]},
                 {"role": "tool", "content": "ok"}]
-    status, payload, _ = chat(port, messages=messages)
-    assert status == 200, payload
+    status, plain, _ = chat(port, messages=messages, temperature=0)
+    assert status == 200, plain
+    nulls = {**call, "id": None, "function": {"name": "f", "arguments": None}}  # null id and arguments: defaults
+    tools = [{"type": None, "function": {"name": "f", "description": None, "parameters": None}}]
+    status, payload, _ = chat(port, messages=[messages[0], {**messages[1], "tool_calls": [nulls]}, messages[2]],
+                              tools=tools, temperature=0)
+    assert status == 200 and payload["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"], payload
 
 
 def test_the_openai_sdk_gets_a_400_for_a_user_message_without_content(served, sdk):
