@@ -2,10 +2,13 @@
 
 `ChatServer(ScriptedBackend(reply), port=0)` serves `reply(request) -> str` as an OpenAI chat-completions
 endpoint (request bodies validated by qforge's own protocol models, uvicorn underneath). A reply function
-may raise `RequestError(message, status)` to answer with that HTTP error.
+may raise `RequestError(message, status)` to answer with that HTTP error. `raw_server(replies)` is the
+misbehaving kind: a loopback socket answering each connection with the next raw bytes, whatever they are.
 """
 from __future__ import annotations
 
+import socket
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -84,3 +87,29 @@ class ChatServer(BackgroundServer):
         super().__init__(scripted_app(backend), host, port)
         self.backend = backend
 
+
+
+def raw_server(responses: list[bytes]) -> tuple[str, list[bytes]]:
+    """A loopback socket server answering each connection with the next raw bytes (then closing it): the base
+    URL and the list of the answers sent so far."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    served = []
+
+    def run():
+        for raw in responses:
+            connection, _ = listener.accept()
+            connection.recv(65536)
+            served.append(raw)
+            connection.sendall(raw)
+            connection.close()
+        listener.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/v1", served
+
+
+def http_reply(body: bytes, status: str = "200 OK", content_type: str = "application/json",
+               length: int | None = None) -> bytes:
+    """A raw HTTP/1.1 response; `length` other than len(body) announces more than is sent (a body cut short)."""
+    return (b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status.encode(), content_type.encode(), len(body) if length is None else length, body))

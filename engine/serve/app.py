@@ -77,9 +77,10 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse(model: type, body: dict):
+def parse(model: type, body: dict, context: dict | None = None):
+    """The body as `model` (`context` gives checks that need the model, e.g. {"vocab_size": V}), or a 400."""
     try:
-        return model.model_validate(body)
+        return model.model_validate(body, context=context)
     except ValidationError as error:
         raise validation_error(error) from None
     except (ValueError, RecursionError) as error:
@@ -260,6 +261,7 @@ def create_app(chat_model: ChatModel, scheduler: Scheduler, settings: ServeSetti
     server = Server(chat_model, scheduler, settings)
     app = FastAPI(title="qforge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    model_limits = {"vocab_size": server.vocab_size}
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError):
@@ -318,18 +320,15 @@ def create_app(chat_model: ChatModel, scheduler: Scheduler, settings: ServeSetti
         thinking = (body.chat_template_kwargs or {}).get("enable_thinking", True)
         try:
             tools = [t.model_dump(exclude_none=True) for t in body.tools or ()]
-            return chat_model.render(messages, bool(thinking), tools)
+            return chat_model.render(messages, thinking, tools)
         except (ValueError, KeyError) as error:
             raise APIError(400, f"messages: {error}", "messages") from None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = parse(ChatCompletionRequest, await read_json(request, settings.max_body_bytes))
+        body = parse(ChatCompletionRequest, await read_json(request, settings.max_body_bytes), model_limits)
         server.check_model(body.model)
-        try:
-            thinking = body.enable_thinking()
-        except ValueError as error:
-            raise APIError(400, str(error), "chat_template_kwargs") from None
+        thinking = body.enable_thinking()
         tools = [t.model_dump(exclude_none=True) for t in body.tools or ()] if body.tool_choice != "none" else []
         messages = _messages(body)
 
@@ -341,7 +340,8 @@ def create_app(chat_model: ChatModel, scheduler: Scheduler, settings: ServeSetti
             return server.encode(text)
 
         prompt = await anyio.to_thread.run_sync(prepare)
-        max_tokens = server.budget(len(prompt), body.limit(), settings.default_max_tokens, "max_tokens")
+        limit_field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
+        max_tokens = server.budget(len(prompt), body.limit(), settings.default_max_tokens, limit_field)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         spec = [(prompt, server.sampling(body, logprobs, i), max_tokens, body.stop_strings(), None)
                 for i in range(body.n)]
@@ -383,7 +383,7 @@ def create_app(chat_model: ChatModel, scheduler: Scheduler, settings: ServeSetti
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = parse(CompletionRequest, await read_json(request, settings.max_body_bytes))
+        body = parse(CompletionRequest, await read_json(request, settings.max_body_bytes), model_limits)
         server.check_model(body.model)
         prompts = []
         for entry in body.prompts():

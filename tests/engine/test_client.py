@@ -1,11 +1,10 @@
 """ChatClient over real loopback HTTP against scripted servers (no model needed) and broken raw-socket ones."""
 import json
-import socket
 import threading
 import time
 
 import pytest
-from scripted_server import ChatServer, RequestError, ScriptedBackend
+from scripted_server import ChatServer, RequestError, ScriptedBackend, raw_server
 
 from qforge.engine.client import ChatClient, ChatClientError
 
@@ -146,23 +145,6 @@ def test_cache_makes_an_interrupted_run_resume(tmp_path):
     with ChatServer(ScriptedBackend(picky, name="p"), port=0) as server:
         other = ChatClient(server.url, "p", cache_dir=tmp_path / "cache")
         assert not other.chat(user("q0"), cache_tag="sample-2").cached
-
-
-def raw_server(responses):
-    """A loopback socket server answering each connection with the next raw bytes (then closing it)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    served = []
-
-    def run():
-        for raw in responses:
-            connection, _ = listener.accept()
-            connection.recv(65536)
-            served.append(raw)
-            connection.sendall(raw)
-            connection.close()
-
-    threading.Thread(target=run, daemon=True).start()
-    return f"http://127.0.0.1:{listener.getsockname()[1]}/v1", served
 
 
 GOOD = json.dumps({"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}], "usage": {}}).encode()
