@@ -11,6 +11,8 @@ import torch
 import uvicorn
 
 from qforge.engine.chat import ChatModel
+from qforge.engine.errors import QforgeError
+from qforge.engine.preflight import preflight
 from qforge.engine.serve.app import ServeSettings, bind, create_app, is_loopback, uvicorn_config
 from qforge.engine.serve.scheduler import Scheduler
 from qforge.engine.vocab import read_suppress_ids
@@ -40,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        preflight(torch.device(args.device), getattr(torch, args.dtype, torch.float32))
+    except QforgeError as error:
+        sys.exit(f"error: {error}")
     if not is_loopback(args.host):
         logging.getLogger("qforge.serve").warning(
             "binding %s exposes the model to the network%s", args.host,
