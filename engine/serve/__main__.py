@@ -45,7 +45,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         preflight(torch.device(args.device), getattr(torch, args.dtype, torch.float32))
     except QforgeError as error:
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
     if not is_loopback(args.host):
         logging.getLogger("qforge.serve").warning(
             "binding %s exposes the model to the network%s", args.host,
