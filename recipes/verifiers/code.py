@@ -60,7 +60,7 @@ class Run:
 
 
 @dataclass(frozen=True)
-class TestResult:
+class CaseVerdict:
     status: str  # pass | fail | timeout | crash | parse_error
     seconds: float
     detail: str = ""
@@ -288,14 +288,14 @@ def parse_tests(tests) -> dict:
     return tests
 
 
-def run_tests(source: str, tests, limits: Limits = Limits()) -> list[TestResult]:
+def run_tests(source: str, tests, limits: Limits = Limits()) -> list[CaseVerdict]:
     """Every test of one problem, in order. A program that does not compile fails each test as parse_error
     without being started."""
     tests = parse_tests(tests)
     try:
         compile(source, "solution.py", "exec")
     except (SyntaxError, ValueError) as error:
-        return [TestResult("parse_error", 0.0, f"{type(error).__name__}: {error}")] * len(tests["inputs"])
+        return [CaseVerdict("parse_error", 0.0, f"{type(error).__name__}: {error}")] * len(tests["inputs"])
     fn_name, results = tests.get("fn_name"), []
     for given, expected in zip(tests["inputs"], tests["outputs"]):
         if fn_name:
@@ -305,7 +305,7 @@ def run_tests(source: str, tests, limits: Limits = Limits()) -> list[TestResult]
         if run.status != "ok":
             why = "output limit exceeded (truncated)" if run.truncated else (run.stderr.strip().splitlines()
                                                                             or [f"exit {run.returncode}"])[-1]
-            results.append(TestResult(run.status, run.seconds, why[:300]))
+            results.append(CaseVerdict(run.status, run.seconds, why[:300]))
             continue
         if fn_name:
             try:
@@ -314,12 +314,12 @@ def run_tests(source: str, tests, limits: Limits = Limits()) -> list[TestResult]
                 ok = False
         else:
             ok = stdout_matches(run.stdout, expected)
-        results.append(TestResult("pass" if ok else "fail", run.seconds,
+        results.append(CaseVerdict("pass" if ok else "fail", run.seconds,
                                   "" if ok else f"expected {_as_text(expected)[:80]!r}, got {run.stdout[:80]!r}"))
     return results
 
 
-def problem_verdict(results: list[TestResult]) -> Verdict:
+def problem_verdict(results: list[CaseVerdict]) -> Verdict:
     """Passed when every test passed; otherwise the status of the first test that did not."""
     passed = sum(r.status == "pass" for r in results)
     failed = next((i, r) for i, r in enumerate(results) if r.status != "pass") if passed < len(results) else None
