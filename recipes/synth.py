@@ -525,7 +525,8 @@ class Pipeline:
     # -- existing traces: reformat → trace filters → verify → SFT rows + preference pairs -------------------
     def reformat(self, rows: list[dict]) -> StageResult:
         """Rewrites every trace; keeps a rewrite only when it passes the row's verifier against the original
-        reference. Each output row records `reformat`: rewritten | kept_original | no_rewrite."""
+        reference. Each output row records `reformat`: rewritten | kept_original | no_rewrite; a kept original
+        carries its failed rewrite (`rewrite`: reasoning, answer, verdict), the rejected side of its pairs."""
         settings = self.config.reformat
         fields = [{"question": "\n\n".join(m["content"] for m in r["prompt"] if m["role"] == "user"),
                    "reasoning": r["reasoning"], "answer": r["answer"], "verifier": r["verifier"],
@@ -543,11 +544,15 @@ class Pipeline:
         answers, usage = self.ask("reformat", fields, [f"reformat:{r['id']}" for r in rows], parse)
         candidates = [{**row, "reasoning": a.value[0], "answer": a.value[1]} for row, a in zip(rows, answers)
                       if a.value is not None]
+        start = time.perf_counter()
         verdicts = iter(verify_rows(candidates, self.config.traces.workers, desc="verify rewrites"))
+        usage["verification"] = {"programs": len(candidates), "seconds": time.perf_counter() - start}
         kept, drops = [], []
         for row, answer in zip(rows, answers):
+            rewrite = None
             if answer.value is not None:
                 verdict = next(verdicts)
+                rewrite = {"reasoning": answer.value[0], "answer": answer.value[1], "verdict": verdict_dict(verdict)}
                 if verdict.passed:
                     provenance = {"reformat": self.provenance("reformat", answer.model)}
                     kept.append({**row, "reasoning": answer.value[0], "answer": answer.value[1],
@@ -558,8 +563,10 @@ class Pipeline:
                 reason, detail = f"reformat_{answer.reason}", answer.detail
             if self.config.reformat.on_fail == "drop":
                 drops.append(_trace_drop("reformat", row, reason, detail))
+            elif rewrite is not None:
+                kept.append({**row, "reformat": "kept_original", "rewrite": rewrite})
             else:
-                kept.append({**row, "reformat": "kept_original" if answer.value is not None else "no_rewrite"})
+                kept.append({**row, "reformat": "no_rewrite"})
         return StageResult(kept, drops, usage)
 
     def trace_filters(self, rows: list[dict], length: TraceLength) -> StageResult:
@@ -584,8 +591,7 @@ class Pipeline:
         rows = [row if "verdict" in row else {**row, "verdict": verdict_dict(next(fresh))} for row in rows]
         drops = [_trace_drop("verify", r, f"verify_{r['verdict']['status']}", r["verdict"]["detail"])
                  for r in rows if not r["verdict"]["passed"]]
-        return StageResult(rows, drops, {"programs": len(todo), "seconds": seconds,
-                                         "workers": self.config.traces.workers})
+        return StageResult(rows, drops, {"verification": {"programs": len(todo), "seconds": seconds}})
 
     def run_traces(self) -> dict:
         config = self.config
@@ -599,16 +605,19 @@ class Pipeline:
                            "dropped": dict(Counter(d["reason"] for d in result.drops))})
             return result.rows
 
-        before = _mean(length(r["reasoning"]) for r in rows)
+        before = {r["id"]: length(r["reasoning"]) for r in rows}
         reformat_summary = None
         if config.reformat.enabled:
             key = self.stage_key("reformat", rows, asdict(config.reformat))
             read = len(rows)
             rows = record("reformat", read, self.store.run("reformat", key, lambda: self.reformat(rows)))
             states = Counter(r["reformat"] for r in rows)
-            reformat_summary = {"rewritten": states["rewritten"], "kept_original": states["kept_original"],
+            rewrites = Counter(r["rewrite"]["verdict"]["status"] for r in rows if "rewrite" in r)
+            rewrites.update(d["reason"].removeprefix("reformat_") for d in results["reformat"].drops)
+            rewrites["pass"] += states["rewritten"]
+            reformat_summary = {"rewritten": states["rewritten"], "rewrite_statuses": dict(sorted(rewrites.items())), "kept_original": states["kept_original"],
                                 "no_rewrite": states["no_rewrite"], "dropped": read - len(rows),
-                                "mean_trace_length_before": before,
+                                "mean_trace_length_before": _mean(before[r["id"]] for r in rows),
                                 "mean_trace_length_after": _mean(length(r["reasoning"]) for r in rows)}
         rows = record("filters", len(rows), self.trace_filters(rows, length))
         key = fingerprint("verify", rows)
@@ -624,7 +633,11 @@ class Pipeline:
                  **({"provenance": r["provenance"]} if "provenance" in r else {})}
                 for r in verified.rows if r["verdict"]["passed"]]
         drops = [d for result in results.values() for d in result.drops]
-        work = verified.usage
+        work = {"programs": 0, "seconds": 0.0, "workers": config.traces.workers}
+        for result in (results.get("reformat"), verified):
+            if result is not None:
+                work["programs"] += result.usage["verification"]["programs"]
+                work["seconds"] += result.usage["verification"]["seconds"]
         usage = {name: {**r.usage, "reused_stored_output": r.skipped} for name, r in results.items()
                  if name == "reformat"}
         report = {"stages": stages, "length_unit": "tokens" if config.filters.trace_tokenizer else "words",

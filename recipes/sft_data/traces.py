@@ -106,7 +106,9 @@ def verify_rows(rows: list[dict], workers: int, desc: str = "verify") -> list[Ve
 
 def make_pairs(rows: list[dict], per_question: int) -> tuple[list[dict], dict]:
     """Pairs of a passing (chosen) and a failing (rejected) sample of the same question, both with their
-    reasoning, in recipes/dpo.py's `messages` + `chosen` + `rejected` layout. Up to `per_question` pairs per
+    reasoning, in recipes/dpo.py's `messages` + `chosen` + `rejected` layout (a failing row whose rewrite also
+    failed is rejected in its rewritten form: the same format as the chosen side, so the pair differs in
+    correctness rather than in formatting). Up to `per_question` pairs per
     question, walking the chosen and rejected samples round-robin so each is reused as little as possible.
     Also returns which questions had no passing or no failing sample."""
     groups: dict[str, list[dict]] = defaultdict(list)
@@ -123,10 +125,10 @@ def make_pairs(rows: list[dict], per_question: int) -> tuple[list[dict], dict]:
         order = sorted(product(range(len(chosen)), range(len(rejected))),
                        key=lambda ij: ((ij[1] - ij[0]) % len(rejected), ij[0]))  # diagonals: spread the reuse
         for k, (i, j) in enumerate(order[:per_question]):
-            good, bad = chosen[i], rejected[j]
+            good, bad = chosen[i], rejected[j].get("rewrite", rejected[j])
             pairs.append({"id": f"{question_id}-p{k}", "question_id": question_id, "messages": good["prompt"],
                           "chosen": assistant_message(good), "rejected": assistant_message(bad),
-                          "verifier": good["verifier"], "chosen_id": good["id"], "rejected_id": bad["id"],
+                          "verifier": good["verifier"], "chosen_id": good["id"], "rejected_id": rejected[j]["id"],
                           "rejected_status": bad["verdict"]["status"]})
     summary = {"pairs": len(pairs), "questions": len(groups), "questions_without_passing_sample": sorted(no_pass),
                "questions_without_failing_sample": sorted(no_fail)}
@@ -163,6 +165,7 @@ def traces_markdown(report: dict) -> str:
                   f"- rewrite failed its verifier, original kept: {reformat['kept_original']}",
                   f"- rewrite failed its verifier, row dropped: {reformat['dropped']}",
                   f"- no usable rewrite (request failed or malformed), original kept: {reformat['no_rewrite']}",
+                  "- verdicts of the rewrites: " + ", ".join(f"{k}: {v}" for k, v in reformat["rewrite_statuses"].items()),
                   f"- mean trace length ({report['length_unit']}): {reformat['mean_trace_length_before']:.1f} before, "
                   f"{reformat['mean_trace_length_after']:.1f} after"]
     lines += ["", "## Pass rate per source and verifier", "", "| source | verifier | samples | passed | pass rate "
