@@ -15,7 +15,7 @@ The sandbox, layer by layer (docs/reasoning-data.md says what each one does and 
 - a Python audit hook installed before the program runs: no writes outside the working directory, no reads of
   other processes' /proc entries, no exec/spawn/system/subprocess (a child can only be a fork of the program,
   which inherits the hook), at most `max_processes` forks over the whole tree (Linux does not enforce
-  RLIMIT_NPROC for root), no ctypes. Audit hooks are not a security boundary (Python's docs say so): they stop
+  RLIMIT_NPROC for root), no foreign function lookups or calls through ctypes. Audit hooks are not a security boundary (Python's docs say so): they stop
   accidents and naive escapes of model-written code, not a determined attacker.
 """
 from __future__ import annotations
@@ -95,8 +95,8 @@ PATH_EVENTS = {"os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.chmod": 1, "os.
                "os.utime": 1, "os.rename": 2, "os.link": 2, "os.symlink": 2, "shutil.rmtree": 1,
                "shutil.copyfile": 2, "shutil.copymode": 2, "shutil.copystat": 2, "shutil.move": 2}
 NO_PROGRAMS = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "pty.spawn",
-               "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata"}
-NO_MODULES = {"_posixsubprocess", "_ctypes"}
+               "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.call_function"}  # importing ctypes (numpy does) is fine
+NO_MODULES = {"_posixsubprocess"}
 SOCKETS = {"socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.sendto"}
 block_sockets = config["block_sockets"]
 
@@ -338,5 +338,9 @@ def verify(completion: str, reference: dict) -> Verdict:
     source = extract_code(completion)
     if source is None:
         return Verdict.of(None, "no fenced code block")
-    limits = replace(Limits(), **reference.get("limits", {}))
+    try:
+        limits = replace(Limits(), **reference.get("limits", {}))
+    except TypeError:
+        raise ValueError(f"verifier 'code': reference limits {sorted(reference['limits'])} must be among "
+                         f"{sorted(asdict(Limits()))}") from None
     return problem_verdict(run_tests(source, reference["tests"], limits))

@@ -84,5 +84,8 @@ def test_the_last_fenced_block_after_the_think_block_is_the_program():
 def test_malformed_tests_are_a_clear_error():
     with pytest.raises(ValueError, match="inputs.*outputs"):
         get_verifier("code")("```python\nprint(1)\n```", {"tests": {"inputs": ["1"], "outputs": []}})
+    with pytest.raises(ValueError, match=r"limits \['timeout'\] must be among"):
+        get_verifier("code")("```python\nprint(1)\n```", {"tests": {"inputs": ["1"], "outputs": ["1"]},
+                                                         "limits": {"timeout": 1}})
     with pytest.raises(ValueError, match="no 'tests'"):
         get_verifier("code")("```python\nprint(1)\n```", {"answer": "1"})

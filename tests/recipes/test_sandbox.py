@@ -156,3 +156,8 @@ def test_a_network_socket_reaches_nothing(block_sockets):
         assert "sandbox: no network" in run.stderr
     elif network_isolation() == "namespace":
         assert "Network is unreachable" in run.stderr  # the namespace, not the hook, refused it
+
+
+def test_scientific_python_still_imports_inside_the_limits():
+    run = run_program("import numpy as np\nprint(int(np.arange(5).sum()))", limits=Limits(timeout_s=10))
+    assert (run.status, run.stdout) == ("ok", "10\n"), run.stderr
