@@ -39,6 +39,7 @@ setup(
         "uvicorn>=0.29",
         "openai>=1.40",
         "jsonschema>=4.18",  # function-calling evaluation: arguments vs the tool schema
+        "math-verify>=0.7",  # math answers (recipes/verifiers/math.py): synthesis, reformat, GRPO rewards
     ],
     extras_require={
         "tracking": ["wandb>=0.19"],  # output.wandb=true

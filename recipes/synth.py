@@ -9,7 +9,13 @@ the responses + reasoning are generated, and the known answer is the rejection-s
 letter for multiple choice, the number for numeric answers). Tasks with `answer_check: constraints` get
 verifiable constraints from the question writer and keep only responses meeting all of them (checked by
 code). With `filters.min_quality`, an LLM rates every finished row 1–10 (stage `quality`) and rows below the
-threshold are dropped.
+threshold are dropped. Answers are checked through the verifier registry (qforge.recipes.verifiers).
+
+Or start from existing reasoning traces (`traces.path`, any SFT file; recipes/configs/reasoning-data.yaml): an
+LLM rewrites each trace into a Qwen3 <think> block + the final answer its verifier reads (stage `reformat`,
+kept only when the rewrite still passes against the original reference), length and repetition filters drop
+looping traces, every row is verified (code by running its tests in a sandbox), passing rows become SFT data
+and passing vs failing samples of one question become DPO pairs (pairs.jsonl). See docs/reasoning-data.md.
 
 Each stage asks a backend (a local checkpoint served on 127.0.0.1 by default, or any OpenAI-compatible API)
 through the caching client and stores its output under `output.dir/stages/`; a rerun skips finished stages
