@@ -617,22 +617,15 @@ class Pipeline:
             key = self.stage_key("reformat", rows, asdict(config.reformat))
             read = len(rows)
             rows = record("reformat", read, self.store.run("reformat", key, lambda: self.reformat(rows)))
-            states = Counter(r["reformat"] for r in rows)
-            rewrites = Counter(r["rewrite"]["verdict"]["status"] for r in rows if "rewrite" in r)
-            rewrites.update(d["reason"].removeprefix("reformat_") for d in results["reformat"].drops)
-            rewrites["pass"] += states["rewritten"]
-            reformat_summary = {"rewritten": states["rewritten"], "rewrite_statuses": dict(sorted(rewrites.items())), "kept_original": states["kept_original"],
-                                "no_rewrite": states["no_rewrite"], "dropped": read - len(rows),
-                                "mean_trace_length_before": _mean(before[r["id"]] for r in rows),
-                                "mean_trace_length_after": _mean(length(r["reasoning"]) for r in rows)}
+            reformat_summary = _reformat_summary(results["reformat"], read, before, length)
         rows = record("filters", len(rows), self.trace_filters(rows, length))
         key = fingerprint("verify", rows)
         verified = self.store.run("verify", key, lambda: self.verify(rows))
         record("verify", len(rows), StageResult([r for r in verified.rows if r["verdict"]["passed"]],
                                                 verified.drops, verified.usage))
-        pairs, pair_summary = make_pairs(verified.rows, config.pairs.per_question) if config.pairs.enabled \
-            else ([], {"pairs": 0, "questions": 0, "questions_without_passing_sample": [],
-                       "questions_without_failing_sample": []})
+        pairs, pair_summary = make_pairs(verified.rows, config.pairs.per_question)
+        if not config.pairs.enabled:  # the questions without a passing / failing sample are still reported
+            pairs, pair_summary["pairs"] = [], 0
         kept = [{"id": r["id"], "messages": r["prompt"] + [assistant_message(r)], "task": r["verifier"],
                  "verifier": r["verifier"], "reference": r["reference"], "source": r["source"],
                  "question_id": r["question_id"], "verdict": r["verdict"], "reformat": r.get("reformat", "off"),
@@ -742,6 +735,20 @@ def _syllabus_yaml(topics: list[Topic]) -> str:
 
 def _topic_fields(task: Task, topic: Topic) -> dict:
     return {**asdict(topic), "task": task.name, "instructions": task.instructions}
+
+
+def _reformat_summary(result: StageResult, read: int, before: dict, length: TraceLength) -> dict:
+    """Rows rewritten / kept as they were / dropped, the rewrites' verdicts, trace lengths of the same rows
+    before and after."""
+    rows, states = result.rows, Counter(r["reformat"] for r in result.rows)
+    verdicts = Counter(r["rewrite"]["verdict"]["status"] for r in rows if "rewrite" in r)
+    verdicts.update(d["reason"].removeprefix("reformat_") for d in result.drops)
+    verdicts["pass"] += states["rewritten"]
+    return {"rewritten": states["rewritten"], "kept_original": states["kept_original"],
+            "no_rewrite": states["no_rewrite"], "dropped": read - len(rows),
+            "rewrite_statuses": dict(sorted(verdicts.items())),
+            "mean_trace_length_before": _mean(before[r["id"]] for r in rows),
+            "mean_trace_length_after": _mean(length(r["reasoning"]) for r in rows)}
 
 
 def _mean(values) -> float:

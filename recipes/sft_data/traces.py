@@ -165,7 +165,8 @@ def traces_markdown(report: dict) -> str:
                   f"- rewrite failed its verifier, original kept: {reformat['kept_original']}",
                   f"- rewrite failed its verifier, row dropped: {reformat['dropped']}",
                   f"- no usable rewrite (request failed or malformed), original kept: {reformat['no_rewrite']}",
-                  "- verdicts of the rewrites: " + ", ".join(f"{k}: {v}" for k, v in reformat["rewrite_statuses"].items()),
+                  "- verdicts of the rewrites: " + ", ".join(f"{k}: {v}"
+                                                             for k, v in reformat["rewrite_statuses"].items()),
                   f"- mean trace length ({report['length_unit']}): {reformat['mean_trace_length_before']:.1f} before, "
                   f"{reformat['mean_trace_length_after']:.1f} after"]
     lines += ["", "## Pass rate per source and verifier", "", "| source | verifier | samples | passed | pass rate "

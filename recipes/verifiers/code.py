@@ -15,8 +15,9 @@ The sandbox, layer by layer (docs/reasoning-data.md says what each one does and 
 - a Python audit hook installed before the program runs: no writes outside the working directory, no reads of
   other processes' /proc entries, no exec/spawn/system/subprocess (a child can only be a fork of the program,
   which inherits the hook), at most `max_processes` forks over the whole tree (Linux does not enforce
-  RLIMIT_NPROC for root), no foreign function lookups or calls through ctypes. Audit hooks are not a security boundary (Python's docs say so): they stop
-  accidents and naive escapes of model-written code, not a determined attacker.
+  RLIMIT_NPROC for root), no foreign function lookups or calls through ctypes. Audit hooks are not a security
+  boundary (Python's docs say so): they stop accidents and naive escapes of model-written code, not a
+  determined attacker.
 """
 from __future__ import annotations
 
@@ -69,6 +70,12 @@ class CaseVerdict:
 # Runs inside the sandbox as `python -I -c HARNESS CONFIG`: limits, the audit hook, then the program.
 HARNESS = r'''
 import json, os, resource, sys
+if os.getpid() == 1:  # init of the PID namespace ignores signals it has no handler for (SIGXCPU): run as its child
+    child = os.fork()
+    while child:
+        pid, status = os.wait()  # init also reaps the orphans
+        if pid == child:
+            os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
 config = json.loads(sys.argv[1])
 limits = config["limits"]
 resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))

@@ -71,7 +71,8 @@ def test_traces_reformat_verify_pairs_and_a_dpo_step(tmp_path, rewriter):
     # reformat: every trace rewritten once (+1 retry); a rewrite that fails its verifier leaves the original
     assert model.calls == {"rewrite": 12, "retry": 1}
     reformat = report["reformat"]
-    assert (reformat["rewritten"], reformat["kept_original"], reformat["no_rewrite"], reformat["dropped"]) == (7, 5, 0, 0)
+    states = (reformat["rewritten"], reformat["kept_original"], reformat["no_rewrite"], reformat["dropped"])
+    assert states == (7, 5, 0, 0)
     assert reformat["mean_trace_length_after"] < reformat["mean_trace_length_before"]
     assert reformat["rewrite_statuses"] == {"pass": 7, "fail": 3, "timeout": 1, "parse_error": 1}
     assert report["verification"]["programs"] == 12 + 5  # the rewrites, then the kept originals

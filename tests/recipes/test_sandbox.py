@@ -40,6 +40,11 @@ def test_an_infinite_loop_times_out():
     assert sandbox_processes() == []
 
 
+def test_the_cpu_limit_stops_a_busy_program_before_the_wall_clock():
+    run = run_program("while True:\n    pass\n", limits=Limits(timeout_s=60, cpu_s=1))
+    assert run.status == "timeout" and run.returncode in (-24, 128 + 24) and run.seconds < 60  # SIGXCPU
+
+
 def test_a_sleeping_program_hits_the_wall_clock_not_the_cpu_limit():
     run = run_program("import time\ntime.sleep(30)\n", limits=Limits(timeout_s=1.0, cpu_s=10))
     assert run.status == "timeout" and run.seconds < 5 and run.returncode is None
