@@ -95,13 +95,24 @@ class TraceLength:
 
 
 def verify_rows(rows: list[dict], workers: int, desc: str = "verify") -> list[Verdict]:
-    """Every row's completion against its reference, `workers` rows at a time (code runs one sandbox per
-    test, so the processes run in parallel across cores)."""
+    """Every row's completion against its reference. Code rows run `workers` at a time (one sandboxed
+    process per test, so they spread over the cores); the others run here, on the calling thread, where
+    math-verify can time out a runaway sympy expression (its timeout is a signal)."""
     def one(row):
         return get_verifier(row["verifier"])(completion(row), row["reference"])
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        return list(tqdm(pool.map(one, rows), total=len(rows), desc=desc, disable=not rows))
+    code = [i for i, row in enumerate(rows) if row["verifier"] == "code"]
+    verdicts: list = [None] * len(rows)
+    with tqdm(total=len(rows), desc=desc, disable=not rows) as bar, ThreadPoolExecutor(max(1, workers)) as pool:
+        running = {i: pool.submit(one, rows[i]) for i in code}
+        for i, row in enumerate(rows):
+            if i not in running:
+                verdicts[i] = one(row)
+                bar.update()
+        for i, future in running.items():
+            verdicts[i] = future.result()
+            bar.update()
+    return verdicts
 
 
 def make_pairs(rows: list[dict], per_question: int) -> tuple[list[dict], dict]:

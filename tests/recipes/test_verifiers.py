@@ -110,3 +110,27 @@ def test_pairs_per_question_policy_and_questions_without_a_side():
     assert pair["messages"] == [{"role": "user", "content": "q1"}]
     assert pair["chosen"] == {"role": "assistant", "content": "a-p1", "reasoning_content": "r-p1"}
     assert make_pairs(rows, per_question=1)[1]["pairs"] == 1
+
+
+def test_verify_rows_keeps_math_on_the_calling_thread_and_spreads_code(monkeypatch):
+    """math-verify's timeout is a signal, which only works on the main thread; code runs in the pool."""
+    import threading
+
+    from qforge.recipes import verifiers
+    from qforge.recipes.sft_data.traces import verify_rows
+
+    seen = []
+
+    def recorder(status):
+        def verify(completion, reference):
+            seen.append((status, threading.current_thread() is threading.main_thread()))
+            return Verdict.of(status == "pass")
+        return verify
+
+    monkeypatch.setitem(verifiers.VERIFIERS, "math", recorder("pass"))
+    monkeypatch.setitem(verifiers.VERIFIERS, "code", recorder("fail"))
+    rows = [{"verifier": name, "reference": {}, "reasoning": "", "answer": "x"}
+            for name in ("code", "math", "code", "math")]
+    verdicts = verify_rows(rows, workers=2)
+    assert [v.passed for v in verdicts] == [False, True, False, True]  # in row order
+    assert sorted(seen) == [("fail", False), ("fail", False), ("pass", True), ("pass", True)]
