@@ -45,7 +45,10 @@ def read_traces(path: str, default_verifier: str | None, limit: int | None = Non
         verifier = row.get("verifier") or row.get("answer_check") or default_verifier
         if verifier is None:
             raise ValueError(f"{where}: no 'verifier' on the row and no traces.verifier default")
-        get_verifier(verifier)
+        try:
+            get_verifier(verifier)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
         if isinstance(row.get("reference"), dict):
             reference = row["reference"]
         elif row.get("reference_answer") is not None:

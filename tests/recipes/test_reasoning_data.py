@@ -163,6 +163,6 @@ def test_an_unknown_verifier_on_a_row_names_the_row(tmp_path):
     path = tmp_path / "sft.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
                                 "verifier": "maths", "reference": {"answer": "1"}}) + "\n", encoding="utf-8")
-    with pytest.raises(SystemExit, match="did you mean 'math'"):
+    with pytest.raises(SystemExit, match=r"sft.jsonl:1: unknown verifier 'maths': did you mean 'math'"):
         run_recipe_main(main, ["--config", CONFIG, f"traces.path={path}", "reformat.enabled=false",
                                f"output.dir={tmp_path / 'out'}", "backends=[]"])
