@@ -12,15 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from itertools import product
 from pathlib import Path
 
-from tqdm import tqdm
-
 from qforge.engine.thinking import join_think, message_think
 from qforge.recipes.files import read_jsonl
-from qforge.recipes.verifiers import Verdict, get_verifier
+from qforge.recipes.verifiers import Verdict, get_verifier, verify_batch
 
 
 def reference_of(check: str, reference_answer: str) -> dict:
@@ -98,24 +95,8 @@ class TraceLength:
 
 
 def verify_rows(rows: list[dict], workers: int, desc: str = "verify") -> list[Verdict]:
-    """Every row's completion against its reference. Code rows run `workers` at a time (one sandboxed
-    process per test, so they spread over the cores); the others run here, on the calling thread, where
-    math-verify can time out a runaway sympy expression (its timeout is a signal)."""
-    def one(row):
-        return get_verifier(row["verifier"])(completion(row), row["reference"])
-
-    code = [i for i, row in enumerate(rows) if row["verifier"] == "code"]
-    verdicts: list = [None] * len(rows)
-    with tqdm(total=len(rows), desc=desc, disable=not rows) as bar, ThreadPoolExecutor(max(1, workers)) as pool:
-        running = {i: pool.submit(one, rows[i]) for i in code}
-        for i, row in enumerate(rows):
-            if i not in running:
-                verdicts[i] = one(row)
-                bar.update()
-        for i, future in running.items():
-            verdicts[i] = future.result()
-            bar.update()
-    return verdicts
+    """Every row's completion against its reference (recipes.verifiers.verify_batch)."""
+    return verify_batch([(r["verifier"], completion(r), r["reference"]) for r in rows], workers, desc)
 
 
 def make_pairs(rows: list[dict], per_question: int) -> tuple[list[dict], dict]:

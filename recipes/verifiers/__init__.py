@@ -15,12 +15,16 @@ A verifier is `verifier(completion, reference) -> Verdict`: the completion is th
 
 `Verdict.status` is pass | fail | timeout | crash | parse_error | unparseable ("unparseable": no final answer
 in the form the verifier reads; "parse_error": the answer is there but does not parse, e.g. a SyntaxError).
+`verify_batch` verifies many completions, code ones in parallel across cores.
 """
 from __future__ import annotations
 
 import difflib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
+
+from tqdm import tqdm
 
 from qforge.engine.errors import ConfigError
 
@@ -59,6 +63,27 @@ def get_verifier(name: str) -> Verifier:
         hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
         raise ConfigError(f"unknown verifier {name!r}: {hint}available: {', '.join(sorted(VERIFIERS))}")
     return VERIFIERS[name]
+
+
+def verify_batch(items: list[tuple[str, str, dict]], workers: int = 2, desc: str = "verify") -> list[Verdict]:
+    """Verdicts of many (verifier name, completion, reference) items, in order. Code items run `workers` at a
+    time (one sandboxed process per test, so they spread over the cores); the others run on the calling thread,
+    where math-verify can time out a runaway sympy expression (its timeout is a signal)."""
+    def one(item):
+        name, completion, reference = item
+        return get_verifier(name)(completion, reference)
+
+    verdicts: list = [None] * len(items)
+    with tqdm(total=len(items), desc=desc, disable=not items) as bar, ThreadPoolExecutor(max(1, workers)) as pool:
+        running = {i: pool.submit(one, item) for i, item in enumerate(items) if item[0] == "code"}
+        for i, item in enumerate(items):
+            if i not in running:
+                verdicts[i] = one(item)
+                bar.update()
+        for i, future in running.items():
+            verdicts[i] = future.result()
+            bar.update()
+    return verdicts
 
 
 from qforge.recipes.verifiers import checks, code, math  # noqa: E402  (they import Verdict from here)
