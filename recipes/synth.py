@@ -531,9 +531,12 @@ class Pipeline:
     # -- existing traces: reformat → trace filters → verify → SFT rows + preference pairs -------------------
     def reformat(self, rows: list[dict]) -> StageResult:
         """Rewrites every trace; keeps a rewrite only when it passes the row's verifier against the original
-        reference. Each output row records `reformat`: rewritten | kept_original | no_rewrite; a kept original
-        carries its failed rewrite (`rewrite`: reasoning, answer, verdict), the rejected side of its pairs."""
+        reference. Each output row records `reformat`: rewritten | kept_original | no_rewrite | no_trace (a row
+        without reasoning is not sent); a kept original carries its failed rewrite (`rewrite`: reasoning,
+        answer, verdict), the rejected side of its pairs."""
         settings = self.config.reformat
+        untouched = [{**row, "reformat": "no_trace"} for row in rows if not row["reasoning"].strip()]
+        rows = [row for row in rows if row["reasoning"].strip()]
         fields = [{"question": "\n\n".join(m["content"] for m in r["prompt"] if m["role"] == "user"),
                    "reasoning": r["reasoning"], "answer": r["answer"], "verifier": r["verifier"],
                    "format": settings.formats.get(r["verifier"], "")} for r in rows]
@@ -573,7 +576,7 @@ class Pipeline:
                 kept.append({**row, "reformat": "kept_original", "rewrite": rewrite})
             else:
                 kept.append({**row, "reformat": "no_rewrite"})
-        return StageResult(kept, drops, usage)
+        return StageResult(kept + untouched, drops, usage)
 
     def trace_filters(self, rows: list[dict], length: TraceLength) -> StageResult:
         filters, kept, drops = self.config.filters, [], []
@@ -745,7 +748,7 @@ def _reformat_summary(result: StageResult, read: int, before: dict, length: Trac
     verdicts.update(d["reason"].removeprefix("reformat_") for d in result.drops)
     verdicts["pass"] += states["rewritten"]
     return {"rewritten": states["rewritten"], "kept_original": states["kept_original"],
-            "no_rewrite": states["no_rewrite"], "dropped": read - len(rows),
+            "no_rewrite": states["no_rewrite"], "no_trace": states["no_trace"], "dropped": read - len(rows),
             "rewrite_statuses": dict(sorted(verdicts.items())),
             "mean_trace_length_before": _mean(before[r["id"]] for r in rows),
             "mean_trace_length_after": _mean(length(r["reasoning"]) for r in rows)}

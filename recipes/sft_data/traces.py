@@ -160,6 +160,7 @@ def traces_markdown(report: dict) -> str:
                   f"- rewrite failed its verifier, original kept: {reformat['kept_original']}",
                   f"- rewrite failed its verifier, row dropped: {reformat['dropped']}",
                   f"- no usable rewrite (request failed or malformed), original kept: {reformat['no_rewrite']}",
+                  f"- no reasoning to rewrite, row passed on as it is: {reformat['no_trace']}",
                   "- verdicts of the rewrites: " + ", ".join(f"{k}: {v}"
                                                              for k, v in reformat["rewrite_statuses"].items()),
                   f"- mean trace length ({report['length_unit']}): {reformat['mean_trace_length_before']:.1f} before, "

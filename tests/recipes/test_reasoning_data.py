@@ -166,3 +166,16 @@ def test_an_unknown_verifier_on_a_row_names_the_row(tmp_path):
     with pytest.raises(SystemExit, match=r"sft.jsonl:1: unknown verifier 'maths': did you mean 'math'"):
         run_recipe_main(main, ["--config", CONFIG, f"traces.path={path}", "reformat.enabled=false",
                                f"output.dir={tmp_path / 'out'}", "backends=[]"])
+
+
+def test_rows_without_a_trace_are_not_sent_to_the_rewriter(tmp_path, rewriter):
+    model, url = rewriter
+    traces = [json.loads(line) for line in open("recipes/data/reasoning_traces.jsonl", encoding="utf-8")][:1]
+    bare = {**traces[0], "id": "m1-bare", "messages": traces[0]["messages"][:1] + [
+        {"role": "assistant", "content": "The answer is \\boxed{\\frac{5}{6}}."}]}
+    path = tmp_path / "traces.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in traces + [bare]), encoding="utf-8")
+    _, rows, _, report = run(tmp_path, url, "bare", f"traces.path={path}")
+    assert model.calls == {"rewrite": 1}
+    assert report["reformat"]["no_trace"] == 1 and report["reformat"]["rewritten"] == 1
+    assert {r["id"]: r["reformat"] for r in rows} == {"m1-s0": "rewritten", "m1-bare": "no_trace"}
