@@ -24,6 +24,14 @@ def sandbox_processes() -> list[int]:
     return found
 
 
+def leftover_processes(grace_s: float = 3.0) -> list[int]:
+    """Sandbox processes still alive after `grace_s` (SIGKILL of a namespace's processes lands asynchronously)."""
+    deadline = time.monotonic() + grace_s
+    while (found := sandbox_processes()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
 def program(text: str) -> str:
     return textwrap.dedent(text).strip() + "\n"
 
@@ -36,8 +44,8 @@ def test_a_plain_program_runs_with_its_stdin():
 def test_an_infinite_loop_times_out():
     start = time.perf_counter()
     run = run_program("while True:\n    pass\n", limits=Limits(timeout_s=1.5, cpu_s=1))
-    assert run.status == "timeout" and time.perf_counter() - start < 5
-    assert sandbox_processes() == []
+    assert run.status == "timeout" and time.perf_counter() - start < 10
+    assert leftover_processes() == []
 
 
 def test_the_cpu_limit_stops_a_busy_program_before_the_wall_clock():
@@ -61,7 +69,7 @@ def test_a_fork_bomb_is_bounded_and_killed_with_its_group():
     assert run.status in ("crash", "timeout")
     assert 0 < run.stdout.count("child") <= limits.max_processes  # forks beyond the budget were refused
     assert "process limit reached" in run.stderr
-    assert sandbox_processes() == []
+    assert leftover_processes() == []
 
 
 def test_children_that_leave_the_group_die_with_the_sandbox():
@@ -75,8 +83,7 @@ def test_children_that_leave_the_group_die_with_the_sandbox():
         print("parent done")
     """), limits=FAST)
     assert run.status == "ok" and run.stdout == "parent done\n"
-    time.sleep(0.2)
-    assert sandbox_processes() == []
+    assert leftover_processes() == []
 
 
 def test_new_programs_cannot_be_started():
