@@ -9,7 +9,13 @@ the responses + reasoning are generated, and the known answer is the rejection-s
 letter for multiple choice, the number for numeric answers). Tasks with `answer_check: constraints` get
 verifiable constraints from the question writer and keep only responses meeting all of them (checked by
 code). With `filters.min_quality`, an LLM rates every finished row 1–10 (stage `quality`) and rows below the
-threshold are dropped.
+threshold are dropped. Answers are checked through the verifier registry (qforge.recipes.verifiers).
+
+Or start from existing reasoning traces (`traces.path`, any SFT file; recipes/configs/reasoning-data.yaml): an
+LLM rewrites each trace into a Qwen3 <think> block + the final answer its verifier reads (stage `reformat`,
+kept only when the rewrite still passes against the original reference), length and repetition filters drop
+looping traces, every row is verified (code by running its tests in a sandbox), passing rows become SFT data
+and passing vs failing samples of one question become DPO pairs (pairs.jsonl). See docs/reasoning-data.md.
 
 Each stage asks a backend (a local checkpoint served on 127.0.0.1 by default, or any OpenAI-compatible API)
 through the caching client and stores its output under `output.dir/stages/`; a rerun skips finished stages
@@ -22,19 +28,21 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
+from collections import Counter
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qforge.engine.client import ChatClient
+from qforge.engine.thinking import split_think
 from qforge.engine.data.render import tools_system_prompt
 from qforge.recipes import function_calling, instruction_following
 from qforge.recipes.cli import OutputSettings, print_report_md, run_recipe
 from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint, response_cache_dir
 from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
 from qforge.recipes.mcq import DEFAULT_SUBJECTS, read_questions, read_subjects
-from qforge.recipes.sft_data.answers import (answer_matches, choice_matches, numbers_in, reasoning_consistent,
-                                             rejection_sample)
+from qforge.recipes.sft_data.answers import numbers_in, reasoning_consistent, rejection_sample
 from qforge.recipes.verdicts import parse_rating
 from qforge.recipes.sft_data.dedup import Deduplicator
 from qforge.recipes.sft_data.filters import (Malformed, TextRules, parse_question_list, parse_text_reply,
@@ -43,18 +51,37 @@ from qforge.recipes.sft_data.report import count_by_task, counts_markdown
 from qforge.recipes.sft_data.stages import (StageResult, StageStore, Usage, ask_all, check_placeholders,
                                              conversation, fingerprint)
 from qforge.recipes.sft_data.syllabus import Task, Topic, jobs, read_syllabus, read_tasks
+from qforge.recipes.sft_data.traces import (TraceLength, assistant_message, make_pairs, pass_rates, read_traces,
+                                            reference_of, repetition_ratio, traces_markdown, verdict_dict,
+                                            verify_rows)
+from qforge.recipes.verifiers import VERIFIERS, get_verifier
 from qforge.engine.config_io import read_yaml
 
 TOPIC_FIELDS = {"level", "grade", "subject", "topic", "task", "instructions"}
 STAGE_FIELDS = {"questions": TOPIC_FIELDS | {"count"}, "responses": TOPIC_FIELDS | {"question"},
                 "reasoning": TOPIC_FIELDS | {"question", "response"},
                 "quality": TOPIC_FIELDS | {"question", "response", "reasoning"},
-                "syllabus": {"level", "grade", "subject", "count"}}
-MATCHERS = {"numeric": answer_matches, "choice": choice_matches,
-            "constraints": lambda response, reference: all(instruction_following.check_reply(
-                response, json.loads(reference))),
-            "tool_call": lambda response, reference: function_calling.check_reply(
-                response, **json.loads(reference))["correct"]}
+                "syllabus": {"level", "grade", "subject", "count"},
+                "reformat": {"question", "reasoning", "answer", "format", "verifier"}}
+ANSWER_FORMATS = {  # what reformat.user's {format} asks for, per verifier: the form that verifier reads
+    "math": "End with the final answer as \\boxed{...}.",
+    "numeric": "End with the final answer as \\boxed{...}.",
+    "code": "End with the complete Python program in one ```python fenced code block (reading stdin and writing "
+            "stdout, or defining the function the problem names).",
+    "choice": "End with a line 'Answer: X' where X is the option letter.",
+}
+
+
+def matcher(check: str):
+    """rejection_sample's match function for an answer_check, through the verifier registry: True/False, or
+    None when the response has no answer in the form the verifier reads."""
+    verifier = get_verifier(check)
+
+    def matches(response: str, reference_answer: str) -> bool | None:
+        verdict = verifier(response, reference_of(check, reference_answer))
+        return None if verdict.status == "unparseable" else verdict.passed
+
+    return matches
 
 
 @dataclass
@@ -92,6 +119,7 @@ class Stages:
     reasoning: StageSettings = field(default_factory=StageSettings)
     quality: StageSettings = field(default_factory=StageSettings)  # with filters.min_quality
     syllabus: StageSettings = field(default_factory=StageSettings)  # with syllabus_outline
+    reformat: StageSettings = field(default_factory=StageSettings)  # with traces.path and reformat.enabled
 
 
 @dataclass
@@ -107,6 +135,41 @@ class SeedSettings:
 
 
 @dataclass
+class TraceSettings:
+    """Existing reasoning traces (any SFT file whose rows end with the assistant's reasoning and answer) to
+    reformat, verify and pair instead of synthesising (recipes/sft_data/traces.py describes the row)."""
+    path: str | None = None
+    verifier: str | None = None  # for rows without a `verifier` (or `answer_check`) field
+    limit: int | None = None
+    workers: int = 2  # rows verified at a time (code: sandboxed processes in parallel)
+
+
+@dataclass
+class ReformatSettings:
+    """An LLM (stages.reformat) rewrites each trace into a Qwen3 <think> block + the final answer in the form
+    its verifier reads; a rewrite that fails the verifier against the original reference is replaced by the
+    original row (keep) or dropped with it (drop)."""
+    enabled: bool = True
+    on_fail: str = "keep"  # keep | drop
+    formats: dict = field(default_factory=lambda: dict(ANSWER_FORMATS))  # verifier -> {format} text
+
+    def __post_init__(self):
+        if self.on_fail not in ("keep", "drop"):
+            raise ValueError(f"reformat.on_fail must be 'keep' or 'drop', got {self.on_fail!r}")
+
+
+@dataclass
+class PairSettings:
+    """Preference pairs from k samples per question: a passing one (chosen) and a failing one (rejected)."""
+    enabled: bool = True
+    per_question: int = 1  # at most this many pairs per question
+
+    def __post_init__(self):
+        if self.per_question < 1:
+            raise ValueError(f"pairs.per_question must be at least 1, got {self.per_question}")
+
+
+@dataclass
 class Filters:
     question: TextRules = field(default_factory=lambda: TextRules(min_chars=10, max_chars=3000))
     response: TextRules = field(default_factory=lambda: TextRules(min_chars=1, max_chars=12000))
@@ -114,6 +177,11 @@ class Filters:
     near_duplicate_threshold: float | None = 0.7  # estimated Jaccard of word 3-gram sets; null: exact only
     min_quality: float | None = None  # LLM quality score (1–10, stage `quality`) a row needs; null: no rating
     check_reasoning_answer: bool = True  # the reasoning's conclusion must mention the response's final number
+    # traces (traces.path): small-model traces loop, so a budget and a repetition bound
+    max_trace_tokens: int | None = 16384  # trace length (reasoning) limit; null: none
+    trace_tokenizer: str | None = None  # a local tokenizer to count trace tokens with; null: count words
+    repetition_ngram: int = 8  # word n-grams the repetition ratio counts
+    max_repetition: float | None = 0.5  # drop traces whose share of repeated n-grams is above this; null: none
     # reconstructed thinking must not give away that it was written knowing the answer (case-insensitive)
     reasoning_banned_phrases: list[str] = field(default_factory=lambda: [
         "given answer", "provided answer", "answer provided", "answer was given", "đáp án đã cho",
@@ -138,6 +206,9 @@ class SynthConfig:
     syllabus_outline: str | None = None  # level → grade → [subjects]: an LLM writes the topics (stage syllabus)
     topics_per_subject: int = 5  # with syllabus_outline
     seeds: SeedSettings = field(default_factory=SeedSettings)
+    traces: TraceSettings = field(default_factory=TraceSettings)
+    reformat: ReformatSettings = field(default_factory=ReformatSettings)
+    pairs: PairSettings = field(default_factory=PairSettings)
     tasks: str = "recipes/data/tasks_vi.yaml"
     topics_per_task: int | None = None  # only each task's first N topics (smoke runs)
     backends: list[BackendSettings] = field(default_factory=list)
@@ -152,6 +223,10 @@ class SynthConfig:
         names = [b.name for b in self.backends]
         if self.seeds.path is not None and not Path(self.seeds.path).is_file():
             raise ValueError(f"seeds.path: no such file {self.seeds.path!r}")
+        if self.traces.path is not None and not Path(self.traces.path).is_file():
+            raise ValueError(f"traces.path: no such file {self.traces.path!r}")
+        if self.traces.verifier is not None:
+            get_verifier(self.traces.verifier)
         for stage in self.used_stages():
             fields = STAGE_FIELDS[stage]
             settings = getattr(self.stages, stage)
@@ -164,6 +239,8 @@ class SynthConfig:
             check_placeholders(settings.retry, {"error"}, f"stages.{stage}.retry")
 
     def used_stages(self) -> list[str]:
+        if self.traces.path:
+            return ["reformat"] if self.reformat.enabled else []
         stages = ["syllabus"] if self.syllabus_outline and not self.seeds.path else []
         stages += [] if self.seeds.path else ["questions"]
         return stages + ["responses", "reasoning"] + (["quality"] if self.filters.min_quality is not None else [])
@@ -368,9 +445,9 @@ class Pipeline:
                 return None
 
             check = group[0][0].get("answer_check", task.answer_check)
-            reference = group[0][0]["reference_answer"] if check in MATCHERS else None
-            verdicts = rejection_sample([a.value for _, _, a in valid], reference, task.keep, refuse,
-                                        MATCHERS.get(check, answer_matches))
+            reference = group[0][0]["reference_answer"] if check in VERIFIERS else None
+            matches = {} if reference is None else {"matches": matcher(check)}
+            verdicts = rejection_sample([a.value for _, _, a in valid], reference, task.keep, refuse, **matches)
             for index, ((question, sample_id, answer), verdict) in enumerate(zip(valid, verdicts)):
                 if not verdict.keep:
                     detail = f"of {originals[index]}" if index in originals else ""
@@ -451,8 +528,140 @@ class Pipeline:
     def _fields(self, row: dict) -> dict:
         return _topic_fields(self.tasks[row["task"]], self.topic_by_key[row["topic_key"]])
 
+    # -- existing traces: reformat → trace filters → verify → SFT rows + preference pairs -------------------
+    def reformat(self, rows: list[dict]) -> StageResult:
+        """Rewrites every trace; keeps a rewrite only when it passes the row's verifier against the original
+        reference. Each output row records `reformat`: rewritten | kept_original | no_rewrite | no_trace (a row
+        without reasoning is not sent); a kept original carries its failed rewrite (`rewrite`: reasoning,
+        answer, verdict), the rejected side of its pairs."""
+        settings = self.config.reformat
+        untouched = [{**row, "reformat": "no_trace"} for row in rows if not row["reasoning"].strip()]
+        rows = [row for row in rows if row["reasoning"].strip()]
+        fields = [{"question": "\n\n".join(m["content"] for m in r["prompt"] if m["role"] == "user"),
+                   "reasoning": r["reasoning"], "answer": r["answer"], "verifier": r["verifier"],
+                   "format": settings.formats.get(r["verifier"], "")} for r in rows]
+
+        def parse(i, reply):
+            answer = parse_text_reply(reply.content, reply.finish_reason)
+            reasoning = reply.reasoning_content
+            if reasoning is None:
+                reasoning, answer = split_think(answer)
+            if not reasoning or not reasoning.strip() or not answer.strip():
+                raise Malformed("expected a <think> block followed by the final answer")
+            return reasoning.strip(), answer.strip()
+
+        answers, usage = self.ask("reformat", fields, [f"reformat:{r['id']}" for r in rows], parse)
+        candidates = [{**row, "reasoning": a.value[0], "answer": a.value[1]} for row, a in zip(rows, answers)
+                      if a.value is not None]
+        start = time.perf_counter()
+        verdicts = iter(verify_rows(candidates, self.config.traces.workers, desc="verify rewrites"))
+        usage["verification"] = {"programs": len(candidates), "seconds": time.perf_counter() - start}
+        kept, drops = [], []
+        for row, answer in zip(rows, answers):
+            rewrite = None
+            if answer.value is not None:
+                verdict = next(verdicts)
+                rewrite = {"reasoning": answer.value[0], "answer": answer.value[1], "verdict": verdict_dict(verdict)}
+                if verdict.passed:
+                    provenance = {"reformat": self.provenance("reformat", answer.model)}
+                    kept.append({**row, "reasoning": answer.value[0], "answer": answer.value[1],
+                                 "verdict": verdict_dict(verdict), "reformat": "rewritten", "provenance": provenance})
+                    continue
+                reason, detail = f"reformat_{verdict.status}", verdict.detail
+            else:
+                reason, detail = f"reformat_{answer.reason}", answer.detail
+            if self.config.reformat.on_fail == "drop":
+                drops.append(_trace_drop("reformat", row, reason, detail))
+            elif rewrite is not None:
+                kept.append({**row, "reformat": "kept_original", "rewrite": rewrite})
+            else:
+                kept.append({**row, "reformat": "no_rewrite"})
+        return StageResult(kept + untouched, drops, usage)
+
+    def trace_filters(self, rows: list[dict], length: TraceLength) -> StageResult:
+        filters, kept, drops = self.config.filters, [], []
+        for row in rows:
+            if filters.max_trace_tokens is not None and length(row["reasoning"]) > filters.max_trace_tokens:
+                drops.append(_trace_drop("filters", row, "trace_too_long", f"over {filters.max_trace_tokens}"))
+            elif filters.max_repetition is not None and \
+                    (ratio := repetition_ratio(row["reasoning"], filters.repetition_ngram)) > filters.max_repetition:
+                drops.append(_trace_drop("filters", row, "trace_repetitive", f"repeated n-grams {ratio:.2f}"))
+            else:
+                kept.append(row)
+        return StageResult(kept, drops)
+
+    def verify(self, rows: list[dict]) -> StageResult:
+        """Verdicts for the rows the reformat stage did not already verify; failing rows are drops (and the
+        rejected side of pairs)."""
+        todo = [row for row in rows if "verdict" not in row]
+        start = time.perf_counter()
+        fresh = iter(verify_rows(todo, self.config.traces.workers))
+        seconds = time.perf_counter() - start
+        rows = [row if "verdict" in row else {**row, "verdict": verdict_dict(next(fresh))} for row in rows]
+        drops = [_trace_drop("verify", r, f"verify_{r['verdict']['status']}", r["verdict"]["detail"])
+                 for r in rows if not r["verdict"]["passed"]]
+        return StageResult(rows, drops, {"verification": {"programs": len(todo), "seconds": seconds}})
+
+    def run_traces(self) -> dict:
+        config = self.config
+        rows = read_traces(config.traces.path, config.traces.verifier, config.traces.limit)
+        length = TraceLength(config.filters.trace_tokenizer)
+        stages, results = [], {}
+
+        def record(name, rows_in, result):
+            results[name] = result
+            stages.append({"stage": name, "rows_in": rows_in, "rows_out": len(result.rows),
+                           "dropped": dict(Counter(d["reason"] for d in result.drops))})
+            return result.rows
+
+        before = {r["id"]: length(r["reasoning"]) for r in rows}
+        reformat_summary = None
+        if config.reformat.enabled:
+            key = self.stage_key("reformat", rows, asdict(config.reformat))
+            read = len(rows)
+            rows = record("reformat", read, self.store.run("reformat", key, lambda: self.reformat(rows)))
+            reformat_summary = _reformat_summary(results["reformat"], read, before, length)
+        rows = record("filters", len(rows), self.trace_filters(rows, length))
+        key = fingerprint("verify", rows)
+        verified = self.store.run("verify", key, lambda: self.verify(rows))
+        record("verify", len(rows), StageResult([r for r in verified.rows if r["verdict"]["passed"]],
+                                                verified.drops, verified.usage))
+        pairs, pair_summary = make_pairs(verified.rows, config.pairs.per_question)
+        if not config.pairs.enabled:  # the questions without a passing / failing sample are still reported
+            pairs, pair_summary["pairs"] = [], 0
+        kept = [{"id": r["id"], "messages": r["prompt"] + [assistant_message(r)], "task": r["verifier"],
+                 "verifier": r["verifier"], "reference": r["reference"], "source": r["source"],
+                 "question_id": r["question_id"], "verdict": r["verdict"], "reformat": r.get("reformat", "off"),
+                 **({"provenance": r["provenance"]} if "provenance" in r else {})}
+                for r in verified.rows if r["verdict"]["passed"]]
+        drops = [d for result in results.values() for d in result.drops]
+        work = {"programs": 0, "seconds": 0.0, "workers": config.traces.workers}
+        for result in (results.get("reformat"), verified):
+            if result is not None:
+                work["programs"] += result.usage["verification"]["programs"]
+                work["seconds"] += result.usage["verification"]["seconds"]
+        usage = {name: {**r.usage, "reused_stored_output": r.skipped} for name, r in results.items()
+                 if name == "reformat"}
+        report = {"stages": stages, "length_unit": "tokens" if config.filters.trace_tokenizer else "words",
+                  "reformat": reformat_summary, "pass_rates": pass_rates(verified.rows),
+                  "pairs": {**pair_summary, "per_question": config.pairs.per_question},
+                  "verification": {**work, "per_second": work["programs"] / work["seconds"] if work["seconds"]
+                                   else 0.0},
+                  "counts": count_by_task(kept, drops), "usage": usage,
+                  "total_cost": sum(u.get("cost", 0.0) for u in usage.values()), "config": asdict(config)}
+        out = Path(config.output.dir)
+        write_jsonl(out / "data.jsonl", kept)
+        write_jsonl(out / "drops.jsonl", drops)
+        if config.pairs.enabled:
+            write_jsonl(out / "pairs.jsonl", pairs)
+        write_json(out / "report.json", report)
+        write_text(out / "report.md", traces_markdown(report))
+        return report
+
     def run(self) -> dict:
         config, filters = self.config, self.config.filters
+        if config.traces.path:
+            return self.run_traces()
         results = {}
         if config.seeds.path:
             seeds = self.seed_questions()
@@ -529,6 +738,30 @@ def _syllabus_yaml(topics: list[Topic]) -> str:
 
 def _topic_fields(task: Task, topic: Topic) -> dict:
     return {**asdict(topic), "task": task.name, "instructions": task.instructions}
+
+
+def _reformat_summary(result: StageResult, read: int, before: dict, length: TraceLength) -> dict:
+    """Rows rewritten / kept as they were / dropped, the rewrites' verdicts, trace lengths of the same rows
+    before and after."""
+    rows, states = result.rows, Counter(r["reformat"] for r in result.rows)
+    verdicts = Counter(r["rewrite"]["verdict"]["status"] for r in rows if "rewrite" in r)
+    verdicts.update(d["reason"].removeprefix("reformat_") for d in result.drops)
+    verdicts["pass"] += states["rewritten"]
+    return {"rewritten": states["rewritten"], "kept_original": states["kept_original"],
+            "no_rewrite": states["no_rewrite"], "no_trace": states["no_trace"], "dropped": read - len(rows),
+            "rewrite_statuses": dict(sorted(verdicts.items())),
+            "mean_trace_length_before": _mean(before[r["id"]] for r in rows),
+            "mean_trace_length_after": _mean(length(r["reasoning"]) for r in rows)}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def _trace_drop(stage: str, row: dict, reason: str, detail: str) -> dict:
+    return {"stage": stage, "id": row["id"], "task": row["verifier"], "source": row["source"], "reason": reason,
+            "detail": detail[:300]}
 
 
 def _drop(stage: str, row_id: str, task: Task, reason: str, detail: str, items: int = 1) -> dict:

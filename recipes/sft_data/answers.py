@@ -3,7 +3,9 @@
 Numbers are read the way Vietnamese and English texts write them: "1.000" is a thousand in Vietnamese and
 one in English, "3,5" is three and a half in Vietnamese, so an ambiguous literal stands for every value it
 can mean, and two answers match when any of their readings agree. Fractions (3/4, \\frac{3}{4}) and signs
-are understood; units and words around the number are ignored.
+are understood; units and words around the number are ignored. An answer that is more than one number
+(2\\sqrt{3}, \\pi/2, x^2, an interval) in \\boxed{} is compared by math-verify instead (recipes/verifiers/math.py): the
+number readings alone would compare its first number only.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def numbers_in(text: str) -> list[set[float]]:
     return [readings for readings in map(read_number, NUMBER.finditer(text)) if readings]
 
 
-def _boxed(text: str) -> str | None:
+def boxed(text: str) -> str | None:
     start = text.rfind("\\boxed{")
     if start < 0:
         return None
@@ -62,9 +64,9 @@ def _boxed(text: str) -> str | None:
 def final_answer_text(text: str) -> str | None:
     """The part of a response holding its final answer: the last \\boxed{...}, else the rest of the line after
     the last "Đáp án:"/"Đáp số:"/"Answer:"-style mark, else None."""
-    boxed = _boxed(text)
-    if boxed is not None:
-        return boxed
+    inner = boxed(text)
+    if inner is not None:
+        return inner
     marks = list(ANSWER_MARK.finditer(text))
     return text[marks[-1].end():].split("\n", 1)[0] if marks else None
 
@@ -80,12 +82,27 @@ def same_number(a: set[float], b: set[float], rel_tol: float = 1e-6) -> bool:
     return any(math.isclose(x, y, rel_tol=rel_tol, abs_tol=1e-9) for x in a for y in b)
 
 
+LATEX_SPACING = re.compile(r"\\text\{([^{}]*)\}|\\[,;:! ]")
+
+
+def is_plain_number(text: str) -> bool:
+    """One number, maybe with words or units around it (no roots, powers, π or other LaTeX)."""
+    text = LATEX_SPACING.sub(lambda m: m.group(1) or " ", LATEX_FRACTION.sub(r"\1/\2", text))
+    return not re.search(r"[\\^√π]", text) and len(numbers_in(text)) == 1
+
+
 def answer_matches(response: str, reference: str) -> bool | None:
-    """True/False when both sides have a number; None when the response has no final numeric answer."""
-    mine = final_number(response)
+    """True/False when both sides have an answer; None when the response has no final answer. Plain numbers
+    compare by their vi/en readings; a \\boxed{} answer that is more than a number by math-verify."""
+    part = boxed(response)  # an "Answer: ..." line is prose: its first number is the answer
+    if part is not None and not (is_plain_number(part) and is_plain_number(reference)):
+        from qforge.recipes.verifiers.math import equivalent
+
+        return equivalent(part, reference)
     expected = numbers_in(reference)
     if not expected:
         raise ValueError(f"reference answer {reference!r} has no number to compare with")
+    mine = final_number(response)
     return None if mine is None else same_number(mine, expected[0])
 
 
