@@ -38,5 +38,11 @@ class EndpointError(QforgeError, RuntimeError):
     exit_code = 6
 
 
+class StorageError(QforgeError, OSError):
+    """Writing a checkpoint or an export failed midway (disk full, a directory that stopped being writable); what
+    was being written is removed, earlier checkpoints and final/ are kept."""
+    exit_code = 7
+
+
 EXIT_CODES = {cls.__name__: cls.exit_code for cls in (ConfigError, DataError, CheckpointError, TrainingError,
-                                                       EndpointError)}
+                                                       EndpointError, StorageError)}

@@ -96,6 +96,9 @@ class TrainSettings:
     save_every: NonNegativeInt = 0     # steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)
     keep_last: NonNegativeInt = 2
     resume: str | None = None          # "auto" = latest checkpoint in output.dir, or a checkpoint path
+    # keys of the settings that define what is trained (train.precision, train.lora.alpha, vocab.kept, …) that a
+    # resume may change from what its checkpoint recorded; any other change is refused (see state.py)
+    resume_override: list[str] = field(default_factory=list)
     eval_every: NonNegativeInt = 0
     precision: Literal["fp32", "bf16-mixed", "bf16"] = "bf16-mixed"
     activation_checkpointing: bool = False
