@@ -19,8 +19,9 @@ from typing import Callable
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 
-from ..checkpoint import save_model
+from ..checkpoint import TOKENIZER_FILES, save_model
 from ..config_io import to_dict
 from ..data import ChatTemplate, pack
 from ..data.cache import load_examples
@@ -202,14 +203,14 @@ def _nonfinite_parameters(model, dist_: Dist) -> tuple[int, list[str]]:
     return int(dist_.all_reduce_sum(float(len(names)))), names[:3]
 
 
-def _export_bytes(model, dtype: torch.dtype | None) -> int:
-    """Bytes of final/'s weights (plus 1 MiB of configs and tokenizer files): its parameters in the export dtype;
-    a LoRA model counts its adapters too, which stand for the adapter export next to it."""
-    total = 0
-    for p in model.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        total += p.numel() * (dtype or getattr(model, "source_dtype", None) or local.dtype).itemsize
-    return total + (1 << 20)
+def _export_bytes(model, dtype: torch.dtype | None, tokenizer_dir: Path) -> int:
+    """Bytes of final/: its parameters in the export dtype (a LoRA model counts its adapters too, which stand for
+    the adapter export next to it), the tokenizer files it copies, and its configs (generation_config.json of a
+    restricted vocabulary lists up to every token id as suppressed: ≤ 16 bytes a vocabulary row)."""
+    dtype = dtype or getattr(model, "source_dtype", None)
+    total = sum(p.numel() * (dtype or p.dtype).itemsize for p in model.parameters())
+    total += sum(f.stat().st_size for f in map(Path(tokenizer_dir).joinpath, TOKENIZER_FILES) if f.is_file())
+    return total + 16 * model.config.vocab_size + (1 << 20)
 
 
 def _load_data(config: FFTConfig, template: ChatTemplate, dist_: Dist):
@@ -483,7 +484,7 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
                 logger.log({"step": step, **_evaluate(objective, model, eval_batches, dist_, vocab, autocast)})
             run_evaluation(step)
             dtype = export_dtype(config.output.dtype)
-            check_space(out, _export_bytes(model, dtype), f"the export {out / 'final'}", dist_)
+            check_space(out, _export_bytes(model, dtype, tokenizer_dir), f"the export {out / 'final'}", dist_)
             try:
                 with stop.immediate():
                     if config.train.method == "lora":  # merged weights for the HF export (+ the adapter alone)
@@ -499,7 +500,8 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
                             result.final_dir = final
             except Interrupted:
                 result.interrupted = True
-            except OSError as error:  # staged: the temporary export is gone, an earlier final/ is untouched
+            except (OSError, RuntimeError, SafetensorError) as error:  # a short write (disk full): the staged
+                # export is gone, an earlier final/ is untouched
                 raise storage_error(error, "the export", out / "final",
                                     f"free some space, then rerun with train.resume=auto (the checkpoint of step "
                                     f"{step} is kept)") from error

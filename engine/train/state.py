@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -67,10 +68,10 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, loader_s
     try:
         manifest = _write_checkpoint(tmp, step, model_state, optim_state, scheduler, loader_state, counters,
                                      dist_, data, trained, type(optimizer).__name__)
-    except (OSError, RuntimeError) as error:  # torch.save's zip writer reports a short write as a RuntimeError
-        if dist_.is_main:
+    except (OSError, RuntimeError, CheckpointException) as error:  # torch.save's zip writer reports a short write
+        if dist_.is_main:                                             # as a RuntimeError, DCP wraps it
             shutil.rmtree(tmp, ignore_errors=True)
-        raise storage_error(error, f"checkpoint {final.name}", root,
+        raise storage_error(_dcp_cause(error), f"checkpoint {final.name}", root,
                             "free some space (or make the directory writable), then resume with "
                             "train.resume=auto; the earlier checkpoints are kept") from error
     if dist_.is_main:
@@ -117,7 +118,8 @@ def check_trained_settings(path: Path, trained: dict, override: list[str], dist_
         return  # load_checkpoint reports an unreadable meta.json
     if not isinstance(recorded, dict):
         return
-    changed = [key for key in sorted(recorded.keys() | trained.keys()) if recorded.get(key) != trained.get(key)]
+    keys = list(trained) + [key for key in recorded if key not in trained]  # the most basic setting first
+    changed = [key for key in keys if recorded.get(key) != trained.get(key)]
     refused = [key for key in changed if key not in override]
     if refused:
         key = refused[0]
@@ -351,12 +353,20 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, dist_: Dist) 
         rng_file = path / f"rng-rank{dist_.rank}.pt"
         if meta.get("world") == dist_.world and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
-    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as error:
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"{path}: cannot be resumed from ({type(error).__name__}: {first_line}); it does "
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, CheckpointException) as error:
+        cause = _dcp_cause(error)
+        first_line = (str(cause).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: cannot be resumed from ({type(cause).__name__}: {first_line}); it does "
                               f"not match this run's model/optimizer or is damaged; resume from another "
                               f"checkpoint or unset train.resume") from error
     return meta
+
+
+def _dcp_cause(error: BaseException) -> BaseException:
+    """The first rank's exception inside DCP's CheckpointException (a BaseException whose text is a traceback)."""
+    if isinstance(error, CheckpointException) and error.failures:
+        return next(iter(error.failures.values()))[0]
+    return error
 
 
 def _read_meta(path: Path) -> dict:
