@@ -19,10 +19,12 @@ from tqdm import tqdm
 from ..config_io import settings
 from ..files import staged_dir
 from .example import Example
-from .formats import MAX_ROW_BYTES, Conversation, DataError, RowError, SkippedRow, read_conversations
+from .formats import (MAX_ROW_BYTES, Conversation, DataError, RowError, SkippedRow, read_conversations,
+                      undeclared_tool_calls)
 from .template import ChatTemplate, has_reasoning
 
-CACHE_VERSION = 3  # bump when the cached arrays' meaning changes (2: stricter row checks, 3: no loss weights)
+CACHE_VERSION = 4  # bump when the cached arrays' meaning changes (2: stricter row checks, 3: no loss weights,
+# 4: the kinds count undeclared tool calls and dropped reasoning)
 ENCODE_CHUNK = 512  # conversations per tokenizer batch call
 log = logging.getLogger("qforge.data")
 
@@ -76,7 +78,15 @@ def row_kinds(row: Conversation) -> list[str]:
         kinds = ["reasoning" if has_reasoning(row.messages) else "plain"]
     if row.tools or any(m.get("tool_calls") for m in row.messages):
         kinds.append("tools")
+    kinds += [kind for kind, found in ROW_WARNINGS.items() if found(row)]
     return kinds
+
+
+# kinds of rows that train something other than they seem to: a warning with counts, an error with data.strict
+ROW_WARNINGS = {
+    "undeclared-tool-call": lambda row: bool(undeclared_tool_calls(row)),
+    "reasoning-dropped": lambda row: row.enable_thinking is False and has_reasoning(row.messages),
+}
 
 
 def cache_key(paths: list[Path], template: ChatTemplate, options: dict) -> str:

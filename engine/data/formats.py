@@ -206,6 +206,14 @@ def validate_tool_call(call, field: str) -> dict:
     return {"type": "function", "function": {"name": name, "arguments": arguments}}
 
 
+def undeclared_tool_calls(row: "Conversation") -> list[str]:
+    """Names of the functions the row's assistant turns call that its `tools` schema does not declare (the model
+    would learn to call a function it was never shown)."""
+    declared = {(tool.get("function", tool) or {}).get("name") for tool in row.tools or []}
+    return [call["function"]["name"] for m in row.messages for call in m.get("tool_calls") or []
+            if call["function"]["name"] not in declared]
+
+
 def validate_tool_calls(calls, field: str) -> list[dict]:
     if not isinstance(calls, list) or not calls:
         raise RowError(field, "expected a non-empty list of calls")

@@ -44,6 +44,10 @@ class DataSettings(TokenizeSettings):  # format, enable_thinking, multi_turn, tr
     loss_weighting: Literal["token", "sample", "sqrt"] = "token"  # applied when packing (see data/example.py)
     overlong: Literal["truncate", "drop"] = "truncate"
     cache_dir: str | None = None       # tokenised-data cache; default output.dir/cache
+    # rows that train something other than they seem to (a tool call to a function the row's `tools` do not
+    # declare; reasoning dropped because thinking is off for the row): counted and warned about, or with
+    # strict: true an error naming the first such row
+    strict: bool = False
 
     def __post_init__(self):
         if not self.train:

@@ -24,7 +24,8 @@ from safetensors import SafetensorError
 from ..checkpoint import TOKENIZER_FILES, save_model
 from ..config_io import to_dict
 from ..data import ChatTemplate, pack
-from ..data.cache import load_examples
+from ..data.cache import load_examples, row_kinds, row_thinking
+from ..data.formats import RowError, read_conversations
 from ..errors import ConfigError, DataError, TrainingError
 from ..files import check_writable_dir, storage_error
 from ..lora import apply_lora, export_lora, merged_state_dict
@@ -231,6 +232,7 @@ def _load_data(config: FFTConfig, template: ChatTemplate, dist_: Dist):
             if summary.skipped and not summary.num_rows:
                 raise DataError(f"{path}: all {len(summary.skipped)} rows were skipped (data.on_error=skip), first: "
                                 f"{summary.skipped[0]}; fix the rows or the data.format")
+            check_row_warnings(path, summary, config.data, dist_.is_main)
             loaded.append(examples)
             keys.append(Path(summary.cache_path).name)
         return loaded
@@ -240,6 +242,31 @@ def _load_data(config: FFTConfig, template: ChatTemplate, dist_: Dist):
     fingerprint = {"train": keys[:], "weights": data.weights, "max_tokens": data.max_tokens,
                    "overlong": data.overlong, "seed": config.train.seed}
     return train, [e for examples in load(data.eval) for e in examples], fingerprint
+
+
+ROW_WARNING_TEXT = {
+    "undeclared-tool-call": "call a tool their `tools` do not declare (the model learns to call a function it was "
+                            "never shown); declare it in the row's tools",
+    "reasoning-dropped": "carry reasoning but are rendered with thinking off, so the reasoning is left out of the "
+                         "loss; set data.enable_thinking=auto (or true), or remove the reasoning",
+}
+
+
+def check_row_warnings(path, summary, data, warn: bool):
+    """Rows that train something other than they seem to (cache.ROW_WARNINGS): a warning with their count, or
+    under data.strict a DataError naming the first one (found by reading the file again: the error path only)."""
+    for kind, advice in ROW_WARNING_TEXT.items():
+        count = summary.kinds.get(kind, 0)
+        if not count:
+            continue
+        if not data.strict:
+            if warn:
+                log.warning("%s: %d rows %s (data.strict=true makes this an error)", path, count, advice)
+            continue
+        line = next((line for line, row in read_conversations(path, data.format, data.max_row_bytes)
+                     if not isinstance(row, RowError) and kind in row_kinds(row_thinking(row, data.enable_thinking))),
+                    "?")
+        raise DataError(f"{path}:{line}: {count} rows (this one first) {advice}, or unset data.strict")
 
 
 def cache_dir_of(config: FFTConfig) -> str:
