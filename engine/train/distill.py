@@ -41,6 +41,7 @@ from ..data import PackedBatch
 from ..data.example import Example, make_example
 from ..data.formats import read_conversations
 from ..errors import ConfigError, DataError
+from ..files import check_writable_dir
 from ..data.packing import best_fit_decreasing
 from ..generate import gathered, generate, is_sharded
 from ..model import Qwen3
@@ -270,6 +271,8 @@ class OffPolicyDistill:
     def check_inputs(self, config):
         if self.teacher_path is not None:
             check_teacher(self.teacher_path, config.model)
+        if self.teacher_dir is not None:
+            check_writable_dir(self.teacher_dir, "distill.teacher_dir")
 
     def trained_settings(self) -> dict:
         """What a resume must not change silently (see loop.trained_settings): the teacher."""

@@ -33,6 +33,7 @@ from ..data.packing import PackedBatch
 from ..data.preference import PreferenceBatch, PreferencePair, fitting, load_pairs, pack_pairs
 from ..config import Qwen3Config
 from ..errors import ConfigError, DataError
+from ..files import check_writable_dir
 from ..model import Qwen3
 from .build import build_frozen, frozen_dtype
 from .config import ModelSettings
@@ -101,6 +102,10 @@ class DPO:
         self.reference_logps = None  # [pairs, 2] fp32, by PreferencePair.index
         self._pairs = []
         self.tables = {}  # vocab_index / target_index of the kept vocabulary
+
+    def check_inputs(self, config):
+        if self.reference_dir is not None:
+            check_writable_dir(self.reference_dir, "dpo.reference_dir")
 
     def trained_settings(self) -> dict:
         """What a resume must not change silently (see loop.trained_settings): the reference the policy is held to."""
