@@ -38,10 +38,16 @@ class EndpointError(QforgeError, RuntimeError):
     exit_code = 6
 
 
-class SetupError(QforgeError, RuntimeError):
-    """Installed software that cannot run this path (a torch below the floor, a shadowed package)."""
+class StorageError(QforgeError, OSError):
+    """Writing a checkpoint or an export failed midway (disk full, a directory that stopped being writable); what
+    was being written is removed, earlier checkpoints and final/ are kept."""
     exit_code = 7
 
 
+class SetupError(QforgeError, RuntimeError):
+    """Installed software that cannot run this path (a torch below the floor, a shadowed package)."""
+    exit_code = 8
+
+
 EXIT_CODES = {cls.__name__: cls.exit_code for cls in (ConfigError, DataError, CheckpointError, TrainingError,
-                                                       EndpointError, SetupError)}
+                                                       EndpointError, StorageError, SetupError)}

@@ -6,12 +6,16 @@ on one filesystem); directories are built under a temporary name and moved into 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+from .errors import ConfigError, StorageError
 
 
 def _umask() -> int:
@@ -82,3 +86,95 @@ def staged_dir(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
                     raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable_dir(path: str | Path, key: str) -> None:
+    """A ConfigError naming `key` unless `path` is (or can be created as) a directory this process can write in:
+    a path that is a file, lies under a regular file, or whose nearest existing directory refuses a new file.
+    Checked by creating (and removing) a probe file, since permission bits do not tell for root or read-only
+    mounts. Creates nothing else."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={path} is a file, not a directory; choose another {key} or move the file away")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={path} lies under {existing}, which is a file; choose another {key}")
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".qforge-write-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ConfigError(f"{key}={path}: cannot write in {existing} ({error.strerror}); make it writable or "
+                          f"choose another {key}") from None
+
+
+def check_free_space(path: str | Path, needed: int, what: str) -> None:
+    """A StorageError before writing `what` (about `needed` bytes) under `path` when its filesystem has less free."""
+    existing = Path(path)
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise StorageError(errno.ENOSPC, f"not enough free space for {what}: needs {needed:,} bytes in {path}, "
+                                         f"{free:,} free; free some space or choose another output.dir")
+
+
+def storage_error(error: BaseException, what: str, path: str | Path, advice: str) -> StorageError:
+    """A write that failed midway (disk full, a directory no longer writable) as one line naming the path."""
+    cause = error.strerror if isinstance(error, OSError) and error.strerror else \
+        (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return StorageError(getattr(error, "errno", None) or errno.EIO, f"writing {what} to {path} failed ({cause}); "
+                                                                     f"{advice}")
+
+
+class HashingWriter:
+    """A binary file that hashes (SHA-256) and counts what is written through it, so a manifest needs no second
+    read of the file; `fsync()` before close makes the bytes durable."""
+
+    def __init__(self, path: str | Path):
+        self.file = open(path, "wb")
+        self.digest, self.size = hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        written = self.file.write(view)
+        self.digest.update(view[:written])
+        self.size += written
+        return written
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self):
+        self.file.flush()
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def fsync(self):
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self):
+        self.file.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.file.closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def record(self) -> dict:
+        return {"size": self.size, "sha256": self.digest.hexdigest()}

@@ -23,10 +23,12 @@ from typing import Callable, Literal
 
 from qforge.engine.chat import ChatModel
 from qforge.engine.config_io import apply_overrides, build, read_yaml
+from qforge.engine.errors import DataError, QforgeError
 from qforge.engine.train import EvalPoint
 from qforge.recipes import eval as mcq_eval
 from qforge.recipes import judge as judge_recipe
-from qforge.recipes.mcq import DEFAULT_SUBJECTS
+from qforge.recipes.mcq import DEFAULT_SUBJECTS, read_questions, read_subjects
+from qforge.recipes.verdicts import read_items
 
 
 def _loglik() -> mcq_eval.EvalSettings:
@@ -67,13 +69,31 @@ def evaluate_mcq(settings: PeriodicEvalSettings, point: EvalPoint, path: Path | 
             "tables": {"eval_mcq_categories": categories}}
 
 
-def evaluate_judge(settings: PeriodicEvalSettings, point: EvalPoint, path: Path, out: Path) -> dict:
-    name = f"step-{point.step}"
+def _judge_config(settings: PeriodicEvalSettings, name: str, path: Path, out: Path) -> judge_recipe.JudgeConfig:
     raw = apply_overrides(read_yaml(settings.judge), settings.judge_overrides)
     raw["candidates"] = [{"name": name, "endpoint": {"path": str(path)}}]
     raw.setdefault("judge", {})["mode"] = "single"
     raw["output"] = {"dir": str(out)}
-    report = judge_recipe.run(build(judge_recipe.JudgeConfig, raw, settings.judge))
+    return build(judge_recipe.JudgeConfig, raw, settings.judge)
+
+
+def check_files(settings: PeriodicEvalSettings):
+    """Reads the MCQ set and the judge's config and items once before training starts: a bad row found at the
+    first evaluation would stop a run that already trained for hours."""
+    try:
+        if settings.mcq:
+            read_questions(settings.mcq, read_subjects(settings.subjects))
+        if settings.judge:
+            read_items(_judge_config(settings, "check", Path(settings.judge), Path(settings.judge)).data.path)
+    except QforgeError:
+        raise
+    except (ValueError, OSError) as error:
+        raise DataError(f"periodic_eval: {error}; fix the file (it is read before training starts)") from None
+
+
+def evaluate_judge(settings: PeriodicEvalSettings, point: EvalPoint, path: Path, out: Path) -> dict:
+    name = f"step-{point.step}"
+    report = judge_recipe.run(_judge_config(settings, name, path, out))
     result = report["results"][name]
     metrics = {"eval_judge_score": result["overall"]["mean"] / 10,
                "tables": {"eval_judge_tasks": [{"task": task, **{k: v for k, v in scores.items()
@@ -91,6 +111,7 @@ def periodic_hook(settings: PeriodicEvalSettings) -> Callable[[EvalPoint], dict]
     """The `evaluate` hook for `qforge.engine.train.train`, or None when nothing is configured."""
     if not settings.enabled:
         return None
+    check_files(settings)
 
     def hook(point: EvalPoint) -> dict:
         needs_copy = settings.where == "snapshot" or point.distributed or settings.judge is not None

@@ -10,18 +10,21 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import Field
 from tqdm import tqdm
 
 from ..config_io import settings
 from ..files import staged_dir
 from .example import Example
-from .formats import Conversation, DataError, RowError, SkippedRow, read_conversations
+from .formats import (MAX_ROW_BYTES, Conversation, DataError, RowError, SkippedRow, read_conversations,
+                      undeclared_tool_calls)
 from .template import ChatTemplate, has_reasoning
 
-CACHE_VERSION = 3  # bump when the cached arrays' meaning changes (2: stricter row checks, 3: no loss weights)
+CACHE_VERSION = 4  # bump when the cached arrays' meaning changes (2: stricter row checks, 3: no loss weights,
+# 4: the kinds count undeclared tool calls and dropped reasoning)
 ENCODE_CHUNK = 512  # conversations per tokenizer batch call
 log = logging.getLogger("qforge.data")
 
@@ -75,7 +78,15 @@ def row_kinds(row: Conversation) -> list[str]:
         kinds = ["reasoning" if has_reasoning(row.messages) else "plain"]
     if row.tools or any(m.get("tool_calls") for m in row.messages):
         kinds.append("tools")
+    kinds += [kind for kind, found in ROW_WARNINGS.items() if found(row)]
     return kinds
+
+
+# kinds of rows that train something other than they seem to: a warning with counts, an error with data.strict
+ROW_WARNINGS = {
+    "undeclared-tool-call": lambda row: bool(undeclared_tool_calls(row)),
+    "reasoning-dropped": lambda row: row.enable_thinking is False and has_reasoning(row.messages),
+}
 
 
 def cache_key(paths: list[Path], template: ChatTemplate, options: dict) -> str:
@@ -105,7 +116,7 @@ def _tokenise(paths, template, options, on_error, progress, summary) -> list[Exa
 
     with tqdm(desc="tokenising", unit=" rows", disable=not progress) as bar:
         for path in paths:
-            for line, row in read_conversations(path, options["format"]):
+            for line, row in read_conversations(path, options["format"], options["max_row_bytes"]):
                 bar.update()
                 if isinstance(row, RowError):
                     if on_error == "raise":
@@ -170,6 +181,7 @@ class TokenizeSettings:
     train_on_reasoning: bool = True
     # "raise" a DataError at the first bad row (file, line, field), or "skip" bad rows and list them
     on_error: Literal["raise", "skip"] = "raise"
+    max_row_bytes: Annotated[int, Field(ge=1024)] = MAX_ROW_BYTES  # a longer JSONL line is a bad row, never read whole
 
 
 def load_examples(paths, template: ChatTemplate, settings: TokenizeSettings | None = None, *, cache_dir=None,

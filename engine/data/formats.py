@@ -28,6 +28,7 @@ ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "observation": "tool", "tool": "tool", "function_call": "assistant"}
 FORMATS = ("auto", "messages", "sharegpt")
+MAX_ROW_BYTES = 8 << 20  # default data.max_row_bytes: a JSONL line beyond it is a bad row, never read whole
 
 
 class RowError(Exception):
@@ -205,6 +206,14 @@ def validate_tool_call(call, field: str) -> dict:
     return {"type": "function", "function": {"name": name, "arguments": arguments}}
 
 
+def undeclared_tool_calls(row: "Conversation") -> list[str]:
+    """Names of the functions the row's assistant turns call that its `tools` schema does not declare (the model
+    would learn to call a function it was never shown)."""
+    declared = {(tool.get("function", tool) or {}).get("name") for tool in row.tools or []}
+    return [call["function"]["name"] for m in row.messages for call in m.get("tool_calls") or []
+            if call["function"]["name"] not in declared]
+
+
 def validate_tool_calls(calls, field: str) -> list[dict]:
     if not isinstance(calls, list) or not calls:
         raise RowError(field, "expected a non-empty list of calls")
@@ -266,7 +275,8 @@ def _duplicate_key(value, field: str = "") -> RowError | None:
     """The first object (depth first) of a parsed row that held a key twice, as a RowError naming it."""
     if isinstance(value, _DuplicateKey):
         return RowError(f"{field}.{value.duplicate}" if field else value.duplicate,
-                        "key given twice in one object; keep one (JSON readers silently keep the last)")
+                        f"key {value.duplicate!r} given twice in one object; JSON keeps only the last value, so the "
+                        f"first is lost: keep one")
     children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, child in children:
         found = _duplicate_key(child, f"{field}[{key}]" if isinstance(key, int) else f"{field}.{key}" if field else key)
@@ -279,7 +289,29 @@ def _loads(raw) -> object:
     return json.loads(raw, object_pairs_hook=_object)
 
 
-def _raw_rows(path: Path) -> Iterator[tuple[int, object]]:
+def _jsonl_lines(f, max_row_bytes: int) -> Iterator[tuple[int, bytes | RowError]]:
+    """(line number, raw line) of a binary JSONL file, or a RowError for a line longer than `max_row_bytes`,
+    which is skipped in blocks without being held whole: memory stays bounded however long a line is."""
+    number = 0
+    while True:
+        raw = f.readline(max_row_bytes + 1)
+        if not raw:
+            return
+        number += 1
+        if len(raw) > max_row_bytes and not raw.endswith(b"\n"):
+            size = len(raw)
+            while not raw.endswith(b"\n"):
+                raw = f.readline(1 << 20)
+                if not raw:
+                    break
+                size += len(raw)
+            yield number, RowError("row", f"{size:,} bytes, more than data.max_row_bytes={max_row_bytes:,}; "
+                                          f"split or shorten the row, or raise data.max_row_bytes")
+        elif raw.strip():
+            yield number, raw
+
+
+def _raw_rows(path: Path, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[tuple[int, object]]:
     """(line or record number, parsed row or RowError) for JSONL, JSON arrays and Parquet files."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -300,27 +332,27 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, object]]:
         yield from enumerate(rows, start=1)
     elif suffix in (".jsonl", ".ndjson"):
         with open(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
+            for number, raw in _jsonl_lines(f, max_row_bytes):
                 try:
-                    yield number, _loads(raw)
+                    yield number, raw if isinstance(raw, RowError) else _loads(raw)
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     yield number, RowError("json", f"invalid JSON: {e}")
     else:
         raise DataError(f"{path}: unknown data file type {suffix!r}; use .jsonl, .json or .parquet")
 
 
-def read_conversations(path, fmt: str = "auto") -> Iterator[tuple[int, Conversation | RowError]]:
+def read_conversations(path, fmt: str = "auto", max_row_bytes: int = MAX_ROW_BYTES
+                       ) -> Iterator[tuple[int, Conversation | RowError]]:
     """Yields (line, Conversation) per row, or (line, RowError) for a bad row. Line numbers are 1-based
-    (record numbers for JSON arrays and Parquet). `fmt="auto"` fixes the format from the first good row."""
+    (record numbers for JSON arrays and Parquet). `fmt="auto"` fixes the format from the first good row; a
+    JSONL line longer than `max_row_bytes` is a bad row."""
     if fmt not in FORMATS:
         raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     detected, rows = False, 0
-    for number, row in _raw_rows(path):
+    for number, row in _raw_rows(path, max_row_bytes):
         rows += 1
         row = _duplicate_key(row) or row
         if isinstance(row, RowError):

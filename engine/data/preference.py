@@ -24,7 +24,7 @@ import torch
 from .cache import LoadSummary, data_paths, load_cached
 from .example import Example
 from ..errors import DataError
-from .formats import Conversation, RowError, SkippedRow, _raw_rows, validate_messages
+from .formats import MAX_ROW_BYTES, Conversation, RowError, SkippedRow, _raw_rows, validate_messages
 from .packing import PackedBatch, PackReport, best_fit_decreasing
 from .template import has_reasoning
 
@@ -100,6 +100,9 @@ def row_to_pair(row) -> tuple[list[dict], list[dict]]:
         conversation = validate_messages(prompt + reply, f"{prompt_field}+{key}")
         if not any(m["role"] == "user" for m in conversation[:len(prompt)]):
             raise RowError(prompt_field, "the prompt has no user message")
+        if not any(m["content"].strip() for m in conversation[:len(prompt)] if m["role"] == "user"):
+            raise RowError(prompt_field, "empty prompt (its user messages hold nothing but whitespace); both "
+                                         "replies would answer nothing: fix the row or drop it")
         sides.append(conversation)
     if sides[0] == sides[1]:
         raise RowError(keys[1], "chosen and rejected replies are identical")
@@ -107,19 +110,20 @@ def row_to_pair(row) -> tuple[list[dict], list[dict]]:
 
 
 def load_pairs(paths, template, *, enable_thinking: bool | str = True, train_on_reasoning: bool = True,
-               on_error: str = "raise", first_index: int = 0, cache_dir=None) -> tuple[list[PreferencePair], LoadSummary]:
+               on_error: str = "raise", first_index: int = 0, cache_dir=None, max_row_bytes: int = MAX_ROW_BYTES
+               ) -> tuple[list[PreferencePair], LoadSummary]:
     """Reads and tokenises preference rows; bad rows raise DataError (file:line: field: reason) or are skipped.
     enable_thinking "auto": a pair is rendered with thinking on iff one of its replies has reasoning.
     With `cache_dir`, the tokenised pairs are cached there like SFT data (engine/data/cache.py); the summary
     counts pairs as rows and their sequences as examples."""
     paths = data_paths(paths)
     options = {"rows": "preference pairs", "enable_thinking": enable_thinking,
-               "train_on_reasoning": train_on_reasoning, "on_error": on_error}
+               "train_on_reasoning": train_on_reasoning, "on_error": on_error, "max_row_bytes": max_row_bytes}
 
     def tokenise(summary):
         conversations = []
         for path in paths:
-            for line, row in _raw_rows(path):
+            for line, row in _raw_rows(path, max_row_bytes):
                 try:
                     if isinstance(row, RowError):
                         raise row

@@ -44,6 +44,10 @@ class DataSettings(TokenizeSettings):  # format, enable_thinking, multi_turn, tr
     loss_weighting: Literal["token", "sample", "sqrt"] = "token"  # applied when packing (see data/example.py)
     overlong: Literal["truncate", "drop"] = "truncate"
     cache_dir: str | None = None       # tokenised-data cache; default output.dir/cache
+    # rows that train something other than they seem to (a tool call to a function the row's `tools` do not
+    # declare; reasoning dropped because thinking is off for the row): counted and warned about, or with
+    # strict: true an error naming the first such row
+    strict: bool = False
 
     def __post_init__(self):
         if not self.train:
@@ -96,6 +100,9 @@ class TrainSettings:
     save_every: NonNegativeInt = 0     # steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)
     keep_last: NonNegativeInt = 2
     resume: str | None = None          # "auto" = latest checkpoint in output.dir, or a checkpoint path
+    # keys of the settings that define what is trained (train.precision, train.lora.alpha, vocab.kept, …) that a
+    # resume may change from what its checkpoint recorded; any other change is refused (see state.py)
+    resume_override: list[str] = field(default_factory=list)
     eval_every: NonNegativeInt = 0
     precision: Literal["fp32", "bf16-mixed", "bf16"] = "bf16-mixed"
     activation_checkpointing: bool = False

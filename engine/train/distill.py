@@ -40,6 +40,8 @@ from ..config import Qwen3Config
 from ..data import PackedBatch
 from ..data.example import Example, make_example
 from ..data.formats import read_conversations
+from ..errors import ConfigError, DataError
+from ..files import check_writable_dir
 from ..data.packing import best_fit_decreasing
 from ..generate import gathered, generate, is_sharded
 from ..model import Qwen3
@@ -131,6 +133,22 @@ def student_kl_loss(model, batch, vocab_index=None, target_index=None, *, ce_wei
                            teacher_weight=teacher_weight, direction=direction, **options)
 
 
+def check_teacher(path, student) -> None:
+    """A ConfigError unless distill.teacher is a checkpoint with the student's vocabulary size (its top-k ids index
+    the student's output rows: another tokenizer would index past them). `student`: the run's ModelSettings."""
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"distill.teacher={path}: no config.json there (expected an HF checkpoint directory)")
+    try:
+        student_config = Path(student.path) / "config.json" if student.path else Path(student.config)
+        student_size = Qwen3Config.from_json(student_config).vocab_size
+    except (OSError, ValueError, KeyError):
+        return  # the student's own load reports an unreadable config
+    teacher_size = Qwen3Config.from_json(Path(path) / "config.json").vocab_size
+    if teacher_size != student_size:
+        raise ConfigError(f"distill.teacher={path}: vocabulary size {teacher_size} differs from the student's "
+                          f"{student_size}; the teacher must share the student's tokenizer")
+
+
 def load_teacher(path, precision: str, dist_) -> Qwen3:
     """The frozen teacher in `frozen_dtype`. Under torchrun it is built on the meta device, sharded with FSDP2 and
     filled by `load_sharded` (each rank reads its own rows) exactly as the student, and reshards after every
@@ -215,6 +233,21 @@ def teacher_top_k(teacher, examples: list[Example], k: int, max_tokens: int, dev
     return results
 
 
+def _read_store(path: Path, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, log-probs) per example from a teacher store, or a DataError saying how to rebuild a damaged one (the
+    store is written whole and renamed into place, so a missing or cut file was removed or damaged later)."""
+    try:
+        ids, logprobs = np.load(path / "ids.npy", mmap_mode="r"), np.load(path / "logprobs.npy", mmap_mode="r")
+        offsets = np.load(path / "offsets.npy")
+        if len(offsets) != count + 1 or offsets[-1] != len(ids) or ids.shape != logprobs.shape:
+            raise ValueError("its arrays do not match the examples or each other")
+    except (OSError, ValueError, EOFError) as error:
+        reason = f"{Path(error.filename).name} is missing" if isinstance(error, FileNotFoundError) else str(error)
+        raise DataError(f"teacher store {path} is damaged ({reason}); delete that directory and rerun: the teacher "
+                        f"scores the data again and rebuilds it") from None
+    return [(ids[a:b], logprobs[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+
+
 class OffPolicyDistill:
     """`teacher_path` (a local checkpoint) or `endpoint` (an OpenAI-compatible server, teacher_endpoint.py)
     produces the top-k; both are stored alike."""
@@ -234,6 +267,17 @@ class OffPolicyDistill:
     @property
     def teacher_identity(self):
         return self.endpoint.identity if self.endpoint is not None else weights_identity(self.teacher_path)
+
+    def check_inputs(self, config):
+        if self.teacher_path is not None:
+            check_teacher(self.teacher_path, config.model)
+        if self.teacher_dir is not None:
+            check_writable_dir(self.teacher_dir, "distill.teacher_dir")
+
+    def trained_settings(self) -> dict:
+        """What a resume must not change silently (see loop.trained_settings): the teacher."""
+        teacher = str(Path(self.teacher_path).resolve()) if self.teacher_path else self.endpoint.identity
+        return {"distill.teacher": teacher, "distill.top_k": self.top_k}
 
     def load_data(self, config, template, dist_):
         datasets, eval_examples, fingerprint = _load_data(config, template, dist_)
@@ -259,7 +303,7 @@ class OffPolicyDistill:
             digest.update(example.input_ids.tobytes())
             digest.update(example.labels.tobytes())
         path = directory / digest.hexdigest()[:32]
-        missing = float(dist_.all_reduce_sum(float(dist_.is_main and not (path / "ids.npy").is_file())))
+        missing = float(dist_.all_reduce_sum(float(dist_.is_main and not path.is_dir())))
         if missing and self.endpoint is None:
             self._score_and_store(examples, path, config, dist_)
         elif missing:  # every rank requests its share of the chunks; rank 0 stores them all
@@ -274,9 +318,7 @@ class OffPolicyDistill:
                 self._merge_shares(tmp, path, examples, [list(range(len(examples)))], world=1)
                 discard(partial)
         dist_.barrier()
-        ids, logprobs = np.load(path / "ids.npy", mmap_mode="r"), np.load(path / "logprobs.npy", mmap_mode="r")
-        offsets = np.load(path / "offsets.npy")
-        return [(ids[a:b], logprobs[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+        return _read_store(path, len(examples))
 
     def _score_and_store(self, examples, path: Path, config, dist_):
         """Every rank scores its groups with the (sharded) local teacher and saves them as its share in one
@@ -409,9 +451,9 @@ class OnPolicyDistill:
 
     def _prompts(self, path, config, template) -> list[Prompt]:
         conversations = []
-        for line, messages in read_conversations(path, config.data.format):
+        for line, messages in read_conversations(path, config.data.format, config.data.max_row_bytes):
             if isinstance(messages, Exception):
-                raise ValueError(f"{path}:{line}: {messages}")
+                raise DataError(f"{path}:{line}: {messages}")
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             conversations.append(messages[:last + 1])
         examples = template.encode_batch(conversations, self.enable_thinking, supervise="last")
@@ -426,11 +468,13 @@ class OnPolicyDistill:
         return _LazyBatches(lambda b, position: PromptBatch([kept[i] for i in b], (seed * 1_000_003 + position) % 2**31),
                             bins)
 
+    def check_inputs(self, config):
+        check_teacher(self.teacher_path, config.model)
+
+    def trained_settings(self) -> dict:
+        return {"distill.teacher": str(Path(self.teacher_path).resolve())}
+
     def prepare(self, model, config, vocab, dist_, autocast):
-        vocab_size = Qwen3Config.from_json(Path(self.teacher_path) / "config.json").vocab_size  # before loading it
-        if vocab_size != model.config.vocab_size:
-            raise ValueError(f"distill.teacher {self.teacher_path}: vocabulary size {vocab_size} differs from the "
-                             f"student's {model.config.vocab_size}; both must share the tokenizer")
         self.teacher = load_teacher(self.teacher_path, config.train.precision, dist_)
         if vocab is not None:  # the student samples only what its output head is trained on
             mask = torch.ones(model.config.vocab_size, dtype=torch.bool)

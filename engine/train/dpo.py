@@ -33,6 +33,7 @@ from ..data.packing import PackedBatch
 from ..data.preference import PreferenceBatch, PreferencePair, fitting, load_pairs, pack_pairs
 from ..config import Qwen3Config
 from ..errors import ConfigError, DataError
+from ..files import check_writable_dir
 from ..model import Qwen3
 from .build import build_frozen, frozen_dtype
 from .config import ModelSettings
@@ -102,13 +103,21 @@ class DPO:
         self._pairs = []
         self.tables = {}  # vocab_index / target_index of the kept vocabulary
 
+    def check_inputs(self, config):
+        if self.reference_dir is not None:
+            check_writable_dir(self.reference_dir, "dpo.reference_dir")
+
+    def trained_settings(self) -> dict:
+        """What a resume must not change silently (see loop.trained_settings): the reference the policy is held to."""
+        return {"dpo.reference_model": self.reference_path and str(Path(self.reference_path).resolve())}
+
     # --- data -------------------------------------------------------------------------------------------------
     def load_data(self, config, template, dist_):
         """Tokenised pairs per data.train file, cached like SFT data: rank 0 tokenises a first run's files while
         the others wait (train.dist_timeout_s covers it), then every rank reads the cache."""
-        data, datasets, eval_pairs, keys = config.data, [], [], []
+        data, datasets, eval_pairs, keys, lengths = config.data, [], [], [], []
         options = dict(enable_thinking=data.enable_thinking, train_on_reasoning=data.train_on_reasoning,
-                       on_error=data.on_error, cache_dir=cache_dir_of(config))
+                       on_error=data.on_error, cache_dir=cache_dir_of(config), max_row_bytes=data.max_row_bytes)
         for paths, into in [([p], datasets) for p in data.train] + [(data.eval, None)]:
             if not paths:
                 continue
@@ -133,7 +142,12 @@ class DPO:
                 eval_pairs = pairs
             else:
                 into.append(pairs)
+                lengths += [len(p) for p in loaded if p.num_loss_tokens > 0]
                 keys.append(Path(summary.cache_path).name)
+        if lengths and not any(datasets):  # (pairs without a supervised reply are named by the loader)
+            raise DataError(f"{', '.join(data.train)}: every pair is longer than data.max_tokens={data.max_tokens} "
+                            f"(both sides together; the shortest has {min(lengths)}); raise data.max_tokens to at "
+                            f"least {min(lengths)}")
         fingerprint = {"pairs": keys, "weights": data.weights, "max_tokens": data.max_tokens,
                        "seed": config.train.seed}
         return datasets, eval_pairs, fingerprint

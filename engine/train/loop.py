@@ -6,6 +6,7 @@ rank), so the update does not depend on how the step is split into micro-batches
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -18,12 +19,15 @@ from typing import Callable
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 
-from ..checkpoint import save_model
+from ..checkpoint import TOKENIZER_FILES, save_model
 from ..config_io import to_dict
 from ..data import ChatTemplate, pack
-from ..data.cache import load_examples
-from ..errors import DataError, TrainingError
+from ..data.cache import load_examples, row_kinds, row_thinking
+from ..data.formats import RowError, read_conversations
+from ..errors import ConfigError, DataError, TrainingError
+from ..files import check_writable_dir, storage_error
 from ..lora import apply_lora, export_lora, merged_state_dict
 from ..vocab import VocabMap
 from .config import FFTConfig
@@ -33,8 +37,8 @@ from .metrics import MFU, MetricsLogger, peak_memory_bytes, plot_loss_curve, tra
 from .build import build_model, build_vocab, resolve_tokenizer_dir
 from .optim import build_optimizer, build_scheduler
 from .parallel import Dist, full_state_dict, init_distributed, shard_model
-from .state import (OutputLock, clean_stale_temporaries, latest_checkpoint, load_checkpoint, resume_checkpoint,
-                    save_checkpoint)
+from .state import (OutputLock, check_space, check_trained_settings, clean_stale_temporaries, latest_checkpoint,
+                    load_checkpoint, resume_checkpoint, save_checkpoint)
 
 log = logging.getLogger("qforge.train")
 
@@ -200,6 +204,16 @@ def _nonfinite_parameters(model, dist_: Dist) -> tuple[int, list[str]]:
     return int(dist_.all_reduce_sum(float(len(names)))), names[:3]
 
 
+def _export_bytes(model, dtype: torch.dtype | None, tokenizer_dir: Path) -> int:
+    """Bytes of final/: its parameters in the export dtype (a LoRA model counts its adapters too, which stand for
+    the adapter export next to it), the tokenizer files it copies, and its configs (generation_config.json of a
+    restricted vocabulary lists up to every token id as suppressed: ≤ 16 bytes a vocabulary row)."""
+    dtype = dtype or getattr(model, "source_dtype", None)
+    total = sum(p.numel() * (dtype or p.dtype).itemsize for p in model.parameters())
+    total += sum(f.stat().st_size for f in map(Path(tokenizer_dir).joinpath, TOKENIZER_FILES) if f.is_file())
+    return total + 16 * model.config.vocab_size + (1 << 20)
+
+
 def _load_data(config: FFTConfig, template: ChatTemplate, dist_: Dist):
     """Tokenises once (rank 0 fills the cache, the others read it) and reports skipped rows. Also returns what
     identifies the data stream (cache keys and packing settings), which a checkpoint's data cursor refers to."""
@@ -218,6 +232,7 @@ def _load_data(config: FFTConfig, template: ChatTemplate, dist_: Dist):
             if summary.skipped and not summary.num_rows:
                 raise DataError(f"{path}: all {len(summary.skipped)} rows were skipped (data.on_error=skip), first: "
                                 f"{summary.skipped[0]}; fix the rows or the data.format")
+            check_row_warnings(path, summary, config.data, dist_.is_main)
             loaded.append(examples)
             keys.append(Path(summary.cache_path).name)
         return loaded
@@ -229,9 +244,81 @@ def _load_data(config: FFTConfig, template: ChatTemplate, dist_: Dist):
     return train, [e for examples in load(data.eval) for e in examples], fingerprint
 
 
+ROW_WARNING_TEXT = {
+    "undeclared-tool-call": "call a tool their `tools` do not declare (the model learns to call a function it was "
+                            "never shown); declare it in the row's tools",
+    "reasoning-dropped": "carry reasoning but are rendered with thinking off, so the reasoning is left out of the "
+                         "loss; set data.enable_thinking=auto (or true), or remove the reasoning",
+}
+
+
+def check_row_warnings(path, summary, data, warn: bool):
+    """Rows that train something other than they seem to (cache.ROW_WARNINGS): a warning with their count, or
+    under data.strict a DataError naming the first one (found by reading the file again: the error path only)."""
+    for kind, advice in ROW_WARNING_TEXT.items():
+        count = summary.kinds.get(kind, 0)
+        if not count:
+            continue
+        if not data.strict:
+            if warn:
+                log.warning("%s: %d rows %s (data.strict=true makes this an error)", path, count, advice)
+            continue
+        line = next((line for line, row in read_conversations(path, data.format, data.max_row_bytes)
+                     if not isinstance(row, RowError) and kind in row_kinds(row_thinking(row, data.enable_thinking))),
+                    "?")
+        raise DataError(f"{path}:{line}: {count} rows (this one first) {advice}, or unset data.strict")
+
+
 def cache_dir_of(config: FFTConfig) -> str:
     """data.cache_dir, by default output.dir/cache."""
     return config.data.cache_dir or str(Path(config.output.dir) / "cache")
+
+
+def check_inputs(config: FFTConfig, objective: Objective | None = None):
+    """What can be checked before output.dir is created, so a wrong path leaves nothing behind: every data file
+    named by the config is a readable file, output.dir and data.cache_dir are (or can become) writable
+    directories, and the objective's own inputs (teacher, reference) are usable."""
+    for key in ("train", "eval"):
+        for path in getattr(config.data, key):
+            try:
+                with open(path, "rb") as f:
+                    f.read(1)
+            except IsADirectoryError:
+                raise ConfigError(f"data.{key}: {path} is a directory, not a data file; name a .jsonl, .json or "
+                                  f".parquet file") from None
+            except OSError as error:
+                raise ConfigError(f"data.{key}: {path}: {error.strerror.lower() if error.strerror else error}; "
+                                  f"fix the path in the config or the override") from None
+    check_writable_dir(config.output.dir, "output.dir")
+    if Path(config.output.dir).is_dir():  # an existing run: the folders a resume writes into must be writable too
+        for sub in ("checkpoints", "final"):
+            if (Path(config.output.dir) / sub).is_dir():
+                check_writable_dir(Path(config.output.dir) / sub, "output.dir")
+    if config.data.cache_dir is not None:
+        check_writable_dir(config.data.cache_dir, "data.cache_dir")
+    if objective is not None and hasattr(objective, "check_inputs"):
+        objective.check_inputs(config)
+
+
+def trained_settings(config: FFTConfig, model, vocab: VocabMap | None, objective: Objective | None) -> dict:
+    """{key: value} of the settings that define what is trained, recorded in every checkpoint: a resume that
+    changes one of them would continue other weights, another loss or another objective (see
+    state.check_trained_settings; `train.resume_override` lists the keys a resume may change)."""
+    shape = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "tie_word_embeddings")
+    settings = {"model": {key: getattr(model.config, key, None) for key in shape},
+                "train.method": config.train.method, "train.precision": config.train.precision,
+                "vocab.restrict": config.vocab.restrict,
+                "vocab.kept": None if vocab is None else hashlib.sha256(
+                    vocab.kept_ids.cpu().numpy().tobytes()).hexdigest()[:16]}
+    if config.train.method == "lora":
+        lora = config.train.lora
+        settings.update({"train.lora.rank": lora.rank, "train.lora.alpha": lora.alpha,
+                         "train.lora.target_modules": sorted(lora.target_modules)})
+    settings["objective"] = type(objective).__name__ if objective is not None else "SFT"
+    if objective is not None and hasattr(objective, "trained_settings"):
+        settings.update(objective.trained_settings())
+    return settings
 
 
 def _evaluate(objective, model, batches, dist_, vocab, autocast) -> dict:
@@ -245,6 +332,7 @@ def train(config: FFTConfig, objective: Objective | None = None,
     """Runs (or resumes) a fine-tuning run; holds the lock on output.dir throughout. `objective`: see
     objective.py; `evaluate` is called at every train.eval_every steps and after the last step (see EvalPoint)."""
     dist_ = init_distributed(config.train.device, config.train.dist_timeout_s)
+    check_inputs(config, objective)
     with OutputLock(config.output.dir, dist_):
         if dist_.is_main:
             clean_stale_temporaries(config.output.dir)
@@ -295,12 +383,18 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
                            loss_weighting=config.data.loss_weighting, vocab=vocab) if eval_examples else None
 
     step, counters = 0, {"skipped_steps": 0, "nonfinite_in_a_row": 0}
+    trained = trained_settings(config, model, vocab, objective)
     resume = resume_checkpoint(out, config.train.resume, dist_)
     if resume:
+        check_trained_settings(resume, trained, config.train.resume_override, dist_)
         meta = load_checkpoint(resume, model, optimizer, scheduler, dist_)
         step, counters = meta["step"], meta["counters"]
         if meta.get("data") in (None, data_fingerprint):
             loader.load_state_dict(meta["loader"])
+        elif step >= max_steps:  # nothing left to train: final/ would be the old weights under the new data's name
+            raise ConfigError(f"the data changed since {resume}, but that checkpoint is already at step {step} of "
+                              f"{max_steps}: this run would train 0 steps on the new data; raise train.max_steps "
+                              f"above {step} to continue on it, or start fresh in another output.dir")
         elif dist_.is_main:
             log.warning("data changed since %s (data.train contents, data.weights, data.max_tokens, data.overlong, "
                         "train.seed or train.batch_size): its data cursor does not apply, so the data restarts at the first batch; "
@@ -323,7 +417,7 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
                                 f"nothing saved, last good checkpoint: {last or 'none'}; lower optim.lr or "
                                 f"optim.grad_clip, or check the data")
         save_checkpoint(out, at_step, model, optimizer, scheduler, loader.state_dict(), counters, dist_,
-                        config.train.keep_last, data_fingerprint)
+                        config.train.keep_last, data_fingerprint, trained)
 
     def run_evaluation(at_step):
         """The evaluation hook on the current weights; its metrics go to metrics.jsonl / TensorBoard."""
@@ -417,6 +511,7 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
                 logger.log({"step": step, **_evaluate(objective, model, eval_batches, dist_, vocab, autocast)})
             run_evaluation(step)
             dtype = export_dtype(config.output.dtype)
+            check_space(out, _export_bytes(model, dtype, tokenizer_dir), f"the export {out / 'final'}", dist_)
             try:
                 with stop.immediate():
                     if config.train.method == "lora":  # merged weights for the HF export (+ the adapter alone)
@@ -432,6 +527,11 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
                             result.final_dir = final
             except Interrupted:
                 result.interrupted = True
+            except (OSError, RuntimeError, SafetensorError) as error:  # a short write (disk full): the staged
+                # export is gone, an earlier final/ is untouched
+                raise storage_error(error, "the export", out / "final",
+                                    f"free some space, then rerun with train.resume=auto (the checkpoint of step "
+                                    f"{step} is kept)") from error
             if dist_.is_main:
                 plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
             result.interrupted = float(dist_.all_reduce_sum(1.0 if result.interrupted else 0.0)) > 0

@@ -2,8 +2,8 @@
 
 A checkpoint holds the model and optimizer (torch.distributed.checkpoint: each rank writes its own shards,
 and a later run may load them on another world size), plus `meta.json` (step, scheduler, data cursor,
-counters, data fingerprint), every rank's RNG states and `manifest.json` (size and SHA-256 of every file,
-hashed from disk after the write and fsync). It is written into a hidden temp directory and renamed when
+counters, data fingerprint, the settings that define what is trained), every rank's RNG states and
+`manifest.json` (size and SHA-256 of every file, hashed while it is written, then fsynced). It is written into a hidden temp directory and renamed when
 complete, so a kill during a save leaves the previous checkpoints as they were. Older checkpoints are pruned
 only after the new one verifies; a resume takes the newest checkpoint that verifies, and sets a damaged one
 aside as `step-<N>.damaged`.
@@ -11,6 +11,7 @@ aside as `step-<N>.damaged`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -20,6 +21,7 @@ import random
 import re
 import shutil
 import socket
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -27,9 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, StorageError
+from ..files import HashingWriter, check_free_space, storage_error
 from .parallel import Dist
 
 STEP_DIR = re.compile(r"step-(\d+)")
@@ -49,34 +54,27 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, loader_state: dict, counters: dict,
-                    dist_: Dist, keep_last: int, data: dict | None = None) -> Path:
+                    dist_: Dist, keep_last: int, data: dict | None = None, trained: dict | None = None) -> Path:
+    """Writes checkpoint step-<N> (see the module docstring). Free space for it is checked first; a write that
+    fails midway (disk full, a directory no longer writable) removes the temp directory and raises a
+    StorageError, leaving the earlier checkpoints as they were. `trained`: the settings that define what is
+    trained (see loop.trained_settings), compared by a resume."""
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
-    if dist_.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist_.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    with _single_process_is_intended():
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "state"))
-    torch.save(_rng_state(), tmp / f"rng-rank{dist_.rank}.pt")
-    dist_.barrier()
+    needed = int(dist_.all_reduce_sum(float(_state_bytes(model_state) + _state_bytes(optim_state)))) + (1 << 20)
+    check_space(root, needed, f"checkpoint {final.name}", dist_)
+    try:
+        manifest = _write_checkpoint(tmp, step, model_state, optim_state, scheduler, loader_state, counters,
+                                     dist_, data, trained, type(optimizer).__name__)
+    except (OSError, RuntimeError, CheckpointException) as error:  # torch.save's zip writer reports a short write
+        if dist_.is_main:                                             # as a RuntimeError, DCP wraps it
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise storage_error(_dcp_cause(error), f"checkpoint {final.name}", root,
+                            "free some space (or make the directory writable), then resume with "
+                            "train.resume=auto; the earlier checkpoints are kept") from error
     if dist_.is_main:
-        meta = {"step": step, "scheduler": scheduler.state_dict(), "loader": loader_state, "counters": counters,
-                "world": dist_.world, "data": data, "optimizer": type(optimizer).__name__}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    dist_.barrier()
-    files = _files(tmp)  # every rank hashes (and fsyncs) its share of the files, read back from disk
-    (tmp / f".manifest-part{dist_.rank}.json").write_text(json.dumps(_describe(tmp, files[dist_.rank::dist_.world])))
-    dist_.barrier()
-    if dist_.is_main:
-        manifest = {}
-        for rank in range(dist_.world):
-            part = tmp / f".manifest-part{rank}.json"
-            manifest.update(json.loads(part.read_text()))
-            part.unlink()
-        _write_synced(tmp / MANIFEST, json.dumps({"files": manifest}, indent=1))
         old = root / f".step-{step}.old"
         if final.exists():  # re-saving a step: the complete old copy goes only once the new one is in place
             shutil.rmtree(old, ignore_errors=True)
@@ -95,6 +93,128 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, loader_s
         _prune(root, keep_last)
     dist_.barrier()
     return final
+
+
+def check_space(path: Path, needed: int, what: str, dist_: Dist):
+    """files.check_free_space on rank 0, raised on every rank (so no rank enters the write's collectives alone)."""
+    short = None
+    if dist_.is_main:
+        try:
+            check_free_space(path, needed, what)
+        except StorageError as error:
+            short = error
+    if float(dist_.all_reduce_sum(1.0 if short else 0.0)):
+        raise short or StorageError(errno.ENOSPC, f"not enough free space for {what} (see rank 0)")
+
+
+def check_trained_settings(path: Path, trained: dict, override: list[str], dist_: Dist):
+    """Refuses to resume from checkpoint `path` when it recorded other values for the settings that define what is
+    trained (model shape, method, LoRA rank/alpha/targets, precision, kept vocabulary, objective and its
+    reference or teacher), naming the key; keys listed in `train.resume_override` may differ (logged).
+    Checkpoints of earlier versions recorded none: nothing to compare."""
+    try:
+        recorded = json.loads((Path(path) / "meta.json").read_text()).get("trained")
+    except (OSError, ValueError, AttributeError):
+        return  # load_checkpoint reports an unreadable meta.json
+    if not isinstance(recorded, dict):
+        return
+    keys = list(trained) + [key for key in recorded if key not in trained]  # the most basic setting first
+    changed = [key for key in keys if recorded.get(key) != trained.get(key)]
+    refused = [key for key in changed if key not in override]
+    if refused:
+        key = refused[0]
+        raise CheckpointError(f"{path} was trained with {key}={json.dumps(recorded.get(key))}, this run sets "
+                              f"{json.dumps(trained.get(key))}"
+                              + (f" (also changed: {', '.join(refused[1:])})" if refused[1:] else "")
+                              + f"; resuming would silently change what is trained: restore {key}, start fresh in "
+                                f"another output.dir, or accept the change with train.resume_override=[{key}]")
+    if changed and dist_.is_main:
+        log.warning("resuming from %s with changed settings accepted by train.resume_override: %s", path,
+                    "; ".join(f"{key}: {json.dumps(recorded.get(key))} → {json.dumps(trained.get(key))}"
+                              for key in changed))
+
+
+def _write_checkpoint(tmp: Path, step, model_state, optim_state, scheduler, loader_state, counters, dist_: Dist,
+                      data, trained, optimizer_name: str) -> dict:
+    """Writes every file of a checkpoint into `tmp`, each hashed on its way to disk and fsynced; returns the
+    manifest ({file: size, sha256}) on rank 0 (each rank records its own files in a manifest part)."""
+    if dist_.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist_.barrier()
+    writer = dcp.FileSystemWriter(str(tmp / "state"))
+    writer.fs = fs = _HashingFileSystem(tmp)
+    with _single_process_is_intended():
+        dcp.save({"model": model_state, "optim": optim_state}, storage_writer=writer)
+    records = fs.records
+    with HashingWriter(tmp / f"rng-rank{dist_.rank}.pt") as rng:
+        torch.save(_rng_state(), rng)
+        rng.fsync()
+    records[rng.file.name.rpartition("/")[2]] = rng.record()
+    if dist_.is_main:
+        meta = {"step": step, "scheduler": scheduler.state_dict(), "loader": loader_state, "counters": counters,
+                "world": dist_.world, "data": data, "optimizer": optimizer_name, "trained": trained}
+        with HashingWriter(tmp / "meta.json") as file:
+            file.write(json.dumps(meta, indent=2).encode())
+            file.fsync()
+        records["meta.json"] = file.record()
+    _write_synced(tmp / f".manifest-part{dist_.rank}.json", json.dumps(records))
+    dist_.barrier()
+    manifest = {}
+    if dist_.is_main:
+        for rank in range(dist_.world):
+            part = tmp / f".manifest-part{rank}.json"
+            manifest.update(json.loads(part.read_text()))
+            part.unlink()
+        _write_synced(tmp / MANIFEST, json.dumps({"files": dict(sorted(manifest.items()))}, indent=1))
+    return manifest
+
+
+def _state_bytes(state) -> int:
+    """Bytes of the tensors in a (nested) state dict on this rank (a DTensor counts its local shard)."""
+    if isinstance(state, dict):
+        return sum(_state_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(value) for value in state)
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    return 0
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's local file system, with every file it writes hashed on the way to disk (HashingWriter): the manifest
+    needs no second read of a checkpoint that may be hundreds of GB. `records`: {path relative to root: size,
+    sha256}, following DCP's rename of its metadata file."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root, self.records, self.lock = Path(root), {}, threading.Lock()
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str):
+        if mode != "wb":
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with HashingWriter(path) as stream:
+            yield stream
+            if not stream.closed:
+                stream.fsync()
+        with self.lock:
+            self.records[str(Path(path).relative_to(self.root))] = stream.record()
+
+    def rename(self, path, new_path):
+        super().rename(path, new_path)
+        with self.lock:
+            record = self.records.pop(str(Path(path).relative_to(self.root)), None)
+            if record is not None:
+                self.records[str(Path(new_path).relative_to(self.root))] = record
+
+    def rm_file(self, path):
+        super().rm_file(path)
+        with self.lock:
+            self.records.pop(str(Path(path).relative_to(self.root)), None)
 
 
 def verify_checkpoint(path: str | Path, dist_: Dist | None = None) -> str | None:
@@ -233,12 +353,20 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, dist_: Dist) 
         rng_file = path / f"rng-rank{dist_.rank}.pt"
         if meta.get("world") == dist_.world and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
-    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as error:
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"{path}: cannot be resumed from ({type(error).__name__}: {first_line}); it does "
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, CheckpointException) as error:
+        cause = _dcp_cause(error)
+        first_line = (str(cause).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: cannot be resumed from ({type(cause).__name__}: {first_line}); it does "
                               f"not match this run's model/optimizer or is damaged; resume from another "
                               f"checkpoint or unset train.resume") from error
     return meta
+
+
+def _dcp_cause(error: BaseException) -> BaseException:
+    """The first rank's exception inside DCP's CheckpointException (a BaseException whose text is a traceback)."""
+    if isinstance(error, CheckpointException) and error.failures:
+        return next(iter(error.failures.values()))[0]
+    return error
 
 
 def _read_meta(path: Path) -> dict:
@@ -248,25 +376,12 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _files(directory: Path) -> list[str]:
-    """Every file below `directory` (relative paths, sorted), leaving out manifest parts."""
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
-                  if p.is_file() and not p.name.startswith(".manifest-part"))
-
-
-def _sha256(path: Path, sync: bool = False) -> str:
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
-        if sync:
-            os.fsync(f.fileno())
     return digest.hexdigest()
-
-
-def _describe(directory: Path, names: list[str]) -> dict:
-    return {name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name, sync=True)}
-            for name in names}
 
 
 def _check_files(directory: Path, manifest: dict, hashed) -> str | None:

@@ -85,3 +85,32 @@ def test_judge_during_training_logs_normalised_score_and_code_checks(tiny_run_fi
         assert 0 <= record["eval_if_prompt_accuracy"] <= 1 and record["eval_fc_accuracy"] == 0  # 4 tokens: no call
     report = json.loads((tmp_path / "run" / "evals" / "step-6" / "judge" / "report.json").read_text())
     assert set(report["checks"]["step-6"]) == {"instruction_following", "function_calling"}
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"id": "q-1", "question": "1+1?", "choices": ["1", "2"], "answer": "B"},
+      {"id": "q-2", "question": "2+2?", "choices": ["3", "4"]}], r"mcq.jsonl:2.*'answer' is missing here"),
+    ([{"id": "q-1", "question": "1+1?", "choices": "A. 1 B. 2", "answer": "B"}], r"mcq.jsonl:1.*'choices' must be"),
+])
+def test_a_bad_mcq_file_is_refused_before_training_starts(tiny_run_files, tmp_path, rows, message):
+    from qforge.engine.errors import DataError
+
+    mcq = tmp_path / "mcq.jsonl"
+    mcq.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(FFTRecipeConfig, "recipes/configs/demo.yaml", tiny_overrides(tiny_run_files, tmp_path / "run")
+                         + [f"periodic_eval.mcq={mcq}", "evaluate.data=null"])
+    with pytest.raises(DataError, match=rf"periodic_eval: .*{message}.*; fix the file \(it is read before training"):
+        periodic_hook(config.periodic_eval)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_judge_items_file_is_refused_before_training_starts(tiny_run_files, tmp_path):
+    from qforge.engine.errors import DataError
+
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"id": "a", "task": "chat"}) + "\n")  # neither prompt nor messages
+    config = load_config(FFTRecipeConfig, "recipes/configs/demo.yaml", tiny_overrides(tiny_run_files, tmp_path / "run")
+                         + ["periodic_eval.mcq=null", "periodic_eval.judge=recipes/configs/judge.yaml",
+                            f"periodic_eval.judge_overrides=[data.path={items}]", "evaluate.data=null"])
+    with pytest.raises(DataError, match=r"periodic_eval: .*items.jsonl:1.*needs 'prompt'"):
+        periodic_hook(config.periodic_eval)

@@ -38,9 +38,10 @@ BAD_ROWS = [  # (raw line, field named in the error, words of the reason)
                               {"role": "user", "content": "y"}, {"role": "assistant", "content": "  "}]}),
      "messages[3].content", "empty answer"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a", "content": "b"}]}',
-     "messages[1].content", "key given twice"),
+     "messages[1].content", "key 'content' given twice in one object; JSON keeps only the last value, so the first "
+                            "is lost: keep one"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a"}], "messages": []}',
-     "messages", "key given twice"),
+     "messages", "key 'messages' given twice"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "<think>r answer"}]}),
      "messages[1].content", "unclosed <think>"),
     (json.dumps({"messages": [{"role": "user", "content": "x"},
@@ -100,7 +101,7 @@ def test_well_formed_reasoning_rows_are_accepted(tmp_path):
 def test_duplicate_key_in_a_json_array_names_the_record(tmp_path, qwen_template):
     path = tmp_path / "data.json"
     path.write_text('[%s, {"messages": [{"role": "user", "role": "system", "content": "x"}]}]' % json.dumps(GOOD))
-    with pytest.raises(DataError, match=r"data.json:2: messages\[0\].role: key given twice"):
+    with pytest.raises(DataError, match=r"data.json:2: messages\[0\].role: key 'role' given twice"):
         load_examples(path, qwen_template, progress=False)
 
 

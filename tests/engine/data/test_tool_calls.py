@@ -137,7 +137,7 @@ def test_mixed_thinking_rows_rule_and_empty_think(qwen_template, hf_tokenizer, t
 
     # auto: thinking on iff the row has reasoning; explicit fields win.
     examples, summary = load(enable_thinking="auto", empty_think="train")
-    assert summary.kinds == {"no-think": 2, "plain": 1, "reasoning": 1}
+    assert summary.kinds == {"no-think": 2, "plain": 1, "reasoning": 1, "reasoning-dropped": 1}
     assert "rows by kind: no-think 2, plain 1, reasoning 1" in str(summary)
     runs = [supervised_runs(qwen_template, e) for e in examples]
     assert runs == [["Hello.<|im_end|>"], ["<think>\nadd\n</think>\n\n4<|im_end|>"],
@@ -150,7 +150,7 @@ def test_mixed_thinking_rows_rule_and_empty_think(qwen_template, hf_tokenizer, t
         assert qwen_template.tokenizer.decode(example.input_ids[:first].tolist(), skip_special_tokens=False) == prompt
     # mask (default): the same texts, but no row learns an empty think block.
     masked, summary = load(enable_thinking=True)
-    assert summary.kinds == {"plain": 2, "reasoning": 1, "no-think": 1}
+    assert summary.kinds == {"plain": 2, "reasoning": 1, "no-think": 1, "reasoning-dropped": 1}
     assert [supervised_runs(qwen_template, e) for e in masked] == [
         ["Hello.<|im_end|>"], ["<think>\nadd\n</think>\n\n4<|im_end|>"], ["Hello.<|im_end|>"], ["4<|im_end|>"]]
     assert [decoded(e) for e in masked] == [decoded(e) for e in load(enable_thinking=True, empty_think="train")[0]]

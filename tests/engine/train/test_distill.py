@@ -4,6 +4,7 @@ import contextlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from qwen3_fixtures import save_chat_checkpoint
@@ -171,3 +172,32 @@ def test_recipe_runs_and_resumes_exactly(few_rows, teacher, tmp_path, mode):
     assert (tmp_path / "full/final/model.safetensors").is_file()
     assert run(tmp_path / "resumed", **{"train.resume": str(tmp_path / "full/checkpoints/step-2")}) == 0
     assert _losses(tmp_path / "resumed") == full[2:]
+
+
+def test_a_teacher_with_another_vocabulary_is_a_config_error_before_anything_runs(few_rows, tmp_path, capsys):
+    from qwen3_fixtures import save_hf_qwen3
+
+    other = save_hf_qwen3(tmp_path / "small")  # vocabulary 512: another tokenizer
+    (tmp_path / "empty.yaml").write_text("{}")
+    for mode in ("off_policy", "on_policy"):
+        out = tmp_path / mode
+        code = distill_main(["--config", str(tmp_path / "empty.yaml")] + tiny_overrides(few_rows, out, **{
+            "distill.teacher": str(other), "distill.mode": mode}))
+        assert code == 2 and not out.exists()
+        assert f"distill.teacher={other}: vocabulary size 512 differs from the student's 151936" in capsys.readouterr().err
+
+
+def test_a_damaged_teacher_store_says_how_to_rebuild_it(few_rows, teacher, tmp_path):
+    from qforge.engine.errors import DataError
+
+    config = _config(few_rows, tmp_path / "out", teacher)
+    template = ChatTemplate.from_pretrained(teacher)
+    OffPolicyDistill(str(teacher), top_k=8).load_data(config, template, Dist())
+    (store,) = (tmp_path / "out/teacher").iterdir()
+    (store / "logprobs.npy").unlink()
+    with pytest.raises(DataError, match=rf"teacher store {store} is damaged \(logprobs.npy is missing\); delete that "
+                                        rf"directory and rerun: the teacher scores the data again"):
+        OffPolicyDistill(str(teacher), top_k=8).load_data(config, template, Dist())
+    np.save(store / "logprobs.npy", np.zeros((3, 8), np.float32))  # cut short: fewer rows than the ids
+    with pytest.raises(DataError, match=r"is damaged \(its arrays do not match"):
+        OffPolicyDistill(str(teacher), top_k=8).load_data(config, template, Dist())

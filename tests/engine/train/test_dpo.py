@@ -2,6 +2,7 @@
 reference, live reference, exact resume)."""
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -264,3 +265,30 @@ def test_a_live_reference_is_frozen_in_the_compute_dtype(checkpoint, reference_c
             model, config, Dist())
         assert {p.dtype for p in reference.parameters()} == {dtype} and not reference.training
         assert not any(p.requires_grad for p in reference.parameters())
+
+
+def test_an_empty_prompt_is_a_bad_row(tmp_path, qwen_tokenizer_dir):
+    template = ChatTemplate.from_pretrained(qwen_tokenizer_dir)
+    for bad in ({"prompt": "", "chosen": "a", "rejected": "b"},
+                {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": " \n"}],
+                 "chosen": "a", "rejected": "b"}):
+        path = write_rows(tmp_path / "bad.jsonl", [ROWS[0], bad])
+        with pytest.raises(DataError, match=r"bad.jsonl:2: (prompt|messages): empty prompt"):
+            load_pairs([path], template)
+
+
+def test_pairs_all_longer_than_max_tokens_say_so(tiny_run_files, tmp_path, capsys):
+    assert dpo_main(_overrides(tiny_run_files, tmp_path, tmp_path / "out", **{"data.max_tokens": 64})) == 3
+    err = capsys.readouterr().err
+    assert re.search(r"pairs.jsonl: every pair is longer than data.max_tokens=64 \(both sides together; the "
+                     r"shortest has \d+\); raise data.max_tokens to at least \d+", err), err
+
+
+def test_a_resume_with_another_reference_model_is_refused(tiny_run_files, reference_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert dpo_main(_overrides(tiny_run_files, tmp_path, out, **{"train.max_steps": 1, "data.eval": "[]",
+                                                                 "train.eval_every": 0})) == 0
+    assert dpo_main(_overrides(tiny_run_files, tmp_path, out, **{
+        "train.max_steps": 2, "data.eval": "[]", "train.eval_every": 0, "train.resume": "auto",
+        "dpo.reference_model": reference_checkpoint})) == 4
+    assert "step-1 was trained with dpo.reference_model=null, this run sets" in capsys.readouterr().err

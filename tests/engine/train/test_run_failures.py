@@ -11,7 +11,7 @@ from tiny_run import tiny_overrides, tiny_run_files  # noqa: F401 (fixture)
 from qforge.engine import checkpoint as hf_checkpoint
 from qforge.engine import load_model
 from qforge.engine.config_io import load_config
-from qforge.engine.errors import ConfigError, DataError, TrainingError
+from qforge.engine.errors import CheckpointError, ConfigError, DataError, StorageError, TrainingError
 from qforge.engine.model import Qwen3
 from qforge.engine.train import FFTConfig, train
 from qforge.engine.train import loop
@@ -72,13 +72,17 @@ def test_resume_falls_back_past_a_damaged_checkpoint_bitwise_and_keeps_each_step
     assert resumed.losses == first.losses[2:]  # resumed from step 2, bitwise the same step 3
     assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3]  # no duplicates, no half line
 
-    # The data changed under resume=auto: the old cursor means nothing for it, and the run says so.
+    # The data changed under resume=auto: the old cursor means nothing for it, and the run says so. Its kept
+    # vocabulary (vocab.restrict=data) changed with it: refused, unless the override accepts it (logged).
     other = tmp_path / "other.jsonl"
     other.write_text("".join(open(tiny_run_files["train"]).readlines()[:40]))
+    changed = {**steps, "train.max_steps": 4, "train.resume": "auto", "data.train": f"[{other}]"}
+    with pytest.raises(CheckpointError, match=r"step-3 was trained with vocab.kept=.*train.resume_override=\[vocab.kept\]"):
+        train(_config(tiny_run_files, tmp_path, **changed))
     with caplog.at_level("WARNING", logger="qforge.train"):
-        train(_config(tiny_run_files, tmp_path, **{**steps, "train.max_steps": 4, "train.resume": "auto",
-                                                   "data.train": f"[{other}]"}))
+        train(_config(tiny_run_files, tmp_path, **changed, **{"train.resume_override": "[vocab.kept]"}))
     assert "data changed since" in caplog.text and "restarts at the first batch" in caplog.text
+    assert "changed settings accepted by train.resume_override: vocab.kept" in caplog.text
 
 
 def test_sigterm_during_the_final_export_leaves_no_temporary(tiny_run_files, tmp_path, monkeypatch):
