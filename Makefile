@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: setup test demo
+.PHONY: setup test demo demo-quick
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -10,3 +10,7 @@ test: setup
 
 demo: setup
 	$(PYTHON) recipes/fft.py --config recipes/configs/demo.yaml
+
+# the demo job cut to 300 of its 1,200 steps (README: The demo)
+demo-quick: setup
+	$(PYTHON) recipes/fft.py --config recipes/configs/demo.yaml train.max_steps=300 output.dir=outputs/demo-quick
