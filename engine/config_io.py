@@ -199,11 +199,10 @@ def _expected(tp) -> str:
 def _describe_error(cls, error: dict, source: str, overridden: frozenset = frozenset()) -> str:
     loc = [part for part in error["loc"] if part != "__root__"]
     key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-    if error["type"] != "value_error":
-        source = _where(source, ".".join(str(p) for p in loc if not isinstance(p, int)), overridden)
     if error["type"] == "value_error":  # raised by a settings class's own cross-field check
         message = str(error.get("ctx", {}).get("error", error["msg"]))
         return f"{source}: {message}"
+    source = _where(source, ".".join(str(p) for p in loc if not isinstance(p, int)), overridden)
     if error["type"] == "missing":
         if loc and isinstance(loc[-1], int):  # a tuple that is too short
             key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[:-1]).lstrip(".")

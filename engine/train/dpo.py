@@ -261,8 +261,7 @@ class DPO:
         pairs = sum(b.num_pairs for b in batches)
         chosen = sum(chosen_token_count(b) for b in batches)
         stats = torch.zeros(len(STATS), dtype=torch.float64, device=dist_.device)
-        for r in tqdm(range(math.ceil(len(batches) / dist_.world)), desc="reference log-probs", unit="batch",
-                      disable=not progress):
+        for r in range(math.ceil(len(batches) / dist_.world)):
             index = r * dist_.world + dist_.rank
             _, batch_stats = self._pair_loss(model, batches[min(index, len(batches) - 1)].to(dist_.device),
                                              autocast, float(pairs), float(chosen))
