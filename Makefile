@@ -3,7 +3,7 @@ PYTHON ?= python3
 # imports Hugging Face's `kernels`): nothing launched from here may put the root on sys.path.
 export PYTHONSAFEPATH := 1
 
-.PHONY: setup test demo
+.PHONY: setup test demo demo-quick
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -13,3 +13,7 @@ test: setup
 
 demo: setup
 	$(PYTHON) recipes/fft.py --config recipes/configs/demo.yaml
+
+# the demo job cut to 300 of its 1,200 steps (README: The demo)
+demo-quick: setup
+	$(PYTHON) recipes/fft.py --config recipes/configs/demo.yaml train.max_steps=300 output.dir=outputs/demo-quick

@@ -26,6 +26,13 @@ class ConfigKeyError(ConfigError):
     """A config key or value that does not fit the recipe's typed settings."""
 
 
+class RawConfig(dict):
+    """A config's nested dict that remembers which dotted keys `key=value` overrides set, so a bad key is
+    blamed on the command line rather than on the YAML file (copies keep the record)."""
+
+    overridden: frozenset = frozenset()
+
+
 T = typing.TypeVar("T")
 SETTINGS_CONFIG = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
@@ -73,7 +80,10 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
-    """Sets each `a.b=value` in the nested dict (the value is parsed as YAML: 3, 1e-5, true, [a, b])."""
+    """Sets each `a.b=value` in the nested dict (the value is parsed as YAML: 3, 1e-5, true, [a, b]); returns
+    it as a RawConfig that records the keys set."""
+    raw = RawConfig(raw)
+    raw.overridden = frozenset(getattr(raw, "overridden", ()))
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or not key.strip():
@@ -83,16 +93,25 @@ def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
         except yaml.YAMLError as err:
             raise ConfigKeyError(f"override {override!r}: invalid YAML value ({getattr(err, 'problem', err)})") from None
         _set_dotted(raw, key.strip(), parsed)
+        raw.overridden |= {key.strip()}
     return raw
 
 
 def build(cls: type[T], data: dict, source: str = "<config>") -> T:
     """Builds settings class `cls` from a nested dict; any problem is one ConfigKeyError line."""
-    data = _prepare(cls, anchor_shipped_paths(data), source, "")
+    overridden = getattr(data, "overridden", frozenset())
+    data = _prepare(cls, anchor_shipped_paths(data), source, "", overridden)
     try:
         return TypeAdapter(cls).validate_python(data)
     except ValidationError as err:
-        raise ConfigKeyError(_describe_error(cls, err.errors()[0], source)) from None
+        raise ConfigKeyError(_describe_error(cls, err.errors()[0], source, overridden)) from None
+
+
+def _where(source: str, key: str, overridden: frozenset) -> str:
+    """Where a dotted key was given: the command line when an override set it, a section holding it, or a key
+    inside it (an unknown section made by `trian.max_steps=5`)."""
+    given = any(key == o or key.startswith(f"{o}.") or o.startswith(f"{key}.") for o in overridden)
+    return "command line" if given else source
 
 
 def to_dict(config) -> dict:
@@ -118,7 +137,7 @@ def _unwrap(tp):
             return tp, meta, optional
 
 
-def _prepare(cls, data, source: str, prefix: str):
+def _prepare(cls, data, source: str, prefix: str, overridden: frozenset = frozenset()):
     """Checks keys (with a close-match suggestion), turns an empty section (None) into {}, and a single value
     given for a list field (e.g. `data.train=a.jsonl`) into a one-element list."""
     if data is None:
@@ -132,15 +151,15 @@ def _prepare(cls, data, source: str, prefix: str):
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {sorted(known)}"
-            raise ConfigKeyError(f"{source}: unknown key '{prefix}{key}'{hint}")
+            raise ConfigKeyError(f"{_where(source, f'{prefix}{key}', overridden)}: unknown key '{prefix}{key}'{hint}")
         tp, _, optional = _unwrap(hints[key])
         if dataclasses.is_dataclass(tp) and not (value is None and optional):
-            value = _prepare(tp, value, source, f"{prefix}{key}.")
+            value = _prepare(tp, value, source, f"{prefix}{key}.", overridden)
         elif typing.get_origin(tp) is list and value is not None:
             value = value if isinstance(value, (list, tuple)) else [value]
             item = _unwrap(typing.get_args(tp)[0])[0] if typing.get_args(tp) else None
             if item is not None and dataclasses.is_dataclass(item):
-                value = [_prepare(item, v, source, f"{prefix}{key}[{i}].") for i, v in enumerate(value)]
+                value = [_prepare(item, v, source, f"{prefix}{key}[{i}].", overridden) for i, v in enumerate(value)]
         out[key] = value
     return out
 
@@ -193,12 +212,13 @@ def _expected(tp) -> str:
     return text + (" or null" if optional else "")
 
 
-def _describe_error(cls, error: dict, source: str) -> str:
+def _describe_error(cls, error: dict, source: str, overridden: frozenset = frozenset()) -> str:
     loc = [part for part in error["loc"] if part != "__root__"]
     key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     if error["type"] == "value_error":  # raised by a settings class's own cross-field check
         message = str(error.get("ctx", {}).get("error", error["msg"]))
         return f"{source}: {message}"
+    source = _where(source, ".".join(str(p) for p in loc if not isinstance(p, int)), overridden)
     if error["type"] == "missing":
         if loc and isinstance(loc[-1], int):  # a tuple that is too short
             key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[:-1]).lstrip(".")

@@ -75,7 +75,8 @@ def evaluate_checkpoint(config: FFTRecipeConfig, trained: bool, batch_size: int 
     loss = evaluate_loss(model, batches, Dist(), vocab)
     chat_model = ChatModel(model, template, suppress_ids=vocab.suppress_tokens if vocab else (), batch_size=batch_size)
     scored = exact_match(chat_model, _read_rows(config.evaluate.data), extract=_final_answer,
-                         max_new_tokens=config.evaluate.max_new_tokens, enable_thinking=config.evaluate.enable_thinking)
+                         max_new_tokens=config.evaluate.max_new_tokens, enable_thinking=config.evaluate.enable_thinking,
+                         progress=config.output.progress)
     return {"model": "trained" if trained else "initial", "held_out_loss": loss, "exact_match": scored.accuracy,
             "num_questions": scored.total, "samples": scored.predictions[:3]}
 

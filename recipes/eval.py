@@ -4,7 +4,8 @@
         output.dir=runs/eval eval.mode=official|loglik|think
 
 Modes:
-- official: VMLU's zero-shot prompt, one greedy token, compared with the gold letter as VMLU's script does.
+- official: VMLU's zero-shot prompt, one greedy token, compared with the gold letter as VMLU's script does; a
+  token that is not one of the question's letters (a digit, a word) counts wrong and as unparseable.
 - loglik: the most likely option letter after the same prompt, among the question's valid letters only.
   Each letter is scored as the token the tokenizer really produces after the prompt (" A" after "là:").
 - think: the prompt as a chat turn with thinking on, *sampled* (Qwen3's model card advises against greedy
@@ -205,8 +206,9 @@ def _predictions_from_replies(mode: str, questions: list[Question], replies: lis
     for sample in replies:
         letters = {}
         for question, (text, finish_reason) in zip(questions, sample):
-            if mode == "official":  # VMLU's check: the generated token, stripped, equals the gold letter
-                letter = text.strip() or None
+            if mode == "official":  # VMLU's check: the generated token, stripped, equals the gold letter;
+                letter = text.strip()  # anything but one of the question's letters (a digit, "") is unparseable
+                letter = letter if letter in set(question.letters) else None
             else:
                 letter = answer_after_thinking(text, question.letters)
             detail = details[question.id]

@@ -104,6 +104,18 @@ def _examples_from_arrays(input_ids, labels, offsets) -> list[Example]:
     return [Example(input_ids[a:b], labels[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
 
 
+def _row_count(paths) -> int | None:
+    """The number of rows in JSONL files (a quick pass over the bytes), so the tokenising bar shows an ETA;
+    None when another format is among them (its row count would cost a full parse)."""
+    if any(Path(p).suffix.lower() not in (".jsonl", ".ndjson") for p in paths):
+        return None
+    total = 0
+    for path in paths:
+        with open(path, "rb") as f:
+            total += sum(1 for line in f if line.strip())
+    return total
+
+
 def _tokenise(paths, template, options, on_error, progress, summary) -> list[Example]:
     supervise = "last" if options["multi_turn"] != "all" else "all"
     examples, pending = [], []
@@ -114,13 +126,14 @@ def _tokenise(paths, template, options, on_error, progress, summary) -> list[Exa
                                               empty_think=options["empty_think"]))
         pending.clear()
 
-    with tqdm(desc="tokenising", unit=" rows", disable=not progress) as bar:
+    total = _row_count(paths) if progress else None
+    with tqdm(total=total, desc="tokenising", unit=" rows", disable=not progress) as bar:
         for path in paths:
             for line, row in read_conversations(path, options["format"], options["max_row_bytes"]):
                 bar.update()
                 if isinstance(row, RowError):
                     if on_error == "raise":
-                        raise DataError(f"{path}:{line}: {row} (pass on_error='skip' to skip and count bad rows)")
+                        raise DataError(f"{path}:{line}: {row} (data.on_error=skip skips and counts bad rows)")
                     summary.skipped.append(SkippedRow(str(path), line, row.field, row.reason))
                     continue
                 summary.num_rows += 1

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from qforge.kernels import fused_linear_kl
 
@@ -200,7 +201,7 @@ def _targets_of(example: Example) -> int:
 
 @torch.no_grad()
 def teacher_top_k(teacher, examples: list[Example], k: int, max_tokens: int, device, output_ids=None,
-                  chunk_bytes: int = 2**28, rank: int = 0, world: int = 1):
+                  chunk_bytes: int = 2**28, rank: int = 0, world: int = 1, progress: bool = False):
     """(ids int32 [targets, k], log-probs float32 [targets, k]) per example: the teacher's next-token top-k at
     each supervised target over `output_ids` (default: its whole vocabulary), in chunks of rows (no [T, V]).
 
@@ -210,7 +211,7 @@ def teacher_top_k(teacher, examples: list[Example], k: int, max_tokens: int, dev
     score = _scorer(teacher)
     groups = score_groups(examples, max_tokens)
     results = [None] * len(examples)
-    for start in range(0, len(groups), world):
+    for start in tqdm(range(0, len(groups), world), desc="teacher top-k", unit="group", disable=not progress):
         if start + rank >= len(groups):
             score(torch.zeros(1, dtype=torch.long, device=device))  # FSDP's all-gathers are collectives
             continue
@@ -326,7 +327,8 @@ class OffPolicyDistill:
         if self._teacher is None:
             self._teacher = load_teacher(self.teacher_path, config.train.precision, dist_)
         scored = teacher_top_k(self._teacher, examples, self.top_k, config.data.max_tokens, dist_.device,
-                               teacher_output_ids(self.teacher_path), rank=dist_.rank, world=dist_.world)
+                               teacher_output_ids(self.teacher_path), rank=dist_.rank, world=dist_.world,
+                               progress=config.output.progress and dist_.is_main)
         pid = int(dist_.all_reduce_sum(float(os.getpid() if dist_.is_main else 0)))  # rank 0's: one staging dir
         tmp = path.parent / f".{path.name}.tmp{pid}"
         tmp.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from qforge.kernels import fused_linear_cross_entropy
 
@@ -177,7 +178,8 @@ class DPO:
                 log.info("reference log-probs of %d pairs read from %s", len(self._pairs), path)
             return
         scorer = model if self.reference_path is None else self._reference_model(model, config, dist_)
-        self.reference_logps = self._score_all(scorer, config.data.max_tokens, dist_, vocab, autocast)
+        self.reference_logps = self._score_all(scorer, config.data.max_tokens, dist_, vocab, autocast,
+                                               progress=config.output.progress and dist_.is_main)
         del scorer
         if dist_.is_main:
             directory.mkdir(parents=True, exist_ok=True)
@@ -211,14 +213,15 @@ class DPO:
                        b"all" if vocab_index is None else vocab_index.cpu().numpy().tobytes())
 
     @torch.no_grad()
-    def _score_all(self, model, max_tokens, dist_, vocab, autocast) -> torch.Tensor:
+    def _score_all(self, model, max_tokens, dist_, vocab, autocast, progress: bool = False) -> torch.Tensor:
         """Every pair's log-probs with the current (starting) weights; ranks take turns over the batches and
         run equally many forwards, then sum their disjoint results."""
         batches = pack_pairs(self._pairs, max_tokens, seed=0, vocab=vocab)
         scores = torch.zeros(len(self._pairs), 2, dtype=torch.float64)
         was_training = model.training
         model.eval()
-        for r in range(math.ceil(len(batches) / dist_.world)):
+        for r in tqdm(range(math.ceil(len(batches) / dist_.world)), desc="reference log-probs", unit="batch",
+                      disable=not progress):
             index = r * dist_.world + dist_.rank
             batch = batches[min(index, len(batches) - 1)].to(dist_.device)
             with autocast():

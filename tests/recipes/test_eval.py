@@ -81,7 +81,8 @@ def test_official_mode_matches_hf_one_greedy_token(checkpoint, tmp_path, oracle,
         prompt = oracle_prompt(hf_tokenizer, question, chat_template)
         ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids])
         token = int(model(ids, logits_to_keep=1).logits[0, -1].argmax())
-        expected[question.id] = tokenizer.decode([token], skip_special_tokens=True).strip() or None
+        text = tokenizer.decode([token], skip_special_tokens=True).strip()
+        expected[question.id] = text if text in question.letters and text else None  # else unparseable
     report, predictions = evaluate(checkpoint, tmp_path, "official", **{"eval.chat_template": chat_template})
     check_against(report, predictions, questions, expected)
 
@@ -134,6 +135,27 @@ def test_endpoint_modes_read_scripted_replies(tmp_path, questions):
             check_against(report, predictions, questions, expected)
 
 
+@pytest.mark.parametrize("mode", ["official", "think"])
+def test_answers_that_are_not_a_choice_letter_count_as_unparseable(tmp_path, questions, mode):
+    """A model answering with digits (the demo model on MCQ) scores 0 and every answer is unparseable, in
+    every mode; 'B' on the last question is read."""
+    last = questions[-1]
+
+    def reply(request):
+        letter = "B" if last.question in request.messages[-1]["content"] else "2"
+        return letter if request.max_tokens == 1 else f"<think>…</think>\n\nĐáp án đúng là: {letter}"
+
+    with ChatServer(ScriptedBackend(reply, name="scripted"), port=0) as server:
+        overrides = [f"model.base_url={server.url}", "model.model=scripted", f"data.path={DATA}",
+                     f"data.limit={LIMIT}", f"output.dir={tmp_path}", f"eval.mode={mode}"]
+        report = run(load_config(EvalConfig, "recipes/configs/eval_endpoint.yaml", overrides))
+    assert report["unparseable"] == LIMIT - 1 and report["unfinished"] == 0
+    assert report["overall"]["no_answer"] == LIMIT - 1
+    assert report["overall"]["correct"] == int(last.answer == "B")
+    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [p["pred"] for p in predictions] == [None] * (LIMIT - 1) + ["B"]
+
+
 def test_cli_writes_outputs_and_rejects_unknown_keys(checkpoint, tmp_path, capsys):
     command = [sys.executable, "recipes/eval.py", "--config", "recipes/configs/eval.yaml", f"model.path={checkpoint}",
                f"output.dir={tmp_path}", "data.limit=4"]
@@ -142,7 +164,7 @@ def test_cli_writes_outputs_and_rejects_unknown_keys(checkpoint, tmp_path, capsy
     assert "accuracy" in done.stdout and (tmp_path / "report.json").exists()
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 4
     assert main(command[2:] + ["eval.mdoe=loglik"]) == 2  # a config error: one line, exit code 2
-    assert "unknown key 'eval.mdoe'; did you mean 'eval.mode'?" in capsys.readouterr().err
+    assert "command line: unknown key 'eval.mdoe'; did you mean 'eval.mode'?" in capsys.readouterr().err
 
 
 def test_exact_match_helper_compares_extracted_answers(checkpoint):

@@ -96,3 +96,21 @@ def test_multi_turn_split_trains_each_turn_with_its_own_reasoning(data_file, qwe
     assert decode(last[-1]) == decode(examples[-1]) and len(last) == len(ROWS)
     with pytest.raises(ValueError, match="multi_turn"):
         TokenizeSettings(multi_turn="every")
+
+
+def test_tokenising_shows_a_bar_with_the_row_count(data_file, tmp_path, qwen_template, capsys):
+    """The bar knows how many rows a JSONL file holds (blank lines aside), so it shows an ETA."""
+    data_file.write_text(data_file.read_text() + "\n\n")
+    load_examples(data_file, qwen_template, progress=True)
+    err = capsys.readouterr().err
+    assert "tokenising: 100%|" in err and f"| {len(ROWS)}/{len(ROWS)} [" in err, err
+    load_examples(data_file, qwen_template, progress=False)
+    assert "tokenising" not in capsys.readouterr().err
+
+
+def test_a_bad_row_names_the_override_that_skips_it(data_file, qwen_template):
+    from qforge.engine.data.formats import DataError
+
+    data_file.write_text(data_file.read_text() + '{"messages": []}\n')
+    with pytest.raises(DataError, match=rf":{len(ROWS) + 1}: .*\(data\.on_error=skip skips and counts bad rows\)$"):
+        load_examples(data_file, qwen_template, progress=False)

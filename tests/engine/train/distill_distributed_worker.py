@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 EOS = 7  # the stop id of the on-policy samples (a random tiny model rarely samples it: most completions are cut)
-CONFIG = SimpleNamespace(train=SimpleNamespace(precision="fp32"), data=SimpleNamespace(max_tokens=48))
+CONFIG = SimpleNamespace(train=SimpleNamespace(precision="fp32"), data=SimpleNamespace(max_tokens=48),
+                         output=SimpleNamespace(progress=False))
 
 
 def _prompt_batch(prompts, seed):

@@ -2,6 +2,7 @@
 and both recipes end to end with exact resume."""
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,18 @@ def test_an_off_policy_step_is_the_same_however_it_is_split_and_a_filler_adds_no
     assert split_loss == pytest.approx(one, rel=1e-6) and one > 0
     for a, b in zip(one_grads, split_grads):
         torch.testing.assert_close(b, a, atol=1e-6 * a.abs().max().item(), rtol=0)
+
+
+def test_teacher_scoring_shows_a_progress_bar_with_its_total(few_rows, teacher, tmp_path, capsys):
+    """Scoring a large set takes minutes: the main rank shows a bar with a total (so an ETA), unless
+    output.progress=false."""
+    template = ChatTemplate.from_pretrained(teacher)
+    for progress in (False, True):
+        config = _config(few_rows, tmp_path / f"out-{progress}", teacher, **{"output.progress": progress})
+        OffPolicyDistill(str(teacher), top_k=8).load_data(config, template, Dist())
+        err = capsys.readouterr().err
+        assert ("teacher top-k" in err) == progress, err
+    assert re.search(r"teacher top-k: 100%\|[^|]*\| (\d+)/\1 \[", err), err
 
 
 def test_the_teacher_is_loaded_once_for_the_train_and_eval_stores(tiny_run_files, few_rows, teacher, tmp_path,
