@@ -29,8 +29,8 @@ import triton.language as tl
 
 from .dispatch import Launch, use_triton
 
-GPU_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)          # plain and SwiGLU-backward epilogues
-GPU_SWIGLU_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)    # two fp32 accumulators
+GPU_BLOCKS = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)          # plain epilogue
+GPU_SWIGLU_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)    # SwiGLU epilogues: gate and up tiles
 GPU_WGRAD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
 INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)   # small tiles: the tests' tiny shapes span several
 EPILOGUE_PLAIN, EPILOGUE_SWIGLU, EPILOGUE_SWIGLU_BACKWARD = 0, 1, 2
@@ -142,7 +142,7 @@ def _gemm_triton(a, weight, offsets, n, transpose: bool, epilogue: int = EPILOGU
     out = K). Returns OUT (and GU or GRAD_GU for the SwiGLU epilogues)."""
     M, K = a.shape
     E = weight.shape[0]
-    blocks = _blocks(a, GPU_SWIGLU_BLOCKS if epilogue == EPILOGUE_SWIGLU else GPU_BLOCKS)
+    blocks = _blocks(a, GPU_BLOCKS if epilogue == EPILOGUE_PLAIN else GPU_SWIGLU_BLOCKS)
     out = torch.empty(M, n, dtype=a.dtype, device=a.device)
     extra = torch.empty(M, 2 * n, dtype=a.dtype, device=a.device) if epilogue != EPILOGUE_PLAIN else out
     stride_bk, stride_bn = (weight.stride(2), weight.stride(1)) if transpose else (weight.stride(1), weight.stride(2))
@@ -307,7 +307,7 @@ def aot_launches(shape: MoeShape, dtype: str = "bf16"):
             (EPILOGUE_SWIGLU_BACKWARD, I, H, (H, I), False, "moe down dgrad"),
             (EPILOGUE_PLAIN, H, 2 * I, (2 * I, H), False, "moe gate/up dgrad")):
         stride_bk, stride_bn = (1, inner) if transpose else (inner, 1)
-        blocks = GPU_SWIGLU_BLOCKS if epilogue == EPILOGUE_SWIGLU else GPU_BLOCKS
+        blocks = GPU_BLOCKS if epilogue == EPILOGUE_PLAIN else GPU_SWIGLU_BLOCKS
         yield Launch(_grouped_gemm_kernel, {**common, "N": n, "K": k, "stride_am": k, "stride_be": out * inner,
                                             "stride_bk": stride_bk, "stride_bn": stride_bn},
                      {"EPILOGUE": epilogue, "PRECISION": "tf32", "BLOCK_E": triton.next_power_of_2(E), **blocks}, 4,
