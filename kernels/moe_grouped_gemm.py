@@ -197,12 +197,17 @@ def _weight_grad_torch(dy, x, offsets, dtype):
 
 
 def _swiglu_backward_torch(grad_h, gu):
-    gate, up = gu.float().chunk(2, dim=-1)
+    """(grad of [gate | up], h = silu(gate) · up) from grad_h and the saved pre-activations, in place where it can."""
+    compute = gu if gu.dtype in (torch.float32, torch.float64) else gu.float()
+    gate, up = compute.chunk(2, dim=-1)
+    grad_h = grad_h.to(compute.dtype)
     sig = torch.sigmoid(gate)
     silu = gate * sig
-    grad = grad_h.float()
-    grad_gu = torch.cat([grad * up * sig * (1 + gate * (1 - sig)), grad * silu], dim=-1).to(gu.dtype)
-    return grad_gu, (silu * up).to(gu.dtype)
+    grad_gu = torch.empty_like(compute)
+    grad_gate, grad_up = grad_gu.chunk(2, dim=-1)
+    torch.mul(grad_h, silu, out=grad_up)
+    torch.mul(grad_h, torch.rsub(sig, 1).mul_(gate).add_(1).mul_(sig).mul_(up), out=grad_gate)  # silu' · up
+    return grad_gu.to(gu.dtype), silu.mul_(up).to(gu.dtype)
 
 
 class _GroupedGemmFunction(torch.autograd.Function):

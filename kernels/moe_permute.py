@@ -5,10 +5,12 @@ tokens keep their order inside an expert) and keeps both directions of the map: 
 token of sorted row i, `sorted_position[t, k]` the sorted row of token t's k-th expert. `counts` and `offsets`
 (int32, what grouped GEMMs take) give each expert's contiguous slice. Nothing here syncs with the host.
 
-The two ops are each other's backward, so they live in one file and share two gather kernels (no atomics,
-deterministic): `_gather_rows_kernel` (permute forward; un-permute backward, which also scales by the routing
-weight and reduces the routing-weight gradient in the same pass) and `_combine_rows_kernel` (un-permute
-forward: out[t] = Σ_k w[t, k] · y[sorted_position[t, k]]; permute backward with unit weights).
+The two ops are each other's backward, so they live in one file and share two gathers (no scatter-add, no
+atomics, deterministic): `_gather` (permute forward; un-permute backward, which also scales by the routing
+weight and reduces the routing-weight gradient in the same pass) and `_combine` (un-permute forward:
+out[t] = Σ_k w[t, k] · y[sorted_position[t, k]]; permute backward with unit weights). Each is a Triton kernel
+and, for the PyTorch path, index_select + bmm (an indexing op's autograd would scatter-add into zeros instead:
+the largest non-GEMM cost of the block in a CPU profile).
 """
 from dataclasses import dataclass
 
@@ -96,12 +98,21 @@ def _block_h(H: int) -> int:
     return min(triton.next_power_of_2(H), MAX_BLOCK_H)
 
 
-def _gather(src: torch.Tensor, row_index: torch.Tensor, scale=None, scale_index=None, grad_rows=None):
-    """src[row_index] (rows scaled by scale[scale_index] and the scale's gradient, if given)."""
+def _gather(src: torch.Tensor, row_index: torch.Tensor, triton_path: bool, scale=None, scale_index=None,
+            grad_rows=None):
+    """src[row_index], or with `scale`: rows scaled by scale[scale_index], and scale's gradient
+    grad_scale[scale_index[i]] = <src[row_index[i]], grad_rows[i]> (scale_index is a permutation)."""
     H = src.shape[1]
-    out = torch.empty(row_index.numel(), H, dtype=src.dtype, device=src.device)
-    scale_grad = torch.empty_like(scale) if scale is not None else None
     with_scale = scale is not None
+    if not triton_path:
+        out = src.index_select(0, row_index)
+        if not with_scale:
+            return out, None
+        scale_grad = torch.empty_like(scale)
+        scale_grad[scale_index] = (out * grad_rows).sum(-1).to(scale.dtype)
+        return out.mul_(scale[scale_index].unsqueeze(-1)), scale_grad
+    out = torch.empty(row_index.numel(), H, dtype=src.dtype, device=src.device)
+    scale_grad = torch.empty_like(scale) if with_scale else None
     _gather_rows_kernel[(row_index.numel(),)](
         src, row_index, out, H, scale if with_scale else src, grad_rows if with_scale else src,
         scale_grad if with_scale else src, scale_index if with_scale else row_index, WITH_SCALE=with_scale,
@@ -109,10 +120,14 @@ def _gather(src: torch.Tensor, row_index: torch.Tensor, scale=None, scale_index=
     return out, scale_grad
 
 
-def _combine(rows: torch.Tensor, sorted_position: torch.Tensor, weight=None, dtype=None):
+def _combine(rows: torch.Tensor, sorted_position: torch.Tensor, triton_path: bool, weight=None):
+    """Σ_k weight[t, k] · rows[sorted_position[t, k]] (unit weights when weight is None)."""
     T, K = sorted_position.shape
     H = rows.shape[1]
-    out = torch.empty(T, H, dtype=dtype or rows.dtype, device=rows.device)
+    if not triton_path:
+        gathered = rows.index_select(0, sorted_position.reshape(-1)).view(T, K, H)
+        return gathered.sum(1) if weight is None else torch.bmm(weight.unsqueeze(1), gathered).squeeze(1)
+    out = torch.empty(T, H, dtype=rows.dtype, device=rows.device)
     _combine_rows_kernel[(T,)](rows, sorted_position, weight if weight is not None else rows, out, H, K,
                                WITH_WEIGHT=weight is not None, BLOCK_H=_block_h(H))
     return out
@@ -120,37 +135,31 @@ def _combine(rows: torch.Tensor, sorted_position: torch.Tensor, weight=None, dty
 
 class _PermuteFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, source_token, sorted_position):
+    def forward(ctx, x, source_token, sorted_position, triton_path):
         ctx.save_for_backward(sorted_position)
-        return _gather(x.contiguous(), source_token)[0]
+        ctx.triton_path = triton_path
+        return _gather(x.contiguous(), source_token, triton_path)[0]
 
     @staticmethod
     def backward(ctx, grad_out):
         (sorted_position,) = ctx.saved_tensors
-        return _combine(grad_out.contiguous(), sorted_position), None, None
+        return _combine(grad_out.contiguous(), sorted_position, ctx.triton_path), None, None, None
 
 
 class _UnpermuteFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows, weight, order, source_token, sorted_position):
+    def forward(ctx, rows, weight, order, source_token, sorted_position, triton_path):
         rows, weight = rows.contiguous(), weight.contiguous()
         ctx.save_for_backward(rows, weight, order, source_token)
-        return _combine(rows, sorted_position, weight)
+        ctx.triton_path = triton_path
+        return _combine(rows, sorted_position, triton_path, weight)
 
     @staticmethod
     def backward(ctx, grad_out):
         rows, weight, order, source_token = ctx.saved_tensors
-        grad_rows, grad_weight = _gather(grad_out.contiguous(), source_token, weight.reshape(-1), order, rows)
-        return grad_rows, grad_weight.view(weight.shape), None, None, None
-
-
-def moe_permute_reference(x: torch.Tensor, routing: MoeRouting) -> torch.Tensor:
-    return x[routing.source_token]
-
-
-def moe_unpermute_reference(rows: torch.Tensor, weight: torch.Tensor, routing: MoeRouting) -> torch.Tensor:
-    gathered = rows[routing.sorted_position]  # [T, K, H]
-    return (gathered * weight.to(rows.dtype).unsqueeze(-1)).sum(1)
+        grad_rows, grad_weight = _gather(grad_out.contiguous(), source_token, ctx.triton_path, weight.reshape(-1),
+                                         order, rows)
+        return grad_rows, grad_weight.view(weight.shape), None, None, None, None
 
 
 def moe_permute(x: torch.Tensor, routing: MoeRouting, *, backend: str = "auto") -> torch.Tensor:
@@ -158,9 +167,7 @@ def moe_permute(x: torch.Tensor, routing: MoeRouting, *, backend: str = "auto") 
     if x.dim() != 2 or x.shape[0] != routing.sorted_position.shape[0]:
         raise ValueError(f"moe_permute: x must be [tokens={routing.sorted_position.shape[0]}, hidden], "
                          f"got {tuple(x.shape)}")
-    if use_triton(backend, x):
-        return _PermuteFunction.apply(x, routing.source_token, routing.sorted_position)
-    return moe_permute_reference(x, routing)
+    return _PermuteFunction.apply(x, routing.source_token, routing.sorted_position, use_triton(backend, x))
 
 
 def moe_unpermute(rows: torch.Tensor, weight: torch.Tensor, routing: MoeRouting, *,
@@ -169,10 +176,8 @@ def moe_unpermute(rows: torch.Tensor, weight: torch.Tensor, routing: MoeRouting,
     if weight.shape != routing.sorted_position.shape or rows.shape[0] != weight.numel():
         raise ValueError(f"moe_unpermute: rows {tuple(rows.shape)} and weight {tuple(weight.shape)} do not match "
                          f"the routing [tokens, top_k] = {tuple(routing.sorted_position.shape)}")
-    if use_triton(backend, rows, weight):
-        return _UnpermuteFunction.apply(rows, weight.to(rows.dtype), routing.order, routing.source_token,
-                                        routing.sorted_position)
-    return moe_unpermute_reference(rows, weight, routing)
+    return _UnpermuteFunction.apply(rows, weight.to(rows.dtype), routing.order, routing.source_token,
+                                    routing.sorted_position, use_triton(backend, rows, weight))
 
 
 def aot_launches(shape, dtype: str = "bf16"):
