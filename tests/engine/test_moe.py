@@ -133,3 +133,23 @@ def test_bad_moe_config_is_named():
         Qwen3Config.from_hf(hf, source="ckpt/config.json")
     with pytest.raises(ConfigError, match="ckpt/config.json: mlp_only_layers"):
         Qwen3Config.from_hf(dict(TINY_MOE, model_type="qwen3_moe", mlp_only_layers=[2]), source="ckpt/config.json")
+
+
+def test_activation_checkpointing_keeps_loss_aux_and_gradients(pair):
+    """The aux loss is built from statistics the blocks keep; recomputing the blocks in the backward must not
+    change it or its gradient."""
+    _, ours, _ = pair
+    ids = torch.randint(0, 512, (30,), generator=torch.Generator().manual_seed(5))
+    results = []
+    for checkpointing in (False, True):
+        ours.zero_grad()
+        ours.train()
+        ours.activation_checkpointing = checkpointing
+        loss = ours(ids).logsumexp(-1).mean() + ours.router_aux_loss()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}))
+    ours.activation_checkpointing = False
+    ours.eval()
+    torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
