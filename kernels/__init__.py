@@ -8,5 +8,5 @@ from .rms_norm import rms_norm
 from .rope import apply_rope
 from .swiglu import swiglu
 
-__all__ = ["fused_linear_cross_entropy", "fused_linear_kl", "rms_norm", "swiglu", "apply_rope", "moe_routing", "moe_permute",
-           "moe_unpermute", "moe_grouped_gemm", "moe_expert_mlp", "MoeRouting"]
+__all__ = ["fused_linear_cross_entropy", "fused_linear_kl", "rms_norm", "swiglu", "apply_rope", "moe_routing",
+           "moe_permute", "moe_unpermute", "moe_grouped_gemm", "moe_expert_mlp", "MoeRouting"]

@@ -296,7 +296,8 @@ def moe_expert_mlp(x: torch.Tensor, offsets: torch.Tensor, gate_up_proj: torch.T
     if down_proj.shape != (E, H, two_width // 2) or two_width % 2 or x.shape[1] != H:
         raise ValueError(f"moe_expert_mlp: x {tuple(x.shape)}, gate_up_proj {tuple(gate_up_proj.shape)} and "
                          f"down_proj {tuple(down_proj.shape)} are not [M, H], [E, 2I, H], [E, H, I]")
-    return _ExpertMLPFunction.apply(x, offsets, gate_up_proj, down_proj, use_triton(backend, x, gate_up_proj, down_proj))
+    triton_path = use_triton(backend, x, gate_up_proj, down_proj)
+    return _ExpertMLPFunction.apply(x, offsets, gate_up_proj, down_proj, triton_path)
 
 
 def aot_launches(shape: MoeShape, dtype: str = "bf16"):

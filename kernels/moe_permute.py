@@ -33,10 +33,6 @@ class MoeRouting:
     counts: torch.Tensor           # [E] int64 tokens per expert
     offsets: torch.Tensor          # [E + 1] int32 start row of each expert
 
-    @property
-    def num_experts(self) -> int:
-        return self.counts.numel()
-
 
 def moe_routing(expert_ids: torch.Tensor, num_experts: int) -> MoeRouting:
     """The expert-sorted order of top-k routing `expert_ids` [T, K] (values in [0, num_experts))."""
@@ -47,7 +43,8 @@ def moe_routing(expert_ids: torch.Tensor, num_experts: int) -> MoeRouting:
     sorted_position = torch.empty_like(order)
     sorted_position[order] = torch.arange(order.numel(), device=order.device)
     # scatter_add, not bincount: fixed output size, no host sync, and an out-of-range id fails loudly
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat,
+                                                                                         torch.ones_like(flat))
     offsets = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
     return MoeRouting(order, order // expert_ids.shape[1], sorted_position.view(expert_ids.shape), counts, offsets)
 

@@ -168,7 +168,8 @@ def main(argv=None) -> int:
               f"{moe.hidden}), T = {moe.tokens}, H100 roofline (bounds, not measurements)\n")
         print(format_costs(costs))
         print(f"\ngrouped GEMMs fwd+bwd per layer: {sum(c.flops for c in gemms) / 1e12:.2f} TFLOP, roofline "
-              f"{sum(c.seconds for c in gemms) * 1e3:.2f} ms; whole expert path {sum(c.seconds for c in costs) * 1e3:.2f} ms")
+              f"{sum(c.seconds for c in gemms) * 1e3:.2f} ms; whole expert path "
+              f"{sum(c.seconds for c in costs) * 1e3:.2f} ms")
         return 0
     shape = next(s for s in QWEN3_SHAPES if s.name == args.model)
     shape = ModelShape(shape.name, shape.hidden, shape.intermediate, shape.q_heads, shape.kv_heads,
