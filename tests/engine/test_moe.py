@@ -153,3 +153,23 @@ def test_activation_checkpointing_keeps_loss_aux_and_gradients(pair):
     torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_sharded_checkpoint_with_experts_split_across_files(tmp_path):
+    """One layer's experts spread over several shard files load into the fused weights, and a sharded export
+    reloads in transformers."""
+    torch.manual_seed(0)
+    theirs = Qwen3MoeForCausalLM(Qwen3MoeConfig(**TINY_MOE)).eval()
+    theirs.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    expert_files = {file for key, file in index.items() if ".mlp.experts." in key}
+    assert len(expert_files) > 1
+    ours = load_model(tmp_path / "hf", dtype=torch.float32)
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0)
+    save_model(ours, tmp_path / "export", max_shard_size="40KB")
+    assert (tmp_path / "export" / "model.safetensors.index.json").is_file()
+    reloaded = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32)
+    expected = theirs.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in reloaded.state_dict().items())
