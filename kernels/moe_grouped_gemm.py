@@ -50,7 +50,7 @@ class MoeShape:
 @triton.jit
 def _grouped_gemm_kernel(A, B, OUT, GU, GRAD_GU, TILE_END, OFFSETS, N, K, stride_am, stride_be, stride_bk,
                          stride_bn, num_experts, EPILOGUE: tl.constexpr, PRECISION: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
+                         DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
     """acc = A[rows of e] @ B[e] (B[e] read as [K, N] through its strides), then by EPILOGUE:
     0: OUT [M, N] = acc. 1: B has 2N columns [gate | up]; GU [M, 2N] = both products, OUT = silu(gate) · up.
     2: acc is grad_h; reads GU, writes GRAD_GU [M, 2N] (SwiGLU backward) and OUT = the recomputed h."""
@@ -75,9 +75,14 @@ def _grouped_gemm_kernel(A, B, OUT, GU, GRAD_GU, TILE_END, OFFSETS, N, K, stride
         a = tl.load(A + rows[:, None] * stride_am + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b_mask = k_mask[:, None] & col_mask[None, :]
         b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn, mask=b_mask, other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if EPILOGUE == 1:
             b_up = tl.load(b_base + ks[:, None] * stride_bk + (cols + N)[None, :] * stride_bn, mask=b_mask, other=0.0)
+            if DOT_FP32:
+                b_up = b_up.to(tl.float32)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
     mask = row_mask[:, None] & col_mask[None, :]
     out_at = rows[:, None] * N + cols[None, :]
@@ -103,8 +108,8 @@ def _grouped_gemm_kernel(A, B, OUT, GU, GRAD_GU, TILE_END, OFFSETS, N, K, stride
 
 
 @triton.jit
-def _grouped_weight_grad_kernel(DY, X, DW, OFFSETS, N, K, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grouped_weight_grad_kernel(DY, X, DW, OFFSETS, N, K, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """DW[e] [N, K] = DY[rows of e]ᵀ @ X[rows of e] (DY [M, N], X [M, K] contiguous)."""
     e = tl.program_id(0)
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -118,6 +123,9 @@ def _grouped_weight_grad_kernel(DY, X, DW, OFFSETS, N, K, PRECISION: tl.constexp
         rows = rows.to(tl.int64)
         dy = tl.load(DY + rows[:, None] * N + ns[None, :], mask=row_mask[:, None] & (ns < N)[None, :], other=0.0)
         x = tl.load(X + rows[:, None] * K + ks[None, :], mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
+        if DOT_FP32:
+            dy = dy.to(tl.float32)
+            x = x.to(tl.float32)
         acc = tl.dot(tl.trans(dy), x, acc, input_precision=PRECISION)
     mask = (ns < N)[:, None] & (ks < K)[None, :]
     tl.store(DW + e.to(tl.int64) * N * K + ns[:, None] * K + ks[None, :], acc.to(DW.dtype.element_ty), mask=mask)
@@ -125,6 +133,12 @@ def _grouped_weight_grad_kernel(DY, X, DW, OFFSETS, N, K, PRECISION: tl.constexp
 
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dot_fp32(x: torch.Tensor) -> bool:
+    """Triton's interpreter (CPU tensors) multiplies bf16 tiles wrongly; upcast there. Exact products of bf16
+    values with fp32 accumulation are what the GPU's tensor cores compute, so the result is the same math."""
+    return not x.is_cuda
 
 
 def _blocks(x: torch.Tensor, gpu: dict) -> dict:
@@ -150,7 +164,8 @@ def _gemm_triton(a, weight, offsets, n, transpose: bool, epilogue: int = EPILOGU
     gu_in, grad_gu = (extra, out) if epilogue == EPILOGUE_SWIGLU else (gu if gu is not None else out, extra)
     _grouped_gemm_kernel[grid](a, weight, out, gu_in, grad_gu, _tile_end(offsets, blocks["BLOCK_M"]), offsets, n,
                                K, a.stride(0), weight.stride(0), stride_bk, stride_bn, E, EPILOGUE=epilogue,
-                               PRECISION=_precision(a.dtype), BLOCK_E=triton.next_power_of_2(E), **blocks)
+                               PRECISION=_precision(a.dtype), DOT_FP32=_dot_fp32(a),
+                               BLOCK_E=triton.next_power_of_2(E), **blocks)
     return out, extra
 
 
@@ -159,7 +174,7 @@ def _weight_grad_triton(dy, x, offsets, dtype):
     blocks = _blocks(x, GPU_WGRAD_BLOCKS)
     grad = torch.empty(E, N, K, dtype=dtype, device=x.device)
     _grouped_weight_grad_kernel[(E, triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(K, blocks["BLOCK_K"]))](
-        dy, x, grad, offsets, N, K, PRECISION=_precision(x.dtype), **blocks)
+        dy, x, grad, offsets, N, K, PRECISION=_precision(x.dtype), DOT_FP32=_dot_fp32(x), **blocks)
     return grad
 
 
@@ -316,11 +331,12 @@ def aot_launches(shape: MoeShape, dtype: str = "bf16"):
         blocks = GPU_BLOCKS if epilogue == EPILOGUE_PLAIN else GPU_SWIGLU_BLOCKS
         yield Launch(_grouped_gemm_kernel, {**common, "N": n, "K": k, "stride_am": k, "stride_be": out * inner,
                                             "stride_bk": stride_bk, "stride_bn": stride_bn},
-                     {"EPILOGUE": epilogue, "PRECISION": "tf32", "BLOCK_E": triton.next_power_of_2(E), **blocks}, 4,
+                     {"EPILOGUE": epilogue, "PRECISION": "tf32", "DOT_FP32": False,
+                      "BLOCK_E": triton.next_power_of_2(E), **blocks}, 4,
                      what)
     for n, k, what in ((H, I, "moe down wgrad"), (2 * I, H, "moe gate/up wgrad")):
         yield Launch(_grouped_weight_grad_kernel, {"DY": ptr, "X": ptr, "DW": ptr, "OFFSETS": "*i32", "N": n, "K": k},
-                     {"PRECISION": "tf32", **GPU_WGRAD_BLOCKS}, 4, what)
+                     {"PRECISION": "tf32", "DOT_FP32": False, **GPU_WGRAD_BLOCKS}, 4, what)
 
 
 __all__ = ["MoeShape", "moe_grouped_gemm", "moe_expert_mlp", "has_grouped_mm"]

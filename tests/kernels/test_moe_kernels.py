@@ -110,3 +110,26 @@ def test_bad_inputs_are_named():
         moe_grouped_gemm(torch.randn(4, 8), torch.randn(3, 6, 8), torch.tensor([0, 1, 2, 4]))
     with pytest.raises(ValueError, match="expert_ids must be"):
         moe_routing(torch.tensor([0, 1]), 3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_moe_block_is_within_bf16_rounding_of_fp64(backend, triton_interpreter):
+    """bf16 inputs: the whole path (permute, expert MLP, un-permute, and the gradients) stays within a few bf16
+    ulps of fp64 truth on the bf16-rounded inputs."""
+    torch.manual_seed(0)
+    T = 23
+    expert_ids = routings(T)[0][1]
+    leaves = [torch.randn(T, H), torch.rand(T, K), 0.2 * torch.randn(E, 2 * I, H), 0.2 * torch.randn(E, H, I)]
+    leaves = [t.to(torch.bfloat16).requires_grad_() for t in leaves]
+    routing = moe_routing(expert_ids, E)
+    x, weights, gate_up, down = leaves
+    out = moe_unpermute(moe_expert_mlp(moe_permute(x, routing, backend=backend), routing.offsets, gate_up, down,
+                                       backend=backend), weights, routing, backend=backend)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    expected = loop_reference(leaves64[0], expert_ids, *leaves64[1:])
+    assert out.dtype == torch.bfloat16
+    assert max_abs_diff(out, expected) <= 0.02 * expected.abs().max().item()
+    grad_out = torch.randn(T, H).to(torch.bfloat16)
+    for grad, ref in zip(torch.autograd.grad(out, leaves, grad_out),
+                         torch.autograd.grad(expected, leaves64, grad_out.double())):
+        assert grad.dtype == torch.bfloat16 and max_abs_diff(grad, ref) <= 0.02 * ref.abs().max().item()
