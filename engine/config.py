@@ -39,11 +39,12 @@ class Qwen3Config:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     rope_scaling: dict | None = None   # None: default RoPE; else YaRN keys (see rope_scaling.normalize_rope_scaling)
-    # Qwen3-MoE (engine/moe.py); HF's names and defaults
+    # Qwen3-MoE (engine/moe.py): HF's names and defaults, except num_experts (0 = dense; a qwen3_moe config.json
+    # without it gets HF's 128)
     num_experts: int = 0
     num_experts_per_tok: int = 8
     moe_intermediate_size: int = 768
-    norm_topk_prob: bool = True
+    norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     router_aux_loss_coef: float = 0.001
@@ -95,7 +96,8 @@ class Qwen3Config:
             hf = language_config(hf, source)
         elif hf.get("model_type") == "qwen3_moe":
             # transformers ≥ 5 writes `num_local_experts` (its attribute map reads both)
-            hf = {**hf, "num_experts": hf.get("num_experts", hf.get("num_local_experts", 0))}
+            hf = {**hf, "num_experts": hf.get("num_experts", hf.get("num_local_experts", 128)),
+                  "mlp_only_layers": hf.get("mlp_only_layers") or []}
         elif hf.get("model_type") != "qwen3":
             fail("model_type", f"is {hf.get('model_type')!r}; qforge supports 'qwen3' (dense Qwen3), 'qwen3_moe' "
                                f"(Qwen3 Mixture-of-Experts) and 'qwen3_vl' (the dense Qwen3-VL language model)")

@@ -173,3 +173,14 @@ def test_sharded_checkpoint_with_experts_split_across_files(tmp_path):
     reloaded = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32)
     expected = theirs.state_dict()
     assert all(torch.equal(tensor, expected[name]) for name, tensor in reloaded.state_dict().items())
+
+
+def test_omitted_moe_fields_take_transformers_defaults():
+    """A qwen3_moe config.json may leave fields out: both readers must build the same model from it."""
+    hf = {k: v for k, v in TINY_MOE.items() if k not in ("num_experts", "num_experts_per_tok", "mlp_only_layers")}
+    ours = Qwen3Config.from_hf(dict(hf, model_type="qwen3_moe"))
+    theirs = Qwen3MoeConfig(**hf)
+    for name in ("num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+                 "mlp_only_layers", "router_aux_loss_coef"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.num_experts == theirs.num_experts == 128
