@@ -21,6 +21,7 @@ from .config import ConfigError, Qwen3Config, read_json
 from .errors import CheckpointError
 from .files import staged_dir, write_json
 from .model import Qwen3, hf_key
+from .moe import from_hf_tensors, hf_tensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -39,18 +40,16 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
         key_files = {key: file for key, file in key_files.items() if qwen3_vl.is_language_key(key)}
     with torch.device("meta"):
         model = Qwen3(config)
-    expected = {key_of(name): param for name, param in model.named_parameters()}
+    parts = {name: hf_tensors(key_of(name), param) for name, param in model.named_parameters()}  # MoE: per expert
+    expected = {key: part for split in parts.values() for key, part in split.items()}
     _check_tensors(path, config, expected, key_files)
 
-    by_file: dict[Path, list[str]] = {}
-    for key in expected:
-        by_file.setdefault(key_files[key], []).append(key)
-    names = {key_of(name): name for name, _ in model.named_parameters()}
-    for file, keys in by_file.items():
-        with _open_tensors(file, device="cpu") as tensors:
-            for key in keys:
-                tensor = tensors.get_tensor(key).to(device=device, dtype=dtype)
-                _assign(model, names[key], tensor)
+    with contextlib.ExitStack() as stack:
+        files = {file: stack.enter_context(_open_tensors(file, device="cpu"))
+                 for file in {key_files[key] for key in expected}}
+        for name, split in parts.items():
+            tensors = [files[key_files[key]].get_tensor(key).to(device=device, dtype=dtype) for key in split]
+            _assign(model, name, from_hf_tensors(key_of(name), tensors))
     model.reset_buffers()
     model.source_checkpoint = path  # a Qwen3-VL export rewrites this checkpoint (see save_model)
     model.checkpoint_format = qwen3_vl.MODEL_TYPE if is_vl else "qwen3"
@@ -68,6 +67,9 @@ def load_sharded(model: Qwen3, path: str | Path, device: str | torch.device) -> 
 
     path = Path(path)
     config = Qwen3Config.from_json(path / "config.json")
+    if config.num_experts:
+        raise CheckpointError(f"{path}: sharded (FSDP) loading of a Qwen3-MoE checkpoint is not implemented yet; "
+                              f"train it in one process")
     key_files = _tensor_files(path)
     params = dict(model.named_parameters())
     _check_tensors(path, config, {hf_key(name): p for name, p in params.items()}, key_files)
@@ -126,7 +128,7 @@ def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB"
     limit = parse_size(max_shard_size)
     rank, world = (dist_.rank, dist_.world) if dist_ is not None and dist_.enabled else (0, 1)
     source = state_dict if state_dict is not None else {n: p for n, p in model.named_parameters()}
-    params = {hf_key(name): t for name, t in source.items()}
+    params = {key: part for name, t in source.items() for key, part in hf_tensors(hf_key(name), t).items()}
     dtype = dtype or getattr(model, "source_dtype", None) or next(iter(params.values())).dtype
     if getattr(model, "checkpoint_format", "qwen3") == qwen3_vl.MODEL_TYPE:  # rewrites the source checkpoint
         state = {name: _gathered(t.detach(), dtype).to("cpu") for name, t in source.items()}
@@ -147,7 +149,9 @@ def save_model(model: Qwen3, path: str | Path, max_shard_size: int | str = "5GB"
             for key in keys:
                 full = _gathered(params[key].detach(), dtype)  # a collective: every rank takes part
                 if mine:
-                    tensors[key] = full.to("cpu").contiguous()
+                    full = full.to("cpu").contiguous()
+                    # one expert's view of a fused MoE weight: safetensors refuses tensors sharing storage
+                    tensors[key] = full.clone() if full.untyped_storage().nbytes() != full.nbytes else full
                 del full
             if mine:
                 save_file(tensors, str(tmp / name), metadata={"format": "pt"})

@@ -1,6 +1,7 @@
 """Qwen3 model configuration, read from and written to HF `config.json`.
 
-Only what defines the dense Qwen3 decoder is kept. Anything that would make the checkpoint a different
+Only what defines the Qwen3 decoder is kept: dense (`qwen3`) or Mixture-of-Experts (`qwen3_moe`: the MoE fields
+below; `num_experts` = 0 means dense). Anything that would make the checkpoint a different
 model than the one qforge builds (another model_type, rope scaling, sliding windows, attention bias)
 is rejected with an error naming the field, never silently ignored. Qwen3-VL checkpoints (`qwen3_vl`) are read
 through their nested `text_config` (see `qwen3_vl.language_config`); `rope_scaling` may be YaRN (`rope_scaling.py`).
@@ -8,7 +9,7 @@ through their nested `text_config` (see `qwen3_vl.language_config`); `rope_scali
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -38,6 +39,15 @@ class Qwen3Config:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     rope_scaling: dict | None = None   # None: default RoPE; else YaRN keys (see rope_scaling.normalize_rope_scaling)
+    # Qwen3-MoE (engine/moe.py): HF's names and defaults, except num_experts (0 = dense; a qwen3_moe config.json
+    # without it gets HF's 128)
+    num_experts: int = 0
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 768
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    router_aux_loss_coef: float = 0.001
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -53,6 +63,23 @@ class Qwen3Config:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.torch_dtype not in _DTYPES:
             raise ConfigError(f"torch_dtype {self.torch_dtype!r} is not one of {sorted(_DTYPES)}")
+        if self.num_experts:
+            for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if self.num_experts_per_tok > self.num_experts:
+                raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts "
+                                  f"({self.num_experts})")
+            if not isinstance(self.mlp_only_layers, list) or any(
+                    not isinstance(i, int) or not 0 <= i < self.num_hidden_layers for i in self.mlp_only_layers):
+                raise ConfigError(f"mlp_only_layers must list layer indices in [0, {self.num_hidden_layers}), got "
+                                  f"{self.mlp_only_layers!r}")
+
+    def is_sparse_layer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` has the sparse MoE block instead of the dense MLP (HF's rule)."""
+        return (layer_idx not in self.mlp_only_layers and self.num_experts > 0
+                and (layer_idx + 1) % self.decoder_sparse_step == 0)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -67,9 +94,13 @@ class Qwen3Config:
         if hf.get("model_type") == "qwen3_vl":
             from .qwen3_vl import language_config
             hf = language_config(hf, source)
+        elif hf.get("model_type") == "qwen3_moe":
+            # transformers ≥ 5 writes `num_local_experts` (its attribute map reads both)
+            hf = {**hf, "num_experts": hf.get("num_experts", hf.get("num_local_experts", 128)),
+                  "mlp_only_layers": hf.get("mlp_only_layers") or []}
         elif hf.get("model_type") != "qwen3":
-            fail("model_type", f"is {hf.get('model_type')!r}; qforge supports 'qwen3' (dense Qwen3) and 'qwen3_vl' "
-                               f"(the dense Qwen3-VL language model)")
+            fail("model_type", f"is {hf.get('model_type')!r}; qforge supports 'qwen3' (dense Qwen3), 'qwen3_moe' "
+                               f"(Qwen3 Mixture-of-Experts) and 'qwen3_vl' (the dense Qwen3-VL language model)")
         if hf.get("hidden_act", "silu") != "silu":
             fail("hidden_act", f"is {hf['hidden_act']!r}; Qwen3 uses 'silu'")
         if hf.get("attention_bias", False):
@@ -106,11 +137,16 @@ class Qwen3Config:
         return cls.from_hf(read_json(path), source=str(path))
 
     def to_hf(self) -> dict:
-        """The config.json transformers expects for `Qwen3ForCausalLM` (the layout of the hub's Qwen3 files)."""
+        """The config.json transformers expects for `Qwen3ForCausalLM` or `Qwen3MoeForCausalLM` (the layout of the
+        hub's files: MoE fields only for MoE models)."""
         hf = asdict(self)
+        moe = bool(self.num_experts)
+        if not moe:
+            for name in _MOE_FIELDS:
+                del hf[name]
         hf.update(
-            architectures=["Qwen3ForCausalLM"],
-            model_type="qwen3",
+            architectures=["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"],
+            model_type="qwen3_moe" if moe else "qwen3",
             hidden_act="silu",
             attention_bias=False,
             attention_dropout=0.0,
@@ -119,6 +155,10 @@ class Qwen3Config:
             use_cache=True,
         )
         return hf
+
+
+_MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+               "mlp_only_layers", "router_aux_loss_coef")
 
 
 def read_json(path: str | Path) -> dict:

@@ -1,4 +1,4 @@
-"""The Qwen3 dense decoder in plain PyTorch.
+"""The Qwen3 decoder in plain PyTorch: dense, or Mixture-of-Experts (`qwen3_moe`, sparse blocks from engine/moe.py).
 
 Parameter names follow the HF checkpoint (minus its `model.` prefix, see `hf_key`), so loading and saving
 is a rename, not a conversion. Two input forms share one code path:
@@ -19,6 +19,7 @@ from qforge.kernels import apply_rope, fused_linear_cross_entropy, rms_norm, swi
 from .attention import padded_attention, varlen_attention
 from .config import Qwen3Config
 from .data.packing import positions_from_cu_seqlens
+from .moe import SparseMoeBlock, expert_load, load_balancing_loss
 from .rope_scaling import rope_frequencies
 
 
@@ -81,7 +82,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = SparseMoeBlock(config) if config.is_sparse_layer(layer_idx) else MLP(config)
 
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, kv_cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, kv_cache)
@@ -116,6 +117,9 @@ class Qwen3(nn.Module):
                 module.weight.copy_(weight.normal_(0.0, std, generator=generator))
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
+            elif isinstance(module, SparseMoeBlock):
+                for param in module.parameters():
+                    param.copy_(torch.empty(param.shape).normal_(0.0, std, generator=generator))
         self.reset_buffers()
 
     def reset_buffers(self):
@@ -157,6 +161,20 @@ class Qwen3(nn.Module):
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None, kv_cache=None):
         """Logits [..., V]. Training should use `loss`, which never materialises them."""
         return F.linear(self.hidden(input_ids, position_ids, cu_seqlens, max_seqlen, kv_cache), self.output_weight)
+
+    def sparse_blocks(self) -> dict[int, SparseMoeBlock]:
+        return {i: block.mlp for i, block in enumerate(self.layers) if isinstance(block.mlp, SparseMoeBlock)}
+
+    def router_aux_loss(self) -> torch.Tensor | None:
+        """HF's load-balancing loss over every sparse layer of the last forward (None for a dense model); the
+        training loss adds `config.router_aux_loss_coef` times it."""
+        stats = [block.router_stats for block in self.sparse_blocks().values() if block.router_stats is not None]
+        return load_balancing_loss(stats) if stats else None
+
+    def expert_load(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Per sparse layer of the last forward: tokens per expert min / max / CV (0-dim tensors, for metrics)."""
+        return {i: expert_load(block.router_stats) for i, block in self.sparse_blocks().items()
+                if block.router_stats is not None}
 
     def loss(self, batch, vocab_index: torch.Tensor | None = None,
              target_index: torch.Tensor | None = None) -> torch.Tensor:

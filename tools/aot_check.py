@@ -24,6 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from qforge.kernels.dispatch import Launch, ModelShape, interpreter_active
+from qforge.kernels.moe_grouped_gemm import MoeShape
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ QWEN3_SHAPES = (
 )
 # module names, not `from qforge.kernels import ...`: the package re-exports functions under the same names
 KERNEL_MODULES = ("rms_norm", "swiglu", "rope", "fused_linear_cross_entropy", "fused_linear_kl")
+# Qwen3-MoE expert layers (hidden, experts, moe_intermediate_size, top-k): their kernels compile at these shapes
+MOE_SHAPES = (MoeShape("30B-A3B", 2048, 128, 768, 8), MoeShape("235B-A22B", 4096, 128, 1536, 8))
+MOE_KERNEL_MODULES = ("moe_permute", "moe_grouped_gemm")
 
 
 @dataclass
@@ -100,15 +104,16 @@ def specialise(launch: Launch) -> tuple[dict, dict, dict]:
     return {name: signature[name] for name in names}, constexprs, attrs
 
 
-def launches(shapes=QWEN3_SHAPES):
+def launches(shapes=QWEN3_SHAPES, moe_shapes=MOE_SHAPES):
     """{(kernel name, config key): (Launch, [model names])} over every module and shape, deduplicated."""
     found = {}
-    for shape in shapes:
-        for module in KERNEL_MODULES:
-            for launch in importlib.import_module(f"qforge.kernels.{module}").aot_launches(shape):
-                signature, constexprs, attrs = specialise(launch)
-                key = (launch.kernel.__name__, repr((signature, constexprs, sorted(attrs), launch.num_warps)))
-                found.setdefault(key, (launch, []))[1].append(f"{shape.name} {launch.what}")
+    jobs = [(shape, module) for shape in shapes for module in KERNEL_MODULES]
+    jobs += [(shape, module) for shape in moe_shapes for module in MOE_KERNEL_MODULES]
+    for shape, module in jobs:
+        for launch in importlib.import_module(f"qforge.kernels.{module}").aot_launches(shape):
+            signature, constexprs, attrs = specialise(launch)
+            key = (launch.kernel.__name__, repr((signature, constexprs, sorted(attrs), launch.num_warps)))
+            found.setdefault(key, (launch, []))[1].append(f"{shape.name} {launch.what}")
     return found
 
 
@@ -141,13 +146,13 @@ def compile_report(launch: Launch, models: list[str], arch: int) -> CompileRepor
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": launch.num_warps})
     resources = _cubin_resources(compiled.asm["cubin"])
     registers, static_shared, spills = resources if resources else (None, 0, None)
-    shown = sorted({m.split()[0] for m in models}, key=lambda m: float(m.rstrip("B")))
+    shown = sorted({m.split()[0] for m in models}, key=lambda m: float(re.match(r"[\d.]+", m).group()))
     return CompileReport(launch.kernel.__name__, describe(launch, signature, attrs), ",".join(shown), arch,
                          compiled.metadata.shared + static_shared, registers, spills, launch.num_warps)
 
 
-def check_all(archs=(80, 90), shapes=QWEN3_SHAPES) -> list[CompileReport]:
-    jobs = [(launch, models, arch) for launch, models in launches(shapes).values() for arch in archs]
+def check_all(archs=(80, 90), shapes=QWEN3_SHAPES, moe_shapes=MOE_SHAPES) -> list[CompileReport]:
+    jobs = [(launch, models, arch) for launch, models in launches(shapes, moe_shapes).values() for arch in archs]
     return [compile_report(*job) for job in tqdm(jobs, desc="AOT compile", unit="kernel", file=sys.stderr)]
 
 
@@ -170,14 +175,15 @@ def format_table(reports: list[CompileReport]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(ARCHS))
-    parser.add_argument("--models", nargs="+", choices=[s.name for s in QWEN3_SHAPES],
-                        help="Qwen3 sizes to check (default: all)")
+    parser.add_argument("--models", nargs="+", choices=[s.name for s in QWEN3_SHAPES + MOE_SHAPES],
+                        help="Qwen3 sizes to check, dense and MoE (default: all)")
     args = parser.parse_args(argv)
     if interpreter_active():
         parser.error("TRITON_INTERPRET=1 turns kernels into interpreter functions that cannot be compiled: "
                      "run without it")
     shapes = [s for s in QWEN3_SHAPES if not args.models or s.name in args.models]
-    reports = check_all(tuple(args.arch), shapes)
+    moe_shapes = [s for s in MOE_SHAPES if not args.models or s.name in args.models]
+    reports = check_all(tuple(args.arch), shapes, moe_shapes)
     print(format_table(reports))
     problems = [r for r in reports if not r.fits or r.spill_bytes]
     for r in problems:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from qforge.kernels.dispatch import ModelShape
 from qforge.kernels.fused_linear_cross_entropy import GPU_GRAD_ROWS, GPU_LOGIT_ROWS
-from qforge.tools.aot_check import QWEN3_SHAPES
+from qforge.kernels.moe_grouped_gemm import MoeShape
+from qforge.tools.aot_check import MOE_SHAPES, QWEN3_SHAPES
 
 PEAK_FLOPS = 989e12   # H100 SXM dense bf16
 PEAK_BYTES = 3.35e12  # H100 SXM HBM3
@@ -115,6 +116,29 @@ def loss_memory(T: int, H: int, V: int, logit_rows: int = GPU_LOGIT_ROWS, grad_r
     return {"peak_bytes": peak, "peak_beyond_returned_grads": peak - returned}
 
 
+def moe_costs(shape: MoeShape) -> list[Cost]:
+    """One MoE layer's expert path, forward + backward, over M = tokens · top_k expert-sorted rows. Bytes are
+    each operand once per launch (the grouped GEMMs re-read tiles from L2, which this bound assumes holds them:
+    at 30B-A3B an expert's [2I, H] weight is 6 MB, its average 1,024 rows 4 MB)."""
+    T, H, I, E, M = shape.tokens, shape.hidden, shape.width, shape.experts, shape.tokens * shape.top_k
+    gemm = 2 * M * H * I  # one [M, H] × [H, I] product summed over experts
+    rows, hidden = M * H * BF16, T * H * BF16
+    up_weights, down_weights = E * 2 * I * H * BF16, E * H * I * BF16
+    moved = [
+        ("moe permute fwd", 0, hidden + rows),
+        ("moe grouped gemm gate/up fwd + SwiGLU", 2 * gemm + 5 * M * I, rows + up_weights + 3 * M * I * BF16),
+        ("moe grouped gemm down fwd", gemm, M * I * BF16 + down_weights + rows),
+        ("moe unpermute fwd", 2 * M * H, rows + hidden),
+        ("moe unpermute bwd (+ weight grad)", 3 * M * H, hidden + 2 * rows),
+        ("moe grouped gemm down dgrad + SwiGLU bwd", gemm + 12 * M * I, rows + down_weights + 5 * M * I * BF16),
+        ("moe grouped gemm down wgrad", gemm, rows + M * I * BF16 + down_weights),
+        ("moe grouped gemm gate/up dgrad", 2 * gemm, 2 * M * I * BF16 + up_weights + rows),
+        ("moe grouped gemm gate/up wgrad", 2 * gemm, 2 * M * I * BF16 + rows + up_weights),
+        ("moe permute bwd", M * H, rows + hidden),
+    ]
+    return [Cost(name, flops, nbytes, nbytes) for name, flops, nbytes in moved]
+
+
 def model_costs(shape: ModelShape) -> list[Cost]:
     return rms_norm_costs(shape) + swiglu_costs(shape) + rope_costs(shape)
 
@@ -132,7 +156,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="8B", choices=[s.name for s in QWEN3_SHAPES])
     parser.add_argument("--tokens", type=int, default=16_384, help="tokens per micro-batch (scored by the loss)")
+    parser.add_argument("--moe", choices=[s.name for s in MOE_SHAPES],
+                        help="print the MoE expert path (grouped GEMMs) of this Qwen3-MoE model instead")
     args = parser.parse_args(argv)
+    if args.moe:
+        moe = next(s for s in MOE_SHAPES if s.name == args.moe)
+        moe = MoeShape(moe.name, moe.hidden, moe.experts, moe.width, moe.top_k, args.tokens)
+        costs = moe_costs(moe)
+        gemms = [c for c in costs if "grouped gemm" in c.name]
+        print(f"Qwen3-{moe.name} MoE layer ({moe.experts} experts of width {moe.width}, top-{moe.top_k}, hidden "
+              f"{moe.hidden}), T = {moe.tokens}, H100 roofline (bounds, not measurements)\n")
+        print(format_costs(costs))
+        print(f"\ngrouped GEMMs fwd+bwd per layer: {sum(c.flops for c in gemms) / 1e12:.2f} TFLOP, roofline "
+              f"{sum(c.seconds for c in gemms) * 1e3:.2f} ms; whole expert path "
+              f"{sum(c.seconds for c in costs) * 1e3:.2f} ms")
+        return 0
     shape = next(s for s in QWEN3_SHAPES if s.name == args.model)
     shape = ModelShape(shape.name, shape.hidden, shape.intermediate, shape.q_heads, shape.kv_heads,
                        shape.head_dim, shape.vocab, args.tokens)

@@ -78,3 +78,23 @@ def test_rms_norm_rejects_hidden_sizes_beyond_its_compiled_blocks():
     assert _block_h(MAX_BLOCK_H) == MAX_BLOCK_H == triton.next_power_of_2(MAX_BLOCK_H)
     with pytest.raises(ValueError, match="exceeds"):
         _block_h(MAX_BLOCK_H + 1)
+
+
+@pytest.mark.slow
+def test_moe_kernels_compile_at_the_30b_and_235b_moe_shapes_for_sm80_and_sm90():
+    """Every kernel of the MoE modules, at Qwen3-30B-A3B's and 235B-A22B's expert shapes, fits without spills."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    names = [shape.name for shape in aot_check.MOE_SHAPES]
+    assert names == ["30B-A3B", "235B-A22B"]
+    result = subprocess.run([sys.executable, "-m", "qforge.tools.aot_check", "--models", *names], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert rows and all(row[10] == "yes" and row[5] == "0" for row in rows)
+    for module in aot_check.MOE_KERNEL_MODULES:
+        kernels = [attr for attr, value in vars(importlib.import_module(f"qforge.kernels.{module}")).items()
+                   if type(value).__name__ in ("JITFunction", "InterpretedFunction")]
+        for kernel in kernels:
+            for target in ("sm_80", "sm_90"):
+                models = set().union(*(row[2].split(",") for row in rows if row[0] == kernel and row[3] == target))
+                assert models == set(names), f"{kernel} on {target}: compiled for {models}"

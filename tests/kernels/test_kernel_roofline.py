@@ -47,3 +47,19 @@ def test_cli_prints_the_account(capsys):
     assert account.main(["--model", "0.6B", "--tokens", "4096"]) == 0
     out = capsys.readouterr().out
     assert "rms_norm bwd q_norm" in out and "Liger's schedule" in out and "not measurements" in out
+
+
+def test_moe_grouped_gemm_account_at_30b_a3b(capsys):
+    """Gate, up and down are three [H, I] products per routed row, each run forward, as input gradient and as
+    weight gradient: 18·M·H·I FLOPs over M = T·top_k rows, plus the SwiGLU's 5 + 12 per activation."""
+    shape = next(s for s in account.MOE_SHAPES if s.name == "30B-A3B")
+    assert (shape.hidden, shape.experts, shape.width, shape.top_k) == (2048, 128, 768, 8)
+    M = shape.tokens * shape.top_k
+    gemms = [c for c in account.moe_costs(shape) if "grouped gemm" in c.name]
+    assert len(gemms) == 6
+    assert sum(c.flops for c in gemms) == 18 * M * shape.hidden * shape.width + 17 * M * shape.width
+    # gate/up (2I wide) is compute-bound on H100; down's dgrad with the SwiGLU backward's [M, 2I] reads is not
+    bound = {c.name: c.flops / c.min_bytes > account.PEAK_FLOPS / account.PEAK_BYTES for c in gemms}
+    assert bound["moe grouped gemm gate/up fwd + SwiGLU"] and not bound["moe grouped gemm down dgrad + SwiGLU bwd"]
+    assert account.main(["--moe", "30B-A3B"]) == 0
+    assert "moe grouped gemm gate/up fwd + SwiGLU" in capsys.readouterr().out

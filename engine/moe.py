@@ -1,0 +1,139 @@
+"""The Qwen3-MoE sparse block: a softmax top-k router over `num_experts` SwiGLU experts.
+
+Parameters carry HF's in-memory names and layouts (`gate.weight` [E, H], `experts.gate_up_proj` [E, 2I, H] with
+the gate rows first, `experts.down_proj` [E, H, I]), so the fused expert weights feed the grouped GEMMs as they
+are. On disk the hub (and `save_pretrained`) keeps one tensor per expert and projection; `hf_tensors` /
+`from_hf_tensors` convert between the two for engine/checkpoint.py.
+
+The experts run as permute → grouped expert MLP → weighted un-permute (kernels/moe_*.py). Each block keeps the
+statistics of its last forward (`router_stats`) for the load-balancing loss, which HF computes over all layers
+at once (`Qwen3.router_aux_loss`), and for the per-layer expert load metrics (`expert_load`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qforge.kernels import moe_expert_mlp, moe_permute, moe_routing, moe_unpermute
+
+from .config import Qwen3Config
+
+EXPERT_PROJECTIONS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+@dataclass
+class RouterStats:
+    """One sparse layer's routing in its last forward."""
+    tokens_per_expert: torch.Tensor  # [E] int64 assignments counted by the router's own (fp32) top-k
+    aux_counts: torch.Tensor         # [E] fp32 assignments as HF's loss counts them (top-k of probs in logits' dtype)
+    prob_sum: torch.Tensor           # [E] fp32 Σ over tokens of softmax(logits), differentiable
+    rows: int                        # tokens routed
+
+
+class Router(nn.Module):
+    """HF's Qwen3MoeTopKRouter: weights softmax(x Wᵀ) in fp32, top-k, optionally renormalised to sum to 1."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+
+    def forward(self, x: torch.Tensor):
+        """(logits [T, E] in x's dtype, routing weights [T, k] in that dtype, expert ids [T, k])."""
+        logits = F.linear(x, self.weight.to(x.dtype))
+        top, ids = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top = top / top.sum(dim=-1, keepdim=True)
+        return logits, top.to(logits.dtype), ids
+
+
+class Experts(nn.Module):
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        self.router_stats: RouterStats | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .model import autocast_weight
+
+        lead, H = x.shape[:-1], x.shape[-1]
+        flat = x.reshape(-1, H)
+        gate_up, down = (autocast_weight(w, flat) for w in (self.experts.gate_up_proj, self.experts.down_proj))
+        flat = flat.to(gate_up.dtype)
+        logits, weights, ids = self.gate(flat)
+        routing = moe_routing(ids, self.num_experts)
+        rows = moe_expert_mlp(moe_permute(flat, routing), routing.offsets, gate_up, down)
+        self.router_stats = _router_stats(logits, ids, routing.counts)
+        return moe_unpermute(rows, weights, routing).view(*lead, H)
+
+
+def _router_stats(logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> RouterStats:
+    """HF's load_balancing_loss_func takes softmax in the logits' dtype and re-ranks it: in fp32 that is the
+    router's own top-k; in bf16 rounding can break ties differently, so the loss's counts are taken again."""
+    probs = torch.softmax(logits, dim=-1)
+    if logits.dtype == torch.float32:
+        aux_counts = counts.float()
+    else:
+        aux_ids = torch.topk(probs, ids.shape[1], dim=-1).indices.reshape(-1)
+        aux_counts = torch.zeros(counts.numel(), device=ids.device).index_add_(
+            0, aux_ids, torch.ones(aux_ids.numel(), device=ids.device))
+    return RouterStats(counts, aux_counts, probs.float().sum(0), logits.shape[0])
+
+
+def load_balancing_loss(stats: list[RouterStats]) -> torch.Tensor:
+    """HF's `load_balancing_loss_func` (no attention mask: packed batches have no padding): E · Σ_e f_e · P_e with
+    f_e the share of top-k assignments and P_e the mean router probability of expert e, both pooled over every
+    layer's rows (not a per-layer mean)."""
+    rows = sum(s.rows for s in stats)
+    tokens_per_expert = sum(s.aux_counts for s in stats) / rows
+    router_prob = sum(s.prob_sum for s in stats) / rows
+    return (tokens_per_expert * router_prob).sum() * tokens_per_expert.numel()
+
+
+def expert_load(stats: RouterStats) -> dict[str, torch.Tensor]:
+    """Tokens per expert in one layer: min, max and coefficient of variation (std / mean), 0-dim tensors."""
+    counts = stats.tokens_per_expert.float()
+    return {"tokens_min": counts.min(), "tokens_max": counts.max(),
+            "tokens_cv": counts.std(unbiased=False) / counts.mean()}
+
+
+def _fused_expert(key: str) -> str | None:
+    """The projection name if `key` is a fused expert weight (`...mlp.experts.gate_up_proj`), else None."""
+    base, _, leaf = key.rpartition(".")
+    return leaf if base.endswith("mlp.experts") and leaf in EXPERT_PROJECTIONS else None
+
+
+def hf_tensors(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A parameter stored under HF `key` as the checkpoint tensors it is saved as: fused expert weights split
+    into HF's per-expert `experts.{e}.{gate,up,down}_proj.weight` views, anything else as is."""
+    leaf = _fused_expert(key)
+    if leaf is None:
+        return {key: tensor}
+    projections = EXPERT_PROJECTIONS[leaf]
+    parts = tensor.unflatten(1, (len(projections), -1))  # [E, 2, I, H] for gate_up, [E, 1, H, I] for down
+    base = key.rpartition(".")[0]
+    return {f"{base}.{e}.{projection}.weight": parts[e, i]
+            for e in range(tensor.shape[0]) for i, projection in enumerate(projections)}
+
+
+def from_hf_tensors(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of `hf_tensors`: the checkpoint tensors (in `hf_tensors`' key order) as the parameter."""
+    leaf = _fused_expert(key)
+    if leaf is None:
+        return tensors[0]
+    n = len(EXPERT_PROJECTIONS[leaf])
+    return torch.stack([torch.cat(tensors[i:i + n]) for i in range(0, len(tensors), n)])
