@@ -40,6 +40,18 @@ def meta_model(config: Qwen3Config, dtype: torch.dtype) -> Qwen3:
     return model.to(dtype=dtype)
 
 
+def refuse_untrainable(settings: ModelSettings) -> None:
+    """Stops before any work on a model the trainer cannot train soundly yet: a Qwen3-MoE checkpoint loads,
+    generates, serves and exports, but the trainer does not add its router's load-balancing loss yet (issue 27),
+    and training without it lets the router collapse onto a few experts."""
+    source = Path(settings.path) / "config.json" if settings.path is not None else settings.config
+    if source is None or not Path(source).is_file():
+        return  # the loader names a missing config.json itself
+    if Qwen3Config.from_json(source).num_experts:
+        raise ConfigError(f"{source}: a Qwen3-MoE model; training it (router load-balancing loss, expert "
+                          f"sharding) is not supported yet — it can be loaded, evaluated, served and exported")
+
+
 def build_model(settings: ModelSettings, dtype: torch.dtype, device: torch.device, shard=None) -> Qwen3:
     """The run's model on `device`. With `shard` (e.g. FSDP2's `shard_model`), a checkpoint is sharded on the
     meta device first and each rank reads only its own rows from the safetensors files: no rank ever holds a

@@ -34,7 +34,7 @@ from .config import FFTConfig
 from .objective import Objective
 from .loader import build_loader, planned_steps
 from .metrics import MFU, MetricsLogger, peak_memory_bytes, plot_loss_curve, training_flops
-from .build import build_model, build_vocab, resolve_tokenizer_dir
+from .build import build_model, build_vocab, refuse_untrainable, resolve_tokenizer_dir
 from .optim import build_optimizer, build_scheduler
 from .parallel import Dist, full_state_dict, init_distributed, shard_model
 from .state import (OutputLock, check_space, check_trained_settings, clean_stale_temporaries, latest_checkpoint,
@@ -277,7 +277,9 @@ def cache_dir_of(config: FFTConfig) -> str:
 def check_inputs(config: FFTConfig, objective: Objective | None = None):
     """What can be checked before output.dir is created, so a wrong path leaves nothing behind: every data file
     named by the config is a readable file, output.dir and data.cache_dir are (or can become) writable
-    directories, and the objective's own inputs (teacher, reference) are usable."""
+    directories, the model is one the trainer can train, and the objective's own inputs (teacher, reference)
+    are usable."""
+    refuse_untrainable(config.model)
     for key in ("train", "eval"):
         for path in getattr(config.data, key):
             try:
