@@ -29,7 +29,7 @@ from ..vocab import VocabMap
 from .config import FFTConfig
 from .objective import Objective
 from .loader import build_loader, planned_steps
-from .metrics import MFU, MetricsLogger, peak_memory_bytes, plot_loss_curve, training_flops
+from .metrics import MFU, MetricsLogger, matmul_dtype, peak_memory_bytes, plot_loss_curve, training_flops
 from .build import build_model, build_vocab, resolve_tokenizer_dir
 from .optim import build_optimizer, build_scheduler
 from .parallel import Dist, full_state_dict, init_distributed, shard_model
@@ -308,7 +308,7 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
         log.info("resumed from %s at step %d", resume, step)
 
     output_rows = model.config.vocab_size if vocab is None else vocab.new_size
-    mfu = MFU(dist_.device, param_dtype if compute_dtype is None else compute_dtype, dist_.world)
+    mfu = MFU(dist_.device, matmul_dtype(config.train.precision), dist_.world)
     wandb = ({"project": config.output.wandb_project, "name": out.name, "config": to_dict(config)}
              if config.output.wandb else None)
     logger = MetricsLogger(out, max_steps, step, enabled=dist_.is_main,
