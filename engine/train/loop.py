@@ -24,13 +24,14 @@ from ..config_io import to_dict
 from ..data import ChatTemplate, pack
 from ..data.cache import load_examples
 from ..errors import DataError, TrainingError
-from ..lora import apply_lora, export_lora, merged_state_dict
+from ..lora import export_lora, merged_state_dict
 from ..vocab import VocabMap
 from .config import FFTConfig
 from .objective import Objective
 from .loader import build_loader, planned_steps
 from .metrics import MFU, MetricsLogger, matmul_dtype, peak_memory_bytes, plot_loss_curve, training_flops
-from .build import build_model, build_vocab, resolve_tokenizer_dir
+from .build import (build_lora_model, build_model, build_vocab, default_allocator_settings,
+                    resolve_tokenizer_dir)
 from .optim import build_optimizer, build_scheduler
 from .parallel import Dist, full_state_dict, init_distributed, shard_model
 from .state import (OutputLock, clean_stale_temporaries, latest_checkpoint, load_checkpoint, resume_checkpoint,
@@ -244,6 +245,7 @@ def train(config: FFTConfig, objective: Objective | None = None,
           evaluate: Callable[[EvalPoint], dict] | None = None) -> TrainResult:
     """Runs (or resumes) a fine-tuning run; holds the lock on output.dir throughout. `objective`: see
     objective.py; `evaluate` is called at every train.eval_every steps and after the last step (see EvalPoint)."""
+    default_allocator_settings()  # before CUDA initialises
     dist_ = init_distributed(config.train.device, config.train.dist_timeout_s)
     with OutputLock(config.output.dir, dist_):
         if dist_.is_main:
@@ -269,14 +271,11 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
         data_fingerprint = {**data_fingerprint, "batch_size": config.train.batch_size}
     param_dtype, compute_dtype, autocast = precision_policy(config.train.precision, dist_)
     adapter_params = None  # LoRA: the only trainable parameters (MFU counts no weight gradients of the base)
-    if config.train.method == "lora":  # adapters wrap the loaded block linears, then FSDP shards the whole
-        model = build_model(config.model, param_dtype, dist_.device)
-        apply_lora(model, config.train.lora, seed=config.train.seed)
+    shard = (lambda m: shard_model(m, compute_dtype, dist_.device)) if dist_.enabled else None
+    if config.train.method == "lora":  # adapters wrap the block linears; FSDP shards the whole, the base read sharded
+        model = build_lora_model(config.model, config.train.lora, config.train.seed, param_dtype, dist_.device, shard)
         adapter_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        if dist_.enabled:
-            shard_model(model, compute_dtype, dist_.device)
     else:  # under FSDP each rank reads only its own shards of the checkpoint
-        shard = (lambda m: shard_model(m, compute_dtype, dist_.device)) if dist_.enabled else None
         model = build_model(config.model, param_dtype, dist_.device, shard=shard)
     vocab = build_vocab(config.vocab, datasets + [eval_examples], template, model.config.vocab_size)
     model.activation_checkpointing = config.train.activation_checkpointing

@@ -3,6 +3,7 @@ the autocast dtype, frozen models freed without waiting for a garbage collection
 import contextlib
 import gc
 import json
+import os
 import weakref
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def test_mfu_is_measured_against_the_peak_of_the_dtype_the_matmuls_run_in(tiny_r
         return peaks[dtype]
 
     monkeypatch.setattr(metrics, "measure_matmul_peak", probe)
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
     config = load_config(FFTConfig, None, tiny_overrides(tiny_run_files, tmp_path / "out", **{
         "train.precision": "bf16-mixed", "train.max_steps": 2}))
     train(config)
@@ -54,6 +57,16 @@ def test_mfu_is_measured_against_the_peak_of_the_dtype_the_matmuls_run_in(tiny_r
         flops_per_s = record["mfu"] * peaks[torch.bfloat16]
         assert 0 < record["mfu"] < 1 and flops_per_s > 0
     assert metrics.matmul_dtype("fp32") == torch.float32 and metrics.matmul_dtype("bf16") == torch.bfloat16
+    # the allocator setting the twin's memory figures assume, set by train() when the environment leaves it unset
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+def test_an_explicit_allocator_setting_is_kept(monkeypatch):
+    from qforge.engine.train.build import default_allocator_settings
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    default_allocator_settings()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
 
 
 def _tiny_model():
@@ -159,5 +172,48 @@ def test_release_returns_a_sharded_frozen_models_memory():
             release(alive())
             assert sum(s.nbytes() for s in shards) == 0
             assert "score" not in vars(alive())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lora_loads_its_base_sharded_with_the_adapters_of_a_single_process(tmp_path, monkeypatch):
+    """Under FSDP2 (rank 0 of a two-rank fake process group) LoRA's base is read like full fine-tuning's: no full
+    `load_model` per rank, each rank's shards hold its rows of the checkpoint, and the adapters hold the rows of
+    exactly what one process initialises (A drawn from the seed, B zero)."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from qforge.engine import checkpoint
+    from qforge.engine.lora import LoRASettings
+    from qforge.engine.train import build
+    from qforge.engine.train.config import ModelSettings
+    from qforge.engine.train.parallel import shard_model
+    from qwen3_fixtures import save_hf_qwen3
+
+    path = save_hf_qwen3(tmp_path / "base", seed=3)
+    settings, lora = ModelSettings(path=str(path)), LoRASettings(rank=4, target_modules=["q_proj", "down_proj"])
+    single = build.build_lora_model(settings, lora, 7, torch.float32, torch.device("cpu"))
+    expected = {name: p.detach().clone() for name, p in single.named_parameters()}
+    full_loads = []
+    monkeypatch.setattr(build, "load_model", lambda *a, **k: full_loads.append(a) or checkpoint.load_model(*a, **k))
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        model = build.build_lora_model(settings, lora, 7, torch.float32, torch.device("cpu"),
+                                       shard=lambda m: shard_model(m, None, mesh=mesh))
+        assert not full_loads
+        stored = load_file(path / "model.safetensors")
+        assert stored  # the oracle: the safetensors rows, independently of qforge's loader
+        for name, param in model.named_parameters():
+            local, rows = param.to_local(), build._global_rows(param)
+            assert local.shape[0] == (expected[name].shape[0] + 1) // 2, name  # rank 0's half of the rows
+            torch.testing.assert_close(local, expected[name][rows], atol=0, rtol=0, msg=name)
+            if ".lora_" not in name:
+                key = name if name.startswith("lm_head") else f"model.{name}"
+                torch.testing.assert_close(local, stored[key][rows].float(), atol=0, rtol=0, msg=name)
+        assert sum(".lora_B" in n for n, _ in model.named_parameters()) == 2 * TINY_QWEN3["num_hidden_layers"]
+        assert all(p.requires_grad == (".lora_" in n) for n, p in model.named_parameters())
     finally:
         dist.destroy_process_group()
