@@ -436,6 +436,10 @@ class OnPolicyDistill:
             raise ValueError(f"distill.teacher {self.teacher_path}: vocabulary size {vocab_size} differs from the "
                              f"student's {model.config.vocab_size}; both must share the tokenizer")
         self.teacher = load_teacher(self.teacher_path, config.train.precision, dist_)
+        self.attach(model, vocab)
+
+    def attach(self, model, vocab):
+        """The student's loss against the loaded `teacher`, and the tokens it may not sample."""
         if vocab is not None:  # the student samples only what its output head is trained on
             mask = torch.ones(model.config.vocab_size, dtype=torch.bool)
             mask[vocab.kept_ids[~torch.isin(vocab.kept_ids, vocab.suppress_ids)]] = False
