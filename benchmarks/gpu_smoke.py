@@ -238,9 +238,8 @@ def stage_throughput(args, files) -> dict:
 
 # --- subprocess stages ------------------------------------------------------------------------------------------
 def stage_kernel_tests(args, files) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1" if args.cpu else "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    if not args.cpu:
-        env["QFORGE_TEST_DEVICE"] = "cuda"
+    env = {**os.environ, "TRITON_INTERPRET": "1" if args.cpu else "0", "TRITON_DEFAULT_FP_FUSION": "1",
+           "QFORGE_TEST_DEVICE": "cpu" if args.cpu else "cuda"}
     command = [sys.executable, "-m", "pytest", "-q", "tests/kernels", "-m", "not slow", "-p", "no:cacheprovider"]
     if args.kernel_tests:
         command += ["-k", args.kernel_tests]

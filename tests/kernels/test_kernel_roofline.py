@@ -40,10 +40,11 @@ def test_kl_flops_match_the_flop_counter_on_the_real_schedule(teacher):
         weight = torch.empty(V, H, dtype=torch.bfloat16, device="cpu")
         scale = torch.ones(T, device="cpu")
         if teacher == "top_k":
-            spec, rows_fn = ("sparse", torch.zeros(T, 21, dtype=torch.long), torch.zeros(T, 21)), FLKL._sparse_rows_torch
+            spec = ("sparse", torch.zeros(T, 21, dtype=torch.long, device="cpu"), torch.zeros(T, 21, device="cpu"))
+            rows_fn = FLKL._sparse_rows_torch
         else:
-            spec = ("dense", torch.empty(T, teacher_hidden, dtype=torch.bfloat16),
-                    torch.empty(V, teacher_hidden, dtype=torch.bfloat16), True)
+            spec = ("dense", torch.empty(T, teacher_hidden, dtype=torch.bfloat16, device="cpu"),
+                    torch.empty(V, teacher_hidden, dtype=torch.bfloat16, device="cpu"), True)
             rows_fn = FLKL._dense_rows_torch
         plan = FLCE.chunk_plan(T, V, torch.bfloat16, cuda_layout=True)
         with FlopCounterMode(display=False) as counter:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]  # (not under tests/kernels: the smoke runs that directory)
 SMOKE = REPO / "benchmarks/gpu_smoke.py"
 
 
