@@ -59,9 +59,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     return model
 
 
-def load_sharded(model: Qwen3, path: str | Path, device: str | torch.device) -> Qwen3:
+def load_sharded(model: Qwen3, path: str | Path, device: str | torch.device, skip=()) -> Qwen3:
     """Fills a model sharded on the meta device (FSDP2 `fully_shard`) from an HF checkpoint directory: each rank
-    allocates only its own shards on `device` and reads only their rows from the memory-mapped safetensors."""
+    allocates only its own shards on `device` and reads only their rows from the memory-mapped safetensors.
+    Parameters named in `skip` (e.g. LoRA adapters) are not in the checkpoint: allocated, left for the caller."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -71,7 +72,7 @@ def load_sharded(model: Qwen3, path: str | Path, device: str | torch.device) -> 
         raise CheckpointError(f"{path}: sharded (FSDP) loading of a Qwen3-MoE checkpoint is not implemented yet; "
                               f"train it in one process")
     key_files = _tensor_files(path)
-    params = dict(model.named_parameters())
+    params = {name: p for name, p in model.named_parameters() if name not in skip}
     _check_tensors(path, config, {hf_key(name): p for name, p in params.items()}, key_files)
     model.to_empty(device=device)
     by_file: dict[Path, list[str]] = {}

@@ -12,22 +12,28 @@ Two teachers, one chunked driver:
   row pass returns forward KL(p_T ‖ p_S) or reverse KL(p_S ‖ p_T) and its gradient w.r.t. the student logits.
   The teacher gets no gradient.
 
-Like `fused_linear_cross_entropy` (same chunking idea, its own code): tokens go in chunks of `rows` × the whole
-kept vocabulary sized by `chunk_bytes`; each chunk's row pass overwrites the fp32 logits with the loss
-gradient and two matmuls finish grad_hidden and grad_weight in the forward, so the backward only scales them.
-Logits, softmax and grad_weight accumulation are fp32 whatever the input dtype.
+On the cross-entropy kernel's schedule and precision (its `chunk_plan`, `_matmul_into`, `_scaled`): chunks of
+rows × the whole kept vocabulary; each chunk's logits are fp32 (on CUDA written by `mm(..., out_dtype=float32)`
+from bf16 operands, the teacher's too), the row pass overwrites the student's with the loss gradient, and
+grad_hidden / grad_weight are finished in the forward (bf16 on CUDA: gradient rows gathered into a bf16 group
+buffer, grad_weight accumulated in fp32 by `addmm(..., out_dtype=float32)`, no [V, H] temporary per chunk), so
+the backward only scales them and rounds once. Without grad mode (or requires_grad) no gradient work is done.
 
 The row passes exist twice with the same contract: `_sparse_rows_torch` / `_dense_rows_torch` (the CPU
 reference, vectorised torch ops) and `_sparse_kl_rows_kernel` / `_dense_kl_rows_kernel` (Triton, one row per
 program, online max / sum-exp over vocab blocks).
 """
+import importlib
+
 import torch
 import triton
 import triton.language as tl
 
 from .dispatch import Launch, ModelShape, use_triton
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+# the module (the package re-exports its function under the same name): chunk plan, mixed-dtype matmuls, rounding
+_ce = importlib.import_module(f"{__package__}.fused_linear_cross_entropy")
+
 BLOCK_V = 4096
 ROW_KERNEL_WARPS = 8
 MAX_TOP_K = 128  # top-k columns per row (+1 for the CE label); the Triton kernel loads them as one block
@@ -169,67 +175,75 @@ def _dense_rows_torch(student, teacher, scale, reverse, with_grad):
     return losses
 
 
-def _chunked_kl_and_grads(hidden, weight, scale, teacher, rows_per_chunk, rows_fn, grad_hidden_needed,
-                          grad_weight_needed):
-    """Per-token losses [T] and the requested grads of Σ scale · loss w.r.t. hidden and weight.
+def _chunked_kl_and_grads(hidden, weight, scale, teacher, plan, rows_fn, need_grad_hidden, need_grad_weight):
+    """Per-token losses [T] and the fp32 grads (None where not needed) of Σ scale · loss, on the cross-entropy
+    kernel's schedule (`plan`): fp32 logits (mixed-dtype matmuls on CUDA), and with bf16 inputs on CUDA the
+    gradient rows gathered into a bf16 group buffer feeding one grad_hidden and one fp32-accumulating
+    grad_weight matmul per group (no [V, H] temporary).
 
     `teacher` is ("sparse", ids, probs) or ("dense", teacher_hidden, teacher_weight, reverse)."""
     T, V = hidden.shape[0], weight.shape[0]
-    with_grad = grad_hidden_needed or grad_weight_needed
+    with_grad = need_grad_hidden or need_grad_weight
+    mixed = with_grad and plan.grad_dtype != torch.float32
     losses = torch.empty(T, dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if grad_hidden_needed else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight_needed else None
-    rows = min(rows_per_chunk, T)
-    buffer = torch.empty(rows, V, dtype=torch.float32, device=hidden.device)
-    teacher_buffer = torch.empty(rows, V, dtype=torch.float32, device=hidden.device) if teacher[0] == "dense" else None
-
-    def project(x, w, out):
-        if x.dtype == torch.float32:
-            torch.mm(x, w.T, out=out)
-        else:
-            out.copy_(x @ w.T)
-
-    for start in range(0, T, rows_per_chunk):
-        end = min(start + rows_per_chunk, T)
-        chunk = hidden[start:end]
-        logits = buffer[:end - start]
-        project(chunk, weight, logits)
-        if teacher[0] == "sparse":
-            losses[start:end] = rows_fn(logits, teacher[1][start:end], teacher[2][start:end], scale[start:end],
-                                        with_grad)
-        else:
-            teacher_logits = teacher_buffer[:end - start]
-            project(teacher[1][start:end], teacher[2], teacher_logits)
-            losses[start:end] = rows_fn(logits, teacher_logits, scale[start:end], teacher[3], with_grad)
+    grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_grad_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad_weight else None
+    logits_buffer = torch.empty(plan.logit_rows, V, dtype=torch.float32, device=hidden.device)
+    teacher_buffer = torch.empty(plan.logit_rows, V, dtype=torch.float32, device=hidden.device) \
+        if teacher[0] == "dense" else None
+    grad_buffer = torch.empty(plan.grad_rows, V, dtype=plan.grad_dtype, device=hidden.device) if mixed else None
+    group_rows = plan.grad_rows if with_grad else plan.logit_rows
+    for group in range(0, T, group_rows):
+        group_end = min(group + group_rows, T)
+        for start in range(group, group_end, plan.logit_rows):
+            end = min(start + plan.logit_rows, group_end)
+            logits = logits_buffer[:end - start]
+            _ce._matmul_into(logits, hidden[start:end], weight.T)
+            if teacher[0] == "sparse":
+                losses[start:end] = rows_fn(logits, teacher[1][start:end], teacher[2][start:end], scale[start:end],
+                                            with_grad)
+            else:
+                teacher_logits = teacher_buffer[:end - start]
+                _ce._matmul_into(teacher_logits, teacher[1][start:end], teacher[2].T)
+                losses[start:end] = rows_fn(logits, teacher_logits, scale[start:end], teacher[3], with_grad)
+            if mixed:  # the row pass wrote fp32 gradients over the logits; the group buffer holds them rounded once
+                grad_buffer[start - group:end - group].copy_(logits)
         if not with_grad:
             continue
-        grad_logits = logits.to(hidden.dtype)
-        if grad_hidden_needed:
-            torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-        if grad_weight_needed and grad_logits.dtype == torch.float32:
-            grad_weight.addmm_(grad_logits.T, chunk)
-        elif grad_weight_needed:
-            grad_weight += (grad_logits.T @ chunk).float()
-    return losses, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
+        grads = grad_buffer[:group_end - group] if mixed else logits  # CPU layout: a group is one chunk
+        chunk = hidden[group:group_end]
+        if need_grad_hidden:
+            _ce._matmul_into(grad_hidden[group:group_end], grads.to(weight.dtype), weight)
+        if need_grad_weight:
+            _ce._matmul_into(grad_weight, grads.T, chunk.to(grads.dtype), accumulate=True)
+    return losses, grad_hidden, grad_weight
 
 
 class _FusedLinearKL(torch.autograd.Function):
-    """Inputs are already reduced to the tokens that take part; gradients are finished in the forward."""
+    """Inputs are already reduced to the tokens that take part; gradients are finished in the forward (fp32,
+    rounded once to the input dtype after the backward's scaling), and none are computed when `needs_grad`
+    (grad mode and requires_grad, decided by the caller: inside forward, needs_input_grad ignores grad mode)
+    is all False."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, scale, teacher, rows_per_chunk, rows_fn):
-        losses, grad_hidden, grad_weight = _chunked_kl_and_grads(hidden, weight, scale, teacher, rows_per_chunk,
-                                                                 rows_fn, *ctx.needs_input_grad[:2])
+    def forward(ctx, hidden, weight, scale, teacher, plan, rows_fn, needs_grad):
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        losses, grad_hidden, grad_weight = _chunked_kl_and_grads(hidden, weight, scale, teacher, plan, rows_fn,
+                                                                 *needs_grad)
         ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.consumed = False
         return (losses * scale).sum()
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.consumed:  # the fp32 gradients were scaled in place by the first backward
+            raise RuntimeError("fused_linear_kl: backward through the same loss twice (retain_graph=True) is not "
+                               "supported; recompute the loss")
+        ctx.consumed = True
         grad_hidden, grad_weight = ctx.saved_tensors
-        if not torch.equal(grad_out, torch.ones_like(grad_out)):
-            grad_hidden = None if grad_hidden is None else grad_hidden * grad_out
-            grad_weight = None if grad_weight is None else grad_weight * grad_out
-        return grad_hidden, grad_weight, None, None, None, None
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return (_ce._scaled(grad_hidden, grad_out, hidden_dtype), _ce._scaled(grad_weight, grad_out, weight_dtype),
+                None, None, None, None, None)
 
 
 def _kept_position(ids, vocab_size, vocab_index):
@@ -297,7 +311,7 @@ def _check_inputs(hidden, weight, labels, target_ids, target_logprobs, teacher_h
         raise ValueError(f"fused_linear_kl: loss_weight must be [T={T}], got {tuple(loss_weight.shape)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"fused_linear_kl: reduction={reduction!r}, expected one of {REDUCTIONS}")
-    if chunk_bytes <= 0:
+    if chunk_bytes is not None and chunk_bytes <= 0:
         raise ValueError(f"fused_linear_kl: chunk_bytes must be positive, got {chunk_bytes}")
 
 
@@ -307,7 +321,7 @@ def fused_linear_kl(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     direction: str = "forward", ce_weight: float = 0.0, renormalize: bool = True,
                     ignore_index: int = -100, loss_weight: torch.Tensor | None = None,
                     vocab_index: torch.Tensor | None = None, reduction: str = "sum",
-                    chunk_bytes: int = DEFAULT_CHUNK_BYTES, backend: str = "auto") -> torch.Tensor:
+                    chunk_bytes: int | None = None, backend: str = "auto") -> torch.Tensor:
     """Σ_t w_t · loss_t over the positions whose label is not ignore_index, student logits = hidden @
     weight[vocab_index].T, all distributions over the kept vocabulary.
 
@@ -347,8 +361,10 @@ def fused_linear_kl(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         rows_fn = _dense_rows_triton if use_triton(backend, hidden, weight) else _dense_rows_torch
         constant = None
         buffers = 2
-    rows_per_chunk = max(1, chunk_bytes // (kept_weight.shape[0] * 4 * buffers))
-    loss = _FusedLinearKL.apply(hidden, kept_weight, token_weight, teacher, rows_per_chunk, rows_fn)
+    needs_grad = (torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
+    plan = _ce.chunk_plan(max(1, len(rows)), kept_weight.shape[0], hidden.dtype, _ce._cuda_layout(hidden),
+                          None if chunk_bytes is None else max(1, chunk_bytes // buffers))
+    loss = _FusedLinearKL.apply(hidden, kept_weight, token_weight, teacher, plan, rows_fn, needs_grad)
     if constant is not None:
         loss = loss + (constant * token_weight).sum()
     return loss

@@ -170,7 +170,7 @@ def _gemm_triton(a, weight, offsets, n, transpose: bool, epilogue: int = EPILOGU
 
 
 def _weight_grad_triton(dy, x, offsets, dtype):
-    (M, N), K, E = dy.shape, x.shape[1], offsets.numel() - 1
+    N, K, E = dy.shape[1], x.shape[1], offsets.numel() - 1
     blocks = _blocks(x, GPU_WGRAD_BLOCKS)
     grad = torch.empty(E, N, K, dtype=dtype, device=x.device)
     _grouped_weight_grad_kernel[(E, triton.cdiv(N, blocks["BLOCK_N"]), triton.cdiv(K, blocks["BLOCK_K"]))](

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .dispatch import Launch, ModelShape, use_triton
+from .dispatch import Launch, use_triton
 
 MAX_BLOCK_H = 4096
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from qforge.engine.config import Qwen3Config
 from qforge.engine.train.metrics import training_flops

@@ -94,6 +94,34 @@ def loss_costs(T: int, H: int, V: int, logit_rows: int = GPU_LOGIT_ROWS, grad_ro
     ]
 
 
+def kl_loss_costs(T: int, H: int, V: int, teacher_hidden: int | None = None, reverse: bool = True,
+                  logit_rows: int = GPU_LOGIT_ROWS, grad_rows: int = GPU_GRAD_ROWS) -> list[Cost]:
+    """`fused_linear_kl`'s CUDA bf16 schedule (forward + backward), on the cross-entropy kernel's plan: the top-k
+    teacher (off-policy; K ≪ V columns gathered, not counted) or, with `teacher_hidden` = H', the full teacher's
+    logits per chunk (on-policy; forward or reverse KL). The row pass writes fp32 gradients over the logits, then
+    one copy rounds them into the bf16 group buffer (the CE kernel writes bf16 rows directly)."""
+    R, G = min(logit_rows, T), min(grad_rows, T)
+    chunks, groups = math.ceil(T / R), math.ceil(T / G)
+    weight, matmul = V * H * BF16, 2 * V * H
+    costs = [Cost("kl: zero fp32 grad_weight", 0, 0, V * H * FP32),
+             Cost("kl: logits = x @ W.T (fp32 out)", matmul * R, 0, weight + R * H * BF16 + R * V * FP32, chunks)]
+    if teacher_hidden is None:
+        costs.append(Cost("kl: top-k row pass (fp32 in place)", 6 * R * V, 0, 3 * R * V * FP32, chunks))
+    else:
+        costs.append(Cost("kl: teacher logits = t @ W_t.T (fp32 out)", 2 * V * teacher_hidden * R, 0,
+                          V * teacher_hidden * BF16 + R * teacher_hidden * BF16 + R * V * FP32, chunks))
+        passes = 8 if reverse else 5  # fp32 rows read or written: lse pass (s, t), loss/grad pass(es)
+        costs.append(Cost(f"kl: full-teacher {'reverse' if reverse else 'forward'} row pass", 12 * R * V, 0,
+                          passes * R * V * FP32, chunks))
+    return costs + [
+        Cost("kl: gradient rows fp32 → bf16 group buffer", R * V, 0, R * V * (FP32 + BF16), chunks),
+        Cost("kl: grad_hidden = g @ W (fp32 out)", matmul * G, 0, weight + G * V * BF16 + G * H * FP32, groups),
+        Cost("kl: grad_weight += g.T @ x (fp32 acc)", matmul * G, 0,
+             G * V * BF16 + G * H * BF16 + 2 * V * H * FP32, groups),
+        Cost("kl: backward scale + round (W, x)", V * H + T * H, 0, (V * H + T * H) * (FP32 + BF16)),
+    ]
+
+
 def liger_loss_costs(T: int, H: int, V: int) -> list[Cost]:
     """Liger-Kernel's FusedLinearCrossEntropy schedule: bf16 logits and bf16 grad_weight accumulator."""
     R = min(T, 2 ** math.ceil(math.log2(math.ceil(T / math.ceil(V / H)))))
@@ -186,6 +214,13 @@ def main(argv=None) -> int:
           f"{sum(c.seconds for c in liger) * 1e3:.1f} ms, ideal fused kernel (FLOPs only) {ideal * 1e3:.1f} ms; "
           f"extra memory {memory['peak_bytes'] / 1e9:.2f} GB held, {memory['peak_beyond_returned_grads'] / 1e9:.2f} GB "
           f"beyond the bf16 gradients it returns")
+    top_k = kl_loss_costs(T, H, V)
+    teacher = next((s.hidden for s in QWEN3_SHAPES if s.name == "32B"), H)
+    full = kl_loss_costs(T, H, V, teacher_hidden=teacher)
+    print("\n" + format_costs(top_k + full))
+    print(f"\nfused KL (fwd+bwd): top-k teacher {sum(c.seconds for c in top_k) * 1e3:.1f} ms, full teacher (H' = "
+          f"{teacher}, reverse KL) {sum(c.seconds for c in full) * 1e3:.1f} ms, against the fused CE's "
+          f"{sum(c.seconds for c in ours) * 1e3:.1f} ms")
     return 0
 
 

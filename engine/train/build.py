@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import types
 from pathlib import Path
 
 import torch
@@ -11,11 +13,29 @@ from ..checkpoint import load_model, load_sharded
 from ..config import Qwen3Config
 from ..errors import ConfigError
 from ..generate import is_sharded
+from ..lora import LoRASettings, apply_lora
 from ..model import Qwen3
 from ..vocab import VocabMap
 from .config import ModelSettings, VocabSettings
 
 log = logging.getLogger("qforge.train")
+
+
+ALLOCATOR_SETTING = "expandable_segments:True"
+
+
+def default_allocator_settings() -> None:
+    """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the environment sets it (or its newer name
+    PYTORCH_ALLOC_CONF): the memory figures of the GPU twin (docs/twin.md) assume an allocator that grows its
+    segments instead of stranding freed blocks of other sizes (the fused loss's chunk buffers, FSDP's gathers).
+    CUDA reads it once, when it initialises, so this runs before anything touches the device."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
+        return
+    if torch.cuda.is_initialized():
+        log.warning("CUDA was initialised before training started: PYTORCH_CUDA_ALLOC_CONF=%s (what the memory "
+                    "figures assume) not applied; export it before starting", ALLOCATOR_SETTING)
+        return
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_SETTING
 
 
 def resolve_tokenizer_dir(settings: ModelSettings) -> Path:
@@ -71,6 +91,54 @@ def build_model(settings: ModelSettings, dtype: torch.dtype, device: torch.devic
     return model
 
 
+def build_lora_model(settings: ModelSettings, lora: LoRASettings, seed: int, dtype: torch.dtype, device: torch.device,
+                     shard=None) -> Qwen3:
+    """The run's model with LoRA adapters on its block linears (`apply_lora`). With `shard` and a checkpoint, the
+    base is loaded like full fine-tuning (`build_model`): sharded on the meta device, each rank reading only its
+    own rows, and the adapters get exactly the values `apply_lora` draws on a loaded model (`_adapter_init`)."""
+    if shard is None or settings.path is None:
+        model = apply_lora(build_model(settings, dtype, device), lora, seed=seed)
+        if shard is not None:
+            shard(model)
+        return model
+    model = apply_lora(meta_model(Qwen3Config.from_json(Path(settings.path) / "config.json"), dtype), lora, seed=seed)
+    initial = _adapter_init(model.config, lora, seed, dtype, device)
+    shard(model)
+    load_sharded(model, settings.path, device, skip=initial)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in initial:
+                _local_rows(param).copy_(initial[name][_global_rows(param)])
+    return model
+
+
+def _adapter_init(config: Qwen3Config, lora: LoRASettings, seed: int, dtype: torch.dtype,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """The adapters' initial values: `apply_lora` on a skeleton whose base weights are memoryless stand-ins on
+    `device` (one element, expanded), so it draws the same random numbers, in the same order, as on a loaded model."""
+    skeleton = meta_model(config, dtype)
+    for module in skeleton.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight = torch.nn.Parameter(torch.empty(1, dtype=dtype, device=device).expand(module.weight.shape),
+                                               requires_grad=False)
+    apply_lora(skeleton, lora, seed=seed)
+    return {name: param.detach() for name, param in skeleton.named_parameters() if ".lora_" in name}
+
+
+def _local_rows(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def _global_rows(param: torch.Tensor) -> tuple[slice, ...]:
+    """The index of this rank's shard of `param` in the full tensor (everything for a plain tensor)."""
+    if not hasattr(param, "to_local"):
+        return (slice(None),)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
 def frozen_dtype(precision: str) -> torch.dtype:
     """What a frozen model is stored in: the run's compute dtype (fp32 only for train.precision=fp32) — it has no
     updates to accumulate, so fp32 master weights would only double its memory."""
@@ -90,6 +158,21 @@ def freeze(model: Qwen3) -> Qwen3:
     if is_sharded(model):
         model.set_reshard_after_forward(True)
     return model
+
+
+def release(model: Qwen3) -> None:
+    """Frees a dropped frozen model's memory now. Its bound forward methods (`bind_forward_method`: model → method
+    → model) and, sharded, FSDP2's state and hooks hold it in reference cycles that only the next full garbage
+    collection would break (8 GB per rank for a 32B teacher), so its parameter and buffer storages are emptied in
+    place and the bound methods removed; the model must not be used afterwards."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = (tensor.to_local() if hasattr(tensor, "to_local") else tensor).untyped_storage()
+        if storage.resizable():
+            storage.resize_(0)
+        else:  # a safetensors file mapping: unmapped when its last view is gone
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    for name in [name for name, value in vars(model).items() if isinstance(value, types.MethodType)]:
+        delattr(model, name)
 
 
 def build_vocab(settings: VocabSettings, example_sets, template, vocab_size: int) -> VocabMap | None:

@@ -45,9 +45,9 @@ from ..errors import ConfigError, DataError
 from ..files import check_writable_dir
 from ..data.packing import best_fit_decreasing
 from ..generate import gathered, generate, is_sharded
-from ..model import Qwen3
+from ..model import Qwen3, autocast_weight
 from ..vocab import VocabMap
-from .build import build_frozen, frozen_dtype
+from .build import build_frozen, frozen_dtype, release
 from .config import ModelSettings
 from .loader import zero_weight
 from .loop import _load_data, evaluate_loss, train_step
@@ -123,14 +123,16 @@ def student_kl_loss(model, batch, vocab_index=None, target_index=None, *, ce_wei
     """Σ w·(KL or KL+CE) of a batch: top-k targets (DistillBatch) or, with `teacher`, its full distribution."""
     packed = batch.packed if isinstance(batch, DistillBatch) else batch
     hidden = Qwen3.hidden(model, packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
+    weight = autocast_weight(model.output_weight, hidden)  # the head in the compute dtype, as `Qwen3.loss`
+    hidden = hidden.to(weight.dtype)
     options = dict(loss_weight=packed.loss_weight, vocab_index=vocab_index, reduction="sum")
     if teacher is None:
-        return fused_linear_kl(hidden, model.output_weight, packed.labels, target_ids=batch.target_ids,
+        return fused_linear_kl(hidden, weight, packed.labels, target_ids=batch.target_ids,
                                target_logprobs=batch.target_logprobs, ce_weight=ce_weight, **options)
     with torch.no_grad():
         teacher_hidden, teacher_weight = _scorer(teacher)(packed.input_ids, packed.position_ids,
                                                           packed.cu_seqlens, packed.max_seqlen)
-    return fused_linear_kl(hidden, model.output_weight, packed.labels, teacher_hidden=teacher_hidden,
+    return fused_linear_kl(hidden, weight, packed.labels, teacher_hidden=teacher_hidden,
                            teacher_weight=teacher_weight, direction=direction, **options)
 
 
@@ -286,8 +288,10 @@ class OffPolicyDistill:
         sets = datasets + [eval_examples]
         try:
             targets = [self._targets(examples, directory, config, template, dist_) for examples in sets]
-        finally:
-            self._teacher = None  # loaded at most once for all sets (when any store is missing), freed here
+        finally:  # loaded at most once for all sets (when any store is missing), freed here
+            if self._teacher is not None:
+                release(self._teacher)
+            self._teacher = None
         items = [[TeacherTargets(e, ids, lp) for e, (ids, lp) in zip(examples, t)] for examples, t in zip(sets, targets)]
         return items[:-1], items[-1], {**fingerprint, "teacher": self.teacher_identity, "top_k": self.top_k}
 
@@ -478,6 +482,10 @@ class OnPolicyDistill:
 
     def prepare(self, model, config, vocab, dist_, autocast):
         self.teacher = load_teacher(self.teacher_path, config.train.precision, dist_)
+        self.attach(model, vocab)
+
+    def attach(self, model, vocab):
+        """The student's loss against the loaded `teacher`, and the tokens it may not sample."""
         if vocab is not None:  # the student samples only what its output head is trained on
             mask = torch.ones(model.config.vocab_size, dtype=torch.bool)
             mask[vocab.kept_ids[~torch.isin(vocab.kept_ids, vocab.suppress_ids)]] = False

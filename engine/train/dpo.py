@@ -35,8 +35,8 @@ from ..data.preference import PreferenceBatch, PreferencePair, fitting, load_pai
 from ..config import Qwen3Config
 from ..errors import ConfigError, DataError
 from ..files import check_writable_dir
-from ..model import Qwen3
-from .build import build_frozen, frozen_dtype
+from ..model import Qwen3, autocast_weight
+from .build import build_frozen, frozen_dtype, release
 from .config import ModelSettings
 from .loader import zero_weight
 from .loop import _loss_tables, cache_dir_of
@@ -53,7 +53,8 @@ def sequence_logps(model, packed, vocab_index=None, target_index=None) -> torch.
     """Σ log p(token) over each packed sequence's supervised tokens: fp32 [sequences]. Bound to the model as a
     forward method (FSDP2 gathers the weights around it), so it calls the class's `hidden`, not the patched one."""
     hidden = Qwen3.hidden(model, packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
-    nll = fused_linear_cross_entropy(hidden, model.output_weight, packed.labels, reduction="none",
+    weight = autocast_weight(model.output_weight, hidden)  # the head in the compute dtype, as `Qwen3.loss`
+    nll = fused_linear_cross_entropy(hidden.to(weight.dtype), weight, packed.labels, reduction="none",
                                      vocab_index=vocab_index, target_index=target_index)
     lengths = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).long()
     sequence = torch.repeat_interleave(torch.arange(len(lengths), device=nll.device), lengths,
@@ -180,6 +181,8 @@ class DPO:
         scorer = model if self.reference_path is None else self._reference_model(model, config, dist_)
         self.reference_logps = self._score_all(scorer, config.data.max_tokens, dist_, vocab, autocast,
                                                progress=config.output.progress and dist_.is_main)
+        if scorer is not model:
+            release(scorer)
         del scorer
         if dist_.is_main:
             directory.mkdir(parents=True, exist_ok=True)

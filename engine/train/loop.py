@@ -28,13 +28,14 @@ from ..data.cache import load_examples, row_kinds, row_thinking
 from ..data.formats import RowError, read_conversations
 from ..errors import ConfigError, DataError, TrainingError
 from ..files import check_writable_dir, storage_error
-from ..lora import apply_lora, export_lora, merged_state_dict
+from ..lora import export_lora, merged_state_dict
 from ..vocab import VocabMap
 from .config import FFTConfig
 from .objective import Objective
 from .loader import build_loader, planned_steps
-from .metrics import MFU, MetricsLogger, peak_memory_bytes, plot_loss_curve, training_flops
-from .build import build_model, build_vocab, refuse_untrainable, resolve_tokenizer_dir
+from .metrics import MFU, MetricsLogger, matmul_dtype, peak_memory_bytes, plot_loss_curve, training_flops
+from .build import (build_lora_model, build_model, build_vocab, default_allocator_settings, refuse_untrainable,
+                    resolve_tokenizer_dir)
 from .optim import build_optimizer, build_scheduler
 from .parallel import Dist, full_state_dict, init_distributed, shard_model
 from .state import (OutputLock, check_space, check_trained_settings, clean_stale_temporaries, latest_checkpoint,
@@ -333,6 +334,7 @@ def train(config: FFTConfig, objective: Objective | None = None,
           evaluate: Callable[[EvalPoint], dict] | None = None) -> TrainResult:
     """Runs (or resumes) a fine-tuning run; holds the lock on output.dir throughout. `objective`: see
     objective.py; `evaluate` is called at every train.eval_every steps and after the last step (see EvalPoint)."""
+    default_allocator_settings()  # before CUDA initialises
     dist_ = init_distributed(config.train.device, config.train.dist_timeout_s)
     check_inputs(config, objective)
     with OutputLock(config.output.dir, dist_):
@@ -359,14 +361,11 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
         data_fingerprint = {**data_fingerprint, "batch_size": config.train.batch_size}
     param_dtype, compute_dtype, autocast = precision_policy(config.train.precision, dist_)
     adapter_params = None  # LoRA: the only trainable parameters (MFU counts no weight gradients of the base)
-    if config.train.method == "lora":  # adapters wrap the loaded block linears, then FSDP shards the whole
-        model = build_model(config.model, param_dtype, dist_.device)
-        apply_lora(model, config.train.lora, seed=config.train.seed)
+    shard = (lambda m: shard_model(m, compute_dtype, dist_.device)) if dist_.enabled else None
+    if config.train.method == "lora":  # adapters wrap the block linears; FSDP shards the whole, the base read sharded
+        model = build_lora_model(config.model, config.train.lora, config.train.seed, param_dtype, dist_.device, shard)
         adapter_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        if dist_.enabled:
-            shard_model(model, compute_dtype, dist_.device)
     else:  # under FSDP each rank reads only its own shards of the checkpoint
-        shard = (lambda m: shard_model(m, compute_dtype, dist_.device)) if dist_.enabled else None
         model = build_model(config.model, param_dtype, dist_.device, shard=shard)
     vocab = build_vocab(config.vocab, datasets + [eval_examples], template, model.config.vocab_size)
     model.activation_checkpointing = config.train.activation_checkpointing
@@ -404,7 +403,7 @@ def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
         log.info("resumed from %s at step %d", resume, step)
 
     output_rows = model.config.vocab_size if vocab is None else vocab.new_size
-    mfu = MFU(dist_.device, param_dtype if compute_dtype is None else compute_dtype, dist_.world)
+    mfu = MFU(dist_.device, matmul_dtype(config.train.precision), dist_.world)
     wandb = ({"project": config.output.wandb_project, "name": out.name, "config": to_dict(config)}
              if config.output.wandb else None)
     logger = MetricsLogger(out, max_steps, step, enabled=dist_.is_main,

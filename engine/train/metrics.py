@@ -53,8 +53,15 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int | No
     return 2 * size ** 3 * count / (time.perf_counter() - start)
 
 
+def matmul_dtype(precision: str) -> torch.dtype:
+    """The dtype a run's matmuls execute in, whose peak MFU is measured against: bf16 for train.precision bf16 and
+    bf16-mixed (under FSDP the compute copies, on one GPU autocast; the fp32 master weights do no matmul), fp32
+    only for fp32 (TF32 off, torch's default)."""
+    return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
 class MFU:
-    """Model FLOPs utilisation against the measured matmul peak. The peak is measured at start, on a machine that
+    """Model FLOPs utilisation against the measured matmul peak of `dtype` (`matmul_dtype`). The peak is measured at start, on a machine that
     may be busy; when a step then runs faster than that peak allows, the peak is measured again (up to
     `remeasure` times) and the highest measurement kept. A figure that still exceeds 1 is reported as None:
     not shown rather than wrong."""

@@ -3,7 +3,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ON_CUDA, max_abs_diff
+from conftest import ON_CUDA, RecordOps, layout, max_abs_diff  # noqa: F401 (layout: a fixture)
 from torch.utils.flop_counter import FlopCounterMode
 
 from qforge.kernels import fused_linear_cross_entropy
@@ -141,27 +141,6 @@ def test_forward_without_grad_returns_the_loss():
 
 
 # ---- precision against an fp64 truth (issue #13), both backends and both layouts -------------------------------
-
-@pytest.fixture(params=["cpu_layout", "cuda_layout"])
-def layout(request, monkeypatch):
-    """cuda_layout runs the CUDA bf16 schedule on CPU: fp32 logits, bf16 gradient groups, fp32 accumulation.
-    `mm/addmm(..., out_dtype=float32)` exist only on CUDA; their contract (bf16 products accumulated in fp32,
-    no rounding of the output) is emulated exactly by an fp32 matmul of the upcast inputs."""
-    if ON_CUDA:  # the real CUDA layout; the CPU one does not run on CUDA tensors
-        if request.param == "cpu_layout":
-            pytest.skip("the CPU layout runs on CPU tensors only")
-        monkeypatch.setattr(FLCE, "GPU_GRAD_ROWS", 6)
-        return request.param
-    if request.param == "cuda_layout":
-        def exact_mixed_matmul(out, a, b, accumulate):
-            product = a.float() @ b.float()
-            return out.add_(product) if accumulate else out.copy_(product)
-
-        monkeypatch.setattr(FLCE, "_cuda_layout", lambda tensor: True)
-        monkeypatch.setattr(FLCE, "_mixed_matmul", exact_mixed_matmul)
-        monkeypatch.setattr(FLCE, "GPU_GRAD_ROWS", 6)  # several gradient groups at T = 33
-    return request.param
-
 
 def truth_and_grads(hidden, weight, labels, grad_out=1.0, **kwargs):
     inputs = (hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_())
@@ -333,27 +312,6 @@ def test_label_out_of_range_is_an_error():
 
 
 # ---- no gradient work without grad mode (issue #12, finding 7) -------------------------------------------------
-
-class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Every aten op with the shapes of the new tensors it returns (views of its inputs left out)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
-        storages = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
-        outputs = out if isinstance(out, (tuple, list)) else [out]
-        self.calls.append((func.__name__, [tuple(o.shape) for o in outputs if isinstance(o, torch.Tensor)
-                                           and o.untyped_storage().data_ptr() not in storages]))
-        return out
-
-    @staticmethod
-    def big(shapes, numel):
-        return any(torch.Size(shape).numel() >= numel for shape in shapes)
-
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 def test_no_grad_mode_does_no_gradient_work(reduction):

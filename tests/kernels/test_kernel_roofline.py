@@ -29,6 +29,32 @@ def test_loss_flops_match_the_flop_counter_on_the_real_schedule():
     assert counter.get_total_flops() == sum(c.count * c.flops for c in matmuls) == 6 * T * H * V
 
 
+@pytest.mark.parametrize("teacher", ["top_k", "full"])
+def test_kl_flops_match_the_flop_counter_on_the_real_schedule(teacher):
+    """fused_linear_kl's CUDA bf16 schedule at the 8B shape (fake tensors): the account's matmuls are the ones it
+    runs (top-k: the CE kernel's 6·T·H·V; full teacher: + 2·T·H'·V for the teacher's logits)."""
+    FLKL = importlib.import_module("qforge.kernels.fused_linear_kl")
+    teacher_hidden = 5120
+    with FakeTensorMode():
+        hidden = torch.empty(T, H, dtype=torch.bfloat16, device="cpu")
+        weight = torch.empty(V, H, dtype=torch.bfloat16, device="cpu")
+        scale = torch.ones(T, device="cpu")
+        if teacher == "top_k":
+            spec = ("sparse", torch.zeros(T, 21, dtype=torch.long, device="cpu"), torch.zeros(T, 21, device="cpu"))
+            rows_fn = FLKL._sparse_rows_torch
+        else:
+            spec = ("dense", torch.empty(T, teacher_hidden, dtype=torch.bfloat16, device="cpu"),
+                    torch.empty(V, teacher_hidden, dtype=torch.bfloat16, device="cpu"), True)
+            rows_fn = FLKL._dense_rows_torch
+        plan = FLCE.chunk_plan(T, V, torch.bfloat16, cuda_layout=True)
+        with FlopCounterMode(display=False) as counter:
+            FLKL._chunked_kl_and_grads(hidden, weight, scale, spec, plan, rows_fn, True, True)
+    costs = account.kl_loss_costs(T, H, V, teacher_hidden=None if teacher == "top_k" else teacher_hidden)
+    matmuls = [c for c in costs if c.flops >= 2 * H * V]
+    expected = 6 * T * H * V + (0 if teacher == "top_k" else 2 * T * teacher_hidden * V)
+    assert counter.get_total_flops() == sum(c.count * c.flops for c in matmuls) == expected
+
+
 def test_loss_meets_the_issue_targets_at_8b():
     ours = sum(c.seconds for c in account.loss_costs(T, H, V))
     liger = sum(c.seconds for c in account.liger_loss_costs(T, H, V))
@@ -47,6 +73,7 @@ def test_cli_prints_the_account(capsys):
     assert account.main(["--model", "0.6B", "--tokens", "4096"]) == 0
     out = capsys.readouterr().out
     assert "rms_norm bwd q_norm" in out and "Liger's schedule" in out and "not measurements" in out
+    assert "kl: top-k row pass" in out and "fused KL (fwd+bwd): top-k teacher" in out
 
 
 def test_moe_grouped_gemm_account_at_30b_a3b(capsys):

@@ -330,3 +330,142 @@ def test_one_gpu_live_reference_is_tracked_in_the_frozen_dtype(tiny_config, prec
     weights = parameter_counts(Qwen3Config(**TINY))["total"] * nbytes
     assert live["reference_sharded_bytes"] == weights
     assert live["tracker_categories_at_peak"]["Parameter"] - cached["tracker_categories_at_peak"]["Parameter"] == weights
+
+
+# ---- issue #25: distillation, library signatures, packing checks ----------------------------------------------
+
+TEACHER = TINY | {"hidden_size": 192, "num_hidden_layers": 3}
+
+
+@pytest.fixture(scope="module")
+def teacher_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("twin-teacher") / "config.json"
+    path.write_text(json.dumps(TEACHER | {"model_type": "qwen3"}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def distill_runs(fsdp_run, teacher_config):
+    """Both distillation steps at the SFT run's shapes (2 GPUs, two micro-batches of 256 tokens)."""
+    runs = {}
+    for objective, extra in (("distill-off-policy", {}), ("distill-on-policy", {"teacher": teacher_config})):
+        plan = TwinPlan(**{**vars(fsdp_run[0]), "objective": objective, **extra})
+        runs[objective] = plan, run_twin(plan)
+    return runs
+
+
+def test_off_policy_distillation_costs_what_sft_costs(fsdp_run, distill_runs):
+    """The stored top-k KL runs on the CE kernel's schedule (three matmuls, fp32 logits): the same matmul FLOPs
+    as SFT's fused loss, its row pass a Triton launch, and no teacher in memory (weights, gradients, AdamW: SFT's)."""
+    _, sft, _ = fsdp_run
+    _, off = distill_runs["distill-off-policy"]
+    assert off["roofline"]["by_op_class"]["matmul"]["flops"] == sft["roofline"]["by_op_class"]["matmul"]["flops"]
+    assert off["roofline"]["by_op_class"]["triton:sparse_kl_rows_kernel"]["calls"] > 0
+    for key in ("Sharded Param", "Sharded Grad", "OptState"):
+        assert off["memory"]["tracker_categories_at_peak"][key] == sft["memory"]["tracker_categories_at_peak"][key]
+    assert not [s for s in off["host_syncs"] if s["site"].startswith("engine/") and s["where"] != "between"]
+
+
+def test_on_policy_teacher_adds_its_bf16_shards_and_one_forward(fsdp_run, distill_runs):
+    """The teacher, built and sharded as `load_teacher` builds it, is tracked: its bf16 shards join the sharded
+    parameters. Matmul FLOPs beyond SFT's = the teacher's forward (2 × block parameters per token) plus its logits
+    matmul over the labelled tokens (2·V·H'), the dense KL's other matmuls being the CE kernel's."""
+    plan, on = distill_runs["distill-on-policy"]
+    _, sft, _ = fsdp_run
+    teacher = Qwen3Config(**TEACHER)
+    shards = parameter_counts(teacher)["total"] * 2 / plan.gpus
+    assert on["memory"]["teacher_sharded_bytes"] == shards
+    assert on["memory"]["tracker_categories_at_peak"]["Sharded Param"] - \
+        sft["memory"]["tracker_categories_at_peak"]["Sharded Param"] == shards
+    h = teacher.hidden_size
+    per_layer = h * (2 * teacher.num_attention_heads + 2 * teacher.num_key_value_heads) * teacher.head_dim + \
+        3 * h * teacher.intermediate_size
+    tokens = sum(sequence_lengths(plan)) * plan.grad_accum
+    extra = 2 * teacher.num_hidden_layers * per_layer * tokens + \
+        2 * teacher.vocab_size * h * labelled_tokens(plan) * plan.grad_accum
+    grown = on["roofline"]["by_op_class"]["matmul"]["flops"] - sft["roofline"]["by_op_class"]["matmul"]["flops"]
+    assert grown == pytest.approx(extra, rel=1e-9)
+    assert not [s for s in on["host_syncs"] if s["site"].startswith("engine/") and s["where"] != "between"]
+
+
+def test_cli_reads_a_distillation_config(tiny_config, teacher_config, tmp_path, capsys):
+    out = tmp_path / "distill.json"
+    assert main(["--model", tiny_config, "--gpus", "2", "--tokens", "128", "--seq-len", "64", "--distill",
+                 str(REPO / "recipes/configs/distill-on-policy.yaml"), "--teacher", teacher_config, "--json",
+                 str(out)]) == 0
+    assert "on-policy distillation from" in capsys.readouterr().out
+    assert json.loads(out.read_text())["plan"]["objective"] == "distill-on-policy"
+    from qforge.tools.twin.__main__ import distill_fields
+    assert distill_fields(str(REPO / "recipes/configs/distill.yaml")) == {
+        "objective": "distill-off-policy", "top_k": 20, "ce_weight": 0.0}
+
+
+def _attention_call(library, **overrides):
+    """One call of the stand-in as qforge's attention makes it, with `overrides` applied (fake CUDA tensors;
+    cu_seqlens carries the host values it was moved from, as fake_cuda's moves do)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from qforge.tools.twin.contracts import flash_attn_varlen_standin, torch_varlen_standin
+
+    with FakeTensorMode():
+        q, kv = torch.empty(16, 4, 64, dtype=torch.bfloat16), torch.empty(16, 2, 64, dtype=torch.bfloat16)
+        cu = torch.empty(3, dtype=torch.int32)
+        cu._twin_values = overrides.pop("bounds", [0, 10, 16])
+        max_seqlen = overrides.pop("max_seqlen", 10)
+        if library == "flash_attn":
+            kwargs = dict(softmax_scale=0.125, causal=True) | overrides
+            return flash_attn_varlen_standin()(q, kv, kv, cu, cu, max_seqlen, max_seqlen, **kwargs)
+        kwargs = dict(scale=0.125, window_size=(-1, 0), enable_gqa=True) | overrides
+        return torch_varlen_standin()(q, kv, kv, cu, cu, max_seqlen, max_seqlen, **kwargs)
+
+
+@pytest.mark.parametrize("library", ["flash_attn", "torch_varlen"])
+@pytest.mark.parametrize("bad, message", [
+    (dict(is_causal=True), "does not bind to the installed signature"),
+    (dict(max_seqlen=8), "max_seqlen = 8 but the longest packed sequence has 10 tokens"),
+    (dict(bounds=[0, 10, 15]), r"cu_seqlens\[-1\] = 15 but q holds 16 tokens"),
+])
+def test_attention_stand_ins_bind_to_the_library_signature_and_check_the_packing(library, bad, message):
+    """A keyword the library does not take (flash-attn's `**kwargs` stand-in accepted anything), a max_seqlen
+    below the longest sequence and a cu_seqlens that does not end at T: silent garbage on a GPU, errors here."""
+    assert _attention_call(library).shape == (16, 4, 64)
+    with pytest.raises(ContractError, match=message):
+        _attention_call(library, **bad)
+
+
+def test_attention_stand_ins_reject_non_causal_calls():
+    with pytest.raises(ContractError, match="causal=False"):
+        _attention_call("flash_attn", causal=False)
+    with pytest.raises(ContractError, match=r"window_size=\(-1, -1\)"):
+        _attention_call("torch_varlen", window_size=(-1, -1))
+
+
+def test_recorded_flash_attn_signature_is_used_without_flash_attn():
+    from qforge.tools.twin.contracts import library_signature
+
+    parameters = library_signature("flash_attn").parameters
+    assert list(parameters)[:7] == ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"]
+    assert parameters["causal"].default is False and "kwargs" not in parameters
+
+
+def test_roofline_times_a_mixed_dtype_matmul_at_the_operands_rate():
+    """The fused losses' logits and gradient matmuls take bf16 operands and write fp32 (`out_dtype`): the tensor
+    cores run them at the bf16 rate. Timed at the fp32 output's rate (67 vs 989 TFLOP/s on an H100) they made
+    the loss's three matmuls ≈ 1.8 s of an 8B step's 4.0 s bound."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from qforge.tools.twin.gpus import GPUS
+    from qforge.tools.twin.roofline import Roofline
+
+    gpu = GPUS["h100"]
+    m, k, n = 512, 4096, 151_936
+    with FakeTensorMode():
+        a = torch.empty(m, k, dtype=torch.bfloat16, device="cuda")
+        b = torch.empty(k, n, dtype=torch.bfloat16, device="cuda")
+        acc = torch.empty(m, n, dtype=torch.float32, device="cuda")
+        with Roofline(gpu, 1) as roofline:
+            torch.mm(a, b, out_dtype=torch.float32)
+            torch.addmm(acc, a, b, out_dtype=torch.float32)
+    row = roofline.summary()["matmul"]
+    assert row["flops"] == 2 * 2 * m * k * n
+    assert row["seconds"] == pytest.approx(2 * 2 * m * k * n / gpu.bf16_flops, rel=0.01)

@@ -1,6 +1,8 @@
 """python -m qforge.tools.twin --config recipes/configs/qwen3-8b-8gpu.yaml [--gpu h100] [--json OUT]
 python -m qforge.tools.twin --model qwen3-8b --gpus 8 --tokens 16384 [--grad-accum N] [--activation-checkpointing]
     [--optim-state-dtype fp32|bf16] [--objective sft|dpo [--reference live|cached]]
+python -m qforge.tools.twin --config recipes/configs/qwen3-8b-8gpu.yaml --distill recipes/configs/distill.yaml
+    [--teacher qwen3-32b]   # a distillation config's distill section (mode, top_k, ce_weight) on the GPU config
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from .gpus import GPUS
 from .report import format_report
-from .run import TwinPlan, run_twin
+from .run import OBJECTIVES, TwinPlan, run_twin
 
 
 def plan_from_config(path: str, gpus: int | None, model: str | None) -> dict:
@@ -38,6 +40,19 @@ def plan_from_config(path: str, gpus: int | None, model: str | None) -> dict:
             "optim_state_dtype": (raw.get("optim") or {}).get("state_dtype", "fp32")}
 
 
+def distill_fields(path: str) -> dict:
+    """TwinPlan fields from a distillation config's `distill` section: the objective (distill.mode), top_k and
+    ce_weight (off-policy)."""
+    from qforge.engine.config_io import read_yaml
+
+    distill = read_yaml(path).get("distill") or {}
+    mode = distill.get("mode", "off_policy")
+    if mode == "on_policy":
+        return {"objective": "distill-on-policy"}
+    return {"objective": "distill-off-policy", "top_k": distill.get("top_k", 20),
+            "ce_weight": distill.get("ce_weight", 0.0)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="GPU twin: the trainer's step at real shapes on fake GPUs")
     parser.add_argument("--config", help="a training YAML (recipes/configs/qwen3-*.yaml)")
@@ -53,8 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention", choices=("flash_attn", "torch_varlen"), default="flash_attn")
     parser.add_argument("--kept-vocab", type=int, help="output rows kept by vocab.restrict")
     parser.add_argument("--loss-fraction", type=float, default=1.0, help="share of tokens with a label")
-    parser.add_argument("--objective", choices=("sft", "dpo"), default="sft",
-                        help="dpo: packed chosen+rejected pairs of --seq-len tokens per side")
+    parser.add_argument("--objective", choices=OBJECTIVES,
+                        help="dpo: packed chosen+rejected pairs of --seq-len tokens per side; distill-*: the student's "
+                             "KL step (on-policy: the sampled rows, teacher scoring them; sampling not traced)")
+    parser.add_argument("--distill", metavar="CONFIG", help="a distillation config (recipes/configs/distill*.yaml): "
+                        "objective, top_k and ce_weight from its distill section")
+    parser.add_argument("--teacher", help="distill-on-policy's teacher model (default qwen3-32b)")
+    parser.add_argument("--top-k", type=int, help="distill-off-policy: stored teacher log-probs per position")
+    parser.add_argument("--ce-weight", type=float, help="distill-off-policy: CE share of the KL+CE mix")
     parser.add_argument("--reference", choices=("live", "cached"),
                         help="dpo's reference: a frozen bf16 model (live, the default) or cached log-probs")
     parser.add_argument("--json", metavar="OUT", help="also write the report as JSON")
@@ -67,10 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, key)
         if value is not None:
             fields[key] = value
+    if args.distill:
+        fields.update(distill_fields(args.distill))
+    for key in ("objective", "teacher", "top_k", "ce_weight", "reference"):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+    if fields.get("objective") == "distill-on-policy":
+        fields.setdefault("teacher", "qwen3-32b")
     try:
         plan = TwinPlan(**fields, seq_len=args.seq_len, gpu=args.gpu, attention=args.attention,
-                        kept_vocab=args.kept_vocab, loss_fraction=args.loss_fraction, objective=args.objective,
-                        reference=args.reference)
+                        kept_vocab=args.kept_vocab, loss_fraction=args.loss_fraction)
     except ValueError as error:
         parser.error(str(error))
     result = run_twin(plan)

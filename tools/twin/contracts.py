@@ -4,7 +4,10 @@ checks, then return correctly shaped fake outputs (and keep what the real kernel
 - `flash_attn_varlen_func` (flash-attn 2, csrc/flash_attn/flash_api.cpp `mha_varlen_fwd`) and torch's
   `varlen_attn` (torch/nn/attention/varlen.py → aten._flash_attention_forward): fp16/bf16 only, q/k/v one
   dtype, last dim contiguous, `cu_seqlens` int32 contiguous on q's device, `max_seqlen` a Python int,
-  head_dim ≤ 256 and a multiple of 8, query heads a multiple of kv heads.
+  head_dim ≤ 256 and a multiple of 8, query heads a multiple of kv heads. Every call is first bound to the
+  library's own signature (`inspect.signature` of the installed function, else flash-attn 2.8's, recorded),
+  and qforge's use is checked: causal, no window or dropout, `cu_seqlens[-1] == T` and `max_seqlen` ≥ the
+  longest packed sequence (both trusted by the kernels: a wrong value is silent garbage on a GPU).
 - Triton launches (`JITFunction.run`): every tensor argument a CUDA tensor on one device with a unit
   stride in its last dimension (qforge's kernels index rows with `+ cols`), grid within CUDA's limits,
   num_warps a power of two ≤ 32, `BLOCK*` constexprs powers of two within `tl.arange`'s limit.
@@ -105,21 +108,76 @@ class _VarlenAttentionStandIn(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
 
 
+def _flash_attn_2_8_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
+    """flash-attn 2.8's `flash_attn_varlen_func` signature (flash_attn/flash_attn_interface.py), recorded for
+    machines without flash-attn (it builds only with CUDA)."""
+
+
+def library_signature(library: str) -> inspect.Signature:
+    """The signature a call must bind to: the installed function's (`inspect.signature`), else the recorded one."""
+    if library == "flash_attn":
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError:
+            return inspect.signature(_flash_attn_2_8_varlen_func)
+        return inspect.signature(flash_attn_varlen_func)
+    from torch.nn.attention.varlen import varlen_attn
+
+    return inspect.signature(varlen_attn)
+
+
+def _bind(library: str, name: str, args, kwargs) -> dict:
+    try:
+        bound = library_signature(library).bind(*args, **kwargs)
+    except TypeError as error:
+        _fail(name, f"the call does not bind to the installed signature: {error}")
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def check_packing(library: str, q, cu_seqlens, max_seqlen):
+    """What the kernels trust without checking, and get silently wrong: `cu_seqlens[-1]` must be the packed
+    token count T and `max_seqlen` at least the longest sequence (a smaller one leaves rows unattended). The
+    host values of cu_seqlens are the ones it was moved from (fake_cuda)."""
+    bounds = getattr(cu_seqlens, "_twin_values", None)
+    if bounds is None:
+        return
+    if bounds[-1] != q.shape[0]:
+        _fail(library, f"cu_seqlens[-1] = {bounds[-1]} but q holds {q.shape[0]} tokens")
+    longest = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
+    if max_seqlen < longest:
+        _fail(library, f"max_seqlen = {max_seqlen} but the longest packed sequence has {longest} tokens")
+
+
 def flash_attn_varlen_standin(observer=None):
-    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                               softmax_scale=None, causal=False, **kwargs):
-        check_varlen_inputs("flash_attn_varlen_func", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                            max_seqlen_k)
+    def flash_attn_varlen_func(*args, **kwargs):
+        library = "flash_attn_varlen_func"
+        call = _bind("flash_attn", library, args, kwargs)
+        q, k, v = call["q"], call["k"], call["v"]
+        check_varlen_inputs(library, q, k, v, call["cu_seqlens_q"], call["cu_seqlens_k"], call["max_seqlen_q"],
+                            call["max_seqlen_k"])
+        if call["causal"] is not True or tuple(call["window_size"]) != (-1, -1) or call["dropout_p"]:
+            _fail(library, f"causal={call['causal']}, window_size={call['window_size']}, dropout_p="
+                           f"{call['dropout_p']}: qforge's attention is causal, unwindowed, without dropout")
+        check_packing(library, q, call["cu_seqlens_q"], call["max_seqlen_q"])
         return _VarlenAttentionStandIn.apply(q, k, v, observer)
     return flash_attn_varlen_func
 
 
 def torch_varlen_standin(observer=None):
-    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
-                    enable_gqa=False, **kwargs):
-        check_varlen_inputs("torch varlen_attn", query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
-                            allow_gqa=enable_gqa)
-        return _VarlenAttentionStandIn.apply(query, key, value, observer)
+    def varlen_attn(*args, **kwargs):
+        library = "torch varlen_attn"
+        call = _bind("torch_varlen", library, args, kwargs)
+        q, k, v = call["query"], call["key"], call["value"]
+        check_varlen_inputs(library, q, k, v, call["cu_seq_q"], call["cu_seq_k"], call["max_q"], call["max_k"],
+                            allow_gqa=call["enable_gqa"])
+        if tuple(call["window_size"]) != (-1, 0):
+            _fail(library, f"window_size={call['window_size']}: causal attention is (-1, 0) ((-1, -1) attends "
+                           "to later tokens)")
+        check_packing(library, q, call["cu_seq_q"], call["max_q"])
+        return _VarlenAttentionStandIn.apply(q, k, v, observer)
     return varlen_attn
 
 

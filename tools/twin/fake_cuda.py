@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, is_fake, u
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-KERNEL_MODULES = ("rms_norm", "swiglu", "rope", "fused_linear_cross_entropy")
+KERNEL_MODULES = ("rms_norm", "swiglu", "rope", "fused_linear_cross_entropy", "fused_linear_kl")
 
 
 def on_device(tensor) -> bool:

@@ -4,18 +4,30 @@ from __future__ import annotations
 GIB = 2**30
 
 
+def _objective(plan: dict) -> str:
+    objective = plan.get("objective", "sft")
+    if objective == "dpo":
+        return f", DPO with {plan['reference']} reference"
+    if objective == "distill-off-policy":
+        return f", off-policy distillation (stored top-{plan['top_k']}, ce_weight {plan['ce_weight']})"
+    if objective == "distill-on-policy":
+        return f", on-policy distillation from {plan['teacher']} (bf16, sharded, scoring every micro-batch)"
+    return ""
+
+
 def format_report(result: dict) -> str:
     plan, memory, roof = result["plan"], result["memory"], result["roofline"]
     lines = [f"{plan['model']} on {plan['gpus']}× {result['gpu']['name']}: {plan['tokens']} tokens/GPU per micro-batch "
              f"(sequences of {plan['seq_len']}), grad_accum {plan['grad_accum']}, {plan['precision']}, "
              f"activation checkpointing {'on' if plan['activation_checkpointing'] else 'off'}, "
              f"attention {plan['attention']}, AdamW moments {plan['optim_state_dtype']}"
-             + (f", DPO with {plan['reference']} reference" if plan.get("objective") == "dpo" else ""),
+             + _objective(plan),
              "memory per GPU at the step's peak (FSDPMemTracker):"]
     for name, value in memory["by_category_at_peak"].items():
         lines.append(f"  {name:<24} {value / GIB:8.2f} GiB")
-        if name == "parameters (sharded)" and "reference_sharded_bytes" in memory:  # tracked with the policy's
-            lines.append(f"  {'  of which reference':<24} {memory['reference_sharded_bytes'] / GIB:8.2f} GiB")
+        for frozen in ("reference", "teacher"):  # tracked with the trained model's
+            if name == "parameters (sharded)" and f"{frozen}_sharded_bytes" in memory:
+                lines.append(f"  {'  of which ' + frozen:<24} {memory[frozen + '_sharded_bytes'] / GIB:8.2f} GiB")
     lines.append(f"  {'(fused loss, peak inside)':<24} {memory['loss_temporaries_bytes'] / GIB:8.2f} GiB")
     lines.append(f"  {'runtime reserve (assumed)':<24} {memory['runtime_reserve_bytes'] / GIB:8.2f} GiB")
     verdict = "fits with ≥10% headroom" if memory["fits"] else "does NOT fit with 10% headroom"

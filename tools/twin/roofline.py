@@ -49,6 +49,16 @@ def _flops(func, args, kwargs, out) -> float:
     return float(flop_registry[packet](*args, **kwargs, out_val=out)) if packet in flop_registry else 0.0
 
 
+def _compute_dtype(func, args, outputs) -> torch.dtype:
+    """The dtype whose peak an op runs at: a matmul's operands' (bf16 operands accumulated into an fp32 output,
+    `mm(..., out_dtype=float32)`, run at the bf16 tensor-core rate), else its floating-point output's."""
+    packet = func._overloadpacket
+    if packet in MATMULS:
+        operands = args[1:3] if packet in (aten.addmm, aten.baddbmm) else args[:2]
+        return next((t.dtype for t in operands if isinstance(t, torch.Tensor)), torch.float32)
+    return next((t.dtype for t in outputs if t.dtype.is_floating_point), torch.float32)
+
+
 class Roofline(TorchDispatchMode):
     def __init__(self, gpu: GPU, world: int):
         super().__init__()
@@ -101,7 +111,7 @@ class Roofline(TorchDispatchMode):
             return out
         flops = _flops(func, args, kwargs, out)
         nbytes = sum(get_num_bytes(t) for t in inputs + outputs)
-        dtype = next((t.dtype for t in outputs if t.dtype.is_floating_point), torch.float32)
+        dtype = _compute_dtype(func, args, outputs)
         self.add(op_class, float(flops), float(nbytes), dtype)
         return out
 

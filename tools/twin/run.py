@@ -4,7 +4,10 @@ What runs is qforge's: `meta_model` + `shard_model` (FSDP2, one unit per block),
 AdamW, or bf16 moments: `optim_state_dtype`), `train_step` (packed micro-batches, grad accumulation, the fused
 loss) and `optimizer_step` (global clip + AdamW); or, with `objective="dpo"`, `DPO.train_step` over packed preference pairs,
 its frozen bf16 reference built and sharded as `DPO.prepare` builds it ("live") or its log-probs a host tensor
-("cached"). The twin supplies the fake devices (fake_cuda), the CUDA-only libraries' contract stand-ins
+("cached"); or distillation: "distill-off-policy" (`OffPolicyDistill`'s loss, the fused top-k KL over stored
+teacher log-probs: no teacher in memory while training) and "distill-on-policy" (`OnPolicyDistill`'s loss on
+sampled sequences, the frozen bf16 teacher sharded as `load_teacher` builds it scoring every micro-batch; the
+sampling itself, qforge's `generate`, is not traced). The twin supplies the fake devices (fake_cuda), the CUDA-only libraries' contract stand-ins
 (contracts), and observers: FSDPMemTracker (memory by category), Roofline (FLOPs/bytes), HostSyncs.
 One step is measured, after AdamW's state has been created (a first step leaves it alive through every later
 step's forward and backward).
@@ -26,6 +29,7 @@ from qforge.engine.data.preference import PreferenceBatch, PreferencePair
 from qforge.engine.train.build import freeze, frozen_dtype, meta_model
 from qforge.engine.train.config import OptimSettings
 from qforge.engine.vocab import VocabMap
+from qforge.engine.train.distill import DistillBatch, OffPolicyDistill, OnPolicyDistill, _teacher_score
 from qforge.engine.train.dpo import DPO, sequence_logps
 from qforge.engine.train.loop import _loss_tables, optimizer_step, precision_policy, train_step
 from qforge.engine.train.objective import bind_forward_method
@@ -40,6 +44,7 @@ from .models import resolve_config
 from .roofline import Roofline
 from .syncs import HostSyncs, where
 
+OBJECTIVES = ("sft", "dpo", "distill-off-policy", "distill-on-policy")
 RUNTIME_RESERVE = 2 * 2**30  # CUDA context, NCCL and cuBLAS workspaces: not tensors, not tracked (assumed)
 HEADROOM = 0.10
 
@@ -59,8 +64,12 @@ class TwinPlan:
     loss_fraction: float = 1.0     # share of tokens with a label
     grad_clip: float = 1.0
     optim_state_dtype: str = "fp32"  # optim.state_dtype: AdamW's moments in fp32 or bf16
-    objective: str = "sft"         # sft, or dpo: packed chosen+rejected pairs of seq_len tokens per side
+    objective: str = "sft"         # sft, dpo (packed chosen+rejected pairs of seq_len tokens per side),
+    #                                distill-off-policy or distill-on-policy
     reference: str | None = None   # dpo only: "live" (frozen reference model, the default) or "cached" log-probs
+    teacher: str | None = None     # distill-on-policy: the teacher model (a name or config.json), e.g. qwen3-32b
+    top_k: int = 20                # distill-off-policy: stored teacher log-probs per position (distill.top_k)
+    ce_weight: float = 0.0         # distill-off-policy: distill.ce_weight
 
     def __post_init__(self):
         if self.gpu not in GPUS:
@@ -69,8 +78,15 @@ class TwinPlan:
             raise ValueError(f"attention {self.attention!r}: expected flash_attn or torch_varlen")
         if self.optim_state_dtype not in ("fp32", "bf16"):
             raise ValueError(f"optim_state_dtype {self.optim_state_dtype!r}: expected fp32 or bf16")
-        if self.objective not in ("sft", "dpo"):
-            raise ValueError(f"objective {self.objective!r}: expected sft or dpo")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        if self.objective == "distill-on-policy" and self.teacher is None:
+            raise ValueError("distill-on-policy needs a teacher model (e.g. qwen3-32b)")
+        if self.teacher is not None and self.objective != "distill-on-policy":
+            raise ValueError(f"teacher {self.teacher!r} applies to objective distill-on-policy only (off-policy "
+                             "training reads stored top-k log-probs)")
+        if not 1 <= self.top_k <= 128 or not 0 <= self.ce_weight <= 1:
+            raise ValueError(f"top_k {self.top_k} must be in [1, 128] and ce_weight {self.ce_weight} in [0, 1]")
         if self.objective == "sft" and self.reference is not None:
             raise ValueError(f"reference {self.reference!r} applies to objective dpo only (sft has no reference)")
         if self.objective == "dpo":
@@ -110,6 +126,16 @@ def packed_batch(plan: TwinPlan, vocab_size: int) -> PackedBatch:
                        max_seqlen=max(lengths), labels=labels, loss_weight=torch.ones(plan.tokens))
 
 
+def distill_batch(plan: TwinPlan, vocab_size: int) -> DistillBatch:
+    """An off-policy micro-batch: the packed batch plus the stored teacher top-k ([T, top_k] ids and log-probs,
+    −1 / 0 where unsupervised), as `DistillBatch.from_items` builds it."""
+    packed = packed_batch(plan, vocab_size)
+    labelled = (packed.labels != -100)[:, None]
+    ids = torch.where(labelled, torch.arange(plan.top_k).expand(len(packed.labels), -1), -1)
+    logprobs = torch.where(labelled, torch.full((len(packed.labels), plan.top_k), -math.log(plan.top_k)), 0.0)
+    return DistillBatch(packed, ids, logprobs)
+
+
 def _side(length: int, plan: TwinPlan, vocab_size: int, salt: int) -> Example:
     """One side of a synthetic pair: the reply is its last `loss_fraction`, so after the shift it has as many
     labelled positions as an SFT sequence of the same length (`labelled_tokens`)."""
@@ -129,16 +155,17 @@ def preference_batches(plan: TwinPlan, vocab_size: int) -> list[PreferenceBatch]
                        b * per_batch + i) for i in range(per_batch)]) for b in range(plan.grad_accum)]
 
 
-def _frozen_reference(reference, mesh, device):
-    """The live reference (a meta model in `frozen_dtype`) as `DPO._reference_model` builds it (`build_frozen`):
-    sharded without a mixed-precision cast, then `freeze`d (frozen, eval mode, resharded after every forward)."""
+def _frozen(model, mesh, device, method: str, fn):
+    """A frozen model (a meta model in `frozen_dtype`) as `build_frozen` builds a DPO reference or a distillation
+    teacher: sharded without a mixed-precision cast, then `freeze`d (frozen, eval mode, resharded after every
+    forward), with its forward method bound (`sequence_logps`, or `score` as `load_teacher` binds it)."""
     if mesh is not None:
-        shard_model(reference, None, mesh=mesh)
-    reference.to_empty(device=device)
-    reference.reset_buffers()
-    freeze(reference)
-    bind_forward_method(reference, "sequence_logps", sequence_logps)
-    return reference
+        shard_model(model, None, mesh=mesh)
+    model.to_empty(device=device)
+    model.reset_buffers()
+    freeze(model)
+    bind_forward_method(model, method, fn)
+    return model
 
 
 def _local_bytes(module) -> int:
@@ -228,30 +255,33 @@ def _device_snapshot(snapshot: dict) -> dict:
 
 @contextlib.contextmanager
 def _loss_probe(tracker, probe: dict):
-    """Measures the fused loss calls (the model's `loss`, DPO's `sequence_logps`): memory at entry and the peak
-    inside (both on the GPU)."""
+    """Measures the fused loss calls (the model's `loss`, DPO's `sequence_logps`, distillation's KL): memory at
+    entry and the peak inside (both on the GPU)."""
     from qforge.engine import model as model_module
+    from qforge.engine.train import distill as distill_module
     from qforge.engine.train import dpo as dpo_module
 
-    original = model_module.fused_linear_cross_entropy
+    def probed(original):
+        def call(*args, **kwargs):
+            entry = sum(s["Total"] for d, s in tracker._curr_mem_snap.items() if d.type == "cpu")
+            probe.update(active=True, peak=entry)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                probe["active"] = False
+                probe["loss_temporaries"] = max(probe.get("loss_temporaries", 0), probe["peak"] - entry)
+        return call
 
-    def probed(*args, **kwargs):
-        entry = sum(s["Total"] for d, s in tracker._curr_mem_snap.items() if d.type == "cpu")
-        probe.update(active=True, peak=entry)
-        try:
-            return original(*args, **kwargs)
-        finally:
-            probe["active"] = False
-            probe["loss_temporaries"] = max(probe.get("loss_temporaries", 0), probe["peak"] - entry)
-
-    callers = (model_module, dpo_module)
-    for module in callers:
-        module.fused_linear_cross_entropy = probed
+    callers = [(module, "fused_linear_cross_entropy") for module in (model_module, dpo_module)] + \
+        [(distill_module, "fused_linear_kl")]
+    originals = [getattr(module, name) for module, name in callers]
+    for (module, name), original in zip(callers, originals):
+        setattr(module, name, probed(original))
     try:
         yield
     finally:
-        for module in callers:
-            module.fused_linear_cross_entropy = original
+        for (module, name), original in zip(callers, originals):
+            setattr(module, name, original)
 
 
 @contextlib.contextmanager
@@ -318,15 +348,26 @@ def run_twin(plan: TwinPlan) -> dict:
     model = meta_model(config, param_dtype)
     model.activation_checkpointing = plan.activation_checkpointing
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    frozen = None  # the meta model of a live DPO reference or an on-policy teacher
     if plan.objective == "dpo":
         batches = preference_batches(plan, config.vocab_size)
         objective = DPO(reference=plan.reference)
         if plan.reference == "cached":  # what DPO.prepare reads from reference_dir: fp32 [pairs, 2] on the host
             objective.reference_logps = torch.zeros(sum(b.num_pairs for b in batches), 2)
         else:
-            reference = meta_model(config, frozen_dtype(plan.precision))
+            frozen = meta_model(config, frozen_dtype(plan.precision))
+    elif plan.objective == "distill-off-policy":
+        batches = [distill_batch(plan, config.vocab_size) for _ in range(plan.grad_accum)]
+        objective = OffPolicyDistill("<stored top-k>", top_k=plan.top_k, ce_weight=plan.ce_weight)
     else:
         batches = [packed_batch(plan, config.vocab_size) for _ in range(plan.grad_accum)]
+        if plan.objective == "distill-on-policy":  # the micro-batches stand for sampled prompt + completion rows
+            objective = OnPolicyDistill(plan.teacher)
+            teacher_config = resolve_config(plan.teacher)
+            if teacher_config.vocab_size != config.vocab_size:
+                raise ValueError(f"teacher {plan.teacher}: vocabulary {teacher_config.vocab_size} differs from the "
+                                 f"student's {config.vocab_size}")
+            frozen = meta_model(teacher_config, frozen_dtype(plan.precision))
     # host side, before the fake mode, as the trainer builds it
     vocab = VocabMap.from_ids(range(plan.kept_vocab), config.vocab_size) if plan.kept_vocab else None
     with fake_mode, FakeDeviceFunctions(fake_mode) as functions, route_cuda_paths(), mark_sharding_propagation(), \
@@ -343,10 +384,14 @@ def run_twin(plan: TwinPlan) -> dict:
             objective.tables = _loss_tables(vocab, dist_.device)
             bind_forward_method(model, "sequence_logps", sequence_logps)
             if plan.reference == "live":
-                reference = objective.reference_model = _frozen_reference(reference, mesh, device)
+                frozen = objective.reference_model = _frozen(frozen, mesh, device, "sequence_logps", sequence_logps)
             step = objective.train_step
-        reference = objective.reference_model if plan.objective == "dpo" else None
-        tracker = _tracker(model, optimizer, sharded, probe, reference)
+        elif plan.objective == "distill-off-policy":
+            objective.prepare(model, None, vocab, dist_, autocast)
+        elif plan.objective == "distill-on-policy":  # OnPolicyDistill.prepare, the twin's teacher for load_teacher
+            objective.teacher = frozen = _frozen(frozen, mesh, device, "score", _teacher_score)
+            objective.attach(model, vocab)
+        tracker = _tracker(model, optimizer, sharded, probe, frozen)
         with tracker, _loss_probe(tracker, probe), _host_side_dpo_counts(), syncs, roofline:
             syncs.region = roofline.region = probe["region"] = "micro-batches"
             step(model, batches, dist_, vocab, autocast)
@@ -354,11 +399,14 @@ def run_twin(plan: TwinPlan) -> dict:
             optimizer_step(model, optimizer, plan.grad_clip)
         peak = _device_snapshot(tracker.get_tracker_snapshot("peak"))
         host_to_device = functions.host_to_device_bytes
-        reference_bytes = _local_bytes(reference) if reference is not None else None
+        frozen_bytes = _local_bytes(frozen) if frozen is not None else 0
 
     result = _report(plan, config, gpu, peak, probe, roofline, syncs, lengths, host_to_device)
-    if plan.objective == "dpo":  # already inside "parameters (sharded)"/"(gathered)": the tracker sees it
-        result["memory"]["reference_sharded_bytes"] = reference_bytes or 0
+    # already inside "parameters (sharded)"/"(gathered)": the tracker sees it
+    if plan.objective == "dpo":
+        result["memory"]["reference_sharded_bytes"] = frozen_bytes
+    if plan.objective == "distill-on-policy":
+        result["memory"]["teacher_sharded_bytes"] = frozen_bytes
     return result
 
 

@@ -28,13 +28,15 @@ _DYNAMIC_OPS = {aten.nonzero, aten._unique2, aten.unique_dim, aten.unique_consec
 
 def where() -> str:
     """"backward" while the autograd engine runs, "forward" inside `Qwen3.loss`/`forward` (or DPO's
-    `sequence_logps`), else "between"
+    `sequence_logps`, distillation's `student_kl_loss` / the teacher's `score`), else "between"
     (the trainer's own code between micro-batches or around the step)."""
     if torch._C._current_graph_task_id() != -1:
         return "backward"
     for frame in traceback.extract_stack():
         if frame.filename.endswith("engine/model.py") and frame.name in ("loss", "forward", "hidden") or \
-                frame.filename.endswith("engine/train/dpo.py") and frame.name == "sequence_logps":
+                frame.filename.endswith("engine/train/dpo.py") and frame.name == "sequence_logps" or \
+                frame.filename.endswith("engine/train/distill.py") and frame.name in ("student_kl_loss",
+                                                                                      "_teacher_score"):
             return "forward"
     return "between"
 
