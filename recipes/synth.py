@@ -9,7 +9,10 @@ the responses + reasoning are generated, and the known answer is the rejection-s
 letter for multiple choice, the number for numeric answers). Tasks with `answer_check: constraints` get
 verifiable constraints from the question writer and keep only responses meeting all of them (checked by
 code). With `filters.min_quality`, an LLM rates every finished row 1–10 (stage `quality`) and rows below the
-threshold are dropped. Answers are checked through the verifier registry (qforge.recipes.verifiers).
+threshold are dropped. Answers are checked through the verifier registry (qforge.recipes.verifiers). With
+`pairs.enabled`, kept rows (chosen) and responses that failed their verifier (rejected, their reasoning
+reconstructed by the reasoning stage's prompt: stage `rejected_reasoning`) of one question become DPO pairs
+(pairs.jsonl).
 
 Or start from existing reasoning traces (`traces.path`, any SFT file; recipes/configs/reasoning-data.yaml): an
 LLM rewrites each trace into a Qwen3 <think> block + the final answer its verifier reads (stage `reformat`,
@@ -51,9 +54,9 @@ from qforge.recipes.sft_data.report import count_by_task, counts_markdown
 from qforge.recipes.sft_data.stages import (StageResult, StageStore, Usage, ask_all, check_placeholders,
                                              conversation, fingerprint)
 from qforge.recipes.sft_data.syllabus import Task, Topic, jobs, read_syllabus, read_tasks
-from qforge.recipes.sft_data.traces import (TraceLength, assistant_message, make_pairs, pass_rates, read_traces,
-                                            reference_of, repetition_ratio, traces_markdown, verdict_dict,
-                                            verify_rows)
+from qforge.recipes.sft_data.traces import (TraceLength, assistant_message, make_pairs, pair_counts, pair_row,
+                                            pair_up, pairs_markdown, pass_rates, read_traces, reference_of,
+                                            repetition_ratio, traces_markdown, verdict_dict, verify_rows)
 from qforge.recipes.verifiers import VERIFIERS, get_verifier
 from qforge.engine.config_io import read_yaml
 
@@ -63,6 +66,7 @@ STAGE_FIELDS = {"questions": TOPIC_FIELDS | {"count"}, "responses": TOPIC_FIELDS
                 "quality": TOPIC_FIELDS | {"question", "response", "reasoning"},
                 "syllabus": {"level", "grade", "subject", "count"},
                 "reformat": {"question", "reasoning", "answer", "format", "verifier"}}
+FAILED = {"wrong_answer": "fail", "no_final_answer": "unparseable"}  # rejection_sample's reasons → verdict status
 ANSWER_FORMATS = {  # what reformat.user's {format} asks for, per verifier: the form that verifier reads
     "math": "End with the final answer as \\boxed{...}.",
     "numeric": "End with the final answer as \\boxed{...}.",
@@ -160,8 +164,10 @@ class ReformatSettings:
 
 @dataclass
 class PairSettings:
-    """Preference pairs from k samples per question: a passing one (chosen) and a failing one (rejected)."""
-    enabled: bool = True
+    """Preference pairs from k samples per question: a passing one (chosen) and a failing one (rejected). In
+    synthesis, chosen = a kept row, rejected = a response that failed its verifier in rejection sampling, whose
+    reasoning the reasoning stage reconstructs too (stage rejected_reasoning, only for samples in a pair)."""
+    enabled: bool = False
     per_question: int = 1  # at most this many pairs per question
 
     def __post_init__(self):
@@ -452,6 +458,8 @@ class Pipeline:
                 if not verdict.keep:
                     detail = f"of {originals[index]}" if index in originals else ""
                     drops.append(_drop("responses", sample_id, task, verdict.reason, detail))
+                    if verdict.reason in FAILED:  # the rejected side of preference pairs
+                        drops[-1].update(question_id=question["id"], response=answer.value)
                     continue
                 provenance = {"questions": question["provenance"],
                               "responses": self.provenance("responses", answer.model)}
@@ -628,7 +636,8 @@ class Pipeline:
                                                 verified.drops, verified.usage))
         pairs, pair_summary = make_pairs(verified.rows, config.pairs.per_question)
         if not config.pairs.enabled:  # the questions without a passing / failing sample are still reported
-            pairs, pair_summary["pairs"] = [], 0
+            pairs = []
+            pair_summary.update(pairs=0, per_task={})
         kept = [{"id": r["id"], "messages": r["prompt"] + [assistant_message(r)], "task": r["verifier"],
                  "verifier": r["verifier"], "reference": r["reference"], "source": r["source"],
                  "question_id": r["question_id"], "verdict": r["verdict"], "reformat": r.get("reformat", "off"),
@@ -683,7 +692,8 @@ class Pipeline:
             key = self.stage_key("questions", topics, tasks, asdict(filters.question), filters.near_duplicate_threshold)
             results["questions"] = self.store.run("questions", key, self.questions)
         questions = results["questions"].rows
-        key = self.stage_key("responses", questions, tasks, asdict(filters.response))
+        key = self.stage_key("responses", questions, tasks, asdict(filters.response),
+                             "failing responses kept")  # older stored stages lack them: redo (from the cache)
         results["responses"] = self.store.run("responses", key, lambda: self.responses(questions))
         responses = results["responses"].rows
         key = self.stage_key("reasoning", responses)
@@ -695,9 +705,53 @@ class Pipeline:
             key = self.stage_key("quality", rows, filters.min_quality)
             results["quality"] = final = self.store.run("quality", key, lambda: self.quality(rows))
         results["output"] = StageResult([self.output_row(row) for row in final.rows], [])
-        return self.write(results)
+        pairs = self.preference_pairs(final.rows, questions, results["responses"].drops) if config.pairs.enabled \
+            else None
+        return self.write(results, pairs)
 
-    def write(self, results: dict[str, StageResult]) -> dict:
+    # -- pairs (optional): kept rows (chosen) against responses that failed their verifier (rejected) --------
+    def preference_pairs(self, kept: list[dict], questions: list[dict], response_drops: list[dict]) -> tuple:
+        """Pairs the kept rows of verified questions with failing samples of the same question (traces.pair_up);
+        the rejected samples a pair uses get their reasoning from the reasoning stage's prompt and filters
+        (stage rejected_reasoning, not part of the SFT counts); a pair whose rejected reasoning failed is lost."""
+        verified = {q["id"]: q for q in questions
+                    if q.get("answer_check") in VERIFIERS and q.get("reference_answer") is not None}
+        chosen = [{**self.pair_side(row), "verdict": {"passed": True, "status": "pass"}}
+                  for row in kept if row["question_id"] in verified]
+        failing = [{**verified[d["question_id"]], "id": d["id"], "question_id": d["question_id"],
+                    "response": d["response"], "provenance": {"questions": verified[d["question_id"]]["provenance"]},
+                    "verdict": {"passed": False, "status": FAILED[d["reason"]]}}
+                   for d in response_drops if d.get("question_id") in verified]
+        matched, summary = pair_up(chosen + failing, self.config.pairs.per_question, verified)
+        needed = list({bad["id"]: bad for _, _, bad in matched}.values())
+        key = self.stage_key("reasoning", needed, "rejected")
+        reasoned = self.store.run("rejected_reasoning", key, lambda: self.reasoning(needed))
+        unusable = Counter(d["reason"] for d in reasoned.drops)
+        usable = {}
+        for row in reasoned.rows:
+            problem = self.config.filters.reasoning_problem(row["reasoning"], row["response"])
+            if problem:
+                unusable[problem] += 1
+            else:
+                usable[row["id"]] = {**self.pair_side(row), "verdict": row["verdict"]}
+        pairs = [pair_row(k, good, usable[bad["id"]]) for k, good, bad in matched if bad["id"] in usable]
+        summary = {"pairs": len(pairs), "per_question": self.config.pairs.per_question, "per_task": pair_counts(pairs),
+                   **summary, "rejected_reasoning": {"asked": len(needed), "usable": len(usable),
+                                                     "unusable": dict(sorted(unusable.items()))},
+                   "pairs_lost": len(matched) - len(pairs)}
+        usage = {**reasoned.usage, "reused_stored_output": reasoned.skipped}
+        return pairs, summary, usage
+
+    def pair_side(self, row: dict) -> dict:
+        """A synthesis sample as traces.pair_row reads it: the prompt as the model saw it (tools in the system
+        message, since pairs have no `tools` field), the response and its reasoning."""
+        tools = _offered_tools(row)
+        prompt = ([{"role": "system", "content": tools_system_prompt(tools, None)}] if tools else []) + [
+            {"role": "user", "content": row["question"]}]
+        return {"id": row["id"], "question_id": row["question_id"], "prompt": prompt, "reasoning": row["reasoning"],
+                "answer": row["response"], "task": row["task"], "verifier": row["answer_check"]}
+
+    def write(self, results: dict[str, StageResult], pairs: tuple | None = None) -> dict:
         out = Path(self.config.output.dir)
         kept = results["output"].rows
         drops = [drop for result in results.values() for drop in result.drops]
@@ -710,10 +764,15 @@ class Pipeline:
         counts = count_by_task(kept, drops)
         usage = {stage: {**result.usage, "reused_stored_output": result.skipped}
                  for stage, result in results.items() if result.usage}
+        if pairs is not None:
+            usage["rejected_reasoning"] = pairs[2]
         report = {"requested_samples": requested, "counts": counts, "usage": usage,
-                  "total_cost": sum(u.get("cost", 0.0) for u in usage.values()), "config": asdict(self.config)}
+                  "total_cost": sum(u.get("cost", 0.0) for u in usage.values()),
+                  **({"pairs": pairs[1]} if pairs is not None else {}), "config": asdict(self.config)}
         write_jsonl(out / "data.jsonl", kept)
         write_jsonl(out / "drops.jsonl", drops)
+        if pairs is not None:
+            write_jsonl(out / "pairs.jsonl", pairs[0])
         write_json(out / "report.json", report)
         write_text(out / "report.md", _markdown(report))
         return report
@@ -781,6 +840,8 @@ def _markdown(report: dict) -> str:
                      f"{u.get('prompt_tokens', 0)} | {u.get('completion_tokens', 0)} | {u.get('cost', 0.0):.4f} | "
                      f"{'yes (figures of the run that made it)' if u['reused_stored_output'] else 'no'} |")
     lines += ["", f"Total cost: {report['total_cost']:.4f} USD", ""]
+    if "pairs" in report:
+        lines += pairs_markdown(report["pairs"])
     lost = sum(u.get("transient_failures", 0) for u in report["usage"].values())
     if lost:
         lines += [f"**{lost} rows were lost to transient request failures (timeouts, 5xx, 429): run the same "

@@ -99,17 +99,14 @@ def verify_rows(rows: list[dict], workers: int, desc: str = "verify") -> list[Ve
     return verify_batch([(r["verifier"], completion(r), r["reference"]) for r in rows], workers, desc)
 
 
-def make_pairs(rows: list[dict], per_question: int) -> tuple[list[dict], dict]:
-    """Pairs of a passing (chosen) and a failing (rejected) sample of the same question, both with their
-    reasoning, in recipes/dpo.py's `messages` + `chosen` + `rejected` layout (a failing row whose rewrite also
-    failed is rejected in its rewritten form: the same format as the chosen side, so the pair differs in
-    correctness rather than in formatting). Up to `per_question` pairs per
-    question, walking the chosen and rejected samples round-robin so each is reused as little as possible.
-    Also returns which questions had no passing or no failing sample."""
-    groups: dict[str, list[dict]] = defaultdict(list)
+def pair_up(rows: list[dict], per_question: int, questions=()) -> tuple[list[tuple[int, dict, dict]], dict]:
+    """(index within its question, passing sample, failing sample) of the same question: up to `per_question`
+    per question, walking the chosen and rejected samples round-robin so each is reused as little as possible.
+    Also returns which questions (those of `rows`, plus `questions`) had no passing or no failing sample."""
+    groups: dict[str, list[dict]] = {question_id: [] for question_id in questions}
     for row in rows:
-        groups[row["question_id"]].append(row)
-    pairs, no_pass, no_fail = [], [], []
+        groups.setdefault(row["question_id"], []).append(row)
+    matched, no_pass, no_fail = [], [], []
     for question_id, group in groups.items():
         chosen = [r for r in group if r["verdict"]["passed"]]
         rejected = [r for r in group if not r["verdict"]["passed"]]
@@ -119,15 +116,37 @@ def make_pairs(rows: list[dict], per_question: int) -> tuple[list[dict], dict]:
             no_fail.append(question_id)
         order = sorted(product(range(len(chosen)), range(len(rejected))),
                        key=lambda ij: ((ij[1] - ij[0]) % len(rejected), ij[0]))  # diagonals: spread the reuse
-        for k, (i, j) in enumerate(order[:per_question]):
-            good, bad = chosen[i], rejected[j].get("rewrite", rejected[j])
-            pairs.append({"id": f"{question_id}-p{k}", "question_id": question_id, "messages": good["prompt"],
-                          "chosen": assistant_message(good), "rejected": assistant_message(bad),
-                          "verifier": good["verifier"], "chosen_id": good["id"], "rejected_id": rejected[j]["id"],
-                          "rejected_status": bad["verdict"]["status"]})
-    summary = {"pairs": len(pairs), "questions": len(groups), "questions_without_passing_sample": sorted(no_pass),
+        matched += [(k, chosen[i], rejected[j]) for k, (i, j) in enumerate(order[:per_question])]
+    summary = {"questions": len(groups), "questions_without_passing_sample": sorted(no_pass),
                "questions_without_failing_sample": sorted(no_fail)}
-    return pairs, summary
+    return matched, summary
+
+
+def pair_row(index: int, good: dict, bad: dict) -> dict:
+    """One pair in recipes/dpo.py's `messages` + `chosen` + `rejected` layout, both sides with their reasoning
+    (a failing row whose rewrite also failed is rejected in its rewritten form: the same format as the chosen
+    side, so the pair differs in correctness rather than in formatting)."""
+    shown = bad.get("rewrite", bad)
+    return {"id": f"{good['question_id']}-p{index}", "question_id": good["question_id"], "messages": good["prompt"],
+            "chosen": assistant_message(good), "rejected": assistant_message(shown),
+            "task": good.get("task", good["verifier"]), "verifier": good["verifier"], "chosen_id": good["id"],
+            "rejected_id": bad["id"], "rejected_status": shown["verdict"]["status"]}
+
+
+def pair_counts(pairs: list[dict]) -> dict:
+    """{task: {verifier: pairs}}."""
+    counts: dict = defaultdict(Counter)
+    for pair in pairs:
+        counts[pair["task"]][pair["verifier"]] += 1
+    return {task: dict(sorted(by_verifier.items())) for task, by_verifier in sorted(counts.items())}
+
+
+def make_pairs(rows: list[dict], per_question: int) -> tuple[list[dict], dict]:
+    """Pairs of a passing (chosen) and a failing (rejected) sample of the same question (pair_up, pair_row),
+    and the summary: pair counts per task and verifier, questions with no passing or no failing sample."""
+    matched, summary = pair_up(rows, per_question)
+    pairs = [pair_row(k, good, bad) for k, good, bad in matched]
+    return pairs, {"pairs": len(pairs), "per_task": pair_counts(pairs), **summary}
 
 
 def pass_rates(rows: list[dict]) -> dict:
@@ -172,15 +191,26 @@ def traces_markdown(report: dict) -> str:
             statuses = ", ".join(f"{k}: {v}" for k, v in cell["statuses"].items())
             lines.append(f"| {source} | {verifier} | {cell['samples']} | {cell['passed']} | "
                          f"{cell['pass_rate']:.2f} | {statuses} |")
-    pairs = report["pairs"]
-    lines += ["", "## Preference pairs", "", f"{pairs['pairs']} pairs from {pairs['questions']} questions "
-              f"(at most {pairs['per_question']} per question).", "",
-              f"- questions with no passing sample ({len(pairs['questions_without_passing_sample'])}): "
-              f"{', '.join(pairs['questions_without_passing_sample']) or '-'}",
-              f"- questions with no failing sample ({len(pairs['questions_without_failing_sample'])}): "
-              f"{', '.join(pairs['questions_without_failing_sample']) or '-'}", "",
-              f"Verification: {report['verification']['programs']} completions in "
-              f"{report['verification']['seconds']:.1f} s ({report['verification']['per_second']:.2f}/s, "
-              f"{report['verification']['workers']} workers).", ""]
+    lines += pairs_markdown(report["pairs"]) + [
+        f"Verification: {report['verification']['programs']} completions in "
+        f"{report['verification']['seconds']:.1f} s ({report['verification']['per_second']:.2f}/s, "
+        f"{report['verification']['workers']} workers).", ""]
     return "\n".join(lines)
 
+
+def pairs_markdown(pairs: dict) -> list[str]:
+    """The report's pair section (traces and synthesis modes)."""
+    lines = ["", "## Preference pairs", "", f"{pairs['pairs']} pairs from {pairs['questions']} questions "
+             f"(at most {pairs['per_question']} per question).", ""]
+    lines += [f"- {task} / {verifier}: {n}" for task, by_verifier in pairs["per_task"].items()
+              for verifier, n in by_verifier.items()]
+    rejected = pairs.get("rejected_reasoning")
+    if rejected:
+        lines.append(f"- rejected samples given reasoning (stage rejected_reasoning): {rejected['asked']}, usable "
+                     f"{rejected['usable']}" + "".join(f", {k}: {v}" for k, v in rejected["unusable"].items())
+                     + f"; pairs lost with them: {pairs['pairs_lost']}")
+    lines += [f"- questions with no passing sample ({len(pairs['questions_without_passing_sample'])}): "
+              f"{', '.join(pairs['questions_without_passing_sample']) or '-'}",
+              f"- questions with no failing sample ({len(pairs['questions_without_failing_sample'])}): "
+              f"{', '.join(pairs['questions_without_failing_sample']) or '-'}", ""]
+    return lines
