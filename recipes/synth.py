@@ -710,10 +710,12 @@ class Pipeline:
         return self.write(results, pairs)
 
     # -- pairs (optional): kept rows (chosen) against responses that failed their verifier (rejected) --------
-    def preference_pairs(self, kept: list[dict], questions: list[dict], response_drops: list[dict]) -> tuple:
+    def preference_pairs(self, kept: list[dict], questions: list[dict],
+                         response_drops: list[dict]) -> tuple[list[dict], dict, dict]:
         """Pairs the kept rows of verified questions with failing samples of the same question (traces.pair_up);
         the rejected samples a pair uses get their reasoning from the reasoning stage's prompt and filters
-        (stage rejected_reasoning, not part of the SFT counts); a pair whose rejected reasoning failed is lost."""
+        (stage rejected_reasoning, not part of the SFT counts); a pair whose rejected reasoning failed is lost.
+        Returns the pair rows, the report's summary and the stage's usage."""
         verified = {q["id"]: q for q in questions
                     if q.get("answer_check") in VERIFIERS and q.get("reference_answer") is not None}
         chosen = [{**self.pair_side(row), "verdict": {"passed": True, "status": "pass"}}
@@ -751,7 +753,7 @@ class Pipeline:
         return {"id": row["id"], "question_id": row["question_id"], "prompt": prompt, "reasoning": row["reasoning"],
                 "answer": row["response"], "task": row["task"], "verifier": row["answer_check"]}
 
-    def write(self, results: dict[str, StageResult], pairs: tuple | None = None) -> dict:
+    def write(self, results: dict[str, StageResult], pairs: tuple[list[dict], dict, dict] | None = None) -> dict:
         out = Path(self.config.output.dir)
         kept = results["output"].rows
         drops = [drop for result in results.values() for drop in result.drops]
