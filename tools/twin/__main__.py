@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .gpus import GPUS
 from .report import format_report
-from .run import OBJECTIVES, TwinPlan, run_twin
+from .collectives import CollectiveDivergence
+from .run import OBJECTIVES, TwinPlan, check_collectives, run_twin
 
 
 def plan_from_config(path: str, gpus: int | None, model: str | None) -> dict:
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ce-weight", type=float, help="distill-off-policy: CE share of the KL+CE mix")
     parser.add_argument("--reference", choices=("live", "cached"),
                         help="dpo's reference: a frozen bf16 model (live, the default) or cached log-probs")
+    parser.add_argument("--check-collectives", action="store_true",
+                        help="trace the step once per rank and fail (exit 2) at the first collective two ranks "
+                             "disagree on (op, shapes, dtypes, group): a hang on a real cluster")
     parser.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)
@@ -100,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
                         kept_vocab=args.kept_vocab, loss_fraction=args.loss_fraction)
     except ValueError as error:
         parser.error(str(error))
-    result = run_twin(plan)
+    try:
+        result = check_collectives(plan) if args.check_collectives else run_twin(plan)
+    except CollectiveDivergence as error:
+        print(f"rank-divergent collectives: {error}", file=sys.stderr)
+        return 2
     print(format_report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")

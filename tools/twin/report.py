@@ -45,4 +45,8 @@ def format_report(result: dict) -> str:
     lines.append(f"host-device syncs ({sum(s['count'] for s in syncs)}):")
     for sync in syncs:
         lines.append(f"  {sync['site']:<58} {sync['op']:<20} {sync['where']:<8} ×{sync['count']}")
+    checked = result.get("collectives_checked")
+    if checked:
+        lines.append(f"collectives: the same {checked['per_rank']} (op, shapes, dtypes, group) on all "
+                     f"{checked['ranks']} ranks")
     return "\n".join(lines)
