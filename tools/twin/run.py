@@ -326,10 +326,19 @@ def _ensure_process_group(gpus: int, rank: int = 0):
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=gpus)
 
 
+def twin_mesh(gpus: int, rank: int):
+    """The 1-D device mesh of the fake process group seen from `rank`. Its dimension is named after the rank:
+    meshes compare equal by layout, not rank, and torch reuses an equal mesh it has seen, so a later rank's
+    parameters would otherwise carry rank 0's mesh (and rank 0's coordinate: its rows, its shard)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _ensure_process_group(gpus, rank)
+    return init_device_mesh("cpu", (gpus,), mesh_dim_names=(f"twin_rank{rank}",))
+
+
 def run_twin(plan: TwinPlan, rank: int = 0) -> dict:
     """The plan's step as fake rank `rank` sees it (every rank's shards have the same size: FSDP2 pads)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed.device_mesh import init_device_mesh
 
     gpu = GPUS[plan.gpu]
     config = resolve_config(plan.model)
@@ -347,8 +356,7 @@ def run_twin(plan: TwinPlan, rank: int = 0) -> dict:
     param_dtype, compute_dtype, autocast = precision_policy(plan.precision, dist_)
     mesh = None
     if sharded:
-        _ensure_process_group(plan.gpus, rank)
-        mesh = init_device_mesh("cpu", (plan.gpus,))
+        mesh = twin_mesh(plan.gpus, rank)
     model = meta_model(config, param_dtype)
     model.activation_checkpointing = plan.activation_checkpointing
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
