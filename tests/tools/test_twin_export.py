@@ -69,3 +69,18 @@ def test_cli_prints_the_export_table(tiny, capsys):
     assert main(["--model", tiny, "--gpus", "2", "--trace-export", "full_state_dict"]) == 0
     out = capsys.readouterr().out
     assert "full_state_dict (fp32, offloaded to rank 0's host" in out and "on all 2 ranks" in out
+
+
+@pytest.mark.parametrize("state_dtype, moment_bytes", [("fp32", 4), ("bf16", 2)])
+def test_checkpoint_state_is_each_ranks_own_shards_and_gathers_nothing(tiny, state_dtype, moment_bytes):
+    from qforge.tools.twin.export import trace_checkpoint_state
+
+    tensors = 3 + 11 * TINY["num_hidden_layers"]
+    ranks = trace_checkpoint_state(tiny, 2, optim_state_dtype=state_dtype)["ranks"]
+    for r in ranks:
+        # fp32 master weights + two AdamW moments, 1/2 each; AdamW's step counters are tiny
+        shards = (4 + 2 * moment_bytes) * PARAMS / 2
+        assert shards <= r["state_bytes"] <= shards + 8 * tensors
+        assert r["state_bytes"] <= r["written_bytes"] <= r["state_bytes"] + 64 * 1024  # + pickled param groups
+        assert shards <= r["device_peak_bytes"] <= r["state_bytes"]  # the shards, no gathered or copied tensor
+    assert ranks[0]["written_bytes"] == ranks[1]["written_bytes"]

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .gpus import GPUS
-from .export import trace_export
+from .export import trace_checkpoint_state, trace_export
 from .load import trace_load
 from .report import format_export, format_load, format_report
 from .collectives import CollectiveDivergence
@@ -86,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                              "disagree on (op, shapes, dtypes, group): a hang on a real cluster")
     parser.add_argument("--trace-load", action="store_true",
                         help="trace checkpoint.load_sharded of a header-only checkpoint on every rank instead of a step")
-    parser.add_argument("--trace-export", choices=("save_model", "full_state_dict"),
-                        help="trace the HF export on every rank instead of a step: save_model (full fine-tuning's "
-                             "final/) or full_state_dict (LoRA's export, evaluation snapshots); nothing is written")
+    parser.add_argument("--trace-export", choices=("save_model", "full_state_dict", "checkpoint"),
+                        help="trace a save on every rank instead of a step: save_model (full fine-tuning's final/), "
+                             "full_state_dict (LoRA's export, evaluation snapshots) or checkpoint (the state DCP "
+                             "writes: model + AdamW shards, planned per rank); nothing is written")
     parser.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)
@@ -109,8 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.trace_load or args.trace_export:
         gpus, precision = fields.get("gpus") or 1, fields.get("precision") or "bf16-mixed"
         try:
-            result = trace_load(fields["model"], gpus, precision) if args.trace_load else \
-                trace_export(fields["model"], gpus, precision, what=args.trace_export)
+            if args.trace_load:
+                result = trace_load(fields["model"], gpus, precision)
+            elif args.trace_export == "checkpoint":
+                result = trace_checkpoint_state(fields["model"], gpus, precision,
+                                                fields.get("optim_state_dtype") or "fp32")
+            else:
+                result = trace_export(fields["model"], gpus, precision, what=args.trace_export)
         except CollectiveDivergence as error:
             print(f"rank-divergent collectives: {error}", file=sys.stderr)
             return 2

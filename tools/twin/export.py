@@ -27,7 +27,7 @@ from qforge.engine import checkpoint
 
 from .collectives import Collectives, check_sequences
 from .fake_cuda import FakeDeviceFunctions, _target_device, mark_sharding_propagation, on_device
-from .load import _device_memory_tracker
+from .load import _device_memory_tracker, host_shard_arithmetic
 from .models import resolve_config
 
 
@@ -124,3 +124,93 @@ def trace_export(model: str, gpus: int, precision: str = "bf16-mixed", dtype: to
     check_sequences(sequences)
     return {"model": model, "gpus": gpus, "what": what, "precision": precision,
             "dtype": str(dtype or torch.bfloat16)[6:], "ranks": ranks, "collectives_per_rank": len(sequences[0])}
+
+
+def _null_writer(written: list):
+    """A DCP StorageWriter that records each write item's bytes (tensor shards, pickled objects) and writes none."""
+    import io
+
+    from torch.distributed.checkpoint import StorageWriter
+    from torch.distributed.checkpoint.storage import WriteResult
+    from torch.futures import Future
+
+    class NullWriter(StorageWriter):
+        def reset(self, checkpoint_id=None):
+            pass
+
+        def validate_checkpoint_id(self, checkpoint_id):
+            return True
+
+        def set_up_storage_writer(self, is_coordinator, *args, **kwargs):
+            pass
+
+        def prepare_local_plan(self, plan):
+            return plan
+
+        def prepare_global_plan(self, plans):
+            return plans
+
+        def write_data(self, plan, planner):
+            results = []
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                nbytes = len(data.getbuffer()) if isinstance(data, io.BytesIO) else data.numel() * data.element_size()
+                written.append({"file": item.index.fqn, "bytes": nbytes, "tensors": 1})
+                results.append(WriteResult(index=item.index, size_in_bytes=nbytes, storage_data=None))
+            future = Future()
+            future.set_result(results)
+            return future
+
+        def finish(self, metadata, results):
+            pass
+
+    return NullWriter()
+
+
+def trace_checkpoint_state(model: str, gpus: int, precision: str = "bf16-mixed", optim_state_dtype: str = "fp32") -> dict:
+    """What `save_checkpoint` hands DCP on each rank: `get_state_dict(model, optimizer)` of the FSDP2 model with
+    AdamW's state, then `dcp.save` into a null writer. DCP's planning (pickled plans gathered to rank 0 and
+    scattered back) cannot cross the fake process group, so each rank plans alone (`no_dist`): every item of an
+    FSDP2 state is a rank's own shard, so the bytes per rank are what the real save writes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from qforge.engine.train.build import meta_model
+    from qforge.engine.train.config import OptimSettings
+    from qforge.engine.train.loop import precision_policy
+    from qforge.engine.train.optim import build_optimizer
+    from qforge.engine.train.parallel import Dist, shard_model
+    from qforge.engine.train.state import _single_process_is_intended, _state_bytes
+
+    from .run import _create_optimizer_state, _local_bytes, twin_mesh
+
+    config = resolve_config(model)
+    device = torch.device("cpu")
+    ranks = []
+    for rank in range(gpus):
+        param_dtype, compute_dtype, _ = precision_policy(precision, Dist(rank, gpus, device))
+        mesh = twin_mesh(gpus, rank)
+        net = meta_model(config, param_dtype)
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        functions, tracker, written = HostCopies(fake_mode), _device_memory_tracker(), []
+        with fake_mode, functions, mark_sharding_propagation(), host_shard_arithmetic():
+            shard_model(net, compute_dtype, mesh=mesh)
+            net.to_empty(device=device)
+            net.reset_buffers()
+            optimizer = build_optimizer(net, OptimSettings(state_dtype=optim_state_dtype))
+            _create_optimizer_state(net, optimizer)
+            shard_bytes = _local_bytes(net)
+            with tracker:
+                model_state, optim_state = get_state_dict(net, optimizer)
+                state_bytes = _state_bytes(model_state) + _state_bytes(optim_state)
+                with _single_process_is_intended():  # no_dist: DCP warns that it saves in one process
+                    dcp.save({"model": model_state, "optim": optim_state}, storage_writer=_null_writer(written),
+                             no_dist=True)
+            before = sum(s["Total"] for d, s in tracker.get_tracker_snapshot("current").items() if d.type == "cpu")
+        peak = tracker.get_tracker_snapshot("peak")
+        ranks.append({"rank": rank, "shard_bytes": shard_bytes, "state_bytes": state_bytes,
+                      "device_peak_bytes": sum(s["Total"] for d, s in peak.items() if d.type == "cpu"),
+                      "device_after_bytes": before, "peak_host_bytes": functions.peak_host_bytes,
+                      "written_bytes": sum(w["bytes"] for w in written), "items": len(written)})
+    dist.destroy_process_group()
+    return {"model": model, "gpus": gpus, "what": "checkpoint", "precision": precision, "ranks": ranks}

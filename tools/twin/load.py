@@ -122,21 +122,37 @@ class HeaderOnlyFiles:
 
     @contextlib.contextmanager
     def installed(self):
-        """Also runs DTensor's local shape/offset arithmetic on the host, as it runs on a GPU host (under the
-        fake mode its index tensors would be fake)."""
-        from torch.distributed.tensor import _utils
-
-        originals = checkpoint.safe_open, _utils.compute_local_shape_and_global_offset
-
-        def on_host(*args, **kwargs):
-            with _disable_current_modes():
-                return originals[1](*args, **kwargs)
-
-        checkpoint.safe_open, _utils.compute_local_shape_and_global_offset = self.open, on_host
+        original = checkpoint.safe_open
+        checkpoint.safe_open = self.open
         try:
-            yield self
+            with host_shard_arithmetic():
+                yield self
         finally:
-            checkpoint.safe_open, _utils.compute_local_shape_and_global_offset = originals
+            checkpoint.safe_open = original
+
+
+@contextlib.contextmanager
+def host_shard_arithmetic():
+    """DTensor's local shape/offset arithmetic runs on the host, as on a GPU host (under the fake mode its index
+    tensors would be fake); patched where it is used (DCP's planner imports it by name)."""
+    from torch.distributed.checkpoint import planner_helpers
+    from torch.distributed.tensor import _utils
+
+    name = "compute_local_shape_and_global_offset"
+    original = getattr(_utils, name)
+
+    def on_host(*args, **kwargs):
+        with _disable_current_modes():
+            return original(*args, **kwargs)
+
+    users = [module for module in (_utils, planner_helpers) if getattr(module, name, None) is original]
+    for module in users:
+        setattr(module, name, on_host)
+    try:
+        yield
+    finally:
+        for module in users:
+            setattr(module, name, original)
 
 
 def _device_memory_tracker():

@@ -70,16 +70,18 @@ def format_load(result: dict) -> str:
 
 def format_export(result: dict) -> str:
     """`trace_export`'s figures: per rank, device and host memory at their peaks and the bytes written."""
-    what = {"save_model": f"save_model (final/ in {result['dtype']}, parameters gathered one at a time)",
-            "full_state_dict": "full_state_dict (fp32, offloaded to rank 0's host: LoRA export, snapshots)"}
+    what = {"save_model": f"save_model (final/ in {result.get('dtype')}, parameters gathered one at a time)",
+            "full_state_dict": "full_state_dict (fp32, offloaded to rank 0's host: LoRA export, snapshots)",
+            "checkpoint": "checkpoint state (get_state_dict + dcp.save into a null writer, planned per rank)"}
     lines = [f"{what[result['what']]} of {result['model']} on {result['gpus']} ranks, {result['precision']} "
              f"(twin bounds, not a measurement; nothing written):",
              f"  {'rank':<5} {'shards GiB':>11} {'device peak GiB':>16} {'above shards GiB':>17} {'host peak GiB':>14} "
-             f"{'written GiB':>12} files"]
+             f"{'written GiB':>12} {'items' if result['what'] == 'checkpoint' else 'files'}"]
     for r in result["ranks"]:
         lines.append(f"  {r['rank']:<5} {r['shard_bytes'] / GIB:11.3f} {r['device_peak_bytes'] / GIB:16.3f} "
                      f"{(r['device_peak_bytes'] - r['shard_bytes']) / GIB:17.3f} {r['peak_host_bytes'] / GIB:14.3f} "
-                     f"{r['written_bytes'] / GIB:12.3f} {r['files']}")
-    lines.append(f"collectives: the same {result['collectives_per_rank']} (op, shapes, dtypes, group) on all "
-                 f"{result['gpus']} ranks")
+                     f"{r['written_bytes'] / GIB:12.3f} {r.get('files', r.get('items'))}")
+    if "collectives_per_rank" in result:
+        lines.append(f"collectives: the same {result['collectives_per_rank']} (op, shapes, dtypes, group) on all "
+                     f"{result['gpus']} ranks")
     return "\n".join(lines)
