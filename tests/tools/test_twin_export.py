@@ -5,7 +5,6 @@ host only. Both issue the same collectives on every rank."""
 import json
 
 import pytest
-import torch
 
 from qforge.engine.config import Qwen3Config
 from qforge.tools.estimate import parameter_counts

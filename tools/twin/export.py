@@ -111,9 +111,8 @@ def trace_export(model: str, gpus: int, precision: str = "bf16-mixed", dtype: to
                 with tracker, collectives:
                     if what == "save_model":
                         checkpoint.save_model(net, Path(out) / "final", dtype=dtype, dist_=dist_)
-                    else:
-                        state = full_state_dict(net)
-                        del state
+                    else:  # rank 0 keeps the fp32 state on its host while the other ranks gather
+                        full_state_dict(net)
             peak = tracker.get_tracker_snapshot("peak")
             ranks.append({"rank": rank, "shard_bytes": shard_bytes,
                           "device_peak_bytes": sum(s["Total"] for d, s in peak.items() if d.type == "cpu"),
