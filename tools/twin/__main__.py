@@ -14,8 +14,11 @@ import sys
 from pathlib import Path
 
 from .gpus import GPUS
-from .report import format_report
-from .run import OBJECTIVES, TwinPlan, run_twin
+from .export import trace_checkpoint_state, trace_export
+from .load import trace_load
+from .report import format_export, format_load, format_report
+from .collectives import CollectiveDivergence
+from .run import OBJECTIVES, TwinPlan, check_collectives, run_twin
 
 
 def plan_from_config(path: str, gpus: int | None, model: str | None) -> dict:
@@ -78,6 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ce-weight", type=float, help="distill-off-policy: CE share of the KL+CE mix")
     parser.add_argument("--reference", choices=("live", "cached"),
                         help="dpo's reference: a frozen bf16 model (live, the default) or cached log-probs")
+    parser.add_argument("--check-collectives", action="store_true",
+                        help="trace the step once per rank and fail (exit 2) at the first collective two ranks "
+                             "disagree on (op, shapes, dtypes, group): a hang on a real cluster")
+    parser.add_argument("--trace-load", action="store_true",
+                        help="trace checkpoint.load_sharded of a header-only checkpoint on every rank instead of a step")
+    parser.add_argument("--trace-export", choices=("save_model", "full_state_dict", "checkpoint"),
+                        help="trace a save on every rank instead of a step: save_model (full fine-tuning's final/), "
+                             "full_state_dict (LoRA's export, evaluation snapshots) or checkpoint (the state DCP "
+                             "writes: model + AdamW shards, planned per rank); nothing is written")
     parser.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)
@@ -95,12 +107,33 @@ def main(argv: list[str] | None = None) -> int:
             fields[key] = getattr(args, key)
     if fields.get("objective") == "distill-on-policy":
         fields.setdefault("teacher", "qwen3-32b")
+    if args.trace_load or args.trace_export:
+        gpus, precision = fields.get("gpus") or 1, fields.get("precision") or "bf16-mixed"
+        try:
+            if args.trace_load:
+                result = trace_load(fields["model"], gpus, precision)
+            elif args.trace_export == "checkpoint":
+                result = trace_checkpoint_state(fields["model"], gpus, precision,
+                                                fields.get("optim_state_dtype") or "fp32")
+            else:
+                result = trace_export(fields["model"], gpus, precision, what=args.trace_export)
+        except CollectiveDivergence as error:
+            print(f"rank-divergent collectives: {error}", file=sys.stderr)
+            return 2
+        print(format_load(result) if args.trace_load else format_export(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        return 0
     try:
         plan = TwinPlan(**fields, seq_len=args.seq_len, gpu=args.gpu, attention=args.attention,
                         kept_vocab=args.kept_vocab, loss_fraction=args.loss_fraction)
     except ValueError as error:
         parser.error(str(error))
-    result = run_twin(plan)
+    try:
+        result = check_collectives(plan) if args.check_collectives else run_twin(plan)
+    except CollectiveDivergence as error:
+        print(f"rank-divergent collectives: {error}", file=sys.stderr)
+        return 2
     print(format_report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")

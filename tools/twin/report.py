@@ -45,4 +45,43 @@ def format_report(result: dict) -> str:
     lines.append(f"host-device syncs ({sum(s['count'] for s in syncs)}):")
     for sync in syncs:
         lines.append(f"  {sync['site']:<58} {sync['op']:<20} {sync['where']:<8} ×{sync['count']}")
+    checked = result.get("collectives_checked")
+    if checked:
+        lines.append(f"collectives: the same {checked['per_rank']} (op, shapes, dtypes, group) on all "
+                     f"{checked['ranks']} ranks")
+    return "\n".join(lines)
+
+
+def format_load(result: dict) -> str:
+    """`trace_load`'s figures: per rank, bytes read from the checkpoint and device memory during the load."""
+    ranks = result["ranks"]
+    lines = [f"load_sharded of {result['model']} ({result['checkpoint_bytes'] / GIB:.2f} GiB stored in "
+             f"{result['stored_dtype']}) on {result['gpus']} ranks, {result['precision']} (twin bounds, not a measurement):",
+             f"  {'rank':<5} {'read GiB':>9} {'of total':>9} {'largest read MiB':>17} {'host buffers MiB':>17} "
+             f"{'device peak GiB':>16} {'shards GiB':>11} shard dtype"]
+    for r in ranks:
+        lines.append(f"  {r['rank']:<5} {r['read_bytes'] / GIB:9.3f} {r['read_bytes'] / result['checkpoint_bytes']:9.1%} "
+                     f"{r['largest_read_bytes'] / 2**20:17.1f} {r['peak_host_buffer_bytes'] / 2**20:17.1f} "
+                     f"{r['device_peak_bytes'] / GIB:16.3f} {r['shard_bytes'] / GIB:11.3f} {','.join(r['param_dtypes'])}")
+    lines.append(f"  contract: every tensor's rows read exactly once over the ranks, none whole by one rank, in the stored "
+                 f"dtype, one read buffer alive at a time ({result['reads_per_rank']} reads per rank)")
+    return "\n".join(lines)
+
+
+def format_export(result: dict) -> str:
+    """`trace_export`'s figures: per rank, device and host memory at their peaks and the bytes written."""
+    what = {"save_model": f"save_model (final/ in {result.get('dtype')}, parameters gathered one at a time)",
+            "full_state_dict": "full_state_dict (fp32, offloaded to rank 0's host: LoRA export, snapshots)",
+            "checkpoint": "checkpoint state (get_state_dict + dcp.save into a null writer, planned per rank)"}
+    lines = [f"{what[result['what']]} of {result['model']} on {result['gpus']} ranks, {result['precision']} "
+             f"(twin bounds, not a measurement; nothing written):",
+             f"  {'rank':<5} {'shards GiB':>11} {'device peak GiB':>16} {'above shards GiB':>17} {'host peak GiB':>14} "
+             f"{'written GiB':>12} {'items' if result['what'] == 'checkpoint' else 'files'}"]
+    for r in result["ranks"]:
+        lines.append(f"  {r['rank']:<5} {r['shard_bytes'] / GIB:11.3f} {r['device_peak_bytes'] / GIB:16.3f} "
+                     f"{(r['device_peak_bytes'] - r['shard_bytes']) / GIB:17.3f} {r['peak_host_bytes'] / GIB:14.3f} "
+                     f"{r['written_bytes'] / GIB:12.3f} {r.get('files', r.get('items'))}")
+    if "collectives_per_rank" in result:
+        lines.append(f"collectives: the same {result['collectives_per_rank']} (op, shapes, dtypes, group) on all "
+                     f"{result['gpus']} ranks")
     return "\n".join(lines)

@@ -37,6 +37,7 @@ from qforge.engine.train.metrics import training_flops
 from qforge.engine.train.optim import build_optimizer
 from qforge.engine.train.parallel import Dist, shard_model
 
+from .collectives import Collectives, check_sequences
 from .contracts import attention_standins, triton_launch_standins
 from .fake_cuda import FakeDeviceFunctions, in_sharding_propagation, mark_sharding_propagation, route_cuda_paths
 from .gpus import GPUS
@@ -314,19 +315,30 @@ def _create_optimizer_state(model, optimizer):
     optimizer.zero_grad(set_to_none=True)
 
 
-def _ensure_process_group(gpus: int):
+def _ensure_process_group(gpus: int, rank: int = 0):
+    """The fake process group of `gpus` ranks, seen from `rank` (collectives return without moving data)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
-        if dist.get_backend() != "fake" or dist.get_world_size() != gpus:
+        if dist.get_backend() != "fake" or dist.get_world_size() != gpus or dist.get_rank() != rank:
             dist.destroy_process_group()
     if not dist.is_initialized():
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=gpus)
 
 
-def run_twin(plan: TwinPlan) -> dict:
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def twin_mesh(gpus: int, rank: int):
+    """The 1-D device mesh of the fake process group seen from `rank`. Its dimension is named after the rank:
+    meshes compare equal by layout, not rank, and torch reuses an equal mesh it has seen, so a later rank's
+    parameters would otherwise carry rank 0's mesh (and rank 0's coordinate: its rows, its shard)."""
     from torch.distributed.device_mesh import init_device_mesh
+
+    _ensure_process_group(gpus, rank)
+    return init_device_mesh("cpu", (gpus,), mesh_dim_names=(f"twin_rank{rank}",))
+
+
+def run_twin(plan: TwinPlan, rank: int = 0) -> dict:
+    """The plan's step as fake rank `rank` sees it (every rank's shards have the same size: FSDP2 pads)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     gpu = GPUS[plan.gpu]
     config = resolve_config(plan.model)
@@ -334,17 +346,17 @@ def run_twin(plan: TwinPlan) -> dict:
     lengths = sequence_lengths(plan)
     syncs, roofline = HostSyncs(labelled_tokens(plan), sum(lengths)), Roofline(gpu, plan.gpus)
     probe: dict = {}
+    collectives = Collectives()
 
     def attention_observer(direction, q, k, v):
         roofline.attention(direction, q, k, v, lengths)
 
     device = torch.device("cpu")
-    dist_ = Dist(0, plan.gpus, device)
+    dist_ = Dist(rank, plan.gpus, device)
     param_dtype, compute_dtype, autocast = precision_policy(plan.precision, dist_)
     mesh = None
     if sharded:
-        _ensure_process_group(plan.gpus)
-        mesh = init_device_mesh("cpu", (plan.gpus,))
+        mesh = twin_mesh(plan.gpus, rank)
     model = meta_model(config, param_dtype)
     model.activation_checkpointing = plan.activation_checkpointing
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -392,22 +404,32 @@ def run_twin(plan: TwinPlan) -> dict:
             objective.teacher = frozen = _frozen(frozen, mesh, device, "score", _teacher_score)
             objective.attach(model, vocab)
         tracker = _tracker(model, optimizer, sharded, probe, frozen)
-        with tracker, _loss_probe(tracker, probe), _host_side_dpo_counts(), syncs, roofline:
-            syncs.region = roofline.region = probe["region"] = "micro-batches"
+        with tracker, _loss_probe(tracker, probe), _host_side_dpo_counts(), syncs, roofline, collectives:
+            syncs.region = roofline.region = collectives.region = probe["region"] = "micro-batches"
             step(model, batches, dist_, vocab, autocast)
-            syncs.region = roofline.region = probe["region"] = "optimizer"
+            syncs.region = roofline.region = collectives.region = probe["region"] = "optimizer"
             optimizer_step(model, optimizer, plan.grad_clip)
         peak = _device_snapshot(tracker.get_tracker_snapshot("peak"))
         host_to_device = functions.host_to_device_bytes
         frozen_bytes = _local_bytes(frozen) if frozen is not None else 0
 
     result = _report(plan, config, gpu, peak, probe, roofline, syncs, lengths, host_to_device)
+    result["collectives"] = collectives.calls
     # already inside "parameters (sharded)"/"(gathered)": the tracker sees it
     if plan.objective == "dpo":
         result["memory"]["reference_sharded_bytes"] = frozen_bytes
     if plan.objective == "distill-on-policy":
         result["memory"]["teacher_sharded_bytes"] = frozen_bytes
     return result
+
+
+def check_collectives(plan: TwinPlan) -> dict:
+    """The step traced once per rank; a CollectiveDivergence names the first collective two ranks disagree on.
+    Returns rank 0's report with the count of collectives every rank issues."""
+    results = {rank: run_twin(plan, rank) for rank in range(plan.gpus)}
+    check_sequences({rank: result["collectives"] for rank, result in results.items()})
+    results[0]["collectives_checked"] = {"ranks": plan.gpus, "per_rank": len(results[0]["collectives"])}
+    return results[0]
 
 
 CATEGORIES = {  # report category → FSDPMemTracker / MemTracker reference types
