@@ -55,3 +55,13 @@ def test_a_rank_reading_whole_tensors_breaks_the_contract(tiny, monkeypatch):
     monkeypatch.setattr(load._Slice, "__getitem__", lambda self, index: read_rows(self, slice(None))[index])
     with pytest.raises(ContractError, match=r"model.embed_tokens.weight \[512, 128\]: rank 0 reads .*a full copy"):
         trace_load(tiny, 2)
+
+
+
+
+def test_cli_prints_the_load_table(tiny, capsys):
+    from qforge.tools.twin.__main__ import main
+
+    assert main(["--model", tiny, "--gpus", "2", "--trace-load"]) == 0
+    out = capsys.readouterr().out
+    assert "on 2 ranks, bf16-mixed (twin bounds, not a measurement)" in out and "50.0%" in out
