@@ -93,10 +93,15 @@ def default_device() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def preflight(device: torch.device | None = None, dtype: torch.dtype | None = None) -> dict:
-    """Checks the environment, logs versions and backends once, returns both (for reports)."""
+def check_environment() -> None:
+    """The checks alone (silent unless one fails): recipes run them before reading their config."""
     check_import_root()
     check_torch()
+
+
+def preflight(device: torch.device | None = None, dtype: torch.dtype | None = None) -> dict:
+    """Checks the environment, logs versions and backends once, returns both (for reports)."""
+    check_environment()
     if device is None:
         device, dtype = default_device()
     versions = installed_versions()

@@ -15,7 +15,7 @@ from typing import Callable, Sequence, TypeVar
 
 from qforge.engine.config_io import anchor_shipped_paths, load_config, settings
 from qforge.engine.errors import QforgeError
-from qforge.engine.preflight import preflight
+from qforge.engine.preflight import check_environment, preflight
 from qforge.recipes.main import shipped_configs
 
 T = TypeVar("T")
@@ -55,8 +55,9 @@ def run_recipe(config_class: type[T], run: Callable[[T], R], argv: Sequence[str]
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        preflight()
+        check_environment()  # before the config: a shadowed package or an old torch is named first
         config = (load or load_config)(config_class, resolve_config(args.config), args.overrides)
+        preflight()  # after it: a config error stays one line on stderr
         result = run(config)
         code = report(config, result) if report is not None else None
         return 0 if code is None else code
