@@ -199,7 +199,7 @@ def test_recipe_reports_config_errors_without_traceback(tmp_path):
     bad.write_text("model:\n  config: x.json\n  tokenizer: qwen3\ndata:\n  train: [missing.jsonl]\ntrain:\n  max_steps: 3\n")
     data = subprocess.run([sys.executable, str(REPO / "recipes/fft.py"), "--config", str(bad),
                            f"output.dir={tmp_path / 'out'}", "output.progress=false"], capture_output=True, text=True)
-    assert data.returncode == 2, data.stderr[-2000:]  # a file named by the config: README's failures table
+    assert data.returncode == 2, data.stderr[-2000:]  # a file named by the config: docs/errors.md's table
     assert data.stderr.strip().splitlines()[-1] == ("error: data.train: missing.jsonl: no such file or directory; fix "
                                                     "the path in the config or the override")
     assert not (tmp_path / "out").exists()  # checked before output.dir is created
