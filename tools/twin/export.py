@@ -179,7 +179,7 @@ def trace_checkpoint_state(model: str, gpus: int, precision: str = "bf16-mixed",
     from qforge.engine.train.loop import precision_policy
     from qforge.engine.train.optim import build_optimizer
     from qforge.engine.train.parallel import Dist, shard_model
-    from qforge.engine.train.state import _single_process_is_intended, _state_bytes
+    from qforge.engine.train.resume import _single_process_is_intended, _state_bytes
 
     from .run import _create_optimizer_state, _local_bytes, twin_mesh
 

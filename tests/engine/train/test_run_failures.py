@@ -15,7 +15,7 @@ from qforge.engine.errors import CheckpointError, ConfigError, DataError, Storag
 from qforge.engine.model import Qwen3
 from qforge.engine.train import FFTConfig, train
 from qforge.engine.train import loop
-from qforge.engine.train import state as train_state
+from qforge.engine.train import resume as train_state
 from qforge.engine.train.parallel import init_distributed
 from qforge.engine.vocab import read_id_file
 
