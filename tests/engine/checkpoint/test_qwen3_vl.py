@@ -4,7 +4,6 @@ The oracle for logits, generation, export and the vocabulary prune is transforme
 come out of every export bitwise equal to what went in.
 """
 import json
-import shutil
 
 import pytest
 import torch
