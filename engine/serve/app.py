@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from qforge.engine.chat import ChatModel, ReasoningStream, parse_tool_calls
+from qforge.engine.serve.chat import ChatModel, ReasoningStream, parse_tool_calls
 from qforge.engine.generate import Pick, SamplingParams
 from qforge.engine.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                           SamplingFields, TokenizeRequest, new_id, now, usage, validation_error)

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..client import ChatClient, ChatClientError
+from ..serve.client import ChatClient, ChatClientError
 from ..data.example import IGNORE_INDEX, Example
 from ..errors import EndpointError
 from ..files import atomic_write

@@ -9,13 +9,13 @@ from test_distill import _config, _losses, few_rows, teacher  # noqa: F401 (fixt
 from tiny_run import tiny_overrides, tiny_run_files  # noqa: F401 (fixture)
 
 from qforge.engine import load_model
-from qforge.engine.chat import ChatModel
-from qforge.engine.client import ChatClient
+from qforge.engine.serve.chat import ChatModel
+from qforge.engine.serve.client import ChatClient
 from qforge.engine.config_io import load_config
 from qforge.engine.data import ChatTemplate
 from qforge.engine.data.example import make_example
 from qforge.engine.errors import ConfigError, EndpointError
-from qforge.engine.serve import serve_model
+from qforge.engine.serve.app import serve_model
 from qforge.engine.serve.app import BackgroundServer, openai_error
 from qforge.engine.serve.protocol import APIError
 from qforge.engine.train.distill import teacher_top_k
