@@ -48,8 +48,7 @@ def open_tensors(file: Path, device: str = "cpu"):
 
 def stored_dtype(key_files: dict[str, Path]) -> torch.dtype:
     """The dtype the checkpoint's tensors are stored in (what the export writes back by default)."""
-    file = next(iter(key_files.values()))
-    with safe_open(str(file), framework="pt") as tensors:
+    with open_tensors(next(iter(key_files.values()))) as tensors:
         stored = tensors.get_slice(next(iter(tensors.keys()))).get_dtype()
     return _SAFETENSORS_DTYPES.get(stored, torch.float32)
 

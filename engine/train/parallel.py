@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 
 from ..checkpoint import Source, read_source
-from ..checkpoint.tensors import check_tensors
+from ..checkpoint.tensors import check_tensors, open_tensors
 from ..errors import CheckpointError, ConfigError
 
 
@@ -125,7 +124,7 @@ def load_sharded(model: torch.nn.Module, source: Source | str | Path, device: st
         by_file.setdefault(source.key_files[source.key(name)], []).append(name)
     with torch.no_grad():
         for file, names in by_file.items():
-            with safe_open(str(file), framework="pt", device="cpu") as tensors:
+            with open_tensors(file) as tensors:
                 for name in names:
                     local = params[name].to_local() if isinstance(params[name], DTensor) else params[name]
                     if local.numel():
