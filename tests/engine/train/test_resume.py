@@ -109,7 +109,7 @@ def test_no_checkpoint_verifies_is_an_error(three_checkpoints, tmp_path):
 def test_older_checkpoints_are_pruned_only_after_the_new_one_verifies(tmp_path, monkeypatch):
     _train_and_save(tmp_path, 2, keep_last=1)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-2"]
-    monkeypatch.setattr(state, "_check_files", lambda *args, **kwargs: "state/__0_0.distcp has 0 bytes")
+    monkeypatch.setattr(resume, "_check_files", lambda *args, **kwargs: "state/__0_0.distcp has 0 bytes")
     with pytest.raises(CheckpointError, match="step-3 did not verify after writing .*the older checkpoints are kept"):
         _train_and_save(tmp_path, 3, keep_last=1, first=3)
     assert (tmp_path / "checkpoints/step-2/manifest.json").is_file()
@@ -140,8 +140,8 @@ def test_an_explicit_resume_behind_later_checkpoints_of_the_same_dir_is_refused(
 
 
 def test_a_second_writer_on_output_dir_is_refused(tmp_path):
-    with state.OutputLock(tmp_path, Dist()):
+    with resume.OutputLock(tmp_path, Dist()):
         with pytest.raises(CheckpointError, match=r"output.dir .* is in use by another run \(pid \d+ on .*\); wait"):
-            state.OutputLock(tmp_path, Dist()).__enter__()
-    with state.OutputLock(tmp_path, Dist()):  # released when the first run ends
+            resume.OutputLock(tmp_path, Dist()).__enter__()
+    with resume.OutputLock(tmp_path, Dist()):  # released when the first run ends
         pass

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_run import tiny_overrides, tiny_run_files  # noqa: F401 (fixture)
 
-from qforge.engine import checkpoint as hf_checkpoint
+from qforge.engine.checkpoint import save as hf_checkpoint
 from qforge.engine import load_model
 from qforge.engine.config_io import load_config
 from qforge.engine.errors import CheckpointError, ConfigError, DataError, StorageError, TrainingError
