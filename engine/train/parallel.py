@@ -2,6 +2,7 @@
 
 Nothing home-made: `fully_shard` shards parameters, gradients and optimizer state; the root unit holds the
 embedding, final norm and output head (tied weights stay in one unit). A single process runs unsharded.
+`load_sharded` fills a sharded model from an HF checkpoint, each rank reading only its own rows.
 """
 from __future__ import annotations
 
