@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from qforge.engine import load_model
-from qforge.engine.chat import ChatModel
-from qforge.engine.client import ChatClient
+from qforge.engine.serve.chat import ChatModel
+from qforge.engine.serve.client import ChatClient
 from qforge.engine.data import ChatTemplate
-from qforge.engine.serve import serve_model
+from qforge.engine.serve.app import serve_model
 from qforge.engine.train.distill import teacher_output_ids, teacher_top_k
 from qforge.engine.train.teacher_endpoint import EndpointTeacher
 

@@ -4,7 +4,7 @@ Only what defines the Qwen3 decoder is kept: dense (`qwen3`) or Mixture-of-Exper
 below; `num_experts` = 0 means dense). Anything that would make the checkpoint a different
 model than the one qforge builds (another model_type, rope scaling, sliding windows, attention bias)
 is rejected with an error naming the field, never silently ignored. Qwen3-VL checkpoints (`qwen3_vl`) are read
-through their nested `text_config` (see `qwen3_vl.language_config`); `rope_scaling` may be YaRN (`rope_scaling.py`).
+through their nested `text_config` (see `language_config`); `rope_scaling` may be YaRN (`rope_scaling.py`).
 """
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ from .rope_scaling import normalize_rope_scaling
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VL_MODEL_TYPE = "qwen3_vl"
+# Token ids in a Qwen3-VL config.json besides the usual bos/eos/pad (the vocabulary prune remaps them too).
+VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 @dataclass
@@ -91,8 +94,7 @@ class Qwen3Config:
         def fail(field: str, problem: str):
             raise ConfigError(f"{source}: field '{field}' {problem}")
 
-        if hf.get("model_type") == "qwen3_vl":
-            from .qwen3_vl import language_config
+        if is_vl_config(hf):
             hf = language_config(hf, source)
         elif hf.get("model_type") == "qwen3_moe":
             # transformers ≥ 5 writes `num_local_experts` (its attribute map reads both)
@@ -159,6 +161,30 @@ class Qwen3Config:
 
 _MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
                "mlp_only_layers", "router_aux_loss_coef")
+
+
+def is_vl_config(hf: dict) -> bool:
+    return hf.get("model_type") == VL_MODEL_TYPE
+
+
+def language_config(hf: dict, source: str = "config.json") -> dict:
+    """The Qwen3 text config inside a Qwen3-VL config.json, as a `qwen3` config dict.
+
+    Tying is a property of the whole model (top-level `tie_word_embeddings`; transformers 4.x also copies it into
+    text_config); dtype and special ids may sit at either level."""
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        raise ConfigError(f"{source}: field 'text_config' is missing; a qwen3_vl config.json nests the language "
+                          f"model's config there")
+    if "moe_intermediate_size" in text or "num_experts" in text:
+        raise ConfigError(f"{source}: field 'text_config' describes a Qwen3-VL MoE language model; qforge trains "
+                          f"the dense Qwen3-VL models only")
+    merged = dict(text)
+    for key in ("tie_word_embeddings", "torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):
+        if hf.get(key) is not None and (key == "tie_word_embeddings" or merged.get(key) is None):
+            merged[key] = hf[key]
+    merged["model_type"] = "qwen3"
+    return merged
 
 
 def read_json(path: str | Path) -> dict:

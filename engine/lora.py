@@ -142,7 +142,7 @@ def export_lora(model: nn.Module, output_dir: Path, base_model: str | None, stat
     """The merged state dict for the HF export, after writing `output_dir/final-adapter` (PEFT format) when
     `train.lora.save_adapter` is on. `state`: the gathered full state dict of an FSDP model, if any."""
     if model.lora.save_adapter:
-        from . import qwen3_vl
+        from .checkpoint import qwen3_vl
         from .model import hf_key
         key_of = qwen3_vl.checkpoint_key if getattr(model, "checkpoint_format", "qwen3") == qwen3_vl.MODEL_TYPE \
             else hf_key

@@ -2,8 +2,8 @@
 
 Parameters carry HF's in-memory names and layouts (`gate.weight` [E, H], `experts.gate_up_proj` [E, 2I, H] with
 the gate rows first, `experts.down_proj` [E, H, I]), so the fused expert weights feed the grouped GEMMs as they
-are. On disk the hub (and `save_pretrained`) keeps one tensor per expert and projection; `hf_tensors` /
-`from_hf_tensors` convert between the two for engine/checkpoint.py.
+are. On disk the hub (and `save_pretrained`) keeps one tensor per expert and projection; engine/checkpoint/moe.py
+converts between the two.
 
 The experts run as permute → grouped expert MLP → weighted un-permute (kernels/moe_*.py). Each block keeps the
 statistics of its last forward (`router_stats`) for the load-balancing loss, which HF computes over all layers
@@ -20,9 +20,6 @@ import torch.nn.functional as F
 from qforge.kernels import moe_expert_mlp, moe_permute, moe_routing, moe_unpermute
 
 from .config import Qwen3Config
-
-EXPERT_PROJECTIONS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
-
 
 @dataclass
 class RouterStats:
@@ -109,31 +106,3 @@ def expert_load(stats: RouterStats) -> dict[str, torch.Tensor]:
     counts = stats.tokens_per_expert.float()
     return {"tokens_min": counts.min(), "tokens_max": counts.max(),
             "tokens_cv": counts.std(unbiased=False) / counts.mean()}
-
-
-def _fused_expert(key: str) -> str | None:
-    """The projection name if `key` is a fused expert weight (`...mlp.experts.gate_up_proj`), else None."""
-    base, _, leaf = key.rpartition(".")
-    return leaf if base.endswith("mlp.experts") and leaf in EXPERT_PROJECTIONS else None
-
-
-def hf_tensors(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A parameter stored under HF `key` as the checkpoint tensors it is saved as: fused expert weights split
-    into HF's per-expert `experts.{e}.{gate,up,down}_proj.weight` views, anything else as is."""
-    leaf = _fused_expert(key)
-    if leaf is None:
-        return {key: tensor}
-    projections = EXPERT_PROJECTIONS[leaf]
-    parts = tensor.unflatten(1, (len(projections), -1))  # [E, 2, I, H] for gate_up, [E, 1, H, I] for down
-    base = key.rpartition(".")[0]
-    return {f"{base}.{e}.{projection}.weight": parts[e, i]
-            for e in range(tensor.shape[0]) for i, projection in enumerate(projections)}
-
-
-def from_hf_tensors(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of `hf_tensors`: the checkpoint tensors (in `hf_tensors`' key order) as the parameter."""
-    leaf = _fused_expert(key)
-    if leaf is None:
-        return tensors[0]
-    n = len(EXPERT_PROJECTIONS[leaf])
-    return torch.stack([torch.cat(tensors[i:i + n]) for i in range(0, len(tensors), n)])

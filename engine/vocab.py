@@ -378,14 +378,9 @@ class VocabMap:
                           "suppress_ids": self.suppress_ids.tolist()}, indent=None)
 
     def save_with_model(self, model_dir: str | Path) -> None:
-        """Writes `kept_ids.json` into an exported model directory and adds `suppress_tokens` to its
-        generation_config.json, so generation from the directory never emits an untrained token."""
-        model_dir = Path(model_dir)
-        self.save(model_dir / KEPT_IDS_FILE)
-        generation_path = model_dir / "generation_config.json"
-        generation = json.loads(generation_path.read_text(encoding="utf-8")) if generation_path.is_file() else {}
-        generation["suppress_tokens"] = sorted({*(generation.get("suppress_tokens") or []), *self.suppress_tokens})
-        write_json(generation_path, generation)
+        """Writes `kept_ids.json` into an exported model directory (the export also lists the unkept ids as
+        generation_config.json `suppress_tokens`, see `checkpoint.layout.with_suppressed`)."""
+        self.save(Path(model_dir) / KEPT_IDS_FILE)
 
     @classmethod
     def load(cls, path: str | Path, original_size: int | None = None) -> "VocabMap":

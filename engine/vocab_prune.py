@@ -15,12 +15,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from qforge.engine import qwen3_vl
+from qforge.engine.checkpoint.qwen3_vl import checkpoint_key
+from qforge.engine.config import VISION_TOKEN_FIELDS, is_vl_config
 from qforge.engine.files import staged_dir, write_json
 from qforge.engine.vocab import VocabMap
 
 VOCAB_ROW_TENSORS = ("model.embed_tokens.weight", "lm_head.weight",
-                     qwen3_vl.checkpoint_key("embed_tokens.weight"))  # Qwen3-VL's embedding
+                     checkpoint_key("embed_tokens.weight"))  # Qwen3-VL's embedding
 COPIED_TOKENIZER_FILES = ("special_tokens_map.json", "chat_template.jinja", "chat_template.json")
 TOKENIZER_OR_INDEX_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
                             "model.safetensors.index.json")  # written pruned (or rebuilt), never copied as they are
@@ -106,8 +107,8 @@ def _prune_configs(src: Path, dst: Path, vocab: VocabMap, rows: int) -> None:
     A Qwen3-VL config keeps vocab_size in `text_config` and its image/video token ids at the top level."""
     old_to_new = vocab.old_to_new.tolist()
     config = _read_json(src / "config.json")
-    is_vl = qwen3_vl.is_vl_config(config)
-    sections = [(config, SPECIAL_ID_FIELDS + (qwen3_vl.VISION_TOKEN_FIELDS if is_vl else ()), "")]
+    is_vl = is_vl_config(config)
+    sections = [(config, SPECIAL_ID_FIELDS + (VISION_TOKEN_FIELDS if is_vl else ()), "")]
     if is_vl:
         sections.append((config.get("text_config") or {}, SPECIAL_ID_FIELDS, "text_config."))
     sized = sections[-1][0]

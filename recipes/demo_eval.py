@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from qforge.engine import load_model
-from qforge.engine.chat import ChatModel
+from qforge.engine.serve.chat import ChatModel
 from qforge.engine.config_io import settings
 from qforge.engine.data import ChatTemplate, pack
 from qforge.engine.data.cache import load_examples

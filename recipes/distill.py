@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from qforge.engine.client import ChatClient
+from qforge.engine.serve.client import ChatClient
 from qforge.engine.config_io import settings
 from qforge.engine.errors import ConfigError
 from qforge.engine.train.distill import OffPolicyDistill, OnPolicyDistill

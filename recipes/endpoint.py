@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from qforge.engine.chat import ChatModel
-from qforge.engine.client import ChatClient
-from qforge.engine.serve import serve_model
+from qforge.engine.serve.chat import ChatModel
+from qforge.engine.serve.client import ChatClient
+from qforge.engine.serve.app import serve_model
 from qforge.engine.vocab import read_suppress_ids
 
 

@@ -33,7 +33,7 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from qforge.engine.chat import ChatModel
+from qforge.engine.serve.chat import ChatModel
 from qforge.engine.generate import next_token_logits
 from qforge.engine.thinking import join_think
 from qforge.engine.vocab import read_suppress_ids

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from qforge.engine.chat import ChatModel
+from qforge.engine.serve.chat import ChatModel
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from qforge.engine.client import ChatClient
+from qforge.engine.serve.client import ChatClient
 from qforge.recipes.cli import OutputSettings, print_report_md, run_recipe
 from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint
 from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from qforge.engine.chat import ChatModel
+from qforge.engine.serve.chat import ChatModel
 from qforge.engine.config_io import apply_overrides, build, read_yaml
 from qforge.engine.errors import DataError, QforgeError
 from qforge.engine.train import EvalPoint

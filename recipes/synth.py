@@ -37,7 +37,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qforge.engine.client import ChatClient
+from qforge.engine.serve.client import ChatClient
 from qforge.engine.thinking import split_think
 from qforge.engine.data.render import tools_system_prompt
 from qforge.recipes import function_calling, instruction_following

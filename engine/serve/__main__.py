@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 import uvicorn
 
-from qforge.engine.chat import ChatModel
+from qforge.engine.serve.chat import ChatModel
 from qforge.engine.errors import QforgeError
 from qforge.engine.preflight import preflight
 from qforge.engine.serve.app import ServeSettings, bind, create_app, is_loopback, uvicorn_config

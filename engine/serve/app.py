@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from qforge.engine.chat import ChatModel, ReasoningStream, parse_tool_calls
+from qforge.engine.serve.chat import ChatModel, ReasoningStream, parse_tool_calls
 from qforge.engine.generate import Pick, SamplingParams
 from qforge.engine.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                           SamplingFields, TokenizeRequest, new_id, now, usage, validation_error)
@@ -261,7 +261,6 @@ def create_app(chat_model: ChatModel, scheduler: Scheduler, settings: ServeSetti
     server = Server(chat_model, scheduler, settings)
     app = FastAPI(title="qforge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
-    model_limits = {"vocab_size": server.vocab_size}
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError):
@@ -303,7 +302,7 @@ def create_app(chat_model: ChatModel, scheduler: Scheduler, settings: ServeSetti
         if body.prompt is not None:
             tokens = await anyio.to_thread.run_sync(server.encode, body.prompt)
         else:
-            tokens = await anyio.to_thread.run_sync(lambda: server.encode(_render(body)))
+            tokens = await anyio.to_thread.run_sync(lambda: server.encode(_render(server, body)))
         return {"tokens": tokens, "count": len(tokens), "max_model_len": server.max_model_len}
 
     @app.post("/detokenize")
@@ -315,130 +314,143 @@ def create_app(chat_model: ChatModel, scheduler: Scheduler, settings: ServeSetti
             raise APIError(400, f"tokens outside the vocabulary [0, {server.vocab_size}): {bad[:5]}", "tokens")
         return {"prompt": chat_model.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
-    def _render(body) -> str:
-        messages = _messages(body)
-        thinking = (body.chat_template_kwargs or {}).get("enable_thinking", True)
-        try:
-            tools = [t.model_dump(exclude_none=True) for t in body.tools or ()]
-            return chat_model.render(messages, thinking, tools)
-        except (ValueError, KeyError) as error:
-            raise APIError(400, f"messages: {error}", "messages") from None
-
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = parse(ChatCompletionRequest, await read_json(request, settings.max_body_bytes), model_limits)
-        server.check_model(body.model)
-        thinking = body.enable_thinking()
-        tools = [t.model_dump(exclude_none=True) for t in body.tools or ()] if body.tool_choice != "none" else []
-        messages = _messages(body)
-
-        def prepare() -> list[int]:
-            try:
-                text = chat_model.render(messages, thinking, tools)
-            except (ValueError, KeyError) as error:
-                raise APIError(400, f"messages: {error}", "messages") from None
-            return server.encode(text)
-
-        prompt = await anyio.to_thread.run_sync(prepare)
-        limit_field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
-        max_tokens = server.budget(len(prompt), body.limit(), settings.default_max_tokens, limit_field)
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        spec = [(prompt, server.sampling(body, logprobs, i), max_tokens, body.stop_strings(), None)
-                for i in range(body.n)]
-        request_id, created = new_id("chatcmpl"), now()
-        events = server.run(request, spec)
-        if body.stream:
-            return StreamingResponse(_chat_stream(server, body, request_id, created, len(prompt), events, tools),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        texts, picks, reasons, counts = [""] * body.n, [[] for _ in range(body.n)], [None] * body.n, [0] * body.n
-        async for index, event in events:
-            texts[index] += event.text
-            picks[index] += event.picks
-            reasons[index] = event.finish_reason or reasons[index]
-            counts[index] = event.completion_tokens
-        if await request.is_disconnected():
-            return None
-        choices = []
-        for index in range(body.n):
-            stream = ReasoningStream()
-            reasoning, content = stream.feed(texts[index], final=True)
-            message = {"role": "assistant", "content": content}
-            if stream.text.lstrip().startswith("<think>"):
-                message["reasoning_content"] = reasoning
-            reason = reasons[index]
-            if tools:
-                content, calls = parse_tool_calls(content)
-                if calls:
-                    message["content"] = content or None
-                    message["tool_calls"] = [{"id": new_id("call"), "type": "function", "function": call}
-                                             for call in calls]
-                    reason = "tool_calls" if reason == "stop" else reason
-            choice = {"index": index, "message": message, "finish_reason": reason, "logprobs": None}
-            if body.logprobs:
-                choice["logprobs"] = {"content": [server.chat_logprob(p, body.return_tokens_as_token_ids)
-                                                   for p in picks[index]]}
-            choices.append(choice)
-        return {"id": request_id, "object": "chat.completion", "created": created, "model": settings.name,
-                "choices": choices, "usage": usage(len(prompt), sum(counts))}
+        return await chat_completion(server, request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = parse(CompletionRequest, await read_json(request, settings.max_body_bytes), model_limits)
-        server.check_model(body.model)
-        prompts = []
-        for entry in body.prompts():
-            if isinstance(entry, str):
-                prompts.append((entry, await anyio.to_thread.run_sync(server.encode, entry)))
-            else:
-                bad = [t for t in entry if not 0 <= t < server.vocab_size]
-                if bad:
-                    raise APIError(400, f"prompt has token ids outside the vocabulary [0, {server.vocab_size}): "
-                                        f"{bad[:5]}", "prompt")
-                prompts.append((None, list(entry)))
-        spec = []
-        for text, ids in prompts:
-            max_tokens = server.budget(len(ids), body.max_tokens, 16, "max_tokens")
-            if max_tokens == 0 and not body.echo:
-                raise APIError(400, "max_tokens=0 returns nothing unless echo=true", "max_tokens")
-            scoring = body.logprobs if body.echo and body.logprobs is not None else None
-            spec += [(ids, server.sampling(body, body.logprobs, i), max_tokens, body.stop_strings(), scoring)
-                     for i in range(body.n)]
-        if body.stream and body.echo:
-            raise APIError(400, "echo with stream=true is not supported; send stream=false", "echo")
-        request_id, created = new_id("cmpl"), now()
-        events = server.run(request, spec)
-        if body.stream:
-            return StreamingResponse(_completion_stream(server, body, request_id, created, spec, events),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        count = len(spec)
-        texts, picks, reasons = [""] * count, [[] for _ in range(count)], [None] * count
-        tokens, scored = [0] * count, [None] * count
-        async for index, event in events:
-            texts[index] += event.text
-            picks[index] += event.picks
-            reasons[index] = event.finish_reason or reasons[index]
-            tokens[index] = event.completion_tokens
-            scored[index] = event.prompt_logprobs if event.prompt_logprobs is not None else scored[index]
-        if await request.is_disconnected():
-            return None
-        choices = []
-        for index in range(count):
-            text, ids = prompts[index // body.n]
-            prompt_text = text if text is not None else chat_model.tokenizer.decode(ids, skip_special_tokens=False)
-            choice = {"index": index, "text": (prompt_text if body.echo else "") + texts[index],
-                      "finish_reason": reasons[index], "logprobs": None}
-            if body.logprobs is not None:
-                generated = [p.token for p in picks[index]]
-                all_picks = (scored[index] or [None] * len(ids)) + picks[index] if body.echo else picks[index]
-                all_tokens = ids + generated if body.echo else generated
-                choice["logprobs"] = server.completion_logprobs(all_picks, all_tokens, 0,
-                                                                body.return_tokens_as_token_ids)
-            choices.append(choice)
-        prompt_tokens = sum(len(ids) for _, ids in prompts)
-        return {"id": request_id, "object": "text_completion", "created": created, "model": settings.name,
-                "choices": choices, "usage": usage(prompt_tokens, sum(tokens))}
+        return await completion(server, request)
 
     return app
+
+
+def _render(server, body) -> str:
+    messages = _messages(body)
+    thinking = (body.chat_template_kwargs or {}).get("enable_thinking", True)
+    try:
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or ()]
+        return server.chat_model.render(messages, thinking, tools)
+    except (ValueError, KeyError) as error:
+        raise APIError(400, f"messages: {error}", "messages") from None
+
+
+async def chat_completion(server: Server, request: Request):
+    """POST /v1/chat/completions: the whole reply, or an event stream (`_chat_stream`)."""
+    body = parse(ChatCompletionRequest, await read_json(request, server.settings.max_body_bytes),
+                 {"vocab_size": server.vocab_size})
+    server.check_model(body.model)
+    thinking = body.enable_thinking()
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or ()] if body.tool_choice != "none" else []
+    messages = _messages(body)
+
+    def prepare() -> list[int]:
+        try:
+            text = server.chat_model.render(messages, thinking, tools)
+        except (ValueError, KeyError) as error:
+            raise APIError(400, f"messages: {error}", "messages") from None
+        return server.encode(text)
+
+    prompt = await anyio.to_thread.run_sync(prepare)
+    limit_field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
+    max_tokens = server.budget(len(prompt), body.limit(), server.settings.default_max_tokens, limit_field)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    spec = [(prompt, server.sampling(body, logprobs, i), max_tokens, body.stop_strings(), None)
+            for i in range(body.n)]
+    request_id, created = new_id("chatcmpl"), now()
+    events = server.run(request, spec)
+    if body.stream:
+        return StreamingResponse(_chat_stream(server, body, request_id, created, len(prompt), events, tools),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    texts, picks, reasons, counts = [""] * body.n, [[] for _ in range(body.n)], [None] * body.n, [0] * body.n
+    async for index, event in events:
+        texts[index] += event.text
+        picks[index] += event.picks
+        reasons[index] = event.finish_reason or reasons[index]
+        counts[index] = event.completion_tokens
+    if await request.is_disconnected():
+        return None
+    choices = []
+    for index in range(body.n):
+        stream = ReasoningStream()
+        reasoning, content = stream.feed(texts[index], final=True)
+        message = {"role": "assistant", "content": content}
+        if stream.text.lstrip().startswith("<think>"):
+            message["reasoning_content"] = reasoning
+        reason = reasons[index]
+        if tools:
+            content, calls = parse_tool_calls(content)
+            if calls:
+                message["content"] = content or None
+                message["tool_calls"] = [{"id": new_id("call"), "type": "function", "function": call}
+                                         for call in calls]
+                reason = "tool_calls" if reason == "stop" else reason
+        choice = {"index": index, "message": message, "finish_reason": reason, "logprobs": None}
+        if body.logprobs:
+            choice["logprobs"] = {"content": [server.chat_logprob(p, body.return_tokens_as_token_ids)
+                                               for p in picks[index]]}
+        choices.append(choice)
+    return {"id": request_id, "object": "chat.completion", "created": created, "model": server.settings.name,
+            "choices": choices, "usage": usage(len(prompt), sum(counts))}
+
+
+async def completion(server: Server, request: Request):
+    """POST /v1/completions (legacy text completions, `echo` and prompt logprobs included)."""
+    body = parse(CompletionRequest, await read_json(request, server.settings.max_body_bytes),
+                 {"vocab_size": server.vocab_size})
+    server.check_model(body.model)
+    prompts = []
+    for entry in body.prompts():
+        if isinstance(entry, str):
+            prompts.append((entry, await anyio.to_thread.run_sync(server.encode, entry)))
+        else:
+            bad = [t for t in entry if not 0 <= t < server.vocab_size]
+            if bad:
+                raise APIError(400, f"prompt has token ids outside the vocabulary [0, {server.vocab_size}): "
+                                    f"{bad[:5]}", "prompt")
+            prompts.append((None, list(entry)))
+    spec = []
+    for text, ids in prompts:
+        max_tokens = server.budget(len(ids), body.max_tokens, 16, "max_tokens")
+        if max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens=0 returns nothing unless echo=true", "max_tokens")
+        scoring = body.logprobs if body.echo and body.logprobs is not None else None
+        spec += [(ids, server.sampling(body, body.logprobs, i), max_tokens, body.stop_strings(), scoring)
+                 for i in range(body.n)]
+    if body.stream and body.echo:
+        raise APIError(400, "echo with stream=true is not supported; send stream=false", "echo")
+    request_id, created = new_id("cmpl"), now()
+    events = server.run(request, spec)
+    if body.stream:
+        return StreamingResponse(_completion_stream(server, body, request_id, created, spec, events),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    count = len(spec)
+    texts, picks, reasons = [""] * count, [[] for _ in range(count)], [None] * count
+    tokens, scored = [0] * count, [None] * count
+    async for index, event in events:
+        texts[index] += event.text
+        picks[index] += event.picks
+        reasons[index] = event.finish_reason or reasons[index]
+        tokens[index] = event.completion_tokens
+        scored[index] = event.prompt_logprobs if event.prompt_logprobs is not None else scored[index]
+    if await request.is_disconnected():
+        return None
+    choices = []
+    for index in range(count):
+        text, ids = prompts[index // body.n]
+        prompt_text = text if text is not None else server.chat_model.tokenizer.decode(ids, skip_special_tokens=False)
+        choice = {"index": index, "text": (prompt_text if body.echo else "") + texts[index],
+                  "finish_reason": reasons[index], "logprobs": None}
+        if body.logprobs is not None:
+            generated = [p.token for p in picks[index]]
+            all_picks = (scored[index] or [None] * len(ids)) + picks[index] if body.echo else picks[index]
+            all_tokens = ids + generated if body.echo else generated
+            choice["logprobs"] = server.completion_logprobs(all_picks, all_tokens, 0,
+                                                            body.return_tokens_as_token_ids)
+        choices.append(choice)
+    prompt_tokens = sum(len(ids) for _, ids in prompts)
+    return {"id": request_id, "object": "text_completion", "created": created, "model": server.settings.name,
+            "choices": choices, "usage": usage(prompt_tokens, sum(tokens))}
 
 
 async def _chat_stream(server: Server, body: ChatCompletionRequest, request_id: str, created: int,

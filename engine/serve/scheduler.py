@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from qforge.engine.chat import ChatModel, TextStream
+from qforge.engine.serve.chat import ChatModel, TextStream
 from qforge.engine.generate import DecodeBatch, Pick, Row, SamplingParams
 
 log = logging.getLogger("qforge.serve")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model, load_sharded
+from ..checkpoint import load_model
 from ..config import Qwen3Config
 from ..errors import ConfigError
 from ..generate import is_sharded
@@ -17,6 +17,7 @@ from ..lora import LoRASettings, apply_lora
 from ..model import Qwen3
 from ..vocab import VocabMap
 from .config import ModelSettings, VocabSettings
+from .parallel import load_sharded
 
 log = logging.getLogger("qforge.train")
 

@@ -38,7 +38,7 @@ from .build import (build_lora_model, build_model, build_vocab, default_allocato
                     resolve_tokenizer_dir)
 from .optim import build_optimizer, build_scheduler
 from .parallel import Dist, full_state_dict, init_distributed, shard_model
-from .state import (OutputLock, check_space, check_trained_settings, clean_stale_temporaries, latest_checkpoint,
+from .resume import (OutputLock, check_space, check_trained_settings, clean_stale_temporaries, latest_checkpoint,
                     load_checkpoint, resume_checkpoint, save_checkpoint)
 
 log = logging.getLogger("qforge.train")

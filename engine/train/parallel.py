@@ -2,17 +2,22 @@
 
 Nothing home-made: `fully_shard` shards parameters, gradients and optimizer state; the root unit holds the
 embedding, final norm and output head (tied weights stay in one unit). A single process runs unsharded.
+`load_sharded` fills a sharded model from an HF checkpoint, each rank reading only its own rows.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
-from ..errors import ConfigError
+from ..checkpoint import Source, read_source
+from ..checkpoint.tensors import check_tensors, open_tensors
+from ..errors import CheckpointError, ConfigError
 
 
 @dataclass
@@ -42,6 +47,14 @@ class Dist:
     def barrier(self):
         if self.enabled:
             dist.barrier()
+
+    def from_main(self, value):
+        """Rank 0's `value` (a picklable object) on every rank."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 7200.0) -> Dist:
@@ -75,7 +88,7 @@ def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None, device:
                 mesh=None) -> torch.nn.Module:
     """FSDP2: each block its own unit, then the root; `loss` becomes an FSDP forward method.
 
-    Works on a meta-device model (then materialise each rank's shards, see checkpoint.load_sharded).
+    Works on a meta-device model (then materialise each rank's shards, see `load_sharded`).
     - `cast_forward_inputs=False`: the inputs are token ids plus `loss_weight`, which must stay fp32 (a bf16
       1/3 is 0.333984); the embedding's bf16 output already starts the bf16 compute.
     - Only `loss` (and `forward`) are FSDP entry points: `hidden` runs inside them, and registering it too made
@@ -93,6 +106,42 @@ def shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None, device:
     fully_shard(model, mesh=mesh, mp_policy=policy)
     register_fsdp_forward_method(model, "loss")
     return model
+
+
+def load_sharded(model: torch.nn.Module, source: Source | str | Path, device: str | torch.device,
+                 skip=()) -> torch.nn.Module:
+    """Fills a model sharded on the meta device (`shard_model`) from an HF checkpoint directory: each rank
+    allocates only its own shards on `device` and reads only their rows from the memory-mapped safetensors.
+    Parameters named in `skip` (e.g. LoRA adapters) are not in the checkpoint: allocated, left for the caller."""
+    source = source if isinstance(source, Source) else read_source(source)
+    if source.config.num_experts:
+        raise CheckpointError(f"{source.path}: sharded (FSDP) loading of a Qwen3-MoE checkpoint is not implemented "
+                              f"yet; train it in one process")
+    params = {name: p for name, p in model.named_parameters() if name not in skip}
+    check_tensors(source.path, source.config, {source.key(name): p for name, p in params.items()}, source.key_files)
+    model.to_empty(device=device)
+    by_file: dict[Path, list[str]] = {}
+    for name in params:
+        by_file.setdefault(source.key_files[source.key(name)], []).append(name)
+    with torch.no_grad():
+        for file, names in by_file.items():
+            with open_tensors(file) as tensors:
+                for name in names:
+                    local = params[name].to_local() if isinstance(params[name], DTensor) else params[name]
+                    if local.numel():
+                        local.copy_(tensors.get_slice(source.key(name))[local_index(params[name])])
+    model.reset_buffers()
+    return model
+
+
+def local_index(param: torch.Tensor) -> tuple[slice, ...]:
+    """The rows (a slice per dimension) of the full tensor that this rank's shard of `param` holds."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(param, DTensor):
+        return tuple(slice(None) for _ in param.shape)
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

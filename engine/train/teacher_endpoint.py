@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -24,9 +23,10 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..client import ChatClient, ChatClientError
+from ..serve.client import ChatClient, ChatClientError
 from ..data.example import IGNORE_INDEX, Example
 from ..errors import EndpointError
+from ..files import atomic_write
 
 TOKEN_ID_PREFIX = "token_id:"
 CHUNK = 64  # examples per saved chunk (fixed: a resumed run must cut the data the same way)
@@ -170,12 +170,14 @@ def _chunk_path(partial: Path, start: int, size: int) -> Path:
 def _save_chunk(path: Path, scored, k: int) -> None:
     """One chunk's top-k, written atomically (a crash leaves no half chunk)."""
     empty = np.zeros((0, k))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, ids=np.concatenate([i for i, _ in scored] or [empty]).astype(np.int32),
-                 logprobs=np.concatenate([v for _, v in scored] or [empty]).astype(np.float32),
-                 offsets=np.cumsum([0] + [len(i) for i, _ in scored]))
-    os.replace(tmp, path)
+
+    def write(temp: Path):
+        with open(temp, "wb") as handle:  # a handle: np.savez would append ".npz" to a path
+            np.savez(handle, ids=np.concatenate([i for i, _ in scored] or [empty]).astype(np.int32),
+                     logprobs=np.concatenate([v for _, v in scored] or [empty]).astype(np.float32),
+                     offsets=np.cumsum([0] + [len(i) for i, _ in scored]))
+
+    atomic_write(path, write)
 
 
 def discard(partial: Path) -> None:

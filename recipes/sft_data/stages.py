@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from qforge.engine.client import RETRYABLE_STATUS, ChatClient, ChatClientError, ChatReply
+from qforge.engine.serve.client import RETRYABLE_STATUS, ChatClient, ChatClientError, ChatReply
 from qforge.recipes.files import read_jsonl, write_json, write_jsonl
 from qforge.recipes.sft_data.filters import Malformed
 

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from vocab_fixtures import CJK_CHAR, TINY_REAL_VOCAB, vocab_map  # noqa: F401  (fixture)
 
 from qforge.engine import generate, load_model
+from qforge.engine.checkpoint import read_source
 from qforge.engine.vocab import load_vocab
 from qforge.engine.vocab_prune import prune_checkpoint
 
@@ -87,7 +88,7 @@ def test_qforge_generate_with_exported_suppress_ids_never_emits_cjk(boosted):
     tokenizer = AutoTokenizer.from_pretrained(pruned)
     model = load_model(pruned, dtype=torch.float32)
     prompts = [tokenizer(PROMPT)["input_ids"]] * 16
-    suppress = model.generation_config["suppress_tokens"]
+    suppress = read_source(pruned).generation_config["suppress_tokens"]
     without = generate(model, prompts[:8], max_new_tokens=16, temperature=1.0, seed=0)
     assert CJK_CHAR.search("".join(tokenizer.decode(row) for row in without))
     rows = generate(model, prompts, max_new_tokens=128, temperature=1.0, seed=1, suppress_ids=suppress)

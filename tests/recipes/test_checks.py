@@ -140,7 +140,7 @@ def test_judge_report_includes_code_checks(tmp_path):
 def test_tool_calls_returned_as_openai_fields_are_checked_like_inline_ones():
     """A server that parses `<tool_call>` blocks (qforge's, vLLM's with a tool parser) returns `tool_calls`; the
     judge recipe writes them back in Qwen3's form, so the same check applies."""
-    from qforge.engine.client import ChatReply
+    from qforge.engine.serve.client import ChatReply
     from qforge.recipes.judge import _answer_text
 
     reply = ChatReply.from_response({"choices": [{"finish_reason": "tool_calls", "message": {

@@ -169,7 +169,7 @@ def test_cli_writes_outputs_and_rejects_unknown_keys(checkpoint, tmp_path, capsy
 
 def test_exact_match_helper_compares_extracted_answers(checkpoint):
     from qforge.engine import load_model
-    from qforge.engine.chat import ChatModel
+    from qforge.engine.serve.chat import ChatModel
     from qforge.engine.data import ChatTemplate
     from qforge.recipes.exact_match import exact_match
     from qforge.engine.generate import generate

@@ -25,7 +25,7 @@ def tiny(tmp_path_factory):
 
 
 def test_save_model_gathers_one_tensor_at_a_time_and_rank_i_writes_file_i(tiny, monkeypatch):
-    from qforge.engine import checkpoint
+    from qforge.engine.checkpoint import save as checkpoint
 
     monkeypatch.setattr(checkpoint, "parse_size", lambda size: 4 * EMBEDDING)  # several files: 2×embedding in bf16
     result = trace_export(tiny, 2, what="save_model")
@@ -52,13 +52,13 @@ def test_an_export_that_gathers_on_rank_0_only_is_a_divergence(tiny, monkeypatch
     """A deliberately wrong export: only rank 0 gathers (the ranks' collectives differ: a hang on a cluster)."""
     import torch.distributed as dist
 
-    from qforge.engine import checkpoint
+    from qforge.engine.checkpoint import save as checkpoint
 
-    gathered = checkpoint._gathered
-    monkeypatch.setattr(checkpoint, "_gathered", lambda param, dtype: gathered(param, dtype) if dist.get_rank() == 0
+    gathered = checkpoint.gathered
+    monkeypatch.setattr(checkpoint, "gathered", lambda param, dtype: gathered(param, dtype) if dist.get_rank() == 0
                         else param.to(dtype).to_local())
     with pytest.raises(CollectiveDivergence, match=r"^collective #1: rank 0 issues all_gather_into_tensor\(.*"
-                                                   r"engine/checkpoint\.py:\d+ \(_gathered\).*rank 1 issues "):
+                                                   r"engine/checkpoint/save\.py:\d+ \(gathered\).*rank 1 issues "):
         trace_export(tiny, 2, what="save_model")
 
 

@@ -23,7 +23,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import _disable_current_modes
 
-from qforge.engine import checkpoint
+from qforge.engine.checkpoint import save as checkpoint
+from qforge.engine.train.parallel import Dist
 
 from .collectives import Collectives, check_sequences
 from .fake_cuda import FakeDeviceFunctions, _target_device, mark_sharding_propagation, on_device
@@ -60,24 +61,24 @@ class HostCopies(FakeDeviceFunctions):
 
 @contextlib.contextmanager
 def _null_sink(written: list, staging: dict):
-    """save_model's safetensors writes recorded ({file, bytes, tensors}), not written; `_from_rank0` answers
+    """save_model's safetensors writes recorded ({file, bytes, tensors}), not written; `Dist.from_main` answers
     rank 0's staging directory (kept in `staging` from rank 0's run)."""
-    originals = checkpoint.save_file, checkpoint._from_rank0
+    originals = checkpoint.save_file, Dist.from_main
 
     def save_file(tensors, filename, metadata=None):
         written.append({"file": Path(filename).name, "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
                         "tensors": len(tensors)})
 
-    def from_rank0(value, world):
+    def from_main(self, value):
         if dist.get_rank() == 0:
             staging["dir"] = value
         return staging.get("dir", value)
 
-    checkpoint.save_file, checkpoint._from_rank0 = save_file, from_rank0
+    checkpoint.save_file, Dist.from_main = save_file, from_main
     try:
         yield
     finally:
-        checkpoint.save_file, checkpoint._from_rank0 = originals
+        checkpoint.save_file, Dist.from_main = originals
 
 
 def trace_export(model: str, gpus: int, precision: str = "bf16-mixed", dtype: torch.dtype | None = None,
@@ -86,7 +87,7 @@ def trace_export(model: str, gpus: int, precision: str = "bf16-mixed", dtype: to
     "full_state_dict" (LoRA / snapshots) of `model` sharded over `gpus` fake ranks, traced on each rank."""
     from qforge.engine.train.build import meta_model
     from qforge.engine.train.loop import precision_policy
-    from qforge.engine.train.parallel import Dist, full_state_dict, shard_model
+    from qforge.engine.train.parallel import full_state_dict, shard_model
 
     from .run import _local_bytes, twin_mesh
 
@@ -105,12 +106,11 @@ def trace_export(model: str, gpus: int, precision: str = "bf16-mixed", dtype: to
                 shard_model(net, compute_dtype, mesh=mesh)
                 net.to_empty(device=device)
                 net.reset_buffers()
-                net.source_dtype = torch.bfloat16  # what load_sharded records for a bf16 HF checkpoint
                 shard_bytes = _local_bytes(net)
                 collectives.region = what
                 with tracker, collectives:
                     if what == "save_model":
-                        checkpoint.save_model(net, Path(out) / "final", dtype=dtype, dist_=dist_)
+                        checkpoint.save_model(net, Path(out) / "final", dtype=dtype or torch.bfloat16, dist_=dist_)
                     else:  # rank 0 keeps the fp32 state on its host while the other ranks gather
                         full_state_dict(net)
             peak = tracker.get_tracker_snapshot("peak")
@@ -179,7 +179,7 @@ def trace_checkpoint_state(model: str, gpus: int, precision: str = "bf16-mixed",
     from qforge.engine.train.loop import precision_policy
     from qforge.engine.train.optim import build_optimizer
     from qforge.engine.train.parallel import Dist, shard_model
-    from qforge.engine.train.state import _single_process_is_intended, _state_bytes
+    from qforge.engine.train.resume import _single_process_is_intended, _state_bytes
 
     from .run import _create_optimizer_state, _local_bytes, twin_mesh
 

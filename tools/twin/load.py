@@ -21,7 +21,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 
-from qforge.engine import checkpoint
+from qforge.engine.checkpoint import tensors as checkpoint
 from qforge.engine.model import hf_key
 
 from .contracts import ContractError
@@ -43,7 +43,7 @@ def header_only_checkpoint(config, directory: Path, dtype: torch.dtype = torch.b
     model = meta_model(config, dtype)
     shapes = {hf_key(name): list(p.shape) for name, p in model.named_parameters()}
     sizes = {key: math.prod(shape) * dtype.itemsize for key, shape in shapes.items()}
-    shards = checkpoint._split_shards(sizes, checkpoint.parse_size(max_shard_size))
+    shards = checkpoint.split_shards(sizes, checkpoint.parse_size(max_shard_size))
     names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     for keys, name in zip(shards, names):
         header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -178,7 +178,7 @@ def trace_load(model: str, gpus: int, precision: str = "bf16-mixed", stored: tor
     import torch.distributed as dist
     from qforge.engine.train.build import meta_model
     from qforge.engine.train.loop import precision_policy
-    from qforge.engine.train.parallel import Dist, shard_model
+    from qforge.engine.train.parallel import Dist, load_sharded, shard_model
 
     from .run import _local_bytes, twin_mesh
 
@@ -201,7 +201,7 @@ def trace_load(model: str, gpus: int, precision: str = "bf16-mixed", stored: tor
                 if gpus > 1:
                     shard_model(net, compute_dtype, mesh=mesh)
                 with tracker:
-                    checkpoint.load_sharded(net, directory, device)
+                    load_sharded(net, directory, device)
                 shard_bytes = _local_bytes(net)
                 dtypes = sorted({str(p.dtype)[6:] for p in net.parameters()})
             device_peak = sum(snap["Total"] for dev, snap in tracker.get_tracker_snapshot("peak").items()

@@ -51,7 +51,7 @@ class AnonPeak:
 def load_export(checkpoint: str, export: str, results: str):
     from torch.distributed.tensor import DTensor
 
-    from qforge.engine.checkpoint import load_model, save_model
+    from qforge.engine.checkpoint import load_model, read_source, save_model
     from qforge.engine.config import Qwen3Config
     from qforge.engine.train.build import build_model, meta_model
     from qforge.engine.train.config import ModelSettings
@@ -70,8 +70,9 @@ def load_export(checkpoint: str, export: str, results: str):
     local = {name: p.to_local().clone() for name, p in model.named_parameters() if isinstance(p, DTensor)}
     torch.save(local, Path(results) / f"local-{dist_.rank}.pt")
     with AnonPeak() as export_peak:
-        save_model(model, export, max_shard_size="10MB", dist_=dist_)
-    inv_freq_dtype, source_dtype = str(model.inv_freq.dtype), str(model.source_dtype)
+        source = read_source(checkpoint)
+        save_model(model, export, source, max_shard_size="10MB", dist_=dist_)
+    inv_freq_dtype, source_dtype = str(model.inv_freq.dtype), str(source.dtype)
     del model, local
     with AnonPeak() as full_load_peak:  # the old path, for comparison: every rank loads the whole model
         full = load_model(checkpoint, dtype=torch.float32)

@@ -9,13 +9,13 @@ from test_distill import _config, _losses, few_rows, teacher  # noqa: F401 (fixt
 from tiny_run import tiny_overrides, tiny_run_files  # noqa: F401 (fixture)
 
 from qforge.engine import load_model
-from qforge.engine.chat import ChatModel
-from qforge.engine.client import ChatClient
+from qforge.engine.serve.chat import ChatModel
+from qforge.engine.serve.client import ChatClient
 from qforge.engine.config_io import load_config
 from qforge.engine.data import ChatTemplate
 from qforge.engine.data.example import make_example
 from qforge.engine.errors import ConfigError, EndpointError
-from qforge.engine.serve import serve_model
+from qforge.engine.serve.app import serve_model
 from qforge.engine.serve.app import BackgroundServer, openai_error
 from qforge.engine.serve.protocol import APIError
 from qforge.engine.train.distill import teacher_top_k
@@ -321,3 +321,20 @@ def test_qforge_server_names_tokens_by_id_on_request(served_teacher, teacher):
                                           extra_body={"return_tokens_as_token_ids": True})
     assert all(entry.token.startswith("token_id:") and all(t.token.startswith("token_id:") for t in entry.top_logprobs)
                for entry in chat.choices[0].logprobs.content)
+
+
+def test_a_chunk_write_that_fails_midway_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Scored chunks are written through engine/files.py: a failure midway leaves neither the chunk nor a temp file."""
+    import numpy as np
+
+    from qforge.engine.train import teacher_endpoint
+
+    def half_then_fail(handle, **arrays):
+        handle.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", half_then_fail)
+    scored = [(np.zeros((3, 2), np.int64), np.zeros((3, 2)))]
+    with pytest.raises(OSError, match="disk full"):
+        teacher_endpoint._save_chunk(tmp_path / "0000000000-1.npz", scored, 2)
+    assert list(tmp_path.iterdir()) == []

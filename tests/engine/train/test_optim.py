@@ -41,7 +41,7 @@ def _fsdp_worker(results: str):
 
     from qforge.engine.train.optim import build_optimizer, build_scheduler
     from qforge.engine.train.parallel import Dist
-    from qforge.engine.train.state import load_checkpoint, save_checkpoint
+    from qforge.engine.train.resume import load_checkpoint, save_checkpoint
 
     dist.init_process_group("gloo")
     dist_ = Dist(dist.get_rank(), dist.get_world_size(), torch.device("cpu"))

@@ -8,14 +8,14 @@ import pytest
 import torch
 from tiny_run import tiny_overrides, tiny_run_files  # noqa: F401 (fixture)
 
-from qforge.engine import checkpoint as hf_checkpoint
+from qforge.engine.checkpoint import save as hf_checkpoint
 from qforge.engine import load_model
 from qforge.engine.config_io import load_config
 from qforge.engine.errors import CheckpointError, ConfigError, DataError, StorageError, TrainingError
 from qforge.engine.model import Qwen3
 from qforge.engine.train import FFTConfig, train
 from qforge.engine.train import loop
-from qforge.engine.train import state as train_state
+from qforge.engine.train import resume as train_state
 from qforge.engine.train.parallel import init_distributed
 from qforge.engine.vocab import read_id_file
 

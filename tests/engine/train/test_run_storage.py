@@ -17,7 +17,7 @@ from qforge.engine.config_io import load_config
 from qforge.engine.errors import CheckpointError, ConfigError, StorageError
 from qforge.engine.train import FFTConfig, train
 from qforge.engine.train import loop
-from qforge.engine.train import state as train_state
+from qforge.engine.train import resume as train_state
 
 
 def _config(files_, out, **extra) -> FFTConfig:

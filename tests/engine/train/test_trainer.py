@@ -20,7 +20,7 @@ from qforge.engine.data import PackedBatch, pack
 from qforge.engine.data.cache import load_examples
 from qforge.engine.data import ChatTemplate
 from qforge.engine.train import FFTConfig, NonFiniteLossError, train, train_step
-from qforge.engine.train import state as train_state
+from qforge.engine.train import resume as train_state
 from qforge.engine.train.build import build_model, resolve_tokenizer_dir
 from qforge.engine.train.optim import build_optimizer
 from qforge.engine.train.parallel import Dist

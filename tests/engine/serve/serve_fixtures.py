@@ -5,8 +5,8 @@ import torch
 
 from qwen3_fixtures import save_chat_checkpoint
 
-from qforge.engine.chat import ChatModel
-from qforge.engine.serve import serve_model
+from qforge.engine.serve.chat import ChatModel
+from qforge.engine.serve.app import serve_model
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """ChatClient.requests_per_minute: sends are spaced out, cache hits are not."""
 import time
 
-from qforge.engine.client import ChatClient
+from qforge.engine.serve.client import ChatClient
 from scripted_server import ChatServer, ScriptedBackend
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from serve_fixtures import served_checkpoint
 
-from qforge.engine.chat import parse_tool_calls
+from qforge.engine.serve.chat import parse_tool_calls
 
 USER = [{"role": "user", "content": "Một cộng một bằng mấy?"}]
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}

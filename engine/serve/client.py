@@ -29,8 +29,8 @@ from typing import Any, Sequence
 import openai
 from tqdm.auto import tqdm
 
-from .errors import EndpointError
-from .files import write_json
+from ..errors import EndpointError
+from ..files import write_json
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 

@@ -6,11 +6,11 @@ import torch
 from qwen3_fixtures import save_chat_checkpoint
 
 from qforge.engine import load_model
-from qforge.engine.chat import ChatModel
-from qforge.engine.client import ChatClient
+from qforge.engine.serve.chat import ChatModel
+from qforge.engine.serve.client import ChatClient
 from qforge.engine.data import ChatTemplate
 from qforge.engine.generate import generate
-from qforge.engine.serve import serve_model
+from qforge.engine.serve.app import serve_model
 
 QUESTIONS = ["Xin chào!", "Một cộng một bằng mấy?", "Hãy kể một câu chuyện ngắn về Hà Nội vào mùa thu.", "2+2"]
 
@@ -103,7 +103,7 @@ def test_an_endpoint_that_ignores_suppress_tokens_gets_them_as_logit_bias(checkp
     reads them from the checkpoint and sends logit_bias -100, which any OpenAI-compatible server applies."""
     import json
 
-    from qforge.engine.serve import serve_model
+    from qforge.engine.serve.app import serve_model
     from qforge.recipes.endpoint import EndpointSettings, open_endpoint
 
     request = dict(temperature=0, max_tokens=4, chat_template_kwargs={"enable_thinking": False})

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qforge.engine.errors import CheckpointError
-from qforge.engine.train import state
+from qforge.engine.train import resume
 from qforge.engine.train.parallel import Dist
 
 
@@ -26,7 +26,7 @@ def _train_and_save(out, steps, keep_last=5, first=1):
         optimizer.step()
         optimizer.zero_grad()
         scheduler.step()
-        state.save_checkpoint(out, step, model, optimizer, scheduler, {"epoch": 0, "index": step}, {"n": step},
+        resume.save_checkpoint(out, step, model, optimizer, scheduler, {"epoch": 0, "index": step}, {"n": step},
                               Dist(), keep_last)
     return model
 
@@ -68,7 +68,7 @@ def test_manifest_lists_every_file_with_size_and_hash(three_checkpoints):
     on_disk = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != "manifest.json")
     assert sorted(manifest) == on_disk and {"meta.json", "rng-rank0.pt", "state/.metadata"} <= set(manifest)
     assert all(manifest[name]["size"] == (path / name).stat().st_size for name in manifest)
-    assert state.verify_checkpoint(path) is None
+    assert resume.verify_checkpoint(path) is None
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
@@ -77,23 +77,23 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(three_checkpoi
     shutil.copytree(three_checkpoints, out)
     DAMAGES[damage](out / "checkpoints/step-3")
     with caplog.at_level("WARNING", logger="qforge.train"):
-        chosen = state.resume_checkpoint(out, "auto", Dist())
+        chosen = resume.resume_checkpoint(out, "auto", Dist())
     assert chosen == out / "checkpoints/step-2"
     assert "checkpoint" in caplog.text and "step-3 is damaged" in caplog.text and "falling back" in caplog.text
-    assert (out / "checkpoints/step-3.damaged").is_dir() and state.latest_checkpoint(out).name == "step-2"
+    assert (out / "checkpoints/step-3.damaged").is_dir() and resume.latest_checkpoint(out).name == "step-2"
     model, optimizer, scheduler = _toy()
-    assert state.load_checkpoint(chosen, model, optimizer, scheduler, Dist())["step"] == 2
+    assert resume.load_checkpoint(chosen, model, optimizer, scheduler, Dist())["step"] == 2
     # an explicit train.resume that does not verify is an error naming the damage, not a silent fallback
     DAMAGES[damage](out / "checkpoints/step-2")
     with pytest.raises(CheckpointError, match=r"train.resume=.*step-2: damaged checkpoint \(.+\); use "
                                               r"train.resume=auto"):
-        state.resume_checkpoint(out, str(out / "checkpoints/step-2"), Dist())
+        resume.resume_checkpoint(out, str(out / "checkpoints/step-2"), Dist())
 
 
 def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(three_checkpoints):
     with pytest.raises(CheckpointError, match=r"already holds checkpoints of an earlier run \(step-3\); set "
                                               r"train.resume=auto to continue it, or choose another output.dir"):
-        state.resume_checkpoint(three_checkpoints, None, Dist())
+        resume.resume_checkpoint(three_checkpoints, None, Dist())
 
 
 def test_no_checkpoint_verifies_is_an_error(three_checkpoints, tmp_path):
@@ -102,22 +102,22 @@ def test_no_checkpoint_verifies_is_an_error(three_checkpoints, tmp_path):
     for step in (1, 2, 3):
         _truncate(out / f"checkpoints/step-{step}/meta.json")
     with pytest.raises(CheckpointError, match="no checkpoint under .* verifies"):
-        state.resume_checkpoint(out, "auto", Dist())
-    assert state.resume_checkpoint(tmp_path / "empty", "auto", Dist()) is None
+        resume.resume_checkpoint(out, "auto", Dist())
+    assert resume.resume_checkpoint(tmp_path / "empty", "auto", Dist()) is None
 
 
 def test_older_checkpoints_are_pruned_only_after_the_new_one_verifies(tmp_path, monkeypatch):
     _train_and_save(tmp_path, 2, keep_last=1)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-2"]
-    monkeypatch.setattr(state, "_check_files", lambda *args, **kwargs: "state/__0_0.distcp has 0 bytes")
+    monkeypatch.setattr(resume, "_check_files", lambda *args, **kwargs: "state/__0_0.distcp has 0 bytes")
     with pytest.raises(CheckpointError, match="step-3 did not verify after writing .*the older checkpoints are kept"):
         _train_and_save(tmp_path, 3, keep_last=1, first=3)
     assert (tmp_path / "checkpoints/step-2/manifest.json").is_file()
-    assert (tmp_path / "checkpoints/step-3.damaged").is_dir() and state.latest_checkpoint(tmp_path).name == "step-2"
+    assert (tmp_path / "checkpoints/step-3.damaged").is_dir() and resume.latest_checkpoint(tmp_path).name == "step-2"
     with pytest.raises(CheckpointError, match="step-2 did not verify"):  # a re-save of the same step
         _train_and_save(tmp_path, 2, keep_last=1, first=2)
     monkeypatch.undo()
-    assert state.verify_checkpoint(tmp_path / "checkpoints/step-2") is None  # the earlier copy is back
+    assert resume.verify_checkpoint(tmp_path / "checkpoints/step-2") is None  # the earlier copy is back
 
 
 def test_stale_temporaries_are_removed(tmp_path):
@@ -125,23 +125,23 @@ def test_stale_temporaries_are_removed(tmp_path):
                   "checkpoints/.step-5.old/meta"):  # step-5 and final were moved aside for a write that never landed
         (tmp_path / stale).mkdir(parents=True)
     (tmp_path / "checkpoints/step-6").mkdir()
-    state.clean_stale_temporaries(tmp_path)
+    resume.clean_stale_temporaries(tmp_path)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
         "checkpoints", "checkpoints/step-5", "checkpoints/step-5/meta", "checkpoints/step-6", "final", "final/a"]
     (tmp_path / ".final.old-12345").mkdir()  # final/ is in place: the old copy is just left over
-    state.clean_stale_temporaries(tmp_path)
+    resume.clean_stale_temporaries(tmp_path)
     assert not (tmp_path / ".final.old-12345").exists() and (tmp_path / "final/a").is_dir()
 
 
 def test_an_explicit_resume_behind_later_checkpoints_of_the_same_dir_is_refused(three_checkpoints):
     with pytest.raises(CheckpointError, match=r"holds a later checkpoint \(step-3\) that would outlive"):
-        state.resume_checkpoint(three_checkpoints, str(three_checkpoints / "checkpoints/step-1"), Dist())
-    assert state.resume_checkpoint(three_checkpoints, str(three_checkpoints / "checkpoints/step-3"), Dist())
+        resume.resume_checkpoint(three_checkpoints, str(three_checkpoints / "checkpoints/step-1"), Dist())
+    assert resume.resume_checkpoint(three_checkpoints, str(three_checkpoints / "checkpoints/step-3"), Dist())
 
 
 def test_a_second_writer_on_output_dir_is_refused(tmp_path):
-    with state.OutputLock(tmp_path, Dist()):
+    with resume.OutputLock(tmp_path, Dist()):
         with pytest.raises(CheckpointError, match=r"output.dir .* is in use by another run \(pid \d+ on .*\); wait"):
-            state.OutputLock(tmp_path, Dist()).__enter__()
-    with state.OutputLock(tmp_path, Dist()):  # released when the first run ends
+            resume.OutputLock(tmp_path, Dist()).__enter__()
+    with resume.OutputLock(tmp_path, Dist()):  # released when the first run ends
         pass

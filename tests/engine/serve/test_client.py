@@ -6,7 +6,7 @@ import time
 import pytest
 from scripted_server import ChatServer, RequestError, ScriptedBackend, raw_server
 
-from qforge.engine.client import ChatClient, ChatClientError
+from qforge.engine.serve.client import ChatClient, ChatClientError
 
 
 def echo(request):

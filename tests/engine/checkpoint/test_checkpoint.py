@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from qforge.engine import CheckpointError, ConfigError, load_model, save_model
-from qforge.engine import checkpoint as checkpoint_module
+from qforge.engine.checkpoint import read_source
+from qforge.engine.checkpoint import save as save_module
 
 
 def _ids():
@@ -46,13 +47,18 @@ def test_hf_sharded_checkpoint_loads(tmp_path):
 def test_dtype_and_generation_config_round_trip(tmp_path):
     src = save_hf_qwen3(tmp_path / "src")
     (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9], "temperature": 0.6}))
-    model = load_model(src)
+    source = read_source(src)
+    model = load_model(source)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    out = save_model(model, tmp_path / "out")  # by default in the source checkpoint's dtype (fp32 here)
+    assert not set(vars(model)) & {"source_dtype", "generation_config", "source_checkpoint"}  # nothing stuck on it
+    out = save_model(model, tmp_path / "out", source)  # by default in the source checkpoint's dtype (fp32 here)
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [7, 9]
-    out = save_model(model, tmp_path / "bf16", dtype=torch.bfloat16)  # output.dtype overrides it
+    assert json.loads((out / "generation_config.json").read_text()) == {"eos_token_id": [7, 9], "temperature": 0.6}
+    plain = save_model(model, tmp_path / "plain")  # no source: the parameters' dtype and the config's special ids
+    assert {t.dtype for t in load_file(plain / "model.safetensors").values()} == {torch.bfloat16}
+    assert "temperature" not in json.loads((plain / "generation_config.json").read_text())
+    out = save_model(model, tmp_path / "bf16", source, dtype=torch.bfloat16)  # output.dtype overrides it
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
 
@@ -134,7 +140,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint_module, "save_file", crash)
+    monkeypatch.setattr(save_module, "save_file", crash)
     with torch.no_grad():
         model.norm.weight.add_(1.0)
     with pytest.raises(OSError, match="disk full"):
@@ -161,3 +167,27 @@ def test_load_peak_memory_is_about_one_copy_of_the_weights(tmp_path):
     )
     extra = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
     assert extra < 1.35 * weight_bytes, (extra, weight_bytes)
+
+
+@pytest.mark.parametrize("vl", [False, True])
+def test_kept_vocabulary_export_writes_generation_config_once_with_suppressed_ids(tmp_path, monkeypatch, vl):
+    """The export writes generation_config.json once: the source's settings plus the unkept ids; the kept-id file is
+    the vocabulary's only file (no second writer re-reading the config)."""
+    from qwen3_fixtures import save_hf_qwen3_vl
+
+    from qforge.engine import files
+    from qforge.engine.vocab import KEPT_IDS_FILE, VocabMap
+
+    src = (save_hf_qwen3_vl if vl else save_hf_qwen3)(tmp_path / "src")
+    generation = {"eos_token_id": [7, 9], "suppress_tokens": [3], "temperature": 0.6}
+    (src / "generation_config.json").write_text(json.dumps(generation))
+    source = read_source(src)
+    vocab = VocabMap.from_ids(list(range(0, source.config.vocab_size, 2)), source.config.vocab_size, [4])
+    writes = []
+    real_write_text = files.write_text
+    monkeypatch.setattr(files, "write_text", lambda path, text: writes.append(path.name) or real_write_text(path, text))
+    out = save_model(load_model(source, dtype=torch.float32), tmp_path / "out", source, vocab=vocab)
+    assert writes.count("generation_config.json") == 1
+    expected = {**generation, "suppress_tokens": sorted({3, 4, *range(1, source.config.vocab_size, 2)})}
+    assert json.loads((out / "generation_config.json").read_text()) == expected
+    assert VocabMap.load(out / KEPT_IDS_FILE).kept_ids.tolist() == vocab.kept_ids.tolist()

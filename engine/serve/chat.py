@@ -17,6 +17,8 @@ from typing import Collection, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from qforge.engine.checkpoint import load_model, read_source
+from qforge.engine.data import ChatTemplate
 from qforge.engine.generate import DecodeBatch, SamplingParams
 from qforge.engine.thinking import THINK_CLOSE, THINK_OPEN
 
@@ -158,18 +160,14 @@ class ChatModel:
     @classmethod
     def load(cls, path: str | Path, *, dtype: str = "float32", device: str = "cpu", suppress_ids: Sequence[int] = (),
              **kwargs) -> "ChatModel":
-        """Loads a checkpoint directory; its generation_config.json `suppress_tokens` (written by the
-        vocabulary pruning recipe) are always suppressed, in addition to `suppress_ids`."""
-        from qforge.engine import load_model
-        from qforge.engine.data import ChatTemplate
-
+        """Loads a checkpoint directory; its generation_config.json `suppress_tokens` (written by the export of a
+        restricted vocabulary and by the pruning recipe) are always suppressed, in addition to `suppress_ids`."""
         kwargs.setdefault("name", Path(path).name)
-        generation = Path(path) / "generation_config.json"
-        if generation.is_file():
-            suppress_ids = sorted({*suppress_ids, *(json.loads(generation.read_text()).get("suppress_tokens") or [])})
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-        model = load_model(path, dtype=getattr(torch, dtype), device=device)
+        source = read_source(path)
+        suppress_ids = sorted({*suppress_ids, *(source.generation_config.get("suppress_tokens") or [])})
+        model = load_model(source, dtype=getattr(torch, dtype), device=device)
         return cls(model, ChatTemplate.from_pretrained(path), suppress_ids=suppress_ids, **kwargs)
 
     def render(self, messages: Sequence[dict], enable_thinking: bool = True, tools: Sequence[dict] = ()) -> str:

@@ -4,7 +4,6 @@ The oracle for logits, generation, export and the vocabulary prune is transforme
 come out of every export bitwise equal to what went in.
 """
 import json
-import shutil
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from safetensors import safe_open
 from transformers import Qwen3VLForConditionalGeneration
 
 from qforge.engine import generate, load_model, save_model
+from qforge.engine.checkpoint import read_source
 from qforge.engine.config import ConfigError, Qwen3Config
 
 PROCESSOR_FILES = {"preprocessor_config.json": {"image_processor_type": "Qwen2VLImageProcessorFast",
@@ -77,11 +77,12 @@ def test_text_only_logits_and_greedy_generation_match_transformers(vl_checkpoint
 
 
 def test_export_rewrites_language_weights_and_copies_the_rest_bitwise(vl_checkpoint, tmp_path):
-    model = load_model(vl_checkpoint, dtype=torch.float32)
+    source = read_source(vl_checkpoint)
+    model = load_model(source, dtype=torch.float32)
     with torch.no_grad():  # stands in for training: every language tensor changes
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.01)
-    out = save_model(model, tmp_path / "final", tokenizer_dir=qwen3_tokenizer_dir())
+    out = save_model(model, tmp_path / "final", source, tokenizer_dir=qwen3_tokenizer_dir())
     source, exported = _tensors(vl_checkpoint), _tensors(out)
     assert source.keys() == exported.keys()
     state = dict(model.named_parameters())

@@ -7,7 +7,7 @@ import warnings
 import pytest
 from scripted_server import ChatServer, ScriptedBackend, http_reply, raw_server
 
-from qforge.engine.client import ChatClient, ChatClientError
+from qforge.engine.serve.client import ChatClient, ChatClientError
 
 USER = [{"role": "user", "content": "q"}]
 CHAT = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
