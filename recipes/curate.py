@@ -23,9 +23,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from qforge.engine.data.formats import RowError, read_conversations
-from qforge.recipes.cli import OutputSettings, print_report_md, run_recipe
-from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint, response_cache_dir
-from qforge.recipes.files import write_json, write_jsonl, write_text
+from qforge.recipes.common.cli import OutputSettings, print_report_md, run_recipe
+from qforge.recipes.common.endpoint import ClientSettings, EndpointSettings, open_endpoint, response_cache_dir
+from qforge.recipes.common.files import write_json, write_jsonl, write_text
 from qforge.recipes.sft_data.dedup import Deduplicator
 from qforge.recipes.sft_data.filters import Malformed, TextRules
 from qforge.recipes.sft_data.report import count_by_task, counts_markdown

@@ -37,10 +37,10 @@ from qforge.engine.chat import ChatModel
 from qforge.engine.generate import next_token_logits
 from qforge.engine.thinking import join_think
 from qforge.engine.vocab import read_suppress_ids
-from qforge.recipes.cli import OutputSettings, run_recipe
-from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint
-from qforge.recipes.files import write_json, write_jsonl
-from qforge.recipes.mcq import (DEFAULT_SUBJECTS, Question, answer_after_thinking, majority, official_prompt,
+from qforge.recipes.common.cli import OutputSettings, run_recipe
+from qforge.recipes.common.endpoint import ClientSettings, EndpointSettings, open_endpoint
+from qforge.recipes.common.files import write_json, write_jsonl
+from qforge.recipes.evals.mcq import (DEFAULT_SUBJECTS, Question, answer_after_thinking, majority, official_prompt,
                                 read_questions, read_subjects, score, score_samples, write_submission)
 from qforge.recipes.report import write_eval_report
 

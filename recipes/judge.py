@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from qforge.engine.client import ChatClient
-from qforge.recipes.cli import OutputSettings, print_report_md, run_recipe
-from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint
-from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
+from qforge.recipes.common.cli import OutputSettings, print_report_md, run_recipe
+from qforge.recipes.common.endpoint import ClientSettings, EndpointSettings, open_endpoint
+from qforge.recipes.common.files import read_jsonl, write_json, write_jsonl, write_text
 from qforge.engine.data.render import render_tool_calls
-from qforge.recipes import function_calling, instruction_following
-from qforge.recipes.verdicts import (Item, pair_outcome, parse_pairwise, parse_rating, read_items,
+from qforge.recipes.evals import function_calling, instruction_following
+from qforge.recipes.evals.verdicts import (Item, pair_outcome, parse_pairwise, parse_rating, read_items,
                                     summarize_pairwise, summarize_ratings)
 from qforge.recipes.report import bar_chart, markdown_table
 from qforge.recipes.sft_data.filters import Malformed

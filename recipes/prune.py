@@ -19,7 +19,7 @@ from qforge.engine.config import read_json
 from qforge.engine.config_io import settings
 from qforge.engine.vocab import VocabMap
 from qforge.engine.vocab_prune import padded_size, prune_checkpoint
-from qforge.recipes.cli import OutputSettings, run_recipe
+from qforge.recipes.common.cli import OutputSettings, run_recipe
 
 
 @settings

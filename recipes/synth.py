@@ -40,13 +40,13 @@ from pathlib import Path
 from qforge.engine.client import ChatClient
 from qforge.engine.thinking import split_think
 from qforge.engine.data.render import tools_system_prompt
-from qforge.recipes import function_calling, instruction_following
-from qforge.recipes.cli import OutputSettings, print_report_md, run_recipe
-from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint, response_cache_dir
-from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
-from qforge.recipes.mcq import DEFAULT_SUBJECTS, read_questions, read_subjects
+from qforge.recipes.evals import function_calling, instruction_following
+from qforge.recipes.common.cli import OutputSettings, print_report_md, run_recipe
+from qforge.recipes.common.endpoint import ClientSettings, EndpointSettings, open_endpoint, response_cache_dir
+from qforge.recipes.common.files import read_jsonl, write_json, write_jsonl, write_text
+from qforge.recipes.evals.mcq import DEFAULT_SUBJECTS, read_questions, read_subjects
 from qforge.recipes.sft_data.answers import numbers_in, reasoning_consistent, rejection_sample
-from qforge.recipes.verdicts import parse_rating
+from qforge.recipes.evals.verdicts import parse_rating
 from qforge.recipes.sft_data.dedup import Deduplicator
 from qforge.recipes.sft_data.filters import (Malformed, TextRules, parse_question_list, parse_text_reply,
                                               strip_code_fence)

@@ -27,8 +27,8 @@ from qforge.engine.errors import DataError, QforgeError
 from qforge.engine.train import EvalPoint
 from qforge.recipes import eval as mcq_eval
 from qforge.recipes import judge as judge_recipe
-from qforge.recipes.mcq import DEFAULT_SUBJECTS, read_questions, read_subjects
-from qforge.recipes.verdicts import read_items
+from qforge.recipes.evals.mcq import DEFAULT_SUBJECTS, read_questions, read_subjects
+from qforge.recipes.evals.verdicts import read_items
 
 
 def _loglik() -> mcq_eval.EvalSettings:
