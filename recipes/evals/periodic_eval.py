@@ -17,12 +17,12 @@ finds them for model selection.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import Callable, Literal
 
 from qforge.engine.chat import ChatModel
-from qforge.engine.config_io import apply_overrides, build, read_yaml
+from qforge.engine.config_io import apply_overrides, build, read_yaml, settings
 from qforge.engine.errors import DataError, QforgeError
 from qforge.engine.train import EvalPoint
 from qforge.recipes import eval as mcq_eval
@@ -35,7 +35,7 @@ def _loglik() -> mcq_eval.EvalSettings:
     return mcq_eval.EvalSettings(mode="loglik")
 
 
-@dataclass
+@settings
 class PeriodicEvalSettings:
     mcq: str | None = None  # multiple-choice JSONL evaluated on the current weights
     subjects: str = str(DEFAULT_SUBJECTS)
