@@ -20,14 +20,14 @@ from qforge.engine.chat import ChatModel
 from qforge.engine.config_io import settings
 from qforge.engine.data import ChatTemplate, pack
 from qforge.engine.data.cache import load_examples
-from qforge.recipes.evals.exact_match import exact_match
 from qforge.engine.thinking import split_think
 from qforge.engine.train import evaluate_loss
 from qforge.engine.train.build import build_model, resolve_tokenizer_dir
 from qforge.engine.train.loop import cache_dir_of
-from qforge.engine.vocab import VocabMap
 from qforge.engine.train.parallel import Dist
+from qforge.engine.vocab import VocabMap
 from qforge.recipes.common.files import read_jsonl, write_json
+from qforge.recipes.evals.exact_match import exact_match
 from qforge.recipes.make_demo_data import extract_answer
 
 if TYPE_CHECKING:
