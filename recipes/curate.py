@@ -15,7 +15,7 @@ import json
 import random
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import Literal
 
@@ -23,9 +23,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from qforge.engine.data.formats import RowError, read_conversations
-from qforge.recipes.cli import OutputSettings, print_report_md, run_recipe
-from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint, response_cache_dir
-from qforge.recipes.files import write_json, write_jsonl, write_text
+from qforge.engine.config_io import settings
+from qforge.recipes.common.cli import OutputDirSettings, print_report_md, run_recipe
+from qforge.recipes.common.endpoint import ClientSettings, EndpointSettings, open_endpoint, response_cache_dir
+from qforge.recipes.common.files import write_json, write_jsonl, write_text
 from qforge.recipes.sft_data.dedup import Deduplicator
 from qforge.recipes.sft_data.filters import Malformed, TextRules
 from qforge.recipes.sft_data.report import count_by_task, counts_markdown
@@ -34,14 +35,14 @@ from qforge.recipes.sft_data.stages import Usage, ask_all, check_placeholders, c
 UNLABELLED = "unlabelled"  # rows no keyword rule matched, before the classifier (if any) has seen them
 
 
-@dataclass
+@settings
 class InputFile:
     path: str
     format: Literal["auto", "messages", "sharegpt"] = "auto"
     limit: int | None = None  # only the first N rows (smoke runs)
 
 
-@dataclass
+@settings
 class Quality:
     prompt: TextRules = field(default_factory=lambda: TextRules(min_chars=5, max_chars=8000))  # first user turn
     answer: TextRules = field(default_factory=lambda: TextRules(min_chars=20, max_chars=16000))  # last assistant
@@ -53,7 +54,7 @@ class Quality:
     near_duplicate_threshold: float | None = 0.7
 
 
-@dataclass
+@settings
 class KeywordRule:
     task: str
     patterns: list[str]  # regular expressions, case-insensitive, searched in the first user turn
@@ -66,7 +67,7 @@ class KeywordRule:
                 raise ValueError(f"tasks.rules[{self.task}]: bad pattern {pattern!r} ({error})") from None
 
 
-@dataclass
+@settings
 class Classifier:
     endpoint: EndpointSettings = field(default_factory=EndpointSettings)
     system: str = ""
@@ -84,7 +85,7 @@ class Classifier:
         check_placeholders(self.retry, {"error"}, "tasks.classifier.retry")
 
 
-@dataclass
+@settings
 class TaskSettings:
     rules: list[KeywordRule] = field(default_factory=list)  # first matching rule wins
     labels: list[str] = field(default_factory=list)  # the classifier's choices (default: the rules' tasks)
@@ -93,26 +94,26 @@ class TaskSettings:
     keep: list[str] | None = None  # only these tasks (default: all)
 
 
-@dataclass
+@settings
 class Sampling:
     target: int | None = None  # rows to keep (default: every row that passes)
     quotas: dict = field(default_factory=dict)  # task -> rows (int) or share of target (float < 1)
     seed: int = 0
 
 
-@dataclass
+@settings
 class MixtureEntry:
     path: str
     weight: float = 1.0
 
 
-@dataclass
+@settings
 class Mixture:
     weight: float = 1.0  # epoch multiplier of the curated file
     extra: list[MixtureEntry] = field(default_factory=list)  # other datasets in the mix
 
 
-@dataclass
+@settings
 class CurateConfig:
     inputs: list[InputFile] = field(default_factory=list)
     quality: Quality = field(default_factory=Quality)
@@ -120,7 +121,7 @@ class CurateConfig:
     sampling: Sampling = field(default_factory=Sampling)
     mixture: Mixture = field(default_factory=Mixture)
     client: ClientSettings = field(default_factory=ClientSettings)  # cache_dir default: output.dir/cache
-    output: OutputSettings = field(default_factory=OutputSettings)
+    output: OutputDirSettings = field(default_factory=OutputDirSettings)
 
     def __post_init__(self):
         if not self.inputs or not self.output.dir:

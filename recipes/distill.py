@@ -27,9 +27,9 @@ from qforge.engine.config_io import settings
 from qforge.engine.errors import ConfigError
 from qforge.engine.train.distill import OffPolicyDistill, OnPolicyDistill
 from qforge.engine.train.teacher_endpoint import EndpointTeacher
-from qforge.recipes.cli import run_recipe
-from qforge.recipes.demo_eval import FFTRecipeConfig
-from qforge.recipes.endpoint import ClientSettings, EndpointSettings, suppressed_ids
+from qforge.recipes.common.cli import run_recipe
+from qforge.recipes.fft import FFTRecipeConfig
+from qforge.recipes.common.endpoint import ClientSettings, EndpointSettings, suppressed_ids
 from qforge.recipes.fft import run as run_stages
 
 

@@ -18,7 +18,7 @@ from pydantic import Field
 from qforge.engine.config_io import settings
 from qforge.engine.train import FFTConfig, train
 from qforge.engine.train.dpo import DPO, reference_config
-from qforge.recipes.cli import run_recipe
+from qforge.recipes.common.cli import run_recipe
 
 
 @settings

@@ -27,32 +27,33 @@ leaderboard takes for its answer-less test split) to `output.dir`.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import Literal
 
 from tqdm.auto import tqdm
 
 from qforge.engine.serve.chat import ChatModel
+from qforge.engine.config_io import settings
 from qforge.engine.generate import next_token_logits
 from qforge.engine.thinking import join_think
 from qforge.engine.vocab import read_suppress_ids
-from qforge.recipes.cli import OutputSettings, run_recipe
-from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint
-from qforge.recipes.files import write_json, write_jsonl
-from qforge.recipes.mcq import (DEFAULT_SUBJECTS, Question, answer_after_thinking, majority, official_prompt,
+from qforge.recipes.common.cli import OutputDirSettings, run_recipe
+from qforge.recipes.common.endpoint import ClientSettings, EndpointSettings, open_endpoint
+from qforge.recipes.common.files import write_json, write_jsonl
+from qforge.recipes.evals.mcq import (DEFAULT_SUBJECTS, Question, answer_after_thinking, majority, official_prompt,
                                 read_questions, read_subjects, score, score_samples, write_submission)
 from qforge.recipes.report import write_eval_report
 
 
-@dataclass
+@settings
 class EvalModelSettings(EndpointSettings):
     """A local checkpoint (`path`, every mode) or an endpoint (`base_url` + `model`: official, think)."""
 
     name: str | None = None  # label in reports (default: the checkpoint directory name or the model id)
 
 
-@dataclass
+@settings
 class EvalDataSettings:
     path: str | None = None
     subjects: str = str(DEFAULT_SUBJECTS)  # CSV: id prefix, subject, category
@@ -66,7 +67,7 @@ NON_THINKING_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
 
 
-@dataclass
+@settings
 class EvalSettings:
     mode: Literal["official", "loglik", "think"] = "official"
     chat_template: bool = False
@@ -90,13 +91,13 @@ class EvalSettings:
         return {**base, **{k: v for k, v in chosen.items() if v is not None}, "presence_penalty": self.presence_penalty}
 
 
-@dataclass
+@settings
 class EvalConfig:
     model: EvalModelSettings = field(default_factory=EvalModelSettings)
     data: EvalDataSettings = field(default_factory=EvalDataSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     client: ClientSettings = field(default_factory=ClientSettings)
-    output: OutputSettings = field(default_factory=OutputSettings)
+    output: OutputDirSettings = field(default_factory=OutputDirSettings)
 
     def __post_init__(self):
         self.model.check("model")

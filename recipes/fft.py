@@ -9,19 +9,28 @@ When `evaluate.data` is set, the starting model and the trained one (reloaded fr
 training (held-out loss and greedy exact-match accuracy on rows with a checkable `answer`), both with the kept
 vocabulary saved in `final/`. Exit codes: see the README (0 done, 2-6 a one-line error, 143 stopped by a signal).
 With `periodic_eval.mcq` (and/or `periodic_eval.judge`), every `train.eval_every` steps and the end also score
-the current weights on multiple-choice questions (and with the LLM judge); see recipes/periodic_eval.py.
+the current weights on multiple-choice questions (and with the LLM judge); see recipes/evals/periodic_eval.py.
 """
 from __future__ import annotations
 
 import copy
 import sys
+from dataclasses import field
 from pathlib import Path
 
-from qforge.engine.config_io import apply_overrides, build, read_yaml
-from qforge.engine.train import train
-from qforge.recipes.cli import run_recipe
-from qforge.recipes.demo_eval import FFTRecipeConfig, evaluate_checkpoint, print_before_after
-from qforge.recipes.periodic_eval import periodic_hook
+from qforge.engine.config_io import apply_overrides, build, read_yaml, settings
+from qforge.engine.train import FFTConfig, train
+from qforge.recipes.common.cli import run_recipe
+from qforge.recipes.evals.before_after import BeforeAfterSettings, evaluate_checkpoint, print_before_after
+from qforge.recipes.evals.periodic_eval import PeriodicEvalSettings, periodic_hook
+
+
+@settings
+class FFTRecipeConfig(FFTConfig):
+    """The FFT recipe's config (also the base of distill's): the engine's training settings plus the before/after
+    evaluation (recipes/evals/before_after.py) and the evaluation during training (recipes/evals/periodic_eval.py)."""
+    evaluate: BeforeAfterSettings = field(default_factory=BeforeAfterSettings)
+    periodic_eval: PeriodicEvalSettings = field(default_factory=PeriodicEvalSettings)
 
 
 def stage_configs(path: str, overrides: list[str]) -> list[FFTRecipeConfig]:

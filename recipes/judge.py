@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import Callable, Literal
 
 from qforge.engine.serve.client import ChatClient
-from qforge.recipes.cli import OutputSettings, print_report_md, run_recipe
-from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint
-from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
+from qforge.engine.config_io import settings
+from qforge.recipes.common.cli import OutputDirSettings, print_report_md, run_recipe
+from qforge.recipes.common.endpoint import ClientSettings, EndpointSettings, open_endpoint
+from qforge.recipes.common.files import read_jsonl, write_json, write_jsonl, write_text
 from qforge.engine.data.render import render_tool_calls
-from qforge.recipes import function_calling, instruction_following
-from qforge.recipes.verdicts import (Item, pair_outcome, parse_pairwise, parse_rating, read_items,
+from qforge.recipes.evals import function_calling, instruction_following
+from qforge.recipes.evals.verdicts import (Item, pair_outcome, parse_pairwise, parse_rating, read_items,
                                     summarize_pairwise, summarize_ratings)
 from qforge.recipes.report import bar_chart, markdown_table
 from qforge.recipes.sft_data.filters import Malformed
@@ -34,7 +35,7 @@ REQUIRED_FIELDS = {"pairwise_user": {"question", "answer_a", "answer_b"}, "singl
                    "single_user_reference": {"question", "answer", "reference"}}
 
 
-@dataclass
+@settings
 class Candidate:
     name: str
     endpoint: EndpointSettings | None = None
@@ -48,7 +49,7 @@ class Candidate:
             self.endpoint.check(f"candidate {self.name!r}: endpoint")
 
 
-@dataclass
+@settings
 class JudgePrompts:
     pairwise_system: str = ""
     pairwise_user: str = ""
@@ -64,7 +65,7 @@ class JudgePrompts:
                 raise ValueError(f"judge.prompts.{name} must contain {sorted('{' + m + '}' for m in missing)}")
 
 
-@dataclass
+@settings
 class JudgeSettings:
     endpoint: EndpointSettings | None = None
     mode: Literal["pairwise", "single"] = "pairwise"
@@ -77,26 +78,26 @@ class JudgeSettings:
     prompts: JudgePrompts = field(default_factory=JudgePrompts)
 
 
-@dataclass
+@settings
 class GenerationSettings:
     max_tokens: int = 1024
     temperature: float = 0.0
 
 
-@dataclass
+@settings
 class BootstrapSettings:
     samples: int = 1000
     seed: int = 0
     confidence: float = 0.95
 
 
-@dataclass
+@settings
 class JudgeDataSettings:
     path: str | None = None
     limit: int | None = None
 
 
-@dataclass
+@settings
 class JudgeConfig:
     data: JudgeDataSettings = field(default_factory=JudgeDataSettings)
     candidates: list[Candidate] = field(default_factory=list)
@@ -104,7 +105,7 @@ class JudgeConfig:
     judge: JudgeSettings = field(default_factory=JudgeSettings)
     bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
     client: ClientSettings = field(default_factory=ClientSettings)
-    output: OutputSettings = field(default_factory=OutputSettings)
+    output: OutputDirSettings = field(default_factory=OutputDirSettings)
 
     def __post_init__(self):
         for key, value in (("data.path", self.data.path), ("output.dir", self.output.dir),

@@ -19,7 +19,7 @@ from qforge.engine.config import read_json
 from qforge.engine.config_io import settings
 from qforge.engine.vocab import VocabMap
 from qforge.engine.vocab_prune import padded_size, prune_checkpoint
-from qforge.recipes.cli import OutputSettings, run_recipe
+from qforge.recipes.common.cli import OutputDirSettings, run_recipe
 
 
 @settings
@@ -37,7 +37,7 @@ class PruneConfig:
     model: PathSettings = field(default_factory=PathSettings)
     tokenizer: PathSettings = field(default_factory=PathSettings)  # default: model.path
     vocab: PadSettings = field(default_factory=PadSettings)
-    output: OutputSettings = field(default_factory=OutputSettings)
+    output: OutputDirSettings = field(default_factory=OutputDirSettings)
 
     def __post_init__(self):
         for key, value in (("model.path", self.model.path), ("output.dir", self.output.dir)):

@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from qforge.recipes.files import atomic_write, write_json, write_text
+from qforge.recipes.common.files import atomic_write, write_json, write_text
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:

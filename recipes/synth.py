@@ -34,19 +34,19 @@ import sys
 import time
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 
 from qforge.engine.serve.client import ChatClient
 from qforge.engine.thinking import split_think
 from qforge.engine.data.render import tools_system_prompt
-from qforge.recipes import function_calling, instruction_following
-from qforge.recipes.cli import OutputSettings, print_report_md, run_recipe
-from qforge.recipes.endpoint import ClientSettings, EndpointSettings, open_endpoint, response_cache_dir
-from qforge.recipes.files import read_jsonl, write_json, write_jsonl, write_text
-from qforge.recipes.mcq import DEFAULT_SUBJECTS, read_questions, read_subjects
+from qforge.recipes.evals import function_calling, instruction_following
+from qforge.recipes.common.cli import OutputDirSettings, print_report_md, run_recipe
+from qforge.recipes.common.endpoint import ClientSettings, EndpointSettings, open_endpoint, response_cache_dir
+from qforge.recipes.common.files import read_jsonl, write_json, write_jsonl, write_text
+from qforge.recipes.evals.mcq import DEFAULT_SUBJECTS, read_questions, read_subjects
 from qforge.recipes.sft_data.answers import numbers_in, reasoning_consistent, rejection_sample
-from qforge.recipes.verdicts import parse_rating
+from qforge.recipes.evals.verdicts import parse_rating
 from qforge.recipes.sft_data.dedup import Deduplicator
 from qforge.recipes.sft_data.filters import (Malformed, TextRules, parse_question_list, parse_text_reply,
                                               strip_code_fence)
@@ -58,7 +58,7 @@ from qforge.recipes.sft_data.traces import (TraceLength, assistant_message, make
                                             pair_up, pairs_markdown, pass_rates, read_traces, reference_of,
                                             repetition_ratio, traces_markdown, verdict_dict, verify_rows)
 from qforge.recipes.verifiers import VERIFIERS, get_verifier
-from qforge.engine.config_io import read_yaml
+from qforge.engine.config_io import read_yaml, settings
 
 TOPIC_FIELDS = {"level", "grade", "subject", "topic", "task", "instructions"}
 STAGE_FIELDS = {"questions": TOPIC_FIELDS | {"count"}, "responses": TOPIC_FIELDS | {"question"},
@@ -88,7 +88,7 @@ def matcher(check: str):
     return matches
 
 
-@dataclass
+@settings
 class BackendSettings:
     name: str
     endpoint: EndpointSettings = field(default_factory=EndpointSettings)
@@ -104,7 +104,7 @@ class BackendSettings:
                              "use prompt and completion (USD per million tokens)")
 
 
-@dataclass
+@settings
 class StageSettings:
     backend: str = "local"
     prompt_version: str = "v1"  # recorded in every row's provenance; bump it when the prompts change
@@ -116,7 +116,7 @@ class StageSettings:
     params: dict = field(default_factory=dict)  # body fields over the backend's, e.g. temperature
 
 
-@dataclass
+@settings
 class Stages:
     questions: StageSettings = field(default_factory=StageSettings)
     responses: StageSettings = field(default_factory=StageSettings)
@@ -126,7 +126,7 @@ class Stages:
     reformat: StageSettings = field(default_factory=StageSettings)  # with traces.path and reformat.enabled
 
 
-@dataclass
+@settings
 class SeedSettings:
     """An existing question set to answer instead of writing questions: JSONL rows in VMLU's multiple-choice
     format (`id`, `question`, `choices`, `answer`: checked by option letter) or free-form (`id`, `question`,
@@ -138,7 +138,7 @@ class SeedSettings:
     limit: int | None = None
 
 
-@dataclass
+@settings
 class TraceSettings:
     """Existing reasoning traces (any SFT file whose rows end with the assistant's reasoning and answer) to
     reformat, verify and pair instead of synthesising (recipes/sft_data/traces.py describes the row)."""
@@ -148,7 +148,7 @@ class TraceSettings:
     workers: int = 2  # rows verified at a time (code: sandboxed processes in parallel)
 
 
-@dataclass
+@settings
 class ReformatSettings:
     """An LLM (stages.reformat) rewrites each trace into a Qwen3 <think> block + the final answer in the form
     its verifier reads; a rewrite that fails the verifier against the original reference is replaced by the
@@ -162,7 +162,7 @@ class ReformatSettings:
             raise ValueError(f"reformat.on_fail must be 'keep' or 'drop', got {self.on_fail!r}")
 
 
-@dataclass
+@settings
 class PairSettings:
     """Preference pairs from k samples per question: a passing one (chosen) and a failing one (rejected). In
     synthesis, chosen = a kept row, rejected = a response that failed its verifier in rejection sampling, whose
@@ -175,7 +175,7 @@ class PairSettings:
             raise ValueError(f"pairs.per_question must be at least 1, got {self.per_question}")
 
 
-@dataclass
+@settings
 class Filters:
     question: TextRules = field(default_factory=lambda: TextRules(min_chars=10, max_chars=3000))
     response: TextRules = field(default_factory=lambda: TextRules(min_chars=1, max_chars=12000))
@@ -206,7 +206,7 @@ class Filters:
         return None
 
 
-@dataclass
+@settings
 class SynthConfig:
     syllabus: str = "recipes/data/syllabus_vi.yaml"
     syllabus_outline: str | None = None  # level → grade → [subjects]: an LLM writes the topics (stage syllabus)
@@ -221,7 +221,7 @@ class SynthConfig:
     stages: Stages = field(default_factory=Stages)
     filters: Filters = field(default_factory=Filters)
     client: ClientSettings = field(default_factory=ClientSettings)  # cache_dir default: output.dir/cache
-    output: OutputSettings = field(default_factory=OutputSettings)
+    output: OutputDirSettings = field(default_factory=OutputDirSettings)
 
     def __post_init__(self):
         if not self.output.dir:

@@ -116,7 +116,7 @@ def choice_matches(response: str, reference: str) -> bool | None:
     """A multiple-choice response's letter (recipes/mcq.extract_letter, after any think block) against the
     known letter; None when no letter can be read."""
     from qforge.engine.thinking import split_think
-    from qforge.recipes.mcq import LETTERS, extract_letter
+    from qforge.recipes.evals.mcq import LETTERS, extract_letter
 
     letter = extract_letter(split_think(response)[1], LETTERS)
     return None if letter is None else letter == reference.strip().upper()

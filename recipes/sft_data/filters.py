@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 
+from qforge.engine.config_io import settings
 from qforge.engine.thinking import THINK_OPEN, split_think
 from qforge.engine.vocab import is_cjk
 from qforge.recipes.sft_data.langid import is_vietnamese
@@ -23,7 +23,7 @@ def has_cjk(text: str) -> bool:
     return any(ord(char) >= 0x1100 and is_cjk(ord(char)) for char in text)
 
 
-@dataclass
+@settings
 class TextRules:
     """Bounds on one text field (characters); `language` is "vi" (Vietnamese detector) or "any"."""
 

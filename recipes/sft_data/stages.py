@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from qforge.engine.serve.client import RETRYABLE_STATUS, ChatClient, ChatClientError, ChatReply
-from qforge.recipes.files import read_jsonl, write_json, write_jsonl
+from qforge.recipes.common.files import read_jsonl, write_json, write_jsonl
 from qforge.recipes.sft_data.filters import Malformed
 
 PLACEHOLDER = re.compile(r"\{(\w+)\}")

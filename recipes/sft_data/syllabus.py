@@ -29,8 +29,8 @@ class Task:
     count: int = 5  # questions per topic
     subjects: list[str] | None = None  # only topics of these subjects (default: every subject)
     # numeric: the question generator gives the final number; choice: a known option letter (seed MCQs);
-    # constraints: the generator gives verifiable constraints (recipes/instruction_following.py); tool_call:
-    # the generator gives tools and the reference call (recipes/function_calling.py)
+    # constraints: the generator gives verifiable constraints (recipes/evals/instruction_following.py); tool_call:
+    # the generator gives tools and the reference call (recipes/evals/function_calling.py)
     answer_check: Literal["none", "numeric", "choice", "constraints", "tool_call"] = "none"
     samples: int = 1  # responses per question (rejection sampling draws several)
     keep: int = 1  # responses kept per question

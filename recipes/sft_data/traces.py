@@ -16,7 +16,7 @@ from itertools import product
 from pathlib import Path
 
 from qforge.engine.thinking import join_think, message_think
-from qforge.recipes.files import read_jsonl
+from qforge.recipes.common.files import read_jsonl
 from qforge.recipes.verifiers import Verdict, get_verifier, verify_batch
 
 

@@ -1,9 +1,9 @@
 """Verifier adapters over the checks synthesis and evaluation already use (recipes/sft_data/answers.py,
-recipes/instruction_following.py, recipes/function_calling.py): same functions, Verdict out."""
+recipes/evals/instruction_following.py, recipes/evals/function_calling.py): same functions, Verdict out."""
 from __future__ import annotations
 
 from qforge.engine.thinking import split_think
-from qforge.recipes import function_calling, instruction_following
+from qforge.recipes.evals import function_calling, instruction_following
 from qforge.recipes.sft_data.answers import answer_matches, choice_matches
 from qforge.recipes.verifiers import Verdict
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from qforge.engine.config_io import ConfigKeyError, apply_overrides, build, load_config, read_yaml
-from qforge.recipes.demo_eval import FFTRecipeConfig
+from qforge.recipes.fft import FFTRecipeConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

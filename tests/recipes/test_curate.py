@@ -12,7 +12,7 @@ from qforge.engine.config_io import apply_overrides, build, read_yaml
 from qforge.engine.data.formats import read_conversations
 from scripted_server import ChatServer, ScriptedBackend
 
-from qforge.recipes.demo_eval import FFTRecipeConfig
+from qforge.recipes.fft import FFTRecipeConfig
 from qforge.recipes.curate import Sampling, main, sample, sampling_summary
 from qforge.recipes.fft import stage_configs
 

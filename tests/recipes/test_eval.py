@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 from scripted_server import ChatServer, ScriptedBackend
 from qforge.engine.config_io import load_config
 from qforge.recipes.eval import EvalConfig, main, run
-from qforge.recipes.mcq import official_prompt, read_questions, read_subjects
+from qforge.recipes.evals.mcq import official_prompt, read_questions, read_subjects
 
 DATA = "recipes/data/mcq_demo.jsonl"
 LIMIT = 12  # includes the 3- and 5-option questions
@@ -171,7 +171,7 @@ def test_exact_match_helper_compares_extracted_answers(checkpoint):
     from qforge.engine import load_model
     from qforge.engine.serve.chat import ChatModel
     from qforge.engine.data import ChatTemplate
-    from qforge.recipes.exact_match import exact_match
+    from qforge.recipes.evals.exact_match import exact_match
     from qforge.engine.generate import generate
 
     template = ChatTemplate.from_pretrained(checkpoint)

@@ -10,7 +10,7 @@ from scripted_server import ChatServer, ScriptedBackend
 
 from qforge.recipes.judge import main
 from qforge.recipes.sft_data.stages import fill
-from qforge.recipes.verdicts import bootstrap_interval, pair_outcome, parse_pairwise, parse_rating
+from qforge.recipes.evals.verdicts import bootstrap_interval, pair_outcome, parse_pairwise, parse_rating
 
 RETRY = "Reply again with only the verdict."
 ITEMS = [  # markers in the prompts steer the scripted judge
@@ -171,7 +171,7 @@ def test_fill_substitutes_once():
 
 
 def test_shipped_benchmark_sample_has_twelve_tasks():
-    from qforge.recipes.verdicts import read_items
+    from qforge.recipes.evals.verdicts import read_items
 
     items = read_items("recipes/data/judge_demo.jsonl")
     assert len({item.task for item in items}) == 12 and len(items) == 24

@@ -12,7 +12,7 @@ from qwen3_fixtures import save_chat_checkpoint
 from qforge.engine.config_io import load_config
 from scripted_server import ChatServer, ScriptedBackend
 from qforge.recipes.eval import EvalConfig, run
-from qforge.recipes.mcq import read_questions, read_subjects
+from qforge.recipes.evals.mcq import read_questions, read_subjects
 
 DATA = "recipes/data/mcq_demo.jsonl"
 LIMIT = 6
@@ -74,7 +74,7 @@ def test_endpoint_think_mode_sends_qwen_sampling_and_scores_k_samples(tmp_path, 
 @pytest.mark.slow
 def test_local_think_mode_counts_unfinished_and_budgets_to_the_context(tmp_path, questions):
     from qforge.engine.data import ChatTemplate
-    from qforge.recipes.mcq import official_prompt
+    from qforge.recipes.evals.mcq import official_prompt
 
     template = ChatTemplate.from_pretrained(save_chat_checkpoint(tmp_path / "probe"))
     longest = max(len(template.tokenizer.encode(template.render(

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from qforge.engine.errors import ConfigError
-from qforge.recipes import function_calling, instruction_following
+from qforge.recipes.evals import function_calling, instruction_following
 from qforge.recipes.sft_data.answers import answer_matches, choice_matches
 from qforge.recipes.sft_data.traces import make_pairs, reference_of, repetition_ratio
 from qforge.recipes.synth import matcher

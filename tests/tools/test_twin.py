@@ -207,7 +207,7 @@ def test_cli_reads_a_training_config(tmp_path):
 def test_shipped_32b_config_is_a_valid_training_config():
     """(tests/engine/train/test_config_and_schedule.py parses the older shipped configs.)"""
     from qforge.engine.config_io import load_config
-    from qforge.recipes.demo_eval import FFTRecipeConfig
+    from qforge.recipes.fft import FFTRecipeConfig
 
     config = load_config(FFTRecipeConfig, REPO / "recipes/configs/qwen3-32b-8gpu.yaml")
     assert config.optim.state_dtype == "bf16" and config.train.activation_checkpointing

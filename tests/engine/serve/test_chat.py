@@ -64,7 +64,7 @@ def test_server_batches_concurrent_requests_without_changing_greedy_output(chat_
 
 
 def test_open_endpoint_serves_a_checkpoint_and_caches_across_runs(checkpoint, chat_model, tmp_path):
-    from qforge.recipes.endpoint import EndpointSettings, open_endpoint
+    from qforge.recipes.common.endpoint import EndpointSettings, open_endpoint
 
     direct = chat_model.chat([conversation(QUESTIONS[1])], enable_thinking=False, max_new_tokens=5)[0]
     urls = []
@@ -104,7 +104,7 @@ def test_an_endpoint_that_ignores_suppress_tokens_gets_them_as_logit_bias(checkp
     import json
 
     from qforge.engine.serve.app import serve_model
-    from qforge.recipes.endpoint import EndpointSettings, open_endpoint
+    from qforge.recipes.common.endpoint import EndpointSettings, open_endpoint
 
     request = dict(temperature=0, max_tokens=4, chat_template_kwargs={"enable_thinking": False})
     pruned = tmp_path / "pruned"

@@ -8,7 +8,7 @@ import pytest
 
 from qforge.engine.config_io import load_config
 from qforge.engine.data.example import Example
-from qforge.recipes.demo_eval import FFTRecipeConfig
+from qforge.recipes.fft import FFTRecipeConfig
 from qforge.engine.train.config import OptimSettings
 from qforge.engine.train.loader import mixture_epoch
 from qforge.engine.train.optim import lr_factor

@@ -4,7 +4,7 @@ from string import Template
 
 import pytest
 
-from qforge.recipes.mcq import (answer_after_thinking, extract_letter, official_prompt, read_questions,
+from qforge.recipes.evals.mcq import (answer_after_thinking, extract_letter, official_prompt, read_questions,
                                 read_subjects, score)
 
 SUBJECTS = {"04": ("elementary_mathematics", "STEM"), "22": ("elementary_history", "Humanities")}

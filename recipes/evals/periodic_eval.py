@@ -17,25 +17,25 @@ finds them for model selection.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 from typing import Callable, Literal
 
 from qforge.engine.serve.chat import ChatModel
-from qforge.engine.config_io import apply_overrides, build, read_yaml
+from qforge.engine.config_io import apply_overrides, build, read_yaml, settings
 from qforge.engine.errors import DataError, QforgeError
 from qforge.engine.train import EvalPoint
 from qforge.recipes import eval as mcq_eval
 from qforge.recipes import judge as judge_recipe
-from qforge.recipes.mcq import DEFAULT_SUBJECTS, read_questions, read_subjects
-from qforge.recipes.verdicts import read_items
+from qforge.recipes.evals.mcq import DEFAULT_SUBJECTS, read_questions, read_subjects
+from qforge.recipes.evals.verdicts import read_items
 
 
 def _loglik() -> mcq_eval.EvalSettings:
     return mcq_eval.EvalSettings(mode="loglik")
 
 
-@dataclass
+@settings
 class PeriodicEvalSettings:
     mcq: str | None = None  # multiple-choice JSONL evaluated on the current weights
     subjects: str = str(DEFAULT_SUBJECTS)

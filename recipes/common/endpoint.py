@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from qforge.engine.serve.chat import ChatModel
 from qforge.engine.serve.client import ChatClient
+from qforge.engine.config_io import settings
 from qforge.engine.serve.app import serve_model
 from qforge.engine.vocab import read_suppress_ids
 
 
-@dataclass
+@settings
 class EndpointSettings:
     """A checkpoint served on loopback for the run (`path`), or an existing endpoint (`base_url` + `model`)."""
 
@@ -39,7 +39,7 @@ class EndpointSettings:
             raise ValueError(f"{key}.model (the model id served at {self.base_url}) is required with {key}.base_url")
 
 
-@dataclass
+@settings
 class ClientSettings:
     """The `client:` section of recipe configs: keyword arguments of `ChatClient`."""
 

@@ -1,4 +1,5 @@
-"""Before/after evaluation of a fine-tuning run: held-out loss and greedy exact-match accuracy.
+"""Before/after evaluation of a fine-tuning run (the fft recipe's `evaluate:` section): held-out loss and greedy
+exact-match accuracy.
 
 Rows of `evaluate.data` are chat conversations whose last message is the reference assistant answer and whose
 top-level `answer` is the checkable final result (e.g. the demo's Vietnamese arithmetic problems). The model
@@ -9,8 +10,8 @@ suppresses every other token, so both numbers measure the model that training sh
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,32 +20,26 @@ from qforge.engine.serve.chat import ChatModel
 from qforge.engine.config_io import settings
 from qforge.engine.data import ChatTemplate, pack
 from qforge.engine.data.cache import load_examples
-from qforge.recipes.exact_match import exact_match
 from qforge.engine.thinking import split_think
-from qforge.engine.train import FFTConfig, evaluate_loss
+from qforge.engine.train import evaluate_loss
 from qforge.engine.train.build import build_model, resolve_tokenizer_dir
 from qforge.engine.train.loop import cache_dir_of
-from qforge.engine.vocab import VocabMap
 from qforge.engine.train.parallel import Dist
-from qforge.recipes.files import read_jsonl, write_json
+from qforge.engine.vocab import VocabMap
+from qforge.recipes.common.files import read_jsonl, write_json
+from qforge.recipes.evals.exact_match import exact_match
 from qforge.recipes.make_demo_data import extract_answer
-from qforge.recipes.periodic_eval import PeriodicEvalSettings
+
+if TYPE_CHECKING:
+    from qforge.recipes.fft import FFTRecipeConfig
 
 
 @settings
-class DemoEvalSettings:
+class BeforeAfterSettings:
     """The `evaluate:` section: greedy exact-match evaluation before and after training (rows with an `answer`)."""
     data: str | None = None
     max_new_tokens: int = 96
     enable_thinking: bool = True
-
-
-@settings
-class FFTRecipeConfig(FFTConfig):
-    """The FFT recipe's config: the engine's training settings plus the before/after evaluation and the
-    evaluation during training (recipes/periodic_eval.py)."""
-    evaluate: DemoEvalSettings = field(default_factory=DemoEvalSettings)
-    periodic_eval: PeriodicEvalSettings = field(default_factory=PeriodicEvalSettings)
 
 
 def _read_rows(path: str) -> list[dict]:

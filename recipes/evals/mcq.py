@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from qforge.engine.thinking import split_think
-from qforge.recipes.files import read_jsonl, unique_id, write_text
-from qforge.recipes.verdicts import bootstrap_interval
+from qforge.recipes.common.files import read_jsonl, unique_id, write_text
+from qforge.recipes.evals.verdicts import bootstrap_interval
 
 LETTERS = "ABCDE"
-DEFAULT_SUBJECTS = Path(__file__).resolve().parent / "data" / "vmlu_subjects.csv"
+DEFAULT_SUBJECTS = Path(__file__).resolve().parent.parent / "data" / "vmlu_subjects.csv"
 UNKNOWN_CATEGORY = "Unknown"
 
 

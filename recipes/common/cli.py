@@ -23,8 +23,10 @@ R = TypeVar("R")
 
 
 @settings
-class OutputSettings:
-    """The `output:` section every recipe has: where it writes (`output.dir`)."""
+class OutputDirSettings:
+    """The `output:` section of the recipes that do not train (eval, judge, synth, curate, prune): only where
+    they write, `output.dir`, which each requires. The training recipes use the engine's `OutputSettings`
+    (engine/train/config.py: dir plus logging and export keys that mean nothing here, so they are not accepted)."""
     dir: str | None = None
 
 

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine" / "train"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "engine" / "train"))
 
 from tiny_run import tiny_overrides, tiny_run_files  # noqa: E402,F401 (pytest fixture)
 
 from qforge.engine.config_io import load_config  # noqa: E402
 from scripted_server import ChatServer, ScriptedBackend  # noqa: E402
 from qforge.engine.train import train  # noqa: E402
-from qforge.recipes.demo_eval import FFTRecipeConfig  # noqa: E402
+from qforge.recipes.fft import FFTRecipeConfig  # noqa: E402
 from qforge.recipes.eval import EvalConfig, run as run_eval  # noqa: E402
-from qforge.recipes.periodic_eval import periodic_hook  # noqa: E402
+from qforge.recipes.evals.periodic_eval import periodic_hook  # noqa: E402
 
 MCQ = "recipes/data/mcq_demo.jsonl"
 

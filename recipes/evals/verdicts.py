@@ -15,9 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-from qforge.recipes.files import read_jsonl, unique_id
-from qforge.recipes.function_calling import validate_tools
-from qforge.recipes.instruction_following import validate_constraints
+from qforge.recipes.common.files import read_jsonl, unique_id
+from qforge.recipes.evals.function_calling import validate_tools
+from qforge.recipes.evals.instruction_following import validate_constraints
 
 _PAIRWISE = re.compile(r"\[\[\s*([ABC])\s*\]\]")
 _RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")

@@ -7,9 +7,9 @@ from jsonschema import Draft202012Validator
 
 from qforge.engine.data.render import render_tool_calls
 from scripted_server import ChatServer, ScriptedBackend
-from qforge.recipes import function_calling, instruction_following
+from qforge.recipes.evals import function_calling, instruction_following
 from qforge.recipes.judge import main
-from qforge.recipes.verdicts import read_items
+from qforge.recipes.evals.verdicts import read_items
 
 DEMO = "recipes/data/judge_demo.jsonl"
 
