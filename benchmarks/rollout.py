@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -122,6 +123,7 @@ def run(prompts: int, generations: int, max_new_tokens: int, rounds: int, model_
         for system in order:
             generate_fn, model = systems[system]
             runs.append({"round": round_, **timed(system, generate_fn, model, batch, settings, eos, 1000 + round_)})
+            print(f"round {round_} {system}: {runs[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
     ratios = []
     for round_ in range(rounds):
         rate = {r["system"]: r["tokens_per_s"] for r in runs if r["round"] == round_}

@@ -64,11 +64,8 @@ class LossSettings:
             raise ValueError("grpo.loss_type='dr_grpo' divides by grpo.max_completion_length: set it (> 0)")
 
     @property
-    def epsilon_low(self) -> float:
-        return self.epsilon
-
-    @property
-    def epsilon_hi(self) -> float:
+    def clip_high(self) -> float:
+        """ε_high as used: ε_low unless set."""
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
@@ -177,9 +174,9 @@ def grpo_loss(logps: torch.Tensor, advantages: torch.Tensor, sequence: torch.Ten
 
     kind = settings.loss_type
     if kind == "cispo":
-        per_token = -torch.clamp(ratio, max=settings.epsilon_hi).detach() * adv * logps
+        per_token = -torch.clamp(ratio, max=settings.clip_high).detach() * adv * logps
     elif kind in CLIPPED:
-        clipped = torch.clamp(ratio, 1 - settings.epsilon_low, 1 + settings.epsilon_hi)
+        clipped = torch.clamp(ratio, 1 - settings.epsilon, 1 + settings.clip_high)
         capped = ratio if settings.delta is None else torch.clamp(ratio, max=settings.delta)
         per_token = -torch.min(capped * adv, clipped * adv)
     elif kind == "sapo":
@@ -213,12 +210,12 @@ def grpo_loss(logps: torch.Tensor, advantages: torch.Tensor, sequence: torch.Ten
     with torch.no_grad():
         mean = (lambda x: x.float().mean()) if per_token.numel() else (lambda x: per_token.new_zeros(()))
         if kind in CLIPPED:
-            low = (ratio < 1 - settings.epsilon_low) & (adv < 0)
-            high = (ratio > 1 + settings.epsilon_hi) & (adv > 0)
+            low = (ratio < 1 - settings.epsilon) & (adv < 0)
+            high = (ratio > 1 + settings.clip_high) & (adv > 0)
             metrics.update({"clip_ratio/low": mean(low), "clip_ratio/high": mean(high),
                             "clip_ratio/region": mean(low | high)})
         elif kind == "cispo":
-            metrics["clip_ratio/cispo"] = mean((ratio > settings.epsilon_hi) & (adv > 0))
+            metrics["clip_ratio/cispo"] = mean((ratio > settings.clip_high) & (adv > 0))
     return loss, metrics
 
 
