@@ -218,7 +218,8 @@ class Row:
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
                   min_p: torch.Tensor) -> torch.Tensor:
     """Sampling logits [B, V] after temperature, top-k, min-p and top-p (per-row settings [B])."""
-    logits = logits / temperature.clamp(min=1e-6).unsqueeze(1)
+    if bool((temperature != 1).any()):  # x / 1 is x: a rollout at temperature 1 skips a pass over [B, V]
+        logits = logits / temperature.clamp(min=1e-6).unsqueeze(1)
     if bool((top_k > 0).any() | (top_p < 1).any() | (min_p > 0).any()):
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         rank = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
@@ -349,17 +350,14 @@ class DecodeBatch:
                     logits[row].index_add_(0, *sequence.bias)
                 if sequence.params.penalised:
                     logits[row] = apply_penalties(logits[row], sequence)
-        tokens = logits.argmax(dim=-1)
         sampled = [row for row, s in enumerate(rows) if s.params.temperature > 0]
-        if sampled:
-            index = torch.tensor(sampled, device=self.device)
-            settings = [rows[row].params for row in sampled]
-            tensor = lambda name, dtype: torch.tensor([getattr(s, name) for s in settings], dtype=dtype,
-                                                      device=self.device)
-            filtered = filter_logits(logits[index], tensor("temperature", torch.float32),
-                                     tensor("top_p", torch.float32), tensor("top_k", torch.long),
-                                     tensor("min_p", torch.float32))
-            tokens[index] = sample_tokens(filtered, [rows[row].generator or self._unseeded for row in sampled])
+        if len(sampled) == len(rows):  # e.g. a rollout batch: no argmax, no gathered copy of the logits
+            tokens = self._sampled_tokens(logits, rows)
+        else:
+            tokens = logits.argmax(dim=-1)
+            if sampled:
+                index = torch.tensor(sampled, device=self.device)
+                tokens[index] = self._sampled_tokens(logits[index], [rows[row] for row in sampled])
         picks = [Pick(token) for token in tokens.tolist()]
         wanted = [row for row, s in enumerate(rows) if s.params.logprobs is not None]
         if wanted:
@@ -371,6 +369,14 @@ class DecodeBatch:
         for sequence, pick in zip(rows, picks):
             sequence.output.append(pick.token)
         return picks
+
+    def _sampled_tokens(self, logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+        """One token per row of `logits` [len(rows), V], each row with its own settings and random stream."""
+        tensor = lambda name, dtype: torch.tensor([getattr(s.params, name) for s in rows], dtype=dtype,
+                                                  device=self.device)
+        filtered = filter_logits(logits, tensor("temperature", torch.float32), tensor("top_p", torch.float32),
+                                 tensor("top_k", torch.long), tensor("min_p", torch.float32))
+        return sample_tokens(filtered, [s.generator or self._unseeded for s in rows])
 
     def drop(self, finished: Collection[Row]) -> None:
         """Removes rows at once (finished or cancelled): their cache slots are freed before the next step."""

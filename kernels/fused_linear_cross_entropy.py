@@ -166,9 +166,13 @@ def chunk_plan(n_tokens: int, vocab: int, dtype: torch.dtype, cuda_layout: bool,
     return ChunkPlan(logit_rows, max(1, min(grad_rows, n_tokens)), dtype)
 
 
-def _chunked_loss_and_grads(hidden, weight, targets, scale, z_loss, kept_columns, plan, rows_fn, need_grad_hidden,
-                            need_grad_weight):
-    """Per-token losses [T] and the fp32 grads (None where not needed) of Σ scale · loss."""
+def chunked_head_pass(hidden, weight, plan, need_grad_hidden, need_grad_weight, row_pass):
+    """The chunk schedule both fused heads run (this loss and fused_linear_kl): per chunk of `plan.logit_rows`
+    rows, fp32 logits = hidden @ weightᵀ into one reused buffer, then `row_pass(logits, start, end, grad)` returns
+    the chunk's per-token losses and leaves the gradient of Σ scale · loss w.r.t. the logits in `grad` (None
+    without gradients; on the mixed layout the bf16 group buffer's rows, else the logits themselves); per group of
+    `plan.grad_rows` rows, one grad_hidden and one fp32-accumulating grad_weight matmul. Returns the losses [T]
+    and the fp32 grads (None where not needed)."""
     T, V = hidden.shape[0], weight.shape[0]
     with_grad = need_grad_hidden or need_grad_weight
     mixed = with_grad and plan.grad_dtype != torch.float32
@@ -186,7 +190,7 @@ def _chunked_loss_and_grads(hidden, weight, targets, scale, z_loss, kept_columns
             logits = logits_buffer[:end - start]
             _matmul_into(logits, hidden[start:end], weight.T)
             grad = None if not with_grad else grad_buffer[start - group:end - group] if mixed else logits
-            losses[start:end] = rows_fn(logits, targets[start:end], scale[start:end], z_loss, grad, kept_columns)
+            losses[start:end] = row_pass(logits, start, end, grad)
         if not with_grad:
             continue
         grads = grad_buffer[:group_end - group] if mixed else logits  # CPU layout: a group is one chunk
@@ -196,6 +200,15 @@ def _chunked_loss_and_grads(hidden, weight, targets, scale, z_loss, kept_columns
         if need_grad_weight:
             _matmul_into(grad_weight, grads.T, chunk.to(grads.dtype), accumulate=True)
     return losses, grad_hidden, grad_weight
+
+
+def _chunked_loss_and_grads(hidden, weight, targets, scale, z_loss, kept_columns, plan, rows_fn, need_grad_hidden,
+                            need_grad_weight):
+    """Per-token losses [T] and the fp32 grads (None where not needed) of Σ scale · loss."""
+    def row_pass(logits, start, end, grad):
+        return rows_fn(logits, targets[start:end], scale[start:end], z_loss, grad, kept_columns)
+
+    return chunked_head_pass(hidden, weight, plan, need_grad_hidden, need_grad_weight, row_pass)
 
 
 def _scaled(grad: torch.Tensor | None, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:

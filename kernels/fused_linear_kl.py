@@ -177,46 +177,26 @@ def _dense_rows_torch(student, teacher, scale, reverse, with_grad):
 
 def _chunked_kl_and_grads(hidden, weight, scale, teacher, plan, rows_fn, need_grad_hidden, need_grad_weight):
     """Per-token losses [T] and the fp32 grads (None where not needed) of Σ scale · loss, on the cross-entropy
-    kernel's schedule (`plan`): fp32 logits (mixed-dtype matmuls on CUDA), and with bf16 inputs on CUDA the
-    gradient rows gathered into a bf16 group buffer feeding one grad_hidden and one fp32-accumulating
-    grad_weight matmul per group (no [V, H] temporary).
+    kernel's chunk schedule (`_ce.chunked_head_pass`). The KL row pass writes fp32 gradients over the logits; on
+    the mixed layout (bf16 inputs on CUDA) they are then copied into the group's bf16 buffer, rounded once.
 
     `teacher` is ("sparse", ids, probs) or ("dense", teacher_hidden, teacher_weight, reverse)."""
-    T, V = hidden.shape[0], weight.shape[0]
-    with_grad = need_grad_hidden or need_grad_weight
-    mixed = with_grad and plan.grad_dtype != torch.float32
-    losses = torch.empty(T, dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_grad_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad_weight else None
-    logits_buffer = torch.empty(plan.logit_rows, V, dtype=torch.float32, device=hidden.device)
-    teacher_buffer = torch.empty(plan.logit_rows, V, dtype=torch.float32, device=hidden.device) \
+    teacher_buffer = torch.empty(plan.logit_rows, weight.shape[0], dtype=torch.float32, device=hidden.device) \
         if teacher[0] == "dense" else None
-    grad_buffer = torch.empty(plan.grad_rows, V, dtype=plan.grad_dtype, device=hidden.device) if mixed else None
-    group_rows = plan.grad_rows if with_grad else plan.logit_rows
-    for group in range(0, T, group_rows):
-        group_end = min(group + group_rows, T)
-        for start in range(group, group_end, plan.logit_rows):
-            end = min(start + plan.logit_rows, group_end)
-            logits = logits_buffer[:end - start]
-            _ce._matmul_into(logits, hidden[start:end], weight.T)
-            if teacher[0] == "sparse":
-                losses[start:end] = rows_fn(logits, teacher[1][start:end], teacher[2][start:end], scale[start:end],
-                                            with_grad)
-            else:
-                teacher_logits = teacher_buffer[:end - start]
-                _ce._matmul_into(teacher_logits, teacher[1][start:end], teacher[2].T)
-                losses[start:end] = rows_fn(logits, teacher_logits, scale[start:end], teacher[3], with_grad)
-            if mixed:  # the row pass wrote fp32 gradients over the logits; the group buffer holds them rounded once
-                grad_buffer[start - group:end - group].copy_(logits)
-        if not with_grad:
-            continue
-        grads = grad_buffer[:group_end - group] if mixed else logits  # CPU layout: a group is one chunk
-        chunk = hidden[group:group_end]
-        if need_grad_hidden:
-            _ce._matmul_into(grad_hidden[group:group_end], grads.to(weight.dtype), weight)
-        if need_grad_weight:
-            _ce._matmul_into(grad_weight, grads.T, chunk.to(grads.dtype), accumulate=True)
-    return losses, grad_hidden, grad_weight
+
+    def row_pass(logits, start, end, grad):
+        with_grad = grad is not None
+        if teacher[0] == "sparse":
+            losses = rows_fn(logits, teacher[1][start:end], teacher[2][start:end], scale[start:end], with_grad)
+        else:
+            teacher_logits = teacher_buffer[:end - start]
+            _ce._matmul_into(teacher_logits, teacher[1][start:end], teacher[2].T)
+            losses = rows_fn(logits, teacher_logits, scale[start:end], teacher[3], with_grad)
+        if with_grad and grad is not logits:
+            grad.copy_(logits)
+        return losses
+
+    return _ce.chunked_head_pass(hidden, weight, plan, need_grad_hidden, need_grad_weight, row_pass)
 
 
 class _FusedLinearKL(torch.autograd.Function):

