@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qforge.engine.client import ChatClient, ChatReply
+from qforge.engine.serve.client import ChatClient, ChatReply
 from qforge.engine.errors import ConfigError, EndpointError
 from qforge.engine.thinking import THINK_CLOSE, THINK_OPEN, split_think
 from qforge.recipes.sft_data.answers import final_answer_text
 from qforge.recipes.sft_data.filters import Malformed
 from qforge.recipes.sft_data.stages import Usage, ask_all, conversation
-from qforge.recipes.verdicts import parse_rating
+from qforge.recipes.evals.verdicts import parse_rating
 from qforge.recipes.verifiers import get_verifier
 
 log = logging.getLogger("qforge.rewards")

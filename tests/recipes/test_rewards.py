@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from qforge.engine.client import ChatClient
+from qforge.engine.serve.client import ChatClient
 from qforge.engine.errors import ConfigError, EndpointError
 from qforge.engine.train.grpo_loss import combine_rewards, group_advantages
 from qforge.recipes import function_calling, instruction_following
