@@ -9,7 +9,7 @@ import torch
 from qforge.engine.serve.client import ChatClient
 from qforge.engine.errors import ConfigError, EndpointError
 from qforge.engine.train.grpo_loss import combine_rewards, group_advantages
-from qforge.recipes import function_calling, instruction_following
+from qforge.recipes.evals import function_calling, instruction_following
 from qforge.recipes.rewards import REWARDS, JudgeReward, RewardSet, format_reward, get_reward
 from scripted_server import ChatServer, ScriptedBackend
 
