@@ -18,9 +18,15 @@ from qforge.kernels import apply_rope, fused_linear_cross_entropy, rms_norm, swi
 
 from .attention import padded_attention, varlen_attention
 from .config import Qwen3Config
-from .data.packing import positions_from_cu_seqlens
 from .moe import SparseMoeBlock, expert_load, load_balancing_loss
 from .rope_scaling import rope_frequencies
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Position ids (int64) that restart at 0 at every sequence boundary of a packed row."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
+    return torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - starts
 
 
 class RMSNorm(nn.Module):
