@@ -24,9 +24,9 @@ import torch
 from .cache import LoadSummary, data_paths, load_cached
 from .example import Example
 from ..errors import DataError
-from .formats import MAX_ROW_BYTES, Conversation, RowError, SkippedRow, _raw_rows, validate_messages
+from .formats import MAX_ROW_BYTES, Conversation, RowError, SkippedRow, raw_rows, validate_messages
 from .packing import Batches, PackedBatch, PackReport, pack_items
-from .template import has_reasoning
+from ..thinking import thinking_mode
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ def row_to_pair(row) -> tuple[list[dict], list[dict]]:
 
 
 def load_pairs(paths, template, *, enable_thinking: bool | str = True, train_on_reasoning: bool = True,
-               empty_think: str = "mask", on_error: str = "raise", first_index: int = 0, cache_dir=None, max_row_bytes: int = MAX_ROW_BYTES
-               ) -> tuple[list[PreferencePair], LoadSummary]:
+               empty_think: str = "mask", on_error: str = "raise", first_index: int = 0, cache_dir=None,
+               max_row_bytes: int = MAX_ROW_BYTES) -> tuple[list[PreferencePair], LoadSummary]:
     """Reads and tokenises preference rows; bad rows raise DataError (file:line: field: reason) or are skipped.
     enable_thinking "auto": a pair is rendered with thinking on iff one of its replies has reasoning.
     empty_think: as data.empty_think for SFT ("mask": the empty think block of a reply without reasoning is not
@@ -126,22 +126,20 @@ def load_pairs(paths, template, *, enable_thinking: bool | str = True, train_on_
     def tokenise(summary):
         conversations = []
         for path in paths:
-            for line, row in _raw_rows(path, max_row_bytes):
+            for line, row in raw_rows(path, max_row_bytes):
                 try:
                     if isinstance(row, RowError):
                         raise row
                     pair = row_to_pair(row)
-                    if enable_thinking == "auto":  # per pair, one mode for both sides: the prompts stay equal
-                        on = has_reasoning(pair[0]) or has_reasoning(pair[1])
-                        pair = tuple(Conversation(side, None, on) for side in pair)
-                    conversations.extend(pair)
+                    on = thinking_mode(enable_thinking, *pair)  # one mode for both sides: the prompts stay equal
+                    conversations.extend(Conversation(side, None, on) for side in pair)
                     summary.num_rows += 1
                 except RowError as error:
                     if on_error == "raise":
                         raise DataError(f"{path}:{line}: {error} (data.on_error=skip skips and counts bad rows)"
                                         ) from None
                     summary.skipped.append(SkippedRow(str(path), line, error.field, error.reason))
-        return template.encode_batch(conversations, enable_thinking, supervise="last",
+        return template.encode_batch(conversations, supervise="last",
                                      train_on_reasoning=train_on_reasoning, empty_think=empty_think)
 
     def check(examples, summary):

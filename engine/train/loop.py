@@ -32,7 +32,7 @@ from ..files import check_writable_dir, storage_error
 from ..vocab import VocabMap
 from .build import (FullWeights, build_vocab, default_allocator_settings, refuse_untrainable, resolve_tokenizer_dir,
                     training_weights)
-from .config import FFTConfig
+from .config import FFTConfig, cache_dir_of  # noqa: F401 (recipes/demo_eval.py imports cache_dir_of from here)
 from .loader import build_loader, planned_steps
 from .metrics import MFU, MetricsLogger, matmul_dtype, peak_memory_bytes, plot_loss_curve, training_flops
 from .objective import Objective, Step
@@ -194,8 +194,6 @@ def check_inputs(config: FFTConfig, objective: Objective):
     if config.data.cache_dir is not None:
         check_writable_dir(config.data.cache_dir, "data.cache_dir")
     objective.check_inputs(config)
-
-
 
 
 def trained_settings(config: FFTConfig, model, vocab: VocabMap | None, objective: Objective,
@@ -455,14 +453,14 @@ def _run(run: Run, evaluate: Callable[[EvalPoint], dict] | None) -> TrainResult:
              if config.output.wandb else None)
     logger = MetricsLogger(run.out, run.max_steps, run.step, enabled=dist_.is_main, progress=config.output.progress,
                            tensorboard=config.output.tensorboard, wandb=wandb)
-    result = TrainResult(run.out, None, run.step)
+    result, evaluation = TrainResult(run.out, None, run.step), Evaluation(run, logger, evaluate)
     with StopSignal() as stop:
-        fit(run, logger, Evaluation(run, logger, evaluate), stop, result)
+        fit(run, logger, evaluation, stop, result)
         result.steps_done, result.skipped_steps = run.step, run.counters["skipped_steps"]
         if not result.interrupted:
             if latest_checkpoint(run.out) is None or latest_checkpoint(run.out).name != f"step-{run.step}":
                 checkpoint(run)
-            Evaluation(run, logger, evaluate)()
+            evaluation()
             export(run, stop, result)
             result.interrupted = float(dist_.all_reduce_sum(1.0 if result.interrupted else 0.0)) > 0
     logger.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..data import ChatTemplate, pack
-from ..data.cache import load_examples, row_kinds, row_thinking
+from ..data.cache import load_examples, row_kinds
 from ..data.formats import RowError, read_conversations
 from ..errors import DataError
 from ..vocab import VocabMap
@@ -134,9 +134,8 @@ def check_row_warnings(path, summary, data, warn: bool):
             if warn:
                 log.warning("%s: %d rows %s (data.strict=true makes this an error)", path, count, advice)
             continue
-        line = next((line for line, row in read_conversations(path, data.format, data.max_row_bytes)
-                     if not isinstance(row, RowError) and kind in row_kinds(row_thinking(row, data.enable_thinking))),
-                    "?")
+        rows = read_conversations(path, data.format, data.max_row_bytes, data.enable_thinking)
+        line = next((line for line, row in rows if not isinstance(row, RowError) and kind in row_kinds(row)), "?")
         raise DataError(f"{path}:{line}: {count} rows (this one first) {advice}, or unset data.strict")
 
 
