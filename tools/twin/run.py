@@ -29,7 +29,8 @@ from qforge.engine.data.preference import PreferenceBatch, PreferencePair
 from qforge.engine.train.build import freeze, frozen_dtype, meta_model
 from qforge.engine.train.config import OptimSettings
 from qforge.engine.vocab import VocabMap
-from qforge.engine.train.distill import DistillBatch, OffPolicyDistill, OnPolicyDistill, teacher_score
+from qforge.engine.data.distill import DistillBatch
+from qforge.engine.train.distill import OffPolicyDistill, OnPolicyDistill, teacher_score
 from qforge.engine.train.dpo import DPO, sequence_logps
 from qforge.engine.train.loop import optimizer_step, precision_policy
 from qforge.engine.train.objective import bind_forward_method
