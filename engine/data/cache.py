@@ -136,19 +136,28 @@ def _tokenise(paths, template, options, on_error, progress, summary) -> list[Exa
     return examples
 
 
-def _write_cache(directory: Path, examples: list[Example], summary: LoadSummary) -> None:
+def _write_cache(directory: Path, examples: list[Example], summary: LoadSummary) -> list[Example]:
     """Writes arrays + summary into a temporary directory, then renames it into place (atomic; a concurrent
-    writer that finished first wins)."""
+    writer that finished first wins). Returns the examples as read-only views of the arrays just written through
+    memory maps: the OS can page them, and nothing is read back."""
     with staged_dir(directory, replace=False) as tmp:
         offsets = np.zeros(len(examples) + 1, dtype=np.int64)
         np.cumsum([len(e) for e in examples], out=offsets[1:])
+        arrays = []
         for name in ("input_ids", "labels"):
             parts = [getattr(e, name) for e in examples]
-            np.save(tmp / f"{name}.npy", np.concatenate(parts) if parts else np.zeros(0, np.int32))
+            array = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", shape=(int(offsets[-1]),),
+                                              dtype=parts[0].dtype if parts else np.int32)
+            if parts:
+                np.concatenate(parts, out=array)
+            array.flush()
+            array.flags.writeable = False
+            arrays.append(array)
         np.save(tmp / "offsets.npy", offsets)
         skipped = [vars(row) for row in summary.skipped]
         (tmp / "summary.json").write_text(json.dumps({"num_rows": summary.num_rows, "skipped": skipped,
                                                       "kinds": summary.kinds}))
+    return _examples_from_arrays(*arrays, offsets)
 
 
 def _read_cache(directory: Path, summary: LoadSummary) -> list[Example]:
@@ -231,8 +240,7 @@ def load_cached(paths: list[Path], template: ChatTemplate, options: dict, cache_
     if examples is None:
         examples = tokenise(summary)
         if directory is not None:  # serve the memory-mapped copy, so the OS can page it
-            _write_cache(directory, examples, summary)
-            examples = _read_cache(directory, summary)
+            examples = _write_cache(directory, examples, summary)
     summary.cache_path = str(directory) if directory is not None else None
     summary.num_examples = len(examples)
     summary.num_tokens = sum(len(e) for e in examples)
