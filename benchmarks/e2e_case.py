@@ -99,7 +99,7 @@ def train(system: str, directory: Path, device: torch.device) -> dict:
     if system in ("qforge", "qforge_lora"):
         from qforge.engine.checkpoint import load_model
         from qforge.engine.lora import LoRASettings, apply_lora
-        from qforge.engine.train.loop import train_step
+        from qforge.engine.train.sft import train_step
         from qforge.engine.train.parallel import Dist
 
         model = load_model(directory / "model", dtype=dtype, device=device)

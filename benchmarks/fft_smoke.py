@@ -20,7 +20,7 @@ from qforge.engine.config import Qwen3Config
 from qforge.engine.data import PackedBatch
 from qforge.engine.model import Qwen3
 from qforge.engine.train.config import OptimSettings
-from qforge.engine.train.loop import train_step
+from qforge.engine.train.sft import train_step
 from qforge.engine.train.metrics import peak_memory_bytes, training_flops
 from qforge.engine.train.optim import build_optimizer
 from qforge.engine.train.parallel import Dist

@@ -191,7 +191,8 @@ def stage_throughput(args, files) -> dict:
     from qforge.engine.config import Qwen3Config
     from qforge.engine.model import Qwen3
     from qforge.engine.train.config import OptimSettings
-    from qforge.engine.train.loop import optimizer_step, precision_policy, train_step
+    from qforge.engine.train.loop import optimizer_step, precision_policy
+    from qforge.engine.train.sft import train_step
     from qforge.engine.train.metrics import matmul_dtype, measure_matmul_peak, peak_memory_bytes, training_flops
     from qforge.engine.train.optim import build_optimizer
     from qforge.engine.train.parallel import Dist

@@ -16,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import types
 from dataclasses import dataclass, field, replace
 from typing import Collection, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .model import bind_forward_method
 
 
 def _decoding(method):
@@ -415,15 +416,6 @@ def last_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cach
     if "last_logits" not in vars(model):
         bind_forward_method(model, "last_logits", _last_logits)
     return model.last_logits(input_ids, position_ids, cache)
-
-
-def bind_forward_method(model, name: str, fn) -> None:
-    """Attaches `fn(model, ...)` as `model.<name>`; under FSDP2 it runs with the parameters gathered, as the
-    model's `loss` does (a forward outside the model's own methods must not touch sharded weights)."""
-    from torch.distributed.fsdp import register_fsdp_forward_method
-
-    setattr(model, name, types.MethodType(fn, model))
-    register_fsdp_forward_method(model, name)
 
 
 def is_sharded(model) -> bool:

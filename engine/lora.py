@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from torch import nn
 
 from .config_io import settings
 from .files import staged_dir
+from .model import hf_key
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -138,13 +139,11 @@ def save_peft_adapter(model: nn.Module, path: str | Path, key_of, base_model: st
     return Path(path)
 
 
-def export_lora(model: nn.Module, output_dir: Path, base_model: str | None, state: dict | None = None) -> dict:
+def export_lora(model: nn.Module, output_dir: Path, base_model: str | None, state: dict | None = None,
+                key_of: Callable[[str], str] | None = None) -> dict:
     """The merged state dict for the HF export, after writing `output_dir/final-adapter` (PEFT format) when
-    `train.lora.save_adapter` is on. `state`: the gathered full state dict of an FSDP model, if any."""
+    `train.lora.save_adapter` is on. `state`: the gathered full state dict of an FSDP model, if any; `key_of`:
+    qforge name → the base checkpoint's key (`checkpoint.Source.key`; default: dense Qwen3's `hf_key`)."""
     if model.lora.save_adapter:
-        from .checkpoint import qwen3_vl
-        from .model import hf_key
-        key_of = qwen3_vl.checkpoint_key if getattr(model, "checkpoint_format", "qwen3") == qwen3_vl.MODEL_TYPE \
-            else hf_key
-        save_peft_adapter(model, Path(output_dir) / "final-adapter", key_of, base_model, state)
+        save_peft_adapter(model, Path(output_dir) / "final-adapter", key_of or hf_key, base_model, state)
     return merged_state_dict(model, state)

@@ -9,18 +9,28 @@ is a rename, not a conversion. Two input forms share one code path:
 """
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
 
 from qforge.kernels import apply_rope, fused_linear_cross_entropy, rms_norm, swiglu
 
 from .attention import padded_attention, varlen_attention
 from .config import Qwen3Config
-from .data.packing import positions_from_cu_seqlens
+from .precision import autocast_weight
 from .moe import SparseMoeBlock, expert_load, load_balancing_loss
 from .rope_scaling import rope_frequencies
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Position ids (int64) that restart at 0 at every sequence boundary of a packed row."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
+    return torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - starts
 
 
 class RMSNorm(nn.Module):
@@ -87,6 +97,14 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, kv_cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def bind_forward_method(model: nn.Module, name: str, fn) -> None:
+    """Attaches `fn(model, ...)` as `model.<name>`; under FSDP2 it runs with the parameters gathered, as the
+    model's `loss` does (a forward outside the model's own methods must not touch sharded weights). Objectives and
+    generation bind their forwards under their own names: the model's `loss` stays cross-entropy."""
+    setattr(model, name, types.MethodType(fn, model))
+    register_fsdp_forward_method(model, name)
 
 
 class Qwen3(nn.Module):
@@ -187,15 +205,6 @@ class Qwen3(nn.Module):
         weight = autocast_weight(self.output_weight, hidden)
         return fused_linear_cross_entropy(hidden.to(weight.dtype), weight, batch.labels, loss_weight=batch.loss_weight,
                                           reduction="sum", vocab_index=vocab_index, target_index=target_index)
-
-
-def autocast_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`weight` in the autocast dtype when autocast is on for x's device (ops autocast does not cover, the
-    norms and the fused loss, would otherwise promote a bf16 input to fp32 and hand attention fp32 q/k)."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and weight.dtype.is_floating_point:
-        return weight.to(torch.get_autocast_dtype(device))
-    return weight
 
 
 def hf_key(name: str) -> str:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from qforge.kernels import moe_expert_mlp, moe_permute, moe_routing, moe_unpermute
 
 from .config import Qwen3Config
+from .precision import autocast_weight
 
 @dataclass
 class RouterStats:
@@ -65,8 +66,6 @@ class SparseMoeBlock(nn.Module):
         self.router_stats: RouterStats | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .model import autocast_weight
-
         lead, H = x.shape[:-1], x.shape[-1]
         flat = x.reshape(-1, H)
         gate_up, down = (autocast_weight(w, flat) for w in (self.experts.gate_up_proj, self.experts.down_proj))

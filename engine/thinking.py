@@ -27,6 +27,20 @@ def message_think(message: dict) -> tuple[str, str]:
     return reasoning or "", answer
 
 
+def has_reasoning(messages: list[dict]) -> bool:
+    """Whether any assistant turn carries non-blank reasoning (field or inline <think>)."""
+    return any(m["role"] == "assistant" and message_think(m)[0].strip() for m in messages)
+
+
+def thinking_mode(enable_thinking: bool | str, *conversations: list[dict]) -> bool:
+    """The one rule for the thinking mode of a row that does not set its own: `enable_thinking` true/false
+    applies as is; "auto" turns thinking on iff one of `conversations` (the row; both sides of a preference
+    pair, which must render one prompt) has reasoning."""
+    if enable_thinking == "auto":
+        return any(has_reasoning(c) for c in conversations)
+    return enable_thinking
+
+
 def join_think(reasoning: str | None, answer: str) -> str:
     """The inline form of a reply an endpoint returned as separate `reasoning_content` and `content`."""
     return answer if THINK_CLOSE in answer else f"{THINK_OPEN}{reasoning or ''}{THINK_CLOSE}{answer}"

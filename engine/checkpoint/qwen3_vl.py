@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..config import VL_MODEL_TYPE as MODEL_TYPE  # noqa: F401  (lora.export_lora until it takes the Source)
 from ..config import read_json
 from ..errors import CheckpointError
 from ..files import staged_dir, write_json

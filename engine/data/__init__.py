@@ -2,8 +2,9 @@
 from .cache import LoadSummary, TokenizeSettings, load_examples
 from .example import IGNORE_INDEX, LOSS_WEIGHTINGS, Example, loss_weights
 from .formats import DataError, SkippedRow, read_conversations
-from .packing import PackedBatch, PackedBatches, PackReport, pack
+from .packing import Batches, PackedBatch, PackReport, pack, pack_items
 from .template import ChatTemplate
 
-__all__ = ["IGNORE_INDEX", "LOSS_WEIGHTINGS", "ChatTemplate", "DataError", "Example", "LoadSummary", "PackReport",
-           "PackedBatch", "PackedBatches", "SkippedRow", "TokenizeSettings", "load_examples", "loss_weights", "pack", "read_conversations"]
+__all__ = ["IGNORE_INDEX", "LOSS_WEIGHTINGS", "Batches", "ChatTemplate", "DataError", "Example", "LoadSummary",
+           "PackReport", "PackedBatch", "SkippedRow", "TokenizeSettings", "load_examples", "loss_weights", "pack",
+           "pack_items", "read_conversations"]

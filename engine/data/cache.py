@@ -21,7 +21,8 @@ from ..files import staged_dir
 from .example import Example
 from .formats import (MAX_ROW_BYTES, Conversation, DataError, RowError, SkippedRow, read_conversations,
                       undeclared_tool_calls)
-from .template import ChatTemplate, has_reasoning
+from ..thinking import has_reasoning
+from .template import ChatTemplate
 
 CACHE_VERSION = 4  # bump when the cached arrays' meaning changes (2: stricter row checks, 3: no loss weights,
 # 4: the kinds count undeclared tool calls and dropped reasoning)
@@ -54,18 +55,6 @@ class LoadSummary:
 def split_turns(row: Conversation) -> list[Conversation]:
     """One conversation per assistant turn, ending at that turn (to be trained with supervise="last")."""
     return [row.upto(i + 1) for i, m in enumerate(row.messages) if m["role"] == "assistant"]
-
-
-# --- per-row thinking -------------------------------------------------------------------------------------------
-
-def row_thinking(row: Conversation, enable_thinking: bool | str) -> Conversation:
-    """Fixes a row's thinking mode. The rule: the row's own `enable_thinking` field wins; otherwise
-    `enable_thinking` true/false applies to every row; with "auto", a row is rendered with thinking on iff one
-    of its assistant turns has non-blank reasoning (a `reasoning_content` field or an inline <think> block)."""
-    if row.enable_thinking is not None:
-        return row
-    on = has_reasoning(row.messages) if enable_thinking == "auto" else enable_thinking
-    return Conversation(row.messages, row.tools, on)
 
 
 def row_kinds(row: Conversation) -> list[str]:
@@ -121,7 +110,7 @@ def _tokenise(paths, template, options, on_error, progress, summary) -> list[Exa
     examples, pending = [], []
 
     def flush():
-        examples.extend(template.encode_batch(pending, options["enable_thinking"], supervise=supervise,
+        examples.extend(template.encode_batch(pending, supervise=supervise,  # thinking: fixed per row when read
                                               train_on_reasoning=options["train_on_reasoning"],
                                               empty_think=options["empty_think"]))
         pending.clear()
@@ -129,7 +118,8 @@ def _tokenise(paths, template, options, on_error, progress, summary) -> list[Exa
     total = _row_count(paths) if progress else None
     with tqdm(total=total, desc="tokenising", unit=" rows", disable=not progress) as bar:
         for path in paths:
-            for line, row in read_conversations(path, options["format"], options["max_row_bytes"]):
+            for line, row in read_conversations(path, options["format"], options["max_row_bytes"],
+                                                options["enable_thinking"]):
                 bar.update()
                 if isinstance(row, RowError):
                     if on_error == "raise":
@@ -137,7 +127,6 @@ def _tokenise(paths, template, options, on_error, progress, summary) -> list[Exa
                     summary.skipped.append(SkippedRow(str(path), line, row.field, row.reason))
                     continue
                 summary.num_rows += 1
-                row = row_thinking(row, options["enable_thinking"])
                 for kind in row_kinds(row):
                     summary.kinds[kind] = summary.kinds.get(kind, 0) + 1
                 pending.extend(split_turns(row) if options["multi_turn"] == "split" else [row])
@@ -147,19 +136,28 @@ def _tokenise(paths, template, options, on_error, progress, summary) -> list[Exa
     return examples
 
 
-def _write_cache(directory: Path, examples: list[Example], summary: LoadSummary) -> None:
+def _write_cache(directory: Path, examples: list[Example], summary: LoadSummary) -> list[Example]:
     """Writes arrays + summary into a temporary directory, then renames it into place (atomic; a concurrent
-    writer that finished first wins)."""
+    writer that finished first wins). Returns the examples as read-only views of the arrays just written through
+    memory maps: the OS can page them, and nothing is read back."""
     with staged_dir(directory, replace=False) as tmp:
         offsets = np.zeros(len(examples) + 1, dtype=np.int64)
         np.cumsum([len(e) for e in examples], out=offsets[1:])
+        arrays = []
         for name in ("input_ids", "labels"):
             parts = [getattr(e, name) for e in examples]
-            np.save(tmp / f"{name}.npy", np.concatenate(parts) if parts else np.zeros(0, np.int32))
+            array = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", shape=(int(offsets[-1]),),
+                                              dtype=parts[0].dtype if parts else np.int32)
+            if parts:
+                np.concatenate(parts, out=array)
+            array.flush()
+            array.flags.writeable = False
+            arrays.append(array)
         np.save(tmp / "offsets.npy", offsets)
         skipped = [vars(row) for row in summary.skipped]
         (tmp / "summary.json").write_text(json.dumps({"num_rows": summary.num_rows, "skipped": skipped,
                                                       "kinds": summary.kinds}))
+    return _examples_from_arrays(*arrays, offsets)
 
 
 def _read_cache(directory: Path, summary: LoadSummary) -> list[Example]:
@@ -181,8 +179,8 @@ class TokenizeSettings:
     """How data files become examples; every field is part of the cache key (loss weights are not: packing
     computes them)."""
     format: Literal["auto", "messages", "sharegpt"] = "auto"
-    # true | false | "auto": per row, thinking on iff the row has reasoning (`row_thinking`); a row's own
-    # `enable_thinking` field always wins
+    # true | false | "auto": per row, thinking on iff the row has reasoning (`Conversation.with_thinking`, decided
+    # when the row is read); a row's own `enable_thinking` field always wins
     enable_thinking: bool | Literal["auto"] = True
     # the empty <think></think> block of reasoning-free turns rendered with thinking on: "mask" keeps it out of
     # the loss (plain rows in a thinking mix do not learn to skip thinking), "train" supervises it
@@ -242,8 +240,7 @@ def load_cached(paths: list[Path], template: ChatTemplate, options: dict, cache_
     if examples is None:
         examples = tokenise(summary)
         if directory is not None:  # serve the memory-mapped copy, so the OS can page it
-            _write_cache(directory, examples, summary)
-            examples = _read_cache(directory, summary)
+            examples = _write_cache(directory, examples, summary)
     summary.cache_path = str(directory) if directory is not None else None
     summary.num_examples = len(examples)
     summary.num_tokens = sum(len(e) for e in examples)

@@ -45,3 +45,10 @@ def loss_weights(supervised: np.ndarray, weighting: str = "token") -> np.ndarray
 def make_example(input_ids, supervised: np.ndarray) -> Example:
     input_ids = np.asarray(input_ids, dtype=np.int32)
     return Example(input_ids, np.where(supervised, input_ids, IGNORE_INDEX).astype(np.int32))
+
+
+def zero_weight(example: Example, max_tokens: int) -> Example:
+    """A copy of `example` (cut to max_tokens) without supervised tokens: a filler micro-batch made of it runs a
+    real forward and backward but adds nothing to the loss or gradient."""
+    ids = example.input_ids[:max_tokens]
+    return Example(ids, np.full(len(ids), IGNORE_INDEX, dtype=example.labels.dtype))

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError
-from ..thinking import THINK_CLOSE, THINK_OPEN, split_think
+from ..thinking import THINK_CLOSE, THINK_OPEN, split_think, thinking_mode
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -41,8 +41,8 @@ class RowError(Exception):
 
 class Conversation(list):
     """One validated row: the list of its messages, plus the row's tool schema (`tools`, None: no tools) and
-    its own `enable_thinking` (None: decided by the loader's rule, see `cache.row_thinking`). A list, so code
-    that only needs the messages treats it as one."""
+    its own `enable_thinking` (None until `read_conversations` decides it by the run's rule, `with_thinking`).
+    A list, so code that only needs the messages treats it as one."""
 
     def __init__(self, messages=(), tools: list[dict] | None = None, enable_thinking: bool | None = None):
         super().__init__(messages)
@@ -55,6 +55,13 @@ class Conversation(list):
     def upto(self, stop: int) -> "Conversation":
         """The same row ending before message `stop`."""
         return Conversation(self[:stop], self.tools, self.enable_thinking)
+
+    def with_thinking(self, enable_thinking: bool | str) -> "Conversation":
+        """The row with its thinking mode fixed: its own `enable_thinking` field wins, else the run's setting
+        (`thinking.thinking_mode`: "auto" is on iff the row has reasoning)."""
+        if self.enable_thinking is not None:
+            return self
+        return Conversation(self, self.tools, thinking_mode(enable_thinking, self))
 
     def __repr__(self):
         return f"Conversation({list(self)!r}, tools={self.tools!r}, enable_thinking={self.enable_thinking!r})"
@@ -311,7 +318,7 @@ def _jsonl_lines(f, max_row_bytes: int) -> Iterator[tuple[int, bytes | RowError]
             yield number, raw
 
 
-def _raw_rows(path: Path, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[tuple[int, object]]:
+def raw_rows(path: Path, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[tuple[int, object]]:
     """(line or record number, parsed row or RowError) for JSONL, JSON arrays and Parquet files."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -341,18 +348,19 @@ def _raw_rows(path: Path, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[tuple[
         raise DataError(f"{path}: unknown data file type {suffix!r}; use .jsonl, .json or .parquet")
 
 
-def read_conversations(path, fmt: str = "auto", max_row_bytes: int = MAX_ROW_BYTES
-                       ) -> Iterator[tuple[int, Conversation | RowError]]:
+def read_conversations(path, fmt: str = "auto", max_row_bytes: int = MAX_ROW_BYTES,
+                       enable_thinking: bool | str | None = None) -> Iterator[tuple[int, Conversation | RowError]]:
     """Yields (line, Conversation) per row, or (line, RowError) for a bad row. Line numbers are 1-based
     (record numbers for JSON arrays and Parquet). `fmt="auto"` fixes the format from the first good row; a
-    JSONL line longer than `max_row_bytes` is a bad row."""
+    JSONL line longer than `max_row_bytes` is a bad row. With `enable_thinking` (data.enable_thinking), every
+    row's thinking mode is decided here, once (`Conversation.with_thinking`)."""
     if fmt not in FORMATS:
         raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     detected, rows = False, 0
-    for number, row in _raw_rows(path, max_row_bytes):
+    for number, row in raw_rows(path, max_row_bytes):
         rows += 1
         row = _duplicate_key(row) or row
         if isinstance(row, RowError):
@@ -361,7 +369,8 @@ def read_conversations(path, fmt: str = "auto", max_row_bytes: int = MAX_ROW_BYT
         try:
             if fmt == "auto" and isinstance(row, dict) and ("messages" in row) != ("conversations" in row):
                 fmt, detected = ("messages" if "messages" in row else "sharegpt"), True
-            yield number, row_to_messages(row, fmt, detected)
+            conversation = row_to_messages(row, fmt, detected)
+            yield number, conversation if enable_thinking is None else conversation.with_thinking(enable_thinking)
         except RowError as error:
             yield number, error
     if rows == 0:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..model import positions_from_cu_seqlens
 from ..vocab import VocabMap
 
 from .example import IGNORE_INDEX, Example, loss_weights
@@ -86,12 +87,12 @@ class PackReport:
                 f"{self.dropped} dropped")
 
 
-class PackedBatches(Sequence):
-    """The result of `pack`: a sequence of PackedBatch built on access (so packing a large dataset does not copy
-    it into tensors up front), with the packing `report`."""
+class Batches(Sequence):
+    """Micro-batches built on access from bins of items (so packing a large dataset does not copy it into tensors
+    up front): batch i is `make_batch([items of bin i], i)`. `report` describes the packing."""
 
-    def __init__(self, examples: list[Example], bins: list[list[int]], report: PackReport, loss_weighting: str):
-        self._examples, self._bins, self.report, self._loss_weighting = examples, bins, report, loss_weighting
+    def __init__(self, items: Sequence, bins: list[list[int]], make_batch, report: "PackReport | None" = None):
+        self._items, self._bins, self._make_batch, self.report = items, bins, make_batch, report
 
     def __len__(self) -> int:
         return len(self._bins)
@@ -99,14 +100,8 @@ class PackedBatches(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        return PackedBatch.from_examples([self._examples[i] for i in self._bins[index]], self._loss_weighting)
-
-
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Position ids (int64) that restart at 0 at every sequence boundary of a packed row."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
-    return torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - starts
+        index = range(len(self._bins))[index]  # negative indices; IndexError past the end
+        return self._make_batch([self._items[i] for i in self._bins[index]], index)
 
 
 def _truncated(example: Example, max_tokens: int) -> Example:
@@ -143,7 +138,7 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int, tie_break: np.ndarra
 
 
 def pack(examples: Sequence[Example], max_tokens: int, seed: int = 0, *, overlong: str = "truncate",
-         loss_weighting: str = "token", vocab: VocabMap | None = None) -> PackedBatches:
+         loss_weighting: str = "token", vocab: VocabMap | None = None) -> Batches:
     """Packs examples into batches of ≤ max_tokens tokens (best-fit decreasing, which never does worse than
     first-fit decreasing). The seed breaks ties between equal lengths and shuffles the batch order, so calling
     this once per epoch with a new seed reshuffles; the same seed gives the same batches.
@@ -169,10 +164,18 @@ def pack(examples: Sequence[Example], max_tokens: int, seed: int = 0, *, overlon
             dropped += 1
             continue
         kept.append(example)
+    batches = pack_items(kept, max_tokens, seed, lambda group, _: PackedBatch.from_examples(group, loss_weighting))
+    batches.report = PackReport(len(kept), len(batches), sum(len(e) for e in kept), max_tokens, truncated, dropped)
+    log.info("%s", batches.report)
+    return batches
+
+
+def pack_items(items: Sequence, max_tokens: int, seed: int, make_batch) -> Batches:
+    """Bins of `items` (each with __len__ ≤ max_tokens: callers filter or cut first) packed best-fit decreasing,
+    in an order shuffled by `seed`, as lazily built micro-batches `make_batch(items of a bin, its position)`.
+    The seed first breaks ties between equal lengths, then shuffles the bins: every objective's packing draws
+    the same random numbers, so one seed gives one packing whatever the item type."""
     rng = np.random.default_rng(seed)
-    lengths = np.array([len(e) for e in kept], dtype=np.int64)
-    bins = best_fit_decreasing(lengths, max_tokens, rng.permutation(len(kept)))
-    bins = [bins[i] for i in rng.permutation(len(bins))]
-    report = PackReport(len(kept), len(bins), int(lengths.sum()), max_tokens, truncated, dropped)
-    log.info("%s", report)
-    return PackedBatches(kept, bins, report, loss_weighting)
+    lengths = np.array([len(item) for item in items], dtype=np.int64)
+    bins = best_fit_decreasing(lengths, max_tokens, rng.permutation(len(items)))
+    return Batches(items, [bins[i] for i in rng.permutation(len(bins))], make_batch)

@@ -24,9 +24,9 @@ import torch
 from .cache import LoadSummary, data_paths, load_cached
 from .example import Example
 from ..errors import DataError
-from .formats import MAX_ROW_BYTES, Conversation, RowError, SkippedRow, _raw_rows, validate_messages
-from .packing import PackedBatch, PackReport, best_fit_decreasing
-from .template import has_reasoning
+from .formats import MAX_ROW_BYTES, Conversation, RowError, SkippedRow, raw_rows, validate_messages
+from .packing import Batches, PackedBatch, PackReport, pack_items
+from ..thinking import thinking_mode
 
 log = logging.getLogger(__name__)
 
@@ -110,36 +110,37 @@ def row_to_pair(row) -> tuple[list[dict], list[dict]]:
 
 
 def load_pairs(paths, template, *, enable_thinking: bool | str = True, train_on_reasoning: bool = True,
-               on_error: str = "raise", first_index: int = 0, cache_dir=None, max_row_bytes: int = MAX_ROW_BYTES
-               ) -> tuple[list[PreferencePair], LoadSummary]:
+               empty_think: str = "mask", on_error: str = "raise", first_index: int = 0, cache_dir=None,
+               max_row_bytes: int = MAX_ROW_BYTES) -> tuple[list[PreferencePair], LoadSummary]:
     """Reads and tokenises preference rows; bad rows raise DataError (file:line: field: reason) or are skipped.
     enable_thinking "auto": a pair is rendered with thinking on iff one of its replies has reasoning.
+    empty_think: as data.empty_think for SFT ("mask": the empty think block of a reply without reasoning is not
+    part of its log-probability).
     With `cache_dir`, the tokenised pairs are cached there like SFT data (engine/data/cache.py); the summary
     counts pairs as rows and their sequences as examples."""
     paths = data_paths(paths)
     options = {"rows": "preference pairs", "enable_thinking": enable_thinking,
-               "train_on_reasoning": train_on_reasoning, "on_error": on_error, "max_row_bytes": max_row_bytes}
+               "train_on_reasoning": train_on_reasoning, "empty_think": empty_think, "on_error": on_error,
+               "max_row_bytes": max_row_bytes}
 
     def tokenise(summary):
         conversations = []
         for path in paths:
-            for line, row in _raw_rows(path, max_row_bytes):
+            for line, row in raw_rows(path, max_row_bytes):
                 try:
                     if isinstance(row, RowError):
                         raise row
                     pair = row_to_pair(row)
-                    if enable_thinking == "auto":  # per pair, one mode for both sides: the prompts stay equal
-                        on = has_reasoning(pair[0]) or has_reasoning(pair[1])
-                        pair = tuple(Conversation(side, None, on) for side in pair)
-                    conversations.extend(pair)
+                    on = thinking_mode(enable_thinking, *pair)  # one mode for both sides: the prompts stay equal
+                    conversations.extend(Conversation(side, None, on) for side in pair)
                     summary.num_rows += 1
                 except RowError as error:
                     if on_error == "raise":
                         raise DataError(f"{path}:{line}: {error} (data.on_error=skip skips and counts bad rows)"
                                         ) from None
                     summary.skipped.append(SkippedRow(str(path), line, error.field, error.reason))
-        return template.encode_batch(conversations, enable_thinking, supervise="last",
-                                     train_on_reasoning=train_on_reasoning)
+        return template.encode_batch(conversations, supervise="last",
+                                     train_on_reasoning=train_on_reasoning, empty_think=empty_think)
 
     def check(examples, summary):
         if len(examples) != 2 * summary.num_rows:
@@ -193,12 +194,8 @@ def fitting(pairs: list[PreferencePair], max_tokens: int) -> list[PreferencePair
     return [p for p in pairs if len(p) <= max_tokens and p.num_loss_tokens > 0]
 
 
-class PreferenceBatches(list):
-    report: PackReport
-
-
 def pack_pairs(pairs: list[PreferencePair], max_tokens: int, seed: int = 0, *, overlong: str = "truncate",
-               loss_weighting: str = "token", vocab=None) -> list[PreferenceBatch]:
+               loss_weighting: str = "token", vocab=None) -> Batches:
     """Packs whole pairs (both sides in the same micro-batch) by best-fit decreasing, like `pack`. A pair
     longer than max_tokens is dropped and counted (cutting a reply would change its log-probability);
     `overlong` and `loss_weighting` do not apply (DPO sums log-probs over every supervised token)."""
@@ -207,11 +204,6 @@ def pack_pairs(pairs: list[PreferencePair], max_tokens: int, seed: int = 0, *, o
     if dropped:
         log.warning("dropped %d preference pairs longer than data.max_tokens=%d (both sides together) or with an "
                     "empty reply; raise data.max_tokens to keep them", dropped, max_tokens)
-    rng = np.random.default_rng(seed)
-    lengths = np.array([len(p) for p in kept], dtype=np.int64)
-    bins = best_fit_decreasing(lengths, max_tokens, rng.permutation(len(kept)))
-    batches = PreferenceBatches(PreferenceBatch.from_pairs([kept[i] for i in bins[j]], vocab)
-                                for j in rng.permutation(len(bins)))
-    batches.report = PackReport(len(kept), len(bins), int(lengths.sum()), max_tokens, 0, dropped)
+    batches = pack_items(kept, max_tokens, seed, lambda group, _: PreferenceBatch.from_pairs(group, vocab))
+    batches.report = PackReport(len(kept), len(batches), sum(len(p) for p in kept), max_tokens, 0, dropped)
     return batches
-

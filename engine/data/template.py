@@ -80,11 +80,6 @@ def load_jinja_template(chat_template, special_tokens, source) -> JinjaTemplate:
     return jinja
 
 
-def has_reasoning(messages: list[dict]) -> bool:
-    """Whether any assistant turn carries non-blank reasoning (field or inline <think>)."""
-    return any(m["role"] == "assistant" and message_think(m)[0].strip() for m in messages)
-
-
 def without_reasoning(messages: list[dict]) -> list[dict]:
     """The conversation with every assistant turn's reasoning (field or inline <think>) removed."""
     out = []

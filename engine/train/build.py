@@ -9,15 +9,15 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model
+from ..checkpoint import Source, load_model, read_source, save_model
 from ..config import Qwen3Config
 from ..errors import ConfigError
 from ..generate import is_sharded
-from ..lora import LoRASettings, apply_lora
+from ..lora import LoRASettings, apply_lora, export_lora, merged_state_dict
 from ..model import Qwen3
 from ..vocab import VocabMap
-from .config import ModelSettings, VocabSettings
-from .parallel import load_sharded
+from .config import FFTConfig, ModelSettings, VocabSettings
+from .parallel import full_state_dict, load_sharded
 
 log = logging.getLogger("qforge.train")
 
@@ -111,6 +111,86 @@ def build_lora_model(settings: ModelSettings, lora: LoRASettings, seed: int, dty
             if name in initial:
                 _local_rows(param).copy_(initial[name][_global_rows(param)])
     return model
+
+
+class FullWeights:
+    """train.method=full: every parameter trains, and the exports write the model's own weights in the format
+    (and by default the dtype) of the checkpoint they came from (`source`; None for a model built from a config)."""
+
+    def __init__(self, source: Source | None = None):
+        self.source = source
+
+    @property
+    def export_default_dtype(self) -> torch.dtype | None:
+        """The dtype an export writes when output.dtype is "source" (None: the parameters' own)."""
+        return self.source.dtype if self.source is not None else None
+
+    def save(self, model, path: Path, tokenizer_dir, vocab, state_dict=None, dtype=None, dist_=None) -> Path:
+        """One HF checkpoint of `model` (or of `state_dict`) in the source's format."""
+        return save_model(model, path, self.source, tokenizer_dir=tokenizer_dir, state_dict=state_dict, vocab=vocab,
+                          dtype=dtype, dist_=dist_)
+
+    def build(self, settings: ModelSettings, seed: int, dtype: torch.dtype, device: torch.device,
+              shard=None) -> Qwen3:
+        """Under FSDP each rank reads only its own shards of the checkpoint (`build_model`)."""
+        return build_model(settings, dtype, device, shard=shard)
+
+    def trainable_params(self, model) -> int | None:
+        """Parameters that get gradients, for MFU; None: all of them."""
+        return None
+
+    def trained_settings(self) -> dict:
+        return {}
+
+    def snapshot_state(self, model, dist_) -> dict | None:
+        """The state dict an evaluation snapshot writes (gathered under FSDP; None: the model's own)."""
+        return full_state_dict(model) if dist_.enabled else None
+
+    def export(self, model, final_dir: Path, tokenizer_dir, vocab, dtype, dist_) -> Path | None:
+        """Writes `final_dir`; every rank takes part (parameters gathered one at a time, files written by turns).
+        Returns its path on rank 0."""
+        final = self.save(model, final_dir, tokenizer_dir, vocab, dtype=dtype, dist_=dist_)
+        return final if dist_.is_main else None
+
+
+class LoRAWeights(FullWeights):
+    """train.method=lora: adapters on the block linears train; the exports hold the merged weights, and
+    `final-adapter` the adapter alone (PEFT format) when train.lora.save_adapter is on."""
+
+    def __init__(self, lora: LoRASettings, base_model: str | None, source: Source | None = None):
+        super().__init__(source)
+        self.lora, self.base_model = lora, base_model
+
+    def build(self, settings, seed, dtype, device, shard=None) -> Qwen3:
+        """Adapters wrap the block linears; FSDP shards the whole, the base read sharded (`build_lora_model`)."""
+        return build_lora_model(settings, self.lora, seed, dtype, device, shard)
+
+    def trainable_params(self, model) -> int:
+        """The adapters: MFU counts no weight gradients of the frozen base."""
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def trained_settings(self) -> dict:
+        return {"train.lora.rank": self.lora.rank, "train.lora.alpha": self.lora.alpha,
+                "train.lora.target_modules": sorted(self.lora.target_modules)}
+
+    def snapshot_state(self, model, dist_) -> dict:
+        return merged_state_dict(model, super().snapshot_state(model, dist_))
+
+    def export(self, model, final_dir: Path, tokenizer_dir, vocab, dtype, dist_) -> Path | None:
+        state = full_state_dict(model) if dist_.enabled else None
+        if not dist_.is_main:
+            return None
+        key_of = self.source.key if self.source is not None else None
+        state = export_lora(model, final_dir.parent, self.base_model, state, key_of)
+        return self.save(model, final_dir, tokenizer_dir, vocab, state_dict=state, dtype=dtype)
+
+
+def training_weights(config: FFTConfig) -> FullWeights:
+    """What train.method trains, decided once: how the model is built and how its weights are exported."""
+    source = read_source(config.model.path) if config.model.path is not None else None
+    if config.train.method == "lora":
+        return LoRAWeights(config.train.lora, config.model.path, source)
+    return FullWeights(source)
 
 
 def _adapter_init(config: Qwen3Config, lora: LoRASettings, seed: int, dtype: torch.dtype,

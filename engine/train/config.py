@@ -6,6 +6,7 @@ allowed range before anything runs (see engine/config_io.py).
 from __future__ import annotations
 
 from dataclasses import field
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field
@@ -134,3 +135,8 @@ class FFTConfig:
     optim: OptimSettings = field(default_factory=OptimSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+
+
+def cache_dir_of(config: FFTConfig) -> str:
+    """data.cache_dir, by default output.dir/cache."""
+    return config.data.cache_dir or str(Path(config.output.dir) / "cache")

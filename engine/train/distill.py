@@ -17,8 +17,8 @@ returns the final hidden states and a copy of the gathered output head, the only
 kernel needs, so nothing of the teacher outside a forward touches sharded weights. Every rank runs the teacher
 equally often (equal micro-batch counts; off-policy scoring deals its groups round-robin and pads).
 
-Both normalise by the step's Σ w over supervised tokens like SFT: the student's `loss` forward method is the
-KL loss, and the trainer's own `train_step` / `evaluate_loss` run unchanged.
+Both normalise by the step's Σ w over supervised tokens like SFT: they bind the KL loss as the student's forward
+method `distill_loss` and run SFT's token-weighted `train_step` / `evaluate_loss` with it.
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,83 +38,36 @@ from qforge.kernels import fused_linear_kl
 
 from ..config import Qwen3Config
 from ..data import PackedBatch
-from ..data.example import Example, make_example
+from ..data.distill import DistillBatch, Prompt, PromptBatch, TeacherTargets
+from ..data.example import Example, make_example, zero_weight
 from ..data.formats import read_conversations
+from ..data.packing import Batches, pack_items
 from ..errors import ConfigError, DataError
-from ..files import check_writable_dir
-from ..data.packing import best_fit_decreasing
+from ..files import check_writable_dir, replace_dir, staged_dir
 from ..generate import gathered, generate, is_sharded
-from ..model import Qwen3, autocast_weight
+from ..model import Qwen3
+from ..precision import autocast_weight
 from ..vocab import VocabMap
 from .build import build_frozen, frozen_dtype, release
 from .config import ModelSettings
-from .loader import zero_weight
-from .loop import _load_data, evaluate_loss, train_step
-from .objective import bind_forward_method, weights_identity
+from ..model import bind_forward_method
+from .objective import Step, weights_identity
 from .parallel import shard_model
+from .sft import evaluate_loss, load_sft_data, train_step
 from .teacher_endpoint import EndpointTeacher, discard
 
 log = logging.getLogger("qforge.train.distill")
+LOSS = "distill_loss"  # the student's forward method computing the distillation loss (bound by `prepare`)
 
 
 # --- off-policy ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True, eq=False)
-class TeacherTargets:
-    """An SFT example with the teacher's top-k (original token ids, log-probs) at each supervised target, in
-    the order of the packed batch's supervised positions."""
-    example: Example
-    ids: np.ndarray  # int32 [targets, K]
-    logprobs: np.ndarray  # float32 [targets, K]
-
-    def __len__(self) -> int:
-        return len(self.example)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.example.labels
-
-    @property
-    def num_loss_tokens(self) -> int:
-        return self.example.num_loss_tokens
-
-
-@dataclass(frozen=True, eq=False)
-class DistillBatch:
-    """A PackedBatch plus the teacher's top-k at every position ([T, K], −1 where unsupervised)."""
-    packed: PackedBatch
-    target_ids: torch.Tensor
-    target_logprobs: torch.Tensor
-
-    def __getattr__(self, name):  # input_ids, labels, loss_weight, cu_seqlens, num_tokens, ... of the packed batch
-        if name == "packed":
-            raise AttributeError(name)
-        return getattr(self.packed, name)
-
-    def to(self, device, non_blocking: bool = False) -> "DistillBatch":
-        return DistillBatch(self.packed.to(device, non_blocking=non_blocking),
-                            self.target_ids.to(device, non_blocking=non_blocking),
-                            self.target_logprobs.to(device, non_blocking=non_blocking))
-
-    @classmethod
-    def from_items(cls, items: list[TeacherTargets], loss_weighting: str = "token") -> "DistillBatch":
-        packed = PackedBatch.from_examples([item.example for item in items], loss_weighting)
-        k = items[0].ids.shape[1]
-        ids = torch.full((packed.num_tokens, k), -1, dtype=torch.long)
-        logprobs = torch.zeros(packed.num_tokens, k, dtype=torch.float32)
-        rows = (packed.labels != -100).nonzero().squeeze(1)
-        ids[rows] = torch.from_numpy(np.concatenate([item.ids for item in items])).long()
-        logprobs[rows] = torch.from_numpy(np.concatenate([item.logprobs for item in items]))
-        return cls(packed, ids, logprobs)
-
-
-def _bins(items, max_tokens: int, seed: int) -> tuple[list, list[list[int]]]:
-    """Items that fit (whole: cutting a sequence would misalign its targets) and their best-fit bins."""
+def pack_whole(items, max_tokens: int, seed: int, make_batch) -> Batches:
+    """`pack_items` of the items that fit whole (cutting a sequence would misalign its per-position targets, or
+    a prompt's completion budget)."""
     kept = [item for item in items if len(item) <= max_tokens and item.num_loss_tokens > 0]
     if len(kept) < len(items):
         log.warning("dropped %d sequences longer than data.max_tokens=%d", len(items) - len(kept), max_tokens)
-    rng = np.random.default_rng(seed)
-    bins = best_fit_decreasing(np.array([len(i) for i in kept], dtype=np.int64), max_tokens, rng.permutation(len(kept)))
-    return kept, [bins[i] for i in rng.permutation(len(bins))]
+    return pack_items(kept, max_tokens, seed, make_batch)
 
 
 def student_kl_loss(model, batch, vocab_index=None, target_index=None, *, ce_weight=0.0, teacher=None,
@@ -158,11 +110,11 @@ def load_teacher(path, precision: str, dist_) -> Qwen3:
     forward."""
     shard = (lambda m: shard_model(m, None, dist_.device)) if dist_.enabled else None
     teacher = build_frozen(ModelSettings(path=str(path)), frozen_dtype(precision), dist_.device, shard=shard)
-    bind_forward_method(teacher, "score", _teacher_score)
+    bind_forward_method(teacher, "score", teacher_score)
     return teacher
 
 
-def _teacher_score(teacher, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None):
+def teacher_score(teacher, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None):
     """The teacher's forward method: (final hidden states [T, H], output head [V, H]). A sharded teacher's head
     exists only inside this call (gathered), so it is copied out for the fused kernel that runs after it."""
     hidden = Qwen3.hidden(teacher, input_ids, position_ids, cu_seqlens, max_seqlen)
@@ -172,7 +124,7 @@ def _teacher_score(teacher, input_ids, position_ids=None, cu_seqlens=None, max_s
 def _scorer(teacher):
     """The teacher's `score` forward method (bound by load_teacher; a sharded teacher needs it), or the same
     function on a teacher loaded otherwise."""
-    return teacher.score if "score" in vars(teacher) else functools.partial(_teacher_score, teacher)
+    return teacher.score if "score" in vars(teacher) else functools.partial(teacher_score, teacher)
 
 
 def teacher_output_ids(path) -> torch.Tensor | None:
@@ -283,7 +235,7 @@ class OffPolicyDistill:
         return {"distill.teacher": teacher, "distill.top_k": self.top_k}
 
     def load_data(self, config, template, dist_):
-        datasets, eval_examples, fingerprint = _load_data(config, template, dist_)
+        datasets, eval_examples, fingerprint = load_sft_data(config, template, dist_)
         directory = Path(self.teacher_dir or Path(config.output.dir) / "teacher")
         sets = datasets + [eval_examples]
         try:
@@ -317,10 +269,10 @@ class OffPolicyDistill:
                                        config.output.progress and dist_.is_main, dist_.rank, dist_.world)
             dist_.barrier()
             if dist_.is_main:
-                tmp = directory / f".{path.name}.tmp{os.getpid()}"
-                tmp.mkdir(parents=True, exist_ok=True)
-                self._save_share(tmp, 0, self.endpoint.read_chunks(examples, partial))
-                self._merge_shares(tmp, path, examples, [list(range(len(examples)))], world=1)
+                with staged_dir(path) as tmp:
+                    self._save_share(tmp, 0, self.endpoint.read_chunks(examples, partial))
+                    self._merge_shares(tmp, examples, [list(range(len(examples)))], world=1)
+                log.info("teacher top-%d of %d examples stored in %s", self.top_k, len(examples), path)
                 discard(partial)
         dist_.barrier()
         return _read_store(path, len(examples))
@@ -339,14 +291,16 @@ class OffPolicyDistill:
         self._save_share(tmp, dist_.rank, [result for result in scored if result is not None])
         dist_.barrier()
         if dist_.is_main:
-            self._merge_shares(tmp, path, examples, score_groups(examples, config.data.max_tokens), dist_.world)
+            self._merge_shares(tmp, examples, score_groups(examples, config.data.max_tokens), dist_.world)
+            replace_dir(tmp, path)
+            log.info("teacher top-%d of %d examples stored in %s", self.top_k, len(examples), path)
 
     def _save_share(self, tmp: Path, rank: int, scored):
         empty = np.zeros((0, self.top_k))
         np.save(tmp / f"ids-{rank}.npy", np.concatenate([ids for ids, _ in scored] or [empty]).astype(np.int32))
         np.save(tmp / f"logprobs-{rank}.npy", np.concatenate([lp for _, lp in scored] or [empty]).astype(np.float32))
 
-    def _merge_shares(self, tmp: Path, path: Path, examples, groups: list[list[int]], world: int):
+    def _merge_shares(self, tmp: Path, examples, groups: list[list[int]], world: int):
         """ids.npy / logprobs.npy / offsets.npy of `examples` from the ranks' shares (rank r holds groups r,
         r + world, … in order), copied file to file (memory-mapped): rank 0 never holds the whole store."""
         offsets = np.cumsum([0] + [_targets_of(e) for e in examples])
@@ -365,15 +319,12 @@ class OffPolicyDistill:
             for r in range(world):
                 (tmp / f"{name}-{r}.npy").unlink()
         np.save(tmp / "offsets.npy", offsets)
-        os.replace(tmp, path)
-        log.info("teacher top-%d of %d examples stored in %s", self.top_k, len(examples), path)
 
     def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate", loss_weighting: str = "token",
              vocab=None):
         """Whole sequences only (their targets are per position); the data's labels are checked against the
         kept vocabulary before training (and the KL itself is over the kept vocabulary)."""
-        kept, bins = _bins(items, max_tokens, seed)
-        return _LazyBatches(lambda b, _: DistillBatch.from_items([kept[i] for i in b], loss_weighting), bins)
+        return pack_whole(items, max_tokens, seed, lambda group, _: DistillBatch.from_items(group, loss_weighting))
 
     def filler(self, item: TeacherTargets, max_tokens: int) -> DistillBatch:
         """`item` without supervised positions (so without targets): a micro-batch that runs the forward and
@@ -382,62 +333,18 @@ class OffPolicyDistill:
                                                        item.logprobs[:0])])
 
     def prepare(self, model, config, vocab, dist_, autocast):
-        bind_forward_method(model, "loss", lambda m, batch, **o: student_kl_loss(m, batch, ce_weight=self.ce_weight,
-                                                                                  **o))
+        """Binds the student's KL loss as its forward method `distill_loss` (the model's own `loss` stays CE)."""
+        bind_forward_method(model, LOSS, lambda m, batch, **o: student_kl_loss(m, batch, ce_weight=self.ce_weight,
+                                                                                **o))
 
-    def train_step(self, model, micro_batches, dist_, vocab, autocast):
-        return (*train_step(model, micro_batches, dist_, vocab, autocast), {})
+    def train_step(self, model, micro_batches, dist_, vocab, autocast) -> Step:
+        return Step(*train_step(model, micro_batches, dist_, vocab, autocast, loss=LOSS), {}, micro_batches)
 
     def evaluate(self, model, batches, dist_, vocab, autocast) -> dict:
-        return {"eval_loss": evaluate_loss(model, batches, dist_, vocab, autocast)}
-
-
-class _LazyBatches(list):
-    """Micro-batches built on access (like PackedBatches): build(bin of item indices, its position)."""
-
-    def __init__(self, build, bins):
-        super().__init__(bins)
-        self._build = build
-
-    def __getitem__(self, index):
-        return self._build(super().__getitem__(index), range(len(self))[index])
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
+        return {"eval_loss": evaluate_loss(model, batches, dist_, vocab, autocast, loss=LOSS)}
 
 
 # --- on-policy -----------------------------------------------------------------------------------------------
-@dataclass(eq=False)
-class Prompt:
-    """A prompt to sample from; `labels` are its SFT example's (for vocab.restrict=data and label checks)."""
-    prompt_ids: np.ndarray
-    labels: np.ndarray
-    budget: int  # prompt + max_new_tokens: what packing reserves
-
-    def __len__(self) -> int:
-        return self.budget
-
-    @property
-    def num_loss_tokens(self) -> int:
-        return 1
-
-
-class PromptBatch:
-    """Prompts of one micro-batch; after sampling, `packed` holds prompt + completion sequences (labels on
-    the completions) and the trainer's token counts describe those."""
-
-    def __init__(self, prompts: list[Prompt], seed: int, packed: PackedBatch | None = None):
-        self.prompts, self.seed, self.packed = prompts, seed, packed
-
-    def to(self, device, non_blocking: bool = False) -> "PromptBatch":
-        return self if self.packed is None else PromptBatch(self.prompts, self.seed, self.packed.to(device))
-
-    def __getattr__(self, name):
-        if name in ("prompts", "seed", "packed") or self.packed is None:
-            raise AttributeError(name)
-        return getattr(self.packed, name)
-
-
 class OnPolicyDistill:
     def __init__(self, teacher_path: str, max_new_tokens: int = 128, temperature: float = 1.0,
                  enable_thinking: bool = True, gather_for_sampling: bool = False):
@@ -470,9 +377,9 @@ class OnPolicyDistill:
 
     def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate", loss_weighting: str = "token",
              vocab=None):
-        kept, bins = _bins(items, max_tokens, seed)
-        return _LazyBatches(lambda b, position: PromptBatch([kept[i] for i in b], (seed * 1_000_003 + position) % 2**31),
-                            bins)
+        """Prompts packed by their budget (prompt + max_new_tokens), each micro-batch seeded by its position."""
+        return pack_whole(items, max_tokens, seed,
+                          lambda group, position: PromptBatch(group, (seed * 1_000_003 + position) % 2**31))
 
     def check_inputs(self, config):
         check_teacher(self.teacher_path, config.model)
@@ -485,17 +392,19 @@ class OnPolicyDistill:
         self.attach(model, vocab)
 
     def attach(self, model, vocab):
-        """The student's loss against the loaded `teacher`, and the tokens it may not sample."""
+        """The student's reverse-KL loss against the loaded `teacher` (its forward method `distill_loss`), and the
+        tokens it may not sample."""
         if vocab is not None:  # the student samples only what its output head is trained on
             mask = torch.ones(model.config.vocab_size, dtype=torch.bool)
             mask[vocab.kept_ids[~torch.isin(vocab.kept_ids, vocab.suppress_ids)]] = False
             self.suppress = mask.nonzero().squeeze(1).tolist()
-        bind_forward_method(model, "loss", lambda m, batch, **o: student_kl_loss(
+        bind_forward_method(model, LOSS, lambda m, batch, **o: student_kl_loss(
             m, batch, teacher=self.teacher, direction="reverse", **o))
 
     @torch.no_grad()
-    def _sample(self, model, batch: PromptBatch, device, greedy: bool) -> PromptBatch:
-        """The student's completions (through <|im_end|>, or cut at max_new_tokens) as a packed batch."""
+    def sample(self, model, batch: PromptBatch, device, greedy: bool) -> PackedBatch:
+        """The student's completions (through <|im_end|>, or cut at max_new_tokens) after their prompts, packed
+        (labels on the completions)."""
         was_training = model.training
         model.eval()
         prompts = [p.prompt_ids.tolist() for p in batch.prompts]
@@ -510,15 +419,19 @@ class OnPolicyDistill:
                 completion = completion + [self.template.eos_id]
             supervised = np.r_[np.zeros(len(prompt), bool), np.ones(len(completion), bool)]
             examples.append(make_example(prompt + completion, supervised))
-        return PromptBatch(batch.prompts, batch.seed, PackedBatch.from_examples(examples).to(device))
+        return PackedBatch.from_examples(examples).to(device)
 
-    def train_step(self, model, micro_batches, dist_, vocab, autocast):
-        sampled = [self._sample(model, b, dist_.device, greedy=False) for b in micro_batches]
-        for batch, done in zip(micro_batches, sampled):
-            batch.packed = done.packed  # the trainer's token counts and MFU describe what was trained on
-        return (*train_step(model, [b.packed for b in sampled], dist_, vocab, autocast), {})
+    def train_step(self, model, micro_batches, dist_, vocab, autocast) -> Step:
+        """Samples every micro-batch's completions with the current weights, then `learn`s from them."""
+        return self.learn(model, [self.sample(model, b, dist_.device, greedy=False) for b in micro_batches], dist_,
+                          vocab, autocast)
+
+    def learn(self, model, sampled: list[PackedBatch], dist_, vocab, autocast) -> Step:
+        """The reverse-KL step on sampled sequences (Σ w·KL / Σ w over their completion tokens)."""
+        return Step(*train_step(model, sampled, dist_, vocab, autocast, loss=LOSS), {}, sampled)
 
     def evaluate(self, model, batches, dist_, vocab, autocast) -> dict:
         """Greedy samples scored like training; each rank samples only the batches it evaluates (on access)."""
-        sampled = _LazyBatches(lambda b, _: self._sample(model, b, dist_.device, greedy=True).packed, list(batches))
-        return {"eval_reverse_kl": evaluate_loss(model, sampled, dist_, vocab, autocast)}
+        sampled = Batches(batches, [[i] for i in range(len(batches))],
+                          lambda group, _: self.sample(model, group[0], dist_.device, greedy=True))
+        return {"eval_reverse_kl": evaluate_loss(model, sampled, dist_, vocab, autocast, loss=LOSS)}

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -30,17 +29,20 @@ from tqdm import tqdm
 
 from qforge.kernels import fused_linear_cross_entropy
 
+from ..data.example import zero_weight
 from ..data.packing import PackedBatch
 from ..data.preference import PreferenceBatch, PreferencePair, fitting, load_pairs, pack_pairs
 from ..config import Qwen3Config
 from ..errors import ConfigError, DataError
-from ..files import check_writable_dir
-from ..model import Qwen3, autocast_weight
+from ..files import atomic_write, check_writable_dir
+from ..model import Qwen3
+from ..precision import autocast_weight
 from .build import build_frozen, frozen_dtype, release
 from .config import ModelSettings
-from .loader import zero_weight
-from .loop import _loss_tables, cache_dir_of
-from .objective import bind_forward_method, weights_identity
+from .config import cache_dir_of
+from ..model import bind_forward_method
+from .objective import Step, weights_identity
+from .sft import load_once, loss_tables
 from .parallel import shard_model
 
 log = logging.getLogger("qforge.train.dpo")
@@ -119,14 +121,11 @@ class DPO:
         the others wait (train.dist_timeout_s covers it), then every rank reads the cache."""
         data, datasets, eval_pairs, keys, lengths = config.data, [], [], [], []
         options = dict(enable_thinking=data.enable_thinking, train_on_reasoning=data.train_on_reasoning,
-                       on_error=data.on_error, cache_dir=cache_dir_of(config), max_row_bytes=data.max_row_bytes)
+                       empty_think=data.empty_think, on_error=data.on_error, cache_dir=cache_dir_of(config), max_row_bytes=data.max_row_bytes)
         for paths, into in [([p], datasets) for p in data.train] + [(data.eval, None)]:
             if not paths:
                 continue
-            if dist_.is_main:
-                load_pairs(paths, template, **options)
-            dist_.barrier()
-            loaded, summary = load_pairs(paths, template, **options)
+            loaded, summary = load_once(dist_, lambda _: load_pairs(paths, template, **options))
             if summary.skipped and not summary.num_rows:
                 raise DataError(f"{', '.join(paths)}: all {len(summary.skipped)} rows were skipped (data.on_error="
                                 f"skip), first: {summary.skipped[0]}; fix the rows")
@@ -166,7 +165,7 @@ class DPO:
 
     # --- reference ----------------------------------------------------------------------------------------------
     def prepare(self, model, config, vocab, dist_, autocast):
-        self.tables = _loss_tables(vocab, dist_.device)
+        self.tables = loss_tables(vocab, dist_.device)
         bind_forward_method(model, "sequence_logps", sequence_logps)
         if self.reference == "live":
             self.reference_model = self._reference_model(model, config, dist_)
@@ -185,10 +184,7 @@ class DPO:
             release(scorer)
         del scorer
         if dist_.is_main:
-            directory.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(self.reference_logps, tmp)
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: torch.save(self.reference_logps, tmp))
             log.info("reference log-probs of %d pairs computed with %s, cached in %s", len(self._pairs),
                      self.reference_path or "the starting weights", path)
         dist_.barrier()
@@ -270,7 +266,7 @@ class DPO:
             stats += batch_stats.to(stats.device)
         totals = dist_.all_reduce_sum(stats) / max(pairs_total, 1.0)
         metrics = dict(zip(STATS, totals.tolist()))
-        return metrics.pop("loss"), 1.0, metrics
+        return Step(metrics.pop("loss"), 1.0, metrics, micro_batches)
 
     @torch.no_grad()
     def evaluate(self, model, batches, dist_, vocab, autocast) -> dict:

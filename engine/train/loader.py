@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..data import pack
-from ..data.example import IGNORE_INDEX, Example
+from ..data.example import Example, zero_weight
 from ..data.packing import PackedBatch
 from ..vocab import VocabMap
 from .config import DataSettings
@@ -64,8 +64,9 @@ class StepLoader(Cursor):
         super().__init__(datasets, data, vocab, seed, rank, world)
         self.grad_accum = grad_accum
         self.pack_fn = pack_fn  # `pack`, or an objective's packer (preference pairs, distillation targets)
-        self._batches, self._batches_epoch, self._epoch0_batches = None, None, None
+        self._batches, self._batches_epoch = None, None
         batches = self._epoch_batches()
+        self._epoch0_batches = len(batches)  # (the cursor is at epoch 0 here: a new loader, before any resume)
         if not len(batches):
             raise DataError(self._why_empty(batches.report))
         if self.per_step > len(batches):
@@ -117,9 +118,6 @@ class StepLoader(Cursor):
     @property
     def steps_per_epoch(self) -> float:
         """Optimizer steps one epoch makes (the first epoch's packing; later ones differ by a batch at most)."""
-        if self._epoch0_batches is None:
-            epoch, self.epoch = self.epoch, 0
-            self._epoch0_batches, self.epoch = len(self._epoch_batches()), epoch
         return self._epoch0_batches / self.per_step
 
     @property
@@ -171,30 +169,24 @@ class SequenceStepLoader(Cursor):
 
 
 def sequence_filler(example: Example, max_tokens: int) -> PackedBatch:
+    """A filler micro-batch of one SFT example (see `zero_weight`)."""
     return PackedBatch.from_examples([zero_weight(example, max_tokens)])
 
 
-def zero_weight(example: Example, max_tokens: int) -> Example:
-    """A copy of `example` (cut to max_tokens) without supervised tokens: it adds nothing to the loss or gradient."""
-    ids = example.input_ids[:max_tokens]
-    return Example(ids, np.full(len(ids), IGNORE_INDEX, dtype=example.labels.dtype))
-
-
 def build_loader(datasets, data: DataSettings, train_settings, vocab: VocabMap | None = None, rank: int = 0,
-                 world: int = 1, objective=None):
-    """The loader `train.batch_size` (items per step) or `train.grad_accum` (token-budget steps) asks for;
-    `objective` (see objective.py) brings its packer, and for `train.batch_size` its `filler`."""
-    pack_fn = objective.pack if objective is not None else pack
+                 world: int = 1, *, objective):
+    """The loader `train.batch_size` (items per step) or `train.grad_accum` (token-budget steps) asks for, with
+    the objective's packer (see objective.py), and for `train.batch_size` its `filler`."""
     if train_settings.batch_size is None:
         return StepLoader(datasets, data, vocab, seed=train_settings.seed, grad_accum=train_settings.grad_accum,
-                          rank=rank, world=world, pack_fn=pack_fn)
-    filler = None if objective is None else getattr(objective, "filler", None)
-    if objective is not None and filler is None:
+                          rank=rank, world=world, pack_fn=objective.pack)
+    filler = getattr(objective, "filler", None)
+    if filler is None:
         raise ConfigError(f"train.batch_size does not apply to {type(objective).__name__}: a step of N items is dealt "
                           f"to the ranks with filler micro-batches, which this objective does not define; unset "
                           f"train.batch_size and use train.grad_accum with data.max_tokens")
     return SequenceStepLoader(datasets, data, vocab, seed=train_settings.seed, batch_size=train_settings.batch_size,
-                              rank=rank, world=world, pack_fn=pack_fn, filler=filler)
+                              rank=rank, world=world, pack_fn=objective.pack, filler=filler)
 
 
 def planned_steps(train_settings, loader) -> int:

@@ -16,7 +16,8 @@ from qforge.kernels import fused_linear_cross_entropy
 
 from ..data.example import IGNORE_INDEX, Example
 from ..data.packing import PackedBatch
-from ..model import Qwen3, autocast_weight
+from ..model import Qwen3
+from ..precision import autocast_weight
 
 
 def token_logps(model, packed: PackedBatch, vocab_index: torch.Tensor | None = None,

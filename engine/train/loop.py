@@ -1,11 +1,14 @@
-"""The full fine-tuning loop: data → packed micro-batches → Σ w·CE / Σ w → AdamW → checkpoints → HF export.
+"""The trainer: build → resume → fit (optimizer steps) → final checkpoint → evaluation → export.
 
-The loss of an optimizer step is normalised by the weight sum of the *whole* step (every micro-batch on every
-rank), so the update does not depend on how the step is split into micro-batches or ranks.
+What is trained for — data, packing, the step's loss, held-out metrics — is the objective's (objective.py; SFT
+by default, sft.py); what train.method trains and how it is exported is the weights policy's (build.py). The loop
+keeps what makes a run trustworthy whatever they are: the seed, exact resume, non-finite guards, checkpoints,
+stop signals, metrics.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -21,23 +24,21 @@ import torch
 import yaml
 from safetensors import SafetensorError
 
-from ..checkpoint import TOKENIZER_FILES, save_model
+from ..checkpoint import TOKENIZER_FILES
 from ..config_io import to_dict
-from ..data import ChatTemplate, pack
-from ..data.cache import load_examples, row_kinds, row_thinking
-from ..data.formats import RowError, read_conversations
-from ..errors import ConfigError, DataError, TrainingError
+from ..data import ChatTemplate
+from ..errors import ConfigError, TrainingError
 from ..files import check_writable_dir, storage_error
-from ..lora import export_lora, merged_state_dict
 from ..vocab import VocabMap
+from .build import (FullWeights, build_vocab, default_allocator_settings, refuse_untrainable, resolve_tokenizer_dir,
+                    training_weights)
 from .config import FFTConfig
-from .objective import Objective
 from .loader import build_loader, planned_steps
 from .metrics import MFU, MetricsLogger, matmul_dtype, peak_memory_bytes, plot_loss_curve, training_flops
-from .build import (build_lora_model, build_model, build_vocab, default_allocator_settings, refuse_untrainable,
-                    resolve_tokenizer_dir)
+from .objective import Objective, Step
 from .optim import build_optimizer, build_scheduler
-from .parallel import Dist, full_state_dict, init_distributed, shard_model
+from .parallel import Dist, init_distributed, shard_model
+from .sft import SFT
 from .resume import (OutputLock, check_space, check_trained_settings, clean_stale_temporaries, latest_checkpoint,
                     load_checkpoint, resume_checkpoint, save_checkpoint)
 
@@ -73,33 +74,6 @@ class EvalPoint:
     snapshot: Callable[[], Path]
 
 
-def step_weight(micro_batches) -> float:
-    """Σ w of the supervised positions of this rank's micro-batches."""
-    return float(sum(mb.loss_weight[mb.labels != -100].double().sum() for mb in micro_batches))
-
-
-def _loss_tables(vocab: VocabMap | None, device) -> dict:
-    vocab_index, target_index = vocab.loss_tables(device) if vocab is not None else (None, None)
-    return {"vocab_index": vocab_index, "target_index": target_index}
-
-
-def train_step(model, micro_batches, dist_: Dist, vocab: VocabMap | None = None, autocast=contextlib.nullcontext):
-    """Forward/backward over this rank's micro-batches; returns (Σ w·CE, Σ w) of the whole global step.
-
-    Each micro-batch's gradient is scaled by world / global Σ w: FSDP averages gradients over ranks, so the
-    accumulated result is exactly ∇(Σ w·CE / Σ w) of the global step."""
-    global_weight = float(dist_.all_reduce_sum(step_weight(micro_batches)))
-    scale = dist_.world / max(global_weight, 1e-12)
-    tables = _loss_tables(vocab, dist_.device)
-    loss_sum = None  # stays on the device: a float() per micro-batch would stall the GPU between them
-    for batch in micro_batches:
-        with autocast():
-            loss = model.loss(batch.to(dist_.device, non_blocking=True), **tables)
-        (loss * scale).backward()
-        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-    return float(dist_.all_reduce_sum(loss_sum)), global_weight
-
-
 def optimizer_step(model, optimizer, grad_clip: float | None) -> tuple[float, bool]:
     """Clip the global gradient norm, then step unless it is non-finite; returns (norm, stepped)."""
     clip = grad_clip or float("inf")  # 0 or None: no clipping
@@ -110,26 +84,6 @@ def optimizer_step(model, optimizer, grad_clip: float | None) -> tuple[float, bo
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, stepped
-
-
-@torch.no_grad()
-def evaluate_loss(model, batches, dist_: Dist, vocab: VocabMap | None = None,
-                  autocast=contextlib.nullcontext) -> float:
-    """Σ w·CE / Σ w over held-out batches; ranks take turns and run equally many forwards (FSDP needs that)."""
-    model.eval()
-    rounds = math.ceil(len(batches) / dist_.world)
-    tables = _loss_tables(vocab, dist_.device)
-    loss_sum, weight_sum = 0.0, 0.0
-    for r in range(rounds):
-        index = r * dist_.world + dist_.rank
-        batch = batches[min(index, len(batches) - 1)].to(dist_.device)
-        with autocast():
-            loss = float(model.loss(batch, **tables))
-        if index < len(batches):
-            loss_sum += loss
-            weight_sum += step_weight([batch])
-    model.train()
-    return float(dist_.all_reduce_sum(loss_sum) / dist_.all_reduce_sum(weight_sum).clamp_min(1e-12))
 
 
 class Interrupted(Exception):
@@ -209,73 +163,12 @@ def _export_bytes(model, dtype: torch.dtype | None, tokenizer_dir: Path) -> int:
     """Bytes of final/: its parameters in the export dtype (a LoRA model counts its adapters too, which stand for
     the adapter export next to it), the tokenizer files it copies, and its configs (generation_config.json of a
     restricted vocabulary lists up to every token id as suppressed: ≤ 16 bytes a vocabulary row)."""
-    dtype = dtype or getattr(model, "source_dtype", None)
     total = sum(p.numel() * (dtype or p.dtype).itemsize for p in model.parameters())
     total += sum(f.stat().st_size for f in map(Path(tokenizer_dir).joinpath, TOKENIZER_FILES) if f.is_file())
     return total + 16 * model.config.vocab_size + (1 << 20)
 
 
-def _load_data(config: FFTConfig, template: ChatTemplate, dist_: Dist):
-    """Tokenises once (rank 0 fills the cache, the others read it) and reports skipped rows. Also returns what
-    identifies the data stream (cache keys and packing settings), which a checkpoint's data cursor refers to."""
-    data = config.data
-    cache_dir = cache_dir_of(config)
-
-    def load(paths):
-        loaded = []
-        for path in paths:
-            if dist_.is_main:
-                load_examples([path], template, config.data, cache_dir=cache_dir, progress=config.output.progress)
-            dist_.barrier()
-            examples, summary = load_examples([path], template, config.data, cache_dir=cache_dir, progress=False)
-            if dist_.is_main:
-                log.info("%s: %s", path, summary)
-            if summary.skipped and not summary.num_rows:
-                raise DataError(f"{path}: all {len(summary.skipped)} rows were skipped (data.on_error=skip), first: "
-                                f"{summary.skipped[0]}; fix the rows or the data.format")
-            check_row_warnings(path, summary, config.data, dist_.is_main)
-            loaded.append(examples)
-            keys.append(Path(summary.cache_path).name)
-        return loaded
-
-    keys = []
-    train = load(data.train)
-    fingerprint = {"train": keys[:], "weights": data.weights, "max_tokens": data.max_tokens,
-                   "overlong": data.overlong, "seed": config.train.seed}
-    return train, [e for examples in load(data.eval) for e in examples], fingerprint
-
-
-ROW_WARNING_TEXT = {
-    "undeclared-tool-call": "call a tool their `tools` do not declare (the model learns to call a function it was "
-                            "never shown); declare it in the row's tools",
-    "reasoning-dropped": "carry reasoning but are rendered with thinking off, so the reasoning is left out of the "
-                         "loss; set data.enable_thinking=auto (or true), or remove the reasoning",
-}
-
-
-def check_row_warnings(path, summary, data, warn: bool):
-    """Rows that train something other than they seem to (cache.ROW_WARNINGS): a warning with their count, or
-    under data.strict a DataError naming the first one (found by reading the file again: the error path only)."""
-    for kind, advice in ROW_WARNING_TEXT.items():
-        count = summary.kinds.get(kind, 0)
-        if not count:
-            continue
-        if not data.strict:
-            if warn:
-                log.warning("%s: %d rows %s (data.strict=true makes this an error)", path, count, advice)
-            continue
-        line = next((line for line, row in read_conversations(path, data.format, data.max_row_bytes)
-                     if not isinstance(row, RowError) and kind in row_kinds(row_thinking(row, data.enable_thinking))),
-                    "?")
-        raise DataError(f"{path}:{line}: {count} rows (this one first) {advice}, or unset data.strict")
-
-
-def cache_dir_of(config: FFTConfig) -> str:
-    """data.cache_dir, by default output.dir/cache."""
-    return config.data.cache_dir or str(Path(config.output.dir) / "cache")
-
-
-def check_inputs(config: FFTConfig, objective: Objective | None = None):
+def check_inputs(config: FFTConfig, objective: Objective):
     """What can be checked before output.dir is created, so a wrong path leaves nothing behind: every data file
     named by the config is a readable file, output.dir and data.cache_dir are (or can become) writable
     directories, the model is one the trainer can train, and the objective's own inputs (teacher, reference)
@@ -299,250 +192,283 @@ def check_inputs(config: FFTConfig, objective: Objective | None = None):
                 check_writable_dir(Path(config.output.dir) / sub, "output.dir")
     if config.data.cache_dir is not None:
         check_writable_dir(config.data.cache_dir, "data.cache_dir")
-    if objective is not None and hasattr(objective, "check_inputs"):
-        objective.check_inputs(config)
+    objective.check_inputs(config)
 
 
-def trained_settings(config: FFTConfig, model, vocab: VocabMap | None, objective: Objective | None) -> dict:
+def trained_settings(config: FFTConfig, model, vocab: VocabMap | None, objective: Objective,
+                     weights: FullWeights) -> dict:
     """{key: value} of the settings that define what is trained, recorded in every checkpoint: a resume that
     changes one of them would continue other weights, another loss or another objective (see
     state.check_trained_settings; `train.resume_override` lists the keys a resume may change)."""
     shape = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "head_dim", "tie_word_embeddings")
-    settings = {"model": {key: getattr(model.config, key, None) for key in shape},
-                "train.method": config.train.method, "train.precision": config.train.precision,
-                "vocab.restrict": config.vocab.restrict,
-                "vocab.kept": None if vocab is None else hashlib.sha256(
-                    vocab.kept_ids.cpu().numpy().tobytes()).hexdigest()[:16]}
-    if config.train.method == "lora":
-        lora = config.train.lora
-        settings.update({"train.lora.rank": lora.rank, "train.lora.alpha": lora.alpha,
-                         "train.lora.target_modules": sorted(lora.target_modules)})
-    settings["objective"] = type(objective).__name__ if objective is not None else "SFT"
-    if objective is not None and hasattr(objective, "trained_settings"):
-        settings.update(objective.trained_settings())
-    return settings
+    return {"model": {key: getattr(model.config, key, None) for key in shape},
+            "train.method": config.train.method, "train.precision": config.train.precision,
+            "vocab.restrict": config.vocab.restrict,
+            "vocab.kept": None if vocab is None else hashlib.sha256(
+                vocab.kept_ids.cpu().numpy().tobytes()).hexdigest()[:16],
+            **weights.trained_settings(), "objective": type(objective).__name__, **objective.trained_settings()}
 
 
-def _evaluate(objective, model, batches, dist_, vocab, autocast) -> dict:
-    if objective is not None:
-        return objective.evaluate(model, batches, dist_, vocab, autocast)
-    return {"eval_loss": evaluate_loss(model, batches, dist_, vocab, autocast)}
+@dataclass(eq=False)
+class Run:
+    """Everything one run holds from build to export (see `build_run`)."""
+    config: FFTConfig
+    dist_: Dist
+    objective: Objective
+    out: Path
+    tokenizer_dir: Path
+    template: ChatTemplate
+    weights: FullWeights
+    model: torch.nn.Module
+    vocab: VocabMap | None
+    autocast: Callable
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loader: object
+    max_steps: int
+    eval_batches: object
+    data_fingerprint: dict
+    trained: dict
+    step: int = 0
+    counters: dict = field(default_factory=lambda: {"skipped_steps": 0, "nonfinite_in_a_row": 0})
 
 
-def train(config: FFTConfig, objective: Objective | None = None,
-          evaluate: Callable[[EvalPoint], dict] | None = None) -> TrainResult:
-    """Runs (or resumes) a fine-tuning run; holds the lock on output.dir throughout. `objective`: see
-    objective.py; `evaluate` is called at every train.eval_every steps and after the last step (see EvalPoint)."""
-    default_allocator_settings()  # before CUDA initialises
-    dist_ = init_distributed(config.train.device, config.train.dist_timeout_s)
-    check_inputs(config, objective)
-    with OutputLock(config.output.dir, dist_):
-        if dist_.is_main:
-            clean_stale_temporaries(config.output.dir)
-        return _train(config, dist_, objective, evaluate)
-
-
-def _train(config: FFTConfig, dist_: Dist, objective: Objective | None,
-           evaluate: Callable[[EvalPoint], dict] | None) -> TrainResult:
-    """`objective` (DPO, distillation; see objective.py) replaces the SFT data, packing, step loss and eval."""
+def build_run(config: FFTConfig, dist_: Dist, objective: Objective) -> Run:
+    """Data, model (the weights policy's build hook), kept vocabulary, objective, optimizer, loader, schedule."""
     out = Path(config.output.dir)
     if dist_.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
     torch.manual_seed(config.train.seed)
     np.random.seed(config.train.seed)
-
     tokenizer_dir = resolve_tokenizer_dir(config.model)
     template = ChatTemplate.from_pretrained(tokenizer_dir)
-    datasets, eval_examples, data_fingerprint = (objective.load_data if objective else _load_data)(config, template,
-                                                                                                   dist_)
+    datasets, eval_items, fingerprint = objective.load_data(config, template, dist_)
     if config.train.batch_size is not None:  # the cursor counts batch_size items a step: another size misreads it
-        data_fingerprint = {**data_fingerprint, "batch_size": config.train.batch_size}
+        fingerprint = {**fingerprint, "batch_size": config.train.batch_size}
     param_dtype, compute_dtype, autocast = precision_policy(config.train.precision, dist_)
-    adapter_params = None  # LoRA: the only trainable parameters (MFU counts no weight gradients of the base)
     shard = (lambda m: shard_model(m, compute_dtype, dist_.device)) if dist_.enabled else None
-    if config.train.method == "lora":  # adapters wrap the block linears; FSDP shards the whole, the base read sharded
-        model = build_lora_model(config.model, config.train.lora, config.train.seed, param_dtype, dist_.device, shard)
-        adapter_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    else:  # under FSDP each rank reads only its own shards of the checkpoint
-        model = build_model(config.model, param_dtype, dist_.device, shard=shard)
-    vocab = build_vocab(config.vocab, datasets + [eval_examples], template, model.config.vocab_size)
+    weights = training_weights(config)
+    model = weights.build(config.model, config.train.seed, param_dtype, dist_.device, shard)
+    vocab = build_vocab(config.vocab, datasets + [eval_items], template, model.config.vocab_size)
     model.activation_checkpointing = config.train.activation_checkpointing
-    if objective is not None:  # before resuming: a reference model or log-probs come from the starting weights
-        objective.prepare(model, config, vocab, dist_, autocast)
+    objective.prepare(model, config, vocab, dist_, autocast)  # before resuming: references see the start weights
     model.train()
     optimizer = build_optimizer(model, config.optim)
-    pack_fn = objective.pack if objective else pack
-    loader = build_loader(datasets, config.data, config.train, vocab, dist_.rank, dist_.world, objective)
+    loader = build_loader(datasets, config.data, config.train, vocab, dist_.rank, dist_.world, objective=objective)
     max_steps = planned_steps(config.train, loader)
     if dist_.is_main and config.train.max_steps is None:
         log.info("train.epochs=%g: %d optimizer steps (%.2f per epoch)", config.train.epochs or 1.0, max_steps,
                  loader.steps_per_epoch)
     scheduler = build_scheduler(optimizer, max_steps, config.optim)
-    eval_batches = pack_fn(eval_examples, config.data.max_tokens, seed=0, overlong=config.data.overlong,
-                           loss_weighting=config.data.loss_weighting, vocab=vocab) if eval_examples else None
+    eval_batches = objective.pack(eval_items, config.data.max_tokens, seed=0, overlong=config.data.overlong,
+                                  loss_weighting=config.data.loss_weighting, vocab=vocab) if eval_items else None
+    return Run(config, dist_, objective, out, tokenizer_dir, template, weights, model, vocab, autocast, optimizer,
+               scheduler, loader, max_steps, eval_batches, fingerprint,
+               trained_settings(config, model, vocab, objective, weights))
 
-    step, counters = 0, {"skipped_steps": 0, "nonfinite_in_a_row": 0}
-    trained = trained_settings(config, model, vocab, objective)
-    resume = resume_checkpoint(out, config.train.resume, dist_)
-    if resume:
-        check_trained_settings(resume, trained, config.train.resume_override, dist_)
-        meta = load_checkpoint(resume, model, optimizer, scheduler, dist_)
-        step, counters = meta["step"], meta["counters"]
-        if meta.get("data") in (None, data_fingerprint):
-            loader.load_state_dict(meta["loader"])
-        elif step >= max_steps:  # nothing left to train: final/ would be the old weights under the new data's name
-            raise ConfigError(f"the data changed since {resume}, but that checkpoint is already at step {step} of "
-                              f"{max_steps}: this run would train 0 steps on the new data; raise train.max_steps "
-                              f"above {step} to continue on it, or start fresh in another output.dir")
-        elif dist_.is_main:
-            log.warning("data changed since %s (data.train contents, data.weights, data.max_tokens, data.overlong, "
-                        "train.seed or train.batch_size): its data cursor does not apply, so the data restarts at the first batch; "
-                        "model, optimizer and schedule resume at step %d", resume, step)
-        log.info("resumed from %s at step %d", resume, step)
 
-    output_rows = model.config.vocab_size if vocab is None else vocab.new_size
-    mfu = MFU(dist_.device, matmul_dtype(config.train.precision), dist_.world)
-    wandb = ({"project": config.output.wandb_project, "name": out.name, "config": to_dict(config)}
-             if config.output.wandb else None)
-    logger = MetricsLogger(out, max_steps, step, enabled=dist_.is_main,
-                           progress=config.output.progress, tensorboard=config.output.tensorboard, wandb=wandb)
-    result = TrainResult(out, None, step)
+def resume(run: Run) -> None:
+    """Continues from train.resume's checkpoint: weights, optimizer, schedule, counters and (same data) the data
+    cursor."""
+    path = resume_checkpoint(run.out, run.config.train.resume, run.dist_)
+    if not path:
+        return
+    check_trained_settings(path, run.trained, run.config.train.resume_override, run.dist_)
+    meta = load_checkpoint(path, run.model, run.optimizer, run.scheduler, run.dist_)
+    run.step, run.counters = meta["step"], meta["counters"]
+    if meta.get("data") in (None, run.data_fingerprint):
+        run.loader.load_state_dict(meta["loader"])
+    elif run.step >= run.max_steps:  # nothing left to train: final/ would be the old weights under the new data's name
+        raise ConfigError(f"the data changed since {path}, but that checkpoint is already at step {run.step} of "
+                          f"{run.max_steps}: this run would train 0 steps on the new data; raise train.max_steps "
+                          f"above {run.step} to continue on it, or start fresh in another output.dir")
+    elif run.dist_.is_main:
+        log.warning("data changed since %s (data.train contents, data.weights, data.max_tokens, data.overlong, "
+                    "train.seed or train.batch_size): its data cursor does not apply, so the data restarts at the "
+                    "first batch; model, optimizer and schedule resume at step %d", path, run.step)
+    log.info("resumed from %s at step %d", path, run.step)
 
-    def checkpoint(at_step):
-        bad, names = _nonfinite_parameters(model, dist_)
-        if bad:  # never save (or later export) weights a resume or a user could mistake for a result
-            last = latest_checkpoint(out)
-            raise TrainingError(f"step {at_step}: {bad} weight tensors hold NaN/inf (e.g. {', '.join(names)}); "
-                                f"nothing saved, last good checkpoint: {last or 'none'}; lower optim.lr or "
-                                f"optim.grad_clip, or check the data")
-        save_checkpoint(out, at_step, model, optimizer, scheduler, loader.state_dict(), counters, dist_,
-                        config.train.keep_last, data_fingerprint, trained)
 
-    def run_evaluation(at_step):
-        """The evaluation hook on the current weights; its metrics go to metrics.jsonl / TensorBoard."""
-        if evaluate is None:
+def checkpoint(run: Run) -> None:
+    """A training checkpoint of the current step; never of weights holding NaN/inf."""
+    bad, names = _nonfinite_parameters(run.model, run.dist_)
+    if bad:  # never save (or later export) weights a resume or a user could mistake for a result
+        raise TrainingError(f"step {run.step}: {bad} weight tensors hold NaN/inf (e.g. {', '.join(names)}); "
+                            f"nothing saved, last good checkpoint: {latest_checkpoint(run.out) or 'none'}; lower "
+                            f"optim.lr or optim.grad_clip, or check the data")
+    save_checkpoint(run.out, run.step, run.model, run.optimizer, run.scheduler, run.loader.state_dict(),
+                    run.counters, run.dist_, run.config.train.keep_last, run.data_fingerprint, run.trained)
+
+
+class Evaluation:
+    """Held-out metrics (the objective's `evaluate` on data.eval) and the `evaluate` hook (see EvalPoint), logged
+    at `step`."""
+
+    def __init__(self, run: Run, logger: MetricsLogger, hook: Callable[[EvalPoint], dict] | None):
+        self.run, self.logger, self.hook = run, logger, hook
+
+    def __call__(self) -> None:
+        run = self.run
+        if run.eval_batches:
+            self.logger.log({"step": run.step, **run.objective.evaluate(run.model, run.eval_batches, run.dist_,
+                                                                        run.vocab, run.autocast)})
+        if self.hook is None:
             return
-        snapshots = {}
-
-        def snapshot() -> Path:
-            if "path" not in snapshots:
-                state = full_state_dict(model) if dist_.enabled else None
-                if config.train.method == "lora":  # the merged weights, as the final export
-                    state = merged_state_dict(model, state)
-                path = out / "snapshots" / f"step-{at_step}"
-                if dist_.is_main:
-                    save_model(model, path, tokenizer_dir=tokenizer_dir, state_dict=state, vocab=vocab)
-                dist_.barrier()
-                snapshots["path"] = path
-            return snapshots["path"]
-
-        model.eval()
+        run.model.eval()
         try:
-            metrics = evaluate(EvalPoint(at_step, model, template, out, dist_.enabled, dist_.is_main, snapshot))
+            metrics = self.hook(EvalPoint(run.step, run.model, run.template, run.out, run.dist_.enabled,
+                                          run.dist_.is_main, functools.cache(self._snapshot)))
         finally:
-            model.train()
+            run.model.train()
         tables = (metrics or {}).pop("tables", None)  # per-category/per-task rows: W&B tables when it is on
         if metrics:
-            logger.log({"step": at_step, **metrics})
+            self.logger.log({"step": run.step, **metrics})
         if tables:
-            logger.log_tables(at_step, tables)
+            self.logger.log_tables(run.step, tables)
 
+    def _snapshot(self) -> Path:
+        """The current weights once as an HF checkpoint (every rank calls it; rank 0 writes)."""
+        run = self.run
+        state = run.weights.snapshot_state(run.model, run.dist_)
+        path = run.out / "snapshots" / f"step-{run.step}"
+        if run.dist_.is_main:
+            run.weights.save(run.model, path, run.tokenizer_dir, run.vocab, state_dict=state)
+        run.dist_.barrier()
+        return path
+
+
+def optimize(run: Run) -> tuple[dict, Step]:
+    """One optimizer step: the objective's forwards and backwards, then clip and AdamW unless non-finite.
+    Returns the step's metrics record (before timing) and the objective's Step."""
+    micro_batches = run.loader.next_step()
+    result = run.objective.train_step(run.model, micro_batches, run.dist_, run.vocab, run.autocast)
+    loss = result.loss_sum / max(result.weight, 1e-12)
+    lr = run.scheduler.get_last_lr()[0]
+    if math.isfinite(loss):
+        grad_norm, stepped = optimizer_step(run.model, run.optimizer, run.config.optim.grad_clip)
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+        grad_norm, stepped = float("nan"), False
+    counters = run.counters
+    counters["skipped_steps"] += not stepped
+    counters["nonfinite_in_a_row"] = 0 if stepped else counters["nonfinite_in_a_row"] + 1
+    run.scheduler.step()
+    run.step += 1
+    return {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm}, result
+
+
+class Throughput:
+    """tokens, tokens/s, MFU and peak memory of a step, from the micro-batches it trained on."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.output_rows = run.model.config.vocab_size if run.vocab is None else run.vocab.new_size
+        self.adapter_params = run.weights.trainable_params(run.model)
+        self.mfu = MFU(run.dist_.device, matmul_dtype(run.config.train.precision), run.dist_.world)
+
+    def __call__(self, trained, elapsed: float) -> dict:
+        run = self.run
+        tokens = float(run.dist_.all_reduce_sum(sum(mb.num_tokens for mb in trained)))
+        lengths = [int(n) for mb in trained for n in (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1])]
+        loss_tokens = sum(mb.num_loss_tokens for mb in trained)
+        flops = float(run.dist_.all_reduce_sum(training_flops(run.model.config, lengths, loss_tokens,
+                                                              self.output_rows, self.adapter_params)))
+        return {"tokens": int(tokens), "tokens_per_s": tokens / elapsed, "mfu": self.mfu(flops, elapsed),
+                "peak_mem_bytes": peak_memory_bytes(run.dist_.device)}
+
+
+def fit(run: Run, logger: MetricsLogger, evaluation: Evaluation, stop: StopSignal, result: TrainResult) -> None:
+    """Optimizer steps up to max_steps: metrics every step, evaluation every train.eval_every steps (the last
+    step's comes after the final checkpoint), checkpoints every train.save_every steps and on a stop signal."""
+    throughput, train = Throughput(run), run.config.train
+    while run.step < run.max_steps:
+        started = time.perf_counter()
+        record, step = optimize(run)
+        if run.counters["nonfinite_in_a_row"] >= train.max_nonfinite_steps:
+            logger.close()
+            raise NonFiniteLossError(
+                f"step {run.step}: loss or gradient norm was non-finite for {run.counters['nonfinite_in_a_row']} "
+                f"steps in a row (loss={record['loss']}, grad_norm={record['grad_norm']}); lower optim.lr, check "
+                f"the data, or raise train.max_nonfinite_steps")
+        if run.dist_.device.type == "cuda":
+            torch.cuda.synchronize()
+        record.update(throughput(step.trained, time.perf_counter() - started))
+        logger.log({**record, "epoch": run.loader.epoch_progress, "skipped_steps": run.counters["skipped_steps"],
+                    **step.metrics})
+        result.losses.append(record["loss"])
+        if train.eval_every and run.step % train.eval_every == 0 and run.step < run.max_steps:
+            evaluation()
+        stop_now = float(run.dist_.all_reduce_sum(1.0 if stop.check() else 0.0)) > 0
+        if stop_now or (train.save_every and run.step % train.save_every == 0):
+            checkpoint(run)
+        if stop_now:
+            result.interrupted = True
+            return
+
+
+def export(run: Run, stop: StopSignal, result: TrainResult) -> None:
+    """final/ in output.dtype, written by the weights policy (merged weights + adapter for LoRA); a stop signal
+    during the write abandons it, a failed write leaves an earlier final/ untouched."""
+    dtype = export_dtype(run.config.output.dtype)
+    check_space(run.out, _export_bytes(run.model, dtype or run.weights.export_default_dtype, run.tokenizer_dir), f"the export {run.out / 'final'}",
+                run.dist_)
+    try:
+        with stop.immediate():
+            result.final_dir = run.weights.export(run.model, run.out / "final", run.tokenizer_dir, run.vocab, dtype,
+                                                  run.dist_)
+    except Interrupted:
+        result.interrupted = True
+    except (OSError, RuntimeError, SafetensorError) as error:  # a short write (disk full): the staged export is
+        # gone, an earlier final/ is untouched
+        raise storage_error(error, "the export", run.out / "final",
+                            f"free some space, then rerun with train.resume=auto (the checkpoint of step "
+                            f"{run.step} is kept)") from error
+    if run.dist_.is_main:
+        plot_loss_curve(run.out / "metrics.jsonl", run.out / "loss_curve.png")
+
+
+def train(config: FFTConfig, objective: Objective | None = None,
+          evaluate: Callable[[EvalPoint], dict] | None = None) -> TrainResult:
+    """Runs (or resumes) a fine-tuning run; holds the lock on output.dir throughout. `objective`: see objective.py
+    (default SFT); `evaluate` is called at every train.eval_every steps and after the last step (see EvalPoint)."""
+    objective = objective or SFT()
+    default_allocator_settings()  # before CUDA initialises
+    dist_ = init_distributed(config.train.device, config.train.dist_timeout_s)
+    check_inputs(config, objective)
+    with OutputLock(config.output.dir, dist_):
+        if dist_.is_main:
+            clean_stale_temporaries(config.output.dir)
+        run = build_run(config, dist_, objective)
+        resume(run)
+        return _run(run, evaluate)
+
+
+def _run(run: Run, evaluate: Callable[[EvalPoint], dict] | None) -> TrainResult:
+    """fit → final checkpoint → evaluation → export, then the verdict on skipped steps."""
+    config, dist_ = run.config, run.dist_
+    wandb = ({"project": config.output.wandb_project, "name": run.out.name, "config": to_dict(config)}
+             if config.output.wandb else None)
+    logger = MetricsLogger(run.out, run.max_steps, run.step, enabled=dist_.is_main, progress=config.output.progress,
+                           tensorboard=config.output.tensorboard, wandb=wandb)
+    result, evaluation = TrainResult(run.out, None, run.step), Evaluation(run, logger, evaluate)
     with StopSignal() as stop:
-        while step < max_steps:
-            started = time.perf_counter()
-            micro_batches = loader.next_step()
-            extra = {}
-            if objective is None:
-                loss_sum, weight = train_step(model, micro_batches, dist_, vocab, autocast)
-            else:
-                loss_sum, weight, extra = objective.train_step(model, micro_batches, dist_, vocab, autocast)
-            loss = loss_sum / max(weight, 1e-12)
-            lr = scheduler.get_last_lr()[0]
-            if math.isfinite(loss):
-                grad_norm, stepped = optimizer_step(model, optimizer, config.optim.grad_clip)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                grad_norm, stepped = float("nan"), False
-            if stepped:
-                counters["nonfinite_in_a_row"] = 0
-            else:
-                counters["skipped_steps"] += 1
-                counters["nonfinite_in_a_row"] += 1
-            scheduler.step()
-            step += 1
-            if counters["nonfinite_in_a_row"] >= config.train.max_nonfinite_steps:
-                logger.close()
-                raise NonFiniteLossError(
-                    f"step {step}: loss or gradient norm was non-finite for {counters['nonfinite_in_a_row']} steps "
-                    f"in a row (loss={loss}, grad_norm={grad_norm}); lower optim.lr, check the data, or raise "
-                    f"train.max_nonfinite_steps")
-
-            if dist_.device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - started
-            tokens = float(dist_.all_reduce_sum(sum(mb.num_tokens for mb in micro_batches)))
-            lengths = [int(n) for mb in micro_batches for n in (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1])]
-            loss_tokens = sum(mb.num_loss_tokens for mb in micro_batches)
-            flops = float(dist_.all_reduce_sum(training_flops(model.config, lengths, loss_tokens, output_rows,
-                                                              adapter_params)))
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens),
-                      "tokens_per_s": tokens / elapsed, "mfu": mfu(flops, elapsed),
-                      "peak_mem_bytes": peak_memory_bytes(dist_.device), "epoch": loader.epoch_progress,
-                      "skipped_steps": counters["skipped_steps"], **extra}
-            logger.log(record)
-            result.losses.append(loss)
-            if config.train.eval_every and step % config.train.eval_every == 0 and step < max_steps:
-                if eval_batches:  # (the last step is evaluated once, after the final save)
-                    logger.log({"step": step, **_evaluate(objective, model, eval_batches, dist_, vocab, autocast)})
-                run_evaluation(step)
-            stop_now = float(dist_.all_reduce_sum(1.0 if stop.check() else 0.0)) > 0
-            if stop_now or (config.train.save_every and step % config.train.save_every == 0):
-                checkpoint(step)
-            if stop_now:
-                result.interrupted = True
-                break
-
-        result.steps_done, result.skipped_steps = step, counters["skipped_steps"]
+        fit(run, logger, evaluation, stop, result)
+        result.steps_done, result.skipped_steps = run.step, run.counters["skipped_steps"]
         if not result.interrupted:
-            if latest_checkpoint(out) is None or latest_checkpoint(out).name != f"step-{step}":
-                checkpoint(step)
-            if eval_batches:
-                logger.log({"step": step, **_evaluate(objective, model, eval_batches, dist_, vocab, autocast)})
-            run_evaluation(step)
-            dtype = export_dtype(config.output.dtype)
-            check_space(out, _export_bytes(model, dtype, tokenizer_dir), f"the export {out / 'final'}", dist_)
-            try:
-                with stop.immediate():
-                    if config.train.method == "lora":  # merged weights for the HF export (+ the adapter alone)
-                        state = full_state_dict(model) if dist_.enabled else None
-                        if dist_.is_main:
-                            state = export_lora(model, out, config.model.path, state)
-                            result.final_dir = save_model(model, out / "final", tokenizer_dir=tokenizer_dir,
-                                                          state_dict=state, vocab=vocab, dtype=dtype)
-                    else:  # every rank takes part: parameters gathered one at a time, files written by turns
-                        final = save_model(model, out / "final", tokenizer_dir=tokenizer_dir, vocab=vocab,
-                                           dtype=dtype, dist_=dist_)
-                        if dist_.is_main:
-                            result.final_dir = final
-            except Interrupted:
-                result.interrupted = True
-            except (OSError, RuntimeError, SafetensorError) as error:  # a short write (disk full): the staged
-                # export is gone, an earlier final/ is untouched
-                raise storage_error(error, "the export", out / "final",
-                                    f"free some space, then rerun with train.resume=auto (the checkpoint of step "
-                                    f"{step} is kept)") from error
-            if dist_.is_main:
-                plot_loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
+            if latest_checkpoint(run.out) is None or latest_checkpoint(run.out).name != f"step-{run.step}":
+                checkpoint(run)
+            evaluation()
+            export(run, stop, result)
             result.interrupted = float(dist_.all_reduce_sum(1.0 if result.interrupted else 0.0)) > 0
     logger.close()
-    trailing = counters["nonfinite_in_a_row"]
+    trailing = run.counters["nonfinite_in_a_row"]
     if trailing and not result.interrupted:
-        raise TrainingError(f"the last {trailing} of {step} steps were skipped (non-finite loss or gradient norm), "
-                            f"so {out / 'final'} holds the weights of step {step - trailing}; lower optim.lr, "
-                            f"check the data, or train longer")
-    if counters["skipped_steps"] and dist_.is_main:
+        raise TrainingError(f"the last {trailing} of {run.step} steps were skipped (non-finite loss or gradient "
+                            f"norm), so {run.out / 'final'} holds the weights of step {run.step - trailing}; lower "
+                            f"optim.lr, check the data, or train longer")
+    if run.counters["skipped_steps"] and dist_.is_main:
         log.warning("%d of %d steps were skipped (non-finite loss or gradient norm); see skipped_steps in "
-                    "metrics.jsonl", counters["skipped_steps"], step)
+                    "metrics.jsonl", run.counters["skipped_steps"], run.step)
     return result

@@ -23,7 +23,7 @@ from qforge.engine.data.cache import load_examples
 from qforge.engine.thinking import split_think
 from qforge.engine.train import evaluate_loss
 from qforge.engine.train.build import build_model, resolve_tokenizer_dir
-from qforge.engine.train.loop import cache_dir_of
+from qforge.engine.train.config import cache_dir_of
 from qforge.engine.train.parallel import Dist
 from qforge.engine.vocab import VocabMap
 from qforge.recipes.common.files import read_jsonl, write_json

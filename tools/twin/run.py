@@ -29,11 +29,13 @@ from qforge.engine.data.preference import PreferenceBatch, PreferencePair
 from qforge.engine.train.build import freeze, frozen_dtype, meta_model
 from qforge.engine.train.config import OptimSettings
 from qforge.engine.vocab import VocabMap
-from qforge.engine.train.distill import DistillBatch, OffPolicyDistill, OnPolicyDistill, _teacher_score
+from qforge.engine.data.distill import DistillBatch
+from qforge.engine.train.distill import OffPolicyDistill, OnPolicyDistill, teacher_score
 from qforge.engine.train.dpo import DPO, sequence_logps
-from qforge.engine.train.loop import _loss_tables, optimizer_step, precision_policy, train_step
-from qforge.engine.train.objective import bind_forward_method
+from qforge.engine.train.loop import optimizer_step, precision_policy
+from qforge.engine.model import bind_forward_method
 from qforge.engine.train.metrics import training_flops
+from qforge.engine.train.sft import loss_tables, train_step
 from qforge.engine.train.optim import build_optimizer
 from qforge.engine.train.parallel import Dist, shard_model
 
@@ -393,16 +395,18 @@ def run_twin(plan: TwinPlan, rank: int = 0) -> dict:
         _create_optimizer_state(model, optimizer)
         step = train_step
         if plan.objective == "dpo":  # the pieces of DPO.prepare, with the twin's reference in place of build_frozen
-            objective.tables = _loss_tables(vocab, dist_.device)
+            objective.tables = loss_tables(vocab, dist_.device)
             bind_forward_method(model, "sequence_logps", sequence_logps)
             if plan.reference == "live":
                 frozen = objective.reference_model = _frozen(frozen, mesh, device, "sequence_logps", sequence_logps)
             step = objective.train_step
         elif plan.objective == "distill-off-policy":
             objective.prepare(model, None, vocab, dist_, autocast)
+            step = objective.train_step
         elif plan.objective == "distill-on-policy":  # OnPolicyDistill.prepare, the twin's teacher for load_teacher
-            objective.teacher = frozen = _frozen(frozen, mesh, device, "score", _teacher_score)
+            objective.teacher = frozen = _frozen(frozen, mesh, device, "score", teacher_score)
             objective.attach(model, vocab)
+            step = objective.learn  # the step after sampling: the batches stand for sampled rows
         tracker = _tracker(model, optimizer, sharded, probe, frozen)
         with tracker, _loss_probe(tracker, probe), _host_side_dpo_counts(), syncs, roofline, collectives:
             syncs.region = roofline.region = collectives.region = probe["region"] = "micro-batches"

@@ -29,6 +29,23 @@ def same_examples(a, b) -> bool:
         np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.labels, y.labels) for x, y in zip(a, b))
 
 
+def test_a_first_load_serves_what_it_wrote_without_reading_it_back(data_file, tmp_path, qwen_template, monkeypatch):
+    """The examples of a cache miss are read-only views of the memory-mapped arrays just written: pageable by the
+    OS like a cached load's, and the entry is not read back."""
+    import qforge.engine.data.cache as cache_module
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the entry just written was read back")
+
+    monkeypatch.setattr(cache_module, "_read_cache", no_reading)
+    fresh, summary = load_examples(data_file, qwen_template, cache_dir=tmp_path / "cache", progress=False)
+    assert not summary.from_cache and summary.num_examples == len(ROWS)
+    assert all(isinstance(e.input_ids.base, np.memmap) and not e.labels.flags.writeable for e in fresh)
+    monkeypatch.undo()
+    cached, again = load_examples(data_file, qwen_template, cache_dir=tmp_path / "cache", progress=False)
+    assert again.from_cache and same_examples(fresh, cached) and again.kinds == summary.kinds
+
+
 def test_second_load_comes_from_the_cache_without_tokenising(data_file, tmp_path, qwen_template, monkeypatch):
     cache = tmp_path / "cache"
     fresh, summary = load_examples(data_file, qwen_template, cache_dir=cache, progress=False)

@@ -81,6 +81,8 @@ def test_auto_thinking_is_decided_per_pair_for_both_sides(tmp_path, qwen_templat
     plain = {"messages": [{"role": "user", "content": "2 + 2 = ?"}], "chosen": "4", "rejected": "5"}
     path = tmp_path / "mixed.jsonl"
     path.write_text(json.dumps(ROWS[1], ensure_ascii=False) + "\n" + json.dumps(plain) + "\n", encoding="utf-8")
-    auto, on, off = (load_pairs([path], qwen_template, enable_thinking=mode)[0] for mode in ("auto", True, False))
+    # empty_think=train: a plain pair's empty think block is supervised with thinking on only, so the modes differ
+    auto, on, off = (load_pairs([path], qwen_template, enable_thinking=mode, empty_think="train")[0]
+                     for mode in ("auto", True, False))
     assert same_pairs(auto[:1], on[:1]) and same_pairs(auto[1:], off[1:]) and not same_pairs(auto[1:], on[1:])
     assert np.array_equal(auto[1].chosen.input_ids[:-4], auto[1].rejected.input_ids[:-4])  # one prompt rendering

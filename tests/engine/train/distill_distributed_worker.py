@@ -3,6 +3,7 @@ and, for the reference, in the test's own process (one rank, unsharded, replicat
 
     distill_distributed_worker.py <case file (JSON)> <result dir>
 """
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ CONFIG = SimpleNamespace(train=SimpleNamespace(precision="fp32"), data=SimpleNam
 
 
 def _prompt_batch(prompts, seed):
-    from qforge.engine.train.distill import Prompt, PromptBatch
+    from qforge.engine.data.distill import Prompt, PromptBatch
 
     return PromptBatch([Prompt(np.array(p, dtype=np.int32), np.array(p, dtype=np.int32), 0) for p in prompts], seed)
 
@@ -82,20 +83,20 @@ def on_policy_step(case, dist_, ranks):
     from torch.distributed.tensor import DTensor
 
     from qforge.engine.train.distill import OnPolicyDistill
-    from qforge.engine.train.loop import train_step
 
     model = load_student(case["student"], dist_)
     objective = OnPolicyDistill(case["teacher"], max_new_tokens=case["on_policy_new_tokens"])
     objective.template = SimpleNamespace(eos_id=EOS)
     objective.prepare(model, CONFIG, None, dist_, None)
-    sampled = [objective._sample(model, _prompt_batch(case["prompts"][r], 100 + r), dist_.device, greedy=False)
+    sampled = [objective.sample(model, _prompt_batch(case["prompts"][r], 100 + r), dist_.device, greedy=False)
                for r in ranks]
-    loss_sum, weight = train_step(model, [s.packed for s in sampled], dist_)
+    step = objective.learn(model, sampled, dist_, None, contextlib.nullcontext)
+    loss_sum, weight = step.loss_sum, step.weight
     grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
              for name, p in model.named_parameters()}
     teacher = list(objective.teacher.parameters())
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in teacher)
-    return {"samples": [s.packed.input_ids.tolist() for s in sampled], "loss_sum": loss_sum, "weight": weight,
+    return {"samples": [s.input_ids.tolist() for s in sampled], "loss_sum": loss_sum, "weight": weight,
             "grads": grads, "teacher_local_bytes": local,
             "teacher_bytes": sum(p.numel() * p.element_size() for p in teacher),
             "teacher_sharded_after_step": all(isinstance(p, DTensor) for p in teacher),

@@ -69,7 +69,7 @@ def test_off_policy_targets_and_loss_match_transformers(few_rows, teacher, tmp_p
     vocab = build_vocab(config.vocab, datasets, template, student.config.vocab_size)
     objective.prepare(student, config, vocab, Dist(), contextlib.nullcontext)
     vocab_index, target_index = vocab.loss_tables(torch.device("cpu"))
-    loss = student.loss(batch, vocab_index=vocab_index, target_index=target_index)
+    loss = student.distill_loss(batch, vocab_index=vocab_index, target_index=target_index)
 
     # fp64 closed form over the kept vocabulary: forward KL to the renormalised kept top-k, mixed with CE
     logp = _hf_logprobs(student_dir, batch.packed)[rows][:, vocab_index].log_softmax(-1)
@@ -96,7 +96,7 @@ def test_on_policy_samples_and_reverse_kl_match_transformers(few_rows, teacher, 
     objective.prepare(student, config, vocab, Dist(), contextlib.nullcontext)
     vocab_index, target_index = vocab.loss_tables(torch.device("cpu"))
     prompts = objective.pack(datasets[0][:4], 4096, seed=0)[0]
-    sampled = objective._sample(student, prompts, torch.device("cpu"), greedy=False).packed
+    sampled = objective.sample(student, prompts, torch.device("cpu"), greedy=False)
     rows = (sampled.labels != -100).nonzero().squeeze(1)
     completion = sampled.labels[rows]
     assert torch.isin(completion, vocab_index).all()  # the student samples only kept tokens
@@ -104,7 +104,7 @@ def test_on_policy_samples_and_reverse_kl_match_transformers(few_rows, teacher, 
     for prompt, start in zip(prompts.prompts, starts.tolist()):  # every sequence is its prompt + a sample
         assert sampled.input_ids[start:start + len(prompt.prompt_ids)].tolist() == prompt.prompt_ids.tolist()
 
-    loss = student.loss(sampled, vocab_index=vocab_index, target_index=target_index)
+    loss = student.distill_loss(sampled, vocab_index=vocab_index, target_index=target_index)
     log_ps = _hf_logprobs(student_dir, sampled)[rows][:, vocab_index].log_softmax(-1)
     log_pt = _hf_logprobs(teacher, sampled)[rows][:, vocab_index].log_softmax(-1)
     expected = (log_ps.exp() * (log_ps - log_pt)).sum()
@@ -125,8 +125,8 @@ def test_an_off_policy_step_is_the_same_however_it_is_split_and_a_filler_adds_no
     for batches in (list(objective.pack(items, 4096, seed=0)), split[:2] + [filler] + split[2:]):
         student = load_model(student_dir, dtype=torch.float32)
         objective.prepare(student, config, None, Dist(), contextlib.nullcontext)
-        loss, weight, _ = objective.train_step(student, batches, Dist(), None, contextlib.nullcontext)
-        results.append((loss / weight, [p.grad.clone() for p in student.parameters()]))
+        step = objective.train_step(student, batches, Dist(), None, contextlib.nullcontext)
+        results.append((step.loss_sum / step.weight, [p.grad.clone() for p in student.parameters()]))
     (one, one_grads), (split_loss, split_grads) = results
     assert split_loss == pytest.approx(one, rel=1e-6) and one > 0
     for a, b in zip(one_grads, split_grads):

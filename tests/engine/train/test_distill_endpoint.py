@@ -19,7 +19,7 @@ from qforge.engine.serve.app import serve_model
 from qforge.engine.serve.app import BackgroundServer, openai_error
 from qforge.engine.serve.protocol import APIError
 from qforge.engine.train.distill import teacher_top_k
-from qforge.engine.train.loop import _load_data
+from qforge.engine.train.sft import load_sft_data
 from qforge.engine.train.parallel import Dist
 from qforge.engine.train.teacher_endpoint import EndpointTeacher
 from qforge.recipes.distill import DistillConfig, main as distill_main
@@ -55,7 +55,7 @@ def _assert_same_top_k(examples, scored, local):
 
 def _examples_of(few_rows, teacher, tmp_path):
     template = ChatTemplate.from_pretrained(teacher)
-    return _load_data(_config(few_rows, tmp_path / "out", teacher), template, Dist())[0][0], template.tokenizer
+    return load_sft_data(_config(few_rows, tmp_path / "out", teacher), template, Dist())[0][0], template.tokenizer
 
 
 def test_endpoint_top_k_equals_the_local_teacher(few_rows, teacher, served_teacher, tmp_path):

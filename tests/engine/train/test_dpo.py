@@ -62,6 +62,21 @@ def test_bad_rows_name_file_line_and_field(tmp_path, qwen_tokenizer_dir):
     assert len(pairs) == 1 and summary.skipped[0].line == 2
 
 
+@pytest.mark.parametrize("empty_think", ["mask", "train"])
+def test_dpo_follows_data_empty_think(tmp_path, qwen_tokenizer_dir, empty_think):
+    """A plain pair rendered with thinking on: its replies' empty <think></think> block is left out of their
+    log-probabilities under data.empty_think=mask (the default, as in SFT), kept under "train"."""
+    path = write_rows(tmp_path / "pairs.jsonl", [ROWS[0]])
+    config = load_config(DPOConfig, None, [f"model.path={qwen_tokenizer_dir}", f"data.train=[{path}]",
+                                           f"output.dir={tmp_path / 'out'}", f"data.empty_think={empty_think}"])
+    template = ChatTemplate.from_pretrained(qwen_tokenizer_dir)
+    pair = DPO().load_data(config, template, Dist())[0][0][0]
+    think = "<think>\n\n</think>\n\n" if empty_think == "train" else ""
+    for example, reply in ((pair.chosen, "Đáp án: 5"), (pair.rejected, "Đáp án: 6")):
+        supervised = example.input_ids[example.labels != -100].tolist()
+        assert template.tokenizer.decode(supervised, skip_special_tokens=False) == f"{think}{reply}<|im_end|>"
+
+
 def _trl_loss_and_grads(checkpoint, rows, beta, alphas, reference=None):
     """The oracle, independent of qforge: TRL's DPOTrainer tokenises the pairs with the HF tokenizer's chat
     template and computes its sigmoid (+ sft) loss with a reference model (a copy of the policy, or the
@@ -116,7 +131,7 @@ def test_loss_and_gradients_equal_trl(checkpoint, tmp_path, qwen_tokenizer_dir):
     path = write_rows(tmp_path / "pairs.jsonl", ROWS)
     config = load_config(DPOConfig, None, [f"model.path={checkpoint}", f"data.train=[{path}]", "train.precision=fp32",
                                            f"output.dir={tmp_path / 'out'}", f"dpo.beta={beta}", "train.max_steps=1",
-                                           f"dpo.sft_weight={alpha}"])
+                                           f"dpo.sft_weight={alpha}", "data.empty_think=train"])  # as TRL
     template = ChatTemplate.from_pretrained(checkpoint)
     objective = DPO(beta, alpha, "cached")
     datasets, _, _ = objective.load_data(config, template, Dist())
@@ -133,7 +148,8 @@ def test_loss_and_gradients_equal_trl(checkpoint, tmp_path, qwen_tokenizer_dir):
     longest = max(len(p) for p in pairs)
     batches = pack_pairs(pairs, longest + 1, seed=0)  # several micro-batches: the step's normalisers must hold
     assert len(batches) > 1
-    loss, _, metrics = objective.train_step(model, batches, Dist(), None, contextlib.nullcontext)
+    step = objective.train_step(model, batches, Dist(), None, contextlib.nullcontext)
+    loss, metrics = step.loss_sum, step.metrics
     assert metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at the first step
     _assert_close_to_trl(model, loss, trl_loss, trl_grads)
 
@@ -160,13 +176,15 @@ def test_a_separate_reference_model_gives_trls_loss_rewards_and_gradients(checkp
         assert abs(trl_metrics["rewards/margins"]) > 0.05 and 0 < trl_metrics["rewards/accuracies"] < 1
         config = load_config(DPOConfig, None, [
             f"model.path={checkpoint}", f"data.train=[{path}]", "train.precision=fp32", f"output.dir={tmp_path}",
-            f"dpo.reference={reference}", f"dpo.reference_model={reference_checkpoint}", f"dpo.sft_weight={alpha}"])
+            f"dpo.reference={reference}", f"dpo.reference_model={reference_checkpoint}", f"dpo.sft_weight={alpha}",
+            "data.empty_think=train"])  # TRL supervises the whole completion, an empty think block included
         objective = DPO(0.3, alpha, reference, str(tmp_path / "reference"), str(reference_checkpoint))
         pairs = objective.load_data(config, template, Dist())[0][0]
         model = load_model(checkpoint, dtype=torch.float32)
         objective.prepare(model, config, None, Dist(), contextlib.nullcontext)
         batches = pack_pairs(pairs, max(len(p) for p in pairs) + 1, seed=0)
-        loss, _, metrics = objective.train_step(model, batches, Dist(), None, contextlib.nullcontext)
+        step = objective.train_step(model, batches, Dist(), None, contextlib.nullcontext)
+        loss, metrics = step.loss_sum, step.metrics
         _assert_close_to_trl(model, loss, trl_loss, trl_grads)
         for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                      "logps/rejected"):

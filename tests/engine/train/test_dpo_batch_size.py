@@ -83,8 +83,8 @@ def test_a_step_is_normalised_by_its_pairs_however_it_is_split(checkpoint, refer
         else:
             batches = pack_pairs(pairs, 4096, seed=0)
             assert len(batches) == 1
-        loss, weight, metrics = objective.train_step(model, batches, Dist(), None, contextlib.nullcontext)
-        results.append((loss / weight, metrics, [p.grad.clone() for p in model.parameters()]))
+        step = objective.train_step(model, batches, Dist(), None, contextlib.nullcontext)
+        results.append((step.loss_sum / step.weight, step.metrics, [p.grad.clone() for p in model.parameters()]))
     (one, one_metrics, one_grads), (split_loss, split_metrics, split_grads) = results
     assert split_loss == pytest.approx(one, rel=1e-6) and abs(one_metrics["rewards/margins"]) > 0.05
     assert split_metrics == pytest.approx(one_metrics, rel=1e-5, abs=1e-6)

@@ -13,7 +13,8 @@ from qforge.engine.data.cache import load_examples
 from qforge.engine.data.packing import PackedBatch
 from qforge.engine.train import FFTConfig, train, train_step
 from qforge.engine.train.build import build_model, resolve_tokenizer_dir
-from qforge.engine.train.loader import SequenceStepLoader, StepLoader, planned_steps, zero_weight
+from qforge.engine.data.example import zero_weight
+from qforge.engine.train.loader import SequenceStepLoader, StepLoader, planned_steps
 from qforge.engine.train.parallel import Dist
 
 

@@ -153,7 +153,7 @@ def test_release_returns_a_sharded_frozen_models_memory():
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from qforge.engine.train.build import freeze
-    from qforge.engine.train.objective import bind_forward_method
+    from qforge.engine.model import bind_forward_method
     from qforge.engine.train.parallel import shard_model
 
     if not dist.is_initialized():

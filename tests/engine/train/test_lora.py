@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from qwen3_fixtures import save_hf_qwen3
+from qwen3_fixtures import save_hf_qwen3, save_hf_qwen3_vl
 from tiny_run import TINY_MODEL, tiny_overrides, tiny_run_files  # noqa: F401 (fixture)
 from transformers import Qwen3ForCausalLM
 
@@ -84,6 +84,31 @@ def test_lora_training_resumes_exactly_and_exports(tiny_run_files, tmp_path):
     with pytest.raises(ConfigKeyError, match="'train.lora.rank' must be int ≥ 1, got 0"):
         settings(tmp_path / "bad", **{"train.lora.rank": 0, "train.max_steps": 1})
     assert not isinstance(load_model(full.final_dir).layers[0].self_attn.q_proj, LoRALinear)
+
+
+def test_trainer_exports_in_the_format_and_dtype_of_its_source(tiny_run_files, tmp_path):
+    """A bf16 Qwen3-VL checkpoint trained with fp32 parameters: final/ is a Qwen3-VL checkpoint stored in bf16 again
+    (vision tower untouched) and the adapter's keys are the VL checkpoint's (`model.language_model.…`), which is
+    what the run's weights policy learned from the source when it was read."""
+    import safetensors
+    from transformers import Qwen3VLForConditionalGeneration
+
+    text = {k: v for k, v in TINY_MODEL.items() if k not in ("architectures", "model_type", "torch_dtype",
+                                                              "tie_word_embeddings", "max_position_embeddings")}
+    base = save_hf_qwen3_vl(tmp_path / "base", seed=3, dtype=torch.bfloat16, **text)
+    config = load_config(FFTConfig, None, tiny_overrides(tiny_run_files, tmp_path / "run", **{
+        "model.config": "null", "model.path": str(base), "train.method": "lora", "train.lora.rank": 4,
+        "train.max_steps": 2}))
+    final = train(config).final_dir
+    assert json.loads((final / "config.json").read_text())["model_type"] == "qwen3_vl"
+    vl = Qwen3VLForConditionalGeneration.from_pretrained(final)
+    assert vl.dtype == torch.bfloat16
+    original = Qwen3VLForConditionalGeneration.from_pretrained(base)
+    for name, param in original.model.visual.named_parameters():
+        assert torch.equal(param, vl.model.visual.get_parameter(name)), name
+    with safetensors.safe_open(tmp_path / "run/final-adapter/adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(".language_model." in key for key in keys), keys[:3]
 
 
 @pytest.mark.slow

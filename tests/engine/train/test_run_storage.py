@@ -16,7 +16,7 @@ from qforge.engine import files
 from qforge.engine.config_io import load_config
 from qforge.engine.errors import CheckpointError, ConfigError, StorageError
 from qforge.engine.train import FFTConfig, train
-from qforge.engine.train import loop
+from qforge.engine.train import build as train_build
 from qforge.engine.train import resume as train_state
 
 
@@ -166,13 +166,13 @@ def test_a_disk_that_fills_up_during_a_save_or_the_export_loses_nothing(tiny_run
     assert train_state.verify_checkpoint(out / "checkpoints/step-1") is None
 
     monkeypatch.setattr(train_state, "_write_checkpoint", real_write)
-    real_save_model = loop.save_model
+    real_save_model = train_build.save_model  # the export's writer (the weights policy's)
 
     def full_disk_export(*args, **kwargs):
         with _file_size_limit(1 << 20):
             return real_save_model(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "save_model", full_disk_export)
+    monkeypatch.setattr(train_build, "save_model", full_disk_export)
     with pytest.raises(StorageError, match=r"writing the export to .*run/final failed \(.*File too large.*\); free "
                                            r"some space, then rerun with train.resume=auto"):
         train(_config(tiny_run_files, out, **{"train.max_steps": 2, "train.resume": "auto"}))

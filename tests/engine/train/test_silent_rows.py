@@ -10,7 +10,7 @@ from tiny_run import tiny_overrides, tiny_run_files  # noqa: F401 (fixture)
 from qforge.engine.config_io import load_config
 from qforge.engine.data import ChatTemplate, DataError, load_examples
 from qforge.engine.train import FFTConfig, train
-from qforge.engine.train.loop import check_row_warnings
+from qforge.engine.train.sft import check_row_warnings
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 
