@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from e2e_workload import MODEL, Workload, load, prepare  # noqa: E402
+
+from qforge.engine.files import write_json  # noqa: E402
 
 CASE = Path(__file__).with_name("e2e_case.py")
 CPU_TARGETS = {"speedup_vs_hf_padded": (">=", 2.5), "speedup_vs_hf_padding_free": (">=", 1.3),
@@ -143,12 +144,6 @@ def describe(directory: Path, device: str) -> dict:
             "supervised_fraction": sum(e.num_loss_tokens for e in used) / sum(lengths)}
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one run of 2 short steps (a few minutes)")
@@ -191,7 +186,7 @@ def main() -> None:
     summary = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "workload": info,
                **summarise(runs, args.device, workload.warmup_steps)}
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "e2e.json", json.dumps(summary, indent=1))
+    write_json(args.out / "e2e.json", summary, indent=1)
     chart(summary, args.out / "e2e.png")
     print(table(summary))
     for name, check in summary["loss_agreement"].items():

@@ -63,7 +63,7 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, loader_s
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     model_state, optim_state = get_state_dict(model, optimizer)
-    needed = int(dist_.all_reduce_sum(float(_state_bytes(model_state) + _state_bytes(optim_state)))) + (1 << 20)
+    needed = int(dist_.all_reduce_sum(float(state_bytes(model_state) + state_bytes(optim_state)))) + (1 << 20)
     check_space(root, needed, f"checkpoint {final.name}", dist_)
     try:
         manifest = _write_checkpoint(tmp, step, model_state, optim_state, scheduler, loader_state, counters,
@@ -144,7 +144,7 @@ def _write_checkpoint(tmp: Path, step, model_state, optim_state, scheduler, load
     dist_.barrier()
     writer = dcp.FileSystemWriter(str(tmp / "state"))
     writer.fs = fs = _HashingFileSystem(tmp)
-    with _single_process_is_intended():
+    with single_process_is_intended():
         dcp.save({"model": model_state, "optim": optim_state}, storage_writer=writer)
     records = fs.records
     with HashingWriter(tmp / f"rng-rank{dist_.rank}.pt") as rng:
@@ -170,12 +170,12 @@ def _write_checkpoint(tmp: Path, step, model_state, optim_state, scheduler, load
     return manifest
 
 
-def _state_bytes(state) -> int:
+def state_bytes(state) -> int:
     """Bytes of the tensors in a (nested) state dict on this rank (a DTensor counts its local shard)."""
     if isinstance(state, dict):
-        return sum(_state_bytes(value) for value in state.values())
+        return sum(state_bytes(value) for value in state.values())
     if isinstance(state, (list, tuple)):
-        return sum(_state_bytes(value) for value in state)
+        return sum(state_bytes(value) for value in state)
     if isinstance(state, torch.Tensor):
         local = state.to_local() if hasattr(state, "to_local") else state
         return local.numel() * local.element_size()
@@ -346,7 +346,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, dist_: Dist) 
                                   f"optim.state_dtype must be what it was when the checkpoint was written")
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
-        with _single_process_is_intended():
+        with single_process_is_intended():
             dcp.load(state, checkpoint_id=str(path / "state"))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         scheduler.load_state_dict(meta["scheduler"])
@@ -416,7 +416,7 @@ def _fsync_dir(path: Path):
 
 
 @contextlib.contextmanager
-def _single_process_is_intended():
+def single_process_is_intended():
     """DCP warns on every save/load without a process group; a single-process run is one on purpose."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")

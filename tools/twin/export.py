@@ -179,7 +179,7 @@ def trace_checkpoint_state(model: str, gpus: int, precision: str = "bf16-mixed",
     from qforge.engine.train.loop import precision_policy
     from qforge.engine.train.optim import build_optimizer
     from qforge.engine.train.parallel import Dist, shard_model
-    from qforge.engine.train.resume import _single_process_is_intended, _state_bytes
+    from qforge.engine.train.resume import single_process_is_intended, state_bytes
 
     from .run import _create_optimizer_state, _local_bytes, twin_mesh
 
@@ -201,13 +201,13 @@ def trace_checkpoint_state(model: str, gpus: int, precision: str = "bf16-mixed",
             shard_bytes = _local_bytes(net)
             with tracker:
                 model_state, optim_state = get_state_dict(net, optimizer)
-                state_bytes = _state_bytes(model_state) + _state_bytes(optim_state)
-                with _single_process_is_intended():  # no_dist: DCP warns that it saves in one process
+                checkpoint_bytes = state_bytes(model_state) + state_bytes(optim_state)
+                with single_process_is_intended():  # no_dist: DCP warns that it saves in one process
                     dcp.save({"model": model_state, "optim": optim_state}, storage_writer=_null_writer(written),
                              no_dist=True)
             before = sum(s["Total"] for d, s in tracker.get_tracker_snapshot("current").items() if d.type == "cpu")
         peak = tracker.get_tracker_snapshot("peak")
-        ranks.append({"rank": rank, "shard_bytes": shard_bytes, "state_bytes": state_bytes,
+        ranks.append({"rank": rank, "shard_bytes": shard_bytes, "state_bytes": checkpoint_bytes,
                       "device_peak_bytes": sum(s["Total"] for d, s in peak.items() if d.type == "cpu"),
                       "device_after_bytes": before, "peak_host_bytes": functions.peak_host_bytes,
                       "written_bytes": sum(w["bytes"] for w in written), "items": len(written)})
