@@ -27,8 +27,8 @@ from qforge.engine.checkpoint import save as checkpoint
 from qforge.engine.train.parallel import Dist
 
 from .collectives import Collectives, check_sequences
-from .fake_cuda import FakeDeviceFunctions, _target_device, mark_sharding_propagation, on_device
-from .load import _device_memory_tracker, host_shard_arithmetic
+from .fake_cuda import FakeDeviceFunctions, target_device, mark_sharding_propagation, on_device
+from .load import device_memory_tracker, host_shard_arithmetic
 from .models import resolve_config
 
 
@@ -45,7 +45,7 @@ class HostCopies(FakeDeviceFunctions):
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
-        to_host = func is torch.Tensor.cpu or func is torch.Tensor.to and str(_target_device(args, kwargs)) == "cpu"
+        to_host = func is torch.Tensor.cpu or func is torch.Tensor.to and str(target_device(args, kwargs)) == "cpu"
         if to_host and on_device(args[0]) and not isinstance(args[0], DTensor):  # a DTensor's .to(its mesh's
             source = args[0]                                                       # device) stays on the GPU
             dtype = kwargs.get("dtype") or next((a for a in args[1:] if isinstance(a, torch.dtype)), source.dtype)
@@ -89,7 +89,7 @@ def trace_export(model: str, gpus: int, precision: str = "bf16-mixed", dtype: to
     from qforge.engine.train.loop import precision_policy
     from qforge.engine.train.parallel import full_state_dict, shard_model
 
-    from .run import _local_bytes, twin_mesh
+    from .run import local_bytes, twin_mesh
 
     config = resolve_config(model)
     device = torch.device("cpu")
@@ -101,12 +101,12 @@ def trace_export(model: str, gpus: int, precision: str = "bf16-mixed", dtype: to
             mesh = twin_mesh(gpus, rank)
             net = meta_model(config, param_dtype)
             fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-            functions, tracker, collectives, written = HostCopies(fake_mode), _device_memory_tracker(), Collectives(), []
+            functions, tracker, collectives, written = HostCopies(fake_mode), device_memory_tracker(), Collectives(), []
             with fake_mode, functions, mark_sharding_propagation(), _null_sink(written, staging):
                 shard_model(net, compute_dtype, mesh=mesh)
                 net.to_empty(device=device)
                 net.reset_buffers()
-                shard_bytes = _local_bytes(net)
+                shard_bytes = local_bytes(net)
                 collectives.region = what
                 with tracker, collectives:
                     if what == "save_model":
@@ -181,7 +181,7 @@ def trace_checkpoint_state(model: str, gpus: int, precision: str = "bf16-mixed",
     from qforge.engine.train.parallel import Dist, shard_model
     from qforge.engine.train.resume import single_process_is_intended, state_bytes
 
-    from .run import _create_optimizer_state, _local_bytes, twin_mesh
+    from .run import create_optimizer_state, local_bytes, twin_mesh
 
     config = resolve_config(model)
     device = torch.device("cpu")
@@ -191,14 +191,14 @@ def trace_checkpoint_state(model: str, gpus: int, precision: str = "bf16-mixed",
         mesh = twin_mesh(gpus, rank)
         net = meta_model(config, param_dtype)
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        functions, tracker, written = HostCopies(fake_mode), _device_memory_tracker(), []
+        functions, tracker, written = HostCopies(fake_mode), device_memory_tracker(), []
         with fake_mode, functions, mark_sharding_propagation(), host_shard_arithmetic():
             shard_model(net, compute_dtype, mesh=mesh)
             net.to_empty(device=device)
             net.reset_buffers()
             optimizer = build_optimizer(net, OptimSettings(state_dtype=optim_state_dtype))
-            _create_optimizer_state(net, optimizer)
-            shard_bytes = _local_bytes(net)
+            create_optimizer_state(net, optimizer)
+            shard_bytes = local_bytes(net)
             with tracker:
                 model_state, optim_state = get_state_dict(net, optimizer)
                 checkpoint_bytes = state_bytes(model_state) + state_bytes(optim_state)

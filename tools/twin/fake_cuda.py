@@ -89,7 +89,7 @@ def mark_sharding_propagation():
         ShardingPropagator._propagate_tensor_meta_non_cached = original
 
 
-def _target_device(args, kwargs):
+def target_device(args, kwargs):
     if "device" in kwargs:
         return kwargs["device"]
     for arg in args[1:]:
@@ -124,7 +124,7 @@ class FakeDeviceFunctions(TorchFunctionMode):
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.Tensor.to and _target_device(args, kwargs) is not None and not on_device(args[0]):
+        if func is torch.Tensor.to and target_device(args, kwargs) is not None and not on_device(args[0]):
             source = args[0]
             self.host_to_device_bytes += source.numel() * source.element_size()
             moved = self.fake_mode.from_tensor(source)

@@ -155,7 +155,7 @@ def host_shard_arithmetic():
             setattr(module, name, original)
 
 
-def _device_memory_tracker():
+def device_memory_tracker():
     from torch.distributed._tools.mem_tracker import MemTracker
 
     class DeviceMemory(MemTracker):
@@ -180,7 +180,7 @@ def trace_load(model: str, gpus: int, precision: str = "bf16-mixed", stored: tor
     from qforge.engine.train.loop import precision_policy
     from qforge.engine.train.parallel import Dist, load_sharded, shard_model
 
-    from .run import _local_bytes, twin_mesh
+    from .run import local_bytes, twin_mesh
 
     config = resolve_config(model)
     device = torch.device("cpu")
@@ -196,13 +196,13 @@ def trace_load(model: str, gpus: int, precision: str = "bf16-mixed", stored: tor
             fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
             net = meta_model(config, param_dtype)
             mesh = twin_mesh(gpus, rank) if gpus > 1 else None
-            tracker = _device_memory_tracker()
+            tracker = device_memory_tracker()
             with fake_mode, FakeDeviceFunctions(fake_mode), files.installed(), mark_sharding_propagation():
                 if gpus > 1:
                     shard_model(net, compute_dtype, mesh=mesh)
                 with tracker:
                     load_sharded(net, directory, device)
-                shard_bytes = _local_bytes(net)
+                shard_bytes = local_bytes(net)
                 dtypes = sorted({str(p.dtype)[6:] for p in net.parameters()})
             device_peak = sum(snap["Total"] for dev, snap in tracker.get_tracker_snapshot("peak").items()
                               if dev.type == "cpu")

@@ -171,7 +171,7 @@ def _frozen(model, mesh, device, method: str, fn):
     return model
 
 
-def _local_bytes(module) -> int:
+def local_bytes(module) -> int:
     """Bytes of this rank's parameters (the local shard of a DTensor)."""
     return sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in module.parameters())
 
@@ -308,7 +308,7 @@ def _host_side_dpo_counts():
         dpo_module.chosen_token_count = original
 
 
-def _create_optimizer_state(model, optimizer):
+def create_optimizer_state(model, optimizer):
     """What a first step leaves behind: AdamW's moments (a step on zero gradients creates them)."""
     with torch.no_grad():
         for param in model.parameters():
@@ -392,7 +392,7 @@ def run_twin(plan: TwinPlan, rank: int = 0) -> dict:
         model.reset_buffers()
         model.train()
         optimizer = build_optimizer(model, OptimSettings(state_dtype=plan.optim_state_dtype))
-        _create_optimizer_state(model, optimizer)
+        create_optimizer_state(model, optimizer)
         step = train_step
         if plan.objective == "dpo":  # the pieces of DPO.prepare, with the twin's reference in place of build_frozen
             objective.tables = loss_tables(vocab, dist_.device)
@@ -415,7 +415,7 @@ def run_twin(plan: TwinPlan, rank: int = 0) -> dict:
             optimizer_step(model, optimizer, plan.grad_clip)
         peak = _device_snapshot(tracker.get_tracker_snapshot("peak"))
         host_to_device = functions.host_to_device_bytes
-        frozen_bytes = _local_bytes(frozen) if frozen is not None else 0
+        frozen_bytes = local_bytes(frozen) if frozen is not None else 0
 
     result = _report(plan, config, gpu, peak, probe, roofline, syncs, lengths, host_to_device)
     result["collectives"] = collectives.calls
