@@ -1,5 +1,5 @@
-"""The items and micro-batches of distillation: SFT examples with a teacher's stored top-k (off-policy), and
-prompts the student samples from inside the training step (on-policy)."""
+"""The items and micro-batches of off-policy distillation: SFT examples with a teacher's stored top-k (prompts
+for on-policy sampling are in prompts.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,27 +58,3 @@ class DistillBatch:
         ids[rows] = torch.from_numpy(np.concatenate([item.ids for item in items])).long()
         logprobs[rows] = torch.from_numpy(np.concatenate([item.logprobs for item in items]))
         return cls(packed, ids, logprobs)
-
-
-@dataclass(eq=False)
-class Prompt:
-    """A prompt to sample from; `labels` are its SFT example's (for vocab.restrict=data and label checks)."""
-    prompt_ids: np.ndarray
-    labels: np.ndarray
-    budget: int  # prompt + max_new_tokens: what packing reserves
-
-    def __len__(self) -> int:
-        return self.budget
-
-    @property
-    def num_loss_tokens(self) -> int:
-        return 1
-
-
-@dataclass(frozen=True, eq=False)
-class PromptBatch:
-    """Prompts of one micro-batch and the seed their completions are sampled with (from the micro-batch's place
-    in the epoch's packing, which the data cursor restores); `OnPolicyDistill.sample` turns it into the packed
-    prompt + completion sequences the step trains on."""
-    prompts: list[Prompt]
-    seed: int

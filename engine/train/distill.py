@@ -38,9 +38,9 @@ from qforge.kernels import fused_linear_kl
 
 from ..config import Qwen3Config
 from ..data import PackedBatch
-from ..data.distill import DistillBatch, Prompt, PromptBatch, TeacherTargets
+from ..data.distill import DistillBatch, TeacherTargets
+from ..data.prompts import Prompt, PromptBatch, load_prompts
 from ..data.example import Example, make_example, zero_weight
-from ..data.formats import read_conversations
 from ..data.packing import Batches, pack_items
 from ..errors import ConfigError, DataError
 from ..files import check_writable_dir, replace_dir, staged_dir
@@ -363,17 +363,8 @@ class OnPolicyDistill:
         return datasets, [p for path in config.data.eval for p in self._prompts(path, config, template)], fingerprint
 
     def _prompts(self, path, config, template) -> list[Prompt]:
-        conversations = []
-        for line, messages in read_conversations(path, config.data.format, config.data.max_row_bytes):
-            if isinstance(messages, Exception):
-                raise DataError(f"{path}:{line}: {messages}")
-            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            conversations.append(messages[:last + 1])
-        examples = template.encode_batch(conversations, self.enable_thinking, supervise="last")
-        texts = [template.render(c[:-1], self.enable_thinking, add_generation_prompt=True) for c in conversations]
-        prompts = [np.array(e.ids, dtype=np.int32)
-                   for e in template.tokenizer.encode_batch(texts, add_special_tokens=False)]
-        return [Prompt(ids, e.labels, len(ids) + self.max_new_tokens + 1) for ids, e in zip(prompts, examples)]
+        return load_prompts(path, template, self.max_new_tokens, fmt=config.data.format,
+                            max_row_bytes=config.data.max_row_bytes, enable_thinking=self.enable_thinking)
 
     def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate", loss_weighting: str = "token",
              vocab=None):

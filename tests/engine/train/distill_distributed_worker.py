@@ -18,7 +18,7 @@ CONFIG = SimpleNamespace(train=SimpleNamespace(precision="fp32"), data=SimpleNam
 
 
 def _prompt_batch(prompts, seed):
-    from qforge.engine.data.distill import Prompt, PromptBatch
+    from qforge.engine.data.prompts import Prompt, PromptBatch
 
     return PromptBatch([Prompt(np.array(p, dtype=np.int32), np.array(p, dtype=np.int32), 0) for p in prompts], seed)
 
