@@ -22,7 +22,7 @@ from qforge.kernels import apply_rope, fused_linear_cross_entropy, rms_norm, swi
 from .attention import padded_attention, varlen_attention
 from .config import Qwen3Config
 from .precision import autocast_weight
-from .moe import SparseMoeBlock, expert_load, load_balancing_loss
+from .moe import RouterBalance, RouterStats, SparseMoeBlock, expert_load, load_balancing_loss
 from .rope_scaling import rope_frequencies
 
 
@@ -117,6 +117,8 @@ class Qwen3(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
         self.activation_checkpointing = False
+        # MoE: the load-balancing loss training adds (the trainer may override the checkpoint's coefficient)
+        self.router_balance = RouterBalance(config.router_aux_loss_coef) if config.num_experts else None
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
         self.reset_buffers()
 
@@ -183,10 +185,14 @@ class Qwen3(nn.Module):
     def sparse_blocks(self) -> dict[int, SparseMoeBlock]:
         return {i: block.mlp for i, block in enumerate(self.layers) if isinstance(block.mlp, SparseMoeBlock)}
 
+    def router_stats(self) -> list[RouterStats]:
+        """Every sparse layer's routing in the last forward (empty for a dense model)."""
+        return [block.router_stats for block in self.sparse_blocks().values() if block.router_stats is not None]
+
     def router_aux_loss(self) -> torch.Tensor | None:
         """HF's load-balancing loss over every sparse layer of the last forward (None for a dense model); the
-        training loss adds `config.router_aux_loss_coef` times it."""
-        stats = [block.router_stats for block in self.sparse_blocks().values() if block.router_stats is not None]
+        training loss adds `router_balance.coef` times it (engine/train/sft.py)."""
+        stats = self.router_stats()
         return load_balancing_loss(stats) if stats else None
 
     def expert_load(self) -> dict[int, dict[str, torch.Tensor]]:

@@ -12,6 +12,7 @@ at once (`Qwen3.router_aux_loss`), and for the per-layer expert load metrics (`e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,15 @@ class RouterStats:
     aux_counts: torch.Tensor         # [E] fp32 assignments as HF's loss counts them (top-k of probs in logits' dtype)
     prob_sum: torch.Tensor           # [E] fp32 Σ over tokens of softmax(logits), differentiable
     rows: int                        # tokens routed
+
+
+@dataclass
+class RouterBalance:
+    """How training adds the load-balancing loss (docs/moe.md "Training"): `coef` times the loss (0: off), taken
+    per micro-batch and averaged over the step's micro-batches ("micro_batch", HF's loss of each forward), or with
+    the expert counts pooled over the whole step, every micro-batch on every rank ("global_batch")."""
+    coef: float
+    scope: Literal["micro_batch", "global_batch"] = "micro_batch"
 
 
 class Router(nn.Module):
@@ -90,12 +100,23 @@ def _router_stats(logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor)
     return RouterStats(counts, aux_counts, probs.float().sum(0), logits.shape[0])
 
 
-def load_balancing_loss(stats: list[RouterStats]) -> torch.Tensor:
+def routing_counts(stats: list[RouterStats]) -> torch.Tensor:
+    """[E + 1] fp32: the loss's assignment counts per expert pooled over the layers, then the rows routed."""
+    rows = torch.tensor([float(sum(s.rows for s in stats))], device=stats[0].aux_counts.device)
+    return torch.cat([sum(s.aux_counts for s in stats), rows])
+
+
+def load_balancing_loss(stats: list[RouterStats], pooled: torch.Tensor | None = None) -> torch.Tensor:
     """HF's `load_balancing_loss_func` (no attention mask: packed batches have no padding): E · Σ_e f_e · P_e with
     f_e the share of top-k assignments and P_e the mean router probability of expert e, both pooled over every
-    layer's rows (not a per-layer mean)."""
-    rows = sum(s.rows for s in stats)
-    tokens_per_expert = sum(s.aux_counts for s in stats) / rows
+    layer's rows (not a per-layer mean).
+
+    `pooled` (`routing_counts` summed over a whole step) replaces this forward's counts and row total: the result
+    is then this forward's share of the step's loss E · Σ_e f_e · P_e (f_e and P_e over the step), so the shares
+    of the step's forwards add up to it, and so do their gradients (f_e carries none)."""
+    counts = routing_counts(stats) if pooled is None else pooled
+    rows = counts[-1]
+    tokens_per_expert = counts[:-1] / rows
     router_prob = sum(s.prob_sum for s in stats) / rows
     return (tokens_per_expert * router_prob).sum() * tokens_per_expert.numel()
 
@@ -103,5 +124,18 @@ def load_balancing_loss(stats: list[RouterStats]) -> torch.Tensor:
 def expert_load(stats: RouterStats) -> dict[str, torch.Tensor]:
     """Tokens per expert in one layer: min, max and coefficient of variation (std / mean), 0-dim tensors."""
     counts = stats.tokens_per_expert.float()
-    return {"tokens_min": counts.min(), "tokens_max": counts.max(),
-            "tokens_cv": counts.std(unbiased=False) / counts.mean()}
+    return {"tokens_min": counts.min(), "tokens_max": counts.max(), "tokens_cv": _cv(counts)}
+
+
+def _cv(counts: torch.Tensor) -> torch.Tensor:
+    return counts.std(dim=-1, unbiased=False) / counts.mean(dim=-1)
+
+
+def expert_load_summary(counts: torch.Tensor) -> dict[str, float]:
+    """Step metrics from tokens per expert [sparse layers, E]: the fewest and most tokens any expert got in any
+    layer, and the coefficient of variation (std / mean over experts) of the most unbalanced layer and the mean
+    over layers (0: perfectly balanced; √(E/k − 1) when every token goes to the same k experts)."""
+    counts = counts.double()
+    cv = _cv(counts)
+    return {"expert_tokens_min": float(counts.min()), "expert_tokens_max": float(counts.max()),
+            "expert_load_cv_max": float(cv.max()), "expert_load_cv_mean": float(cv.mean())}

@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..generate import is_sharded
 from ..lora import LoRASettings, apply_lora, export_lora, merged_state_dict
 from ..model import Qwen3
+from ..moe import RouterBalance
 from ..vocab import VocabMap
 from .config import FFTConfig, ModelSettings, VocabSettings
 from .parallel import full_state_dict, load_sharded
@@ -61,16 +62,17 @@ def meta_model(config: Qwen3Config, dtype: torch.dtype) -> Qwen3:
     return model.to(dtype=dtype)
 
 
-def refuse_untrainable(settings: ModelSettings) -> None:
-    """Stops before any work on a model the trainer cannot train soundly yet: a Qwen3-MoE checkpoint loads,
-    generates, serves and exports, but the trainer does not add its router's load-balancing loss yet (issue 27),
-    and training without it lets the router collapse onto a few experts."""
-    source = Path(settings.path) / "config.json" if settings.path is not None else settings.config
-    if source is None or not Path(source).is_file():
-        return  # the loader names a missing config.json itself
-    if Qwen3Config.from_json(source).num_experts:
-        raise ConfigError(f"{source}: a Qwen3-MoE model; training it (router load-balancing loss, expert "
-                          f"sharding) is not supported yet — it can be loaded, evaluated, served and exported")
+def configure_router(model: Qwen3, settings: ModelSettings) -> Qwen3:
+    """A Qwen3-MoE model's training settings from model.*: the load-balancing loss's coefficient (the checkpoint's
+    unless overridden) and scope, and a frozen router when model.train_router is off. A dense model is left as is."""
+    if model.router_balance is not None:
+        coef = settings.router_aux_loss_coef
+        model.router_balance = RouterBalance(model.router_balance.coef if coef is None else coef,
+                                             settings.router_aux_loss_scope)
+        if not settings.train_router:
+            for block in model.sparse_blocks().values():
+                block.gate.weight.requires_grad_(False)
+    return model
 
 
 def build_model(settings: ModelSettings, dtype: torch.dtype, device: torch.device, shard=None) -> Qwen3:
@@ -133,7 +135,7 @@ class FullWeights:
     def build(self, settings: ModelSettings, seed: int, dtype: torch.dtype, device: torch.device,
               shard=None) -> Qwen3:
         """Under FSDP each rank reads only its own shards of the checkpoint (`build_model`)."""
-        return build_model(settings, dtype, device, shard=shard)
+        return configure_router(build_model(settings, dtype, device, shard=shard), settings)
 
     def trainable_params(self, model) -> int | None:
         """Parameters that get gradients, for MFU; None: all of them."""
@@ -163,7 +165,7 @@ class LoRAWeights(FullWeights):
 
     def build(self, settings, seed, dtype, device, shard=None) -> Qwen3:
         """Adapters wrap the block linears; FSDP shards the whole, the base read sharded (`build_lora_model`)."""
-        return build_lora_model(settings, self.lora, seed, dtype, device, shard)
+        return configure_router(build_lora_model(settings, self.lora, seed, dtype, device, shard), settings)
 
     def trainable_params(self, model) -> int:
         """The adapters: MFU counts no weight gradients of the frozen base."""

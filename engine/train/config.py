@@ -27,6 +27,13 @@ class ModelSettings:
     config: str | None = None         # or: a config.json to train from random init (the embedded demo)
     tokenizer: str | None = None      # tokenizer directory; default model.path; "qwen3" = the packaged real one
     init_seed: int = 0                # seed of the random init (model.config only)
+    # Qwen3-MoE (docs/moe.md "Training"): the load-balancing loss's coefficient (null: the checkpoint's
+    # router_aux_loss_coef; 0: off), whether it balances each micro-batch (HF's loss, averaged over the step) or
+    # the whole step's expert counts ("global_batch": all micro-batches and ranks; one extra forward per step),
+    # and whether the router's weights train
+    router_aux_loss_coef: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    router_aux_loss_scope: Literal["micro_batch", "global_batch"] = "micro_batch"
+    train_router: bool = True
 
     def __post_init__(self):
         if (self.path is None) == (self.config is None):

@@ -30,7 +30,7 @@ from ..data import ChatTemplate
 from ..errors import ConfigError, TrainingError
 from ..files import check_writable_dir, storage_error
 from ..vocab import VocabMap
-from .build import (FullWeights, build_vocab, default_allocator_settings, refuse_untrainable, resolve_tokenizer_dir,
+from .build import (FullWeights, build_vocab, default_allocator_settings, resolve_tokenizer_dir,
                     training_weights)
 from .config import FFTConfig
 from .loader import build_loader, planned_steps
@@ -171,9 +171,8 @@ def _export_bytes(model, dtype: torch.dtype | None, tokenizer_dir: Path) -> int:
 def check_inputs(config: FFTConfig, objective: Objective):
     """What can be checked before output.dir is created, so a wrong path leaves nothing behind: every data file
     named by the config is a readable file, output.dir and data.cache_dir are (or can become) writable
-    directories, the model is one the trainer can train, and the objective's own inputs (teacher, reference)
+    directories, and the objective's own inputs (teacher, reference)
     are usable."""
-    refuse_untrainable(config.model)
     for key in ("train", "eval"):
         for path in getattr(config.data, key):
             try:

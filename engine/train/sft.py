@@ -4,6 +4,9 @@ The loss of an optimizer step is normalised by the weight sum of the *whole* ste
 rank), so the update does not depend on how the step is split into micro-batches or ranks. `train_step` and
 `evaluate_loss` take the name of the model's loss forward method, so objectives whose loss is also a
 token-weighted sum (off- and on-policy distillation) reuse them with their own forward method.
+
+A Qwen3-MoE model adds its router's load-balancing loss, `coef · aux`, to the step's loss (`RouterAuxStep`; the
+choices are in docs/moe.md "Training").
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from ..data import ChatTemplate, pack
 from ..data.cache import load_examples, row_kinds
 from ..data.formats import RowError, read_conversations
 from ..errors import DataError
+from ..moe import expert_load_summary, load_balancing_loss, routing_counts
 from ..vocab import VocabMap
 from .config import FFTConfig, cache_dir_of
 from .loader import sequence_filler
@@ -39,23 +43,84 @@ def step_weight(micro_batches) -> float:
 
 
 def train_step(model, micro_batches, dist_: Dist, vocab: VocabMap | None = None, autocast=contextlib.nullcontext,
-               loss: str = "loss"):
+               loss: str = "loss", metrics: dict | None = None):
     """Forward/backward over this rank's micro-batches; returns (Σ w·loss, Σ w) of the whole global step.
     `loss` names the model's forward method giving a micro-batch's Σ w·loss (`Qwen3.loss`: cross-entropy).
 
     Each micro-batch's gradient is scaled by world / global Σ w: FSDP averages gradients over ranks, so the
-    accumulated result is exactly ∇(Σ w·loss / Σ w) of the global step."""
+    accumulated result is exactly ∇(Σ w·loss / Σ w) of the global step. A MoE model's backward adds the router's
+    load-balancing term (`RouterAuxStep`); `metrics`, when given, receives its step metrics."""
     global_weight = float(dist_.all_reduce_sum(step_weight(micro_batches)))
     scale = dist_.world / max(global_weight, 1e-12)
     tables = loss_tables(vocab, dist_.device)
+    aux = RouterAuxStep(model, micro_batches, dist_, autocast, tables) \
+        if getattr(model, "router_balance", None) is not None else None
     forward = getattr(model, loss)
     loss_sum = None  # stays on the device: a float() per micro-batch would stall the GPU between them
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         with autocast():
             value = forward(batch.to(dist_.device, non_blocking=True), **tables)
-        (value * scale).backward()
+        total = value * scale
+        if aux is not None:
+            total = total + aux.term(i)
+        total.backward()
         loss_sum = value.detach() if loss_sum is None else loss_sum + value.detach()
+    if aux is not None and metrics is not None:
+        metrics.update(aux.metrics())
     return float(dist_.all_reduce_sum(loss_sum)), global_weight
+
+
+class RouterAuxStep:
+    """The load-balancing term of one step of a MoE model: the step's loss is Σ w·CE / Σ w + coef · aux, where aux
+    is HF's `load_balancing_loss_func` either per micro-batch, averaged over every micro-batch of the step on every
+    rank ("micro_batch"; one micro-batch: exactly HF's loss on that batch), or over the whole step at once
+    ("global_batch": expert counts and router probabilities pooled over all micro-batches and ranks, as if the
+    step were one batch). The pooled counts must be known before the first backward, so "global_batch" first runs
+    a no-grad forward of every micro-batch (one extra forward per step) and sums their counts over ranks.
+
+    Micro-batches with no supervised token (train.batch_size's fillers) add nothing to the term or the metrics.
+    The tokens per expert of each layer are summed on the device and reduced over ranks once per step."""
+
+    def __init__(self, model, micro_batches, dist_: Dist, autocast, tables: dict):
+        self.model, self.dist_ = model, dist_
+        self.coef, self.scope = model.router_balance.coef, model.router_balance.scope
+        self.counted = [step_weight([batch]) > 0 for batch in micro_batches]
+        self.forwards = float(dist_.all_reduce_sum(float(sum(self.counted))))
+        self.pooled = None
+        if self.scope == "global_batch" and self.coef:
+            with torch.no_grad():
+                for batch, counted in zip(micro_batches, self.counted):
+                    if counted:
+                        with autocast():
+                            model.loss(batch.to(dist_.device, non_blocking=True), **tables)
+                        counts = routing_counts(model.router_stats())
+                        self.pooled = counts if self.pooled is None else self.pooled + counts
+            if self.pooled is None:  # no supervised micro-batch on this rank: it still joins the sum
+                self.pooled = torch.zeros(model.config.num_experts + 1, device=dist_.device)
+            self.pooled = dist_.all_reduce_sum(self.pooled).float()
+        self.load = torch.zeros(len(model.sparse_blocks()), model.config.num_experts, device=dist_.device)
+        self.aux_sum = torch.zeros((), device=dist_.device)
+
+    def term(self, index: int) -> torch.Tensor | float:
+        """What micro-batch `index`'s backward adds after its forward: coef · (its share of aux), times the world
+        size (FSDP averages gradients over ranks)."""
+        if not self.counted[index]:
+            return 0.0
+        stats = self.model.router_stats()
+        self.load += torch.stack([s.tokens_per_expert for s in stats])
+        if self.pooled is not None:
+            share = load_balancing_loss(stats, self.pooled)
+        else:
+            share = load_balancing_loss(stats) / max(self.forwards, 1.0)
+        self.aux_sum += share.detach()
+        return share * (self.coef * self.dist_.world) if self.coef else 0.0
+
+    def metrics(self) -> dict:
+        """router_aux_loss (the step's aux, before the coefficient) and the expert load of the step (every
+        micro-batch, every rank; `expert_load_summary`): one reduction, one host sync."""
+        total = self.dist_.all_reduce_sum(torch.cat([self.load.flatten(), self.aux_sum.view(1)])).cpu()
+        return {"router_aux_loss": float(total[-1]),
+                **expert_load_summary(total[:-1].view(-1, self.model.config.num_experts))}
 
 
 @torch.no_grad()
@@ -161,8 +226,9 @@ class SFT:
         """The model's own `loss` is the objective's: nothing to bind."""
 
     def train_step(self, model, micro_batches, dist_, vocab, autocast) -> Step:
-        loss_sum, weight = train_step(model, micro_batches, dist_, vocab, autocast)
-        return Step(loss_sum, weight, {}, micro_batches)
+        metrics = {}
+        loss_sum, weight = train_step(model, micro_batches, dist_, vocab, autocast, metrics=metrics)
+        return Step(loss_sum, weight, metrics, micro_batches)
 
     def evaluate(self, model, batches, dist_, vocab, autocast) -> dict:
         return {"eval_loss": evaluate_loss(model, batches, dist_, vocab, autocast)}

@@ -1,0 +1,189 @@
+"""Training Qwen3-MoE: the step's loss CE + coef · aux and every gradient against transformers'
+Qwen3MoeForCausalLM (output_router_logits=True), the aux over several micro-batches (averaged, or pooled over
+the step), router freezing, exact resume, expert-load metrics and the export reloading in transformers."""
+import json
+import shutil
+
+import pytest
+import torch
+from qwen3_fixtures import qwen3_tokenizer_dir
+from tiny_run import tiny_overrides, tiny_run_files  # noqa: F401 (fixture)
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from qforge.engine import load_model
+from qforge.engine.config_io import load_config
+from qforge.engine.data import ChatTemplate, pack
+from qforge.engine.data.cache import load_examples
+from qforge.engine.train import FFTConfig, train, train_step
+from qforge.engine.train.build import resolve_tokenizer_dir, training_weights
+from qforge.engine.train.parallel import Dist
+
+TINY_MOE = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, rope_theta=10000.0,
+                rms_norm_eps=1e-6, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                moe_intermediate_size=32, router_aux_loss_coef=0.02)
+LOAD_KEYS = {"router_aux_loss", "expert_tokens_min", "expert_tokens_max", "expert_load_cv_max", "expert_load_cv_mean"}
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory):
+    """A random HF Qwen3-MoE (both layers sparse) with the real tokenizer; router weights scaled to std ~1 so
+    top-k does not hinge on rounding noise (HF's 0.02 init makes every token's probabilities nearly tie)."""
+    path = tmp_path_factory.mktemp("moe") / "ckpt"
+    torch.manual_seed(3)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**TINY_MOE))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.mul_(50)
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qwen3_tokenizer_dir() / name, path / name)
+    return path
+
+
+def _config(files, checkpoint, out, **extra) -> FFTConfig:
+    settings = {"model.config": "null", "model.tokenizer": "null", "model.path": str(checkpoint), **extra}
+    return load_config(FFTConfig, None, tiny_overrides(files, out, **settings))
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_run_files, moe_checkpoint):
+    config = _config(tiny_run_files, moe_checkpoint, "unused")
+    template = ChatTemplate.from_pretrained(resolve_tokenizer_dir(config.model))
+    loaded, _ = load_examples([tiny_run_files["train"]], template, cache_dir=tiny_run_files["cache"], progress=False)
+    return loaded[:3]
+
+
+def _ours(files, checkpoint, **extra):
+    config = _config(files, checkpoint, "unused", **extra)
+    return training_weights(config).build(config.model, 0, torch.float32, torch.device("cpu"))
+
+
+def _hf(checkpoint, coef=None):
+    model = Qwen3MoeForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager")
+    if coef is not None:
+        model.router_aux_loss_coef = coef
+    return model.train()
+
+
+def _hf_batch(batches):
+    """The micro-batches' sequences as one right-padded HF batch (ids, attention mask, unshifted labels)."""
+    seqs = [(b.input_ids[s:e], b.labels[s:e]) for b in batches
+            for s, e in zip(b.cu_seqlens[:-1].tolist(), b.cu_seqlens[1:].tolist())]
+    width = max(len(ids) for ids, _ in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100)
+    for row, (seq, shifted) in enumerate(seqs):
+        assert shifted[-1] == -100  # nothing to predict after a sequence's last token
+        ids[row, :len(seq)], mask[row, :len(seq)] = seq, 1
+        labels[row, 1:len(seq)] = shifted[:-1]  # HF shifts its labels itself
+    return ids, mask, labels
+
+
+def _assert_grads_equal(ours, theirs, atol=1e-5):
+    hf_grads = dict(theirs.named_parameters())
+    for name, param in ours.named_parameters():
+        key = name if name.startswith("lm_head") else f"model.{name}"
+        expected = hf_grads[key].grad
+        if not param.requires_grad:
+            assert param.grad is None, name
+            continue
+        torch.testing.assert_close(param.grad, expected, atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("coef", [None, 0.5, 0.0], ids=["checkpoint_coef", "override", "off"])
+def test_first_step_loss_and_gradients_match_hf(tiny_run_files, moe_checkpoint, examples, coef):
+    """One micro-batch of one sequence: Σ w·CE / Σ w + coef · aux is HF's loss with output_router_logits=True,
+    coef from the checkpoint (0.02) or model.router_aux_loss_coef."""
+    extra = {} if coef is None else {"model.router_aux_loss_coef": coef}
+    ours = _ours(tiny_run_files, moe_checkpoint, **extra)
+    batches = list(pack(examples[:1], 4096, seed=0))
+    metrics = {}
+    loss_sum, weight = train_step(ours, batches, Dist(), metrics=metrics)
+    theirs = _hf(moe_checkpoint, coef)
+    ids, mask, labels = _hf_batch(batches)
+    out = theirs(ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    out.loss.backward()
+    used = 0.02 if coef is None else coef
+    assert ours.router_balance.coef == used
+    assert abs(metrics["router_aux_loss"] - out.aux_loss.item()) < 1e-6
+    assert abs(loss_sum / weight + used * metrics["router_aux_loss"] - out.loss.item()) < 1e-5
+    _assert_grads_equal(ours, theirs)
+    assert LOAD_KEYS <= set(metrics)
+
+
+def test_micro_batch_scope_averages_hf_aux_over_micro_batches(tiny_run_files, moe_checkpoint, examples):
+    """Three micro-batches: ∇(Σ w·CE / Σ w + coef · mean_i aux_i), with each aux_i HF's on micro-batch i."""
+    ours = _ours(tiny_run_files, moe_checkpoint)
+    batches = list(pack(examples, max(len(e) for e in examples), seed=0))
+    assert len(batches) == 3
+    metrics = {}
+    train_step(ours, batches, Dist(), metrics=metrics)
+    theirs = _hf(moe_checkpoint)
+    total_weight = sum(float((b.labels != -100).sum()) for b in batches)
+    aux_values = []
+    for batch in batches:
+        ids, mask, labels = _hf_batch([batch])
+        out = theirs(ids, attention_mask=mask, labels=labels, output_router_logits=True)
+        ce = out.loss - 0.02 * out.aux_loss  # HF's mean CE over this micro-batch's labels
+        weight = float((labels != -100).sum())
+        (ce * weight / total_weight + 0.02 * out.aux_loss / len(batches)).backward()
+        aux_values.append(out.aux_loss.item())
+    assert abs(metrics["router_aux_loss"] - sum(aux_values) / 3) < 1e-6
+    _assert_grads_equal(ours, theirs)
+
+
+def test_global_batch_scope_equals_hf_on_the_whole_step(tiny_run_files, moe_checkpoint, examples):
+    """Three micro-batches with model.router_aux_loss_scope=global_batch: HF's loss on one batch holding all
+    three sequences (its aux pools the expert counts of every real token); one micro-batch: HF's on it."""
+    ours = _ours(tiny_run_files, moe_checkpoint, **{"model.router_aux_loss_scope": "global_batch"})
+    batches = list(pack(examples, max(len(e) for e in examples), seed=0))
+    metrics = {}
+    loss_sum, weight = train_step(ours, batches, Dist(), metrics=metrics)
+    theirs = _hf(moe_checkpoint)
+    ids, mask, labels = _hf_batch(batches)
+    out = theirs(ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    out.loss.backward()
+    assert abs(metrics["router_aux_loss"] - out.aux_loss.item()) < 1e-6
+    assert abs(loss_sum / weight + 0.02 * metrics["router_aux_loss"] - out.loss.item()) < 1e-5
+    _assert_grads_equal(ours, theirs)
+    averaged = {}
+    train_step(_ours(tiny_run_files, moe_checkpoint), batches, Dist(), metrics=averaged)
+    assert abs(averaged["router_aux_loss"] - metrics["router_aux_loss"]) > 1e-4  # the two scopes differ here
+
+
+def test_frozen_router_gets_no_gradient_and_no_update(tiny_run_files, moe_checkpoint, tmp_path):
+    config = _config(tiny_run_files, moe_checkpoint, tmp_path, **{"model.train_router": "false",
+                                                                  "train.max_steps": 2})
+    result = train(config)
+    before, after = load_model(moe_checkpoint, dtype=torch.float32), load_model(result.final_dir, dtype=torch.float32)
+    for (name, a), (_, b) in zip(before.named_parameters(), after.named_parameters()):
+        if name.endswith("mlp.gate.weight"):
+            assert torch.equal(a, b), name
+        elif "experts" in name:
+            assert not torch.equal(a, b), name
+
+
+def test_resume_is_exact_metrics_carry_the_expert_load_and_export_reloads_in_hf(tiny_run_files, moe_checkpoint,
+                                                                              tmp_path):
+    full = train(_config(tiny_run_files, moe_checkpoint, tmp_path / "full",
+                         **{"train.max_steps": 4, "train.save_every": 2, "train.grad_accum": 2}))
+    resumed = train(_config(tiny_run_files, moe_checkpoint, tmp_path / "resumed",
+                            **{"train.max_steps": 4, "train.grad_accum": 2,
+                               "train.resume": str(tmp_path / "full/checkpoints/step-2")}))
+    assert resumed.losses == full.losses[2:]  # exact: fp32 on CPU is deterministic
+    a, b = load_model(full.final_dir, dtype=torch.float32), load_model(resumed.final_dir, dtype=torch.float32)
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(x, y), name
+    records = [json.loads(line) for line in (tmp_path / "full/metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 4 and all(LOAD_KEYS <= set(r) for r in steps)
+    first = steps[0]
+    assert 0 <= first["expert_tokens_min"] <= first["expert_tokens_max"]
+    assert first["expert_load_cv_mean"] <= first["expert_load_cv_max"]
+    theirs = Qwen3MoeForCausalLM.from_pretrained(full.final_dir, dtype=torch.float32)
+    ids = torch.randint(0, 1000, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids), theirs(ids).logits, atol=1e-4, rtol=0)
