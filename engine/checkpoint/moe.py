@@ -1,6 +1,7 @@
 """Qwen3-MoE on disk: the hub (and `save_pretrained`) keeps one tensor per expert and projection, while
 `engine/moe.py` holds each layer's experts fused (`experts.gate_up_proj` [E, 2I, H] with the gate rows first,
-`experts.down_proj` [E, H, I]) for the grouped GEMMs. `hf_tensors` / `from_hf_tensors` convert between the two."""
+`experts.down_proj` [E, H, I]) for the grouped GEMMs. `hf_tensors` / `from_hf_tensors` convert between the two;
+`read_experts` reads some experts only (a rank's FSDP shard of the fused weights: FSDP2 shards the expert dim)."""
 from __future__ import annotations
 
 import torch
@@ -34,3 +35,10 @@ def from_hf_tensors(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         return tensors[0]
     n = len(EXPERT_PROJECTIONS[leaf])
     return torch.stack([torch.cat(tensors[i:i + n]) for i in range(0, len(tensors), n)])
+
+
+def read_experts(key: str, experts: range, read) -> torch.Tensor:
+    """The fused expert parameter `key` restricted to `experts` ([len(experts), ...]), from HF's per-expert
+    tensors; `read(hf_key)` returns one of them."""
+    base, projections = key.rpartition(".")[0], EXPERT_PROJECTIONS[fused_expert(key)]
+    return from_hf_tensors(key, [read(f"{base}.{e}.{projection}.weight") for e in experts for projection in projections])

@@ -6,6 +6,7 @@ embedding, final norm and output head (tied weights stay in one unit). A single 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,8 +17,9 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..checkpoint import Source, read_source
+from ..checkpoint.moe import fused_expert, hf_tensors, read_experts
 from ..checkpoint.tensors import check_tensors, open_tensors
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 
 
 @dataclass
@@ -114,22 +116,27 @@ def load_sharded(model: torch.nn.Module, source: Source | str | Path, device: st
     allocates only its own shards on `device` and reads only their rows from the memory-mapped safetensors.
     Parameters named in `skip` (e.g. LoRA adapters) are not in the checkpoint: allocated, left for the caller."""
     source = source if isinstance(source, Source) else read_source(source)
-    if source.config.num_experts:
-        raise CheckpointError(f"{source.path}: sharded (FSDP) loading of a Qwen3-MoE checkpoint is not implemented "
-                              f"yet; train it in one process")
     params = {name: p for name, p in model.named_parameters() if name not in skip}
-    check_tensors(source.path, source.config, {source.key(name): p for name, p in params.items()}, source.key_files)
+    shapes = {source.key(name): torch.empty(p.shape, dtype=p.dtype, device="meta") for name, p in params.items()}
+    expected = {key: part for name, meta in shapes.items() for key, part in hf_tensors(name, meta).items()}
+    check_tensors(source.path, source.config, expected, source.key_files)
     model.to_empty(device=device)
-    by_file: dict[Path, list[str]] = {}
-    for name in params:
-        by_file.setdefault(source.key_files[source.key(name)], []).append(name)
-    with torch.no_grad():
-        for file, names in by_file.items():
-            with open_tensors(file) as tensors:
-                for name in names:
-                    local = params[name].to_local() if isinstance(params[name], DTensor) else params[name]
-                    if local.numel():
-                        local.copy_(tensors.get_slice(source.key(name))[local_index(params[name])])
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        files = {file: stack.enter_context(open_tensors(file)) for file in {source.key_files[k] for k in expected}}
+
+        def stored(key):
+            return files[source.key_files[key]].get_slice(key)
+
+        for name, param in params.items():
+            local = param.to_local() if isinstance(param, DTensor) else param
+            if not local.numel():
+                continue
+            key, index = source.key(name), local_index(param)
+            if fused_expert(key):  # HF keeps one tensor per expert: read this shard's experts (FSDP2 shards dim 0)
+                experts = range(param.shape[0])[index[0]]
+                local.copy_(read_experts(key, experts, lambda k: stored(k)[:])[(slice(None), *index[1:])])
+            else:
+                local.copy_(stored(key)[index])
     model.reset_buffers()
     return model
 
