@@ -233,3 +233,33 @@ def test_two_rank_fsdp2_matches_single_process(tiny_run_files, moe_checkpoint, t
     # ~1e-6 of an update that moves the weights by ~4.5e-3 over the run (lr 3e-3)
     for key in single_weights:
         torch.testing.assert_close(sharded_weights[key], single_weights[key], atol=3e-6, rtol=0, msg=key)
+
+
+def test_dpo_adds_no_aux_term(moe_checkpoint, tmp_path):
+    """DPO on a MoE policy (docs/moe.md): its gradient is the DPO loss's alone, whatever the aux coefficient."""
+    import contextlib
+
+    from qforge.engine.data.preference import pack_pairs
+    from qforge.engine.train.dpo import DPO
+    from qforge.recipes.dpo import DPOConfig
+
+    rows = [{"messages": [{"role": "user", "content": f"{a} + {a} = ?"}], "chosen": f"Đáp án: {2 * a}",
+             "rejected": f"Đáp án: {2 * a + 1}, chắc vậy"} for a in range(4)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    grads = []
+    for coef in (0.0, 10.0):
+        config = load_config(DPOConfig, None, [f"model.path={moe_checkpoint}", f"data.train=[{path}]",
+                                               "train.precision=fp32", f"output.dir={tmp_path / str(coef)}",
+                                               f"model.router_aux_loss_coef={coef}", "train.max_steps=1"])
+        objective = DPO(0.3, 0.5, "cached")
+        pairs = objective.load_data(config, ChatTemplate.from_pretrained(moe_checkpoint), Dist())[0][0]
+        model = training_weights(config).build(config.model, 0, torch.float32, torch.device("cpu"))
+        assert model.router_balance.coef == coef
+        objective.prepare(model, config, None, Dist(), contextlib.nullcontext)
+        step = objective.train_step(model, pack_pairs(pairs, 4096, seed=0), Dist(), None, contextlib.nullcontext)
+        assert "router_aux_loss" not in step.metrics
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert grads[0]["layers.0.mlp.gate.weight"].abs().max() > 0  # the router trains through the DPO loss
+    for name, grad in grads[0].items():
+        assert torch.equal(grads[1][name], grad), name
