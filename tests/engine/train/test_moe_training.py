@@ -111,7 +111,13 @@ def test_first_step_loss_and_gradients_match_hf(tiny_run_files, moe_checkpoint, 
     assert abs(metrics["router_aux_loss"] - out.aux_loss.item()) < 1e-6
     assert abs(loss_sum / weight + used * metrics["router_aux_loss"] - out.loss.item()) < 1e-5
     _assert_grads_equal(ours, theirs)
-    assert LOAD_KEYS <= set(metrics)
+    # the expert load: HF's own top-k choices per layer, counted
+    counts = torch.stack([torch.bincount(torch.topk(logits.softmax(-1), 2).indices.flatten(), minlength=8)
+                          for logits in out.router_logits]).double()
+    cv = counts.std(dim=1, unbiased=False) / counts.mean(dim=1)
+    assert (metrics["expert_tokens_min"], metrics["expert_tokens_max"]) == (counts.min(), counts.max())
+    assert abs(metrics["expert_load_cv_max"] - cv.max().item()) < 1e-9
+    assert abs(metrics["expert_load_cv_mean"] - cv.mean().item()) < 1e-9
 
 
 def test_micro_batch_scope_averages_hf_aux_over_micro_batches(tiny_run_files, moe_checkpoint, examples):
@@ -152,6 +158,35 @@ def test_global_batch_scope_equals_hf_on_the_whole_step(tiny_run_files, moe_chec
     averaged = {}
     train_step(_ours(tiny_run_files, moe_checkpoint), batches, Dist(), metrics=averaged)
     assert abs(averaged["router_aux_loss"] - metrics["router_aux_loss"]) > 1e-4  # the two scopes differ here
+
+
+@pytest.mark.parametrize("scope", ["micro_batch", "global_batch"])
+def test_filler_micro_batches_add_nothing(tiny_run_files, moe_checkpoint, examples, scope):
+    """train.batch_size's fillers (no supervised token) leave the aux term, the gradient and the metrics alone."""
+    from qforge.engine.train.loader import sequence_filler
+
+    batches = list(pack(examples[:2], max(len(e) for e in examples), seed=0))
+    results = []
+    for step in (batches, [batches[0], sequence_filler(examples[2], 4096), batches[1]]):
+        ours, metrics = _ours(tiny_run_files, moe_checkpoint, **{"model.router_aux_loss_scope": scope}), {}
+        train_step(ours, step, Dist(), metrics=metrics)
+        results.append((metrics, {name: p.grad for name, p in ours.named_parameters()}))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-12)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-7, rtol=1e-6, msg=name)
+
+
+def test_lora_on_a_moe_model_trains_the_adapters_only(tiny_run_files, moe_checkpoint, tmp_path):
+    result = train(_config(tiny_run_files, moe_checkpoint, tmp_path, **{"train.method": "lora", "train.max_steps": 2,
+                                                                        "train.lora.rank": 4}))
+    before, after = load_model(moe_checkpoint, dtype=torch.float32), load_model(result.final_dir, dtype=torch.float32)
+    for (name, a), (_, b) in zip(before.named_parameters(), after.named_parameters()):
+        if "mlp.experts" in name or "mlp.gate" in name or "norm" in name or "embed" in name or "lm_head" in name:
+            assert torch.equal(a, b), name
+        elif name.endswith("q_proj.weight"):
+            assert not torch.equal(a, b), name  # the merged adapter
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(LOAD_KEYS <= set(r) for r in records if "loss" in r)
 
 
 def test_frozen_router_gets_no_gradient_and_no_update(tiny_run_files, moe_checkpoint, tmp_path):
