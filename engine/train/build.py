@@ -62,17 +62,20 @@ def meta_model(config: Qwen3Config, dtype: torch.dtype) -> Qwen3:
     return model.to(dtype=dtype)
 
 
-def configure_router(model: Qwen3, settings: ModelSettings) -> Qwen3:
+def configure_router(model: Qwen3, settings: ModelSettings) -> dict:
     """A Qwen3-MoE model's training settings from model.*: the load-balancing loss's coefficient (the checkpoint's
-    unless overridden) and scope, and a frozen router when model.train_router is off. A dense model is left as is."""
-    if model.router_balance is not None:
-        coef = settings.router_aux_loss_coef
-        model.router_balance = RouterBalance(model.router_balance.coef if coef is None else coef,
-                                             settings.router_aux_loss_scope)
-        if not settings.train_router:
-            for block in model.sparse_blocks().values():
-                block.gate.weight.requires_grad_(False)
-    return model
+    unless overridden) and scope, and a frozen router when model.train_router is off. Returns them as trained
+    settings (a resume must not change the loss silently); a dense model is left as is ({})."""
+    if model.router_balance is None:
+        return {}
+    coef = settings.router_aux_loss_coef
+    model.router_balance = RouterBalance(model.router_balance.coef if coef is None else coef,
+                                         settings.router_aux_loss_scope)
+    if not settings.train_router:
+        for block in model.sparse_blocks().values():
+            block.gate.weight.requires_grad_(False)
+    return {"model.router_aux_loss_coef": model.router_balance.coef,
+            "model.router_aux_loss_scope": model.router_balance.scope, "model.train_router": settings.train_router}
 
 
 def build_model(settings: ModelSettings, dtype: torch.dtype, device: torch.device, shard=None) -> Qwen3:
@@ -121,6 +124,7 @@ class FullWeights:
 
     def __init__(self, source: Source | None = None):
         self.source = source
+        self.router: dict = {}  # a MoE model's router settings (`configure_router`), set by `build`
 
     @property
     def export_default_dtype(self) -> torch.dtype | None:
@@ -135,14 +139,16 @@ class FullWeights:
     def build(self, settings: ModelSettings, seed: int, dtype: torch.dtype, device: torch.device,
               shard=None) -> Qwen3:
         """Under FSDP each rank reads only its own shards of the checkpoint (`build_model`)."""
-        return configure_router(build_model(settings, dtype, device, shard=shard), settings)
+        model = build_model(settings, dtype, device, shard=shard)
+        self.router = configure_router(model, settings)
+        return model
 
     def trainable_params(self, model) -> int | None:
         """Parameters that get gradients, for MFU; None: all of them."""
         return None
 
     def trained_settings(self) -> dict:
-        return {}
+        return dict(self.router)
 
     def snapshot_state(self, model, dist_) -> dict | None:
         """The state dict an evaluation snapshot writes (gathered under FSDP; None: the model's own)."""
@@ -165,14 +171,16 @@ class LoRAWeights(FullWeights):
 
     def build(self, settings, seed, dtype, device, shard=None) -> Qwen3:
         """Adapters wrap the block linears; FSDP shards the whole, the base read sharded (`build_lora_model`)."""
-        return configure_router(build_lora_model(settings, self.lora, seed, dtype, device, shard), settings)
+        model = build_lora_model(settings, self.lora, seed, dtype, device, shard)
+        self.router = configure_router(model, settings)
+        return model
 
     def trainable_params(self, model) -> int:
         """The adapters: MFU counts no weight gradients of the frozen base."""
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def trained_settings(self) -> dict:
-        return {"train.lora.rank": self.lora.rank, "train.lora.alpha": self.lora.alpha,
+        return {**super().trained_settings(), "train.lora.rank": self.lora.rank, "train.lora.alpha": self.lora.alpha,
                 "train.lora.target_modules": sorted(self.lora.target_modules)}
 
     def snapshot_state(self, model, dist_) -> dict:

@@ -12,6 +12,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from qforge.engine import load_model
 from qforge.engine.config_io import load_config
+from qforge.engine.errors import CheckpointError
 from qforge.engine.data import ChatTemplate, pack
 from qforge.engine.data.cache import load_examples
 from qforge.engine.train import FFTConfig, train, train_step
@@ -209,6 +210,10 @@ def test_resume_is_exact_metrics_carry_the_expert_load_and_export_reloads_in_hf(
                             **{"train.max_steps": 4, "train.grad_accum": 2,
                                "train.resume": str(tmp_path / "full/checkpoints/step-2")}))
     assert resumed.losses == full.losses[2:]  # exact: fp32 on CPU is deterministic
+    with pytest.raises(CheckpointError, match="trained with model.router_aux_loss_coef=0.02, this run sets 0.5"):  # the loss may not change silently
+        train(_config(tiny_run_files, moe_checkpoint, tmp_path / "changed",
+                      **{"train.max_steps": 4, "train.grad_accum": 2, "model.router_aux_loss_coef": 0.5,
+                         "train.resume": str(tmp_path / "full/checkpoints/step-2")}))
     a, b = load_model(full.final_dir, dtype=torch.float32), load_model(resumed.final_dir, dtype=torch.float32)
     for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(x, y), name
@@ -298,3 +303,15 @@ def test_dpo_adds_no_aux_term(moe_checkpoint, tmp_path):
     assert grads[0]["layers.0.mlp.gate.weight"].abs().max() > 0  # the router trains through the DPO loss
     for name, grad in grads[0].items():
         assert torch.equal(grads[1][name], grad), name
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16"])
+def test_bf16_precisions_train(tiny_run_files, moe_checkpoint, tmp_path, precision):
+    result = train(_config(tiny_run_files, moe_checkpoint, tmp_path, **{"train.precision": precision,
+                                                                        "train.max_steps": 2,
+                                                                        "model.router_aux_loss_scope": "global_batch"}))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(records) == 2 and all(LOAD_KEYS <= set(r) for r in records)
+    # aux = E·Σ f_e·P_e with Σ f_e = k, Σ P_e = 1: k when balanced, at most E·k (all on the chosen experts)
+    assert all(0 < r["loss"] < 20 and 1 < r["router_aux_loss"] < 8 * 2 for r in records)
+    assert Qwen3MoeForCausalLM.from_pretrained(result.final_dir).config.num_experts == 8
