@@ -65,7 +65,8 @@ class Prompt:
     """A prompt to sample from; `labels` are its SFT example's (for vocab.restrict=data and label checks)."""
     prompt_ids: np.ndarray
     labels: np.ndarray
-    budget: int  # prompt + max_new_tokens: what packing reserves
+    budget: int  # prompt + max_new_tokens: what packing reserves (GRPO: times its completions per prompt)
+    row: dict | None = None  # the data row (GRPO's rewards read it, e.g. its `answer`)
 
     def __len__(self) -> int:
         return self.budget
