@@ -149,14 +149,16 @@ class GRPO:
     @torch.no_grad()
     def sample(self, model, batches: Sequence[PromptBatch], copies: int, greedy: bool) -> list[list[list[int]]]:
         """`copies` completions of every prompt of `batches` (token ids, through <|im_end|> when it was produced),
-        in one generation call; row i of the call samples from seed `batches[0].seed + i`."""
+        in one generation call; row i of the call samples from seed `batches[0].seed · 2¹⁶ + i` (consecutive
+        micro-batch seeds would otherwise share all but one row's random stream)."""
         was_training = model.training
         model.eval()
         prompts = [p.prompt_ids.tolist() for b in batches for p in b.prompts for _ in range(copies)]
         with gathered(model) if self.gather_for_sampling else contextlib.nullcontext():
             completions = generate(model, prompts, max_new_tokens=self.max_new_tokens,
                                    temperature=0.0 if greedy else self.temperature, top_p=self.top_p,
-                                   stop_ids=[self.template.eos_id], output_ids=self.output_ids, seed=batches[0].seed)
+                                   stop_ids=[self.template.eos_id], output_ids=self.output_ids,
+                                   seed=batches[0].seed << 16)
         model.train(was_training)
         completions = [c + [self.template.eos_id] if len(c) < self.max_new_tokens else c for c in completions]
         out, start = [], 0
