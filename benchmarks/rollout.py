@@ -102,10 +102,17 @@ def hf_generate(model, prompts, settings, eos, seed):
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     torch.manual_seed(seed)
     sample = settings["temperature"] > 0
+    processors = None
+    if settings.get("suppress_ids") is not None:
+        from transformers import LogitsProcessorList
+
+        mask = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+        mask[settings["suppress_ids"]] = True
+        processors = LogitsProcessorList([lambda ids, scores: scores.masked_fill(mask, float("-inf"))])
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=settings["max_new_tokens"],
                          do_sample=sample, temperature=settings["temperature"] if sample else None,
                          top_p=settings["top_p"] if sample else None, top_k=0 if sample else None,
-                         eos_token_id=eos, pad_token_id=pad, suppress_tokens=settings.get("suppress_ids"))
+                         eos_token_id=eos, pad_token_id=pad, logits_processor=processors)
     return [_until_eos(row[width:].tolist(), eos) for row in out]
 
 
