@@ -39,7 +39,7 @@ def test_the_shipped_config_sets_every_key_of_the_objective():
                           "grpo.scale_rewards=none", "grpo.rewards=[numeric,format]", "grpo.reward_weights=[1.0,0.5]"])
     objective = objective_for(config)
     assert (objective.group, objective.num_iterations, objective.max_new_tokens) == (8, 2, 80)
-    assert (objective.temperature, objective.top_p, objective.scale_rewards) == (1.0, 0.9, "none")
+    assert (objective.temperature, objective.top_p, objective.scale_rewards) == (0.7, 0.9, "none")
     loss = objective.settings
     assert (loss.loss_type, loss.beta, loss.epsilon, loss.clip_high, loss.max_completion_length) == (
         "dr_grpo", 0.04, 0.2, 0.28, 80)
