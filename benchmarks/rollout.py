@@ -1,6 +1,7 @@
 """GRPO rollout speed: qforge's batched KV-cache generation vs transformers' `generate`, side by side.
 
     python benchmarks/rollout.py [--prompts 8] [--generations 8] [--max-new-tokens 96] [--rounds 3] [--model DIR]
+    python benchmarks/rollout.py --model outputs/demo/final   # a pruned head (kept_ids.json): see below
     python benchmarks/rollout.py --dry-run     # a tiny model and batch: checks the harness, not a benchmark
 
 One rollout batch (prompts × G completions, temperature 1, top-p 1, no top-k, stop at EOS) from the same
@@ -11,6 +12,11 @@ changes hit both alike; each round's ratio is qforge tokens/s over HF tokens/s a
 ratio. Generated tokens are counted up to and excluding EOS. Before timing, greedy decoding of both must give
 the same tokens: the two systems run the same model. Prints a Markdown table and one JSON line; the 1-minute
 load average is read before and after every run (2 cores shared with other work make it matter).
+
+A checkpoint trained with `vocab.restrict` (its kept_ids.json) can produce only its kept ids: both systems sample
+from that same distribution — transformers with every other id suppressed (`suppress_tokens`, its logits
+processor over the full head), qforge over the kept rows of the head only (`generate(output_ids=...)`, what a
+GRPO rollout of such a model does). `--full-vocab` ignores kept_ids.json.
 """
 from __future__ import annotations
 
@@ -68,11 +74,24 @@ def _until_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[:tokens.index(eos)] if eos in tokens else tokens
 
 
+def kept_output_ids(model_dir: Path | None, vocab_size: int) -> tuple[list[int] | None, list[int] | None]:
+    """(ids the model may produce, the others) from a checkpoint's kept_ids.json, or (None, None)."""
+    from qforge.engine.vocab import VocabMap
+
+    vocab = VocabMap.of_model(model_dir) if model_dir is not None else None
+    if vocab is None:
+        return None, None
+    allowed = vocab.kept_ids[~torch.isin(vocab.kept_ids, vocab.suppress_ids)]
+    mask = torch.ones(vocab_size, dtype=torch.bool)
+    mask[allowed] = False
+    return allowed.tolist(), mask.nonzero().squeeze(1).tolist()
+
+
 def qforge_generate(model, prompts, settings, eos, seed):
     from qforge.engine.generate import generate
 
     return generate(model, prompts, max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
-                    top_p=settings["top_p"], stop_ids=[eos], seed=seed)
+                    top_p=settings["top_p"], stop_ids=[eos], seed=seed, output_ids=settings.get("output_ids"))
 
 
 @torch.inference_mode()
@@ -83,10 +102,17 @@ def hf_generate(model, prompts, settings, eos, seed):
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     torch.manual_seed(seed)
     sample = settings["temperature"] > 0
+    processors = None
+    if settings.get("suppress_ids") is not None:
+        from transformers import LogitsProcessorList
+
+        mask = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+        mask[settings["suppress_ids"]] = True
+        processors = LogitsProcessorList([lambda ids, scores: scores.masked_fill(mask, float("-inf"))])
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=settings["max_new_tokens"],
                          do_sample=sample, temperature=settings["temperature"] if sample else None,
                          top_p=settings["top_p"] if sample else None, top_k=0 if sample else None,
-                         eos_token_id=eos, pad_token_id=pad)
+                         eos_token_id=eos, pad_token_id=pad, logits_processor=processors)
     return [_until_eos(row[width:].tolist(), eos) for row in out]
 
 
@@ -101,7 +127,7 @@ def timed(system, generate_fn, model, prompts, settings, eos, seed) -> dict:
 
 
 def run(prompts: int, generations: int, max_new_tokens: int, rounds: int, model_dir: Path | None,
-        dry_run: bool = False) -> dict:
+        dry_run: bool = False, full_vocab: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
 
     from qforge.engine.checkpoint import load_model
@@ -112,7 +138,9 @@ def run(prompts: int, generations: int, max_new_tokens: int, rounds: int, model_
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     eos = int(json.loads(CONFIG.read_text())["eos_token_id"])
     batch = [p for p in rollout_prompts(prompts) for _ in range(generations)]
-    settings = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_new_tokens}
+    output_ids, suppress_ids = (None, None) if full_vocab else kept_output_ids(model_dir, ours.config.vocab_size)
+    settings = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_new_tokens, "output_ids": output_ids,
+                "suppress_ids": suppress_ids}
     greedy = {**settings, "temperature": 0.0, "max_new_tokens": min(8, max_new_tokens)}
     same_greedy = qforge_generate(ours, batch[::generations], greedy, eos, 0) == \
         hf_generate(hf, batch[::generations], greedy, eos, 0)
@@ -129,7 +157,10 @@ def run(prompts: int, generations: int, max_new_tokens: int, rounds: int, model_
         rate = {r["system"]: r["tokens_per_s"] for r in runs if r["round"] == round_}
         ratios.append(rate["qforge"] / rate["hf"])
     median = lambda system, key: statistics.median(r[key] for r in runs if r["system"] == system)  # noqa: E731
-    return {"batch": {"prompts": prompts, "generations": generations, **settings}, "model": str(model_dir or CONFIG),
+    batch_settings = {**{k: v for k, v in settings.items() if not k.endswith("_ids")},
+                      "kept_vocab": None if output_ids is None else len(output_ids)}
+    return {"batch": {"prompts": prompts, "generations": generations, **batch_settings},
+            "model": str(model_dir or CONFIG),
             "same_greedy_tokens": same_greedy, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "qforge_tokens_per_s": median("qforge", "tokens_per_s"), "hf_tokens_per_s": median("hf", "tokens_per_s"),
             "speedup_median": statistics.median(ratios), "speedups": ratios, "runs": runs}
@@ -153,11 +184,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", type=Path, default=None, help="an HF-format Qwen3 checkpoint (default: random)")
+    parser.add_argument("--full-vocab", action="store_true", help="sample over the whole head despite kept_ids.json")
     parser.add_argument("--dry-run", action="store_true", help="a tiny model, 2 prompts × 2, 4 tokens, 2 rounds")
     args = parser.parse_args(argv)
     if args.dry_run:
         args.prompts, args.generations, args.max_new_tokens, args.rounds = 2, 2, 4, 2
-    result = run(args.prompts, args.generations, args.max_new_tokens, args.rounds, args.model, args.dry_run)
+    result = run(args.prompts, args.generations, args.max_new_tokens, args.rounds, args.model, args.dry_run,
+                 args.full_vocab)
     print(markdown(result))
     print(json.dumps(result))
     return 0 if result["same_greedy_tokens"] else 1

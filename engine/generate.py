@@ -274,13 +274,20 @@ def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[P
 class DecodeBatch:
     """The running batch: rows join (`add`), each step samples (`sample`) and moves on (`advance`)."""
 
-    def __init__(self, model: torch.nn.Module, suppress_ids: Sequence[int] = (), prompt_chunk: int = 256):
+    def __init__(self, model: torch.nn.Module, suppress_ids: Sequence[int] = (), prompt_chunk: int = 256,
+                 output_ids: Sequence[int] | None = None):
         self.model = model
         self.device = model.output_weight.device
         self.vocab_size = model.config.vocab_size
         self.suppress = torch.as_tensor(sorted({int(t) for t in suppress_ids}), dtype=torch.long, device=self.device)
         if self.suppress.numel() >= self.vocab_size:
             raise ValueError("suppress_ids covers the whole vocabulary: nothing left to generate")
+        # the only ids rows may produce (a pruned model's kept vocabulary): logits are computed for these rows of
+        # the head only, [B, K] instead of [B, V], and a sampled index k is the token output_ids[k]
+        self.output_ids = None if output_ids is None else torch.as_tensor(list(output_ids), dtype=torch.long,
+                                                                          device=self.device)
+        if self.output_ids is not None and (self.suppress.numel() or not self.output_ids.numel()):
+            raise ValueError("output_ids: a non-empty list of the ids to sample from, without suppress_ids")
         self.prompt_chunk = prompt_chunk
         self.rows: list[Row] = []
         self.cache: KVCache | None = None
@@ -300,6 +307,9 @@ class DecodeBatch:
         before it, with the top `k` alternatives (what OpenAI's `echo` + `logprobs` report).
         """
         sequences = [Row(list(map(int, p)), s) for p, s in zip(prompts, params, strict=True)]
+        if self.output_ids is not None and (prompt_logprobs is not None or any(
+                s.logit_bias or s.penalised or s.logprobs is not None for s in params)):
+            raise ValueError("a batch restricted to output_ids samples only: no logit_bias, penalties or logprobs")
         for sequence in sequences:
             if sequence.params.seed is not None:
                 sequence.generator = torch.Generator(device=self.device).manual_seed(sequence.params.seed)
@@ -308,7 +318,7 @@ class DecodeBatch:
                 sequence.bias = (torch.tensor(ids, device=self.device), torch.tensor(values, device=self.device))
         if prompt_logprobs is None:
             input_ids, position_ids, cache, lengths = prefill_inputs(self.model, [s.prompt for s in sequences])
-            logits = last_logits(self.model, input_ids, position_ids, cache)
+            logits = last_logits(self.model, input_ids, position_ids, cache, self.output_ids)
         else:
             hidden, cache, lengths = prefill(self.model, [s.prompt for s in sequences])
             logits = F.linear(hidden[:, -1], self.model.output_weight)
@@ -359,6 +369,8 @@ class DecodeBatch:
             if sampled:
                 index = torch.tensor(sampled, device=self.device)
                 tokens[index] = self._sampled_tokens(logits[index], [rows[row] for row in sampled])
+        if self.output_ids is not None:
+            tokens = self.output_ids[tokens]
         picks = [Pick(token) for token in tokens.tolist()]
         wanted = [row for row, s in enumerate(rows) if s.params.logprobs is not None]
         if wanted:
@@ -399,23 +411,25 @@ class DecodeBatch:
             return
         token = torch.tensor([s.output[-1] for s in self.rows], device=self.device)
         positions = self.cache.positions()
-        self.logits = last_logits(self.model, token.unsqueeze(1), positions.unsqueeze(1), self.cache)
+        self.logits = last_logits(self.model, token.unsqueeze(1), positions.unsqueeze(1), self.cache, self.output_ids)
 
 
-def _last_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def _last_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
     hidden = model.hidden(input_ids, position_ids=position_ids, kv_cache=cache)[:, -1]
-    return F.linear(hidden, model.output_weight)
+    return F.linear(hidden, model.output_weight if rows is None else model.output_weight[rows])
 
 
-def last_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Logits [B, V] of each row's last position only: a prefill never builds [B, S, V]. An FSDP2-sharded
-    model runs it as its forward method `last_logits` (registered on first use), which gathers the parameters:
-    the root unit's embedding and head are used outside any block's forward."""
+def last_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [B, V] of each row's last position only (or [B, K] of the head's `rows`): a prefill never builds
+    [B, S, V]. An FSDP2-sharded model runs it as its forward method `last_logits` (registered on first use),
+    which gathers the parameters: the root unit's embedding and head are used outside any block's forward."""
     if not is_sharded(model):
-        return _last_logits(model, input_ids, position_ids, cache)
+        return _last_logits(model, input_ids, position_ids, cache, rows)
     if "last_logits" not in vars(model):
         bind_forward_method(model, "last_logits", _last_logits)
-    return model.last_logits(input_ids, position_ids, cache)
+    return model.last_logits(input_ids, position_ids, cache, rows)
 
 
 def is_sharded(model) -> bool:
@@ -504,12 +518,13 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
              presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
              stop_ids: Sequence[int] = (), suppress_ids: Sequence[int] = (),
-             seed: int | None = None) -> list[list[int]]:
+             seed: int | None = None, output_ids: Sequence[int] | None = None) -> list[list[int]]:
     """Continues each prompt (a list of token ids) and returns its new token ids.
 
     A row ends at its first stop id (not included in the result) or after `max_new_tokens` tokens, so a
     result shorter than `max_new_tokens` means a stop id was produced. `suppress_ids` can never be
-    produced. With `seed`, row i samples from its own stream seeded with `seed + i` (as the server seeds
+    produced; with `output_ids` (a pruned model's kept vocabulary) only those can, and the head computes only
+    their logits. With `seed`, row i samples from its own stream seeded with `seed + i` (as the server seeds
     the i-th of n choices): its tokens do not depend on the other prompts of the batch.
 
     An FSDP2-sharded model must be called by every rank of its mesh (each with its own prompts, even its own
@@ -529,7 +544,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     bad = [t for t in stop_ids if not 0 <= int(t) < vocab_size]
     if bad:
         raise ValueError(f"stop_ids has ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
-    batch = DecodeBatch(model, suppress_ids)
+    batch = DecodeBatch(model, suppress_ids, output_ids=output_ids)
     lockstep = is_sharded(model)
     if max_new_tokens == 0 and not lockstep:
         return [[] for _ in prompts]

@@ -20,6 +20,7 @@ COMMANDS = {
     "fft": ("qforge.recipes.fft", "full fine-tuning (SFT) of a Qwen3 checkpoint on chat data"),
     "dpo": ("qforge.recipes.dpo", "direct preference optimisation after SFT"),
     "distill": ("qforge.recipes.distill", "strong-to-weak distillation (off- or on-policy)"),
+    "grpo": ("qforge.recipes.grpo", "online RL (GRPO) with verifiable or LLM-judge rewards after SFT"),
     "prune": ("qforge.recipes.prune", "CJK-free export: a smaller head and a rewritten tokenizer"),
     "eval": ("qforge.recipes.eval", "multiple-choice evaluation (VMLU format)"),
     "judge": ("qforge.recipes.judge", "LLM-as-judge: pairwise win rates or 1-10 ratings per task"),

@@ -44,9 +44,11 @@ class Conversation(list):
     its own `enable_thinking` (None until `read_conversations` decides it by the run's rule, `with_thinking`).
     A list, so code that only needs the messages treats it as one."""
 
-    def __init__(self, messages=(), tools: list[dict] | None = None, enable_thinking: bool | None = None):
+    def __init__(self, messages=(), tools: list[dict] | None = None, enable_thinking: bool | None = None,
+                 row: dict | None = None):
         super().__init__(messages)
         self.tools, self.enable_thinking = tools, enable_thinking
+        self.row = row  # the parsed file row it came from (its other fields: e.g. a reward's `answer`)
 
     @property
     def messages(self) -> list[dict]:
@@ -54,14 +56,14 @@ class Conversation(list):
 
     def upto(self, stop: int) -> "Conversation":
         """The same row ending before message `stop`."""
-        return Conversation(self[:stop], self.tools, self.enable_thinking)
+        return Conversation(self[:stop], self.tools, self.enable_thinking, self.row)
 
     def with_thinking(self, enable_thinking: bool | str) -> "Conversation":
         """The row with its thinking mode fixed: its own `enable_thinking` field wins, else the run's setting
         (`thinking.thinking_mode`: "auto" is on iff the row has reasoning)."""
         if self.enable_thinking is not None:
             return self
-        return Conversation(self, self.tools, thinking_mode(enable_thinking, self))
+        return Conversation(self, self.tools, thinking_mode(enable_thinking, self), self.row)
 
     def __repr__(self):
         return f"Conversation({list(self)!r}, tools={self.tools!r}, enable_thinking={self.enable_thinking!r})"
@@ -151,7 +153,7 @@ def _check_assistant(message: dict, where: str):
             f" after {THINK_CLOSE}" if closes else "") + "); fix the row or drop it")
 
 
-def sharegpt_to_messages(conversations, field: str = "conversations") -> list[dict]:
+def sharegpt_to_messages(conversations, field: str = "conversations", *, require_assistant: bool = True) -> list[dict]:
     """Maps ShareGPT turns (`from`: system/human/gpt, `value`) to OpenAI messages, then validates them."""
     messages = []
     for i, turn in enumerate(_require(conversations, list, field, "a list of turns")):
@@ -165,7 +167,7 @@ def sharegpt_to_messages(conversations, field: str = "conversations") -> list[di
             messages.append(sharegpt_function_call(value, f"{where}.value"))
         else:
             messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
-    return validate_messages(messages, field)
+    return validate_messages(messages, field, require_assistant=require_assistant)
 
 
 # --- tool calls -------------------------------------------------------------------------------------------------
@@ -241,9 +243,10 @@ def _row_thinking(row: dict) -> bool | None:
     return value
 
 
-def row_to_messages(row, fmt: str, detected: bool = False) -> Conversation:
+def row_to_messages(row, fmt: str, detected: bool = False, require_assistant: bool = True) -> Conversation:
     """One parsed row → a validated Conversation; `fmt` is "messages", "sharegpt" or "auto" (by the row's keys).
-    `detected` says the format was auto-detected from an earlier row of the file (for the error message)."""
+    `detected` says the format was auto-detected from an earlier row of the file (for the error message);
+    `require_assistant=False` takes prompt rows (ending in a user turn) too."""
     _require(row, dict, "row", "a JSON object")
     if fmt == "auto":
         fmt = "messages" if "messages" in row else "sharegpt" if "conversations" in row else None
@@ -254,13 +257,13 @@ def row_to_messages(row, fmt: str, detected: bool = False) -> Conversation:
         why = "this file's format was detected from its first row" if detected else f"format is {fmt!r}"
         raise RowError(key, f"missing ({why}; one file holds one format)")
     if fmt == "messages":
-        messages = validate_messages(row[key])
+        messages = validate_messages(row[key], require_assistant=require_assistant)
     else:
-        messages = sharegpt_to_messages(row[key])
+        messages = sharegpt_to_messages(row[key], require_assistant=require_assistant)
         system = row.get("system")
         if system and messages[0]["role"] != "system":  # LLaMA-Factory's `system` column
             messages.insert(0, {"role": "system", "content": _require(system, str, "system", "a string")})
-    return Conversation(messages, validate_tools(row.get("tools")), _row_thinking(row))
+    return Conversation(messages, validate_tools(row.get("tools")), _row_thinking(row), row)
 
 
 class _DuplicateKey(dict):
@@ -349,7 +352,8 @@ def raw_rows(path: Path, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[tuple[i
 
 
 def read_conversations(path, fmt: str = "auto", max_row_bytes: int = MAX_ROW_BYTES,
-                       enable_thinking: bool | str | None = None) -> Iterator[tuple[int, Conversation | RowError]]:
+                       enable_thinking: bool | str | None = None, require_assistant: bool = True
+                       ) -> Iterator[tuple[int, Conversation | RowError]]:
     """Yields (line, Conversation) per row, or (line, RowError) for a bad row. Line numbers are 1-based
     (record numbers for JSON arrays and Parquet). `fmt="auto"` fixes the format from the first good row; a
     JSONL line longer than `max_row_bytes` is a bad row. With `enable_thinking` (data.enable_thinking), every
@@ -369,7 +373,7 @@ def read_conversations(path, fmt: str = "auto", max_row_bytes: int = MAX_ROW_BYT
         try:
             if fmt == "auto" and isinstance(row, dict) and ("messages" in row) != ("conversations" in row):
                 fmt, detected = ("messages" if "messages" in row else "sharegpt"), True
-            conversation = row_to_messages(row, fmt, detected)
+            conversation = row_to_messages(row, fmt, detected, require_assistant)
             yield number, conversation if enable_thinking is None else conversation.with_thinking(enable_thinking)
         except RowError as error:
             yield number, error

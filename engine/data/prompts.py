@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import DataError
 from .formats import MAX_ROW_BYTES, RowError, read_conversations
+from .example import IGNORE_INDEX
 from .template import ChatTemplate
 
 
@@ -17,7 +18,8 @@ class Prompt:
     """A prompt to sample from; `labels` are its SFT example's (for vocab.restrict=data and label checks)."""
     prompt_ids: np.ndarray
     labels: np.ndarray
-    budget: int  # prompt + max_new_tokens: what packing reserves
+    budget: int  # (prompt + max_new_tokens) × the completions sampled per prompt: what packing reserves
+    row: dict | None = None  # the data row (GRPO's rewards read its other fields, e.g. `answer`)
 
     def __len__(self) -> int:
         return self.budget
@@ -37,18 +39,31 @@ class PromptBatch:
 
 
 def load_prompts(path: str | Path, template: ChatTemplate, max_new_tokens: int, *, fmt: str = "auto",
-                 max_row_bytes: int = MAX_ROW_BYTES, enable_thinking: bool | str = True) -> list[Prompt]:
-    """One prompt per row of `path`: the conversation up to its last assistant turn, rendered with the generation
-    prompt (the row's tools and thinking mode kept); its `labels` are those of the row's last assistant turn. A bad
-    row stops with its file and line."""
+                 max_row_bytes: int = MAX_ROW_BYTES, enable_thinking: bool | str = True, copies: int = 1,
+                 require_reference: bool = True) -> list[Prompt]:
+    """One prompt per row of `path`, rendered with the generation prompt (the row's tools and thinking mode kept):
+    the conversation before its final assistant turn, which is the reference answer (its labels feed
+    vocab.restrict=data); with `require_reference=False` a row may end in the user (or tool) turn to answer.
+    `copies`: completions sampled per prompt (packing reserves that many). A bad row stops with file and line."""
     conversations = []
-    for line, row in read_conversations(path, fmt, max_row_bytes, enable_thinking):
+    for line, row in read_conversations(path, fmt, max_row_bytes, enable_thinking, require_reference):
         if isinstance(row, RowError):
             raise DataError(f"{path}:{line}: {row}")
-        last = max(i for i, m in enumerate(row) if m["role"] == "assistant")
-        conversations.append(row.upto(last + 1))
-    examples = template.encode_batch(conversations, supervise="last")
-    texts = [template.render(c.upto(len(c) - 1), c.enable_thinking, add_generation_prompt=True, tools=c.tools)
-             for c in conversations]
-    prompts = [np.array(e.ids, dtype=np.int32) for e in template.tokenizer.encode_batch(texts, add_special_tokens=False)]
-    return [Prompt(ids, e.labels, len(ids) + max_new_tokens + 1) for ids, e in zip(prompts, examples)]
+        if require_reference:
+            row = row.upto(max(i for i, m in enumerate(row) if m["role"] == "assistant") + 1)
+        prompt = row.upto(len(row) - 1) if row[-1]["role"] == "assistant" else row
+        if not prompt or prompt[-1]["role"] not in ("user", "tool"):
+            raise DataError(f"{path}:{line}: messages: the prompt must end with a user (or tool) turn, optionally "
+                            f"followed by the reference assistant answer")
+        conversations.append((prompt, row if prompt is not row else None))
+    with_reference = [i for i, (_, reference) in enumerate(conversations) if reference is not None]
+    examples = dict(zip(with_reference, template.encode_batch([conversations[i][1] for i in with_reference],
+                                                               supervise="last")))
+    texts = [template.render(p, p.enable_thinking, add_generation_prompt=True, tools=p.tools) for p, _ in conversations]
+    encoded = template.tokenizer.encode_batch(texts, add_special_tokens=False)
+    prompts = []
+    for i, ((prompt, _), encoding) in enumerate(zip(conversations, encoded)):
+        ids = np.array(encoding.ids, dtype=np.int32)
+        labels = examples[i].labels if i in examples else np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+        prompts.append(Prompt(ids, labels, copies * (len(ids) + max_new_tokens + 1), prompt.row))
+    return prompts

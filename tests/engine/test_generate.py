@@ -223,3 +223,16 @@ def test_logprobs_of_sampled_and_prompt_tokens_are_the_models_log_softmax(model)
         assert entry.token == PROMPTS[3][position]
         assert entry.logprob == pytest.approx(float(reference[position - 1, entry.token]), abs=1e-5)
         assert [t for t, _ in entry.top] == reference[position - 1].topk(2).indices.tolist()
+
+
+def test_sampling_over_output_ids_equals_suppressing_every_other_id(model):
+    """A pruned model's rollouts: logits of the kept head rows only ([B, K]) give the same tokens, greedy and
+    seeded, as the full head with every other id suppressed — and only kept ids."""
+    kept = sorted({int(t) for p in PROMPTS for t in p} | set(range(0, 400, 7)))
+    others = sorted(set(range(model.config.vocab_size)) - set(kept))
+    for settings in ({"temperature": 0.0}, {"temperature": 1.0, "top_p": 0.9, "seed": 11}):
+        restricted = generate(model, PROMPTS, max_new_tokens=10, output_ids=kept, **settings)
+        assert restricted == generate(model, PROMPTS, max_new_tokens=10, suppress_ids=others, **settings)
+        assert {t for row in restricted for t in row} <= set(kept)
+    with pytest.raises(ValueError, match="samples only"):
+        generate(model, PROMPTS, max_new_tokens=2, output_ids=kept, presence_penalty=1.0)

@@ -16,4 +16,18 @@ def test_dry_run_reports_both_systems_on_the_same_model(capsys):
     # 2 prompts × 2 completions, ≤ 4 tokens each; random weights rarely stop early
     assert all(0 < r["tokens"] <= 16 and r["seconds"] > 0 for r in result["runs"])
     assert len(result["speedups"]) == 2 and result["speedup_median"] > 0
-    assert result["batch"] == {"prompts": 2, "generations": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 4}
+    assert result["batch"] == {"prompts": 2, "generations": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 4,
+                               "kept_vocab": None}
+
+
+def test_a_pruned_checkpoint_samples_its_kept_ids_in_both_systems(tmp_path, capsys):
+    """With kept_ids.json, HF suppresses every other id and qforge computes only the kept rows: the same
+    distribution, so greedy tokens still agree."""
+    from qforge.engine.vocab import VocabMap
+
+    path = rollout.build_checkpoint(tmp_path / "model", dry_run=True)
+    kept = list(range(0, 151936, 50)) + [151643, 151645]
+    VocabMap.from_ids(kept, 151936).save_with_model(path)
+    assert rollout.main(["--dry-run", "--model", str(path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["same_greedy_tokens"] is True and result["batch"]["kept_vocab"] == len(set(kept))

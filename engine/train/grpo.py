@@ -1,0 +1,267 @@
+"""GRPO (Group Relative Policy Optimization) as a trainer objective (objective.py), on grpo_loss.py's losses.
+
+Each optimizer step: the step's prompts (packed by G × (prompt + max_new_tokens) tokens, so a micro-batch's
+sampled sequences fit data.max_tokens) → G completions each, sampled from the current weights with the engine's
+batched KV-cache generation (over the kept vocabulary when vocab.restrict prunes it: the head computes only
+those rows) → rewards (the callable the recipe passes: the engine knows no reward) → group advantages → the
+clipped policy-gradient loss on per-token log-probs through the fused head (logps.py), with β·k3 KL to a frozen
+copy of the starting weights when β > 0. Sampling is seeded by the micro-batches' places in the epoch's packing
+(the data cursor restores them), so a resumed run draws the same completions.
+
+num_iterations > 1 (several optimisation passes per rollout batch, PPO-style): a step that generates also keeps
+the sampling policy's log-probs ("old"); the next num_iterations − 1 steps train on the same rollouts (their own
+micro-batches are not sampled) with r = exp(logp − old). A resume lands on a generating step: exact when the
+checkpoint's step is a multiple of num_iterations.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..data.prompts import Prompt, PromptBatch, load_prompts
+from ..errors import DataError
+from ..generate import gathered, generate
+from ..model import bind_forward_method
+from .build import build_frozen, frozen_dtype
+from .distill import pack_whole
+from .grpo_loss import LossSettings, StepTotals, combine_rewards, group_advantages, grpo_loss
+from .logps import pack_completions, token_logps
+from .objective import Step
+from .parallel import shard_model
+from .sft import loss_tables
+
+log = logging.getLogger("qforge.train.grpo")
+LOGPS = "grpo_token_logps"  # the policy's (and reference's) forward method: per-token log-probs
+
+
+@dataclass
+class Rollouts:
+    """A step's sampled completions, per micro-batch, with what the loss needs beside the policy's log-probs."""
+    batches: list  # [(PackedBatch, positions [N], sequence [N], advantages [S], old_logps [N] | None)]
+    metrics: dict  # sums over this rank: see GRPO._rollout_sums
+    seconds: float
+    tokens: int
+
+
+class GRPO:
+    """`rewards(completions: list[str], rows: list[dict])` returns scores with `.values` ([S, F] float, NaN where a
+    reward gave none) and `.errors` ({name: count}); it has `.names` and `.weights` (recipes/rewards.RewardSet)."""
+
+    def __init__(self, rewards: Callable, settings: LossSettings = LossSettings(), num_generations: int = 8,
+                 num_iterations: int = 1, max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
+                 scale_rewards: str = "group", reward_aggregation: str = "sum_then_normalize",
+                 enable_thinking: bool = True, gather_for_sampling: bool = False):
+        if num_generations < 2:
+            raise ValueError(f"grpo.num_generations={num_generations}: a group needs ≥ 2 completions per prompt "
+                             "(its advantages are relative to the group)")
+        if num_iterations < 1 or max_new_tokens < 1 or temperature <= 0 or not 0 < top_p <= 1:
+            raise ValueError("grpo: num_iterations ≥ 1, max_new_tokens ≥ 1, temperature > 0, 0 < top_p ≤ 1")
+        self.rewards, self.settings, self.group = rewards, settings, num_generations
+        self.num_iterations, self.max_new_tokens = num_iterations, max_new_tokens
+        self.temperature, self.top_p = temperature, top_p
+        self.scale_rewards, self.aggregation = scale_rewards, reward_aggregation
+        self.enable_thinking, self.gather_for_sampling = enable_thinking, gather_for_sampling
+        self.template, self.reference, self.tables, self.output_ids = None, None, {}, None
+        self._rollouts, self._pass = None, 0
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    def check_inputs(self, config):
+        pass  # prompts and rewards are checked when read (load_data) and built (the recipe)
+
+    def trained_settings(self) -> dict:
+        return {"grpo.rewards": list(self.rewards.names), "grpo.beta": self.settings.beta}
+
+    def load_data(self, config, template, dist_):
+        self.template = template
+        datasets = [self._prompts(path, config, template) for path in config.data.train]
+        if not any(datasets):
+            raise DataError(f"{', '.join(config.data.train)}: no prompts (GRPO rows have `messages` ending in a user "
+                            "turn, or in an assistant turn taken as the reference answer)")
+        fingerprint = {"prompts": hashlib.sha256(b"".join(p.prompt_ids.tobytes() + b"\0" for d in datasets
+                                                          for p in d)).hexdigest()[:32],
+                       "weights": config.data.weights, "max_tokens": config.data.max_tokens,
+                       "max_new_tokens": self.max_new_tokens, "num_generations": self.group,
+                       "seed": config.train.seed}
+        return datasets, [p for path in config.data.eval for p in self._prompts(path, config, template)], fingerprint
+
+    def _prompts(self, path, config, template) -> list[Prompt]:
+        """A Prompt per row (`load_prompts`): messages ending in a user turn, or in the reference assistant answer;
+        the row stays with it for the rewards."""
+        return load_prompts(path, template, self.max_new_tokens, fmt=config.data.format,
+                            max_row_bytes=config.data.max_row_bytes, enable_thinking=self.enable_thinking,
+                            copies=self.group, require_reference=False)
+
+    def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate", loss_weighting: str = "token",
+             vocab=None):
+        """Prompts packed by G × (prompt + max_new_tokens); each micro-batch seeded by its place in the packing."""
+        return pack_whole(items, max_tokens, seed,
+                          lambda group, position: PromptBatch(group, (seed * 1_000_003 + position) % 2**31))
+
+    # --- models ---------------------------------------------------------------------------------------------------
+    def prepare(self, model, config, vocab, dist_, autocast):
+        """The kept-vocabulary tables (loss and sampling), the log-prob forward method, and the frozen reference
+        (the starting weights, in the compute dtype, sharded like the policy) when β > 0."""
+        self.tables = loss_tables(vocab, dist_.device)
+        if vocab is not None:  # the policy samples only what its output head is trained on
+            self.output_ids = vocab.kept_ids[~torch.isin(vocab.kept_ids, vocab.suppress_ids)].tolist()
+        bind_forward_method(model, LOGPS, token_logps)
+        if self.settings.beta > 0:
+            shard = (lambda m: shard_model(m, None, dist_.device)) if dist_.enabled else None
+            self.reference = build_frozen(config.model, frozen_dtype(config.train.precision), dist_.device, shard)
+            bind_forward_method(self.reference, LOGPS, token_logps)
+
+    @torch.no_grad()
+    def sample(self, model, batches: Sequence[PromptBatch], copies: int, greedy: bool) -> list[list[list[int]]]:
+        """`copies` completions of every prompt of `batches` (token ids, through <|im_end|> when it was produced),
+        in one generation call; row i of the call samples from seed `batches[0].seed · 2¹⁶ + i` (consecutive
+        micro-batch seeds would otherwise share all but one row's random stream)."""
+        was_training = model.training
+        model.eval()
+        prompts = [p.prompt_ids.tolist() for b in batches for p in b.prompts for _ in range(copies)]
+        with gathered(model) if self.gather_for_sampling else contextlib.nullcontext():
+            completions = generate(model, prompts, max_new_tokens=self.max_new_tokens,
+                                   temperature=0.0 if greedy else self.temperature, top_p=self.top_p,
+                                   stop_ids=[self.template.eos_id], output_ids=self.output_ids,
+                                   seed=batches[0].seed << 16)
+        model.train(was_training)
+        completions = [c + [self.template.eos_id] if len(c) < self.max_new_tokens else c for c in completions]
+        out, start = [], 0
+        for b in batches:
+            out.append(completions[start:start + copies * len(b.prompts)])
+            start += copies * len(b.prompts)
+        return out
+
+    def score(self, batches: Sequence[PromptBatch], completions, copies: int):
+        """(rewards [S, F], errors) of the completions, each with its prompt's row."""
+        texts = [self.template.tokenizer.decode([t for t in c if t != self.template.eos_id])
+                 for per_batch in completions for c in per_batch]
+        rows = [p.row for b in batches for p in b.prompts for _ in range(copies)]
+        scores = self.rewards(texts, rows)
+        return scores.values.float(), scores.errors
+
+    # --- training -------------------------------------------------------------------------------------------------
+    def train_step(self, model, micro_batches, dist_, vocab, autocast) -> Step:
+        if self._rollouts is None or self._pass % self.num_iterations == 0:
+            self._rollouts = self._rollout(model, micro_batches, dist_, autocast)
+        self._pass += 1
+        rollouts = self._rollouts
+        started = time.perf_counter()
+        counts = torch.tensor([sum(len(b[3]) for b in rollouts.batches), sum(len(b[1]) for b in rollouts.batches),
+                               len(rollouts.batches)], dtype=torch.float64, device=dist_.device)
+        sequences, tokens, batches = dist_.all_reduce_sum(counts).tolist()
+        totals = StepTotals(int(sequences), int(tokens), int(batches))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dist_.device)
+        sums = {}  # token-weighted sums of grpo_loss's metrics
+        for packed, positions, sequence, advantages, old in rollouts.batches:
+            packed = packed.to(dist_.device)
+            positions, sequence = positions.to(dist_.device), sequence.to(dist_.device)
+            reference = None
+            if self.reference is not None:
+                with torch.no_grad(), autocast():
+                    reference = self.reference.grpo_token_logps(packed, temperature=self.temperature,
+                                                                **self.tables).float()[positions]
+            with autocast():
+                logps = model.grpo_token_logps(packed, temperature=self.temperature, **self.tables)[positions]
+            loss, metrics = grpo_loss(logps, advantages.to(dist_.device), sequence, totals, self.settings,
+                                      old_logps=None if old is None else old.to(dist_.device), ref_logps=reference)
+            (loss * dist_.world).backward()  # FSDP averages gradients over ranks
+            loss_sum += loss.detach().double()
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value.double() * len(positions)
+        names = sorted(sums)
+        reduced = dist_.all_reduce_sum(torch.stack([loss_sum] + [sums[n] for n in names]).to(dist_.device)).tolist()
+        train_s = time.perf_counter() - started
+        metrics = {**{n: v / max(tokens, 1) for n, v in zip(names, reduced[1:])}, **self._rollout_metrics(
+            rollouts, dist_), "train_s": train_s}
+        return Step(reduced[0], 1.0, metrics, [b[0] for b in rollouts.batches])
+
+    def _rollout(self, model, micro_batches, dist_, autocast) -> Rollouts:
+        """Samples the step's completions, scores them, and turns them into packed micro-batches with their
+        advantages (and the sampling policy's log-probs when they are trained on more than once)."""
+        started = time.perf_counter()
+        completions = self.sample(model, micro_batches, self.group, greedy=False)
+        seconds = time.perf_counter() - started
+        values, errors = self.score(micro_batches, completions, self.group)
+        rewards = combine_rewards(values, self.rewards.weights, self.group, self.aggregation)
+        advantages, zero_std = group_advantages(rewards, self.group, self.scale_rewards, self.aggregation)
+        batches, start = [], 0
+        for batch, sampled in zip(micro_batches, completions):
+            prompts = [p.prompt_ids.tolist() for p in batch.prompts for _ in range(self.group)]
+            packed, positions, sequence = pack_completions(prompts, sampled)
+            old = None
+            if self.num_iterations > 1:
+                with torch.no_grad(), autocast():
+                    old = model.grpo_token_logps(packed.to(dist_.device), temperature=self.temperature,
+                                                 **self.tables).float()[positions.to(dist_.device)].cpu()
+            batches.append((packed, positions, sequence, advantages[start:start + len(sampled)], old))
+            start += len(sampled)
+        lengths = torch.tensor([len(c) for per_batch in completions for c in per_batch], dtype=torch.float64)
+        truncated = torch.tensor([len(c) == self.max_new_tokens and c[-1] != self.template.eos_id
+                                  for per_batch in completions for c in per_batch], dtype=torch.float64)
+        scored = ~torch.isnan(values)
+        clean = torch.nan_to_num(values.double())
+        sums = {"completions": float(len(lengths)), "groups": float(len(lengths) // self.group),
+                "zero_advantage_groups": float(zero_std.view(-1, self.group).all(dim=1).sum()),
+                "reward": float(torch.nan_to_num(rewards.double()).sum()), "reward_sq": float(
+                    torch.nan_to_num(rewards.double()).pow(2).sum()), "length": float(lengths.sum()),
+                "truncated": float(truncated.sum())}
+        for j, name in enumerate(self.rewards.names):
+            sums[f"{name}/n"] = float(scored[:, j].sum())
+            sums[f"{name}/sum"] = float(clean[:, j].sum())
+            sums[f"{name}/sq"] = float(clean[:, j].pow(2).sum())
+            sums[f"{name}/errors"] = float(errors.get(name, 0))
+        sums["length_max"] = float(lengths.max()) if len(lengths) else 0.0
+        return Rollouts(batches, sums, seconds, int(lengths.sum()))
+
+    def _rollout_metrics(self, rollouts: Rollouts, dist_) -> dict:
+        """Reward mean/std per function and combined, errors, zero-advantage fraction, completion lengths,
+        rollout time and tokens/s, over all ranks (`completion_length/max`: this rank's)."""
+        keys = sorted(k for k in rollouts.metrics if k != "length_max")
+        values = dist_.all_reduce_sum(torch.tensor([rollouts.metrics[k] for k in keys] + [rollouts.seconds],
+                                                   dtype=torch.float64, device=dist_.device)).tolist()
+        s = dict(zip(keys, values))
+        seconds = values[-1] / dist_.world  # ranks sample at once: the mean rank's time
+        n = max(s["completions"], 1.0)
+        std = lambda total, sq, count: math.sqrt(max(sq / count - (total / count) ** 2, 0.0) * count / max(count - 1, 1))
+        out = {"reward": s["reward"] / n, "reward_std": std(s["reward"], s["reward_sq"], n),
+               "zero_advantage_fraction": s["zero_advantage_groups"] / max(s["groups"], 1.0),
+               "completion_length/mean": s["length"] / n, "completion_length/max": rollouts.metrics["length_max"],
+               "completion_truncated": s["truncated"] / n, "rollout_s": seconds,
+               "rollout_tokens_per_s": s["length"] / max(seconds, 1e-9)}
+        for name in self.rewards.names:
+            count = s[f"{name}/n"]
+            out[f"rewards/{name}/mean"] = s[f"{name}/sum"] / count if count else float("nan")
+            out[f"rewards/{name}/std"] = std(s[f"{name}/sum"], s[f"{name}/sq"], count) if count else 0.0
+            out[f"rewards/{name}/errors"] = s[f"{name}/errors"]
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, model, batches, dist_, vocab, autocast) -> dict:
+        """Mean reward of one greedy completion per held-out prompt (per function and combined); ranks take turns
+        and run equally many generations."""
+        names = list(self.rewards.names)
+        sums = torch.zeros(2 * len(names) + 2, dtype=torch.float64)
+        for r in range(math.ceil(len(batches) / dist_.world)):
+            index = r * dist_.world + dist_.rank
+            batch = batches[min(index, len(batches) - 1)]
+            completions = self.sample(model, [batch], 1, greedy=True)
+            if index >= len(batches):
+                continue
+            values, _ = self.score([batch], completions, 1)
+            rewards = combine_rewards(values, self.rewards.weights)
+            scored = ~torch.isnan(values)
+            sums += torch.tensor([*torch.nan_to_num(values.double()).sum(0).tolist(), *scored.sum(0).tolist(),
+                                  float(torch.nan_to_num(rewards.double()).sum()), float(len(rewards))],
+                                 dtype=torch.float64)
+        sums = dist_.all_reduce_sum(sums.to(dist_.device)).tolist()
+        out = {"eval_reward": sums[-2] / max(sums[-1], 1.0)}
+        for j, name in enumerate(names):
+            out[f"eval_rewards/{name}"] = sums[j] / sums[len(names) + j] if sums[len(names) + j] else float("nan")
+        return out

@@ -1,0 +1,142 @@
+"""The GRPO objective: one step's loss and every gradient equal the GRPO/DAPO loss written by hand over
+transformers' fp64 log-probs of the very completions the step sampled; all-equal rewards give a zero gradient
+and no NaN; the recipe resumes exactly (sampling included), with and without the reference and old log-probs."""
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from qwen3_fixtures import save_chat_checkpoint
+from tiny_run import tiny_overrides, tiny_run_files  # noqa: F401 (fixture)
+from transformers import AutoModelForCausalLM
+
+from qforge.engine import load_model
+from qforge.engine.config_io import load_config
+from qforge.engine.data import ChatTemplate
+from qforge.engine.train import FFTConfig
+from qforge.engine.train.build import build_vocab
+from qforge.engine.train.grpo import GRPO
+from qforge.engine.train.grpo_loss import LossSettings
+from qforge.engine.train.parallel import Dist
+from qforge.recipes.grpo import main as grpo_main
+
+
+def length_reward(completion: str, row: dict) -> float:
+    """A reward that varies between completions of one prompt (a `module:function` user reward for the recipe)."""
+    return (len(completion) % 4) / 3
+
+
+@dataclass
+class _Scores:
+    values: torch.Tensor
+    errors: dict
+
+
+class _Rewards:
+    """The reward callable the engine gets from a recipe (RewardSet's interface), here from a plain function."""
+
+    def __init__(self, function):
+        self.function, self.names, self.weights = function, ["r"], torch.tensor([1.0])
+
+    def __call__(self, completions, rows):
+        return _Scores(torch.tensor([[float(self.function(c, r))] for c, r in zip(completions, rows)]), {"r": 0})
+
+
+@pytest.fixture(scope="module")
+def few_rows(tiny_run_files, tmp_path_factory):
+    path = tmp_path_factory.mktemp("few") / "train.jsonl"
+    path.write_text("".join(Path(tiny_run_files["train"]).read_text(encoding="utf-8").splitlines(True)[:6]),
+                    encoding="utf-8")
+    return {**tiny_run_files, "train": str(path)}
+
+
+def _step(few_rows, tmp_path, reward, settings=LossSettings(loss_type="dapo"), temperature=0.7, group=4):
+    """(objective, model, checkpoint, vocab, step, the prompts, the completions the step sampled)."""
+    config = load_config(FFTConfig, None, tiny_overrides(few_rows, tmp_path / "out"))
+    checkpoint = save_chat_checkpoint(tmp_path / "policy", seed=3)
+    template = ChatTemplate.from_pretrained(checkpoint)
+    objective = GRPO(_Rewards(reward), settings, num_generations=group, max_new_tokens=6, temperature=temperature)
+    datasets, _, _ = objective.load_data(config, template, Dist())
+    model = load_model(checkpoint, dtype=torch.float32)
+    vocab = build_vocab(config.vocab, datasets, template, model.config.vocab_size)
+    objective.prepare(model, config, vocab, Dist(), contextlib.nullcontext)
+    batch = objective.pack(datasets[0][:2], 4096, seed=0)[0]
+    sampled = []
+    sample = objective.sample
+    objective.sample = lambda *a, **k: sampled.append(sample(*a, **k)) or sampled[-1]
+    step = objective.train_step(model, [batch], Dist(), vocab, contextlib.nullcontext)
+    prompts = [p.prompt_ids.tolist() for p in batch.prompts for _ in range(group)]
+    return objective, model, checkpoint, vocab, step, prompts, sampled[0][0]
+
+
+def test_a_step_is_the_dapo_loss_over_transformers_logprobs_of_its_own_samples(few_rows, tmp_path):
+    objective, model, checkpoint, vocab, step, prompts, completions = _step(few_rows, tmp_path, length_reward)
+    kept = vocab.loss_tables(torch.device("cpu"))[0]
+    eos = objective.template.eos_id
+    assert all(torch.isin(torch.tensor(c), kept).all() for c in completions)  # sampled over the kept vocabulary
+    assert all(len(c) == 6 or c[-1] == eos for c in completions)
+
+    # by hand: rewards → (r − group mean) / (unbiased std + 1e-4) → −Σ A·logp / completion tokens (ratio 1)
+    texts = [objective.template.tokenizer.decode([t for t in c if t != eos]) for c in completions]
+    rewards = torch.tensor([length_reward(t, {}) for t in texts], dtype=torch.float64).view(-1, 4)
+    advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).flatten()
+    assert advantages.abs().sum() > 0  # the rewards differ within a group: a real gradient
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64)
+    tokens = sum(len(c) for c in completions)
+    loss = 0.0
+    for prompt, completion, advantage in zip(prompts, completions, advantages):
+        ids = torch.tensor([prompt + completion])
+        logits = hf(ids).logits[0, len(prompt) - 1:-1][:, kept] / 0.7
+        index = torch.searchsorted(kept, torch.tensor(completion))
+        logp = logits.log_softmax(-1).gather(1, index[:, None]).squeeze(1)
+        loss = loss - advantage * logp.sum() / tokens
+    loss.backward()
+    value = -(advantages * torch.tensor([len(c) for c in completions])).sum() / tokens
+    assert step.loss_sum / step.weight == pytest.approx(float(value), abs=1e-6)
+    hf_params = dict(hf.named_parameters())
+    for name, param in model.named_parameters():
+        expected = hf_params[f"model.{name}"].grad
+        torch.testing.assert_close(param.grad.double(), expected, atol=2e-5 * expected.abs().max().item() + 1e-9,
+                                   rtol=0)
+    metrics = step.metrics
+    assert metrics["completion_length/mean"] == pytest.approx(tokens / len(completions))
+    assert metrics["rewards/r/mean"] == pytest.approx(float(rewards.mean()), abs=1e-6)
+    assert metrics["clip_ratio/region"] == 0.0 and metrics["rollout_tokens_per_s"] > 0
+    assert sum(mb.num_loss_tokens for mb in step.trained) == tokens
+
+
+def test_all_equal_rewards_give_a_zero_gradient_and_no_nan(few_rows, tmp_path):
+    _, model, _, _, step, _, _ = _step(few_rows, tmp_path, lambda completion, row: 1.0)
+    assert step.loss_sum == 0.0 and step.metrics["zero_advantage_fraction"] == 1.0
+    assert step.metrics["reward_std"] == 0.0
+    for param in model.parameters():
+        assert param.grad is None or (torch.isfinite(param.grad).all() and not param.grad.any())
+
+
+def _losses(out: Path):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [{}, {"grpo.beta": 0.04, "grpo.num_iterations": 2, "grpo.loss_type": "grpo"}],
+                         ids=["on_policy", "reference_and_two_passes"])
+def test_recipe_runs_and_resumes_exactly(few_rows, tmp_path, extra):
+    def run(out, **more):
+        settings = {"grpo.rewards": "[test_grpo:length_reward]", "grpo.num_generations": 2,
+                    "grpo.max_new_tokens": 6, "data.max_tokens": 400, "train.max_steps": 4, "train.save_every": 2,
+                    **extra, **more}
+        (tmp_path / "empty.yaml").write_text("{}")
+        return grpo_main(["--config", str(tmp_path / "empty.yaml")] + tiny_overrides(few_rows, out, **settings))
+
+    assert run(tmp_path / "full") == 0
+    full = _losses(tmp_path / "full")
+    assert len(full) == 4 and any(loss != 0 for loss in full)
+    records = [json.loads(line) for line in (tmp_path / "full/metrics.jsonl").read_text().splitlines()]
+    if extra:  # step 1 samples with the start weights: ratio 1, KL 0; step 2 reuses those samples off-policy
+        assert records[0]["kl"] == pytest.approx(0.0, abs=1e-7)
+        assert records[1]["rollout_s"] == records[0]["rollout_s"] and records[1]["kl"] > 0
+    assert (tmp_path / "full/final/model.safetensors").is_file()
+    assert run(tmp_path / "resumed", **{"train.resume": str(tmp_path / "full/checkpoints/step-2")}) == 0
+    assert _losses(tmp_path / "resumed") == full[2:]
