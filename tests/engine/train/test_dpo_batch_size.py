@@ -88,8 +88,10 @@ def test_a_step_is_normalised_by_its_pairs_however_it_is_split(checkpoint, refer
     (one, one_metrics, one_grads), (split_loss, split_metrics, split_grads) = results
     assert split_loss == pytest.approx(one, rel=1e-6) and abs(one_metrics["rewards/margins"]) > 0.05
     assert split_metrics == pytest.approx(one_metrics, rel=1e-5, abs=1e-6)
+    # fp32 sums of the same terms in another order (micro-batches, and torch's threads: 2 OpenMP threads moved one
+    # head-gradient element by 1.6e-6 of the largest); a wrong normalisation would be off by a whole pair's share
     for a, b in zip(one_grads, split_grads):
-        torch.testing.assert_close(b, a, atol=1e-6 * a.abs().max().item(), rtol=0)
+        torch.testing.assert_close(b, a, atol=4e-6 * a.abs().max().item(), rtol=0)
 
 
 def test_on_policy_distillation_with_batch_size_is_a_one_line_error(pair_config):
