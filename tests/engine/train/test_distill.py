@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from qwen3_fixtures import save_chat_checkpoint
-from tiny_run import tiny_overrides, tiny_run_files  # noqa: F401 (fixture)
+from tiny_run import few_rows, tiny_overrides, tiny_run_files  # noqa: F401 (fixtures)
 from transformers import AutoModelForCausalLM
 
 from qforge.engine import load_model
@@ -25,14 +25,6 @@ from qforge.recipes.distill import DistillConfig, main as distill_main
 def teacher(tmp_path_factory):
     return save_chat_checkpoint(tmp_path_factory.mktemp("distill") / "teacher", seed=5)
 
-
-@pytest.fixture(scope="module")
-def few_rows(tiny_run_files, tmp_path_factory):
-    """Six training rows: the teacher scores every supervised position over 151,936 logits, so keep it small."""
-    path = tmp_path_factory.mktemp("few") / "train.jsonl"
-    path.write_text("".join(Path(tiny_run_files["train"]).read_text(encoding="utf-8").splitlines(True)[:6]),
-                    encoding="utf-8")
-    return {**tiny_run_files, "train": str(path)}
 
 
 def _config(files, out, teacher, **extra):

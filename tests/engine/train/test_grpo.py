@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from qwen3_fixtures import save_chat_checkpoint
-from tiny_run import tiny_overrides, tiny_run_files  # noqa: F401 (fixture)
+from tiny_run import few_rows, tiny_overrides, tiny_run_files  # noqa: F401 (fixtures)
 from transformers import AutoModelForCausalLM
 
 from qforge.engine import load_model
@@ -43,13 +43,6 @@ class _Rewards:
     def __call__(self, completions, rows):
         return _Scores(torch.tensor([[float(self.function(c, r))] for c, r in zip(completions, rows)]), {"r": 0})
 
-
-@pytest.fixture(scope="module")
-def few_rows(tiny_run_files, tmp_path_factory):
-    path = tmp_path_factory.mktemp("few") / "train.jsonl"
-    path.write_text("".join(Path(tiny_run_files["train"]).read_text(encoding="utf-8").splitlines(True)[:6]),
-                    encoding="utf-8")
-    return {**tiny_run_files, "train": str(path)}
 
 
 def _step(few_rows, tmp_path, reward, settings=LossSettings(loss_type="dapo"), temperature=0.7, group=4):

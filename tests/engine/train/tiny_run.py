@@ -22,6 +22,15 @@ def tiny_run_files(tmp_path_factory) -> dict:
             "eval": str(root / "eval.jsonl"), "cache": str(root / "cache")}
 
 
+@pytest.fixture(scope="module")
+def few_rows(tiny_run_files, tmp_path_factory):
+    """Six training rows of the tiny run (objectives that score or sample every row stay quick)."""
+    path = tmp_path_factory.mktemp("few") / "train.jsonl"
+    path.write_text("".join(Path(tiny_run_files["train"]).read_text(encoding="utf-8").splitlines(True)[:6]),
+                    encoding="utf-8")
+    return {**tiny_run_files, "train": str(path)}
+
+
 def tiny_overrides(files: dict, output_dir, **extra) -> list[str]:
     settings = {
         "model.config": files["model_config"], "model.tokenizer": "qwen3",
