@@ -66,6 +66,16 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the experts run in: autocast's when it is on, else the weights'."""
+        device = x.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.gate_up_proj.dtype
+
+    def forward(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert (`offsets`: each expert's end) → each expert's SwiGLU MLP, as one grouped op."""
+        gate_up, down = (autocast_weight(w, rows) for w in (self.gate_up_proj, self.down_proj))
+        return moe_expert_mlp(rows, offsets, gate_up, down)
+
 
 class SparseMoeBlock(nn.Module):
     def __init__(self, config: Qwen3Config):
@@ -78,11 +88,10 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, H = x.shape[:-1], x.shape[-1]
         flat = x.reshape(-1, H)
-        gate_up, down = (autocast_weight(w, flat) for w in (self.experts.gate_up_proj, self.experts.down_proj))
-        flat = flat.to(gate_up.dtype)
+        flat = flat.to(self.experts.compute_dtype(flat))
         logits, weights, ids = self.gate(flat)
         routing = moe_routing(ids, self.num_experts)
-        rows = moe_expert_mlp(moe_permute(flat, routing), routing.offsets, gate_up, down)
+        rows = self.experts(moe_permute(flat, routing), routing.offsets)
         self.router_stats = _router_stats(logits, ids, routing.counts)
         return moe_unpermute(rows, weights, routing).view(*lead, H)
 
