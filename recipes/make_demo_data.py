@@ -23,6 +23,7 @@ from qforge.engine.files import write_jsonl
 SEED = 20240521
 TRAIN_ROWS = 3000
 EVAL_ROWS = 64
+RL_ROWS = 1000  # GRPO's prompts (recipes/configs/grpo.yaml): problems the SFT run never saw
 SYSTEM_PROMPT = "Bạn là trợ lý giải toán tiểu học."
 SYSTEM_PROMPT_SHARE = 0.1
 MAX_ATTEMPTS = 200
@@ -242,14 +243,17 @@ def generate_rows(count: int, rng: random.Random, taken: set[str], templates=TEM
     return rows
 
 
-def build_splits(seed: int = SEED, train_rows: int = TRAIN_ROWS, eval_rows: int = EVAL_ROWS):
-    """(train, eval) row lists with no question in common; a pure function of the arguments."""
+def build_splits(seed: int = SEED, train_rows: int = TRAIN_ROWS, eval_rows: int = EVAL_ROWS, rl_rows: int = RL_ROWS):
+    """(train, eval, rl) row lists with no question in common; a pure function of the arguments. The RL split is
+    drawn last, so adding it left the train and eval files as they were."""
     rng = random.Random(seed)
     taken: set[str] = set()
     eval_split = generate_rows(eval_rows, rng, taken)
     train_split = generate_rows(train_rows, rng, taken)
     rng.shuffle(train_split)
-    return train_split, eval_split
+    rl_split = generate_rows(rl_rows, rng, taken)
+    rng.shuffle(rl_split)
+    return train_split, eval_split, rl_split
 
 
 ANSWER_MARK = re.compile(r"đáp\s*án", re.IGNORECASE)
@@ -279,10 +283,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--train-rows", type=int, default=TRAIN_ROWS)
     parser.add_argument("--eval-rows", type=int, default=EVAL_ROWS)
+    parser.add_argument("--rl-rows", type=int, default=RL_ROWS)
     args = parser.parse_args(argv)
-    train_split, eval_split = build_splits(args.seed, args.train_rows, args.eval_rows)
+    splits = build_splits(args.seed, args.train_rows, args.eval_rows, args.rl_rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("vi_arith_train.jsonl", train_split), ("vi_arith_eval.jsonl", eval_split)):
+    for name, rows in zip(("vi_arith_train.jsonl", "vi_arith_eval.jsonl", "vi_arith_rl.jsonl"), splits):
         write_jsonl(args.out / name, rows)
         print(f"wrote {len(rows)} rows to {args.out / name}")
 

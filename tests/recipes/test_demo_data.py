@@ -14,7 +14,7 @@ from qforge.recipes import make_demo_data as demo
 from qforge.recipes.make_demo_data import extract_answer
 
 DATA = Path(demo.__file__).parent / "data"
-FILES = {"train": DATA / "vi_arith_train.jsonl", "eval": DATA / "vi_arith_eval.jsonl"}
+FILES = {"train": DATA / "vi_arith_train.jsonl", "eval": DATA / "vi_arith_eval.jsonl", "rl": DATA / "vi_arith_rl.jsonl"}
 ARITHMETIC = {"+": operator.add, "-": operator.sub, "×": operator.mul, ":": operator.floordiv}
 EQUATION = re.compile(r"(\d+) ([-+×:]) (\d+) = (\d+)")
 VIETNAMESE_LETTERS = set("ăâđêôơưàáảãạằắẳẵặầấẩẫậèéẻẽẹềếểễệìíỉĩịòóỏõọồốổỗộờớởỡợùúủũụừứửữựỳýỷỹỵ")
@@ -40,7 +40,7 @@ def test_shipped_files_are_exactly_the_generator_output(tmp_path):
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), f"{path} is stale: rerun the generator"
 
 
-@pytest.mark.parametrize("split", ["train", "eval"])
+@pytest.mark.parametrize("split", ["train", "eval", "rl"])
 def test_every_answer_recomputes_from_the_numbers_in_the_text(splits, split):
     for line, row in enumerate(splits[split], start=1):
         where = f"{FILES[split].name}:{line}"
@@ -63,13 +63,13 @@ def test_every_answer_recomputes_from_the_numbers_in_the_text(splits, split):
         assert len(reply["reasoning_content"].split()) <= 40, where
 
 
-def test_sizes_uniqueness_and_no_train_eval_overlap(splits):
-    train_questions = [question(r) for r in splits["train"]]
-    eval_questions = [question(r) for r in splits["eval"]]
-    assert len(train_questions) == demo.TRAIN_ROWS and len(eval_questions) == demo.EVAL_ROWS
-    assert len(set(train_questions)) == len(train_questions)
-    assert len(set(eval_questions)) == len(eval_questions)
-    assert not set(train_questions) & set(eval_questions)
+def test_sizes_uniqueness_and_no_overlap_between_splits(splits):
+    questions = {name: [question(r) for r in rows] for name, rows in splits.items()}
+    sizes = {"train": demo.TRAIN_ROWS, "eval": demo.EVAL_ROWS, "rl": demo.RL_ROWS}
+    for name, listed in questions.items():
+        assert len(listed) == sizes[name] and len(set(listed)) == len(listed), name
+    assert not set(questions["train"]) & set(questions["eval"])
+    assert not set(questions["rl"]) & (set(questions["train"]) | set(questions["eval"]))
 
 
 def test_variety_ops_templates_and_system_prompts(splits):
