@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from qwen3_fixtures import save_hf_qwen3_vl_moe
+from qwen3_fixtures import qwen3_tokenizer_dir, save_hf_qwen3_vl_moe
 from safetensors import safe_open
 from transformers import Qwen3VLMoeForConditionalGeneration
 
@@ -69,3 +69,27 @@ def test_export_rewrites_the_language_model_in_the_source_layout(checkpoint, tmp
     original = Qwen3VLMoeForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
     for name, param in original.model.visual.named_parameters():
         assert torch.equal(param, theirs.model.visual.get_parameter(name)), name
+
+
+def test_cjk_prune_of_a_vl_moe_checkpoint_loads_in_transformers(tmp_path):
+    """The vocabulary prune treats a qwen3_vl_moe checkpoint as a Qwen3-VL one: text_config.vocab_size, vision ids
+    remapped, experts (hub layout) and vision copied; transformers' logits are the kept columns of the original's."""
+    from qforge.engine.vocab import VocabMap
+    from qforge.engine.vocab_prune import prune_checkpoint
+
+    rows = 151_936
+    source = save_hf_qwen3_vl_moe(tmp_path / "vl", seed=1, transposed=True, vocab_size=rows)
+    vocab = VocabMap.from_tokenizer(qwen3_tokenizer_dir(), rows)
+    pruned = prune_checkpoint(source, tmp_path / "pruned", vocab, qwen3_tokenizer_dir())
+    config = json.loads((pruned / "config.json").read_text())
+    assert config["text_config"]["vocab_size"] == -(-vocab.new_size // 128) * 128
+    assert config["image_token_id"] == vocab.old_to_new[151655]
+    ids = torch.tensor([[151644, 872, 198, 9707, 1879, 151645]])
+    with torch.no_grad():
+        original = Qwen3VLMoeForConditionalGeneration.from_pretrained(source, dtype=torch.float32)(input_ids=ids)
+        logits = Qwen3VLMoeForConditionalGeneration.from_pretrained(pruned, dtype=torch.float32)(
+            input_ids=vocab.to_new(ids)).logits
+        _close(load_model(pruned, dtype=torch.float32)(vocab.to_new(ids)), logits)
+    assert torch.equal(logits[0, :, :vocab.new_size], original.logits[0][:, vocab.kept_ids])
+    before, after = _stored(source), _stored(pruned)
+    assert all(torch.equal(after[k], v) for k, v in before.items() if ".visual." in k or ".experts." in k)
