@@ -133,7 +133,7 @@ class LoRAExperts(Experts):
 
     def forward(self, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         gate, up = self._project("gate_up_proj", rows, offsets).chunk(2, dim=-1)
-        return self._project("down_proj", swiglu(gate.contiguous(), up.contiguous()), offsets)
+        return self._project("down_proj", swiglu(gate, up), offsets)
 
     def _project(self, projection: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         out = moe_grouped_gemm(x, autocast_weight(getattr(self, projection), x), offsets)
