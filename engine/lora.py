@@ -140,6 +140,9 @@ class LoRAExperts(Experts):
         if projection not in self.lora_A:
             return out
         a, b = (autocast_weight(w, x) for w in (self.lora_A[projection], self.lora_B[projection]))
+        pad = -a.shape[1] % (16 // x.element_size())  # torch._grouped_mm wants 16-byte rows: zero rank slots
+        if pad:
+            a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
         return out + moe_grouped_gemm(moe_grouped_gemm(x, a, offsets), b, offsets) * self.scaling
 
 
