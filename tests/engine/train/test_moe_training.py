@@ -180,12 +180,16 @@ def test_filler_micro_batches_add_nothing(tiny_run_files, moe_checkpoint, exampl
 def test_lora_on_moe_experts_trains_the_adapters_only(tiny_run_files, moe_checkpoint, tmp_path):
     """train.lora.target_modules naming the experts' weights: in the merged export exactly the targeted weights moved
     (q_proj and both fused expert projections); router, norms, embeddings and head are bitwise the base's, and PEFT's
-    adapter (final-adapter) on transformers' model gives the merged export's logits."""
+    adapter (final-adapter) on transformers' model gives the merged export's logits; a resume from step 2 repeats
+    the last two steps' losses exactly."""
     import peft
 
-    result = train(_config(tiny_run_files, moe_checkpoint, tmp_path, **{
-        "train.method": "lora", "train.max_steps": 2, "train.lora.rank": 4,
-        "train.lora.target_modules": "[q_proj,experts.gate_up_proj,experts.down_proj]"}))
+    lora = {"train.method": "lora", "train.max_steps": 4, "train.lora.rank": 4, "train.save_every": 2,
+            "train.lora.target_modules": "[q_proj,experts.gate_up_proj,experts.down_proj]"}
+    result = train(_config(tiny_run_files, moe_checkpoint, tmp_path, **lora))
+    resumed = train(_config(tiny_run_files, moe_checkpoint, tmp_path / "resumed", **lora, **{
+        "train.resume": str(tmp_path / "checkpoints/step-2")}))
+    assert resumed.losses == result.losses[2:]
     before, after = load_model(moe_checkpoint, dtype=torch.float32), load_model(result.final_dir, dtype=torch.float32)
     for (name, a), (_, b) in zip(before.named_parameters(), after.named_parameters()):
         targeted = name.endswith(("q_proj.weight", "experts.gate_up_proj", "experts.down_proj"))
