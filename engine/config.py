@@ -3,8 +3,9 @@
 Only what defines the Qwen3 decoder is kept: dense (`qwen3`) or Mixture-of-Experts (`qwen3_moe`: the MoE fields
 below; `num_experts` = 0 means dense). Anything that would make the checkpoint a different
 model than the one qforge builds (another model_type, rope scaling, sliding windows, attention bias)
-is rejected with an error naming the field, never silently ignored. Qwen3-VL checkpoints (`qwen3_vl`) are read
-through their nested `text_config` (see `language_config`); `rope_scaling` may be YaRN (`rope_scaling.py`).
+is rejected with an error naming the field, never silently ignored. Qwen3-VL checkpoints (`qwen3_vl`, and
+`qwen3_vl_moe` with a MoE language model) are read through their nested `text_config` (see `language_config`);
+`rope_scaling` may be YaRN (`rope_scaling.py`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from .rope_scaling import normalize_rope_scaling
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-VL_MODEL_TYPE = "qwen3_vl"
+VL_MODEL_TYPE, VL_MOE_MODEL_TYPE = "qwen3_vl", "qwen3_vl_moe"
 # Token ids in a Qwen3-VL config.json besides the usual bos/eos/pad (the vocabulary prune remaps them too).
 VISION_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
@@ -96,13 +97,14 @@ class Qwen3Config:
 
         if is_vl_config(hf):
             hf = language_config(hf, source)
-        elif hf.get("model_type") == "qwen3_moe":
+        if hf.get("model_type") == "qwen3_moe":
             # transformers ≥ 5 writes `num_local_experts` (its attribute map reads both)
             hf = {**hf, "num_experts": hf.get("num_experts", hf.get("num_local_experts", 128)),
                   "mlp_only_layers": hf.get("mlp_only_layers") or []}
         elif hf.get("model_type") != "qwen3":
             fail("model_type", f"is {hf.get('model_type')!r}; qforge supports 'qwen3' (dense Qwen3), 'qwen3_moe' "
-                               f"(Qwen3 Mixture-of-Experts) and 'qwen3_vl' (the dense Qwen3-VL language model)")
+                               f"(Qwen3 Mixture-of-Experts), 'qwen3_vl' and 'qwen3_vl_moe' (the Qwen3-VL language "
+                               f"models)")
         if hf.get("hidden_act", "silu") != "silu":
             fail("hidden_act", f"is {hf['hidden_act']!r}; Qwen3 uses 'silu'")
         if hf.get("attention_bias", False):
@@ -164,26 +166,32 @@ _MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "n
 
 
 def is_vl_config(hf: dict) -> bool:
-    return hf.get("model_type") == VL_MODEL_TYPE
+    return hf.get("model_type") in (VL_MODEL_TYPE, VL_MOE_MODEL_TYPE)
 
 
 def language_config(hf: dict, source: str = "config.json") -> dict:
-    """The Qwen3 text config inside a Qwen3-VL config.json, as a `qwen3` config dict.
+    """The Qwen3 text config inside a Qwen3-VL config.json, as a `qwen3` (or, for `qwen3_vl_moe`, `qwen3_moe`)
+    config dict.
 
     Tying is a property of the whole model (top-level `tie_word_embeddings`; transformers 4.x also copies it into
-    text_config); dtype and special ids may sit at either level."""
+    text_config); dtype and special ids may sit at either level. The VL-MoE router always renormalises its top-k
+    weights (transformers' Qwen3VLMoeTextTopKRouter has no `norm_topk_prob` switch), so that is what is read."""
+    model_type = hf.get("model_type")
     text = hf.get("text_config")
     if not isinstance(text, dict):
-        raise ConfigError(f"{source}: field 'text_config' is missing; a qwen3_vl config.json nests the language "
+        raise ConfigError(f"{source}: field 'text_config' is missing; a {model_type} config.json nests the language "
                           f"model's config there")
-    if "moe_intermediate_size" in text or "num_experts" in text:
-        raise ConfigError(f"{source}: field 'text_config' describes a Qwen3-VL MoE language model; qforge trains "
-                          f"the dense Qwen3-VL models only")
+    moe = "moe_intermediate_size" in text or "num_experts" in text or "num_local_experts" in text
+    if moe != (model_type == VL_MOE_MODEL_TYPE):
+        raise ConfigError(f"{source}: field 'text_config' describes a {'MoE' if moe else 'dense'} language model but "
+                          f"model_type is {model_type!r}; expected {VL_MOE_MODEL_TYPE if moe else VL_MODEL_TYPE!r}")
     merged = dict(text)
     for key in ("tie_word_embeddings", "torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):
         if hf.get(key) is not None and (key == "tie_word_embeddings" or merged.get(key) is None):
             merged[key] = hf[key]
-    merged["model_type"] = "qwen3"
+    merged["model_type"] = "qwen3_moe" if moe else "qwen3"
+    if moe:
+        merged["norm_topk_prob"] = True
     return merged
 
 

@@ -95,3 +95,38 @@ def save_hf_qwen3_vl(path: Path, seed: int = 0, dtype=torch.float32, tie_word_em
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     return Path(path)
+
+
+# H = 32, 2I = 24, I = 12: no expert tensor is square, so a transposed layout cannot pass by shape
+TINY_VL_MOE_TEXT = dict(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                        rms_norm_eps=1e-6, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=12,
+                        router_aux_loss_coef=0.01)
+
+
+def save_hf_qwen3_vl_moe(path: Path, seed: int = 0, dtype=torch.float32, transposed: bool = False,
+                         **text_overrides) -> Path:
+    """A random HF Qwen3-VL-MoE saved by transformers 5 (experts fused, [E, 2I, H] / [E, H, I]); `transposed`
+    rewrites the experts as the hub's files store them ([E, H, 2I] / [E, I, H], transformers 4.x), which
+    transformers 5 transposes back on load. Router weights scaled to std ~1 (top-k does not hinge on rounding)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    text = {**TINY_VL_MOE_TEXT, **text_overrides}
+    half = text["head_dim"] // 2
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
+                               "mrope_section": [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]}
+    torch.manual_seed(seed)
+    config = Qwen3VLMoeConfig(text_config=text, vision_config={**TINY_VISION, "out_hidden_size": text["hidden_size"]})
+    model = Qwen3VLMoeForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.mul_(50)
+    model.to(dtype).save_pretrained(path)
+    if transposed:
+        file = path / "model.safetensors"
+        tensors = load_file(file)
+        save_file({k: t.transpose(1, 2).contiguous() if ".mlp.experts." in k else t for k, t in tensors.items()},
+                  str(file), metadata={"format": "pt"})
+    return path

@@ -20,11 +20,13 @@ from .tensors import check_tensors, open_tensors
 def load_model(source: Source | str | Path, dtype: torch.dtype = torch.bfloat16,
                device: str | torch.device = "cpu") -> Qwen3:
     """Loads an HF Qwen3 checkpoint directory (single-file or sharded safetensors; dense, MoE, or the language
-    model of a Qwen3-VL checkpoint) into a `Qwen3`. Pass the `Source` (`read_source`) to export it back later."""
+    model of a Qwen3-VL or Qwen3-VL-MoE checkpoint) into a `Qwen3`. Pass the `Source` (`read_source`) to export it
+    back later."""
     source = source if isinstance(source, Source) else read_source(source)
     with torch.device("meta"):
         model = Qwen3(source.config)
-    parts = {name: hf_tensors(source.key(name), param) for name, param in model.named_parameters()}  # MoE: per expert
+    # MoE experts: in the checkpoint's layout (per expert, or fused and maybe transposed)
+    parts = {name: hf_tensors(source.key(name), param, source.experts) for name, param in model.named_parameters()}
     expected = {key: part for split in parts.values() for key, part in split.items()}
     check_tensors(source.path, source.config, expected, source.key_files)
 
@@ -34,7 +36,7 @@ def load_model(source: Source | str | Path, dtype: torch.dtype = torch.bfloat16,
                  for file in {key_files[key] for key in expected}}
         for name, split in parts.items():
             tensors = [files[key_files[key]].get_tensor(key).to(device=device, dtype=dtype) for key in split]
-            _assign(model, name, from_hf_tensors(source.key(name), tensors))
+            _assign(model, name, from_hf_tensors(source.key(name), tensors, source.experts))
     model.reset_buffers()
     return model
 

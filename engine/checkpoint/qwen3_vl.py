@@ -9,6 +9,12 @@ dimension rotates by the one text position and the table is exactly the default 
 therefore loads the language model into `Qwen3` and trains it on text; the export rewrites only the language
 tensors and copies every other tensor (the vision tower, its mergers) bitwise, plus every processor /
 preprocessor / chat-template file.
+
+Qwen3-VL-MoE (`Qwen3VLMoeForConditionalGeneration`, model_type `qwen3_vl_moe`) is the same with a Qwen3-MoE
+language model: same keys, same RoPE, its experts stored fused (`mlp.experts.gate_up_proj`, not one tensor per
+expert), as [E, 2I, H] / [E, H, I] when transformers 5 saved them and transposed ([E, H, 2I] / [E, I, H]) in the
+hub's files; `checkpoint/moe.py` reads either and the export writes the layout it found. Its router always
+renormalises the top-k weights (`config.language_config`).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from ..config import read_json
 from ..errors import CheckpointError
 from ..files import staged_dir, write_json
 from .layout import GENERATION_CONFIG, copy_tokenizer, with_suppressed
+from .moe import PER_EXPERT, ExpertLayout, hf_tensors
 from .tensors import INDEX_FILE, SINGLE_FILE, open_tensors, tensor_files
 
 LANGUAGE_PREFIX = "model.language_model."
@@ -37,14 +44,15 @@ def is_language_key(key: str) -> bool:
 
 
 def save_vl(state: dict[str, torch.Tensor], source: Path, generation: dict, path: Path, tie_word_embeddings: bool,
-            tokenizer_dir: str | Path | None = None, vocab=None) -> Path:
+            tokenizer_dir: str | Path | None = None, vocab=None, experts: ExpertLayout = PER_EXPERT) -> Path:
     """Writes the Qwen3-VL checkpoint `source` into `path` with its language tensors replaced by `state`
     (qforge names → tensors). Every other tensor is copied bitwise, in the source's shard layout; language
     tensors are written in the dtype the source stored them in. Built in a staging directory, moved into place.
     `vocab` (the kept vocabulary the head was trained on) is saved as in `save_model`; `generation` is the source's
-    generation_config.json, rewritten only to suppress the unkept ids."""
+    generation_config.json, rewritten only to suppress the unkept ids. `experts`: how the source stores a MoE
+    language model's experts (`Source.experts`)."""
     key_files = tensor_files(source)
-    new = _language_tensors(state, source, key_files, tie_word_embeddings)
+    new = _language_tensors(state, source, key_files, tie_word_embeddings, experts)
     with staged_dir(path) as tmp:
         rewritten = (SINGLE_FILE, INDEX_FILE) + ((GENERATION_CONFIG,) if vocab is not None else ())
         for item in source.iterdir():  # processor, preprocessor, chat template, generation config, ...
@@ -64,9 +72,10 @@ def save_vl(state: dict[str, torch.Tensor], source: Path, generation: dict, path
 
 
 def _language_tensors(state: dict[str, torch.Tensor], source: Path, key_files: dict[str, Path],
-                      tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
+                      tie_word_embeddings: bool, experts: ExpertLayout) -> dict[str, torch.Tensor]:
     """The trained tensors under their Qwen3-VL keys, after checking they are exactly the source's language model."""
-    new = {checkpoint_key(name): t.detach().to("cpu") for name, t in state.items()}
+    new = {key: part for name, t in state.items()
+           for key, part in hf_tensors(checkpoint_key(name), t.detach().to("cpu"), experts).items()}
     if tie_word_embeddings and "lm_head.weight" in key_files:  # a redundant stored copy stays consistent
         new["lm_head.weight"] = new[checkpoint_key("embed_tokens.weight")]
     stored_language = {key for key in key_files if is_language_key(key)}

@@ -43,7 +43,7 @@ def save_model(model: Qwen3, path: str | Path, source: Source | None = None, max
         state = {name: gathered(t.detach(), dtype).to("cpu") for name, t in tensors.items()}
         if rank == 0:
             save_vl(state, source.path, source.generation_config, path, model.config.tie_word_embeddings,
-                    tokenizer_dir, vocab)
+                    tokenizer_dir, vocab, source.experts)
         if world > 1:
             dist_.barrier()
         return path

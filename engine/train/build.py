@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from ..generate import is_sharded
 from ..lora import LoRASettings, apply_lora, export_lora, merged_state_dict
 from ..model import Qwen3
-from ..moe import RouterBalance
+from ..moe import Experts, RouterBalance
 from ..vocab import VocabMap
 from .config import FFTConfig, ModelSettings, VocabSettings
 from .parallel import full_state_dict, load_sharded
@@ -209,9 +209,10 @@ def _adapter_init(config: Qwen3Config, lora: LoRASettings, seed: int, dtype: tor
     `device` (one element, expanded), so it draws the same random numbers, in the same order, as on a loaded model."""
     skeleton = meta_model(config, dtype)
     for module in skeleton.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.weight = torch.nn.Parameter(torch.empty(1, dtype=dtype, device=device).expand(module.weight.shape),
-                                               requires_grad=False)
+        if isinstance(module, (torch.nn.Linear, Experts)):  # what adapters wrap: linears, a MoE layer's experts
+            for leaf, param in list(module.named_parameters(recurse=False)):
+                setattr(module, leaf, torch.nn.Parameter(
+                    torch.empty(1, dtype=dtype, device=device).expand(param.shape), requires_grad=False))
     apply_lora(skeleton, lora, seed=seed)
     return {name: param.detach() for name, param in skeleton.named_parameters() if ".lora_" in name}
 

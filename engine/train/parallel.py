@@ -118,7 +118,8 @@ def load_sharded(model: torch.nn.Module, source: Source | str | Path, device: st
     source = source if isinstance(source, Source) else read_source(source)
     params = {name: p for name, p in model.named_parameters() if name not in skip}
     shapes = {source.key(name): torch.empty(p.shape, dtype=p.dtype, device="meta") for name, p in params.items()}
-    expected = {key: part for name, meta in shapes.items() for key, part in hf_tensors(name, meta).items()}
+    expected = {key: part for name, meta in shapes.items()
+                for key, part in hf_tensors(name, meta, source.experts).items()}
     check_tensors(source.path, source.config, expected, source.key_files)
     model.to_empty(device=device)
     with torch.no_grad(), contextlib.ExitStack() as stack:
@@ -132,9 +133,10 @@ def load_sharded(model: torch.nn.Module, source: Source | str | Path, device: st
             if not local.numel():
                 continue
             key, index = source.key(name), local_index(param)
-            if fused_expert(key):  # HF keeps one tensor per expert: read this shard's experts (FSDP2 shards dim 0)
+            if fused_expert(key):  # stored per expert or transposed: read this shard's experts (FSDP2 shards dim 0)
                 experts = range(param.shape[0])[index[0]]
-                local.copy_(read_experts(key, experts, lambda k: stored(k)[:])[(slice(None), *index[1:])])
+                local.copy_(read_experts(key, experts, lambda k: stored(k)[:], source.experts)[
+                    (slice(None), *index[1:])])
             else:
                 local.copy_(stored(key)[index])
     model.reset_buffers()
