@@ -45,12 +45,14 @@ class _Rewards:
 
 
 
-def _step(few_rows, tmp_path, reward, settings=LossSettings(loss_type="dapo"), temperature=0.7, group=4):
-    """(objective, model, checkpoint, vocab, step, the prompts, the completions the step sampled)."""
+def _step(few_rows, tmp_path, reward, settings=LossSettings(loss_type="dapo"), temperature=0.7, group=4,
+          edit=lambda sampled, eos: sampled, **options):
+    """(objective, model, checkpoint, vocab, step, the prompts, the completions the step sampled, after `edit`)."""
     config = load_config(FFTConfig, None, tiny_overrides(few_rows, tmp_path / "out"))
     checkpoint = save_chat_checkpoint(tmp_path / "policy", seed=3)
     template = ChatTemplate.from_pretrained(checkpoint)
-    objective = GRPO(_Rewards(reward), settings, num_generations=group, max_new_tokens=6, temperature=temperature)
+    objective = GRPO(_Rewards(reward), settings, num_generations=group, max_new_tokens=6, temperature=temperature,
+                     **options)
     datasets, _, _ = objective.load_data(config, template, Dist())
     model = load_model(checkpoint, dtype=torch.float32)
     vocab = build_vocab(config.vocab, datasets, template, model.config.vocab_size)
@@ -58,7 +60,7 @@ def _step(few_rows, tmp_path, reward, settings=LossSettings(loss_type="dapo"), t
     batch = objective.pack(datasets[0][:2], 4096, seed=0)[0]
     sampled = []
     sample = objective.sample
-    objective.sample = lambda *a, **k: sampled.append(sample(*a, **k)) or sampled[-1]
+    objective.sample = lambda *a, **k: sampled.append(edit(sample(*a, **k), template.eos_id)) or sampled[-1]
     step = objective.train_step(model, [batch], Dist(), vocab, contextlib.nullcontext)
     prompts = [p.prompt_ids.tolist() for p in batch.prompts for _ in range(group)]
     return objective, model, checkpoint, vocab, step, prompts, sampled[0][0]
@@ -98,6 +100,25 @@ def test_a_step_is_the_dapo_loss_over_transformers_logprobs_of_its_own_samples(f
     assert metrics["rewards/r/mean"] == pytest.approx(float(rewards.mean()), abs=1e-6)
     assert metrics["clip_ratio/region"] == 0.0 and metrics["rollout_tokens_per_s"] > 0
     assert sum(mb.num_loss_tokens for mb in step.trained) == tokens
+
+
+def test_overlong_options_act_on_the_sampled_completions(few_rows, tmp_path):
+    """soft_punish_cache adds DAPO's length penalty of each sampled completion as a reward (TRL's closed form, its
+    token count with <|im_end|>); mask_truncated_completions leaves exactly the truncated completions' tokens out
+    of the loss."""
+    def stop_some(sampled, eos):  # the tiny random model hardly ever stops: every third completion does, early
+        return [[c[:i % 5] + [eos] if i % 3 == 0 else c for i, c in enumerate(batch)] for batch in sampled]
+
+    objective, _, _, _, step, _, completions = _step(few_rows, tmp_path, length_reward, edit=stop_some,
+                                                     mask_truncated_completions=True, soft_punish_cache=3)
+    eos = objective.template.eos_id
+    lengths = [len(c) for c in completions]
+    punishment = [0.0 if n <= 3 else (3 - n) / 3 for n in lengths]
+    assert step.metrics["rewards/soft_overlong_punishment/mean"] == pytest.approx(sum(punishment) / len(lengths))
+    truncated = [c[-1] != eos for c in completions]
+    assert 0 < sum(truncated) < len(completions), lengths  # both kinds sampled: the mask is exercised
+    assert step.metrics["completion_truncated"] == pytest.approx(sum(truncated) / len(completions))
+    assert sum(mb.num_loss_tokens for mb in step.trained) == sum(n for n, t in zip(lengths, truncated) if not t)
 
 
 def test_all_equal_rewards_give_a_zero_gradient_and_no_nan(few_rows, tmp_path):
