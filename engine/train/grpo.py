@@ -82,7 +82,7 @@ class GRPO:
     def __init__(self, rewards: Callable, settings: LossSettings = LossSettings(), num_generations: int = 8,
                  num_iterations: int = 1, max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
                  scale_rewards: str = "group", reward_aggregation: str = "sum_then_normalize",
-                 enable_thinking: bool | str = True, gather_for_sampling: bool = False,
+                 enable_thinking: bool | str | None = None, gather_for_sampling: bool = False,
                  mask_truncated_completions: bool = False, soft_punish_cache: int = 0,
                  soft_punish_weight: float = 1.0):
         if num_generations < 2:
@@ -148,9 +148,11 @@ class GRPO:
 
     def _prompts(self, path, config, template) -> list[Prompt]:
         """A Prompt per row (`load_prompts`): messages ending in a user turn, or in the reference assistant answer;
-        the row stays with it for the rewards."""
+        the row stays with it for the rewards. A row's own `enable_thinking` decides its rendering; rows without
+        one take this objective's `enable_thinking`, by default data.enable_thinking."""
+        thinking = config.data.enable_thinking if self.enable_thinking is None else self.enable_thinking
         return load_prompts(path, template, self.max_new_tokens, fmt=config.data.format,
-                            max_row_bytes=config.data.max_row_bytes, enable_thinking=self.enable_thinking,
+                            max_row_bytes=config.data.max_row_bytes, enable_thinking=thinking,
                             copies=self.group, require_reference=False)
 
     def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate", loss_weighting: str = "token",

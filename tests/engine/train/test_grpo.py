@@ -121,6 +121,37 @@ def test_overlong_options_act_on_the_sampled_completions(few_rows, tmp_path):
     assert sum(mb.num_loss_tokens for mb in step.trained) == sum(n for n, t in zip(lengths, truncated) if not t)
 
 
+@pytest.mark.parametrize("default", [True, False, "auto"])
+def test_each_row_sets_its_own_thinking_mode_the_run_setting_is_the_default(tiny_run_files, tmp_path, default):
+    """A row's `enable_thinking` decides its prompt's rendering; data.enable_thinking (true, false, auto) is the
+    default for rows without one: token for token the tokenizer's own chat template (apply_chat_template)."""
+    from transformers import AutoTokenizer
+
+    from qwen3_fixtures import qwen3_tokenizer_dir
+
+    messages = [{"role": "user", "content": "Tính 2 + 3."}]
+    answered = messages + [{"role": "assistant", "content": "<think>\n2 cộng 3\n</think>\n\nĐáp án: 5"}]
+    rows = [{"messages": messages, "enable_thinking": False}, {"messages": messages, "enable_thinking": True},
+            {"messages": messages}, {"messages": answered}, {"messages": answered, "enable_thinking": False}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    config = load_config(FFTConfig, None, [f"data.train=[{path}]", f"data.enable_thinking={str(default).lower()}",
+                                           "model.tokenizer=qwen3", f"model.config={tiny_run_files['model_config']}",
+                                           f"output.dir={tmp_path / 'out'}"])
+    template = ChatTemplate.from_pretrained(qwen3_tokenizer_dir())
+    objective = GRPO(_Rewards(length_reward), num_generations=2, max_new_tokens=4)
+    prompts = objective.load_data(config, template, Dist())[0][0]
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
+    # rows without a field: the run's setting ("auto": thinking iff the row's reference answer has reasoning)
+    expected_modes = [False, True, default is True, default is not False, False]
+    assert [p.row.get("enable_thinking") for p in prompts] == [r.get("enable_thinking") for r in rows]
+    for prompt, mode in zip(prompts, expected_modes):
+        expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=mode,
+                                                 tokenize=True, return_dict=False)
+        assert prompt.prompt_ids.tolist() == list(expected), (mode, prompt.row)
+    assert prompts[0].prompt_ids.tolist() != prompts[1].prompt_ids.tolist()  # the two modes do render apart
+
+
 def test_all_equal_rewards_give_a_zero_gradient_and_no_nan(few_rows, tmp_path):
     _, model, _, _, step, _, _ = _step(few_rows, tmp_path, lambda completion, row: 1.0)
     assert step.loss_sum == 0.0 and step.metrics["zero_advantage_fraction"] == 1.0
