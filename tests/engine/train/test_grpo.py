@@ -170,7 +170,8 @@ def _losses(out: Path):
 def test_recipe_runs_and_resumes_exactly(few_rows, tmp_path, extra):
     def run(out, **more):
         settings = {"grpo.rewards": "[test_grpo:length_reward]", "grpo.num_generations": 2,
-                    "grpo.max_new_tokens": 6, "data.max_tokens": 400, "train.max_steps": 4, "train.save_every": 2,
+                    "grpo.max_new_tokens": 6, "data.max_tokens": 400, "train.max_steps": 4, "train.save_every": 1,
+                    "train.keep_last": 4,
                     **extra, **more}
         (tmp_path / "empty.yaml").write_text("{}")
         return grpo_main(["--config", str(tmp_path / "empty.yaml")] + tiny_overrides(few_rows, out, **settings))
@@ -185,3 +186,6 @@ def test_recipe_runs_and_resumes_exactly(few_rows, tmp_path, extra):
     assert (tmp_path / "full/final/model.safetensors").is_file()
     assert run(tmp_path / "resumed", **{"train.resume": str(tmp_path / "full/checkpoints/step-2")}) == 0
     assert _losses(tmp_path / "resumed") == full[2:]
+    # step 1 is between the two passes of one rollout batch: its samples and old log-probs are in the checkpoint
+    assert run(tmp_path / "odd", **{"train.resume": str(tmp_path / "full/checkpoints/step-1")}) == 0
+    assert _losses(tmp_path / "odd") == full[1:]
