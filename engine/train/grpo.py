@@ -177,8 +177,9 @@ class GRPO:
     @torch.no_grad()
     def sample(self, model, batches: Sequence[PromptBatch], copies: int, greedy: bool) -> list[list[list[int]]]:
         """`copies` completions of every prompt of `batches` (token ids, through <|im_end|> when it was produced),
-        in one generation call; row i of the call samples from seed `batches[0].seed · 2¹⁶ + i` (consecutive
-        micro-batch seeds would otherwise share all but one row's random stream)."""
+        in one generation call; row j of micro-batch b samples from seed `b.seed · 2¹⁶ + j` (consecutive
+        micro-batch seeds would otherwise share all but one row's random stream), so a micro-batch draws the same
+        completions whichever rank samples it, with whichever others."""
         was_training = model.training
         model.eval()
         prompts = [p.prompt_ids.tolist() for b in batches for p in b.prompts for _ in range(copies)]
@@ -186,7 +187,8 @@ class GRPO:
             completions = generate(model, prompts, max_new_tokens=self.max_new_tokens,
                                    temperature=0.0 if greedy else self.temperature, top_p=self.top_p,
                                    stop_ids=[self.template.eos_id], output_ids=self.output_ids,
-                                   seed=batches[0].seed << 16)
+                                   seed=[(b.seed << 16) + j for b in batches
+                                         for j in range(copies * len(b.prompts))])
         model.train(was_training)
         completions = [c + [self.template.eos_id] if len(c) < self.max_new_tokens else c for c in completions]
         out, start = [], 0
