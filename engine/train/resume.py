@@ -2,7 +2,8 @@
 
 A checkpoint holds the model and optimizer (torch.distributed.checkpoint: each rank writes its own shards,
 and a later run may load them on another world size), plus `meta.json` (step, scheduler, data cursor,
-counters, data fingerprint, the settings that define what is trained), every rank's RNG states and
+counters, data fingerprint, the settings that define what is trained), every rank's RNG states (and objective
+state, for an objective that keeps one between steps: GRPO's rollouts) and
 `manifest.json` (size and SHA-256 of every file, hashed while it is written, then fsynced). It is written into a hidden temp directory and renamed when
 complete, so a kill during a save leaves the previous checkpoints as they were. Older checkpoints are pruned
 only after the new one verifies; a resume takes the newest checkpoint that verifies, and sets a damaged one
