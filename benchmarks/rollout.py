@@ -1,7 +1,7 @@
 """GRPO rollout speed: qforge's batched KV-cache generation vs transformers' `generate`, side by side.
 
     python benchmarks/rollout.py [--prompts 8] [--generations 8] [--max-new-tokens 96] [--rounds 3] [--model DIR]
-    python benchmarks/rollout.py --model outputs/demo/final   # a pruned head (kept_ids.json): see below
+    python benchmarks/rollout.py --model outputs/demo/final   # kept_ids.json: kept and full vocabulary, see below
     python benchmarks/rollout.py --dry-run     # a tiny model and batch: checks the harness, not a benchmark
 
 One rollout batch (prompts × G completions, temperature 1, top-p 1, no top-k, stop at EOS) from the same
@@ -13,10 +13,13 @@ ratio. Generated tokens are counted up to and excluding EOS. Before timing, gree
 the same tokens: the two systems run the same model. Prints a Markdown table and one JSON line; the 1-minute
 load average is read before and after every run (2 cores shared with other work make it matter).
 
-A checkpoint trained with `vocab.restrict` (its kept_ids.json) can produce only its kept ids: both systems sample
-from that same distribution — transformers with every other id suppressed (`suppress_tokens`, its logits
-processor over the full head), qforge over the kept rows of the head only (`generate(output_ids=...)`, what a
-GRPO rollout of such a model does). `--full-vocab` ignores kept_ids.json.
+A checkpoint trained with `vocab.restrict` (its kept_ids.json) can produce only its kept ids. By default both
+supports run, interleaved in every round: "kept" (both systems sample from the same kept-id distribution —
+transformers over the full head with every other id masked to −inf by a logits processor, qforge over the kept
+rows of the head only, `generate(output_ids=...)`, what a GRPO rollout of such a model does) and "full" (the
+whole vocabulary on both sides). `--vocab kept|full` runs one of them. The table also gives each run's decode
+steps (its longest completion): transformers decodes every row until the batch's longest stops, qforge drops
+finished rows, so the two count the same useful tokens but not the same work.
 """
 from __future__ import annotations
 
@@ -96,6 +99,8 @@ def qforge_generate(model, prompts, settings, eos, seed):
 
 @torch.inference_mode()
 def hf_generate(model, prompts, settings, eos, seed):
+    from transformers import GenerationConfig
+
     width = max(map(len, prompts))
     pad = 0
     input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
@@ -106,13 +111,15 @@ def hf_generate(model, prompts, settings, eos, seed):
     if settings.get("suppress_ids") is not None:
         from transformers import LogitsProcessorList
 
-        mask = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+        mask = torch.zeros(model.config.vocab_size, dtype=torch.bool)  # built once: one masked_fill a step
         mask[settings["suppress_ids"]] = True
         processors = LogitsProcessorList([lambda ids, scores: scores.masked_fill(mask, float("-inf"))])
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=settings["max_new_tokens"],
-                         do_sample=sample, temperature=settings["temperature"] if sample else None,
-                         top_p=settings["top_p"] if sample else None, top_k=0 if sample else None,
-                         eos_token_id=eos, pad_token_id=pad, logits_processor=processors)
+    config = GenerationConfig(max_new_tokens=settings["max_new_tokens"], do_sample=sample,
+                              temperature=settings["temperature"] if sample else None,
+                              top_p=settings["top_p"] if sample else None, top_k=0 if sample else None,
+                              eos_token_id=eos, pad_token_id=pad)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                         logits_processor=processors)
     return [_until_eos(row[width:].tolist(), eos) for row in out]
 
 
@@ -121,13 +128,13 @@ def timed(system, generate_fn, model, prompts, settings, eos, seed) -> dict:
     start = time.perf_counter()
     outputs = generate_fn(model, prompts, settings, eos, seed)
     seconds = time.perf_counter() - start
-    tokens = sum(len(_until_eos(list(o), eos)) for o in outputs)
-    return {"system": system, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "load_1min": [load_before, os.getloadavg()[0]]}
+    lengths = [len(_until_eos(list(o), eos)) for o in outputs]
+    return {"system": system, "tokens": sum(lengths), "decode_steps": max(lengths) + 1, "seconds": seconds,
+            "tokens_per_s": sum(lengths) / seconds, "load_1min": [load_before, os.getloadavg()[0]]}
 
 
 def run(prompts: int, generations: int, max_new_tokens: int, rounds: int, model_dir: Path | None,
-        dry_run: bool = False, full_vocab: bool = False) -> dict:
+        dry_run: bool = False, vocab: str = "both") -> dict:
     from transformers import AutoModelForCausalLM
 
     from qforge.engine.checkpoint import load_model
@@ -136,44 +143,61 @@ def run(prompts: int, generations: int, max_new_tokens: int, rounds: int, model_
         path = model_dir or build_checkpoint(Path(tmp) / "model", dry_run)
         ours = load_model(path, dtype=torch.float32).eval()
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # a pruned checkpoint's generation_config.json lists every dropped id in `suppress_tokens`, which transformers
+    # merges into any generate call: both supports would be masked, twice in "kept" (an isin a step besides ours)
+    hf.generation_config.suppress_tokens = None
     eos = int(json.loads(CONFIG.read_text())["eos_token_id"])
     batch = [p for p in rollout_prompts(prompts) for _ in range(generations)]
-    output_ids, suppress_ids = (None, None) if full_vocab else kept_output_ids(model_dir, ours.config.vocab_size)
-    settings = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_new_tokens, "output_ids": output_ids,
-                "suppress_ids": suppress_ids}
-    greedy = {**settings, "temperature": 0.0, "max_new_tokens": min(8, max_new_tokens)}
-    same_greedy = qforge_generate(ours, batch[::generations], greedy, eos, 0) == \
-        hf_generate(hf, batch[::generations], greedy, eos, 0)
+    output_ids, suppress_ids = kept_output_ids(model_dir, ours.config.vocab_size)
+    base = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": max_new_tokens}
+    supports = {"kept": {**base, "output_ids": output_ids, "suppress_ids": suppress_ids}, "full": base}
+    if output_ids is None or vocab == "full":
+        supports.pop("kept")
+    elif vocab == "kept":
+        supports.pop("full")
+    same_greedy = {}
+    for name, settings in supports.items():
+        greedy = {**settings, "temperature": 0.0, "max_new_tokens": min(8, max_new_tokens)}
+        same_greedy[name] = qforge_generate(ours, batch[::generations], greedy, eos, 0) == \
+            hf_generate(hf, batch[::generations], greedy, eos, 0)
     systems = {"qforge": (qforge_generate, ours), "hf": (hf_generate, hf)}
+    order = [(system, name) for name in supports for system in systems]
     runs = []
-    for round_ in range(rounds):
-        order = ["qforge", "hf"] if round_ % 2 == 0 else ["hf", "qforge"]
-        for system in order:
+    for round_ in range(rounds):  # ABBA: odd rounds run the systems in reverse order
+        for system, name in order if round_ % 2 == 0 else order[::-1]:
             generate_fn, model = systems[system]
-            runs.append({"round": round_, **timed(system, generate_fn, model, batch, settings, eos, 1000 + round_)})
-            print(f"round {round_} {system}: {runs[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
-    ratios = []
-    for round_ in range(rounds):
-        rate = {r["system"]: r["tokens_per_s"] for r in runs if r["round"] == round_}
-        ratios.append(rate["qforge"] / rate["hf"])
-    median = lambda system, key: statistics.median(r[key] for r in runs if r["system"] == system)  # noqa: E731
-    batch_settings = {**{k: v for k, v in settings.items() if not k.endswith("_ids")},
-                      "kept_vocab": None if output_ids is None else len(output_ids)}
-    return {"batch": {"prompts": prompts, "generations": generations, **batch_settings},
-            "model": str(model_dir or CONFIG),
-            "same_greedy_tokens": same_greedy, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "qforge_tokens_per_s": median("qforge", "tokens_per_s"), "hf_tokens_per_s": median("hf", "tokens_per_s"),
-            "speedup_median": statistics.median(ratios), "speedups": ratios, "runs": runs}
+            runs.append({"round": round_, "vocab": name,
+                         **timed(system, generate_fn, model, batch, supports[name], eos, 1000 + round_)})
+            print(f"round {round_} {name} {system}: {runs[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr,
+                  flush=True)
+    rate = {(r["round"], r["vocab"], r["system"]): r["tokens_per_s"] for r in runs}
+    speedups = {name: [rate[(k, name, "qforge")] / rate[(k, name, "hf")] for k in range(rounds)]
+                for name in supports}
+    median = lambda name, system: statistics.median(  # noqa: E731
+        r["tokens_per_s"] for r in runs if r["system"] == system and r["vocab"] == name)
+    return {"batch": {"prompts": prompts, "generations": generations, **base,
+                      "kept_vocab": None if output_ids is None else len(output_ids)},
+            "model": str(model_dir or CONFIG), "same_greedy_tokens": same_greedy,
+            "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "tokens_per_s": {name: {system: median(name, system) for system in systems} for name in supports},
+            "speedup_median": {name: statistics.median(v) for name, v in speedups.items()}, "speedups": speedups,
+            "runs": runs}
 
 
 def markdown(result: dict) -> str:
-    lines = ["| round | system | tokens | seconds | tokens/s | load 1 min (before → after) |", "|---|---|---|---|---|---|"]
+    lines = ["| round | vocabulary | system | tokens | decode steps | seconds | tokens/s | load 1 min (before → after) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
-        lines.append(f"| {r['round']} | {r['system']} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['load_1min'][0]:.2f} → {r['load_1min'][1]:.2f} |")
-    lines.append(f"\nqforge / HF tokens/s: median {result['speedup_median']:.2f}× "
-                 f"(rounds: {', '.join(f'{s:.2f}' for s in result['speedups'])}); greedy tokens identical: "
-                 f"{result['same_greedy_tokens']}; {result['torch_threads']} torch threads, {result['cpus']} CPUs")
+        lines.append(f"| {r['round']} | {r['vocab']} | {r['system']} | {r['tokens']} | {r['decode_steps']} | "
+                     f"{r['seconds']:.2f} | {r['tokens_per_s']:.1f} | {r['load_1min'][0]:.2f} → "
+                     f"{r['load_1min'][1]:.2f} |")
+    for name, ratios in result["speedups"].items():
+        rates = result["tokens_per_s"][name]
+        lines.append(f"\n{name} vocabulary: qforge {rates['qforge']:.1f} vs HF {rates['hf']:.1f} tokens/s (medians); "
+                     f"ratio median {result['speedup_median'][name]:.2f}× (rounds: "
+                     f"{', '.join(f'{s:.2f}' for s in ratios)}); greedy tokens identical: "
+                     f"{result['same_greedy_tokens'][name]}")
+    lines.append(f"{result['torch_threads']} torch threads, {result['cpus']} CPUs")
     return "\n".join(lines)
 
 
@@ -184,16 +208,17 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", type=Path, default=None, help="an HF-format Qwen3 checkpoint (default: random)")
-    parser.add_argument("--full-vocab", action="store_true", help="sample over the whole head despite kept_ids.json")
+    parser.add_argument("--vocab", choices=["both", "kept", "full"], default="both",
+                        help="with kept_ids.json: the kept ids, the whole head, or both interleaved (default)")
     parser.add_argument("--dry-run", action="store_true", help="a tiny model, 2 prompts × 2, 4 tokens, 2 rounds")
     args = parser.parse_args(argv)
     if args.dry_run:
         args.prompts, args.generations, args.max_new_tokens, args.rounds = 2, 2, 4, 2
     result = run(args.prompts, args.generations, args.max_new_tokens, args.rounds, args.model, args.dry_run,
-                 args.full_vocab)
+                 args.vocab)
     print(markdown(result))
     print(json.dumps(result))
-    return 0 if result["same_greedy_tokens"] else 1
+    return 0 if all(result["same_greedy_tokens"].values()) else 1
 
 
 if __name__ == "__main__":

@@ -518,14 +518,15 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
              presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
              stop_ids: Sequence[int] = (), suppress_ids: Sequence[int] = (),
-             seed: int | None = None, output_ids: Sequence[int] | None = None) -> list[list[int]]:
+             seed: int | Sequence[int] | None = None, output_ids: Sequence[int] | None = None) -> list[list[int]]:
     """Continues each prompt (a list of token ids) and returns its new token ids.
 
     A row ends at its first stop id (not included in the result) or after `max_new_tokens` tokens, so a
     result shorter than `max_new_tokens` means a stop id was produced. `suppress_ids` can never be
     produced; with `output_ids` (a pruned model's kept vocabulary) only those can, and the head computes only
     their logits. With `seed`, row i samples from its own stream seeded with `seed + i` (as the server seeds
-    the i-th of n choices): its tokens do not depend on the other prompts of the batch.
+    the i-th of n choices): its tokens do not depend on the other prompts of the batch; a list of seeds gives
+    each row its own.
 
     An FSDP2-sharded model must be called by every rank of its mesh (each with its own prompts, even its own
     `max_new_tokens`): they step together until the last row of any rank stops. Ranks agree on that by an
@@ -538,9 +539,10 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                            repetition_penalty=repetition_penalty, seed=seed)
+                            repetition_penalty=repetition_penalty, seed=seed if isinstance(seed, int) else None)
     params.check(vocab_size)
-    rows = [params if seed is None else replace(params, seed=(seed + i) % 2 ** 64) for i in range(len(prompts))]
+    seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else seed or [None] * len(prompts)
+    rows = [params if s is None else replace(params, seed=s % 2 ** 64) for s in seeds]
     bad = [t for t in stop_ids if not 0 <= int(t) < vocab_size]
     if bad:
         raise ValueError(f"stop_ids has ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")

@@ -60,6 +60,9 @@ class GRPOSettings:
     temperature: Annotated[float, Field(gt=0)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     max_new_tokens: Annotated[int, Field(ge=1)] = 128
+    mask_truncated_completions: bool = False  # no loss on a completion cut at max_new_tokens (TRL's option)
+    soft_punish_cache: Annotated[int, Field(ge=0)] = 0  # DAPO's soft overlong punishment over the last N tokens
+    soft_punish_weight: float = 1.0  # its weight among the rewards
     gather_for_sampling: bool = False  # FSDP: sample with the policy gathered (see engine/generate.gathered)
     judge: GRPOJudgeSettings = field(default_factory=GRPOJudgeSettings)
 
@@ -97,8 +100,12 @@ def objective_for(config: GRPOConfig) -> GRPO:
                             max_completion_length=s.max_new_tokens)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if s.soft_punish_cache > s.max_new_tokens:
+        raise ConfigError(f"grpo.soft_punish_cache={s.soft_punish_cache} is more than grpo.max_new_tokens="
+                          f"{s.max_new_tokens}: the punishment starts max_new_tokens − soft_punish_cache tokens in")
     return GRPO(rewards, loss, s.num_generations, s.num_iterations, s.max_new_tokens, s.temperature, s.top_p,
-                s.scale_rewards, s.reward_aggregation, config.data.enable_thinking, s.gather_for_sampling)
+                s.scale_rewards, s.reward_aggregation, config.data.enable_thinking, s.gather_for_sampling,
+                s.mask_truncated_completions, s.soft_punish_cache, s.soft_punish_weight)
 
 
 def run(config: GRPOConfig) -> int:

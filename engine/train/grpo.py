@@ -10,8 +10,14 @@ copy of the starting weights when β > 0. Sampling is seeded by the micro-batche
 
 num_iterations > 1 (several optimisation passes per rollout batch, PPO-style): a step that generates also keeps
 the sampling policy's log-probs ("old"); the next num_iterations − 1 steps train on the same rollouts (their own
-micro-batches are not sampled) with r = exp(logp − old). A resume lands on a generating step: exact when the
-checkpoint's step is a multiple of num_iterations.
+micro-batches are not sampled) with r = exp(logp − old). The rollouts and the pass counter are the objective's
+checkpoint state (`state_dict`), so a resume at any step continues exactly.
+
+Overlong completions (DAPO, TRL): `mask_truncated_completions` trains on no token of a completion that hit
+max_new_tokens without <|im_end|> (it still counts in its group's rewards); `soft_punish_cache` > 0 adds DAPO's
+soft overlong punishment as one more reward (`soft_overlong_punishment`, weight `soft_punish_weight`).
+With train.batch_size (prompts per step) a rank short of micro-batches gets a `filler`: one prompt with a
+one-token completion, trained on with no supervised token, so every rank runs the same forwards.
 """
 from __future__ import annotations
 
@@ -31,7 +37,8 @@ from ..generate import gathered, generate
 from ..model import bind_forward_method
 from .build import build_frozen, frozen_dtype
 from .distill import pack_whole
-from .grpo_loss import LossSettings, StepTotals, combine_rewards, group_advantages, grpo_loss
+from .grpo_loss import (LossSettings, StepTotals, combine_rewards, group_advantages, grpo_loss,
+                        soft_overlong_punishment)
 from .logps import pack_completions, token_logps
 from .objective import Step
 from .parallel import shard_model
@@ -39,13 +46,31 @@ from .sft import loss_tables
 
 log = logging.getLogger("qforge.train.grpo")
 LOGPS = "grpo_token_logps"  # the policy's (and reference's) forward method: per-token log-probs
+OVERLONG = "soft_overlong_punishment"  # the reward column of soft_punish_cache (TRL's reward function's name)
+
+
+@dataclass(frozen=True, eq=False)
+class FillerBatch(PromptBatch):
+    """A micro-batch that evens out the ranks' counts under train.batch_size: it runs the forwards and backward
+    of a real one and adds nothing (see GRPO.filler)."""
+
+
+@dataclass
+class RolloutBatch:
+    """One micro-batch of sampled completions with what the loss needs beside the policy's log-probs."""
+    packed: object  # PackedBatch: prompt + completion sequences
+    positions: torch.Tensor  # [N] the scored completion tokens' places in packed
+    sequence: torch.Tensor  # [N] which completion each belongs to
+    advantages: torch.Tensor  # [S]
+    old: torch.Tensor | None = None  # [N] the sampling policy's log-probs (num_iterations > 1)
+    filler: bool = False
 
 
 @dataclass
 class Rollouts:
-    """A step's sampled completions, per micro-batch, with what the loss needs beside the policy's log-probs."""
-    batches: list  # [(PackedBatch, positions [N], sequence [N], advantages [S], old_logps [N] | None)]
-    metrics: dict  # sums over this rank: see GRPO._rollout_sums
+    """A step's sampled completions, per micro-batch, and the rollout's metric sums over this rank."""
+    batches: list[RolloutBatch]
+    metrics: dict  # sums over this rank: see GRPO._rollout
     seconds: float
     tokens: int
 
@@ -57,19 +82,28 @@ class GRPO:
     def __init__(self, rewards: Callable, settings: LossSettings = LossSettings(), num_generations: int = 8,
                  num_iterations: int = 1, max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
                  scale_rewards: str = "group", reward_aggregation: str = "sum_then_normalize",
-                 enable_thinking: bool = True, gather_for_sampling: bool = False):
+                 enable_thinking: bool | str | None = None, gather_for_sampling: bool = False,
+                 mask_truncated_completions: bool = False, soft_punish_cache: int = 0,
+                 soft_punish_weight: float = 1.0):
         if num_generations < 2:
             raise ValueError(f"grpo.num_generations={num_generations}: a group needs ≥ 2 completions per prompt "
                              "(its advantages are relative to the group)")
         if num_iterations < 1 or max_new_tokens < 1 or temperature <= 0 or not 0 < top_p <= 1:
             raise ValueError("grpo: num_iterations ≥ 1, max_new_tokens ≥ 1, temperature > 0, 0 < top_p ≤ 1")
+        if not 0 <= soft_punish_cache <= max_new_tokens:
+            raise ValueError(f"grpo.soft_punish_cache={soft_punish_cache}: expected 0 (off) up to "
+                             f"grpo.max_new_tokens={max_new_tokens}")
         self.rewards, self.settings, self.group = rewards, settings, num_generations
         self.num_iterations, self.max_new_tokens = num_iterations, max_new_tokens
         self.temperature, self.top_p = temperature, top_p
         self.scale_rewards, self.aggregation = scale_rewards, reward_aggregation
         self.enable_thinking, self.gather_for_sampling = enable_thinking, gather_for_sampling
         self.template, self.reference, self.tables, self.output_ids = None, None, {}, None
-        self._rollouts, self._pass = None, 0
+        self.mask_truncated, self.soft_punish_cache = mask_truncated_completions, soft_punish_cache
+        self.names = list(rewards.names) + ([OVERLONG] if soft_punish_cache else [])  # the reward columns
+        self.weights = torch.cat([rewards.weights.float(), torch.tensor([soft_punish_weight] if soft_punish_cache
+                                                                        else [], dtype=torch.float32)])
+        self._rollouts, self._pass, self._world = None, 0, 1
 
     # --- data ---------------------------------------------------------------------------------------------------
     def check_inputs(self, config):
@@ -77,6 +111,27 @@ class GRPO:
 
     def trained_settings(self) -> dict:
         return {"grpo.rewards": list(self.rewards.names), "grpo.beta": self.settings.beta}
+
+    def filler(self, item: Prompt, max_tokens: int) -> FillerBatch:
+        """train.batch_size's filler (objective.py): `item` with a one-token completion, no token scored."""
+        return FillerBatch([item], 0)
+
+    # --- checkpoint state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's rollouts and pass counter: a resume between the passes of one rollout batch
+        (num_iterations > 1) trains on the same samples and old log-probs."""
+        return {"pass": self._pass, "world": self._world,
+                "rollouts": self._rollouts if self._pass % self.num_iterations else None}
+
+    def load_state_dict(self, state: dict, world: int) -> None:
+        """Restores `state_dict`; rollouts saved by another number of ranks cannot be dealt again: the resumed
+        step samples anew (logged)."""
+        if state.get("rollouts") is not None and state.get("world") != world:
+            log.warning("grpo: the checkpoint was written by %s ranks, this run has %d: its rollout batch (pass %d "
+                        "of %d) is sampled anew", state.get("world"), world, state["pass"] % self.num_iterations,
+                        self.num_iterations)
+            return
+        self._pass, self._rollouts = int(state["pass"]), state.get("rollouts")
 
     def load_data(self, config, template, dist_):
         self.template = template
@@ -93,9 +148,11 @@ class GRPO:
 
     def _prompts(self, path, config, template) -> list[Prompt]:
         """A Prompt per row (`load_prompts`): messages ending in a user turn, or in the reference assistant answer;
-        the row stays with it for the rewards."""
+        the row stays with it for the rewards. A row's own `enable_thinking` decides its rendering; rows without
+        one take this objective's `enable_thinking`, by default data.enable_thinking."""
+        thinking = config.data.enable_thinking if self.enable_thinking is None else self.enable_thinking
         return load_prompts(path, template, self.max_new_tokens, fmt=config.data.format,
-                            max_row_bytes=config.data.max_row_bytes, enable_thinking=self.enable_thinking,
+                            max_row_bytes=config.data.max_row_bytes, enable_thinking=thinking,
                             copies=self.group, require_reference=False)
 
     def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate", loss_weighting: str = "token",
@@ -120,8 +177,9 @@ class GRPO:
     @torch.no_grad()
     def sample(self, model, batches: Sequence[PromptBatch], copies: int, greedy: bool) -> list[list[list[int]]]:
         """`copies` completions of every prompt of `batches` (token ids, through <|im_end|> when it was produced),
-        in one generation call; row i of the call samples from seed `batches[0].seed · 2¹⁶ + i` (consecutive
-        micro-batch seeds would otherwise share all but one row's random stream)."""
+        in one generation call; row j of micro-batch b samples from seed `b.seed · 2¹⁶ + j` (consecutive
+        micro-batch seeds would otherwise share all but one row's random stream), so a micro-batch draws the same
+        completions whichever rank samples it, with whichever others."""
         was_training = model.training
         model.eval()
         prompts = [p.prompt_ids.tolist() for b in batches for p in b.prompts for _ in range(copies)]
@@ -129,7 +187,8 @@ class GRPO:
             completions = generate(model, prompts, max_new_tokens=self.max_new_tokens,
                                    temperature=0.0 if greedy else self.temperature, top_p=self.top_p,
                                    stop_ids=[self.template.eos_id], output_ids=self.output_ids,
-                                   seed=batches[0].seed << 16)
+                                   seed=[(b.seed << 16) + j for b in batches
+                                         for j in range(copies * len(b.prompts))])
         model.train(was_training)
         completions = [c + [self.template.eos_id] if len(c) < self.max_new_tokens else c for c in completions]
         out, start = [], 0
@@ -148,77 +207,103 @@ class GRPO:
 
     # --- training -------------------------------------------------------------------------------------------------
     def train_step(self, model, micro_batches, dist_, vocab, autocast) -> Step:
+        self._world = dist_.world
         if self._rollouts is None or self._pass % self.num_iterations == 0:
             self._rollouts = self._rollout(model, micro_batches, dist_, autocast)
         self._pass += 1
         rollouts = self._rollouts
         started = time.perf_counter()
-        counts = torch.tensor([sum(len(b[3]) for b in rollouts.batches), sum(len(b[1]) for b in rollouts.batches),
-                               len(rollouts.batches)], dtype=torch.float64, device=dist_.device)
+        real = [b for b in rollouts.batches if not b.filler]
+        counts = torch.tensor([sum(len(b.advantages) for b in real), sum(len(b.positions) for b in real), len(real)],
+                              dtype=torch.float64, device=dist_.device)
         sequences, tokens, batches = dist_.all_reduce_sum(counts).tolist()
         totals = StepTotals(int(sequences), int(tokens), int(batches))
         loss_sum = torch.zeros((), dtype=torch.float64, device=dist_.device)
         sums = {}  # token-weighted sums of grpo_loss's metrics
-        for packed, positions, sequence, advantages, old in rollouts.batches:
-            packed = packed.to(dist_.device)
-            positions, sequence = positions.to(dist_.device), sequence.to(dist_.device)
-            reference = None
-            if self.reference is not None:
-                with torch.no_grad(), autocast():
-                    reference = self.reference.grpo_token_logps(packed, temperature=self.temperature,
-                                                                **self.tables).float()[positions]
-            with autocast():
-                logps = model.grpo_token_logps(packed, temperature=self.temperature, **self.tables)[positions]
-            loss, metrics = grpo_loss(logps, advantages.to(dist_.device), sequence, totals, self.settings,
-                                      old_logps=None if old is None else old.to(dist_.device), ref_logps=reference)
+        for batch in rollouts.batches:
+            loss, metrics = self._loss(model, batch, totals, dist_, autocast)
             (loss * dist_.world).backward()  # FSDP averages gradients over ranks
             loss_sum += loss.detach().double()
             for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + value.double() * len(positions)
+                sums[name] = sums.get(name, 0.0) + value.double() * len(batch.positions)
         names = sorted(sums)
         reduced = dist_.all_reduce_sum(torch.stack([loss_sum] + [sums[n] for n in names]).to(dist_.device)).tolist()
         train_s = time.perf_counter() - started
         metrics = {**{n: v / max(tokens, 1) for n, v in zip(names, reduced[1:])}, **self._rollout_metrics(
             rollouts, dist_), "train_s": train_s}
-        return Step(reduced[0], 1.0, metrics, [b[0] for b in rollouts.batches])
+        return Step(reduced[0], 1.0, metrics, [b.packed for b in rollouts.batches])
+
+    def _loss(self, model, batch: RolloutBatch, totals: StepTotals, dist_, autocast):
+        """(the micro-batch's share of the step loss, its metrics) with the policy's log-probs (and the
+        reference's when β > 0)."""
+        packed = batch.packed.to(dist_.device)
+        positions, sequence = batch.positions.to(dist_.device), batch.sequence.to(dist_.device)
+        reference = None
+        if self.reference is not None:
+            with torch.no_grad(), autocast():
+                reference = self.reference.grpo_token_logps(packed, temperature=self.temperature,
+                                                            **self.tables).float()[positions]
+        with autocast():
+            logps = model.grpo_token_logps(packed, temperature=self.temperature, **self.tables)[positions]
+        old = None if batch.old is None else batch.old.to(dist_.device)
+        return grpo_loss(logps, batch.advantages.to(dist_.device), sequence, totals, self.settings, old_logps=old,
+                         ref_logps=reference)
 
     def _rollout(self, model, micro_batches, dist_, autocast) -> Rollouts:
         """Samples the step's completions, scores them, and turns them into packed micro-batches with their
-        advantages (and the sampling policy's log-probs when they are trained on more than once)."""
+        advantages (and the sampling policy's log-probs when they are trained on more than once). Filler
+        micro-batches are not sampled (unless a rank has nothing else: generation runs on every rank)."""
         started = time.perf_counter()
-        completions = self.sample(model, micro_batches, self.group, greedy=False)
+        real = [b for b in micro_batches if not isinstance(b, FillerBatch)]
+        sampled = self.sample(model, real or micro_batches[:1], self.group if real else 1, greedy=False)
+        completions = sampled if real else []
         seconds = time.perf_counter() - started
-        values, errors = self.score(micro_batches, completions, self.group)
-        rewards = combine_rewards(values, self.rewards.weights, self.group, self.aggregation)
-        advantages, zero_std = group_advantages(rewards, self.group, self.scale_rewards, self.aggregation)
-        batches, start = [], 0
-        for batch, sampled in zip(micro_batches, completions):
-            prompts = [p.prompt_ids.tolist() for p in batch.prompts for _ in range(self.group)]
-            packed, positions, sequence = pack_completions(prompts, sampled)
+        flat = [c for per_batch in completions for c in per_batch]
+        truncated = [len(c) == self.max_new_tokens and c[-1] != self.template.eos_id for c in flat]
+        values, errors = self.score(real, completions, self.group) if real else (
+            torch.zeros(0, len(self.rewards.names)), {})
+        if self.soft_punish_cache:
+            lengths = torch.tensor([len(c) for c in flat], dtype=torch.float64)
+            values = torch.cat([values, soft_overlong_punishment(lengths, self.max_new_tokens,
+                                                                 self.soft_punish_cache).float()[:, None]], 1)
+        rewards = combine_rewards(values, self.weights, self.group, self.aggregation)
+        reduce = lambda t: dist_.all_reduce_sum(t.to(dist_.device)).cpu()  # noqa: E731
+        advantages, zero_std = group_advantages(rewards, self.group, self.scale_rewards, self.aggregation, reduce)
+        batches, per_batch = [], iter(completions)
+        for batch in micro_batches:
+            filler = isinstance(batch, FillerBatch)
+            prompts = [p.prompt_ids.tolist() for p in batch.prompts for _ in range(1 if filler else self.group)]
+            taken = [[self.template.eos_id]] * len(prompts) if filler else next(per_batch)
+            start = sum(len(b.advantages) for b in batches)
+            scored = [not filler and not (self.mask_truncated and truncated[start + i]) for i in range(len(taken))]
+            packed, positions, sequence = pack_completions(prompts, taken, scored)
             old = None
             if self.num_iterations > 1:
                 with torch.no_grad(), autocast():
                     old = model.grpo_token_logps(packed.to(dist_.device), temperature=self.temperature,
                                                  **self.tables).float()[positions.to(dist_.device)].cpu()
-            batches.append((packed, positions, sequence, advantages[start:start + len(sampled)], old))
-            start += len(sampled)
-        lengths = torch.tensor([len(c) for per_batch in completions for c in per_batch], dtype=torch.float64)
-        truncated = torch.tensor([len(c) == self.max_new_tokens and c[-1] != self.template.eos_id
-                                  for per_batch in completions for c in per_batch], dtype=torch.float64)
+            batches.append(RolloutBatch(packed, positions, sequence, advantages[start:start + len(taken)]
+                                        if not filler else advantages[:0], old, filler))
+        return Rollouts(batches, self._rollout_sums(flat, truncated, values, errors, rewards, zero_std), seconds,
+                        sum(len(c) for c in flat))
+
+    def _rollout_sums(self, completions, truncated, values, errors, rewards, zero_std) -> dict:
+        """This rank's sums of the rollout metrics (see _rollout_metrics)."""
+        lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
         scored = ~torch.isnan(values)
         clean = torch.nan_to_num(values.double())
         sums = {"completions": float(len(lengths)), "groups": float(len(lengths) // self.group),
                 "zero_advantage_groups": float(zero_std.view(-1, self.group).all(dim=1).sum()),
                 "reward": float(torch.nan_to_num(rewards.double()).sum()), "reward_sq": float(
                     torch.nan_to_num(rewards.double()).pow(2).sum()), "length": float(lengths.sum()),
-                "truncated": float(truncated.sum())}
-        for j, name in enumerate(self.rewards.names):
+                "truncated": float(sum(truncated))}
+        for j, name in enumerate(self.names):
             sums[f"{name}/n"] = float(scored[:, j].sum())
             sums[f"{name}/sum"] = float(clean[:, j].sum())
             sums[f"{name}/sq"] = float(clean[:, j].pow(2).sum())
             sums[f"{name}/errors"] = float(errors.get(name, 0))
         sums["length_max"] = float(lengths.max()) if len(lengths) else 0.0
-        return Rollouts(batches, sums, seconds, int(lengths.sum()))
+        return sums
 
     def _rollout_metrics(self, rollouts: Rollouts, dist_) -> dict:
         """Reward mean/std per function and combined, errors, zero-advantage fraction, completion lengths,
@@ -235,7 +320,7 @@ class GRPO:
                "completion_length/mean": s["length"] / n, "completion_length/max": rollouts.metrics["length_max"],
                "completion_truncated": s["truncated"] / n, "rollout_s": seconds,
                "rollout_tokens_per_s": s["length"] / max(seconds, 1e-9)}
-        for name in self.rewards.names:
+        for name in self.names:
             count = s[f"{name}/n"]
             out[f"rewards/{name}/mean"] = s[f"{name}/sum"] / count if count else float("nan")
             out[f"rewards/{name}/std"] = std(s[f"{name}/sum"], s[f"{name}/sq"], count) if count else 0.0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -99,29 +100,61 @@ def combine_rewards(per_function: torch.Tensor, weights: torch.Tensor | None = N
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group",
-                     aggregation: str = "sum_then_normalize") -> tuple[torch.Tensor, torch.Tensor]:
+                     aggregation: str = "sum_then_normalize", reduce: Callable | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """[S] rewards, consecutive groups of `group_size` completions of one prompt → (advantages [S], zero_std [S]:
     the completion's group (the batch for "batch" scaling) has all-equal rewards, so no gradient). Advantage =
     reward − group mean, divided by the std (+1e-4) unless scale_rewards="none"; NaN rewards are left out of the
-    statistics and get advantage 0. After "normalize_then_sum" the rewards are standardised over the batch."""
+    statistics and get advantage 0. After "normalize_then_sum" the rewards are standardised over the batch.
+    `reduce` sums a tensor over the ranks (Dist.all_reduce_sum): the batch statistics are the whole step's, as
+    TRL's over its gathered rewards (groups never span ranks)."""
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"grpo.scale_rewards={scale_rewards!r}: expected one of {', '.join(SCALE_REWARDS)}")
     if group_size < 2 or rewards.numel() % group_size:
         raise ValueError(f"grpo: {rewards.numel()} rewards do not form groups of num_generations={group_size} "
                          "(≥ 2 completions per prompt)")
     if aggregation == "normalize_then_sum":
-        std = _nanstd(rewards).expand_as(rewards)
-        advantages = (rewards - torch.nanmean(rewards)) / (std + STD_EPS)
+        mean, std = _batch_stats(rewards, reduce)
+        std = std.expand_as(rewards)
+        advantages = (rewards - mean) / (std + STD_EPS)
     else:
         grouped = rewards.view(-1, group_size)
         mean = torch.nanmean(grouped, dim=1).repeat_interleave(group_size)
-        std = _nanstd(rewards) if scale_rewards == "batch" else _nanstd(grouped, dim=1).repeat_interleave(group_size)
+        if scale_rewards == "batch":
+            std = _batch_stats(rewards, reduce)[1]
+        else:
+            std = _nanstd(grouped, dim=1).repeat_interleave(group_size)
         std = std.expand_as(rewards)
         advantages = rewards - mean
         if scale_rewards != "none":
             advantages = advantages / (std + STD_EPS)
     zero_std = torch.isclose(std, torch.zeros_like(std))
     return torch.nan_to_num(advantages, nan=0.0), zero_std
+
+
+def _batch_stats(x: torch.Tensor, reduce: Callable | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, unbiased std) of the non-NaN values of `x` over every rank (`reduce`: a sum over ranks), in fp64
+    (two passes: the mean first, then the squared deviations from it), returned in x's dtype."""
+    reduce = reduce or (lambda t: t)
+    values = x.double()
+    valid = ~torch.isnan(values)
+    count, total = reduce(torch.stack([valid.sum().double(), values.nansum()])).tolist()
+    mean = total / count if count else float("nan")
+    squares = float(reduce(((values - mean) ** 2).nansum()))
+    std = math.sqrt(squares / (count - 1)) if count > 1 else float("nan")
+    return x.new_tensor(mean), x.new_tensor(std)
+
+
+def soft_overlong_punishment(lengths: torch.Tensor, max_completion_length: int, cache: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (its Eq. 13, TRL's `get_soft_overlong_punishment`) of completions of
+    `lengths` tokens: 0 up to max − cache, then falling linearly to −1 at max, −1 beyond."""
+    if not 0 < cache <= max_completion_length:
+        raise ValueError(f"grpo.soft_punish_cache={cache}: expected 0 < cache ≤ grpo.max_new_tokens="
+                         f"{max_completion_length} (0: off)")
+    lengths = lengths.double()
+    penalty = ((max_completion_length - cache) - lengths) / cache
+    penalty = torch.where(lengths <= max_completion_length - cache, torch.zeros_like(lengths), penalty)
+    return torch.where(lengths > max_completion_length, torch.full_like(lengths, -1.0), penalty)
 
 
 def _nanstd(x: torch.Tensor, dim=None, keepdim: bool = False) -> torch.Tensor:

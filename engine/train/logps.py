@@ -36,22 +36,25 @@ def token_logps(model, packed: PackedBatch, vocab_index: torch.Tensor | None = N
                                        target_index=target_index, backend=backend)
 
 
-def pack_completions(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
-                     ) -> tuple[PackedBatch, torch.Tensor, torch.Tensor]:
+def pack_completions(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                     scored: Sequence[bool] | None = None) -> tuple[PackedBatch, torch.Tensor, torch.Tensor]:
     """(packed batch, positions [N] of the completion tokens' log-probs in it, sequence [N]: which completion).
-    Completion i's tokens are scored in order, so `token_logps(...)[positions]` lines up with `completions[i]`."""
+    Completion i's tokens are scored in order, so `token_logps(...)[positions]` lines up with `completions[i]`.
+    `scored[i]` False: completion i is packed (its forward runs) but none of its tokens is supervised (GRPO's
+    mask_truncated_completions, filler micro-batches)."""
     if len(prompts) != len(completions):
         raise ValueError(f"pack_completions: {len(prompts)} prompts but {len(completions)} completions")
+    scored = [True] * len(completions) if scored is None else list(scored)
     examples = []
-    for prompt, completion in zip(prompts, completions):
+    for prompt, completion, supervised in zip(prompts, completions, scored, strict=True):
         if not len(prompt):
             raise ValueError("pack_completions: an empty prompt (a completion needs a token to follow)")
         ids = np.asarray(list(prompt) + list(completion), dtype=np.int32)
         labels = ids.copy()
-        labels[:len(prompt)] = IGNORE_INDEX
+        labels[:len(prompt) if supervised else len(ids)] = IGNORE_INDEX
         examples.append(Example(ids, labels))
     packed = PackedBatch.from_examples(examples)
     positions = (packed.labels != IGNORE_INDEX).nonzero().squeeze(1)
-    lengths = torch.tensor([len(c) for c in completions])
+    lengths = torch.tensor([len(c) if supervised else 0 for c, supervised in zip(completions, scored)])
     sequence = torch.repeat_interleave(torch.arange(len(completions)), lengths)
     return packed, positions, sequence

@@ -279,6 +279,8 @@ def resume(run: Run) -> None:
     run.step, run.counters = meta["step"], meta["counters"]
     if meta.get("data") in (None, run.data_fingerprint):
         run.loader.load_state_dict(meta["loader"])
+        if "objective_state" in meta and hasattr(run.objective, "load_state_dict"):
+            run.objective.load_state_dict(meta["objective_state"], run.dist_.world)
     elif run.step >= run.max_steps:  # nothing left to train: final/ would be the old weights under the new data's name
         raise ConfigError(f"the data changed since {path}, but that checkpoint is already at step {run.step} of "
                           f"{run.max_steps}: this run would train 0 steps on the new data; raise train.max_steps "
@@ -297,8 +299,9 @@ def checkpoint(run: Run) -> None:
         raise TrainingError(f"step {run.step}: {bad} weight tensors hold NaN/inf (e.g. {', '.join(names)}); "
                             f"nothing saved, last good checkpoint: {latest_checkpoint(run.out) or 'none'}; lower "
                             f"optim.lr or optim.grad_clip, or check the data")
+    state = run.objective.state_dict() if hasattr(run.objective, "state_dict") else None
     save_checkpoint(run.out, run.step, run.model, run.optimizer, run.scheduler, run.loader.state_dict(),
-                    run.counters, run.dist_, run.config.train.keep_last, run.data_fingerprint, run.trained)
+                    run.counters, run.dist_, run.config.train.keep_last, run.data_fingerprint, run.trained, state)
 
 
 class Evaluation:

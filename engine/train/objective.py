@@ -63,6 +63,9 @@ class Objective(Protocol):
     # that runs the same forwards and backward as a real one but adds nothing to the loss, gradient or metrics
     # (it evens out the ranks' micro-batch counts); an objective without it trains by token budget only
 
+    # optional: state_dict() → this rank's state a resume needs beyond weights and data cursor (GRPO's rollouts
+    # between passes), saved in every checkpoint; load_state_dict(state, world) restores it (same data only)
+
 
 def weights_identity(model) -> dict:
     """What identifies a model's starting weights for an objective's on-disk cache, without hashing them: a

@@ -2,7 +2,8 @@
 
 A checkpoint holds the model and optimizer (torch.distributed.checkpoint: each rank writes its own shards,
 and a later run may load them on another world size), plus `meta.json` (step, scheduler, data cursor,
-counters, data fingerprint, the settings that define what is trained), every rank's RNG states and
+counters, data fingerprint, the settings that define what is trained), every rank's RNG states (and objective
+state, for an objective that keeps one between steps: GRPO's rollouts) and
 `manifest.json` (size and SHA-256 of every file, hashed while it is written, then fsynced). It is written into a hidden temp directory and renamed when
 complete, so a kill during a save leaves the previous checkpoints as they were. Older checkpoints are pruned
 only after the new one verifies; a resume takes the newest checkpoint that verifies, and sets a damaged one
@@ -54,11 +55,13 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, loader_state: dict, counters: dict,
-                    dist_: Dist, keep_last: int, data: dict | None = None, trained: dict | None = None) -> Path:
+                    dist_: Dist, keep_last: int, data: dict | None = None, trained: dict | None = None,
+                    objective_state: dict | None = None) -> Path:
     """Writes checkpoint step-<N> (see the module docstring). Free space for it is checked first; a write that
     fails midway (disk full, a directory no longer writable) removes the temp directory and raises a
     StorageError, leaving the earlier checkpoints as they were. `trained`: the settings that define what is
-    trained (see loop.trained_settings), compared by a resume."""
+    trained (see loop.trained_settings), compared by a resume. `objective_state`: this rank's objective state
+    (objective.py's optional `state_dict`), saved as objective-rank<r>.pt."""
     root = checkpoint_dir(output_dir)
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
@@ -67,7 +70,7 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, loader_s
     check_space(root, needed, f"checkpoint {final.name}", dist_)
     try:
         manifest = _write_checkpoint(tmp, step, model_state, optim_state, scheduler, loader_state, counters,
-                                     dist_, data, trained, type(optimizer).__name__)
+                                     dist_, data, trained, type(optimizer).__name__, objective_state)
     except (OSError, RuntimeError, CheckpointException) as error:  # torch.save's zip writer reports a short write
         if dist_.is_main:                                             # as a RuntimeError, DCP wraps it
             shutil.rmtree(tmp, ignore_errors=True)
@@ -135,7 +138,7 @@ def check_trained_settings(path: Path, trained: dict, override: list[str], dist_
 
 
 def _write_checkpoint(tmp: Path, step, model_state, optim_state, scheduler, loader_state, counters, dist_: Dist,
-                      data, trained, optimizer_name: str) -> dict:
+                      data, trained, optimizer_name: str, objective_state: dict | None = None) -> dict:
     """Writes every file of a checkpoint into `tmp`, each hashed on its way to disk and fsynced; returns the
     manifest ({file: size, sha256}) on rank 0 (each rank records its own files in a manifest part)."""
     if dist_.is_main:
@@ -151,6 +154,11 @@ def _write_checkpoint(tmp: Path, step, model_state, optim_state, scheduler, load
         torch.save(_rng_state(), rng)
         rng.fsync()
     records[rng.file.name.rpartition("/")[2]] = rng.record()
+    if objective_state is not None:
+        with HashingWriter(tmp / f"objective-rank{dist_.rank}.pt") as file:
+            torch.save(objective_state, file)
+            file.fsync()
+        records[file.file.name.rpartition("/")[2]] = file.record()
     if dist_.is_main:
         meta = {"step": step, "scheduler": scheduler.state_dict(), "loader": loader_state, "counters": counters,
                 "world": dist_.world, "data": data, "optimizer": optimizer_name, "trained": trained}
@@ -333,7 +341,8 @@ class OutputLock:
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler, dist_: Dist) -> dict:
-    """Restores model, optimizer, scheduler and this rank's RNG; returns meta (step, loader, counters)."""
+    """Restores model, optimizer, scheduler and this rank's RNG; returns meta (step, loader, counters, and this
+    rank's `objective_state` when the checkpoint has one)."""
     path = Path(path)
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"{path} is not a complete qforge checkpoint (no meta.json); "
@@ -353,6 +362,9 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, dist_: Dist) 
         rng_file = path / f"rng-rank{dist_.rank}.pt"
         if meta.get("world") == dist_.world and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
+        objective_file = path / f"objective-rank{dist_.rank}.pt"
+        if objective_file.is_file():
+            meta["objective_state"] = torch.load(objective_file, weights_only=False)
     except (OSError, ValueError, KeyError, RuntimeError, EOFError, CheckpointException) as error:
         cause = _dcp_cause(error)
         first_line = (str(cause).strip().splitlines() or [""])[0]

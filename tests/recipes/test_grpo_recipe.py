@@ -36,7 +36,9 @@ def _run(tiny, *overrides) -> int:
 def test_the_shipped_config_sets_every_key_of_the_objective():
     config = load_config(GRPOConfig, str(REPO / "recipes/configs/grpo.yaml"),
                          ["grpo.loss_type=dr_grpo", "grpo.beta=0.04", "grpo.num_iterations=2", "grpo.top_p=0.9",
-                          "grpo.scale_rewards=none", "grpo.rewards=[numeric,format]", "grpo.reward_weights=[1.0,0.5]"])
+                          "grpo.scale_rewards=none", "grpo.rewards=[numeric,format]", "grpo.reward_weights=[1.0,0.5]",
+                          "grpo.mask_truncated_completions=true", "grpo.soft_punish_cache=16",
+                          "grpo.soft_punish_weight=0.5"])
     objective = objective_for(config)
     assert (objective.group, objective.num_iterations, objective.max_new_tokens) == (8, 2, 80)
     assert (objective.temperature, objective.top_p, objective.scale_rewards) == (0.7, 0.9, "none")
@@ -44,6 +46,9 @@ def test_the_shipped_config_sets_every_key_of_the_objective():
     assert (loss.loss_type, loss.beta, loss.epsilon, loss.clip_high, loss.max_completion_length) == (
         "dr_grpo", 0.04, 0.2, 0.28, 80)
     assert objective.rewards.names == ["numeric", "format"] and objective.rewards.weights.tolist() == [1.0, 0.5]
+    assert objective.mask_truncated and objective.soft_punish_cache == 16
+    assert objective.names == ["numeric", "format", "soft_overlong_punishment"]
+    assert objective.weights.tolist() == [1.0, 0.5, 0.5]
 
 
 def test_qforge_lists_the_subcommand_and_its_config(capsys):
@@ -56,6 +61,7 @@ def test_qforge_lists_the_subcommand_and_its_config(capsys):
 
 @pytest.mark.parametrize("override, code, message", [
     ("grpo.num_generations=1", 2, "'grpo.num_generations' must be int ≥ 2, got 1"),
+    ("grpo.soft_punish_cache=9", 2, "grpo.soft_punish_cache=9 is more than grpo.max_new_tokens=4"),
     ("grpo.rewards=[numerik]", 2, "unknown reward 'numerik': did you mean 'numeric'?"),
     ("grpo.rewards=[judge]", 2, "reward 'judge' needs grpo.judge.endpoint.base_url"),
 ])

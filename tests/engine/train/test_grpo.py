@@ -45,12 +45,14 @@ class _Rewards:
 
 
 
-def _step(few_rows, tmp_path, reward, settings=LossSettings(loss_type="dapo"), temperature=0.7, group=4):
-    """(objective, model, checkpoint, vocab, step, the prompts, the completions the step sampled)."""
+def _step(few_rows, tmp_path, reward, settings=LossSettings(loss_type="dapo"), temperature=0.7, group=4,
+          edit=lambda sampled, eos: sampled, **options):
+    """(objective, model, checkpoint, vocab, step, the prompts, the completions the step sampled, after `edit`)."""
     config = load_config(FFTConfig, None, tiny_overrides(few_rows, tmp_path / "out"))
     checkpoint = save_chat_checkpoint(tmp_path / "policy", seed=3)
     template = ChatTemplate.from_pretrained(checkpoint)
-    objective = GRPO(_Rewards(reward), settings, num_generations=group, max_new_tokens=6, temperature=temperature)
+    objective = GRPO(_Rewards(reward), settings, num_generations=group, max_new_tokens=6, temperature=temperature,
+                     **options)
     datasets, _, _ = objective.load_data(config, template, Dist())
     model = load_model(checkpoint, dtype=torch.float32)
     vocab = build_vocab(config.vocab, datasets, template, model.config.vocab_size)
@@ -58,7 +60,7 @@ def _step(few_rows, tmp_path, reward, settings=LossSettings(loss_type="dapo"), t
     batch = objective.pack(datasets[0][:2], 4096, seed=0)[0]
     sampled = []
     sample = objective.sample
-    objective.sample = lambda *a, **k: sampled.append(sample(*a, **k)) or sampled[-1]
+    objective.sample = lambda *a, **k: sampled.append(edit(sample(*a, **k), template.eos_id)) or sampled[-1]
     step = objective.train_step(model, [batch], Dist(), vocab, contextlib.nullcontext)
     prompts = [p.prompt_ids.tolist() for p in batch.prompts for _ in range(group)]
     return objective, model, checkpoint, vocab, step, prompts, sampled[0][0]
@@ -100,6 +102,56 @@ def test_a_step_is_the_dapo_loss_over_transformers_logprobs_of_its_own_samples(f
     assert sum(mb.num_loss_tokens for mb in step.trained) == tokens
 
 
+def test_overlong_options_act_on_the_sampled_completions(few_rows, tmp_path):
+    """soft_punish_cache adds DAPO's length penalty of each sampled completion as a reward (TRL's closed form, its
+    token count with <|im_end|>); mask_truncated_completions leaves exactly the truncated completions' tokens out
+    of the loss."""
+    def stop_some(sampled, eos):  # the tiny random model hardly ever stops: every third completion does, early
+        return [[c[:i % 5] + [eos] if i % 3 == 0 else c for i, c in enumerate(batch)] for batch in sampled]
+
+    objective, _, _, _, step, _, completions = _step(few_rows, tmp_path, length_reward, edit=stop_some,
+                                                     mask_truncated_completions=True, soft_punish_cache=3)
+    eos = objective.template.eos_id
+    lengths = [len(c) for c in completions]
+    punishment = [0.0 if n <= 3 else (3 - n) / 3 for n in lengths]
+    assert step.metrics["rewards/soft_overlong_punishment/mean"] == pytest.approx(sum(punishment) / len(lengths))
+    truncated = [c[-1] != eos for c in completions]
+    assert 0 < sum(truncated) < len(completions), lengths  # both kinds sampled: the mask is exercised
+    assert step.metrics["completion_truncated"] == pytest.approx(sum(truncated) / len(completions))
+    assert sum(mb.num_loss_tokens for mb in step.trained) == sum(n for n, t in zip(lengths, truncated) if not t)
+
+
+@pytest.mark.parametrize("default", [True, False, "auto"])
+def test_each_row_sets_its_own_thinking_mode_the_run_setting_is_the_default(tiny_run_files, tmp_path, default):
+    """A row's `enable_thinking` decides its prompt's rendering; data.enable_thinking (true, false, auto) is the
+    default for rows without one: token for token the tokenizer's own chat template (apply_chat_template)."""
+    from transformers import AutoTokenizer
+
+    from qwen3_fixtures import qwen3_tokenizer_dir
+
+    messages = [{"role": "user", "content": "Tính 2 + 3."}]
+    answered = messages + [{"role": "assistant", "content": "<think>\n2 cộng 3\n</think>\n\nĐáp án: 5"}]
+    rows = [{"messages": messages, "enable_thinking": False}, {"messages": messages, "enable_thinking": True},
+            {"messages": messages}, {"messages": answered}, {"messages": answered, "enable_thinking": False}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    config = load_config(FFTConfig, None, [f"data.train=[{path}]", f"data.enable_thinking={str(default).lower()}",
+                                           "model.tokenizer=qwen3", f"model.config={tiny_run_files['model_config']}",
+                                           f"output.dir={tmp_path / 'out'}"])
+    template = ChatTemplate.from_pretrained(qwen3_tokenizer_dir())
+    objective = GRPO(_Rewards(length_reward), num_generations=2, max_new_tokens=4)
+    prompts = objective.load_data(config, template, Dist())[0][0]
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
+    # rows without a field: the run's setting ("auto": thinking iff the row's reference answer has reasoning)
+    expected_modes = [False, True, default is True, default is not False, False]
+    assert [p.row.get("enable_thinking") for p in prompts] == [r.get("enable_thinking") for r in rows]
+    for prompt, mode in zip(prompts, expected_modes):
+        expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=mode,
+                                                 tokenize=True, return_dict=False)
+        assert prompt.prompt_ids.tolist() == list(expected), (mode, prompt.row)
+    assert prompts[0].prompt_ids.tolist() != prompts[1].prompt_ids.tolist()  # the two modes do render apart
+
+
 def test_all_equal_rewards_give_a_zero_gradient_and_no_nan(few_rows, tmp_path):
     _, model, _, _, step, _, _ = _step(few_rows, tmp_path, lambda completion, row: 1.0)
     assert step.loss_sum == 0.0 and step.metrics["zero_advantage_fraction"] == 1.0
@@ -118,7 +170,8 @@ def _losses(out: Path):
 def test_recipe_runs_and_resumes_exactly(few_rows, tmp_path, extra):
     def run(out, **more):
         settings = {"grpo.rewards": "[test_grpo:length_reward]", "grpo.num_generations": 2,
-                    "grpo.max_new_tokens": 6, "data.max_tokens": 400, "train.max_steps": 4, "train.save_every": 2,
+                    "grpo.max_new_tokens": 6, "data.max_tokens": 400, "train.max_steps": 4, "train.save_every": 1,
+                    "train.keep_last": 4,
                     **extra, **more}
         (tmp_path / "empty.yaml").write_text("{}")
         return grpo_main(["--config", str(tmp_path / "empty.yaml")] + tiny_overrides(few_rows, out, **settings))
@@ -133,3 +186,6 @@ def test_recipe_runs_and_resumes_exactly(few_rows, tmp_path, extra):
     assert (tmp_path / "full/final/model.safetensors").is_file()
     assert run(tmp_path / "resumed", **{"train.resume": str(tmp_path / "full/checkpoints/step-2")}) == 0
     assert _losses(tmp_path / "resumed") == full[2:]
+    # step 1 is between the two passes of one rollout batch: its samples and old log-probs are in the checkpoint
+    assert run(tmp_path / "odd", **{"train.resume": str(tmp_path / "full/checkpoints/step-1")}) == 0
+    assert _losses(tmp_path / "odd") == full[1:]

@@ -7,6 +7,7 @@ gradient we take. qforge computes the same from the same checkpoint: its own mod
 packed sequences, `group_advantages`, `grpo_loss`. The policy is moved off the reference before sampling and again
 between scoring and the loss (an optimizer step of a multi-pass rollout), so KL, ratios and clipping all act.
 """
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from qforge.engine.checkpoint import load_model
 from qforge.engine.model import hf_key
 from qforge.engine.train.grpo_loss import (LOSS_TYPES, LossSettings, StepTotals, combine_rewards, group_advantages,
-                                           grpo_loss, zero_advantage_fraction)
+                                           grpo_loss, soft_overlong_punishment, zero_advantage_fraction)
 from qforge.engine.train.logps import pack_completions, token_logps
 from qwen3_fixtures import qwen3_tokenizer_dir, save_hf_qwen3
 
@@ -33,6 +34,8 @@ def _completions():
 
 
 COMPLETIONS = _completions()
+# every other completion ends in the pad id (which TRL counts as a stop like EOS): the rest are truncated
+STOPPED = [c[:-1] + [0] if i % 2 else c for i, c in enumerate(COMPLETIONS)]
 PROMPT_IDS = [ids for ids in PROMPTS.values() for _ in range(G)]
 
 
@@ -50,7 +53,8 @@ def _perturb(named_params, seed: int, key=lambda name: name):
             params[name].add_(0.05 * torch.randn(params[name].shape, generator=g))
 
 
-def _trl(checkpoint, tmp, settings: LossSettings, iterations: int, temperature: float, scale_rewards: str):
+def _trl(checkpoint, tmp, settings: LossSettings, iterations: int, temperature: float, scale_rewards: str,
+         mask_truncated: bool = False):
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -59,7 +63,8 @@ def _trl(checkpoint, tmp, settings: LossSettings, iterations: int, temperature: 
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)  # an id inside the tiny vocabulary
 
     def rollout(prompts, trainer):
-        return {"prompt_ids": [PROMPTS[p] for p in prompts], "completion_ids": COMPLETIONS, "logprobs": None}
+        return {"prompt_ids": [PROMPTS[p] for p in prompts], "logprobs": None,
+                "completion_ids": STOPPED if mask_truncated else COMPLETIONS}
 
     def reward(prompts, completions, **kwargs):
         return REWARDS
@@ -69,7 +74,7 @@ def _trl(checkpoint, tmp, settings: LossSettings, iterations: int, temperature: 
                       epsilon=settings.epsilon, epsilon_high=settings.epsilon_high, delta=settings.delta,
                       importance_sampling_level=settings.importance_sampling_level, num_iterations=iterations,
                       temperature=temperature, scale_rewards=scale_rewards, report_to="none", use_cpu=True,
-                      bf16=False)
+                      bf16=False, mask_truncated_completions=mask_truncated)
     trainer = GRPOTrainer(model=str(checkpoint), reward_funcs=reward, args=args, processing_class=tokenizer,
                           train_dataset=Dataset.from_dict({"prompt": list(PROMPTS)}), rollout_func=rollout)
     model = trainer.model.train()
@@ -84,10 +89,13 @@ def _trl(checkpoint, tmp, settings: LossSettings, iterations: int, temperature: 
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}, batch["advantages"]
 
 
-def _ours(checkpoint, settings: LossSettings, iterations: int, temperature: float, scale_rewards: str):
+def _ours(checkpoint, settings: LossSettings, iterations: int, temperature: float, scale_rewards: str,
+          mask_truncated: bool = False):
     policy = load_model(checkpoint, dtype=torch.float32)
     _perturb(policy.named_parameters(), seed=10)
-    packed, positions, sequence = pack_completions(PROMPT_IDS, COMPLETIONS)
+    completions = STOPPED if mask_truncated else COMPLETIONS
+    scored = [not mask_truncated or c[-1] == 0 for c in completions]
+    packed, positions, sequence = pack_completions(PROMPT_IDS, completions, scored)
     rewards = torch.tensor([float("nan") if r is None else r for r in REWARDS])[:, None]
     advantages, _ = group_advantages(combine_rewards(rewards), G, scale_rewards)
     old = ref = None
@@ -100,17 +108,18 @@ def _ours(checkpoint, settings: LossSettings, iterations: int, temperature: floa
         with torch.no_grad():
             ref = token_logps(reference, packed, temperature=temperature)[positions]
     logps = token_logps(policy, packed, temperature=temperature)[positions]
-    totals = StepTotals(sequences=len(COMPLETIONS), tokens=len(sequence))
+    totals = StepTotals(sequences=len(completions), tokens=len(sequence))
     loss, metrics = grpo_loss(logps, advantages, sequence, totals, settings, old_logps=old, ref_logps=ref)
     loss.backward()
     return loss.detach(), {hf_key(name): p.grad for name, p in policy.named_parameters()}, advantages, metrics
 
 
 def parity(checkpoint, tmp, settings: LossSettings, iterations: int = 1, temperature: float = 1.0,
-           scale_rewards: str = "group") -> tuple[float, float, float]:
+           scale_rewards: str = "group", mask_truncated: bool = False) -> tuple[float, float, float]:
     """(|Δ loss|, max |Δ grad| over every parameter, max |Δ advantage|) between TRL and qforge."""
-    trl_loss, trl_grads, trl_adv = _trl(checkpoint, tmp, settings, iterations, temperature, scale_rewards)
-    loss, grads, adv, _ = _ours(checkpoint, settings, iterations, temperature, scale_rewards)
+    trl_loss, trl_grads, trl_adv = _trl(checkpoint, tmp, settings, iterations, temperature, scale_rewards,
+                                        mask_truncated)
+    loss, grads, adv, _ = _ours(checkpoint, settings, iterations, temperature, scale_rewards, mask_truncated)
     assert set(grads) == set(trl_grads)
     assert all(g is not None and bool(g.abs().sum() > 0) for g in trl_grads.values())
     grad_diff = max(float((grads[n] - trl_grads[n]).abs().max()) for n in grads)
@@ -142,6 +151,62 @@ def test_variants_match_trl(checkpoint, tmp_path, loss_type, options, temperatur
                                             temperature, scale_rewards)
     assert adv_diff < 1e-6
     assert loss_diff < 1e-5 and grad_diff < 1e-5, (loss_diff, grad_diff)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_mask_truncated_completions_matches_trl(checkpoint, tmp_path, loss_type):
+    """TRL's mask_truncated_completions: a completion that ends in no stop id trains on none of its tokens, yet
+    counts in its group's advantages and in the per-completion normalisers (grpo, dr_grpo, luspo)."""
+    loss_diff, grad_diff, adv_diff = parity(checkpoint, tmp_path, _settings(loss_type, 0.04), 2,
+                                            mask_truncated=True)
+    assert adv_diff < 1e-6
+    assert loss_diff < 1e-5 and grad_diff < 1e-5, (loss_diff, grad_diff)
+
+
+def test_soft_overlong_punishment_is_trls_reward():
+    from trl.rewards import get_soft_overlong_punishment
+
+    for max_length, cache in [(16, 4), (16, 16), (100, 20), (7, 1)]:
+        lengths = list(range(1, max_length + 3))
+        expected = get_soft_overlong_punishment(max_length, cache)([[1] * n for n in lengths])
+        ours = soft_overlong_punishment(torch.tensor(lengths), max_length, cache)
+        torch.testing.assert_close(ours, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert soft_overlong_punishment(torch.tensor([80, 90, 100]), 100, 20).tolist() == [0.0, -0.5, -1.0]
+    with pytest.raises(ValueError, match="soft_punish_cache=0"):
+        soft_overlong_punishment(torch.tensor([1]), 16, 0)
+
+
+def _two_ranks(halves, scale, aggregation):
+    """group_advantages on two threads standing for two ranks, `reduce` an all-reduce sum between them."""
+    barrier, posted, out = threading.Barrier(2), [None, None], [None, None]
+
+    def rank(r):
+        def reduce(tensor):
+            posted[r] = tensor.clone()
+            barrier.wait()
+            total = posted[0] + posted[1]
+            barrier.wait()  # both have read before either posts its next value
+            return total
+        out[r] = group_advantages(halves[r], G, scale, aggregation, reduce=reduce)[0]
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("scale, aggregation", [("batch", "sum_then_normalize"), ("group", "normalize_then_sum")])
+def test_batch_statistics_are_over_every_rank(scale, aggregation):
+    """scale_rewards="batch" (and normalize_then_sum) divide by the std of the whole step's rewards, as TRL over
+    its gathered rewards: two ranks' halves, reduced over both, give the single process's advantages."""
+    rewards = torch.tensor([float("nan") if r is None else r for r in REWARDS])
+    halves = [rewards[:4], rewards[4:]]  # rank 0: one group, rank 1: two (one with an unscored completion)
+    whole, _ = group_advantages(rewards, G, scale, aggregation)
+    torch.testing.assert_close(_two_ranks(halves, scale, aggregation), whole, rtol=0, atol=1e-6)
+    local = torch.cat([group_advantages(h, G, scale, aggregation)[0] for h in halves])
+    assert (local - whole).abs().max() > 1e-2  # each rank's own statistics are another number
 
 
 def test_all_equal_group_gives_zero_advantage_and_no_nan():
