@@ -41,6 +41,10 @@ def format_report(result: dict) -> str:
                  f"({roof['compute_seconds_per_micro_batch'] * 1e3:.1f} ms/micro-batch), collectives "
                  f"{roof['communication_seconds_per_step'] * 1e3:.1f} ms (overlapped by FSDP) → predicted MFU ≤ "
                  f"{roof['predicted_mfu_bound']:.1%}, ≤ {roof['tokens_per_s_per_gpu_bound']:.0f} tokens/s/GPU")
+    if result.get("collective_volume"):
+        lines.append("collectives per step and rank (full tensor sizes; a ring moves (n−1)/n of each): " + ", ".join(
+            f"{kind} {row['bytes'] / 1e9:.2f} GB ({row['calls']} calls)"
+            for kind, row in sorted(result["collective_volume"].items(), key=lambda kv: -kv[1]["bytes"])))
     syncs = result["host_syncs"]
     lines.append(f"host-device syncs ({sum(s['count'] for s in syncs)}):")
     for sync in syncs:

@@ -39,7 +39,7 @@ from qforge.engine.train.sft import loss_tables, train_step
 from qforge.engine.train.optim import build_optimizer
 from qforge.engine.train.parallel import Dist, shard_model
 
-from .collectives import Collectives, check_sequences
+from .collectives import Collectives, check_sequences, volume
 from .contracts import attention_standins, triton_launch_standins
 from .fake_cuda import FakeDeviceFunctions, in_sharding_propagation, mark_sharding_propagation, route_cuda_paths
 from .gpus import GPUS
@@ -419,6 +419,7 @@ def run_twin(plan: TwinPlan, rank: int = 0) -> dict:
 
     result = _report(plan, config, gpu, peak, probe, roofline, syncs, lengths, host_to_device)
     result["collectives"] = collectives.calls
+    result["collective_volume"] = volume(collectives.calls)
     # already inside "parameters (sharded)"/"(gathered)": the tracker sees it
     if plan.objective == "dpo":
         result["memory"]["reference_sharded_bytes"] = frozen_bytes
