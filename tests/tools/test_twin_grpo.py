@@ -2,6 +2,8 @@
 log-probs through the fused head, the frozen reference when β > 0), checked against an SFT step of the same
 packed shape and closed forms; the rollout's closed-form KV cache against the engine's own `KVCache`."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +131,29 @@ def test_cli_reads_a_grpo_config(tiny_config, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "GRPO: 4 completions of 48 tokens" in printed and "rollout (closed form" in printed
     assert json.loads(out.read_text())["rollout"]["fits"] is True
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "recipes/configs/grpo-qwen3-8b-8gpu.yaml"
+
+
+def test_shipped_grpo_config_is_a_valid_grpo_config():
+    from qforge.engine.config_io import load_config
+    from qforge.recipes.grpo import GRPOConfig
+
+    config = load_config(GRPOConfig, SHIPPED)
+    assert config.grpo.num_generations * (512 + config.grpo.max_new_tokens) == config.data.max_tokens
+    assert grpo_fields(str(SHIPPED))["prompt_tokens"] == 512
+
+
+@pytest.mark.slow
+def test_shipped_grpo_config_fits_as_its_memory_comment_says():
+    """The twin's training peak and closed-form rollout peak of grpo-qwen3-8b-8gpu.yaml (Qwen3-8B at real
+    shapes, ~1.5 min) are the figures its header comment states, both inside the 10% headroom."""
+    from qforge.tools.twin.__main__ import plan_from_config
+
+    text = SHIPPED.read_text()
+    stated = {name: float(re.search(rf"{name} peak ([\d.]+) GiB", text).group(1)) for name in ("training", "rollout")}
+    result = run_twin(TwinPlan(**plan_from_config(str(SHIPPED), None, None), **grpo_fields(str(SHIPPED))))
+    assert result["memory"]["fits"] and result["rollout"]["fits"]
+    assert result["memory"]["peak_bytes"] / 2**30 == pytest.approx(stated["training"], abs=0.051)
+    assert result["rollout"]["peak_bytes"] / 2**30 == pytest.approx(stated["rollout"], abs=0.051)

@@ -105,3 +105,19 @@ def test_moe_model_flops_count_the_routed_experts(moe_runs):
     ops = result["roofline"]["by_op_class"]
     grouped = ops["triton:grouped_gemm_kernel"]["flops"] + ops["triton:grouped_weight_grad_kernel"]["flops"]
     assert grouped * 18 / 24 == mlp  # forward + backward without the recompute
+
+
+def test_shipped_30b_a3b_config_is_a_valid_training_config():
+    """Its twin run (the peak its comment states) is test_twin.py's slow shipped-config test (it globs
+    qwen3-*gpu.yaml)."""
+    from qforge.engine.config_io import load_config
+    from qforge.recipes.fft import FFTRecipeConfig
+    from qforge.tools.twin.__main__ import plan_from_config
+
+    path = REPO / "recipes/configs/qwen3-30b-a3b-8gpu.yaml"
+    config = load_config(FFTRecipeConfig, path)
+    assert config.optim.state_dtype == "bf16" and config.train.activation_checkpointing
+    assert config.data.max_tokens == 16384
+    assert plan_from_config(str(path), None, None) == {
+        "model": "qwen3-30b-a3b", "gpus": 8, "tokens": 16384, "grad_accum": 2, "precision": "bf16-mixed",
+        "activation_checkpointing": True, "optim_state_dtype": "bf16"}

@@ -7,7 +7,8 @@ reference sharded and scoring the micro-batch when β > 0. The rollout is handed
 that does not sample: `_pass` is not a multiple of num_iterations), so sampling is not traced.
 
 Rollout memory (`rollout_memory`, a closed form, not traced): what `generate` holds at its last decoding step,
-all G rows running to max_new_tokens (the worst case) — the step's persistent state (sharded fp32 weights,
+all G × grad_accum rows (`sample` decodes the step's micro-batches in one call) running to max_new_tokens
+(the worst case) — the step's persistent state (sharded fp32 weights,
 AdamW's moments, the reference's shards; gradients are freed by the last step's zero_grad), the weights it
 decodes with (`gather_for_sampling`: every unit kept gathered in bf16; else one block at a time, gathered
 again for every token), and the KV cache. `KVCache` starts at the prompt width and doubles when full, so its
@@ -92,12 +93,13 @@ def rollout_memory(plan, config, result: dict) -> dict:
         dtype_bytes = 4 if plan.precision == "fp32" else 2
         units = root + config.num_hidden_layers * block if plan.gather_for_sampling else root + 2 * block
         weights = units * dtype_bytes
-    kv = kv_cache_bytes(config, plan.group, plan.prompt_tokens, plan.completion_tokens, dtype_bytes)
+    rows = plan.group * plan.grad_accum  # `GRPO.sample` decodes all the step's micro-batches in one call
+    kv = kv_cache_bytes(config, rows, plan.prompt_tokens, plan.completion_tokens, dtype_bytes)
     # the prompts' forward (no grad): the MLP's three [rows·prompt, I] tensors, or the last position's logits
     width = config.num_experts_per_tok * config.moe_intermediate_size if config.num_experts else \
         config.intermediate_size
-    prefill = 3 * plan.group * plan.prompt_tokens * width * dtype_bytes
-    logits = plan.group * (plan.kept_vocab or config.vocab_size) * 4
+    prefill = 3 * rows * plan.prompt_tokens * width * dtype_bytes
+    logits = rows * (plan.kept_vocab or config.vocab_size) * 4
     total = persistent + weights + kv["peak_bytes"] + max(prefill, logits) + result["memory"]["runtime_reserve_bytes"]
     return {"persistent_bytes": persistent, "sampling_weights_bytes": weights, "kv_cache": kv,
             "transient_bytes": max(prefill, logits), "peak_bytes": total,
