@@ -78,6 +78,26 @@ def grpo_fields(path: str) -> dict:
             "beta": float(grpo.get("beta", 0.0)), "gather_for_sampling": bool(grpo.get("gather_for_sampling", False))}
 
 
+def plan_fields(args) -> dict:
+    """TwinPlan fields: the training config's (and its grpo section's, or --distill's), then the flags given."""
+    fields = plan_from_config(args.config, args.gpus, args.model) if args.config else {}
+    for key in ("model", "gpus", "tokens", "grad_accum", "precision", "activation_checkpointing", "optim_state_dtype"):
+        value = getattr(args, key)
+        if value is not None:
+            fields[key] = value
+    if args.distill:
+        fields.update(distill_fields(args.distill))
+    if args.config:
+        fields.update(grpo_fields(args.config) or {})
+    for key in ("objective", "teacher", "top_k", "ce_weight", "reference", "group", "prompt_tokens",
+                "completion_tokens", "beta", "gather_for_sampling"):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+    if fields.get("objective") == "distill-on-policy":
+        fields.setdefault("teacher", "qwen3-32b")
+    return fields
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="GPU twin: the trainer's step at real shapes on fake GPUs")
     parser.add_argument("--config", help="a training YAML (recipes/configs/qwen3-*.yaml)")
@@ -122,23 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)
-    fields = plan_from_config(args.config, args.gpus, args.model) if args.config else {}
     if not args.config and not args.model:
         parser.error("give --config or --model")
-    for key in ("model", "gpus", "tokens", "grad_accum", "precision", "activation_checkpointing", "optim_state_dtype"):
-        value = getattr(args, key)
-        if value is not None:
-            fields[key] = value
-    if args.distill:
-        fields.update(distill_fields(args.distill))
-    if args.config:
-        fields.update(grpo_fields(args.config) or {})
-    for key in ("objective", "teacher", "top_k", "ce_weight", "reference", "group", "prompt_tokens",
-                "completion_tokens", "beta", "gather_for_sampling"):
-        if getattr(args, key) is not None:
-            fields[key] = getattr(args, key)
-    if fields.get("objective") == "distill-on-policy":
-        fields.setdefault("teacher", "qwen3-32b")
+    fields = plan_fields(args)
     if args.trace_load or args.trace_export:
         gpus, precision = fields.get("gpus") or 1, fields.get("precision") or "bf16-mixed"
         try:

@@ -354,6 +354,38 @@ def twin_mesh(gpus: int, rank: int):
     return init_device_mesh("cpu", (gpus,), mesh_dim_names=(f"twin_rank{rank}",))
 
 
+def _objective(plan: TwinPlan, config):
+    """The objective, this rank's host-side micro-batches and the meta model of a frozen second model (a live
+    DPO or GRPO reference, an on-policy teacher; None without one), built before the fake mode as the trainer
+    builds them."""
+    objective = None  # sft: the trainer's train_step
+    frozen = None
+    if plan.objective == "dpo":
+        batches = preference_batches(plan, config.vocab_size)
+        objective = DPO(reference=plan.reference)
+        if plan.reference == "cached":  # what DPO.prepare reads from reference_dir: fp32 [pairs, 2] on the host
+            objective.reference_logps = torch.zeros(sum(b.num_pairs for b in batches), 2)
+        else:
+            frozen = meta_model(config, frozen_dtype(plan.precision))
+    elif plan.objective == "grpo":
+        objective, batches = grpo_objective(plan, config.vocab_size)
+        if plan.beta > 0:
+            frozen = meta_model(config, frozen_dtype(plan.precision))
+    elif plan.objective == "distill-off-policy":
+        batches = [distill_batch(plan, config.vocab_size) for _ in range(plan.grad_accum)]
+        objective = OffPolicyDistill("<stored top-k>", top_k=plan.top_k, ce_weight=plan.ce_weight)
+    else:
+        batches = [packed_batch(plan, config.vocab_size) for _ in range(plan.grad_accum)]
+        if plan.objective == "distill-on-policy":  # the micro-batches stand for sampled prompt + completion rows
+            objective = OnPolicyDistill(plan.teacher)
+            teacher_config = resolve_config(plan.teacher)
+            if teacher_config.vocab_size != config.vocab_size:
+                raise ValueError(f"teacher {plan.teacher}: vocabulary {teacher_config.vocab_size} differs from the "
+                                 f"student's {config.vocab_size}")
+            frozen = meta_model(teacher_config, frozen_dtype(plan.precision))
+    return objective, batches, frozen
+
+
 def run_twin(plan: TwinPlan, rank: int = 0) -> dict:
     """The plan's step as fake rank `rank` sees it (every rank's shards have the same size: FSDP2 pads)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -378,30 +410,7 @@ def run_twin(plan: TwinPlan, rank: int = 0) -> dict:
     model = meta_model(config, param_dtype)
     model.activation_checkpointing = plan.activation_checkpointing
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    frozen = None  # the meta model of a live DPO reference or an on-policy teacher
-    if plan.objective == "dpo":
-        batches = preference_batches(plan, config.vocab_size)
-        objective = DPO(reference=plan.reference)
-        if plan.reference == "cached":  # what DPO.prepare reads from reference_dir: fp32 [pairs, 2] on the host
-            objective.reference_logps = torch.zeros(sum(b.num_pairs for b in batches), 2)
-        else:
-            frozen = meta_model(config, frozen_dtype(plan.precision))
-    elif plan.objective == "grpo":
-        objective, batches = grpo_objective(plan, config.vocab_size)
-        if plan.beta > 0:
-            frozen = meta_model(config, frozen_dtype(plan.precision))
-    elif plan.objective == "distill-off-policy":
-        batches = [distill_batch(plan, config.vocab_size) for _ in range(plan.grad_accum)]
-        objective = OffPolicyDistill("<stored top-k>", top_k=plan.top_k, ce_weight=plan.ce_weight)
-    else:
-        batches = [packed_batch(plan, config.vocab_size) for _ in range(plan.grad_accum)]
-        if plan.objective == "distill-on-policy":  # the micro-batches stand for sampled prompt + completion rows
-            objective = OnPolicyDistill(plan.teacher)
-            teacher_config = resolve_config(plan.teacher)
-            if teacher_config.vocab_size != config.vocab_size:
-                raise ValueError(f"teacher {plan.teacher}: vocabulary {teacher_config.vocab_size} differs from the "
-                                 f"student's {config.vocab_size}")
-            frozen = meta_model(teacher_config, frozen_dtype(plan.precision))
+    objective, batches, frozen = _objective(plan, config)
     # host side, before the fake mode, as the trainer builds it
     vocab = VocabMap.from_ids(range(plan.kept_vocab), config.vocab_size) if plan.kept_vocab else None
     with fake_mode, FakeDeviceFunctions(fake_mode) as functions, route_cuda_paths(), mark_sharding_propagation(), \
@@ -445,7 +454,7 @@ def run_twin(plan: TwinPlan, rank: int = 0) -> dict:
     result["collectives"] = collectives.calls
     result["collective_volume"] = volume(collectives.calls)
     # already inside "parameters (sharded)"/"(gathered)": the tracker sees it
-    if plan.objective in ("dpo", "grpo") and frozen is not None:
+    if plan.objective == "dpo" or (plan.objective == "grpo" and frozen is not None):
         result["memory"]["reference_sharded_bytes"] = frozen_bytes
     if plan.objective == "grpo":
         rollout = result["rollout"] = rollout_memory(plan, config, result)
