@@ -7,7 +7,8 @@ its frozen bf16 reference built and sharded as `DPO.prepare` builds it ("live") 
 ("cached"); or distillation: "distill-off-policy" (`OffPolicyDistill`'s loss, the fused top-k KL over stored
 teacher log-probs: no teacher in memory while training) and "distill-on-policy" (`OnPolicyDistill`'s loss on
 sampled sequences, the frozen bf16 teacher sharded as `load_teacher` builds it scoring every micro-batch; the
-sampling itself, qforge's `generate`, is not traced). The twin supplies the fake devices (fake_cuda), the CUDA-only libraries' contract stand-ins
+sampling itself, qforge's `generate`, is not traced); or "grpo", `GRPO.train_step` on a packed rollout micro-batch
+(grpo.py: the rollout's memory is a closed form). Qwen3-MoE models run the same step (models.py). The twin supplies the fake devices (fake_cuda), the CUDA-only libraries' contract stand-ins
 (contracts), and observers: FSDPMemTracker (memory by category), Roofline (FLOPs/bytes), HostSyncs.
 One step is measured, after AdamW's state has been created (a first step leaves it alive through every later
 step's forward and backward).
