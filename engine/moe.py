@@ -92,7 +92,9 @@ class SparseMoeBlock(nn.Module):
         logits, weights, ids = self.gate(flat)
         routing = moe_routing(ids, self.num_experts)
         rows = self.experts(moe_permute(flat, routing), routing.offsets)
-        self.router_stats = _router_stats(logits, ids, routing.counts)
+        stats = _router_stats(logits, ids, routing.counts)
+        if torch._C._current_graph_task_id() == -1:  # not a checkpoint's recompute: its stats would keep its graph
+            self.router_stats = stats
         return moe_unpermute(rows, weights, routing).view(*lead, H)
 
 

@@ -57,6 +57,32 @@ class Collectives(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+_KINDS = {"_allgather_base_": "all-gather", "all_gather_into_tensor": "all-gather", "allgather_": "all-gather",
+          "_reduce_scatter_base_": "reduce-scatter", "reduce_scatter_tensor": "reduce-scatter",
+          "allreduce_": "all-reduce", "all_reduce": "all-reduce", "alltoall_base_": "all-to-all",
+          "all_to_all_single": "all-to-all", "broadcast_": "broadcast"}
+
+
+def volume(calls: list[dict]) -> dict:
+    """Per kind of collective: calls and bytes of the full (gathered / unreduced) tensor of each call, the size
+    a ring moves (n−1)/n of per rank (the roofline's "communication" bytes, split by kind)."""
+    out: dict = {}
+    for call in calls:
+        size = max((_numel(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+                    for shape, dtype in zip(call["shapes"], call["dtypes"])), default=0)
+        row = out.setdefault(_KINDS.get(call["op"], call["op"]), {"calls": 0, "bytes": 0})
+        row["calls"] += 1
+        row["bytes"] += size
+    return out
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
+
+
 def signature(call: dict) -> tuple:
     """What every rank must agree on (the call site may differ: it is only named in the message)."""
     return call["op"], str(call["shapes"]), str(call["dtypes"]), call["group"]

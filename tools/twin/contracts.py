@@ -223,7 +223,8 @@ def check_triton_launch(kernel, grid, args, kwargs) -> dict:
                 _fail(library, f"{arg_name}={value} must be a power of two ≤ {TRITON_MAX_NUMEL} (tl.arange)")
     if not tensors:
         _fail(library, "no tensor arguments")
-    return {"kernel": name, "grid": grid, "tensors": tensors, "programs": math.prod(grid)}
+    ints = {key: value for key, value in values.items() if isinstance(value, int) and not isinstance(value, bool)}
+    return {"kernel": name, "grid": grid, "tensors": tensors, "ints": ints, "programs": math.prod(grid)}
 
 
 @contextlib.contextmanager

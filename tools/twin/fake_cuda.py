@@ -20,7 +20,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, is_fake, u
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-KERNEL_MODULES = ("rms_norm", "swiglu", "rope", "fused_linear_cross_entropy", "fused_linear_kl")
+KERNEL_MODULES = ("rms_norm", "swiglu", "rope", "fused_linear_cross_entropy", "fused_linear_kl", "moe_permute",
+                  "moe_grouped_gemm")
 
 
 def on_device(tensor) -> bool:
@@ -46,6 +47,10 @@ def route_cuda_paths():
     routes = [(importlib.import_module(f"qforge.kernels.{name}"), "use_triton", use_triton) for name in KERNEL_MODULES]
     loss = importlib.import_module("qforge.kernels.fused_linear_cross_entropy")
     routes += [(loss, "_cuda_layout", on_device)]  # mixed-dtype matmuls, on-device label checks
+    grouped = importlib.import_module("qforge.kernels.moe_grouped_gemm")
+    blocks = grouped._blocks
+    routes += [(grouped, "_dot_fp32", lambda x: not on_device(x)),  # the GPU's tiles and bf16 dots
+               (grouped, "_blocks", lambda x, gpu: gpu if on_device(x) else blocks(x, gpu))]
     original_backend = attention.attention_backend
     routes.append((attention, "attention_backend",
                    lambda device, dtype=torch.bfloat16: original_backend(torch.device("cuda"), dtype)))

@@ -12,13 +12,34 @@ def _objective(plan: dict) -> str:
         return f", off-policy distillation (stored top-{plan['top_k']}, ce_weight {plan['ce_weight']})"
     if objective == "distill-on-policy":
         return f", on-policy distillation from {plan['teacher']} (bf16, sharded, scoring every micro-batch)"
+    if objective == "grpo":
+        reference = f"β {plan['beta']}: frozen bf16 reference" if plan["beta"] > 0 else "β 0: no reference"
+        return (f", GRPO: {plan['group']} completions of {plan['completion_tokens']} tokens after a "
+                f"{plan['prompt_tokens']}-token prompt per micro-batch, {reference}")
     return ""
+
+
+def _rollout(rollout: dict) -> list[str]:
+    """The rollout's closed-form memory (tools/twin/grpo.py: sampling is not traced)."""
+    kv = rollout["kv_cache"]
+    weights = "every unit gathered (gather_for_sampling)" if rollout["gather_for_sampling"] else \
+        "the root and two blocks gathered at a time"
+    verdict = "fits with ≥10% headroom" if rollout["fits"] else "does NOT fit with 10% headroom"
+    return ["rollout (closed form, not traced; every completion at max_new_tokens):",
+            f"  {'persistent state':<24} {rollout['persistent_bytes'] / GIB:8.2f} GiB (sharded weights, AdamW, "
+            "reference: from the trace)",
+            f"  {'sampling weights':<24} {rollout['sampling_weights_bytes'] / GIB:8.2f} GiB ({weights})",
+            f"  {'KV cache':<24} {kv['peak_bytes'] / GIB:8.2f} GiB ({kv['capacity']} slots after doubling; "
+            f"{kv['needed_bytes'] / GIB:.2f} GiB for the tokens themselves)",
+            f"  {'prefill / logits':<24} {rollout['transient_bytes'] / GIB:8.2f} GiB",
+            f"  {'peak (+2 GiB reserve)':<24} {rollout['peak_bytes'] / GIB:8.2f} GiB — {verdict}"]
 
 
 def format_report(result: dict) -> str:
     plan, memory, roof = result["plan"], result["memory"], result["roofline"]
+    length = plan["prompt_tokens"] + plan["completion_tokens"] if plan.get("objective") == "grpo" else plan["seq_len"]
     lines = [f"{plan['model']} on {plan['gpus']}× {result['gpu']['name']}: {plan['tokens']} tokens/GPU per micro-batch "
-             f"(sequences of {plan['seq_len']}), grad_accum {plan['grad_accum']}, {plan['precision']}, "
+             f"(sequences of {length}), grad_accum {plan['grad_accum']}, {plan['precision']}, "
              f"activation checkpointing {'on' if plan['activation_checkpointing'] else 'off'}, "
              f"attention {plan['attention']}, AdamW moments {plan['optim_state_dtype']}"
              + _objective(plan),
@@ -33,6 +54,8 @@ def format_report(result: dict) -> str:
     verdict = "fits with ≥10% headroom" if memory["fits"] else "does NOT fit with 10% headroom"
     lines.append(f"  {'peak':<24} {memory['peak_bytes'] / GIB:8.2f} GiB of {result['gpu']['memory_bytes'] / GIB:.1f} "
                  f"GiB — {verdict}")
+    if "rollout" in result:
+        lines += _rollout(result["rollout"])
     lines.append("roofline per step (a bound from datasheet peaks, not a measurement):")
     for name, row in sorted(roof["by_op_class"].items(), key=lambda kv: -kv[1]["seconds"]):
         lines.append(f"  {name:<36} {row['flops'] / 1e12:9.2f} TFLOP {row['bytes'] / 1e9:9.2f} GB "
@@ -41,6 +64,10 @@ def format_report(result: dict) -> str:
                  f"({roof['compute_seconds_per_micro_batch'] * 1e3:.1f} ms/micro-batch), collectives "
                  f"{roof['communication_seconds_per_step'] * 1e3:.1f} ms (overlapped by FSDP) → predicted MFU ≤ "
                  f"{roof['predicted_mfu_bound']:.1%}, ≤ {roof['tokens_per_s_per_gpu_bound']:.0f} tokens/s/GPU")
+    if result.get("collective_volume"):
+        lines.append("collectives per step and rank (full tensor sizes; a ring moves (n−1)/n of each): " + ", ".join(
+            f"{kind} {row['bytes'] / 1e9:.2f} GB ({row['calls']} calls)"
+            for kind, row in sorted(result["collective_volume"].items(), key=lambda kv: -kv[1]["bytes"])))
     syncs = result["host_syncs"]
     lines.append(f"host-device syncs ({sum(s['count'] for s in syncs)}):")
     for sync in syncs:

@@ -23,6 +23,7 @@ from .fake_cuda import in_sharding_propagation, on_device
 aten = torch.ops.aten
 _ALLOCATIONS = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided,
                 aten.detach, aten.alias, aten._unsafe_view, aten.lift_fresh_copy}
+GROUPED_GEMMS = {"_grouped_gemm_kernel": "A", "_grouped_weight_grad_kernel": "DY"}  # kernel → its [M, ·] rows
 MATMULS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.matmul, aten.linear}
 
 
@@ -116,10 +117,16 @@ class Roofline(TorchDispatchMode):
         return out
 
     def triton_launch(self, launch: dict):
-        """A Triton kernel is memory-bound here: bytes = every tensor argument read or written once."""
-        nbytes = sum(get_num_bytes(t) for t in launch["tensors"].values())
-        dtype = next((t.dtype for t in launch["tensors"].values() if t.dtype.is_floating_point), torch.float32)
-        self.add(f"triton:{launch['kernel'].strip('_')}", 0.0, float(nbytes), dtype)
+        """Bytes = every tensor argument read or written once; FLOPs only for the MoE grouped GEMMs (2·M·N·K over
+        the expert-sorted rows), the other kernels are elementwise or reductions."""
+        tensors = launch["tensors"]
+        nbytes = sum(get_num_bytes(t) for t in tensors.values())
+        dtype = next((t.dtype for t in tensors.values() if t.dtype.is_floating_point), torch.float32)
+        rows, flops = GROUPED_GEMMS.get(launch["kernel"]), 0.0
+        if rows:  # the gate/up forward (EPILOGUE 1) has N = I and two accumulators, gate and up
+            ints = launch["ints"]
+            flops = 2.0 * tensors[rows].shape[0] * ints["N"] * ints["K"] * (2 if ints.get("EPILOGUE") == 1 else 1)
+        self.add(f"triton:{launch['kernel'].strip('_')}", flops, float(nbytes), dtype)
 
     def attention(self, direction: str, q, k, v, sequence_lengths):
         """Causal attention FLOPs over the packed sequences (QKᵀ and PV, half the square); backward 2.5×."""

@@ -7,7 +7,8 @@ its frozen bf16 reference built and sharded as `DPO.prepare` builds it ("live") 
 ("cached"); or distillation: "distill-off-policy" (`OffPolicyDistill`'s loss, the fused top-k KL over stored
 teacher log-probs: no teacher in memory while training) and "distill-on-policy" (`OnPolicyDistill`'s loss on
 sampled sequences, the frozen bf16 teacher sharded as `load_teacher` builds it scoring every micro-batch; the
-sampling itself, qforge's `generate`, is not traced). The twin supplies the fake devices (fake_cuda), the CUDA-only libraries' contract stand-ins
+sampling itself, qforge's `generate`, is not traced); or "grpo", `GRPO.train_step` on a packed rollout micro-batch
+(grpo.py: the rollout's memory is a closed form). Qwen3-MoE models run the same step (models.py). The twin supplies the fake devices (fake_cuda), the CUDA-only libraries' contract stand-ins
 (contracts), and observers: FSDPMemTracker (memory by category), Roofline (FLOPs/bytes), HostSyncs.
 One step is measured, after AdamW's state has been created (a first step leaves it alive through every later
 step's forward and backward).
@@ -39,15 +40,16 @@ from qforge.engine.train.sft import loss_tables, train_step
 from qforge.engine.train.optim import build_optimizer
 from qforge.engine.train.parallel import Dist, shard_model
 
-from .collectives import Collectives, check_sequences
+from .collectives import Collectives, check_sequences, volume
 from .contracts import attention_standins, triton_launch_standins
 from .fake_cuda import FakeDeviceFunctions, in_sharding_propagation, mark_sharding_propagation, route_cuda_paths
 from .gpus import GPUS
+from .grpo import grpo_lengths, grpo_objective, prepare_grpo, rollout_memory
 from .models import resolve_config
 from .roofline import Roofline
 from .syncs import HostSyncs, where
 
-OBJECTIVES = ("sft", "dpo", "distill-off-policy", "distill-on-policy")
+OBJECTIVES = ("sft", "dpo", "distill-off-policy", "distill-on-policy", "grpo")
 RUNTIME_RESERVE = 2 * 2**30  # CUDA context, NCCL and cuBLAS workspaces: not tensors, not tracked (assumed)
 HEADROOM = 0.10
 
@@ -73,6 +75,11 @@ class TwinPlan:
     teacher: str | None = None     # distill-on-policy: the teacher model (a name or config.json), e.g. qwen3-32b
     top_k: int = 20                # distill-off-policy: stored teacher log-probs per position (distill.top_k)
     ce_weight: float = 0.0         # distill-off-policy: distill.ce_weight
+    group: int = 8                 # grpo: completions per prompt (grpo.num_generations), one group per micro-batch
+    prompt_tokens: int = 512       # grpo: prompt length
+    completion_tokens: int = 4096  # grpo: completion length (grpo.max_new_tokens, every completion at the cap)
+    beta: float = 0.0              # grpo: KL weight; > 0 adds the frozen bf16 reference
+    gather_for_sampling: bool = False  # grpo: grpo.gather_for_sampling (rollout memory)
 
     def __post_init__(self):
         if self.gpu not in GPUS:
@@ -90,7 +97,11 @@ class TwinPlan:
                              "training reads stored top-k log-probs)")
         if not 1 <= self.top_k <= 128 or not 0 <= self.ce_weight <= 1:
             raise ValueError(f"top_k {self.top_k} must be in [1, 128] and ce_weight {self.ce_weight} in [0, 1]")
-        if self.objective == "sft" and self.reference is not None:
+        if self.objective == "grpo":
+            if min(self.group - 1, self.prompt_tokens, self.completion_tokens) < 1 or self.beta < 0:
+                raise ValueError("grpo: group ≥ 2, prompt_tokens and completion_tokens ≥ 1, beta ≥ 0")
+            self.tokens = self.group * (self.prompt_tokens + self.completion_tokens)  # the rollout micro-batch
+        if self.objective in ("sft", "grpo") and self.reference is not None:
             raise ValueError(f"reference {self.reference!r} applies to objective dpo only (sft has no reference)")
         if self.objective == "dpo":
             self.reference = self.reference or "live"
@@ -105,6 +116,8 @@ class TwinPlan:
 def sequence_lengths(plan: TwinPlan) -> list[int]:
     """The packed sequences of one micro-batch; for dpo, pairs' sides in order (chosen, rejected, chosen, ...):
     sides of seq_len, then one shorter pair with the rest (under 4 tokens left out)."""
+    if plan.objective == "grpo":
+        return grpo_lengths(plan)
     if plan.objective == "dpo":
         side = min(plan.seq_len, plan.tokens // 2)
         full, rest = divmod(plan.tokens, 2 * side)
@@ -114,7 +127,10 @@ def sequence_lengths(plan: TwinPlan) -> list[int]:
 
 
 def labelled_tokens(plan: TwinPlan) -> int:
-    """Positions with a label in one micro-batch (a sequence's last position never has one)."""
+    """Positions with a label in one micro-batch (a sequence's last position never has one; grpo: the
+    completions' tokens, each scored from the position before it)."""
+    if plan.objective == "grpo":
+        return plan.group * plan.completion_tokens
     return sum(max(0, math.ceil(n * plan.loss_fraction) - 1) for n in sequence_lengths(plan))
 
 
@@ -263,6 +279,7 @@ def _loss_probe(tracker, probe: dict):
     from qforge.engine import model as model_module
     from qforge.engine.train import distill as distill_module
     from qforge.engine.train import dpo as dpo_module
+    from qforge.engine.train import logps as logps_module
 
     def probed(original):
         def call(*args, **kwargs):
@@ -275,7 +292,7 @@ def _loss_probe(tracker, probe: dict):
                 probe["loss_temporaries"] = max(probe.get("loss_temporaries", 0), probe["peak"] - entry)
         return call
 
-    callers = [(module, "fused_linear_cross_entropy") for module in (model_module, dpo_module)] + \
+    callers = [(module, "fused_linear_cross_entropy") for module in (model_module, dpo_module, logps_module)] + \
         [(distill_module, "fused_linear_kl")]
     originals = [getattr(module, name) for module, name in callers]
     for (module, name), original in zip(callers, originals):
@@ -338,6 +355,38 @@ def twin_mesh(gpus: int, rank: int):
     return init_device_mesh("cpu", (gpus,), mesh_dim_names=(f"twin_rank{rank}",))
 
 
+def _objective(plan: TwinPlan, config):
+    """The objective, this rank's host-side micro-batches and the meta model of a frozen second model (a live
+    DPO or GRPO reference, an on-policy teacher; None without one), built before the fake mode as the trainer
+    builds them."""
+    objective = None  # sft: the trainer's train_step
+    frozen = None
+    if plan.objective == "dpo":
+        batches = preference_batches(plan, config.vocab_size)
+        objective = DPO(reference=plan.reference)
+        if plan.reference == "cached":  # what DPO.prepare reads from reference_dir: fp32 [pairs, 2] on the host
+            objective.reference_logps = torch.zeros(sum(b.num_pairs for b in batches), 2)
+        else:
+            frozen = meta_model(config, frozen_dtype(plan.precision))
+    elif plan.objective == "grpo":
+        objective, batches = grpo_objective(plan, config.vocab_size)
+        if plan.beta > 0:
+            frozen = meta_model(config, frozen_dtype(plan.precision))
+    elif plan.objective == "distill-off-policy":
+        batches = [distill_batch(plan, config.vocab_size) for _ in range(plan.grad_accum)]
+        objective = OffPolicyDistill("<stored top-k>", top_k=plan.top_k, ce_weight=plan.ce_weight)
+    else:
+        batches = [packed_batch(plan, config.vocab_size) for _ in range(plan.grad_accum)]
+        if plan.objective == "distill-on-policy":  # the micro-batches stand for sampled prompt + completion rows
+            objective = OnPolicyDistill(plan.teacher)
+            teacher_config = resolve_config(plan.teacher)
+            if teacher_config.vocab_size != config.vocab_size:
+                raise ValueError(f"teacher {plan.teacher}: vocabulary {teacher_config.vocab_size} differs from the "
+                                 f"student's {config.vocab_size}")
+            frozen = meta_model(teacher_config, frozen_dtype(plan.precision))
+    return objective, batches, frozen
+
+
 def run_twin(plan: TwinPlan, rank: int = 0) -> dict:
     """The plan's step as fake rank `rank` sees it (every rank's shards have the same size: FSDP2 pads)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -362,26 +411,7 @@ def run_twin(plan: TwinPlan, rank: int = 0) -> dict:
     model = meta_model(config, param_dtype)
     model.activation_checkpointing = plan.activation_checkpointing
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    frozen = None  # the meta model of a live DPO reference or an on-policy teacher
-    if plan.objective == "dpo":
-        batches = preference_batches(plan, config.vocab_size)
-        objective = DPO(reference=plan.reference)
-        if plan.reference == "cached":  # what DPO.prepare reads from reference_dir: fp32 [pairs, 2] on the host
-            objective.reference_logps = torch.zeros(sum(b.num_pairs for b in batches), 2)
-        else:
-            frozen = meta_model(config, frozen_dtype(plan.precision))
-    elif plan.objective == "distill-off-policy":
-        batches = [distill_batch(plan, config.vocab_size) for _ in range(plan.grad_accum)]
-        objective = OffPolicyDistill("<stored top-k>", top_k=plan.top_k, ce_weight=plan.ce_weight)
-    else:
-        batches = [packed_batch(plan, config.vocab_size) for _ in range(plan.grad_accum)]
-        if plan.objective == "distill-on-policy":  # the micro-batches stand for sampled prompt + completion rows
-            objective = OnPolicyDistill(plan.teacher)
-            teacher_config = resolve_config(plan.teacher)
-            if teacher_config.vocab_size != config.vocab_size:
-                raise ValueError(f"teacher {plan.teacher}: vocabulary {teacher_config.vocab_size} differs from the "
-                                 f"student's {config.vocab_size}")
-            frozen = meta_model(teacher_config, frozen_dtype(plan.precision))
+    objective, batches, frozen = _objective(plan, config)
     # host side, before the fake mode, as the trainer builds it
     vocab = VocabMap.from_ids(range(plan.kept_vocab), config.vocab_size) if plan.kept_vocab else None
     with fake_mode, FakeDeviceFunctions(fake_mode) as functions, route_cuda_paths(), mark_sharding_propagation(), \
@@ -399,6 +429,10 @@ def run_twin(plan: TwinPlan, rank: int = 0) -> dict:
             bind_forward_method(model, "sequence_logps", sequence_logps)
             if plan.reference == "live":
                 frozen = objective.reference_model = _frozen(frozen, mesh, device, "sequence_logps", sequence_logps)
+            step = objective.train_step
+        elif plan.objective == "grpo":
+            frozen = prepare_grpo(objective, model, frozen, loss_tables(vocab, dist_.device),
+                                  lambda m, name, fn: _frozen(m, mesh, device, name, fn))
             step = objective.train_step
         elif plan.objective == "distill-off-policy":
             objective.prepare(model, None, vocab, dist_, autocast)
@@ -419,9 +453,13 @@ def run_twin(plan: TwinPlan, rank: int = 0) -> dict:
 
     result = _report(plan, config, gpu, peak, probe, roofline, syncs, lengths, host_to_device)
     result["collectives"] = collectives.calls
+    result["collective_volume"] = volume(collectives.calls)
     # already inside "parameters (sharded)"/"(gathered)": the tracker sees it
-    if plan.objective == "dpo":
+    if plan.objective == "dpo" or (plan.objective == "grpo" and frozen is not None):
         result["memory"]["reference_sharded_bytes"] = frozen_bytes
+    if plan.objective == "grpo":
+        rollout = result["rollout"] = rollout_memory(plan, config, result)
+        rollout["fits"] = rollout["peak_bytes"] <= (1 - HEADROOM) * gpu.memory_bytes
     if plan.objective == "distill-on-policy":
         result["memory"]["teacher_sharded_bytes"] = frozen_bytes
     return result
