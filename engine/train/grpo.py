@@ -157,9 +157,11 @@ class GRPO:
 
     def pack(self, items, max_tokens: int, seed: int = 0, *, overlong: str = "truncate", loss_weighting: str = "token",
              vocab=None):
-        """Prompts packed by G × (prompt + max_new_tokens); each micro-batch seeded by its place in the packing."""
-        return pack_whole(items, max_tokens, seed,
-                          lambda group, position: PromptBatch(group, (seed * 1_000_003 + position) % 2**31))
+        """Prompts packed by G × (prompt + max_new_tokens); each micro-batch seeded by its place in the packing
+        and by its prompts (under train.batch_size every step of an epoch packs with the same seed: places alone
+        would replay the same random streams step after step)."""
+        return pack_whole(items, max_tokens, seed, lambda group, position: PromptBatch(group, _batch_seed(
+            seed, position, group)))
 
     # --- models ---------------------------------------------------------------------------------------------------
     def prepare(self, model, config, vocab, dist_, autocast):
@@ -350,3 +352,8 @@ class GRPO:
         for j, name in enumerate(names):
             out[f"eval_rewards/{name}"] = sums[j] / sums[len(names) + j] if sums[len(names) + j] else float("nan")
         return out
+
+
+def _batch_seed(seed: int, position: int, prompts: Sequence[Prompt]) -> int:
+    digest = hashlib.blake2b(b"".join(p.prompt_ids.tobytes() + b"\0" for p in prompts), digest_size=4).digest()
+    return (seed * 1_000_003 + position + int.from_bytes(digest, "little")) % 2**31

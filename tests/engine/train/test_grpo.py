@@ -189,3 +189,20 @@ def test_recipe_runs_and_resumes_exactly(few_rows, tmp_path, extra):
     # step 1 is between the two passes of one rollout batch: its samples and old log-probs are in the checkpoint
     assert run(tmp_path / "odd", **{"train.resume": str(tmp_path / "full/checkpoints/step-1")}) == 0
     assert _losses(tmp_path / "odd") == full[1:]
+
+
+def test_micro_batch_seeds_follow_their_prompts_not_only_their_place():
+    """Under train.batch_size every step of an epoch packs with the same seed: two steps' first micro-batches
+    must not sample from the same random streams, and the same prompts must draw the same seed (resume)."""
+    import numpy as np
+
+    from qforge.engine.data.prompts import Prompt
+
+    def prompts(first):
+        return [Prompt(np.arange(first, first + 5, dtype=np.int32), np.zeros(5, np.int32), 50) for _ in range(2)]
+
+    objective = GRPO(_Rewards(length_reward), num_generations=2)
+    step_1, step_2, again = (list(objective.pack(prompts(first), 4096, seed=0)) for first in (10, 20, 10))
+    assert len(step_1) == len(step_2) == 1
+    assert step_1[0].seed != step_2[0].seed
+    assert step_1[0].seed == again[0].seed
