@@ -1,0 +1,223 @@
+"""The non-SFT objectives on a Qwen3-MoE policy, against transformers' Qwen3MoeForCausalLM in fp64.
+
+The rule (docs/moe.md "Training"): objectives whose loss is a token-weighted sum on sequences (SFT, off- and
+on-policy distillation) add coef · aux and log the expert load; DPO and GRPO, whose losses are relative to a
+reference or a group, add none (the router still trains through their loss)."""
+import contextlib
+import json
+import shutil
+
+import pytest
+import torch
+from qwen3_fixtures import qwen3_tokenizer_dir, save_chat_checkpoint
+from test_grpo import _Rewards, length_reward
+from tiny_run import few_rows, tiny_overrides, tiny_run_files  # noqa: F401 (fixtures)
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from qforge.engine import load_model
+from qforge.engine.config_io import load_config
+from qforge.engine.data import ChatTemplate
+from qforge.engine.train import FFTConfig
+from qforge.engine.train.build import build_vocab
+from qforge.engine.train.distill import OffPolicyDistill, OnPolicyDistill
+from qforge.engine.train.grpo import GRPO
+from qforge.engine.train.grpo_loss import LossSettings
+from qforge.engine.train.parallel import Dist
+from qforge.recipes.distill import DistillConfig
+from qforge.recipes.grpo import main as grpo_main
+
+COEF = 0.05
+TINY_MOE = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, rope_theta=10000.0,
+                rms_norm_eps=1e-6, tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                moe_intermediate_size=32, router_aux_loss_coef=COEF)
+LOAD_KEYS = {"router_aux_loss", "expert_tokens_min", "expert_tokens_max", "expert_load_cv_max", "expert_load_cv_mean"}
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory):
+    """A random HF Qwen3-MoE with the real tokenizer; router weights scaled to std ~1 (top-k far from ties)."""
+    path = tmp_path_factory.mktemp("moe") / "ckpt"
+    torch.manual_seed(3)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**TINY_MOE))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.mul_(50)
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qwen3_tokenizer_dir() / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return save_chat_checkpoint(tmp_path_factory.mktemp("teacher") / "dense", seed=5)
+
+
+def _hf(checkpoint):
+    return Qwen3MoeForCausalLM.from_pretrained(checkpoint, dtype=torch.float64, attn_implementation="eager",
+                                               experts_implementation="eager").train()
+
+
+def _hf_forward(model, packed):
+    """HF's fp64 log-probs at every packed position (each sequence a padded row of one batch) and its aux loss
+    over the batch's real tokens (`output_router_logits`)."""
+    bounds = packed.cu_seqlens.tolist()
+    width = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    ids = torch.zeros(len(bounds) - 1, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        ids[row, :b - a], mask[row, :b - a] = packed.input_ids[a:b], 1
+    out = model(ids, attention_mask=mask, output_router_logits=True)
+    logits = torch.cat([out.logits[row, :b - a] for row, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))])
+    return logits, out.aux_loss
+
+
+def _assert_grads(ours, theirs, rel=2e-5):
+    hf = dict(theirs.named_parameters())
+    for name, param in ours.named_parameters():
+        expected = hf[name if name.startswith("lm_head") else f"model.{name}"].grad
+        torch.testing.assert_close(param.grad.double(), expected, atol=rel * expected.abs().max().item() + 1e-9,
+                                   rtol=0, msg=name)
+
+
+def _distill_config(files, out, student, teacher, **extra):
+    settings = {"model.config": "null", "model.tokenizer": "null", "model.path": str(student),
+                "distill.teacher": str(teacher), "distill.top_k": 8, "data.max_tokens": 768, **extra}
+    return load_config(DistillConfig, None, tiny_overrides(files, out, **settings))
+
+
+def test_off_policy_distillation_step_is_kl_plus_coef_aux_of_transformers(few_rows, moe_checkpoint, teacher,
+                                                                         tmp_path):
+    """One micro-batch of two sequences: the logged loss is the forward-KL/CE mix over the kept vocabulary by hand
+    from HF's fp64 log-probs, the gradient that of it + coef · HF's aux, and the step logs the expert load."""
+    config = _distill_config(few_rows, tmp_path / "out", moe_checkpoint, teacher, **{"distill.ce_weight": 0.25})
+    template = ChatTemplate.from_pretrained(teacher)
+    objective = OffPolicyDistill(str(teacher), top_k=8, ce_weight=0.25)
+    datasets, _, _ = objective.load_data(config, template, Dist())
+    student = load_model(moe_checkpoint, dtype=torch.float32)
+    vocab = build_vocab(config.vocab, datasets, template, student.config.vocab_size)
+    objective.prepare(student, config, vocab, Dist(), contextlib.nullcontext)
+    batch = objective.pack(datasets[0][:2], 768, seed=0)[0]
+    assert len(batch.cu_seqlens) == 3
+    step = objective.train_step(student, [batch], Dist(), vocab, contextlib.nullcontext)
+
+    hf = _hf(moe_checkpoint)
+    logits, aux = _hf_forward(hf, batch.packed)
+    vocab_index = vocab.loss_tables(torch.device("cpu"))[0]
+    rows = (batch.labels != -100).nonzero().squeeze(1)
+    logp = logits[rows][:, vocab_index].log_softmax(-1)
+    position = {int(v): i for i, v in enumerate(vocab_index)}
+    total = 0.0
+    for r, t in enumerate(rows.tolist()):
+        kept = [(position[int(i)], float(lp)) for i, lp in zip(batch.target_ids[t], batch.target_logprobs[t])
+                if int(i) in position]
+        logq = torch.tensor([lp for _, lp in kept], dtype=torch.float64)
+        logq = logq - logq.logsumexp(0)
+        kl = (logq.exp() * (logq - logp[r, [j for j, _ in kept]])).sum()
+        total = total + 0.75 * kl - 0.25 * logp[r, position[int(batch.labels[t])]]
+    expected = total / len(rows)
+    (expected + COEF * aux).backward()
+    assert step.weight == len(rows)
+    assert step.loss_sum / step.weight == pytest.approx(expected.item(), abs=1e-5)
+    assert step.metrics["router_aux_loss"] == pytest.approx(float(aux), abs=1e-6)
+    assert LOAD_KEYS <= set(step.metrics) and step.metrics["expert_tokens_max"] > 0
+    _assert_grads(student, hf)
+
+
+def test_on_policy_distillation_step_is_reverse_kl_plus_coef_aux_of_transformers(few_rows, moe_checkpoint, teacher,
+                                                                                tmp_path):
+    """The student samples (inside the step); the loss is Σ p_s (log p_s − log p_t) over the kept vocabulary on
+    its completion tokens, by hand from HF's fp64 log-probs of student and teacher; gradient with coef · aux."""
+    config = _distill_config(few_rows, tmp_path / "out", moe_checkpoint, teacher, **{"distill.mode": "on_policy"})
+    template = ChatTemplate.from_pretrained(teacher)
+    objective = OnPolicyDistill(str(teacher), max_new_tokens=8, temperature=1.0)
+    datasets, _, _ = objective.load_data(config, template, Dist())
+    student = load_model(moe_checkpoint, dtype=torch.float32)
+    vocab = build_vocab(config.vocab, datasets, template, student.config.vocab_size)
+    objective.prepare(student, config, vocab, Dist(), contextlib.nullcontext)
+    prompts = objective.pack(datasets[0][:2], 4096, seed=0)[0]
+    sampled = []
+    sample = objective.sample
+    objective.sample = lambda *a, **k: sampled.append(sample(*a, **k)) or sampled[-1]
+    step = objective.train_step(student, [prompts], Dist(), vocab, contextlib.nullcontext)
+    (packed,) = sampled
+    assert step.trained == [packed]
+
+    hf = _hf(moe_checkpoint)
+    logits, aux = _hf_forward(hf, packed)
+    vocab_index = vocab.loss_tables(torch.device("cpu"))[0]
+    rows = (packed.labels != -100).nonzero().squeeze(1)
+    assert torch.isin(packed.labels[rows], vocab_index).all()  # sampled over the kept vocabulary
+    log_ps = logits[rows][:, vocab_index].log_softmax(-1)
+    with torch.no_grad():
+        teacher_model = load_model(teacher, dtype=torch.float64)
+        log_pt = torch.cat([teacher_model(packed.input_ids[a:b])[:, vocab_index].log_softmax(-1) for a, b in zip(
+            packed.cu_seqlens[:-1].tolist(), packed.cu_seqlens[1:].tolist())])[rows]
+    expected = (log_ps.exp() * (log_ps - log_pt)).sum() / len(rows)
+    (expected + COEF * aux).backward()
+    assert step.loss_sum / step.weight == pytest.approx(expected.item(), abs=1e-5)
+    assert step.metrics["router_aux_loss"] == pytest.approx(float(aux), abs=1e-6)
+    assert LOAD_KEYS <= set(step.metrics)
+    _assert_grads(student, hf)
+
+
+def test_grpo_step_is_the_dapo_loss_of_transformers_logprobs_and_adds_no_aux(few_rows, moe_checkpoint, tmp_path):
+    """test_grpo.py's oracle on a MoE policy: the step's loss and every gradient (the router's included) equal
+    the DAPO loss by hand over HF's fp64 log-probs of the step's own samples, without any aux term."""
+    config = load_config(FFTConfig, None, tiny_overrides(few_rows, tmp_path / "out", **{
+        "model.config": "null", "model.tokenizer": "null", "model.path": str(moe_checkpoint)}))
+    template = ChatTemplate.from_pretrained(moe_checkpoint)
+    group = 4
+    objective = GRPO(_Rewards(length_reward), LossSettings(loss_type="dapo"), num_generations=group, max_new_tokens=6,
+                     temperature=0.7)
+    datasets, _, _ = objective.load_data(config, template, Dist())
+    model = load_model(moe_checkpoint, dtype=torch.float32)
+    vocab = build_vocab(config.vocab, datasets, template, model.config.vocab_size)
+    objective.prepare(model, config, vocab, Dist(), contextlib.nullcontext)
+    batch = objective.pack(datasets[0][:2], 4096, seed=0)[0]
+    sampled = []
+    sample = objective.sample
+    objective.sample = lambda *a, **k: sampled.append(sample(*a, **k)) or sampled[-1]
+    step = objective.train_step(model, [batch], Dist(), vocab, contextlib.nullcontext)
+    prompts = [p.prompt_ids.tolist() for p in batch.prompts for _ in range(group)]
+    completions = sampled[0][0]
+
+    kept = vocab.loss_tables(torch.device("cpu"))[0]
+    eos = objective.template.eos_id
+    texts = [objective.template.tokenizer.decode([t for t in c if t != eos]) for c in completions]
+    rewards = torch.tensor([length_reward(t, {}) for t in texts], dtype=torch.float64).view(-1, group)
+    advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).flatten()
+    assert advantages.abs().sum() > 0
+    hf = _hf(moe_checkpoint)
+    tokens = sum(len(c) for c in completions)
+    loss = 0.0
+    for prompt, completion, advantage in zip(prompts, completions, advantages):
+        logits = hf(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1][:, kept] / 0.7
+        index = torch.searchsorted(kept, torch.tensor(completion))
+        loss = loss - advantage * logits.log_softmax(-1).gather(1, index[:, None]).sum() / tokens
+    loss.backward()
+    value = -(advantages * torch.tensor([len(c) for c in completions])).sum() / tokens
+    assert step.loss_sum / step.weight == pytest.approx(float(value), abs=1e-6)
+    _assert_grads(model, hf)
+    assert hf.model.layers[0].mlp.gate.weight.grad.abs().max() > 0  # the router trains through the loss
+    assert not LOAD_KEYS & set(step.metrics)
+
+
+def test_grpo_recipe_on_moe_exports_a_checkpoint_transformers_reloads(few_rows, moe_checkpoint, tmp_path):
+    (tmp_path / "empty.yaml").write_text("{}")
+    out = tmp_path / "out"
+    settings = {"model.config": "null", "model.tokenizer": "null", "model.path": str(moe_checkpoint),
+                "grpo.rewards": "[test_grpo:length_reward]", "grpo.num_generations": 2, "grpo.max_new_tokens": 6,
+                "data.max_tokens": 400, "train.max_steps": 2}
+    assert grpo_main(["--config", str(tmp_path / "empty.yaml")] + tiny_overrides(few_rows, out, **settings)) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(records) == 2 and all(r["mfu"] is None or 0 < r["mfu"] <= 1 for r in records)
+    ours = load_model(out / "final", dtype=torch.float32)
+    theirs = Qwen3MoeForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
+    start = load_model(moe_checkpoint, dtype=torch.float32)
+    assert not torch.equal(ours.layers[0].mlp.experts.down_proj, start.layers[0].mlp.experts.down_proj)
+    ids = torch.randint(0, 151_000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0)
