@@ -221,3 +221,56 @@ def test_grpo_recipe_on_moe_exports_a_checkpoint_transformers_reloads(few_rows, 
     ids = torch.randint(0, 151_000, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_mfu_flops_count_the_routed_experts_and_no_frozen_weight_gradient(tmp_path):
+    """torch's FlopCounterMode counts the weight matmuls of a real fp64 step (the grouped GEMMs run as per-expert mm in
+    fp64); each difference between two set-ups isolates one term of `training_flops` and equals its closed form:
+    top_k 4 vs 2 adds 6·2·3·H·I per token and sparse layer (routed experts, not all E); a frozen router saves its
+    weight gradient 2·H·E; frozen experts save theirs 2·k·3·H·I (the kernels skip it); LoRA on the experts adds
+    6·(k/E)·(expert adapter params) per token."""
+    import sys
+    from pathlib import Path
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from qforge.engine.data import pack
+    from qforge.engine.lora import LoRASettings, apply_lora
+    from qforge.engine.train.build import LoRAWeights
+    from qforge.engine.train.metrics import training_flops
+    sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
+    from test_packed_loss import random_examples
+
+    shape = dict(TINY_MOE, vocab_size=512, moe_intermediate_size=24)
+    for k in (2, 4):
+        torch.manual_seed(0)
+        Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**shape, "num_experts_per_tok": k})).save_pretrained(tmp_path / f"k{k}")
+    batch = pack(random_examples(6, seed=2), max_tokens=400, seed=0)[0]
+    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+    H, E, I, tokens, sparse = 32, 8, 24, batch.num_tokens, 2
+
+    def step(k=2, frozen=(), lora=None):
+        """(counted FLOPs of one forward + backward, training_flops' figure) of the model set up so."""
+        model = load_model(tmp_path / f"k{k}", dtype=torch.float64)
+        options = {"train_router": "gate" not in frozen}
+        for block in model.sparse_blocks().values():
+            block.gate.weight.requires_grad_("gate" not in frozen)
+            for weight in (block.experts.gate_up_proj, block.experts.down_proj):
+                weight.requires_grad_("experts" not in frozen)
+        if lora is not None:
+            settings = LoRASettings(rank=4, target_modules=lora)
+            apply_lora(model, settings, seed=0)
+            options = LoRAWeights(settings, None).flops_options(model)
+        with FlopCounterMode(display=False) as counter:
+            model.loss(batch).backward()
+        matmuls = counter.get_flop_counts()["Global"][torch.ops.aten.mm]  # (bmm: the un-permute's weighted sum)
+        return matmuls, training_flops(model.config, lengths, batch.num_loss_tokens, 512, **options)
+
+    full, top4 = step(), step(k=4)
+    assert top4[0] - full[0] == top4[1] - full[1] == 6 * 2 * 3 * H * I * tokens * sparse
+    router = step(frozen=("gate",))
+    assert full[0] - router[0] == full[1] - router[1] == 2 * H * E * tokens * sparse
+    assert full[0] - step(frozen=("experts",))[0] == 2 * 2 * 3 * H * I * tokens * sparse
+    attention, experts = step(lora=["q_proj"]), step(lora=["q_proj", "experts.gate_up_proj", "experts.down_proj"])
+    adapters = sparse * E * 4 * (H + 2 * I + I + H)  # lora_A [E, r, in] + lora_B [E, out, r] of both projections
+    assert experts[0] - attention[0] == experts[1] - attention[1] == 6 * adapters * 2 // E * tokens
