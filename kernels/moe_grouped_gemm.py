@@ -239,12 +239,13 @@ class _GroupedGemmFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, offsets = ctx.saved_tensors
         grad_out = grad_out.contiguous()
+        weight_grad = _weight_grad_triton if ctx.triton_path else _weight_grad_torch
         if ctx.triton_path:
             grad_x = _gemm_triton(grad_out, weight, offsets, weight.shape[2], transpose=False)[0]
-            grad_w = _weight_grad_triton(grad_out, x, offsets, weight.dtype)
         else:
             grad_x = _gemm_torch(grad_out, weight, offsets, transpose=False)
-            grad_w = _weight_grad_torch(grad_out, x, offsets, weight.dtype)
+        # a frozen weight (LoRA's base experts) gets no gradient: neither its FLOPs nor its [E, N, K] buffer
+        grad_w = weight_grad(grad_out, x, offsets, weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None, None
 
 
@@ -272,14 +273,13 @@ class _ExpertMLPFunction(torch.autograd.Function):
         if ctx.triton_path:
             h, grad_gu = _gemm_triton(grad_out, down, offsets, down.shape[2], transpose=False,
                                       epilogue=EPILOGUE_SWIGLU_BACKWARD, gu=gu)
-            grad_down = _weight_grad_triton(grad_out, h, offsets, down.dtype)
             grad_x = _gemm_triton(grad_gu, gate_up, offsets, gate_up.shape[2], transpose=False)[0]
-            grad_gate_up = _weight_grad_triton(grad_gu, x, offsets, gate_up.dtype)
         else:
             grad_gu, h = _swiglu_backward_torch(_gemm_torch(grad_out, down, offsets, transpose=False), gu)
-            grad_down = _weight_grad_torch(grad_out, h, offsets, down.dtype)
             grad_x = _gemm_torch(grad_gu, gate_up, offsets, transpose=False)
-            grad_gate_up = _weight_grad_torch(grad_gu, x, offsets, gate_up.dtype)
+        weight_grad = _weight_grad_triton if ctx.triton_path else _weight_grad_torch
+        grad_down = weight_grad(grad_out, h, offsets, down.dtype) if ctx.needs_input_grad[3] else None
+        grad_gate_up = weight_grad(grad_gu, x, offsets, gate_up.dtype) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_gate_up, grad_down, None
 
 

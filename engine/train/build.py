@@ -143,9 +143,10 @@ class FullWeights:
         self.router = configure_router(model, settings)
         return model
 
-    def trainable_params(self, model) -> int | None:
-        """Parameters that get gradients, for MFU; None: all of them."""
-        return None
+    def flops_options(self, model) -> dict:
+        """What `metrics.training_flops` needs to know of the weights that train, for MFU: all of them, except a
+        MoE router frozen by model.train_router=false (no weight gradient)."""
+        return {"adapter_params": None, "train_router": self.router.get("model.train_router", True)}
 
     def trained_settings(self) -> dict:
         return dict(self.router)
@@ -175,9 +176,15 @@ class LoRAWeights(FullWeights):
         self.router = configure_router(model, settings)
         return model
 
-    def trainable_params(self, model) -> int:
-        """The adapters: MFU counts no weight gradients of the frozen base."""
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    def flops_options(self, model) -> dict:
+        """The adapters only: MFU counts no weight gradients of the frozen base (router included), and of an
+        expert's adapters only the top_k of E a token is routed to."""
+        config, active = model.config, 0
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                routed = ".experts.lora_" in name
+                active += param.numel() // config.num_experts * config.num_experts_per_tok if routed else param.numel()
+        return {"adapter_params": active, "train_router": False}
 
     def trained_settings(self) -> dict:
         return {**super().trained_settings(), "train.lora.rank": self.lora.rank, "train.lora.alpha": self.lora.alpha,

@@ -338,7 +338,9 @@ class OffPolicyDistill:
                                                                                 **o))
 
     def train_step(self, model, micro_batches, dist_, vocab, autocast) -> Step:
-        return Step(*train_step(model, micro_batches, dist_, vocab, autocast, loss=LOSS), {}, micro_batches)
+        metrics = {}  # a MoE student's router_aux_loss and expert load (sft.RouterAuxStep)
+        return Step(*train_step(model, micro_batches, dist_, vocab, autocast, loss=LOSS, metrics=metrics), metrics,
+                    micro_batches)
 
     def evaluate(self, model, batches, dist_, vocab, autocast) -> dict:
         return {"eval_loss": evaluate_loss(model, batches, dist_, vocab, autocast, loss=LOSS)}
@@ -419,7 +421,8 @@ class OnPolicyDistill:
 
     def learn(self, model, sampled: list[PackedBatch], dist_, vocab, autocast) -> Step:
         """The reverse-KL step on sampled sequences (Σ w·KL / Σ w over their completion tokens)."""
-        return Step(*train_step(model, sampled, dist_, vocab, autocast, loss=LOSS), {}, sampled)
+        metrics = {}  # a MoE student's router_aux_loss and expert load (sft.RouterAuxStep)
+        return Step(*train_step(model, sampled, dist_, vocab, autocast, loss=LOSS, metrics=metrics), metrics, sampled)
 
     def evaluate(self, model, batches, dist_, vocab, autocast) -> dict:
         """Greedy samples scored like training; each rank samples only the batches it evaluates (on access)."""

@@ -367,7 +367,7 @@ class Throughput:
     def __init__(self, run: Run):
         self.run = run
         self.output_rows = run.model.config.vocab_size if run.vocab is None else run.vocab.new_size
-        self.adapter_params = run.weights.trainable_params(run.model)
+        self.flops_options = run.weights.flops_options(run.model)
         self.mfu = MFU(run.dist_.device, matmul_dtype(run.config.train.precision), run.dist_.world)
 
     def __call__(self, trained, elapsed: float) -> dict:
@@ -376,7 +376,7 @@ class Throughput:
         lengths = [int(n) for mb in trained for n in (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1])]
         loss_tokens = sum(mb.num_loss_tokens for mb in trained)
         flops = float(run.dist_.all_reduce_sum(training_flops(run.model.config, lengths, loss_tokens,
-                                                              self.output_rows, self.adapter_params)))
+                                                              self.output_rows, **self.flops_options)))
         return {"tokens": int(tokens), "tokens_per_s": tokens / elapsed, "mfu": self.mfu(flops, elapsed),
                 "peak_mem_bytes": peak_memory_bytes(run.dist_.device)}
 

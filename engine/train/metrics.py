@@ -79,21 +79,29 @@ class MFU:
         return mfu if math.isfinite(mfu) and mfu <= 1 else None
 
 
-def training_flops(config, seq_lengths, loss_tokens: float, output_rows: int, adapter_params: int | None = None) -> float:
-    """Forward+backward FLOPs a packed batch needs: 6 × (block matmul params) per token plus causal attention
-    (QKᵀ and PV, 4·Hq·D per query-key pair, halved by the mask, ×3 for backward) per sequence, and the output
-    layer (`output_rows` kept rows) only on the tokens that carry a loss, which is all the fused loss computes.
+def training_flops(config, seq_lengths, loss_tokens: float, output_rows: int, adapter_params: int | None = None,
+                   train_router: bool = True) -> float:
+    """Forward+backward FLOPs a packed batch needs: 6 × (block matmul params a token runs through) per token plus
+    causal attention (QKᵀ and PV, 4·Hq·D per query-key pair, halved by the mask, ×3 for backward) per sequence,
+    and the output layer (`output_rows` kept rows) only on the tokens that carry a loss, which is all the fused
+    loss computes. A Qwen3-MoE layer counts its router (H·E) and the top_k experts a token is routed to, not all E.
 
-    `adapter_params` (LoRA): the base weights are frozen, so their backward computes only the input gradient
-    (4× instead of 6×), and the adapters' own matmuls add 6 × adapter_params per token."""
+    A frozen weight's backward computes only the input gradient (4× instead of 6×): the router when
+    `train_router` is off, every base weight under LoRA (`adapter_params` not None; the router is frozen too),
+    whose adapters add 6 × adapter_params per token (the adapter parameters one token runs through: an expert
+    adapter counts top_k/E of its size)."""
     h, layers = config.hidden_size, config.num_hidden_layers
     q_dim, kv_dim = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    per_layer = h * (2 * q_dim + 2 * kv_dim) + 3 * h * config.intermediate_size
+    sparse = sum(map(config.is_sparse_layer, range(layers)))
+    active = (layers * h * (2 * q_dim + 2 * kv_dim) + (layers - sparse) * 3 * h * config.intermediate_size
+              + sparse * config.num_experts_per_tok * 3 * h * config.moe_intermediate_size)
+    router = sparse * h * config.num_experts
     tokens = sum(int(n) for n in seq_lengths)
     attention = sum(int(n) ** 2 for n in seq_lengths) * layers * 6 * q_dim  # 3 × (4·q_dim·n²/2)
     weight_passes = 6 if adapter_params is None else 4
+    router_passes = 6 if adapter_params is None and train_router else 4
     adapters = 0 if adapter_params is None else 6 * adapter_params * tokens
-    body = weight_passes * layers * per_layer * tokens + attention + adapters
+    body = (weight_passes * active + router_passes * router) * tokens + attention + adapters
     return body + weight_passes * output_rows * h * loss_tokens
 
 
