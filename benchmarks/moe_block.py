@@ -23,6 +23,8 @@ from qforge.engine.config import Qwen3Config
 from qforge.engine.moe import SparseMoeBlock
 
 IMPLS = ("qforge", "hf_eager", "hf_grouped_mm")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}  # max |Δ| / max |HF eager| over the output and every gradient
 
 
 def build(args):
@@ -72,16 +74,19 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="weights, input and compute dtype of every implementation (bf16: as training runs)")
     args = parser.parse_args(argv)
-    blocks = build(args)
-    x = torch.randn(1, args.tokens, args.hidden)
+    dtype = DTYPES[args.dtype]
+    blocks = {impl: block.to(dtype) for impl, block in build(args).items()}
+    x = torch.randn(1, args.tokens, args.hidden, dtype=dtype)
 
     expected, expected_grads = step(blocks["hf_eager"], x)
     for impl in ("qforge", "hf_grouped_mm"):
         out, grads = step(blocks[impl], x)
         error = max((a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
                     for a, b in zip([out] + grads, [expected] + expected_grads))
-        if error > 1e-4:
+        if error > TOLERANCE[args.dtype]:
             raise SystemExit(f"{impl} disagrees with HF eager: max relative error {error:.2e}")
 
     before = uptime()
@@ -95,7 +100,7 @@ def main(argv=None) -> int:
     after = uptime()
     median = {impl: statistics.median(t) for impl, t in times.items()}
     print(f"MoE block fwd+bwd, {args.experts} experts, top-{args.top_k}, hidden {args.hidden}, width {args.width}, "
-          f"{args.tokens} tokens, fp32 CPU, {torch.get_num_threads()} threads, median of {args.repeats} interleaved")
+          f"{args.tokens} tokens, {args.dtype} CPU, {torch.get_num_threads()} threads, median of {args.repeats} interleaved")
     print(f"uptime before: {before}\nuptime after:  {after}")
     for impl in IMPLS:
         print(f"{impl:14s} {median[impl] * 1e3:9.1f} ms   qforge speed-up {median[impl] / median['qforge']:5.2f}x")
