@@ -120,24 +120,26 @@ def _gather(src: torch.Tensor, row_index: torch.Tensor, triton_path: bool, scale
 
 
 def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """<a[i], b[i]> per row, in fp32 (or fp64), over chunks of rows: a product the size of a and b would be a
-    fresh allocation as large as them, which on CPU costs more in page faults than the arithmetic."""
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    """<a[i], b[i]> per row in a's dtype (aten's reduction accumulates bf16 in fp32), over chunks of rows: a
+    product the size of a and b would be a fresh allocation as large as them, which on CPU costs more in page
+    faults than the arithmetic."""
     chunk = max(1, TEMP_ELEMENTS // max(a.shape[1], 1))
-    return torch.cat([torch.linalg.vecdot(a[i:i + chunk].to(dtype), b[i:i + chunk].to(dtype))
-                      for i in range(0, a.shape[0], chunk)])
+    return torch.cat([torch.linalg.vecdot(a[i:i + chunk], b[i:i + chunk]) for i in range(0, a.shape[0], chunk)])
 
 
 def _combine_torch(rows: torch.Tensor, sorted_position: torch.Tensor, weight=None) -> torch.Tensor:
     """_combine's PyTorch path: one [T, H] gather per slot k accumulated in fp32 (fp64 stays fp64), so no
     [T·K, H] temporary is allocated."""
     acc_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-    out = None
-    for k in range(sorted_position.shape[1]):
+    out = rows.index_select(0, sorted_position[:, 0]).to(acc_dtype)
+    if weight is not None:
+        out.mul_(weight[:, :1])
+    for k in range(1, sorted_position.shape[1]):
         piece = rows.index_select(0, sorted_position[:, k])
-        if weight is not None:
-            piece = piece.to(acc_dtype).mul_(weight[:, k:k + 1])
-        out = piece.to(acc_dtype) if out is None else out.add_(piece)
+        if weight is None:
+            out.add_(piece)
+        else:
+            out.addcmul_(piece, weight[:, k:k + 1])
     return out.to(rows.dtype)
 
 
