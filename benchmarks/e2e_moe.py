@@ -5,9 +5,9 @@ process, interleaved rounds.
                                   --step-tokens 4096 --rounds 5 --dtype fp32] [--out FILE]
 
 The model: the MoE block at the issue's shape (16 experts, top-4, hidden 512, expert width 256) in every layer,
-Qwen3 attention (8 query / 4 key-value heads of 64), a 4,096-token vocabulary by default (the real 151,936 would
-make the output layer ~5× the body's FLOPs at this hidden size, and the MoE block would not be what is timed; at
-4,096 it is ~18%, about a real MoE model's share), saved once by transformers and loaded by both.
+Qwen3 attention (8 query / 4 key-value heads of 64), a 4,096-token vocabulary by default (at this hidden size the
+real 151,936 would make the output layer most of the FLOPs, and the MoE block would not be what is timed; the
+shares are in docs/moe.md); saved once by transformers and loaded by both.
 The data: random token sequences, lengths log-uniform in [50, 2000], the last 30-80% of each supervised; each
 round is one optimizer step over ~step_tokens tokens, the same examples for every system.
 
