@@ -214,7 +214,7 @@ def _weight_grad_torch(dy, x, offsets, dtype):
 def _swiglu_backward_torch(grad_h, gu):
     """(grad of [gate | up], h = silu(gate) · up) from grad_h and the saved pre-activations, as autograd would
     compute them through silu and the product in gu's dtype (aten's silu_backward does its math in fp32
-    internally, rounding once): three elementwise passes, written straight into the two halves."""
+    internally, rounding once): five elementwise passes with h, written straight into the two halves."""
     gate, up = gu.chunk(2, dim=-1)
     grad_gu = torch.empty_like(gu)
     grad_gate, grad_up = grad_gu.chunk(2, dim=-1)
