@@ -142,13 +142,13 @@ def packed_micro_batches(examples: list[Example], step: list[int], budget: int, 
     return list(pack([examples[i] for i in step], budget, seed=seed))
 
 
-def padded_micro_batches(examples: list[Example], step: list[int], rows: int) -> list[dict]:
+def padded_micro_batches(examples: list[Example], step: list[int], rows: int, pad_id: int = PAD_ID) -> list[dict]:
     """One step's examples in order, `rows` at a time, right-padded to the longest (HF collator style)."""
     batches = []
     for first in range(0, len(step), rows):
         chunk = [examples[i] for i in step[first:first + rows]]
         width = max(len(e) for e in chunk)
-        input_ids = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         labels = torch.full((len(chunk), width), -100, dtype=torch.long)
         attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, example in enumerate(chunk):

@@ -54,3 +54,21 @@ def test_e2e_full_meets_the_cpu_targets(benchmark, tmp_path):
     check_same_training(summary)
     missed = {key: target for key, target in summary["targets"].items() if not target["met"]}
     assert not missed, missed
+
+
+def test_e2e_moe_tiny_trains_the_same_in_every_system(tmp_path, capsys):
+    """benchmarks/e2e_moe.py at a tiny shape: every system (qforge's train_step; HF Qwen3MoeForCausalLM padded and
+    padding-free, eager and grouped_mm experts) trains the same steps from the same weights, so the per-round
+    losses agree, and the summary carries each system's tokens/s and qforge's ratio to it."""
+    sys.path.insert(0, str(E2E.parent))
+    import e2e_moe
+
+    out = tmp_path / "moe.json"
+    code = e2e_moe.main(["--layers", "1", "--hidden", "64", "--experts", "4", "--top-k", "2", "--width", "32",
+                         "--vocab", "256", "--step-tokens", "1024", "--pack-tokens", "2048", "--rounds", "1",
+                         "--out", str(out)])
+    summary = json.loads(out.read_text())
+    assert code == 0 and summary["losses_agree"] and summary["max_abs_loss_diff"] < 1e-4
+    hf = {f"hf_{layout}_{experts}" for layout in ("padded", "padding_free") for experts in ("eager", "grouped_mm")}
+    assert set(summary["speedup_vs"]) == hf and set(summary["tokens_per_s"]) == hf | {"qforge"}
+    assert all(len(r["loss"]) == 5 for r in summary["rounds"]) and len(summary["rounds"]) == 2

@@ -212,17 +212,16 @@ def _weight_grad_torch(dy, x, offsets, dtype):
 
 
 def _swiglu_backward_torch(grad_h, gu):
-    """(grad of [gate | up], h = silu(gate) · up) from grad_h and the saved pre-activations, in place where it can."""
-    compute = gu if gu.dtype in (torch.float32, torch.float64) else gu.float()
-    gate, up = compute.chunk(2, dim=-1)
-    grad_h = grad_h.to(compute.dtype)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    grad_gu = torch.empty_like(compute)
+    """(grad of [gate | up], h = silu(gate) · up) from grad_h and the saved pre-activations, as autograd would
+    compute them through silu and the product in gu's dtype (aten's silu_backward does its math in fp32
+    internally, rounding once): five elementwise passes with h, written straight into the two halves."""
+    gate, up = gu.chunk(2, dim=-1)
+    grad_gu = torch.empty_like(gu)
     grad_gate, grad_up = grad_gu.chunk(2, dim=-1)
+    silu = F.silu(gate)
     torch.mul(grad_h, silu, out=grad_up)
-    torch.mul(grad_h, torch.rsub(sig, 1).mul_(gate).add_(1).mul_(sig).mul_(up), out=grad_gate)  # silu' · up
-    return grad_gu.to(gu.dtype), silu.mul_(up).to(gu.dtype)
+    torch.ops.aten.silu_backward.grad_input(grad_h.mul_(up), gate, grad_input=grad_gate)
+    return grad_gu, silu.mul_(up)
 
 
 class _GroupedGemmFunction(torch.autograd.Function):
@@ -260,7 +259,7 @@ class _ExpertMLPFunction(torch.autograd.Function):
         else:
             gu = _gemm_torch(x, gate_up, offsets, transpose=True)
             gate, up = gu.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = F.silu(gate).mul_(up)
             out = _gemm_torch(h, down, offsets, transpose=True)
         ctx.save_for_backward(x, offsets, gate_up, down, gu)
         ctx.triton_path = triton_path

@@ -9,8 +9,9 @@ The two ops are each other's backward, so they live in one file and share two ga
 atomics, deterministic): `_gather` (permute forward; un-permute backward, which also scales by the routing
 weight and reduces the routing-weight gradient in the same pass) and `_combine` (un-permute forward:
 out[t] = Σ_k w[t, k] · y[sorted_position[t, k]]; permute backward with unit weights). Each is a Triton kernel
-and, for the PyTorch path, index_select + bmm (an indexing op's autograd would scatter-add into zeros instead:
-the largest non-GEMM cost of the block in a CPU profile).
+and, for the PyTorch path, index_select per slot k accumulated into one [T, H] output (an indexing op's
+autograd would scatter-add into zeros instead, and a [T·K, H] temporary is a fresh allocation whose page
+faults on CPU cost more than the arithmetic: the largest non-GEMM costs of the block in a CPU profile).
 """
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ import triton.language as tl
 from .dispatch import Launch, use_triton
 
 MAX_BLOCK_H = 4096
+TEMP_ELEMENTS = 1 << 20  # PyTorch path: largest temporary of a row-wise product (4 MB in fp32)
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def _gather(src: torch.Tensor, row_index: torch.Tensor, triton_path: bool, scale
         if not with_scale:
             return out, None
         scale_grad = torch.empty_like(scale)
-        scale_grad[scale_index] = (out * grad_rows).sum(-1).to(scale.dtype)
+        scale_grad[scale_index] = _row_dots(out, grad_rows).to(scale.dtype)
         return out.mul_(scale[scale_index].unsqueeze(-1)), scale_grad
     out = torch.empty(row_index.numel(), H, dtype=src.dtype, device=src.device)
     scale_grad = torch.empty_like(scale) if with_scale else None
@@ -117,13 +119,36 @@ def _gather(src: torch.Tensor, row_index: torch.Tensor, triton_path: bool, scale
     return out, scale_grad
 
 
+def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a[i], b[i]> per row in a's dtype (aten's reduction accumulates bf16 in fp32), over chunks of rows: a
+    product the size of a and b would be a fresh allocation as large as them, which on CPU costs more in page
+    faults than the arithmetic."""
+    chunk = max(1, TEMP_ELEMENTS // max(a.shape[1], 1))
+    return torch.cat([torch.linalg.vecdot(a[i:i + chunk], b[i:i + chunk]) for i in range(0, a.shape[0], chunk)])
+
+
+def _combine_torch(rows: torch.Tensor, sorted_position: torch.Tensor, weight=None) -> torch.Tensor:
+    """_combine's PyTorch path: one [T, H] gather per slot k accumulated in fp32 (fp64 stays fp64), so no
+    [T·K, H] temporary is allocated."""
+    acc_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    out = rows.index_select(0, sorted_position[:, 0]).to(acc_dtype)
+    if weight is not None:
+        out.mul_(weight[:, :1])
+    for k in range(1, sorted_position.shape[1]):
+        piece = rows.index_select(0, sorted_position[:, k])
+        if weight is None:
+            out.add_(piece)
+        else:
+            out.addcmul_(piece, weight[:, k:k + 1])
+    return out.to(rows.dtype)
+
+
 def _combine(rows: torch.Tensor, sorted_position: torch.Tensor, triton_path: bool, weight=None):
     """Σ_k weight[t, k] · rows[sorted_position[t, k]] (unit weights when weight is None)."""
     T, K = sorted_position.shape
     H = rows.shape[1]
     if not triton_path:
-        gathered = rows.index_select(0, sorted_position.reshape(-1)).view(T, K, H)
-        return gathered.sum(1) if weight is None else torch.bmm(weight.unsqueeze(1), gathered).squeeze(1)
+        return _combine_torch(rows, sorted_position, weight)
     out = torch.empty(T, H, dtype=rows.dtype, device=rows.device)
     _combine_rows_kernel[(T,)](rows, sorted_position, weight if weight is not None else rows, out, H, K,
                                WITH_WEIGHT=weight is not None, BLOCK_H=_block_h(H))

@@ -167,6 +167,20 @@ def moe_costs(shape: MoeShape) -> list[Cost]:
     return [Cost(name, flops, nbytes, nbytes) for name, flops, nbytes in moved]
 
 
+def moe_shape(name: str, tokens: int) -> MoeShape:
+    moe = next(s for s in MOE_SHAPES if s.name == name)
+    return MoeShape(moe.name, moe.hidden, moe.experts, moe.width, moe.top_k, tokens)
+
+
+def moe_summary(moe: MoeShape) -> str:
+    """One line: the layer's grouped GEMMs (fwd+bwd) and its whole expert path at the H100 roofline."""
+    costs = moe_costs(moe)
+    gemms = [c for c in costs if "grouped gemm" in c.name]
+    return (f"Qwen3-{moe.name} grouped GEMMs fwd+bwd per layer: {sum(c.flops for c in gemms) / 1e12:.2f} TFLOP, "
+            f"roofline {sum(c.seconds for c in gemms) * 1e3:.2f} ms; whole expert path "
+            f"{sum(c.seconds for c in costs) * 1e3:.2f} ms")
+
+
 def model_costs(shape: ModelShape) -> list[Cost]:
     return rms_norm_costs(shape) + swiglu_costs(shape) + rope_costs(shape)
 
@@ -188,16 +202,12 @@ def main(argv=None) -> int:
                         help="print the MoE expert path (grouped GEMMs) of this Qwen3-MoE model instead")
     args = parser.parse_args(argv)
     if args.moe:
-        moe = next(s for s in MOE_SHAPES if s.name == args.moe)
-        moe = MoeShape(moe.name, moe.hidden, moe.experts, moe.width, moe.top_k, args.tokens)
+        moe = moe_shape(args.moe, args.tokens)
         costs = moe_costs(moe)
-        gemms = [c for c in costs if "grouped gemm" in c.name]
         print(f"Qwen3-{moe.name} MoE layer ({moe.experts} experts of width {moe.width}, top-{moe.top_k}, hidden "
               f"{moe.hidden}), T = {moe.tokens}, H100 roofline (bounds, not measurements)\n")
         print(format_costs(costs))
-        print(f"\ngrouped GEMMs fwd+bwd per layer: {sum(c.flops for c in gemms) / 1e12:.2f} TFLOP, roofline "
-              f"{sum(c.seconds for c in gemms) * 1e3:.2f} ms; whole expert path "
-              f"{sum(c.seconds for c in costs) * 1e3:.2f} ms")
+        print("\n" + moe_summary(moe))
         return 0
     shape = next(s for s in QWEN3_SHAPES if s.name == args.model)
     shape = ModelShape(shape.name, shape.hidden, shape.intermediate, shape.q_heads, shape.kv_heads,
@@ -221,6 +231,9 @@ def main(argv=None) -> int:
     print(f"\nfused KL (fwd+bwd): top-k teacher {sum(c.seconds for c in top_k) * 1e3:.1f} ms, full teacher (H' = "
           f"{teacher}, reverse KL) {sum(c.seconds for c in full) * 1e3:.1f} ms, against the fused CE's "
           f"{sum(c.seconds for c in ours) * 1e3:.1f} ms")
+    print(f"\nMoE expert path per layer at T = {args.tokens} (details: --moe NAME)")
+    for moe in MOE_SHAPES:
+        print(moe_summary(moe_shape(moe.name, args.tokens)))
     return 0
 
 

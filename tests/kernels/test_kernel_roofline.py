@@ -90,3 +90,19 @@ def test_moe_grouped_gemm_account_at_30b_a3b(capsys):
     assert bound["moe grouped gemm gate/up fwd + SwiGLU"] and not bound["moe grouped gemm down dgrad + SwiGLU bwd"]
     assert account.main(["--moe", "30B-A3B"]) == 0
     assert "moe grouped gemm gate/up fwd + SwiGLU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, sizes", [("30B-A3B", (2048, 128, 768, 8)), ("235B-A22B", (4096, 128, 1536, 8))])
+def test_default_account_reports_each_moe_models_grouped_gemm_roofline(capsys, name, sizes):
+    """The plain account (no --moe) ends with one grouped-GEMM line per Qwen3-MoE model: its TFLOP are the
+    18·M·H·I + 17·M·I of the six GEMMs, and no roofline time is below FLOPs / peak."""
+    shape = account.moe_shape(name, 16_384)
+    H, E, I, k = sizes
+    assert (shape.hidden, shape.experts, shape.width, shape.top_k) == sizes
+    M = 16_384 * k
+    flops = 18 * M * H * I + 17 * M * I
+    assert account.main(["--model", "0.6B", "--tokens", "16384"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith(f"Qwen3-{name} grouped GEMMs"))
+    assert f"{flops / 1e12:.2f} TFLOP" in line
+    roofline_ms = float(line.split("roofline ")[1].split(" ms")[0])
+    assert roofline_ms + 0.005 >= 1e3 * flops / account.PEAK_FLOPS  # printed to 0.01 ms
