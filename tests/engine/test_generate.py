@@ -236,3 +236,22 @@ def test_sampling_over_output_ids_equals_suppressing_every_other_id(model):
         assert {t for row in restricted for t in row} <= set(kept)
     with pytest.raises(ValueError, match="samples only"):
         generate(model, PROMPTS, max_new_tokens=2, output_ids=kept, presence_penalty=1.0)
+
+
+def test_a_generation_allocates_its_cache_once(model, monkeypatch):
+    """generate() knows how many tokens it will add: each layer's buffers are sized once for prompt + new tokens
+    (no doubling), also after finished rows leave and the cache drops the slots no row uses."""
+    from qforge.engine.generate import KVCache
+
+    slots, attend = set(), KVCache.attend
+
+    def recording(self, layer_idx, q, k, v):
+        out = attend(self, layer_idx, q, k, v)
+        slots.add(self.keys[layer_idx].shape[2])
+        return out
+
+    monkeypatch.setattr(KVCache, "attend", recording)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
+    out = generate(model, prompts, max_new_tokens=9, stop_ids=[4], temperature=1.0, seed=0)
+    assert max(map(len, out)) >= 2
+    assert slots and max(slots) <= max(map(len, prompts)) + 9 - 1
