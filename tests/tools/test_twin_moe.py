@@ -94,9 +94,9 @@ def test_checkpointed_moe_layers_keep_only_their_inputs(moe_runs):
 
 
 def test_moe_model_flops_count_the_routed_experts(moe_runs):
-    """The MFU's model FLOPs (engine training_flops, dense formula): for 30B-A3B its intermediate_size (6144)
-    equals top-k × expert width (8 × 768), so the dense formula counts the routed experts' matmuls exactly;
-    the traced grouped GEMMs (without the recompute) equal its MLP term."""
+    """The traced grouped GEMMs (without the recompute) equal the routed experts' matmuls the MFU's model FLOPs
+    count (top-k × 3·H·moe_intermediate_size a token; for 30B-A3B that is also the dense formula over its
+    intermediate_size, 6144 = 8 × 768)."""
     config = Qwen3Config.from_hf(HUB_30B_A3B)
     assert config.intermediate_size == config.num_experts_per_tok * config.moe_intermediate_size
     _, result = moe_runs[2]
