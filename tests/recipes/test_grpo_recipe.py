@@ -40,7 +40,7 @@ def test_the_shipped_config_sets_every_key_of_the_objective():
                           "grpo.mask_truncated_completions=true", "grpo.soft_punish_cache=16",
                           "grpo.soft_punish_weight=0.5"])
     objective = objective_for(config)
-    assert (objective.group, objective.num_iterations, objective.max_new_tokens) == (8, 2, 80)
+    assert (objective.group, objective.num_iterations, objective.max_new_tokens) == (16, 2, 80)
     assert (objective.temperature, objective.top_p, objective.scale_rewards) == (0.7, 0.9, "none")
     loss = objective.settings
     assert (loss.loss_type, loss.beta, loss.epsilon, loss.clip_high, loss.max_completion_length) == (
