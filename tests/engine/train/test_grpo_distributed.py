@@ -43,7 +43,9 @@ def test_two_ranks_train_like_one_process(tiny_run_files, tmp_path, layout):
             "grpo.scale_rewards": "batch", "grpo.beta": 0.04, "grpo.num_iterations": 2, "grpo.temperature": 1.2,
             "data.max_tokens": 130, "train.max_steps": 2, **layout_settings})]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # no empty entry: it would put the working directory (the checkout) on sys.path, hiding HF's `kernels`
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     script = str(REPO / "recipes/grpo.py")
     single = subprocess.run([sys.executable, script, *args(tmp_path / "single", 1)], capture_output=True, text=True,
                             env=env, timeout=300)
