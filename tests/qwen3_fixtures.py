@@ -47,6 +47,27 @@ def save_hf_qwen3(path: Path, seed: int = 0, dtype=torch.float32, max_shard_size
     return Path(path)
 
 
+def save_hf_qwen3_moe(path: Path, config: dict, seed: int = 0, tokenizer: bool = False) -> Path:
+    """A random HF `Qwen3MoeForCausalLM` of `config` saved by its own save_pretrained (with the real tokenizer files
+    when `tokenizer`). Router weights are scaled to std ~1: with HF's 0.02 init every token's probabilities nearly
+    tie, and top-k would hinge on rounding noise."""
+    import shutil
+
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**config))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.mul_(50)
+    model.save_pretrained(path)
+    if tokenizer:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(qwen3_tokenizer_dir() / name, Path(path) / name)
+    return Path(path)
+
+
 def save_chat_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
     """A tiny HF Qwen3 with the real vocabulary size and the real tokenizer files next to its weights, so
     chat-level code (templates, servers, evaluation) can load it like a hub checkpoint."""

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from qwen3_fixtures import TINY_QWEN3
+from qwen3_fixtures import save_hf_qwen3_moe as save_moe
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from qforge.engine import load_model
@@ -19,16 +20,7 @@ TINY_MOE = dict(TINY_QWEN3, tie_word_embeddings=False, num_experts=8, num_expert
 
 
 def save_hf_qwen3_moe(path, seed=0, **overrides):
-    """A random HF Qwen3MoeForCausalLM saved by its own save_pretrained. Router weights are scaled to std ~1:
-    with HF's 0.02 init every token's probabilities nearly tie, and top-k would hinge on rounding noise."""
-    torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**TINY_MOE, **overrides}))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                param.mul_(50)
-    model.save_pretrained(path)
-    return path
+    return save_moe(path, {**TINY_MOE, **overrides}, seed)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["topk_raw", "norm_topk_prob"])

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from qwen3_fixtures import save_hf_qwen3_moe
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from qforge.engine import load_model, save_model
@@ -28,15 +29,7 @@ TARGETS = ["q_proj", *EXPERT_TARGETS]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A random HF Qwen3-MoE with router weights scaled to std ~1 (top-k does not hinge on rounding noise)."""
-    path = tmp_path_factory.mktemp("moe_lora") / "base"
-    torch.manual_seed(5)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**TINY_MOE))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                param.mul_(50)
-    model.save_pretrained(path)
-    return path
+    return save_hf_qwen3_moe(tmp_path_factory.mktemp("moe_lora") / "base", TINY_MOE, seed=5)
 
 
 def _adapted(checkpoint, targets=TARGETS, rank=3, alpha=6.0):

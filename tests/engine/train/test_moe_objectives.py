@@ -5,11 +5,10 @@ on-policy distillation) add coef · aux and log the expert load; DPO and GRPO, w
 reference or a group, add none (the router still trains through their loss)."""
 import contextlib
 import json
-import shutil
 
 import pytest
 import torch
-from qwen3_fixtures import qwen3_tokenizer_dir, save_chat_checkpoint
+from qwen3_fixtures import save_chat_checkpoint, save_hf_qwen3_moe
 from test_grpo import _Rewards, length_reward
 from tiny_run import few_rows, tiny_overrides, tiny_run_files  # noqa: F401 (fixtures)
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -37,17 +36,7 @@ LOAD_KEYS = {"router_aux_loss", "expert_tokens_min", "expert_tokens_max", "exper
 @pytest.fixture(scope="module")
 def moe_checkpoint(tmp_path_factory):
     """A random HF Qwen3-MoE with the real tokenizer; router weights scaled to std ~1 (top-k far from ties)."""
-    path = tmp_path_factory.mktemp("moe") / "ckpt"
-    torch.manual_seed(3)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**TINY_MOE))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                param.mul_(50)
-    model.save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(qwen3_tokenizer_dir() / name, path / name)
-    return path
+    return save_hf_qwen3_moe(tmp_path_factory.mktemp("moe") / "ckpt", TINY_MOE, seed=3, tokenizer=True)
 
 
 @pytest.fixture(scope="module")

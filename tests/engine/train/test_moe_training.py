@@ -2,13 +2,12 @@
 Qwen3MoeForCausalLM (output_router_logits=True), the aux over several micro-batches (averaged, or pooled over
 the step), router freezing, exact resume, expert-load metrics and the export reloading in transformers."""
 import json
-import shutil
 
 import pytest
 import torch
-from qwen3_fixtures import qwen3_tokenizer_dir
+from qwen3_fixtures import save_hf_qwen3_moe
 from tiny_run import tiny_overrides, tiny_run_files  # noqa: F401 (fixture)
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import Qwen3MoeForCausalLM
 
 from qforge.engine import load_model
 from qforge.engine.config_io import load_config
@@ -30,17 +29,7 @@ LOAD_KEYS = {"router_aux_loss", "expert_tokens_min", "expert_tokens_max", "exper
 def moe_checkpoint(tmp_path_factory):
     """A random HF Qwen3-MoE (both layers sparse) with the real tokenizer; router weights scaled to std ~1 so
     top-k does not hinge on rounding noise (HF's 0.02 init makes every token's probabilities nearly tie)."""
-    path = tmp_path_factory.mktemp("moe") / "ckpt"
-    torch.manual_seed(3)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**TINY_MOE))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
-                param.mul_(50)
-    model.save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(qwen3_tokenizer_dir() / name, path / name)
-    return path
+    return save_hf_qwen3_moe(tmp_path_factory.mktemp("moe") / "ckpt", TINY_MOE, seed=3, tokenizer=True)
 
 
 def _config(files, checkpoint, out, **extra) -> FFTConfig:
