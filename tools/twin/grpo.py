@@ -11,9 +11,8 @@ all G × grad_accum rows (`sample` decodes the step's micro-batches in one call)
 (the worst case) — the step's persistent state (sharded fp32 weights,
 AdamW's moments, the reference's shards; gradients are freed by the last step's zero_grad), the weights it
 decodes with (`gather_for_sampling`: every unit kept gathered in bf16; else one block at a time, gathered
-again for every token), and the KV cache. `KVCache` starts at the prompt width and doubles when full, so its
-final capacity is the prompt width doubled until prompt + completion fit (8,192 slots for 512 + 4,096);
-`kv_cache_bytes` gives that and the growth's transient (one layer's old buffers beside the new).
+again for every token), and the KV cache. `generate` sizes the cache once for prompt + max_new_tokens − 1 slots (the last token is
+never cached; 4,607 slots for 512 + 4,096), so it never grows: `kv_cache_bytes` gives that.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ from types import SimpleNamespace
 import torch
 
 from qforge.engine.data.packing import PackedBatch
-from qforge.engine.train.grpo import GRPO, LOGPS, Rollouts
+from qforge.engine.train.grpo import GRPO, LOGPS, RolloutBatch, Rollouts
 from qforge.engine.train.grpo_loss import LossSettings
 from qforge.engine.train.logps import pack_completions
 
@@ -39,7 +38,7 @@ def grpo_lengths(plan) -> list[int]:
 def grpo_objective(plan, vocab_size: int) -> tuple[GRPO, list[PackedBatch]]:
     """A GRPO objective holding one rollout micro-batch per `grad_accum` (host tensors, as `_rollout` leaves
     them), set so that `train_step` trains on them without sampling."""
-    rewards = SimpleNamespace(names=(), weights=None)
+    rewards = SimpleNamespace(names=(), weights=torch.zeros(0))
     objective = GRPO(rewards, LossSettings(beta=plan.beta), num_generations=plan.group, num_iterations=2,
                      max_new_tokens=plan.completion_tokens)
     batches = []
@@ -48,11 +47,11 @@ def grpo_objective(plan, vocab_size: int) -> tuple[GRPO, list[PackedBatch]]:
         completions = [[(7 * i + t) % vocab_size for t in range(plan.completion_tokens)] for i in range(plan.group)]
         packed, positions, sequence = pack_completions(prompts, completions)
         advantages = torch.linspace(-1.0, 1.0, plan.group)
-        batches.append((packed, positions, sequence, advantages, None))
+        batches.append(RolloutBatch(packed, positions, sequence, advantages))
     sums = dict.fromkeys(_ROLLOUT_SUMS, 1.0)
     objective._rollouts = Rollouts(batches, sums, seconds=1.0, tokens=plan.group * plan.completion_tokens)
     objective._pass = 1  # not a multiple of num_iterations: no sampling
-    return objective, [b[0] for b in batches]
+    return objective, [b.packed for b in batches]
 
 
 def prepare_grpo(objective: GRPO, model, reference, tables: dict, frozen_builder):
@@ -70,14 +69,11 @@ def prepare_grpo(objective: GRPO, model, reference, tables: dict, frozen_builder
 
 def kv_cache_bytes(config, rows: int, prompt: int, completion: int, dtype_bytes: int) -> dict:
     """`KVCache`'s memory for `rows` left-padded prompts of `prompt` tokens decoding `completion` tokens each:
-    buffers start at the prompt width and double when full (`KVCache.attend`)."""
-    capacity = prompt
-    while capacity < prompt + completion:
-        capacity *= 2
+    `generate` reserves prompt + completion − 1 slots up front (`DecodeBatch.add`'s extra_slots)."""
+    capacity = prompt + max(completion - 1, 0)
     per_slot = 2 * rows * config.num_key_value_heads * config.head_dim * dtype_bytes  # keys + values, one layer
     final = config.num_hidden_layers * per_slot * capacity
-    return {"capacity": capacity, "needed_bytes": config.num_hidden_layers * per_slot * (prompt + completion),
-            "final_bytes": final, "peak_bytes": final + per_slot * (capacity // 2 if capacity > prompt else 0)}
+    return {"capacity": capacity, "final_bytes": final, "peak_bytes": final}
 
 
 def rollout_memory(plan, config, result: dict) -> dict:

@@ -29,8 +29,8 @@ def _rollout(rollout: dict) -> list[str]:
             f"  {'persistent state':<24} {rollout['persistent_bytes'] / GIB:8.2f} GiB (sharded weights, AdamW, "
             "reference: from the trace)",
             f"  {'sampling weights':<24} {rollout['sampling_weights_bytes'] / GIB:8.2f} GiB ({weights})",
-            f"  {'KV cache':<24} {kv['peak_bytes'] / GIB:8.2f} GiB ({kv['capacity']} slots after doubling; "
-            f"{kv['needed_bytes'] / GIB:.2f} GiB for the tokens themselves)",
+            f"  {'KV cache':<24} {kv['peak_bytes'] / GIB:8.2f} GiB ({kv['capacity']} slots a layer and row, "
+            "allocated once)",
             f"  {'prefill / logits':<24} {rollout['transient_bytes'] / GIB:8.2f} GiB",
             f"  {'peak (+2 GiB reserve)':<24} {rollout['peak_bytes'] / GIB:8.2f} GiB — {verdict}"]
 
