@@ -34,7 +34,7 @@ class _Scores:
     errors: dict
 
 
-class _Rewards:
+class Rewards:
     """The reward callable the engine gets from a recipe (RewardSet's interface), here from a plain function."""
 
     def __init__(self, function):
@@ -45,13 +45,14 @@ class _Rewards:
 
 
 
-def _step(few_rows, tmp_path, reward, settings=LossSettings(loss_type="dapo"), temperature=0.7, group=4,
-          edit=lambda sampled, eos: sampled, **options):
-    """(objective, model, checkpoint, vocab, step, the prompts, the completions the step sampled, after `edit`)."""
+def grpo_step(few_rows, tmp_path, reward, settings=LossSettings(loss_type="dapo"), temperature=0.7, group=4,
+              edit=lambda sampled, eos: sampled, checkpoint=None, **options):
+    """(objective, model, checkpoint, vocab, step, the prompts, the completions the step sampled, after `edit`):
+    one GRPO step on the first two prompts of `few_rows`, from `checkpoint` (default: a tiny random Qwen3)."""
     config = load_config(FFTConfig, None, tiny_overrides(few_rows, tmp_path / "out"))
-    checkpoint = save_chat_checkpoint(tmp_path / "policy", seed=3)
+    checkpoint = checkpoint or save_chat_checkpoint(tmp_path / "policy", seed=3)
     template = ChatTemplate.from_pretrained(checkpoint)
-    objective = GRPO(_Rewards(reward), settings, num_generations=group, max_new_tokens=6, temperature=temperature,
+    objective = GRPO(Rewards(reward), settings, num_generations=group, max_new_tokens=6, temperature=temperature,
                      **options)
     datasets, _, _ = objective.load_data(config, template, Dist())
     model = load_model(checkpoint, dtype=torch.float32)
@@ -66,30 +67,37 @@ def _step(few_rows, tmp_path, reward, settings=LossSettings(loss_type="dapo"), t
     return objective, model, checkpoint, vocab, step, prompts, sampled[0][0]
 
 
+def dapo_loss_by_hand(hf, objective, vocab, prompts, completions, group=4, temperature=0.7):
+    """(loss over transformers' log-probs, to backward; its value; the rewards [groups, G]): rewards → (r − group
+    mean) / (unbiased std + 1e-4) → −Σ A·logp / completion tokens (ratio 1), over the kept vocabulary."""
+    kept = vocab.loss_tables(torch.device("cpu"))[0]
+    eos = objective.template.eos_id
+    texts = [objective.template.tokenizer.decode([t for t in c if t != eos]) for c in completions]
+    rewards = torch.tensor([length_reward(t, {}) for t in texts], dtype=torch.float64).view(-1, group)
+    advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).flatten()
+    assert advantages.abs().sum() > 0  # the rewards differ within a group: a real gradient
+    tokens = sum(len(c) for c in completions)
+    loss = 0.0
+    for prompt, completion, advantage in zip(prompts, completions, advantages):
+        logits = hf(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1][:, kept] / temperature
+        index = torch.searchsorted(kept, torch.tensor(completion))
+        loss = loss - advantage * logits.log_softmax(-1).gather(1, index[:, None]).sum() / tokens
+    value = -(advantages * torch.tensor([len(c) for c in completions])).sum() / tokens
+    return loss, float(value), rewards
+
+
 def test_a_step_is_the_dapo_loss_over_transformers_logprobs_of_its_own_samples(few_rows, tmp_path):
-    objective, model, checkpoint, vocab, step, prompts, completions = _step(few_rows, tmp_path, length_reward)
+    objective, model, checkpoint, vocab, step, prompts, completions = grpo_step(few_rows, tmp_path, length_reward)
     kept = vocab.loss_tables(torch.device("cpu"))[0]
     eos = objective.template.eos_id
     assert all(torch.isin(torch.tensor(c), kept).all() for c in completions)  # sampled over the kept vocabulary
     assert all(len(c) == 6 or c[-1] == eos for c in completions)
 
-    # by hand: rewards → (r − group mean) / (unbiased std + 1e-4) → −Σ A·logp / completion tokens (ratio 1)
-    texts = [objective.template.tokenizer.decode([t for t in c if t != eos]) for c in completions]
-    rewards = torch.tensor([length_reward(t, {}) for t in texts], dtype=torch.float64).view(-1, 4)
-    advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).flatten()
-    assert advantages.abs().sum() > 0  # the rewards differ within a group: a real gradient
     hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64)
-    tokens = sum(len(c) for c in completions)
-    loss = 0.0
-    for prompt, completion, advantage in zip(prompts, completions, advantages):
-        ids = torch.tensor([prompt + completion])
-        logits = hf(ids).logits[0, len(prompt) - 1:-1][:, kept] / 0.7
-        index = torch.searchsorted(kept, torch.tensor(completion))
-        logp = logits.log_softmax(-1).gather(1, index[:, None]).squeeze(1)
-        loss = loss - advantage * logp.sum() / tokens
+    loss, value, rewards = dapo_loss_by_hand(hf, objective, vocab, prompts, completions)
     loss.backward()
-    value = -(advantages * torch.tensor([len(c) for c in completions])).sum() / tokens
-    assert step.loss_sum / step.weight == pytest.approx(float(value), abs=1e-6)
+    tokens = sum(len(c) for c in completions)
+    assert step.loss_sum / step.weight == pytest.approx(value, abs=1e-6)
     hf_params = dict(hf.named_parameters())
     for name, param in model.named_parameters():
         expected = hf_params[f"model.{name}"].grad
@@ -109,7 +117,7 @@ def test_overlong_options_act_on_the_sampled_completions(few_rows, tmp_path):
     def stop_some(sampled, eos):  # the tiny random model hardly ever stops: every third completion does, early
         return [[c[:i % 5] + [eos] if i % 3 == 0 else c for i, c in enumerate(batch)] for batch in sampled]
 
-    objective, _, _, _, step, _, completions = _step(few_rows, tmp_path, length_reward, edit=stop_some,
+    objective, _, _, _, step, _, completions = grpo_step(few_rows, tmp_path, length_reward, edit=stop_some,
                                                      mask_truncated_completions=True, soft_punish_cache=3)
     eos = objective.template.eos_id
     lengths = [len(c) for c in completions]
@@ -139,7 +147,7 @@ def test_each_row_sets_its_own_thinking_mode_the_run_setting_is_the_default(tiny
                                            "model.tokenizer=qwen3", f"model.config={tiny_run_files['model_config']}",
                                            f"output.dir={tmp_path / 'out'}"])
     template = ChatTemplate.from_pretrained(qwen3_tokenizer_dir())
-    objective = GRPO(_Rewards(length_reward), num_generations=2, max_new_tokens=4)
+    objective = GRPO(Rewards(length_reward), num_generations=2, max_new_tokens=4)
     prompts = objective.load_data(config, template, Dist())[0][0]
     tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
     # rows without a field: the run's setting ("auto": thinking iff the row's reference answer has reasoning)
@@ -153,7 +161,7 @@ def test_each_row_sets_its_own_thinking_mode_the_run_setting_is_the_default(tiny
 
 
 def test_all_equal_rewards_give_a_zero_gradient_and_no_nan(few_rows, tmp_path):
-    _, model, _, _, step, _, _ = _step(few_rows, tmp_path, lambda completion, row: 1.0)
+    _, model, _, _, step, _, _ = grpo_step(few_rows, tmp_path, lambda completion, row: 1.0)
     assert step.loss_sum == 0.0 and step.metrics["zero_advantage_fraction"] == 1.0
     assert step.metrics["reward_std"] == 0.0
     for param in model.parameters():
@@ -201,7 +209,7 @@ def test_micro_batch_seeds_follow_their_prompts_not_only_their_place():
     def prompts(first):
         return [Prompt(np.arange(first, first + 5, dtype=np.int32), np.zeros(5, np.int32), 50) for _ in range(2)]
 
-    objective = GRPO(_Rewards(length_reward), num_generations=2)
+    objective = GRPO(Rewards(length_reward), num_generations=2)
     step_1, step_2, again = (list(objective.pack(prompts(first), 4096, seed=0)) for first in (10, 20, 10))
     assert len(step_1) == len(step_2) == 1
     assert step_1[0].seed != step_2[0].seed

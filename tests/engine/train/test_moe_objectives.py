@@ -9,18 +9,15 @@ import json
 import pytest
 import torch
 from qwen3_fixtures import save_chat_checkpoint, save_hf_qwen3_moe
-from test_grpo import _Rewards, length_reward
+from test_grpo import dapo_loss_by_hand, grpo_step, length_reward
 from tiny_run import few_rows, tiny_overrides, tiny_run_files  # noqa: F401 (fixtures)
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from qforge.engine import load_model
 from qforge.engine.config_io import load_config
 from qforge.engine.data import ChatTemplate
-from qforge.engine.train import FFTConfig
 from qforge.engine.train.build import build_vocab
 from qforge.engine.train.distill import OffPolicyDistill, OnPolicyDistill
-from qforge.engine.train.grpo import GRPO
-from qforge.engine.train.grpo_loss import LossSettings
 from qforge.engine.train.parallel import Dist
 from qforge.recipes.distill import DistillConfig
 from qforge.recipes.grpo import main as grpo_main
@@ -155,40 +152,12 @@ def test_on_policy_distillation_step_is_reverse_kl_plus_coef_aux_of_transformers
 def test_grpo_step_is_the_dapo_loss_of_transformers_logprobs_and_adds_no_aux(few_rows, moe_checkpoint, tmp_path):
     """test_grpo.py's oracle on a MoE policy: the step's loss and every gradient (the router's included) equal
     the DAPO loss by hand over HF's fp64 log-probs of the step's own samples, without any aux term."""
-    config = load_config(FFTConfig, None, tiny_overrides(few_rows, tmp_path / "out", **{
-        "model.config": "null", "model.tokenizer": "null", "model.path": str(moe_checkpoint)}))
-    template = ChatTemplate.from_pretrained(moe_checkpoint)
-    group = 4
-    objective = GRPO(_Rewards(length_reward), LossSettings(loss_type="dapo"), num_generations=group, max_new_tokens=6,
-                     temperature=0.7)
-    datasets, _, _ = objective.load_data(config, template, Dist())
-    model = load_model(moe_checkpoint, dtype=torch.float32)
-    vocab = build_vocab(config.vocab, datasets, template, model.config.vocab_size)
-    objective.prepare(model, config, vocab, Dist(), contextlib.nullcontext)
-    batch = objective.pack(datasets[0][:2], 4096, seed=0)[0]
-    sampled = []
-    sample = objective.sample
-    objective.sample = lambda *a, **k: sampled.append(sample(*a, **k)) or sampled[-1]
-    step = objective.train_step(model, [batch], Dist(), vocab, contextlib.nullcontext)
-    prompts = [p.prompt_ids.tolist() for p in batch.prompts for _ in range(group)]
-    completions = sampled[0][0]
-
-    kept = vocab.loss_tables(torch.device("cpu"))[0]
-    eos = objective.template.eos_id
-    texts = [objective.template.tokenizer.decode([t for t in c if t != eos]) for c in completions]
-    rewards = torch.tensor([length_reward(t, {}) for t in texts], dtype=torch.float64).view(-1, group)
-    advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).flatten()
-    assert advantages.abs().sum() > 0
+    objective, model, _, vocab, step, prompts, completions = grpo_step(few_rows, tmp_path, length_reward,
+                                                                       checkpoint=moe_checkpoint)
     hf = _hf(moe_checkpoint)
-    tokens = sum(len(c) for c in completions)
-    loss = 0.0
-    for prompt, completion, advantage in zip(prompts, completions, advantages):
-        logits = hf(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1][:, kept] / 0.7
-        index = torch.searchsorted(kept, torch.tensor(completion))
-        loss = loss - advantage * logits.log_softmax(-1).gather(1, index[:, None]).sum() / tokens
+    loss, value, _ = dapo_loss_by_hand(hf, objective, vocab, prompts, completions)
     loss.backward()
-    value = -(advantages * torch.tensor([len(c) for c in completions])).sum() / tokens
-    assert step.loss_sum / step.weight == pytest.approx(float(value), abs=1e-6)
+    assert step.loss_sum / step.weight == pytest.approx(value, abs=1e-6)
     _assert_grads(model, hf)
     assert hf.model.layers[0].mlp.gate.weight.grad.abs().max() > 0  # the router trains through the loss
     assert not LOAD_KEYS & set(step.metrics)
