@@ -303,7 +303,7 @@ class DecodeBatch:
             prompt_logprobs: int | None = None, extra_slots: int = 0) -> list[Row]:
         """Prefills `prompts` together and appends them as rows; their first token is sampled next step.
         `extra_slots`: cache room reserved for that many new tokens (a batch that knows its length allocates once
-        instead of doubling: 4,608 tokens would otherwise take 8,192 slots).
+        instead of doubling).
 
         With `prompt_logprobs=k`, each new row also gets the log-prob of every prompt token given the ones
         before it, with the top `k` alternatives (what OpenAI's `echo` + `logprobs` report).

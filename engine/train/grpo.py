@@ -6,7 +6,7 @@ batched KV-cache generation (over the kept vocabulary when vocab.restrict prunes
 those rows) → rewards (the callable the recipe passes: the engine knows no reward) → group advantages → the
 clipped policy-gradient loss on per-token log-probs through the fused head (logps.py), with β·k3 KL to a frozen
 copy of the starting weights when β > 0. Sampling is seeded by the micro-batches' places in the epoch's packing
-(the data cursor restores them), so a resumed run draws the same completions.
+and their prompts (the data cursor restores both), so a resumed run draws the same completions.
 
 num_iterations > 1 (several optimisation passes per rollout batch, PPO-style): a step that generates also keeps
 the sampling policy's log-probs ("old"); the next num_iterations − 1 steps train on the same rollouts (their own
@@ -242,14 +242,18 @@ class GRPO:
         positions, sequence = batch.positions.to(dist_.device), batch.sequence.to(dist_.device)
         reference = None
         if self.reference is not None:
-            with torch.no_grad(), autocast():
-                reference = self.reference.grpo_token_logps(packed, temperature=self.temperature,
-                                                            **self.tables).float()[positions]
-        with autocast():
-            logps = model.grpo_token_logps(packed, temperature=self.temperature, **self.tables)[positions]
+            with torch.no_grad():
+                reference = self._logps(self.reference, packed, positions, autocast).float()
+        logps = self._logps(model, packed, positions, autocast)
         old = None if batch.old is None else batch.old.to(dist_.device)
         return grpo_loss(logps, batch.advantages.to(dist_.device), sequence, totals, self.settings, old_logps=old,
                          ref_logps=reference)
+
+    def _logps(self, model, packed, positions: torch.Tensor, autocast) -> torch.Tensor:
+        """`model`'s per-token log-probs of the scored completion tokens (at the sampling temperature, over the
+        kept vocabulary)."""
+        with autocast():
+            return model.grpo_token_logps(packed, temperature=self.temperature, **self.tables)[positions]
 
     def _rollout(self, model, micro_batches, dist_, autocast) -> Rollouts:
         """Samples the step's completions, scores them, and turns them into packed micro-batches with their
@@ -281,9 +285,9 @@ class GRPO:
             packed, positions, sequence = pack_completions(prompts, taken, scored)
             old = None
             if self.num_iterations > 1:
-                with torch.no_grad(), autocast():
-                    old = model.grpo_token_logps(packed.to(dist_.device), temperature=self.temperature,
-                                                 **self.tables).float()[positions.to(dist_.device)].cpu()
+                with torch.no_grad():
+                    old = self._logps(model, packed.to(dist_.device), positions.to(dist_.device),
+                                      autocast).float().cpu()
             batches.append(RolloutBatch(packed, positions, sequence, advantages[start:start + len(taken)]
                                         if not filler else advantages[:0], old, filler))
         return Rollouts(batches, self._rollout_sums(flat, truncated, values, errors, rewards, zero_std), seconds,
