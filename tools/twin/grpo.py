@@ -3,8 +3,9 @@
 Traced (`run_twin` with objective "grpo"): `GRPO.train_step` itself on one rollout micro-batch per rank, G
 completions of `completion_tokens` after a `prompt_tokens` prompt packed by the engine's `pack_completions`,
 per-token log-probs through the fused head (`token_logps`), `grpo_loss` and the backward, with the frozen bf16
-reference sharded and scoring the micro-batch when β > 0. The rollout is handed in as `GRPO._rollouts` (a step
-that does not sample: `_pass` is not a multiple of num_iterations), so sampling is not traced.
+reference sharded and scoring the micro-batch when β > 0. The rollout is handed in through the objective's
+checkpoint state (`GRPO.load_state_dict`: a step between two passes of one rollout batch, which does not
+sample), so sampling is not traced.
 
 Rollout memory (`rollout_memory`, a closed form, not traced): what `generate` holds at its last decoding step,
 all G × grad_accum rows (`sample` decodes the step's micro-batches in one call) running to max_new_tokens
@@ -49,8 +50,9 @@ def grpo_objective(plan, vocab_size: int) -> tuple[GRPO, list[PackedBatch]]:
         advantages = torch.linspace(-1.0, 1.0, plan.group)
         batches.append(RolloutBatch(packed, positions, sequence, advantages))
     sums = dict.fromkeys(_ROLLOUT_SUMS, 1.0)
-    objective._rollouts = Rollouts(batches, sums, seconds=1.0, tokens=plan.group * plan.completion_tokens)
-    objective._pass = 1  # not a multiple of num_iterations: no sampling
+    rollouts = Rollouts(batches, sums, seconds=1.0, tokens=plan.group * plan.completion_tokens)
+    # pass 1 of num_iterations 2: the next step trains on these rollouts without sampling
+    objective.load_state_dict({"pass": 1, "world": 1, "rollouts": rollouts}, world=1)
     return objective, [b.packed for b in batches]
 
 
